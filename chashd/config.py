@@ -1,0 +1,495 @@
+"""Configuration of both roles: one loader, one table of options per role.
+
+Every option is a field of ``GatewayConfig`` or ``KVStoreConfig`` with its flag, environment variables,
+YAML key and default in the field's metadata. A value is taken from the first place that has it:
+
+1. the command line (``--raft-port 8001``);
+2. the environment: the seed's names (``GATEWAY_ID``, ``LISTEN_PORT``, ``RAFT_PORT``, ``PEER_GATEWAYS``,
+   ``NODE_ID``, ``GATEWAY_ADDRESS``) and ``CHASHD_<OPTION>`` for every option (``CHASHD_RAFT_PORT``);
+3. the YAML file named by ``--config`` (or ``CHASHD_CONFIG``): a mapping whose keys are the option
+   names (``raft-port`` or ``raft_port``);
+4. the default.
+
+A bad value raises ``ConfigError`` with one line naming the option and where the value came from.
+``options_for()`` turns a table into the ``usage.Options`` class twistd shows and parses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+from twisted.python import usage
+
+from chashd.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "KVStoreConfig",
+    "OptionSpec",
+    "load_config",
+    "option_specs",
+    "options_for",
+    "endpoint_port",
+    "parse_endpoint",
+    "parse_host_port",
+    "parse_host_ports",
+]
+
+C = TypeVar("C")
+
+_ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
+
+
+# -- value parsers: each takes what was written (a str from the command line or the environment, any
+# YAML scalar or list from the file) and returns the value or raises ValueError saying what is wrong.
+
+
+def _port_number(text: str) -> int:
+    if not re.fullmatch(r"\d{1,5}", text) or int(text) > 65535:
+        raise ValueError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
+
+
+def parse_port(raw: object) -> int:
+    """A TCP port number."""
+    return _port_number(str(raw).strip())
+
+
+def parse_endpoint(raw: object) -> str:
+    """A bare port number (``8000``) or a Twisted server endpoint string (``tcp:8000:interface=::1``)."""
+    text = str(raw).strip()
+    if text.isdigit():
+        return f"tcp:{_port_number(text)}"
+    kind, _, rest = text.partition(":")
+    if kind not in _ENDPOINT_TYPES or not rest:
+        raise ValueError(
+            f"{text!r} is neither a port number nor an endpoint string such as tcp:8000:interface=127.0.0.1"
+        )
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = endpoint_port(text)
+        if port is None or port > 65535:
+            raise ValueError(f"{text!r} names no port number (0-65535)")
+    return text
+
+
+def endpoint_port(description: str) -> int | None:
+    """The TCP port of a server endpoint string (``tcp:8000:interface=::1`` gives 8000), else None."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    args = re.split(r"(?<!\\):", rest)
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    positional = [a for a in args if "=" not in a]
+    port = named.get("port", positional[0] if positional else "")
+    return int(port) if port.isdigit() else None
+
+
+def parse_host_port(raw: object) -> str:
+    """``host:port`` (an IPv6 host in brackets: ``[::1]:8001``)."""
+    text = str(raw).strip()
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d+)", text)
+    if not match:
+        raise ValueError(f"{text!r} is not host:port")
+    _port_number(match.group(2))
+    return text
+
+
+def _items(raw: object) -> list[str]:
+    """The items of a comma- or space-separated list, or of a YAML list."""
+    items = [str(x) for x in raw] if isinstance(raw, (list, tuple)) else re.split(r"[,\s]+", str(raw).strip())
+    return [item for item in items if item]
+
+
+def parse_host_ports(raw: object) -> tuple[str, ...]:
+    """A list of ``host:port``: comma- or space-separated, or a YAML list."""
+    return tuple(parse_host_port(item) for item in _items(raw))
+
+
+def parse_gateways(raw: object) -> tuple[str, ...]:
+    """Gateway addresses: ``host:port`` or ``http(s)://host:port``, comma- or space-separated."""
+    result = []
+    for item in _items(raw):
+        if re.match(r"https?://", item):
+            scheme, _, rest = item.partition("://")
+            parse_host_port(rest.rstrip("/"))
+            result.append(f"{scheme}://{rest.rstrip('/')}")
+        else:
+            result.append(f"http://{parse_host_port(item)}")
+    return tuple(result)
+
+
+def parse_bool(raw: object) -> bool:
+    """true/false, yes/no, on/off, 1/0."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (true/false)")
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None) -> Callable[[object], Any]:
+    def parse(raw: object) -> Any:
+        if isinstance(raw, bool):
+            raise ValueError(f"{raw!r} is not a number")
+        try:
+            value = kind(str(raw).strip()) if not isinstance(raw, (int, float)) else kind(raw)
+        except (TypeError, ValueError):
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{raw!r} is not {what}") from None
+        if kind is int and isinstance(raw, float) and raw != int(raw):
+            raise ValueError(f"{raw!r} is not an integer")
+        if low is not None and value < low:
+            raise ValueError(f"{raw!r} is below the minimum {low:g}")
+        if high is not None and value > high:
+            raise ValueError(f"{raw!r} is above the maximum {high:g}")
+        return value
+
+    parse.__doc__ = f"{'an integer' if kind is int else 'a number'}" + (f" >= {low:g}" if low is not None else "")
+    return parse
+
+
+def parse_node_id(raw: object) -> str:
+    """A node or gateway id: 1 to 64 letters, digits, '.', '_' or '-'."""
+    text = str(raw).strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise ValueError(f"{text!r} is not an id (1-64 letters, digits, '.', '_', '-', starting alphanumeric)")
+    return text
+
+
+def parse_host(raw: object) -> str:
+    """A host name or IP address."""
+    text = str(raw).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", text):
+        raise ValueError(f"{text!r} is not a host name or address")
+    return text
+
+
+def parse_choice(*choices: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        text = str(raw).strip()
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    parse.__doc__ = "one of " + ", ".join(choices)
+    return parse
+
+
+def parse_text(raw: object) -> str:
+    """Any text."""
+    return str(raw)
+
+
+def parse_path(raw: object) -> str:
+    """A file system path."""
+    text = str(raw).strip()
+    if not text:
+        raise ValueError("the path is empty")
+    return text
+
+
+# -- the option table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one option is written and read."""
+
+    name: str
+    help: str
+    default: Any
+    parse: Callable[[object], Any]
+    env: tuple[str, ...]
+    flag: bool = False
+    required: bool = False
+    metavar: str = ""
+    secret: bool = False
+
+    @property
+    def cli(self) -> str:
+        """The long command-line flag."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def yaml_key(self) -> str:
+        """The key in the YAML file (underscores are accepted too)."""
+        return self.name.replace("_", "-")
+
+
+def opt(
+    help: str,
+    default: Any = None,
+    parse: Callable[[object], Any] = parse_text,
+    env: Iterable[str] = (),
+    flag: bool = False,
+    required: bool = False,
+    metavar: str = "",
+    secret: bool = False,
+) -> Any:
+    """Declare a config field: ``port: str = opt("HTTP listen endpoint", "tcp:8000", parse_endpoint)``."""
+    meta = {
+        "help": help,
+        "parse": parse,
+        "env": tuple(env),
+        "flag": flag,
+        "required": required,
+        "metavar": metavar,
+        "secret": secret,
+        "default": default,
+    }
+    return field(default=default, metadata={"chashd": meta})
+
+
+def option_specs(config_class: type) -> list[OptionSpec]:
+    """The options of a config dataclass, in declaration order."""
+    specs = []
+    for f in dataclasses.fields(config_class):
+        meta = f.metadata["chashd"]
+        env = tuple(meta["env"]) + ("CHASHD_" + f.name.upper(),)
+        specs.append(
+            OptionSpec(
+                name=f.name,
+                help=meta["help"],
+                default=meta["default"],
+                parse=meta["parse"],
+                env=tuple(dict.fromkeys(env)),
+                flag=meta["flag"],
+                required=meta["required"],
+                metavar=meta["metavar"],
+                secret=meta["secret"],
+            )
+        )
+    return specs
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    """The kvstore role's options."""
+
+    node_id: str = opt("unique id of this kvstore node", parse=parse_node_id, env=["NODE_ID"], required=True)
+    port: str = opt("HTTP API: a port or an endpoint string", "tcp:8080", parse_endpoint, ["LISTEN_PORT"])
+    line_port: str = opt("memcached line protocol: a port or an endpoint string", "tcp:11212", parse_endpoint)
+    gateway: tuple[str, ...] = opt(
+        "gateways to register with: host:port or URL, comma- or space-separated",
+        (),
+        parse_gateways,
+        ["GATEWAY_ADDRESS"],
+    )
+    advertise_host: str = opt("host or address the gateways use to reach this node", "127.0.0.1", parse_host)
+    data_dir: str | None = opt("directory for the SQLite database (selects the sqlite engine)", None, parse_path)
+    engine: str | None = opt(
+        "storage engine: sqlite (needs --data-dir) or memory; default: sqlite with --data-dir, else memory",
+        None,
+        parse_choice("sqlite", "memory"),
+    )
+    weight: int = opt("share of the ring relative to other nodes", 100, _bounded(int, 1, 1_000_000))
+    token: str | None = opt("shared token sent to the gateways on register and drain", None, secret=True)
+    register_interval: float = opt("seconds between re-registrations", 30.0, _bounded(float, 0.1))
+    max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
+    max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    drain_timeout: float = opt("longest a drain on SIGTERM may take, in seconds", 120.0, _bounded(float, 1))
+    config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway role's options."""
+
+    gateway_id: str = opt("unique id of this gateway", parse=parse_node_id, env=["GATEWAY_ID"], required=True)
+    port: str = opt("HTTP API: a port or an endpoint string", "tcp:8000", parse_endpoint, ["LISTEN_PORT"])
+    line_port: str = opt("memcached line protocol: a port or an endpoint string", "tcp:11211", parse_endpoint)
+    raft_port: int = opt("Raft port (pysyncobj)", 8001, parse_port, ["RAFT_PORT"])
+    peers: tuple[str, ...] = opt(
+        "the other gateways' Raft addresses, host:port, comma- or space-separated",
+        (),
+        parse_host_ports,
+        ["PEER_GATEWAYS"],
+    )
+    advertise_host: str = opt("host or address the other gateways reach this one at", "127.0.0.1", parse_host)
+    data_dir: str | None = opt("directory for the Raft journal and snapshot (none: memory only)", None, parse_path)
+    raft_password: str | None = opt("encrypts Raft traffic; needed when peers are not on loopback", None, secret=True)
+    insecure_raft: bool = opt("allow Raft without a password on non-loopback peers", False, parse_bool, flag=True)
+    token: str | None = opt("shared token required for register, drain and remove", None, secret=True)
+    replicas: int = opt("replication factor N (capped at the number of nodes)", 3, _bounded(int, 1, 16))
+    write_quorum: int = opt("write quorum W", 2, _bounded(int, 1, 16))
+    read_quorum: int = opt("read quorum R", 2, _bounded(int, 1, 16))
+    probe_interval: float = opt("seconds between health probes of each kvstore", 1.0, _bounded(float, 0.05))
+    down_after: int = opt("failed probes before a node is marked down", 3, _bounded(int, 1))
+    dead_after: float = opt("seconds down before a node is removed from the ring", 60.0, _bounded(float, 0))
+    points_per_node: int = opt("ring points per node at equal weights (multiple of 4)", 160, _bounded(int, 4, 4096))
+    allow_flush_all: bool = opt("let flush_all reach every kvstore", False, parse_bool, flag=True)
+    max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
+    max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    request_timeout: float = opt("seconds a gateway waits for a kvstore's answer", 5.0, _bounded(float, 0.01))
+    config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
+
+    def __post_init__(self) -> None:
+        if self.points_per_node % 4:
+            raise ConfigError(f"option --points-per-node: {self.points_per_node} is not a multiple of 4")
+        for name in ("write_quorum", "read_quorum"):
+            if getattr(self, name) > self.replicas:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"option {flag}: {getattr(self, name)} is larger than --replicas {self.replicas}")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: str, source: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"option --config: cannot read {path!r} (from {source}): {e.strerror}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"option --config: {path!r} (from {source}) is not valid YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"option --config: {path!r} (from {source}) must hold a mapping of option names to values")
+    return data
+
+
+def load_config(
+    config_class: type[C],
+    cli: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Build a config: command line (``cli``: option name to the raw value), environment, YAML, defaults."""
+    cli = dict(cli or {})
+    environ = os.environ if environ is None else environ
+    specs = {spec.name: spec for spec in option_specs(config_class)}
+    unknown = set(cli) - set(specs)
+    if unknown:
+        raise ConfigError(f"unknown option {sorted(unknown)[0]!r}")
+
+    raw: dict[str, tuple[object, str]] = {}
+    for spec in specs.values():
+        if spec.name in cli and cli[spec.name] is not None:
+            raw[spec.name] = (cli[spec.name], f"command line {spec.cli}")
+            continue
+        for var in spec.env:
+            if var in environ and environ[var] != "":
+                raw[spec.name] = (environ[var], f"environment variable {var}")
+                break
+
+    if "config" in raw:
+        path_raw, path_source = raw["config"]
+        path = _parse_one(specs["config"], path_raw, path_source)
+        for key, value in _read_yaml(path, path_source).items():
+            name = str(key).replace("-", "_")
+            if name not in specs or name == "config":
+                raise ConfigError(f"unknown option {key!r} in config file {path!r}")
+            raw.setdefault(name, (value, f"config file {path!r}, key {key!r}"))
+
+    values: dict[str, Any] = {}
+    for spec in specs.values():
+        if spec.name in raw:
+            value, source = raw[spec.name]
+            if value is None:
+                continue
+            values[spec.name] = _parse_one(spec, value, source)
+        elif spec.required:
+            names = " or ".join([spec.cli] + [f"${v}" for v in spec.env])
+            raise ConfigError(f"option {spec.cli} is required: give {names}")
+    try:
+        return config_class(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - __post_init__ checks raise ConfigError
+        raise ConfigError(str(e)) from None
+
+
+def _parse_one(spec: OptionSpec, value: object, source: str) -> Any:
+    try:
+        return spec.parse(value)
+    except ValueError as e:
+        raise ConfigError(f"option {spec.cli}: {e} (from {source})") from None
+
+
+def describe(config: object) -> dict[str, Any]:
+    """The config as a dict for logs, with secrets hidden."""
+    result = {}
+    for spec in option_specs(type(config)):
+        value = getattr(config, spec.name)
+        result[spec.name] = "***" if spec.secret and value else value
+    return result
+
+
+# -- twistd options --------------------------------------------------------------------------------
+
+
+class ConfigOptions(usage.Options):
+    """twistd options that load a config after parsing: ``options.config``."""
+
+    config: Any = None
+
+
+def options_for(config_class: type[C], command: str) -> type[ConfigOptions]:
+    """A ``usage.Options`` class for twistd that parses flags and then loads ``config_class``.
+
+    After parsing, ``options.config`` holds the loaded config. Any error, an unknown flag included,
+    ends the process with one line on stderr and exit status 1, before anything binds a port.
+    """
+    specs = option_specs(config_class)
+    parameters = []
+    flags = []
+    for spec in specs:
+        env = ", ".join("$" + v for v in spec.env)
+        default = "" if spec.default in (None, (), False) else f" (default: {_show(spec.default)})"
+        doc = f"{spec.help}{default} [{env}]"
+        if spec.flag:
+            flags.append([spec.cli[2:], None, doc])
+        else:
+            parameters.append([spec.cli[2:], None, None, doc])
+
+    class Options(ConfigOptions):
+        optParameters = parameters
+        optFlags = flags
+        longdesc = (
+            "Each option may also come from the environment variables shown, or from the YAML file given "
+            "with --config; the command line wins, then the environment, then the file, then the default."
+        )
+
+        def parseOptions(self, options: list[str] | None = None) -> None:
+            try:
+                super().parseOptions(options)
+            except usage.UsageError as e:
+                raise SystemExit(f"{command}: error: {e} (see twistd {command} --help)") from None
+            except ConfigError as e:
+                raise SystemExit(f"{command}: error: {e}") from None
+
+        def postOptions(self) -> None:
+            given: dict[str, Any] = {}
+            for spec in specs:
+                value = self.opts.get(spec.cli[2:])
+                if spec.flag:
+                    if value:
+                        given[spec.name] = True
+                elif value is not None:
+                    given[spec.name] = value
+            self.config = load_config(config_class, given)
+
+    Options.__name__ = f"{config_class.__name__.replace('Config', '')}Options"
+    return Options
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)

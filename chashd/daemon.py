@@ -1,0 +1,101 @@
+"""What both daemons need from the process around them: listening, exit status, systemd readiness.
+
+- ``ListenService`` listens on an endpoint string; when it cannot, the daemon stops with status 1
+  instead of running on without its port.
+- ``exit_with_status`` stops the reactor and then ends the process with a status twistd cannot give.
+- ``notify_systemd`` sends ``READY=1`` / ``STOPPING=1`` to ``$NOTIFY_SOCKET`` (Twisted has no sd_notify):
+  one datagram, ``@`` at the start of the path meaning the abstract namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["ListenService", "exit_with_status", "notify_systemd"]
+
+_log = Logger()
+
+
+def exit_with_status(reactor: IReactorCore, status: int) -> None:
+    """Stop the reactor cleanly, then end the process with ``status``."""
+
+    def _exit() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    reactor.addSystemEventTrigger("after", "shutdown", _exit)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
+
+
+def notify_systemd(state: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Send one sd_notify datagram (``READY=1``); False when there is no ``$NOTIFY_SOCKET``."""
+    environ = os.environ if environ is None else environ
+    path = environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:
+        _log.warn("cannot notify systemd at {path}: {error}", path=path, error=e)
+        return False
+    return True
+
+
+class ListenService(Service):
+    """Listen on a Twisted endpoint string while running; stop the daemon if that fails.
+
+    ``listening`` fires with the port once it accepts connections.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: IReactorCore, description: str, factory: IProtocolFactory, what: str) -> None:
+        self._reactor = reactor
+        self.description = description
+        self._factory = factory
+        self.what = what
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = serverFromString(self._reactor, self.description)
+        endpoint.listen(self._factory).addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port: IListeningPort) -> None:
+        self.port = port
+        self._log.info("{what} listening on {address}", what=self.what, address=str(port.getHost()))
+        self.listening.callback(port)
+
+    def _failed(self, failure: Failure) -> None:
+        self._log.critical(
+            "cannot listen on {endpoint} for {what}: {error}",
+            endpoint=self.description,
+            what=self.what,
+            error=failure.getErrorMessage(),
+        )
+        exit_with_status(self._reactor, 1)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        return None

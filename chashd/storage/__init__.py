@@ -1,0 +1,3 @@
+"""Storage engines behind one synchronous interface."""
+
+__all__: list[str] = []

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The project's two entry points, each setting up (or reusing) the virtual environment .venv first:
+#   ./dev.sh demo [demo options]    start a local cluster and run example_demo.py against it
+#   ./dev.sh test [pytest options]  lint, type-check and run the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+die() { echo "dev.sh: $*" >&2; exit 1; }
+
+setup_venv() {
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "Python 3.11 or newer is needed ($PYTHON is $("$PYTHON" --version 2>&1))"
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "cannot create the virtual environment $VENV"
+    # Reinstall only when the package's files or its metadata changed. The strict editable mode
+    # links every file into build/, where twistd's plugin scan finds twisted/plugins/.
+    local stamp
+    stamp=$( (cat setup.cfg pyproject.toml; find chashd twisted -name '*.py' | sort) | cksum)
+    if [ "$(cat "$VENV/.chashd-stamp" 2>/dev/null)" != "$stamp" ]; then
+        echo "dev.sh: installing chashd and its test tools into $VENV" >&2
+        local log="$VENV/pip.log"
+        { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip \
+          && "$VENV/bin/python" -m pip install --disable-pip-version-check \
+                 -e '.[test]' --config-settings editable_mode=strict; } >"$log" 2>&1 \
+            || { tail -n 20 "$log" >&2; die "pip install failed; the whole output is in $log"; }
+        "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+        echo "$stamp" > "$VENV/.chashd-stamp"
+    fi
+}
+
+run_tests() {
+    echo "== ruff" >&2
+    "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check -q . || die "ruff found problems (ruff format . fixes the formatting)"
+    echo "== mypy" >&2
+    "$VENV/bin/mypy" --strict chashd/ring.py chashd/errors.py || die "mypy --strict failed on the pure modules"
+    "$VENV/bin/mypy" chashd tests bench || die "mypy failed"
+    echo "== pytest" >&2
+    local status=0
+    "$VENV/bin/python" -m pytest "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        die "pytest collected no tests"
+    fi
+    return "$status"
+}
+
+case "${1:-}" in
+    demo) shift; setup_venv; exec "$VENV/bin/python" example_demo.py "$@" ;;
+    test) shift; setup_venv; run_tests "$@" ;;
+    *) echo "usage: ./dev.sh demo|test [options]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,54 @@
+"""Real twistd processes on loopback ports, each stopped by its own pid at teardown."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from chashd.launcher import Daemon, free_ports
+
+SEED_VARIABLES = ("GATEWAY_ID", "LISTEN_PORT", "RAFT_PORT", "PEER_GATEWAYS", "NODE_ID", "GATEWAY_ADDRESS")
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """The environment without any chashd variable of the machine, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in SEED_VARIABLES and not k.startswith("CHASHD_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env.update(extra)
+    return env
+
+
+class StartDaemon(Protocol):
+    def __call__(
+        self, role: str, *args: str, env: dict[str, str] | None = None, wait: bool = True, **kw: Any
+    ) -> Daemon: ...
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """Start a role on a free loopback HTTP port; every daemon is stopped at teardown, even on failure."""
+    started: list[Daemon] = []
+
+    def start(role: str, *args: str, env: dict[str, str] | None = None, wait: bool = True, **kw: Any) -> Daemon:
+        (port,) = free_ports(1)
+        name = kw.pop("name", f"{role}-{len(started)}")
+        daemon = Daemon(
+            role,
+            name,
+            ["--port", f"tcp:{port}:interface=127.0.0.1", *args],
+            port,
+            tmp_path / f"{name}.log",
+            env=clean_environ(**(env or {})),
+        )
+        started.append(daemon.start())
+        if wait:
+            daemon.wait_healthy(timeout=30)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop(timeout=10)

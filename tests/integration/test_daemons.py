@@ -1,0 +1,116 @@
+"""Both twistd plugins start real services, answer /health, and stop cleanly."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from chashd.launcher import free_ports, twistd_command
+from tests.integration.conftest import StartDaemon, clean_environ
+
+pytestmark = pytest.mark.slow
+
+CLEAN_EXIT = (0, -signal.SIGTERM)
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class StartStopTests:
+    """Start, serve /health, stop on SIGTERM."""
+
+    def test_kvstore(self, start_daemon: StartDaemon) -> None:
+        """A kvstore serves /health with its id and exits cleanly on SIGTERM."""
+        node = start_daemon("chash-kvstore", "--node-id", "kv-a")
+        body = node.health()
+        assert body is not None and body["role"] == "kvstore" and body["id"] == "kv-a"
+        assert node.stop() in CLEAN_EXIT
+        assert "Server Shut Down" in node.log_tail(5)
+
+    def test_gateway(self, start_daemon: StartDaemon) -> None:
+        """A gateway serves /health with its id and exits cleanly on SIGTERM."""
+        (raft,) = free_ports(1)
+        gateway = start_daemon("chash-gateway", "--gateway-id", "gw-1", "--raft-port", str(raft))
+        body = gateway.health()
+        assert body is not None and body["role"] == "gateway" and body["id"] == "gw-1"
+        assert gateway.stop() in CLEAN_EXIT
+
+    def test_seed_variables(self, start_daemon: StartDaemon) -> None:
+        """The seed's environment variables configure a kvstore."""
+        node = start_daemon("chash-kvstore", env={"NODE_ID": "kvstore-A"})
+        body = node.health()
+        assert body is not None and body["id"] == "kvstore-A"
+
+    def test_kvstore_keeps_retrying_unreachable_gateway(self, start_daemon: StartDaemon) -> None:
+        """A kvstore whose gateway is down still serves and logs its retries."""
+        (dead,) = free_ports(1)
+        node = start_daemon("chash-kvstore", "--node-id", "kv-b", "--gateway", f"127.0.0.1:{dead}")
+        deadline = time.monotonic() + 15
+        while node.log_tail(200).count("cannot register") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.log_tail(200).count("cannot register") >= 2
+        body = node.health()
+        assert body is not None and body["registered"] is False
+
+
+class BadConfigTests:
+    """A bad configuration stops the daemon before it binds, with one line."""
+
+    @pytest.mark.parametrize(
+        ("role", "args", "env", "expected"),
+        [
+            ("chash-kvstore", ["--node-id", "a", "--line-port", "eleven"], {}, "--line-port"),
+            ("chash-kvstore", [], {}, "--node-id"),
+            ("chash-kvstore", ["--node-id", "a", "--frobnicate"], {}, "--frobnicate"),
+            ("chash-gateway", ["--gateway-id", "g"], {"RAFT_PORT": "70000"}, "RAFT_PORT"),
+        ],
+    )
+    def test_refused(self, role: str, args: list[str], env: dict[str, str], expected: str) -> None:
+        """Exit status is non-zero, stderr is one line naming the option, and the port stayed free."""
+        (port,) = free_ports(1)
+        result = subprocess.run(
+            twistd_command(role, ["--port", str(port), *args]),
+            env=clean_environ(**env),
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert expected in lines[0] and "error" in lines[0]
+        assert _port_is_free(port)
+
+    def test_bad_yaml(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        """A YAML file that does not parse is named in the error."""
+        path = tmp_path / "kv.yaml"
+        path.write_text("node-id: [a\n")
+        result = subprocess.run(
+            twistd_command("chash-kvstore", ["--config", str(path)]),
+            env=clean_environ(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert "kv.yaml" in result.stderr.decode() and "YAML" in result.stderr.decode()
+
+    def test_port_in_use(self, start_daemon: StartDaemon) -> None:
+        """A port already taken stops the daemon with status 1 and says so."""
+        first = start_daemon("chash-kvstore", "--node-id", "a")
+        result = subprocess.run(
+            twistd_command("chash-kvstore", ["--node-id", "b", "--port", f"tcp:{first.http_port}:interface=127.0.0.1"]),
+            env=clean_environ(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert b"cannot listen" in result.stdout

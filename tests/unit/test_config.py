@@ -1,0 +1,209 @@
+"""Configuration: command line, then environment, then YAML, then defaults; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chashd.config import (
+    ConfigError,
+    GatewayConfig,
+    KVStoreConfig,
+    endpoint_port,
+    load_config,
+    option_specs,
+    options_for,
+    parse_endpoint,
+)
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "chashd.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+class PrecedenceTests:
+    """Where each value comes from."""
+
+    def test_defaults(self) -> None:
+        """With only the required id, every other option has its default."""
+        config = load_config(GatewayConfig, {"gateway_id": "g1"}, environ={})
+        assert (config.port, config.raft_port, config.line_port) == ("tcp:8000", 8001, "tcp:11211")
+        assert (config.replicas, config.write_quorum, config.read_quorum) == (3, 2, 2)
+        kv = load_config(KVStoreConfig, {"node_id": "a"}, environ={})
+        assert (kv.port, kv.line_port, kv.gateway) == ("tcp:8080", "tcp:11212", ())
+
+    def test_seed_environment(self) -> None:
+        """The seed's variables work as written."""
+        env = {
+            "GATEWAY_ID": "gateway-1",
+            "LISTEN_PORT": "9000",
+            "RAFT_PORT": "9001",
+            "PEER_GATEWAYS": "gw-2:8001 gw-3:8001",
+        }
+        config = load_config(GatewayConfig, {}, environ=env)
+        assert config.gateway_id == "gateway-1"
+        assert config.port == "tcp:9000"
+        assert config.raft_port == 9001
+        assert config.peers == ("gw-2:8001", "gw-3:8001")
+        kv = load_config(
+            KVStoreConfig,
+            {},
+            environ={"NODE_ID": "kvstore-A", "LISTEN_PORT": "8081", "GATEWAY_ADDRESS": "localhost:8000"},
+        )
+        assert (kv.node_id, kv.port, kv.gateway) == ("kvstore-A", "tcp:8081", ("http://localhost:8000",))
+
+    def test_chashd_variables(self) -> None:
+        """Every option has a CHASHD_ variable."""
+        config = load_config(GatewayConfig, {}, environ={"CHASHD_GATEWAY_ID": "g", "CHASHD_REPLICAS": "5"})
+        assert (config.gateway_id, config.replicas) == ("g", 5)
+        for spec in option_specs(GatewayConfig) + option_specs(KVStoreConfig):
+            assert "CHASHD_" + spec.name.upper() in spec.env
+
+    def test_order(self, tmp_path: Path) -> None:
+        """The command line beats the environment, which beats the file, which beats the default."""
+        path = _yaml(tmp_path, "gateway-id: from-file\nraft_port: 7001\nreplicas: 4\nwrite-quorum: 3\n")
+        env = {"CHASHD_CONFIG": path, "RAFT_PORT": "7002", "GATEWAY_ID": "from-env"}
+        config = load_config(GatewayConfig, {"gateway_id": "from-cli"}, environ=env)
+        assert config.gateway_id == "from-cli"
+        assert config.raft_port == 7002
+        assert config.replicas == 4 and config.write_quorum == 3
+        assert config.read_quorum == 2
+
+    def test_peers_separators(self) -> None:
+        """Peers are comma- or space-separated, or a YAML list."""
+        for raw in ("a:1,b:2", "a:1 b:2", " a:1 ,  b:2 ", ["a:1", "b:2"]):
+            config = load_config(GatewayConfig, {"gateway_id": "g", "peers": raw}, environ={})
+            assert config.peers == ("a:1", "b:2")
+
+    def test_empty_variable_is_unset(self) -> None:
+        """An empty environment variable counts as not given."""
+        config = load_config(GatewayConfig, {"gateway_id": "g"}, environ={"LISTEN_PORT": ""})
+        assert config.port == "tcp:8000"
+
+
+class EndpointTests:
+    """--port and --line-port take a port or an endpoint string."""
+
+    def test_forms(self) -> None:
+        """A bare port becomes tcp:PORT; endpoint strings pass unchanged."""
+        assert parse_endpoint("8000") == "tcp:8000"
+        assert parse_endpoint(8000) == "tcp:8000"
+        assert parse_endpoint("tcp:8000:interface=127.0.0.1") == "tcp:8000:interface=127.0.0.1"
+        assert parse_endpoint("tcp:port=8000") == "tcp:port=8000"
+        assert parse_endpoint("unix:/run/chashd.sock") == "unix:/run/chashd.sock"
+
+    def test_port_of(self) -> None:
+        """The port number is read from an endpoint string."""
+        assert endpoint_port("tcp:8000:interface=127.0.0.1") == 8000
+        assert endpoint_port("tcp6:port=9:interface=\\:\\:1") == 9
+        assert endpoint_port("unix:/x") is None
+
+    @pytest.mark.parametrize("bad", ["abc", "65536", "-1", "tcp:", "tcp:x", "udp:53", "tcp:99999", ""])
+    def test_rejects(self, bad: str) -> None:
+        """Anything else is refused."""
+        with pytest.raises(ValueError):
+            parse_endpoint(bad)
+
+
+class ErrorTests:
+    """A bad value is one line naming the option and its source."""
+
+    def _error(self, config_class: type, cli: dict[str, object], env: dict[str, str]) -> str:
+        with pytest.raises(ConfigError) as info:
+            load_config(config_class, cli, environ=env)
+        message = str(info.value)
+        assert "\n" not in message
+        return message
+
+    def test_bad_port_from_environment(self) -> None:
+        """The message names the option and the variable."""
+        message = self._error(GatewayConfig, {"gateway_id": "g"}, {"LISTEN_PORT": "eighty"})
+        assert "--port" in message and "LISTEN_PORT" in message and "'eighty'" in message
+
+    def test_bad_port_from_command_line(self) -> None:
+        """The message names the flag."""
+        message = self._error(GatewayConfig, {"gateway_id": "g", "raft_port": "70000"}, {})
+        assert "--raft-port" in message and "command line" in message
+
+    def test_bad_value_from_file(self, tmp_path: Path) -> None:
+        """The message names the file and key."""
+        path = _yaml(tmp_path, "replicas: many\n")
+        message = self._error(GatewayConfig, {"gateway_id": "g", "config": path}, {})
+        assert "--replicas" in message and "chashd.yaml" in message and "'replicas'" in message
+
+    def test_unparsable_yaml(self, tmp_path: Path) -> None:
+        """A YAML syntax error names the file and the line."""
+        path = _yaml(tmp_path, "replicas: [3\nport: 1\n")
+        message = self._error(GatewayConfig, {"gateway_id": "g", "config": path}, {})
+        assert "--config" in message and "not valid YAML" in message and "line" in message
+
+    def test_yaml_not_a_mapping(self, tmp_path: Path) -> None:
+        """A file that is not a mapping is refused."""
+        path = _yaml(tmp_path, "- a\n- b\n")
+        assert "mapping" in self._error(GatewayConfig, {"gateway_id": "g", "config": path}, {})
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A missing file is an error, not an empty config."""
+        message = self._error(GatewayConfig, {"gateway_id": "g", "config": str(tmp_path / "nope.yaml")}, {})
+        assert "cannot read" in message
+
+    def test_unknown_yaml_key(self, tmp_path: Path) -> None:
+        """A misspelled key in the file is refused by name."""
+        path = _yaml(tmp_path, "replcas: 3\n")
+        assert "'replcas'" in self._error(GatewayConfig, {"gateway_id": "g", "config": path}, {})
+
+    def test_missing_id(self) -> None:
+        """The id is required, and the message says how to give it."""
+        message = self._error(KVStoreConfig, {}, {})
+        assert "--node-id" in message and "NODE_ID" in message
+
+    def test_bad_id(self) -> None:
+        """Ids are restricted to a safe alphabet."""
+        assert "--node-id" in self._error(KVStoreConfig, {"node_id": "a b"}, {})
+
+    def test_quorum_larger_than_replicas(self) -> None:
+        """W and R cannot exceed N."""
+        message = self._error(GatewayConfig, {"gateway_id": "g", "replicas": "1"}, {})
+        assert "--write-quorum" in message
+
+    def test_bad_peer(self) -> None:
+        """Each peer must be host:port."""
+        assert "--peers" in self._error(GatewayConfig, {"gateway_id": "g", "peers": "a:1,b"}, {"X": "1"})
+
+    def test_bad_boolean(self) -> None:
+        """Booleans accept the usual words only."""
+        assert "--allow-flush-all" in self._error(
+            GatewayConfig, {"gateway_id": "g"}, {"CHASHD_ALLOW_FLUSH_ALL": "maybe"}
+        )
+
+
+class OptionsTests:
+    """The twistd options class."""
+
+    def test_parses_into_config(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Flags reach the config; flags without a value are booleans."""
+        monkeypatch.delenv("LISTEN_PORT", raising=False)
+        options = options_for(GatewayConfig, "chash-gateway")()
+        options.parseOptions(["--gateway-id", "g1", "--port", "tcp:0:interface=127.0.0.1", "--allow-flush-all"])
+        assert options.config.gateway_id == "g1"
+        assert options.config.port == "tcp:0:interface=127.0.0.1"
+        assert options.config.allow_flush_all is True
+
+    def test_errors_exit_with_one_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An unknown flag or a bad value ends with one line and a non-zero status."""
+        monkeypatch.delenv("GATEWAY_ID", raising=False)
+        for argv in (["--gateway-id", "g", "--bogus", "1"], ["--gateway-id", "g", "--port", "x"], []):
+            options = options_for(GatewayConfig, "chash-gateway")()
+            with pytest.raises(SystemExit) as info:
+                options.parseOptions(argv)
+            assert isinstance(info.value.code, str)
+            assert info.value.code.startswith("chash-gateway: error: ")
+            assert "\n" not in info.value.code
+
+    def test_help_lists_variables(self) -> None:
+        """--help shows each option with its environment variables."""
+        text = str(options_for(KVStoreConfig, "chash-kvstore")())
+        assert "--node-id" in text and "NODE_ID" in text and "GATEWAY_ADDRESS" in text

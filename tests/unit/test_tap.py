@@ -1,0 +1,52 @@
+"""Wiring: makeService builds each role's services and listens where configured."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from chashd.gateway import tap as gateway_tap
+from chashd.kvstore import tap as kvstore_tap
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LISTEN_PORT", "GATEWAY_ADDRESS", "NODE_ID", "GATEWAY_ID", "RAFT_PORT", "PEER_GATEWAYS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class WiringTests:
+    """makeService(options, reactor) with a memory reactor."""
+
+    def test_kvstore_listens(self) -> None:
+        """The kvstore listens on its HTTP endpoint once started, and stops listening when stopped."""
+        reactor = MemoryReactorClock()
+        options = kvstore_tap.Options()
+        options.parseOptions(["--node-id", "a", "--port", "tcp:18080:interface=127.0.0.1"])
+        service = kvstore_tap.makeService(options, reactor=reactor)
+        assert reactor.tcpServers == []
+        service.startService()
+        assert [(port, iface) for port, _, _, iface in reactor.tcpServers] == [(18080, "127.0.0.1")]
+        service.stopService()
+        assert reactor.getDelayedCalls() == []
+
+    def test_kvstore_registers_when_given_gateways(self) -> None:
+        """With --gateway, the first announcement is scheduled at start."""
+        reactor = MemoryReactorClock()
+        options = kvstore_tap.Options()
+        options.parseOptions(["--node-id", "a", "--gateway", "127.0.0.1:8000"])
+        service = kvstore_tap.makeService(options, reactor=reactor)
+        service.startService()
+        assert len(reactor.getDelayedCalls()) == 1
+        service.stopService()
+        assert reactor.getDelayedCalls() == []
+
+    def test_gateway_listens(self) -> None:
+        """The gateway listens on its HTTP endpoint."""
+        reactor = MemoryReactorClock()
+        options = gateway_tap.Options()
+        options.parseOptions(["--gateway-id", "g", "--port", "18000"])
+        service = gateway_tap.makeService(options, reactor=reactor)
+        service.startService()
+        assert [port for port, *_ in reactor.tcpServers] == [18000]
+        service.stopService()
