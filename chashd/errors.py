@@ -1,8 +1,27 @@
-"""Domain errors. Core code raises these; each adapter maps them to its wire in one place."""
+"""Domain errors. Core code raises these; each adapter maps them to its wire in one place.
+
+The message of a request error is the text memcached itself uses for the same fault where there is one
+(``bad command line format``, ``bad data chunk``, ...), so the line protocol can answer exactly as
+memcached does and the HTTP adapter can put the same words in a problem+json ``detail``.
+"""
 
 from __future__ import annotations
 
-__all__ = ["ChashdError", "ConfigError"]
+__all__ = [
+    "BadCommand",
+    "BadDataChunk",
+    "BadKey",
+    "ChashdError",
+    "ConfigError",
+    "NoNodes",
+    "NodeLeaving",
+    "NonNumericValue",
+    "QuorumNotReached",
+    "RequestError",
+    "ServiceUnavailable",
+    "UnknownCommand",
+    "ValueTooLarge",
+]
 
 
 class ChashdError(Exception):
@@ -11,3 +30,81 @@ class ChashdError(Exception):
 
 class ConfigError(ChashdError):
     """A configuration value is missing or wrong. The message is one line naming the option."""
+
+
+# -- the client's fault ----------------------------------------------------------------------------
+
+
+class RequestError(ChashdError):
+    """The request is malformed or not allowed (memcached ``CLIENT_ERROR``, HTTP 4xx)."""
+
+
+class UnknownCommand(RequestError):
+    """A command the protocol does not have (memcached answers a bare ``ERROR``)."""
+
+    def __init__(self, message: str = "unknown command") -> None:
+        super().__init__(message)
+
+
+class BadCommand(RequestError):
+    """A command line that does not parse: wrong arguments, bad numbers, a line too long."""
+
+    def __init__(self, message: str = "bad command line format") -> None:
+        super().__init__(message)
+
+
+class BadKey(BadCommand):
+    """A key longer than 250 bytes, empty, or holding a space or control character."""
+
+
+class BadDataChunk(RequestError):
+    """A data block whose length does not match its command line."""
+
+    def __init__(self, message: str = "bad data chunk") -> None:
+        super().__init__(message)
+
+
+class ValueTooLarge(RequestError):
+    """A value over the configured maximum (memcached answers ``SERVER_ERROR object too large for cache``)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"value of {size} bytes is over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class NonNumericValue(RequestError):
+    """``incr``/``decr`` on a value that is not a decimal number."""
+
+    def __init__(self, message: str = "cannot increment or decrement non-numeric value") -> None:
+        super().__init__(message)
+
+
+# -- the cluster's state ---------------------------------------------------------------------------
+
+
+class ServiceUnavailable(ChashdError):
+    """The request was valid but cannot be served now (memcached ``SERVER_ERROR``, HTTP 503)."""
+
+
+class NoNodes(ServiceUnavailable):
+    """The ring has no node that can take the key."""
+
+    def __init__(self, message: str = "no kvstore node is available for this key") -> None:
+        super().__init__(message)
+
+
+class QuorumNotReached(ServiceUnavailable):
+    """Fewer replicas answered than the quorum needs; a write is not acknowledged."""
+
+    def __init__(self, needed: int, got: int, what: str = "write") -> None:
+        super().__init__(f"{what} quorum not reached: {got} of {needed} replicas answered")
+        self.needed = needed
+        self.got = got
+
+
+class NodeLeaving(ServiceUnavailable):
+    """This kvstore is draining and refuses new writes."""
+
+    def __init__(self, message: str = "this node is leaving the ring and refuses writes") -> None:
+        super().__init__(message)

@@ -1,0 +1,235 @@
+"""The key-value commands both surfaces speak, and their results.
+
+The line protocol parses bytes into these commands (``chashd.memcache.text``), the HTTP adapter builds
+them from requests (``chashd.web``), and a role's backend (``IKeyValue.execute``) runs them: the kvstore
+against its engine, the gateway by routing them to kvstores. Results come back as the values below and
+each adapter serializes them; faults are the exceptions of ``chashd.errors``.
+
+Keys are ``bytes`` here (1-250 bytes, no space or control character); values are ``bytes``.
+
+Besides memcached's commands there is a small extension the gateways and the handoff use between
+themselves and kvstores (it carries versions, which memcached's commands cannot):
+
+- ``XGet(keys)``: the stored records, tombstones and expired ones included, with their versions;
+- ``XPut(key, record)``: keep ``record`` if it is newer than what is stored (idempotent);
+- ``XApply(version, command)``: run a memcached write command (a read-modify-write such as ``incr``,
+  ``cas``, ``append``, ``add``) here, stamping the result with ``version``, and return both the memcached
+  result and the record it left, so the caller can copy that record to the other replicas.
+
+Pure: no Twisted, no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from chashd.record import Record
+from chashd.versions import Version
+
+__all__ = [
+    "Arith",
+    "Command",
+    "Delete",
+    "FlushAll",
+    "Get",
+    "Number",
+    "Quit",
+    "Result",
+    "StatsCommand",
+    "StatsResult",
+    "Status",
+    "Store",
+    "StoreMode",
+    "Touch",
+    "Values",
+    "VersionCommand",
+    "Verbosity",
+    "WriteCommand",
+    "XApply",
+    "XApplied",
+    "XGet",
+    "XPut",
+]
+
+StoreMode: TypeAlias = Literal["set", "add", "replace", "append", "prepend", "cas"]
+
+
+# -- memcached's commands --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """``get``/``gets`` (``cas=True``) and ``gat``/``gats`` (``exptime`` given: touch while reading)."""
+
+    keys: tuple[bytes, ...]
+    cas: bool = False
+    exptime: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """``set``, ``add``, ``replace``, ``append``, ``prepend`` and ``cas`` (``cas_unique`` given)."""
+
+    mode: StoreMode
+    key: bytes
+    flags: int
+    exptime: int
+    value: bytes
+    cas_unique: int | None = None
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """``delete <key>``."""
+
+    key: bytes
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Arith:
+    """``incr``/``decr`` by an unsigned 64-bit ``delta``."""
+
+    key: bytes
+    delta: int
+    incr: bool = True
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """``touch <key> <exptime>``."""
+
+    key: bytes
+    exptime: int
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FlushAll:
+    """``flush_all [delay]``: invalidate every item now, or ``delay`` seconds from now."""
+
+    delay: int = 0
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StatsCommand:
+    """``stats [group]``."""
+
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionCommand:
+    """``version``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verbosity:
+    """``verbosity <level>``."""
+
+    level: int
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """``quit``: the server closes the connection."""
+
+
+# -- the versioned extension -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class XGet:
+    """Fetch the stored records with versions, tombstones and expired records included."""
+
+    keys: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class XPut:
+    """Keep ``record`` for ``key`` if it is newer than the stored one."""
+
+    key: bytes
+    record: Record
+    noreply: bool = False
+
+
+WriteCommand: TypeAlias = Store | Delete | Arith | Touch
+
+
+@dataclass(frozen=True, slots=True)
+class XApply:
+    """Run a write ``command`` here with ``version`` as the version of the record it writes."""
+
+    version: Version
+    command: WriteCommand
+
+
+Command: TypeAlias = (
+    Get
+    | Store
+    | Delete
+    | Arith
+    | Touch
+    | FlushAll
+    | StatsCommand
+    | VersionCommand
+    | Verbosity
+    | Quit
+    | XGet
+    | XPut
+    | XApply
+)
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+class Status(enum.Enum):
+    """The one-word replies of memcached's write commands."""
+
+    STORED = "STORED"
+    NOT_STORED = "NOT_STORED"
+    EXISTS = "EXISTS"
+    NOT_FOUND = "NOT_FOUND"
+    DELETED = "DELETED"
+    TOUCHED = "TOUCHED"
+    OK = "OK"
+
+
+@dataclass(frozen=True, slots=True)
+class Values:
+    """The answer to ``Get`` (live records only, in request order) or ``XGet`` (every stored record)."""
+
+    items: tuple[tuple[bytes, Record], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """The new value after ``incr``/``decr``."""
+
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsResult:
+    """``STAT name value`` lines."""
+
+    items: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class XApplied:
+    """The answer to ``XApply``: memcached's result, and the record the command left (None: unchanged)."""
+
+    result: Status | Number
+    record: Record | None
+
+
+Result: TypeAlias = Status | Values | Number | StatsResult | XApplied

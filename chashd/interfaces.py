@@ -1,0 +1,66 @@
+"""The interfaces that keep the layers apart.
+
+- ``IStorageEngine``: a kvstore's synchronous store of records (``MemoryEngine``, ``SQLiteEngine``).
+- ``IKeyValue``: a role's backend behind both surfaces (the kvstore's local backend, the gateway's router).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IKeyValue", "IStorageEngine"]
+
+
+class IStorageEngine(Interface):
+    """Records by key, ordered by (ring hash, key) so that a hash range is one range scan.
+
+    Synchronous and fast: a point read or write costs microseconds. Engines do not resolve versions
+    themselves except in ``apply``; they never read a clock (time comes in as ``now``).
+    """
+
+    def get(key: bytes) -> Any:
+        """The stored ``Record`` for ``key`` (tombstones and expired records included), or None."""
+
+    def put(key: bytes, record: Any) -> None:
+        """Store ``record`` for ``key``, replacing what is there (the caller decided it wins)."""
+
+    def apply(key: bytes, record: Any) -> bool:
+        """Store ``record`` only if its version is higher than the stored one; True if stored."""
+
+    def remove(key: bytes) -> None:
+        """Forget ``key`` entirely (after a handoff, or a purge)."""
+
+    def scan(first_hash: int, last_hash: int, after: Any = None, limit: int = 1000) -> list[Any]:
+        """Up to ``limit`` ``(key, Record)`` pairs with ``first_hash <= key_hash(key) <= last_hash``,
+        in (hash, key) order, starting after the ``(hash, key)`` position ``after`` (None: from the start).
+        Callers page through a range with the position of the last pair they got."""
+
+    def purge(now: float, tombstone_grace: float) -> int:
+        """Forget expired records and tombstones older than the grace period; the number forgotten."""
+
+    def clear() -> None:
+        """Forget every record (``flush_all``)."""
+
+    def stats() -> dict[str, int]:
+        """At least ``keys`` (live and dead records held) and ``bytes`` (value bytes held)."""
+
+    def close() -> None:
+        """Flush and release files. The engine is unusable afterwards."""
+
+
+class IKeyValue(Interface):
+    """A role's backend: runs the commands of ``chashd.commands``.
+
+    ``execute`` returns a result at once when it can (the kvstore) or a Deferred that fires with one
+    (the gateway); faults are raised, or the Deferred fails, with the errors of ``chashd.errors``.
+    """
+
+    name = Attribute("The role and id, e.g. 'kvstore kvstore-A', for stats and logs.")
+
+    def execute(command: Any) -> Any:
+        """Run ``command``: a result, or a Deferred of one."""
+
+    def stats() -> dict[str, Any]:
+        """Counters and gauges for ``stats`` and ``GET /stats``: at least ``keys`` and ``bytes``."""
