@@ -15,13 +15,13 @@ import sys
 from collections.abc import Mapping
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["ListenService", "exit_with_status", "notify_systemd"]
+__all__ = ["ListenService", "SystemdNotifier", "exit_with_status", "notify_systemd"]
 
 _log = Logger()
 
@@ -99,3 +99,46 @@ class ListenService(Service):
             port, self.port = self.port, None
             return port.stopListening()  # type: ignore[no-any-return]
         return None
+
+
+class SystemdNotifier(Service):
+    """Tells systemd (``$NOTIFY_SOCKET``) ``READY=1`` once every awaited Deferred has fired, and
+    ``STOPPING=1`` when the daemon starts stopping (or draining: call ``stopping()``).
+
+    ``wait_for(d)`` adds a condition before start: a listener's ``listening``, the gateway's Raft state.
+    Without ``$NOTIFY_SOCKET`` nothing is sent.
+    """
+
+    _log = Logger()
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = environ
+        self._waits: list[Deferred[object]] = []
+        self._stopping_sent = False
+        self.ready: Deferred[None] = Deferred()
+
+    def wait_for(self, condition: Deferred[object]) -> None:
+        """Hold READY=1 until ``condition`` fires."""
+        self._waits.append(condition)
+
+    def startService(self) -> None:
+        super().startService()
+        gatherResults(self._waits, consumeErrors=True).addCallbacks(self._ready, self._never_ready)
+
+    def _ready(self, _: object) -> None:
+        notify_systemd("READY=1", self._environ)
+        self._log.info("ready")
+        self.ready.callback(None)
+
+    def _never_ready(self, failure: Failure) -> None:
+        self._log.failure("not ready", failure)
+
+    def stopping(self) -> None:
+        """Send STOPPING=1 (once)."""
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            notify_systemd("STOPPING=1", self._environ)
+
+    def stopService(self) -> None:
+        self.stopping()
+        super().stopService()

@@ -6,7 +6,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IReactorCore
 
 from chashd.config import ConfigOptions, GatewayConfig, options_for
-from chashd.daemon import ListenService
+from chashd.daemon import ListenService, SystemdNotifier
 from chashd.gateway.service import GatewayService
 from chashd.web import KeyValueHTTP
 
@@ -27,5 +27,9 @@ def makeService(options: ConfigOptions, reactor: IReactorCore | None = None) -> 
     gateway = GatewayService(config, reactor)  # type: ignore[arg-type]
     gateway.setServiceParent(root)
     http = KeyValueHTTP(health=gateway.health)
-    ListenService(reactor, config.port, http.site(), "HTTP").setServiceParent(root)
+    listener = ListenService(reactor, config.port, http.site(), "HTTP")
+    listener.setServiceParent(root)
+    notifier = SystemdNotifier()
+    notifier.wait_for(listener.listening)
+    notifier.setServiceParent(root)
     return root

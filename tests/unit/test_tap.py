@@ -50,3 +50,44 @@ class WiringTests:
         service.startService()
         assert [port for port, *_ in reactor.tcpServers] == [18000]
         service.stopService()
+
+
+class SystemdNotifierTests:
+    """READY=1 once every condition holds, STOPPING=1 on stop, to $NOTIFY_SOCKET."""
+
+    def test_ready_then_stopping(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        """The datagrams arrive in order, READY only after the awaited Deferred fired."""
+        import socket
+
+        from twisted.internet.defer import Deferred
+
+        from chashd.daemon import SystemdNotifier
+
+        path = str(tmp_path / "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.setblocking(False)
+            notifier = SystemdNotifier(environ={"NOTIFY_SOCKET": path})
+            condition: Deferred[object] = Deferred()
+            notifier.wait_for(condition)
+            notifier.startService()
+            with pytest.raises(BlockingIOError):
+                sock.recv(100)
+            condition.callback(None)
+            assert sock.recv(100) == b"READY=1"
+            notifier.stopService()
+            assert sock.recv(100) == b"STOPPING=1"
+
+    def test_abstract_socket(self) -> None:
+        """An @ path is the abstract namespace."""
+        import os
+        import socket
+
+        from chashd.daemon import notify_systemd
+
+        name = f"chashd-test-{os.getpid()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind("\0" + name)
+            assert notify_systemd("READY=1", {"NOTIFY_SOCKET": "@" + name})
+            assert sock.recv(100) == b"READY=1"
+        assert not notify_systemd("READY=1", {})
