@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from chashd.errors import BadKey
 from chashd.versions import ZERO, Version
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "RELATIVE_EXPIRY_LIMIT",
     "TOMBSTONE_GRACE",
     "Record",
+    "check_key",
     "expires_at_from_exptime",
     "purgeable",
     "resolve",
@@ -71,6 +73,23 @@ class Record:
     def size(self) -> int:
         """Bytes of value held."""
         return len(self.value)
+
+
+_FORBIDDEN = bytes(range(33)) + b"\x7f"
+
+
+def check_key(key: bytes) -> bytes:
+    """Return ``key`` if it is a valid key (1-250 bytes, no space or control character); else raise ``BadKey``.
+
+    This is memcached's rule, applied by both surfaces so that they accept the same keys.
+    """
+    if not key:
+        raise BadKey("key is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise BadKey(f"key is longer than {MAX_KEY_LENGTH} bytes")
+    if key.translate(None, _FORBIDDEN) != key:
+        raise BadKey("key holds a space or a control character")
+    return key
 
 
 def resolve(current: Record | None, incoming: Record) -> Record:
