@@ -1,8 +1,19 @@
-"""The Klein resource shared by the kvstore and the gateway.
+"""The Klein resource shared by the kvstore and the gateway: the same HTTP surface over either backend.
 
 Routes::
 
-    GET /health    liveness: 200 while the process serves
+    GET    /kv/{key}     the value's raw bytes; ETag "<cas>", X-Chash-Flags; 404 when missing
+    HEAD   /kv/{key}     the same headers, no body
+    PUT    /kv/{key}     store the body; X-Chash-TTL (seconds, memcached exptime rules), X-Chash-Flags (u32);
+                         If-Match: "<cas>" stores only over that version (cas), If-None-Match: * only if absent (add)
+    DELETE /kv/{key}     204, or 404 when missing
+    GET    /health       liveness: 200 while the process serves
+    GET    /ready        readiness: 200 when the role can serve requests, else 503
+    GET    /stats        JSON counters (keys, bytes, operations ...)
+    GET    /metrics      Prometheus text format
+
+Keys are the URL path after /kv/, percent-decoded, as UTF-8: 1-250 bytes without spaces or control
+characters (memcached's rule). Every error is ``application/problem+json`` with a ``detail``.
 """
 
 from __future__ import annotations
@@ -12,21 +23,33 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
+
+from chashd.commands import Delete, Get, Status, Store, StoreMode, Values
+from chashd.errors import (
+    NodeLeaving,
+    NonNumericValue,
+    RequestError,
+    ServiceUnavailable,
+    ValueTooLarge,
+)
+from chashd.interfaces import IKeyValue
+from chashd.record import MAX_FLAGS, check_key
 
 __all__ = ["KeyValueHTTP", "json_response", "problem"]
 
-
-class _QuietSite(Site):
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        pass
+TTL_HEADER = "X-Chash-TTL"
+FLAGS_HEADER = "X-Chash-Flags"
+DEFAULT_MAX_BODY = 1024 * 1024
 
 
 def json_response(request: IRequest, body: Any, code: int = 200) -> bytes:
@@ -36,38 +59,257 @@ def json_response(request: IRequest, body: Any, code: int = 200) -> bytes:
     return json.dumps(body, sort_keys=True).encode() + b"\n"
 
 
-def problem(request: IRequest, code: int, title: str, detail: str, **extra: Any) -> bytes:
-    """An RFC 9457 ``application/problem+json`` answer."""
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"application/problem+json")
+def _problem_body(code: int, title: str, detail: str, **extra: Any) -> bytes:
     body = {"type": "about:blank", "title": title, "status": code, "detail": detail, **extra}
     return json.dumps(body, sort_keys=True).encode() + b"\n"
 
 
-class KeyValueHTTP:
-    """The key-value HTTP surface over a role's backend.
+def problem(request: IRequest, code: int, title: str, detail: str, **extra: Any) -> bytes:
+    """An RFC 9457 ``application/problem+json`` answer."""
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/problem+json")
+    return _problem_body(code, title, detail, **extra)
 
-    ``health`` returns the JSON body of ``GET /health`` (the role, its id, what it knows).
+
+#: Domain errors to (HTTP status, title): the one table of this adapter.
+_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (ValueTooLarge, 413, "Payload Too Large"),
+    (NonNumericValue, 409, "Conflict"),
+    (RequestError, 400, "Bad Request"),
+    (NodeLeaving, 503, "Service Unavailable"),
+    (ServiceUnavailable, 503, "Service Unavailable"),
+]
+
+
+class _BadHeader(RequestError):
+    """A request header with a value we cannot use."""
+
+
+class _BoundedRequest(Request):
+    """A request that refuses a body over the site's ``max_body`` before reading it all."""
+
+    def gotLength(self, length: int | None) -> None:
+        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)  # type: ignore[attr-defined]
+        self._body_limit = limit
+        self._body_seen = 0
+        if length is not None and length > limit:
+            self._refuse(length, limit)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.channel is None:
+            return
+        self._body_seen += len(data)
+        if self._body_seen > self._body_limit:
+            self._refuse(self._body_seen, self._body_limit)
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self, size: int, limit: int) -> None:
+        body = _problem_body(413, "Payload Too Large", f"the body of {size} bytes is over the limit of {limit} bytes")
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/problem+json\r\n"
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        transport.loseConnection()
+        self.channel = None  # type: ignore[assignment]
+
+
+class _QuietSite(Site):
+    """A site with no access log (a line per request costs more than the request) and a body cap."""
+
+    noisy = False
+    requestFactory = _BoundedRequest
+
+    def __init__(self, resource: IResource, max_body: int) -> None:
+        super().__init__(resource)
+        self.max_body = max_body
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class _StatsCollector(Collector):
+    """Exports a backend's ``stats()`` to Prometheus at scrape time (no cost per request)."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], role: str) -> None:
+        self._stats = stats
+        self._role = role
+
+    def collect(self) -> Any:
+        stats = self._stats()
+        for name, value in sorted(stats.items()):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric = "chashd_" + name.replace(".", "_").replace("-", "_")
+            if name.endswith("_total") or name.startswith("cmd_") or name.endswith("_hits") or name.endswith("_misses"):
+                yield CounterMetricFamily(metric, f"{self._role} counter {name}", value=value)
+            else:
+                yield GaugeMetricFamily(metric, f"{self._role} gauge {name}", value=value)
+
+
+def _header_int(request: IRequest, name: str, low: int, high: int) -> int | None:
+    raw = request.getHeader(name)
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text.lstrip("-").isdigit() or not low <= int(text) <= high:
+        raise _BadHeader(f"header {name}: {text!r} is not an integer from {low} to {high}")
+    return int(text)
+
+
+def _etag(cas: int) -> bytes:
+    return b'"%d"' % cas
+
+
+class KeyValueHTTP:
+    """The key-value HTTP surface over a role's backend (``IKeyValue``).
+
+    ``health`` returns the JSON body of ``GET /health``; ``ready`` returns ``(ready, reason)`` for
+    ``GET /ready``; ``metrics`` is a Prometheus registry holding the role's own collectors (the backend's
+    stats are added to it here).
     """
 
     app = Klein()
     _log = Logger()
 
-    def __init__(self, health: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        backend: IKeyValue | None = None,
+        health: Callable[[], dict[str, Any]] = dict,
+        ready: Callable[[], tuple[bool, str]] | None = None,
+        max_value_size: int = DEFAULT_MAX_BODY,
+        metrics: CollectorRegistry | None = None,
+        role: str = "chashd",
+    ) -> None:
+        self._backend = backend
         self._health = health
+        self._ready = ready or (lambda: (True, "serving"))
+        self._max_value_size = max_value_size
+        self.metrics = metrics or CollectorRegistry(auto_describe=True)
+        if backend is not None:
+            self.metrics.register(_StatsCollector(backend.stats, role))
 
     def resource(self) -> IResource:
         """The twisted.web resource to serve."""
         return self.app.resource()
 
-    def site(self) -> Site:
-        """A ``Site`` serving ``resource()`` with no access log (a line per request costs more than the request)."""
-        return _QuietSite(self.resource())
+    def site(self, resource: IResource | None = None) -> Site:
+        """A ``Site`` serving ``resource`` (default: this surface) with the body capped at the value limit."""
+        # Headers and the request line are bounded by twisted.web itself; the body by _BoundedRequest.
+        return _QuietSite(resource or self.resource(), max_body=self._max_value_size)
+
+    # -- key-value ------------------------------------------------------------------------------
+
+    def _key(self, key: str) -> bytes:
+        return check_key(key.encode("utf-8"))
+
+    def _execute(self, command: Any) -> Deferred[Any]:
+        if self._backend is None:
+            raise ServiceUnavailable("this server has no key-value backend")
+        try:
+            result = self._backend.execute(command)
+        except Exception:
+            return fail()
+        if isinstance(result, Deferred):
+            return result
+        return succeed(result)
+
+    @app.route("/kv/<path:key>", methods=["GET", "HEAD"])
+    def get(self, request: IRequest, key: str) -> Any:
+        """Read a value."""
+        k = self._key(key)
+        return self._execute(Get((k,), cas=True)).addCallback(self._got, request, k)
+
+    def _got(self, result: Values, request: IRequest, key: bytes) -> bytes:
+        for item_key, record in result.items:
+            if item_key == key:
+                request.setHeader(b"Content-Type", b"application/octet-stream")
+                request.setHeader(b"ETag", _etag(record.version.cas))
+                request.setHeader(FLAGS_HEADER, str(record.flags))
+                if record.expires_at:
+                    request.setHeader(b"X-Chash-Expires-At", b"%d" % record.expires_at)
+                return record.value
+        return problem(request, 404, "Not Found", f"no value for key {key.decode('utf-8', 'replace')!r}")
+
+    @app.route("/kv/<path:key>", methods=["PUT"])
+    def put(self, request: IRequest, key: str) -> Any:
+        """Store a value (set, or cas / add with If-Match / If-None-Match)."""
+        k = self._key(key)
+        ttl = _header_int(request, TTL_HEADER, -1, 2**31 - 1) or 0
+        flags = _header_int(request, FLAGS_HEADER, 0, MAX_FLAGS) or 0
+        value = request.content.read() if request.content is not None else b""
+        if len(value) > self._max_value_size:
+            raise ValueTooLarge(len(value), self._max_value_size)
+        mode: StoreMode = "set"
+        cas_unique = None
+        if_match = request.getHeader("If-Match")
+        if if_match is not None:
+            tag = if_match.strip().removeprefix("W/").strip('"')
+            if not tag.isdigit():
+                raise _BadHeader(f"header If-Match: {if_match!r} is not an ETag this server gave")
+            mode, cas_unique = "cas", int(tag)
+        elif (request.getHeader("If-None-Match") or "").strip() == "*":
+            mode = "add"
+        command = Store(mode, k, flags, ttl, value, cas_unique)
+        return self._execute(command).addCallback(self._stored, request, k, mode)
+
+    def _stored(self, result: Status, request: IRequest, key: bytes, mode: str) -> bytes:
+        if result is Status.STORED:
+            request.setResponseCode(204)
+            return b""
+        shown = key.decode("utf-8", "replace")
+        if result is Status.EXISTS:
+            return problem(request, 412, "Precondition Failed", f"key {shown!r} changed since that ETag")
+        if result is Status.NOT_FOUND:
+            return problem(request, 412, "Precondition Failed", f"key {shown!r} has no value to compare with")
+        if result is Status.NOT_STORED and mode == "add":
+            return problem(request, 412, "Precondition Failed", f"key {shown!r} already has a value")
+        return problem(request, 409, "Conflict", f"key {shown!r} was not stored ({result.value})")
+
+    @app.route("/kv/<path:key>", methods=["DELETE"])
+    def delete(self, request: IRequest, key: str) -> Any:
+        """Delete a value."""
+        k = self._key(key)
+        return self._execute(Delete(k)).addCallback(self._deleted, request, k)
+
+    def _deleted(self, result: Status, request: IRequest, key: bytes) -> bytes:
+        if result is Status.DELETED:
+            request.setResponseCode(204)
+            return b""
+        return problem(request, 404, "Not Found", f"no value for key {key.decode('utf-8', 'replace')!r}")
+
+    # -- operations -----------------------------------------------------------------------------
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
         """Liveness: the process is up and its reactor answers."""
         return json_response(request, {"status": "ok", **self._health()})
+
+    @app.route("/ready", methods=["GET", "HEAD"])
+    def ready(self, request: IRequest) -> bytes:
+        """Readiness: the role can serve key-value requests."""
+        ok, reason = self._ready()
+        if ok:
+            return json_response(request, {"ready": True, "reason": reason})
+        return problem(request, 503, "Service Unavailable", reason, ready=False)
+
+    @app.route("/stats", methods=["GET"])
+    def stats(self, request: IRequest) -> bytes:
+        """Counters and gauges as JSON."""
+        return json_response(request, self._backend.stats() if self._backend is not None else {})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        """Prometheus text exposition."""
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return generate_latest(self.metrics)
+
+    # -- errors ---------------------------------------------------------------------------------
 
     @app.handle_errors(HTTPException)
     def _routing_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -85,7 +327,12 @@ class KeyValueHTTP:
         return problem(request, code, error.name, detail)
 
     @app.handle_errors(Exception)
-    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        for kind, code, title in _ERRORS:
+            if failure.check(kind):
+                if code == 503:
+                    request.setHeader(b"Retry-After", b"1")
+                return problem(request, code, title, str(failure.value))
         self._log.failure(
             "unexpected error answering {method} {path}", failure, method=request.method, path=request.path
         )
