@@ -2,6 +2,7 @@
 
 - ``IStorageEngine``: a kvstore's synchronous store of records (``MemoryEngine``, ``SQLiteEngine``).
 - ``IKeyValue``: a role's backend behind both surfaces (the kvstore's local backend, the gateway's router).
+- ``IKVClient``: the gateway's (and the handoff's) way to send commands to one kvstore.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IKeyValue", "IStorageEngine"]
+__all__ = ["IKVClient", "IKeyValue", "IStorageEngine"]
 
 
 class IStorageEngine(Interface):
@@ -64,3 +65,11 @@ class IKeyValue(Interface):
 
     def stats() -> dict[str, Any]:
         """Counters and gauges for ``stats`` and ``GET /stats``: at least ``keys`` and ``bytes``."""
+
+
+class IKVClient(Interface):
+    """Sends commands of ``chashd.commands`` to one kvstore and returns its answers."""
+
+    def send(command: Any) -> Any:
+        """A Deferred firing with the kvstore's result for ``command``, or failing with a domain error
+        (the kvstore's own error) or a connection/timeout error."""
