@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Daemon", "DaemonError", "free_ports", "twistd_command"]
+__all__ = ["Daemon", "DaemonError", "LocalCluster", "free_ports", "twistd_command"]
 
 
 class DaemonError(Exception):
@@ -180,3 +180,181 @@ class Daemon:
         if self.process is not None and self.running():
             self.process.kill()
             self.process.wait()
+
+
+class LocalCluster:
+    """Gateways and kvstores as real twistd processes on free loopback ports, for scripts and tests.
+
+    ``start()`` waits until a Raft leader is known and every kvstore is up in the ring. Every process
+    is stopped by ``stop()`` (also usable as a context manager). Logs and data live under ``workdir``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        gateways: int = 3,
+        kvstores: int = 3,
+        engine: str = "memory",
+        gateway_args: Sequence[str] = (),
+        kvstore_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        if gateways < 1:
+            raise ValueError("a cluster needs at least one gateway")
+        self.workdir = Path(workdir)
+        self.engine = engine
+        self.host = host
+        self.env = dict(os.environ if env is None else env)
+        self.gateway_args = list(gateway_args)
+        self.kvstore_args = list(kvstore_args)
+        self.gateways: list[Daemon] = []
+        self.kvstores: list[Daemon] = []
+        self.line_ports: dict[str, int] = {}
+        self.raft_ports: dict[str, int] = {}
+        self._gateway_count = gateways
+        self._kvstore_count = kvstores
+        self._next_kvstore = 0
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        """The HTTP base URLs of the gateways."""
+        return [g.url for g in self.gateways]
+
+    def _gateway(self, index: int, http: int, raft: int, line: int, peers: list[str]) -> Daemon:
+        name = f"gateway-{index + 1}"
+        args = [
+            "--gateway-id", name,
+            "--port", f"tcp:{http}:interface={self.host}",
+            "--line-port", f"tcp:{line}:interface={self.host}",
+            "--raft-port", str(raft),
+            "--advertise-host", self.host,
+            "--peers", ",".join(peers),
+            "--data-dir", str(self.workdir / name),
+            *self.gateway_args,
+        ]  # fmt: skip
+        self.line_ports[name] = line
+        self.raft_ports[name] = raft
+        return Daemon("chash-gateway", name, args, http, self.workdir / f"{name}.log", env=self.env, host=self.host)
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        """Start every process and wait until the ring is ready; on failure stop what started and raise."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            ports = free_ports(3 * self._gateway_count, self.host)
+            raft_addresses = [f"{self.host}:{ports[3 * i + 1]}" for i in range(self._gateway_count)]
+            for i in range(self._gateway_count):
+                http, raft, line = ports[3 * i : 3 * i + 3]
+                self.gateways.append(self._gateway(i, http, raft, line, raft_addresses).start())
+            for gateway in self.gateways:
+                gateway.wait_healthy(timeout)
+            self.wait_for_leader(timeout)
+            for _ in range(self._kvstore_count):
+                self.add_kvstore(wait=False)
+            self.wait_for_nodes(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_kvstore(self, name: str | None = None, wait: bool = True, timeout: float = 60.0) -> Daemon:
+        """Start one more kvstore registered with every gateway."""
+        self._next_kvstore += 1
+        if name is None:
+            n = self._next_kvstore
+            name = f"kvstore-{chr(ord('A') + n - 1)}" if n <= 26 else f"kvstore-{n}"
+        http, line = free_ports(2, self.host)
+        args = [
+            "--node-id", name,
+            "--port", f"tcp:{http}:interface={self.host}",
+            "--line-port", f"tcp:{line}:interface={self.host}",
+            "--advertise-host", self.host,
+            "--gateway", ",".join(self.gateway_urls),
+            *self.kvstore_args,
+        ]  # fmt: skip
+        if self.engine == "sqlite":
+            args += ["--data-dir", str(self.workdir / name)]
+        else:
+            args += ["--engine", "memory"]
+        daemon = Daemon("chash-kvstore", name, args, http, self.workdir / f"{name}.log", env=self.env, host=self.host)
+        self.line_ports[name] = line
+        self.kvstores.append(daemon.start())
+        if wait:
+            daemon.wait_healthy(timeout)
+            self.wait_for_nodes(timeout)
+        return daemon
+
+    def status(self, gateway: int = 0, timeout: float = 2.0) -> dict[str, Any]:
+        """``GET /ring/status`` of one gateway."""
+        status, body = http_json(self.gateways[gateway].url + "/ring/status", timeout=timeout)
+        if status != 200 or not isinstance(body, dict):
+            raise DaemonError(f"{self.gateways[gateway].name} answered /ring/status with {status}")
+        return body
+
+    def _poll(self, what: str, check: Any, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        last_error = ""
+        while time.monotonic() < deadline:
+            for daemon in self.gateways + self.kvstores:
+                if daemon.process is not None and not daemon.running() and daemon.returncode() not in (0, -15):
+                    raise DaemonError(f"{daemon.name} exited with {daemon.returncode()}:\n{daemon.log_tail()}")
+            try:
+                result = check()
+                if result:
+                    return result
+            except (OSError, ValueError, DaemonError) as e:
+                last_error = str(e)
+            time.sleep(0.1)
+        tails = "\n".join(f"--- {d.name}\n{d.log_tail(10)}" for d in self.gateways + self.kvstores)
+        raise DaemonError(f"timed out after {timeout:g}s waiting for {what} {last_error}\n{tails}")
+
+    def wait_for_leader(self, timeout: float = 30.0) -> str:
+        """Wait until every running gateway names the same leader; returns its id."""
+
+        def check() -> str | None:
+            leaders = {self.status(i).get("leader") for i, g in enumerate(self.gateways) if g.running()}
+            return leaders.pop() if len(leaders) == 1 and None not in leaders else None
+
+        return str(self._poll("a Raft leader", check, timeout))
+
+    def wait_for_nodes(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until every running kvstore is up in the ring on every running gateway."""
+        wanted = {k.name for k in self.kvstores if k.running()}
+
+        def check() -> dict[str, Any] | None:
+            status: dict[str, Any] | None = None
+            for i, gateway in enumerate(self.gateways):
+                if not gateway.running():
+                    continue
+                status = self.status(i)
+                up = {n["id"] for n in status.get("nodes", []) if n.get("state") == "up"}
+                if not wanted <= up:
+                    return None
+            return status
+
+        return dict(self._poll(f"kvstores {sorted(wanted)} to be up", check, timeout))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every process this cluster started, kvstores first."""
+        for daemon in reversed(self.kvstores + self.gateways):
+            try:
+                daemon.stop(timeout)
+            except Exception:  # keep stopping the others
+                daemon.kill()
+
+    def describe(self) -> str:
+        """The endpoints, one line each."""
+        lines = []
+        for daemon in self.gateways + self.kvstores:
+            line = self.line_ports.get(daemon.name)
+            extra = f"  raft {self.host}:{self.raft_ports[daemon.name]}" if daemon.name in self.raft_ports else ""
+            lines.append(
+                f"{daemon.name:12s} http {daemon.url}  memcached {self.host}:{line}{extra}  log {daemon.log_path}"
+            )
+        return "\n".join(lines)
