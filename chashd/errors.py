@@ -12,14 +12,17 @@ __all__ = [
     "BadDataChunk",
     "BadKey",
     "ChashdError",
+    "ClusterMapUnavailable",
     "ConfigError",
     "NoNodes",
+    "NodeConflict",
     "NodeLeaving",
     "NonNumericValue",
     "QuorumNotReached",
     "RequestError",
     "ServiceUnavailable",
     "UnknownCommand",
+    "UnknownNode",
     "ValueTooLarge",
 ]
 
@@ -80,6 +83,14 @@ class NonNumericValue(RequestError):
         super().__init__(message)
 
 
+class UnknownNode(RequestError):
+    """A cluster-map request names a kvstore node the map does not hold (HTTP 404)."""
+
+
+class NodeConflict(RequestError):
+    """A registration clashes with the map: another live node has the id, or the announcement is stale (HTTP 409)."""
+
+
 # -- the cluster's state ---------------------------------------------------------------------------
 
 
@@ -108,3 +119,14 @@ class NodeLeaving(ServiceUnavailable):
 
     def __init__(self, message: str = "this node is leaving the ring and refuses writes") -> None:
         super().__init__(message)
+
+
+class ClusterMapUnavailable(ServiceUnavailable):
+    """A cluster-map change was not confirmed (no Raft leader, leader changed, timeout, stopping).
+
+    The change may or may not have been applied; every change is idempotent, so it is safe to retry.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the cluster map change was not confirmed ({reason}); it is safe to retry")
+        self.reason = reason
