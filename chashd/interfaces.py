@@ -47,6 +47,16 @@ class IStorageEngine(Interface):
     def stats() -> dict[str, int]:
         """At least ``keys`` (live and dead records held) and ``bytes`` (value bytes held)."""
 
+    def batch() -> Any:
+        """A context manager that groups writes into one commit: ``with engine.batch(): engine.apply(...)``.
+
+        For the handoff receiver and other bulk writers: SQLite then commits once per batch instead of once
+        per write (several times the write rate). Writes in the block are committed when it ends; if it
+        raises, SQLite rolls them back (memory keeps those made), so the caller retries the batch (``apply``
+        is idempotent). Other threads' writes wait while a batch is open: keep it short, never wait on
+        the reactor inside it.
+        """
+
     def close() -> None:
         """Flush and release files. The engine is unusable afterwards."""
 

@@ -1,3 +1,13 @@
-"""Storage engines behind one synchronous interface."""
+"""Storage engines behind one synchronous interface, ``chashd.interfaces.IStorageEngine``.
 
-__all__: list[str] = []
+- ``MemoryEngine``: a dict and a sorted index, for caches and tests.
+- ``SQLiteEngine``: one WAL-mode SQLite file, durable across a process crash.
+
+Both keep records ordered by ``(key_hash(key), key)``, so that the keys of a ring arc are one range scan.
+They are pure (L0): no Twisted and no clock; anything that may block for long (scans, purges,
+checkpoints) is run by the kvstore service in its thread pool.
+"""
+
+from chashd.storage.memory import MemoryEngine
+
+__all__ = ["MemoryEngine"]
