@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -113,11 +114,11 @@ class SystemdNotifier(Service):
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = environ
-        self._waits: list[Deferred[object]] = []
+        self._waits: list[Deferred[Any]] = []
         self._stopping_sent = False
         self.ready: Deferred[None] = Deferred()
 
-    def wait_for(self, condition: Deferred[object]) -> None:
+    def wait_for(self, condition: Deferred[Any]) -> None:
         """Hold READY=1 until ``condition`` fires."""
         self._waits.append(condition)
 
