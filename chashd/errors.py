@@ -70,8 +70,12 @@ class BadDataChunk(RequestError):
 class ValueTooLarge(RequestError):
     """A value over the configured maximum (memcached answers ``SERVER_ERROR object too large for cache``)."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"value of {size} bytes is over the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int | None = None) -> None:
+        # The limit is None when a server said so without giving it (a kvstore's SERVER_ERROR).
+        if limit is None:
+            super().__init__("object too large for cache")
+        else:
+            super().__init__(f"value of {size} bytes is over the limit of {limit} bytes")
         self.size = size
         self.limit = limit
 

@@ -1,0 +1,1040 @@
+"""The memcached text protocol: a pure parser and serializer, for the server and for the client.
+
+Wire grammar (what a server reads; replies after ``->``). ``\\r\\n`` ends a line (a bare ``\\n`` is
+accepted too); tokens are separated by one or more spaces (only spaces: a tab is part of a token).
+``<key>`` is 1-250 bytes without space or NUL; like memcached we accept control characters in it. Numbers
+are read as memcached's C parsers read them (``safe_strtoul``, ``safe_strtol``, ``safe_strtoull``):
+leading blanks and a sign are allowed, ``<flags>`` keeps its low 32 bits, ``<exptime>``/``<bytes>`` their
+low 32 bits as a signed number. ``[noreply]`` is recognised as the last token of the line.
+
+    get|gets|bget <key>*                       -> (VALUE <key> <flags> <bytes>[ <cas>]\\r\\n<data>\\r\\n)* END
+    gat|gats <exptime> <key>*                  -> same as get/gets, touching each hit
+    set|add|replace|append|prepend <key> <flags> <exptime> <bytes> [noreply]\\r\\n<data>\\r\\n
+                                               -> STORED | NOT_STORED
+    cas <key> <flags> <exptime> <bytes> <cas unique> [noreply]\\r\\n<data>\\r\\n
+                                               -> STORED | EXISTS | NOT_FOUND
+    delete <key> [0] [noreply]                 -> DELETED | NOT_FOUND
+    incr|decr <key> <delta> [noreply]          -> <new value> | NOT_FOUND
+    touch <key> <exptime> [noreply]            -> TOUCHED | NOT_FOUND
+    flush_all [<delay>] [noreply]              -> OK
+    stats [<group> ...]                        -> (STAT <name> <value>)* END | RESET | ERROR
+    version                                    -> VERSION <version>
+    verbosity <level> [noreply]                -> OK
+    quit                                       -> (the server closes the connection)
+
+Faults answer as memcached 1.6 does: ``ERROR`` (unknown command, wrong number of tokens, the meta commands
+``mg``/``ms``/``md``/``ma``/``mn``/``me`` and the binary protocol, which we do not speak; a binary request
+is answered ``ERROR`` and the connection closed), ``CLIENT_ERROR bad command line format`` (a key over 250
+bytes, a bad number), ``CLIENT_ERROR bad data chunk`` (the ``<bytes>+2`` bytes after a storage command
+do not end in ``\\r\\n``; what follows them is read as the next command), ``SERVER_ERROR object too large
+for cache`` (``<bytes>`` over the value limit: the data block is skipped unread, and a ``set`` deletes the
+key's old value, as memcached does so that a failed set never leaves a stale value). A line over 2048
+bytes without its newline closes the connection silently (so does a line over 16 KiB, memcached's read
+buffer), except a ``get``/``gets`` line, which may grow to ``max_keys`` keys; past that the server answers
+``SERVER_ERROR out of memory reading request`` and closes, as memcached does when it cannot grow its
+buffer. A line whose last token starts with ``HTTP/`` is an HTTP request: the connection closes silently.
+``noreply`` silences every reply of its command, errors included, as in memcached.
+
+The versioned extension (between gateways, the handoff and kvstores; no memcached command starts with
+``x``). ``<version>`` is ``str(Version)``: ``<clock>`` or ``<clock>-<writer>``; ``<expires_at>`` is a Unix
+time (0: never); ``<tombstone>`` is 0 or 1. The numbers here are plain decimal digits.
+
+    xget <key>+                                -> (XVALUE <key> <flags> <expires_at> <version> <tombstone> <bytes>\\r\\n
+                                                   <data>\\r\\n)* END        every stored record, tombstones included
+    xput <key> <flags> <expires_at> <version> <tombstone> <bytes> [noreply]\\r\\n<data>\\r\\n
+                                               -> STORED (kept) | EXISTS (an equal or newer version is stored)
+    xapply <version> <a write command line: set|add|replace|append|prepend|cas|delete|incr|decr|touch ...>
+           [\\r\\n<data>]\\r\\n
+                                               -> XAPPLIED <the reply line of that command>\\r\\n
+                                                  [XVALUE ... block of the record it wrote]END
+                                                  (or the CLIENT_ERROR/SERVER_ERROR line of the plain command)
+
+``xapply`` always replies (a ``noreply`` inside it is ignored) and writes with ``<version>``.
+
+Server side: ``RequestParser`` is fed bytes and yields ``chashd.commands`` commands or ``Rejected``
+(a domain error of ``chashd.errors`` with memcached's text, whether to reply, whether to close);
+``serialize_result`` and ``error_reply`` turn results and errors into reply bytes. Client side (the
+gateway): ``serialize_command`` is the inverse of parsing, and ``ReplyParser`` turns reply bytes into
+results given the command that was sent.
+
+Pure: no Twisted, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from chashd.commands import (
+    Arith,
+    Command,
+    Delete,
+    FlushAll,
+    Get,
+    Number,
+    Quit,
+    Result,
+    StatsCommand,
+    StatsResult,
+    Status,
+    Store,
+    StoreMode,
+    Touch,
+    Values,
+    Verbosity,
+    VersionCommand,
+    WriteCommand,
+    XApplied,
+    XApply,
+    XGet,
+    XPut,
+)
+from chashd.errors import (
+    BadCommand,
+    BadDataChunk,
+    ChashdError,
+    NodeLeaving,
+    NonNumericValue,
+    RequestError,
+    ServiceUnavailable,
+    UnknownCommand,
+    ValueTooLarge,
+)
+from chashd.record import MAX_KEY_LENGTH, Record
+from chashd.versions import Version
+
+__all__ = [
+    "DEFAULT_MAX_KEYS",
+    "DEFAULT_MAX_LINE",
+    "DEFAULT_MAX_VALUE_SIZE",
+    "BadReply",
+    "Rejected",
+    "ReplyParser",
+    "RequestParser",
+    "error_from_reply",
+    "error_reply",
+    "serialize_command",
+    "serialize_result",
+    "stats_reply",
+    "version_reply",
+]
+
+DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
+#: memcached closes a connection that sends this many bytes without a newline (``try_read_command_ascii``).
+DEFAULT_MAX_LINE = 2048
+#: Keys in one get line; memcached has no limit, we bound the line to about 512 KiB.
+DEFAULT_MAX_KEYS = 2048
+#: memcached's read buffer: a longer line cannot arrive whole, and memcached closes the connection.
+READ_BUFFER = 16384
+#: memcached's MAX_TOKENS: a line is cut into at most 23 tokens (get lines are read on past that).
+_MAX_TOKENS = 24
+_INT_MAX = (1 << 31) - 1
+_MAX_U64 = (1 << 64) - 1
+_BLANKS = b" \t\n\v\f\r"
+
+_BAD_FORMAT = "bad command line format"
+_BAD_DELETE = "bad command line format.  Usage: delete <key> [noreply]"
+_BAD_EXPTIME = "invalid exptime argument"
+_BAD_DELTA = "invalid numeric delta argument"
+_OUT_OF_MEMORY = "out of memory reading request"
+
+
+class BadReply(ServiceUnavailable):
+    """A server's reply that does not parse: the connection cannot be trusted any more."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A request that failed: the error (its memcached text via ``error_reply``), and what comes next.
+
+    ``reply``: write the error (False when the command said ``noreply``, or memcached closes silently).
+    ``close``: close the connection after the reply. ``then``: a command to run without reply (a
+    ``set`` whose value is too large deletes the key's stale value, as memcached does).
+    """
+
+    error: ChashdError
+    reply: bool = True
+    close: bool = False
+    then: Command | None = None
+
+
+_UNKNOWN = Rejected(UnknownCommand())
+_SILENT_CLOSE = Rejected(BadCommand("line too long or not memcached"), reply=False, close=True)
+
+
+# -- numbers, read as memcached's C parsers read them ----------------------------------------------
+
+
+def _c_number(token: bytes) -> tuple[bool, int] | None:
+    """``strtoul``'s syntax as memcached's ``safe_*`` checks it: (negative, magnitude), or None."""
+    i = 0
+    n = len(token)
+    while i < n and token[i] in _BLANKS:
+        i += 1
+    negative = False
+    if i < n and token[i] in b"+-":
+        negative = token[i] == 0x2D
+        i += 1
+    start = i
+    while i < n and 0x30 <= token[i] <= 0x39:
+        i += 1
+    if i == start or (i < n and token[i] not in _BLANKS):
+        return None
+    return negative, int(token[start:i])
+
+
+def _strtoull(token: bytes) -> int | None:
+    """memcached's ``safe_strtoull``: an unsigned 64-bit number, or None."""
+    if token.isdigit():
+        value = int(token)
+        return value if value <= _MAX_U64 else None
+    parsed = _c_number(token)
+    if parsed is None or parsed[1] > _MAX_U64:
+        return None
+    value = -parsed[1] & _MAX_U64 if parsed[0] else parsed[1]
+    if value > _MAX_U64 >> 1 and b"-" in token:
+        return None
+    return value
+
+
+def _strtoul32(token: bytes) -> int | None:
+    """memcached's ``safe_strtoul`` into a ``uint32_t`` (64-bit ``unsigned long``, low 32 bits kept)."""
+    value = _strtoull(token)
+    return None if value is None else value & 0xFFFFFFFF
+
+
+def _strtol32(token: bytes) -> int | None:
+    """memcached's ``safe_strtol`` into an ``int32_t`` (64-bit ``long``, low 32 bits kept, signed)."""
+    if token.isdigit():
+        value = int(token)
+        if value > _MAX_U64 >> 1:
+            return None
+    else:
+        parsed = _c_number(token)
+        if parsed is None:
+            return None
+        value = -parsed[1] if parsed[0] else parsed[1]
+        if not -(1 << 63) <= value < 1 << 63:
+            return None
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value > _INT_MAX else value
+
+
+def _digits(token: bytes) -> int:
+    """A plain decimal number of the extension's grammar; raises ``BadCommand``."""
+    if not token.isdigit() or len(token) > 20:
+        raise BadCommand()
+    return int(token)
+
+
+# -- the server's parser ----------------------------------------------------------------------------
+
+_LINE, _DATA, _SWALLOW, _DEAD = range(4)
+
+_Build = Callable[[bytes], Command]
+#: What a line parser returns: a command, a rejection, or a data block to read (bytes, noreply, build).
+_Parsed = Command | Rejected | tuple[int, bool, _Build]
+
+
+class RequestParser:
+    """memcached's request framing and parsing, fed bytes: ``feed(data)``, then ``next()`` until None.
+
+    ``next()`` returns a command, a ``Rejected``, or None when it needs more bytes. After a ``Rejected``
+    with ``close`` (and after ``Quit``) it returns None for ever. Memory is bounded: a line by
+    ``max_line`` (or the longest get line of ``max_keys`` keys), a data block by ``max_value_size`` + 2
+    (a larger one is skipped as it arrives, never held).
+    """
+
+    __slots__ = (
+        "_buf",
+        "_build",
+        "_dispatch",
+        "_fresh",
+        "_more",
+        "_more_len",
+        "_need",
+        "_noreply",
+        "_pos",
+        "_state",
+        "max_get_line",
+        "max_keys",
+        "max_line",
+        "max_value_size",
+    )
+
+    def __init__(
+        self,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_keys: int = DEFAULT_MAX_KEYS,
+    ) -> None:
+        self.max_value_size = max_value_size
+        self.max_line = max_line
+        self.max_keys = max_keys
+        self.max_get_line = max(max_line, 8 + max_keys * (MAX_KEY_LENGTH + 1))
+        self._buf = b""
+        self._pos = 0
+        self._more: list[bytes] = []  # bytes fed while a long data block is incomplete
+        self._more_len = 0
+        self._state = _LINE
+        self._need = 0
+        self._noreply = False
+        self._build: _Build | None = None
+        self._fresh = True
+        self._dispatch: dict[bytes, Callable[[list[bytes], int], _Parsed]] = {
+            b"get": self._get,
+            b"gets": self._gets,
+            b"bget": self._get,
+            b"gat": self._gat,
+            b"gats": self._gats,
+            b"set": self._set,
+            b"add": self._add,
+            b"replace": self._replace,
+            b"append": self._append,
+            b"prepend": self._prepend,
+            b"cas": self._cas,
+            b"delete": self._delete,
+            b"incr": self._incr,
+            b"decr": self._decr,
+            b"touch": self._touch,
+            b"flush_all": self._flush_all,
+            b"stats": self._stats,
+            b"version": self._version,
+            b"verbosity": self._verbosity,
+            b"quit": self._quit,
+            b"xget": self._xget,
+            b"xput": self._xput,
+            b"xapply": self._xapply,
+        }
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the connection."""
+        if self._pos >= len(self._buf):
+            self._buf = data
+            self._pos = 0
+        elif self._state == _DATA and len(self._buf) - self._pos + self._more_len + len(data) < self._need:
+            self._more.append(data)  # a long data block: join once, when it is complete
+            self._more_len += len(data)
+        else:
+            if self._more:
+                data = b"".join(self._more) + data
+                self._more.clear()
+                self._more_len = 0
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet."""
+        return len(self._buf) - self._pos + self._more_len
+
+    def next(self) -> Command | Rejected | None:
+        """The next command or rejection, or None until more bytes are fed."""
+        while True:
+            state = self._state
+            if state == _LINE:
+                buf = self._buf
+                pos = self._pos
+                if self._fresh and len(buf) > pos and buf[pos] == 0x80:
+                    return self._close(Rejected(UnknownCommand(), close=True))  # the binary protocol's magic
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    return self._no_newline()
+                if end - pos >= READ_BUFFER and not self._multiget(pos):
+                    return self._close(_SILENT_CLOSE)
+                self._pos = end + 1
+                if end > pos and buf[end - 1] == 0x0D:
+                    end -= 1
+                parsed = self._line(buf[pos:end])
+                if type(parsed) is tuple:
+                    self._need, self._noreply, self._build = parsed
+                    self._state = _DATA
+                    continue
+                if type(parsed) is Rejected and parsed.close or type(parsed) is Quit:
+                    self._state = _DEAD
+                return parsed  # type: ignore[return-value]
+            if state == _DATA:
+                need = self._need
+                pos = self._pos
+                if len(self._buf) - pos + self._more_len < need:
+                    return None
+                if self._more:
+                    self._buf = self._buf[pos:] + b"".join(self._more)
+                    self._more.clear()
+                    self._more_len = 0
+                    pos = 0
+                buf = self._buf
+                self._pos = pos + need
+                self._state = _LINE
+                build = self._build
+                self._build = None
+                if buf[pos + need - 2 : pos + need] != b"\r\n":
+                    return Rejected(BadDataChunk(), reply=not self._noreply)
+                assert build is not None
+                return build(buf[pos : pos + need - 2])
+            if state == _SWALLOW:
+                available = len(self._buf) - self._pos
+                if available >= self._need:
+                    self._pos += self._need
+                    self._state = _LINE
+                    continue
+                self._need -= available
+                self._buf = b""
+                self._pos = 0
+                return None
+            return None
+
+    # -- framing --------------------------------------------------------------------------------
+
+    def _close(self, rejected: Rejected) -> Rejected:
+        self._state = _DEAD
+        self._buf = b""
+        self._pos = 0
+        return rejected
+
+    def _multiget(self, pos: int) -> bool:
+        """memcached lets a line grow past the limit when it is a get/gets after at most 100 spaces."""
+        head = self._buf[pos : pos + 106]
+        stripped = head.lstrip(b" ")
+        return len(head) - len(stripped) <= 100 and (stripped.startswith((b"get ", b"gets ")))
+
+    def _no_newline(self) -> Rejected | None:
+        pending = len(self._buf) - self._pos
+        if pending > self.max_line:
+            if not self._multiget(self._pos):
+                return self._close(_SILENT_CLOSE)
+            if pending > self.max_get_line:
+                return self._close(Rejected(ServiceUnavailable(_OUT_OF_MEMORY), close=True))
+        return None
+
+    def _line(self, line: bytes) -> _Parsed:
+        self._fresh = False
+        if b"\0" in line:  # memcached reads the line as a C string
+            line = line[: line.index(b"\0")]
+        tokens = line.split(b" ")
+        if b"" in tokens:
+            tokens = [t for t in tokens if t]
+        if not tokens or len(tokens[0]) < 2:
+            return _UNKNOWN
+        handler = self._dispatch.get(tokens[0])
+        ntokens = len(tokens) + 1 if len(tokens) < _MAX_TOKENS - 1 else _MAX_TOKENS
+        if handler is None:
+            # memcached answers ERROR in its branches for names starting with these letters (and the
+            # two-letter meta commands); elsewhere a line ending in an HTTP version closes silently.
+            name = tokens[0]
+            memcached_branch = name[0] in b"gsacidt" or (name[0] == 0x6D and len(name) == 2)
+            if not memcached_branch and tokens[ntokens - 2].startswith(b"HTTP/"):
+                return self._close(_SILENT_CLOSE)
+            return _UNKNOWN
+        return handler(tokens, ntokens)
+
+    # -- retrieval -------------------------------------------------------------------------------
+
+    def _keys(self, keys: list[bytes]) -> tuple[bytes, ...] | Rejected:
+        for key in keys:
+            if len(key) > MAX_KEY_LENGTH:
+                return Rejected(BadCommand())
+        if len(keys) > self.max_keys:
+            return Rejected(BadCommand(f"too many keys in one request (the limit is {self.max_keys})"))
+        return tuple(keys)
+
+    def _get(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens == 3 and len(tokens[1]) <= MAX_KEY_LENGTH:  # the hot path: one key
+            return Get((tokens[1],))
+        if ntokens < 3:
+            return _UNKNOWN
+        keys = self._keys(tokens[1:])
+        return keys if type(keys) is Rejected else Get(keys)  # type: ignore[arg-type]
+
+    def _gets(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens < 3:
+            return _UNKNOWN
+        keys = self._keys(tokens[1:])
+        return keys if type(keys) is Rejected else Get(keys, True)  # type: ignore[arg-type]
+
+    def _touching(self, tokens: list[bytes], ntokens: int, cas: bool) -> _Parsed:
+        if ntokens < 3:
+            return _UNKNOWN
+        exptime = _strtol32(tokens[1])
+        if exptime is None:
+            return Rejected(BadCommand(_BAD_EXPTIME))
+        keys = self._keys(tokens[2:])
+        return keys if type(keys) is Rejected else Get(keys, cas, exptime)  # type: ignore[arg-type]
+
+    def _gat(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._touching(tokens, ntokens, False)
+
+    def _gats(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._touching(tokens, ntokens, True)
+
+    # -- storage ---------------------------------------------------------------------------------
+
+    def _update(self, tokens: list[bytes], ntokens: int, mode: StoreMode) -> _Parsed:
+        """memcached's ``process_update_command``, in its order of checks."""
+        if mode == "cas":
+            if ntokens not in (7, 8):
+                return _UNKNOWN
+        elif ntokens not in (6, 7):
+            return _UNKNOWN
+        noreply = tokens[ntokens - 2] == b"noreply"
+        key = tokens[1]
+        if len(key) > MAX_KEY_LENGTH:
+            return Rejected(BadCommand(), reply=not noreply)
+        flags = _strtoul32(tokens[2])
+        exptime = _strtol32(tokens[3])
+        size = _strtol32(tokens[4])
+        if flags is None or exptime is None or size is None:
+            return Rejected(BadCommand(), reply=not noreply)
+        cas: int | None = None
+        if mode == "cas":
+            cas = _strtoull(tokens[5])
+            if cas is None:
+                return Rejected(BadCommand(), reply=not noreply)
+        if size < 0 or size > _INT_MAX - 2:
+            return Rejected(BadCommand(), reply=not noreply)
+        if size > self.max_value_size:
+            return self._too_large(size, noreply, Delete(key, True) if mode == "set" else None)
+
+        def build(value: bytes) -> Command:
+            return Store(mode, key, flags, exptime, value, cas, noreply)
+
+        return size + 2, noreply, build
+
+    def _too_large(self, size: int, noreply: bool, then: Command | None = None) -> Rejected:
+        self._state = _SWALLOW
+        self._need = size + 2
+        return Rejected(ValueTooLarge(size, self.max_value_size), reply=not noreply, then=then)
+
+    def _set(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens == 6 and len(tokens[1]) <= MAX_KEY_LENGTH:  # the hot path: plain numbers
+            flags, exptime, size = tokens[2], tokens[3], tokens[4]
+            if flags.isdigit() and exptime.isdigit() and size.isdigit() and len(size) < 10:
+                length = int(size)
+                if length <= self.max_value_size and len(flags) < 10 and len(exptime) < 10:
+                    key = tokens[1]
+                    flag_value = int(flags)
+                    expiry = int(exptime)
+
+                    def build(value: bytes) -> Command:
+                        return Store("set", key, flag_value, expiry, value)
+
+                    return length + 2, False, build
+        return self._update(tokens, ntokens, "set")
+
+    def _add(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._update(tokens, ntokens, "add")
+
+    def _replace(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._update(tokens, ntokens, "replace")
+
+    def _append(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._update(tokens, ntokens, "append")
+
+    def _prepend(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._update(tokens, ntokens, "prepend")
+
+    def _cas(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._update(tokens, ntokens, "cas")
+
+    # -- other writes ----------------------------------------------------------------------------
+
+    def _delete(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if not 3 <= ntokens <= 5:
+            return _UNKNOWN
+        noreply = False
+        if ntokens > 3:
+            hold_is_zero = tokens[2] == b"0"
+            noreply = tokens[ntokens - 2] == b"noreply"
+            if not (ntokens == 4 and (hold_is_zero or noreply) or ntokens == 5 and hold_is_zero and noreply):
+                return Rejected(BadCommand(_BAD_DELETE), reply=not noreply)
+        if len(tokens[1]) > MAX_KEY_LENGTH:
+            return Rejected(BadCommand(), reply=not noreply)
+        return Delete(tokens[1], noreply)
+
+    def _arith(self, tokens: list[bytes], ntokens: int, incr: bool) -> _Parsed:
+        if ntokens not in (4, 5):
+            return _UNKNOWN
+        noreply = tokens[ntokens - 2] == b"noreply"
+        if len(tokens[1]) > MAX_KEY_LENGTH:
+            return Rejected(BadCommand(), reply=not noreply)
+        delta = _strtoull(tokens[2])
+        if delta is None:
+            return Rejected(BadCommand(_BAD_DELTA), reply=not noreply)
+        return Arith(tokens[1], delta, incr, noreply)
+
+    def _incr(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._arith(tokens, ntokens, True)
+
+    def _decr(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return self._arith(tokens, ntokens, False)
+
+    def _touch(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens not in (4, 5):
+            return _UNKNOWN
+        noreply = tokens[ntokens - 2] == b"noreply"
+        if len(tokens[1]) > MAX_KEY_LENGTH:
+            return Rejected(BadCommand(), reply=not noreply)
+        exptime = _strtol32(tokens[2])
+        if exptime is None:
+            return Rejected(BadCommand(_BAD_EXPTIME), reply=not noreply)
+        return Touch(tokens[1], exptime, noreply)
+
+    # -- the rest ---------------------------------------------------------------------------------
+
+    def _flush_all(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if not 2 <= ntokens <= 4:
+            return _UNKNOWN
+        noreply = tokens[ntokens - 2] == b"noreply"
+        delay = 0
+        if ntokens != (3 if noreply else 2):
+            parsed = _strtol32(tokens[1])
+            if parsed is None:
+                return Rejected(BadCommand(_BAD_EXPTIME), reply=not noreply)
+            delay = parsed
+        return FlushAll(delay, noreply)
+
+    def _stats(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return StatsCommand(b" ".join(tokens[1:]).decode("latin-1"))
+
+    def _version(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return VersionCommand()
+
+    def _verbosity(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens not in (3, 4):
+            return _UNKNOWN
+        noreply = tokens[ntokens - 2] == b"noreply"
+        level = _strtoul32(tokens[1])
+        if level is None:
+            return Rejected(BadCommand(), reply=not noreply)
+        return Verbosity(level, noreply)
+
+    def _quit(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return Quit()
+
+    # -- the versioned extension ------------------------------------------------------------------
+
+    def _xget(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens < 3:
+            return _UNKNOWN
+        keys = self._keys(tokens[1:])
+        return keys if type(keys) is Rejected else XGet(keys)  # type: ignore[arg-type]
+
+    def _xput(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if len(tokens) not in (7, 8) or len(tokens) == 8 and tokens[7] != b"noreply":
+            return Rejected(BadCommand())
+        noreply = len(tokens) == 8
+        key = tokens[1]
+        try:
+            if len(key) > MAX_KEY_LENGTH:
+                raise BadCommand()
+            flags = _digits(tokens[2])
+            expires_at = _digits(tokens[3])
+            version = _version_token(tokens[4])
+            if tokens[5] not in (b"0", b"1") or flags > 0xFFFFFFFF:
+                raise BadCommand()
+            tombstone = tokens[5] == b"1"
+            size = _digits(tokens[6])
+        except BadCommand as e:
+            return Rejected(e, reply=not noreply)
+        if size > self.max_value_size:
+            return self._too_large(size, noreply)
+
+        def build(value: bytes) -> Command:
+            return XPut(key, Record(value, flags, expires_at, version, tombstone), noreply)
+
+        return size + 2, noreply, build
+
+    def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if len(tokens) < 3:
+            return Rejected(BadCommand())
+        try:
+            version = _version_token(tokens[1])
+        except BadCommand as e:
+            return Rejected(e)
+        inner = tokens[2:]
+        handler = self._writes.get(inner[0])
+        if handler is None:
+            return _UNKNOWN
+        parsed = handler(self, inner, len(inner) + 1 if len(inner) < _MAX_TOKENS - 1 else _MAX_TOKENS)
+        if type(parsed) is Rejected:
+            return replace(parsed, reply=True, then=None)
+        if type(parsed) is tuple:
+            size, _, build = parsed
+
+            def build_applied(value: bytes) -> Command:
+                return XApply(version, _replied(build(value)))  # type: ignore[arg-type]
+
+            return size, False, build_applied
+        return XApply(version, _replied(parsed))  # type: ignore[arg-type]
+
+    _writes: dict[bytes, Callable[[RequestParser, list[bytes], int], _Parsed]] = {
+        b"set": _set,
+        b"add": _add,
+        b"replace": _replace,
+        b"append": _append,
+        b"prepend": _prepend,
+        b"cas": _cas,
+        b"delete": _delete,
+        b"incr": _incr,
+        b"decr": _decr,
+        b"touch": _touch,
+    }
+
+
+def _replied(command: WriteCommand) -> WriteCommand:
+    """The command with ``noreply`` cleared (an ``xapply`` always replies)."""
+    return replace(command, noreply=False) if command.noreply else command
+
+
+def _version_token(token: bytes) -> Version:
+    try:
+        return Version.parse(token.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadCommand("bad version") from None
+
+
+# -- the server's replies ----------------------------------------------------------------------------
+
+_STATUS_LINES = {status: status.value.encode() + b"\r\n" for status in Status}
+_END = b"END\r\n"
+
+
+def error_reply(error: BaseException) -> bytes:
+    """The reply line for an error, with memcached's words (the one place errors meet the wire)."""
+    if isinstance(error, UnknownCommand):
+        return b"ERROR\r\n"
+    if isinstance(error, ValueTooLarge):
+        return b"SERVER_ERROR object too large for cache\r\n"
+    text = str(error).replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
+    if isinstance(error, RequestError):
+        return b"CLIENT_ERROR " + text + b"\r\n"
+    if isinstance(error, ChashdError):
+        return b"SERVER_ERROR " + text + b"\r\n"
+    return b"SERVER_ERROR internal error\r\n"
+
+
+def _xvalue(key: bytes, record: Record) -> bytes:
+    return b"XVALUE %s %d %d %s %d %d\r\n%s\r\n" % (
+        key,
+        record.flags,
+        record.expires_at,
+        str(record.version).encode(),
+        record.tombstone,
+        len(record.value),
+        record.value,
+    )
+
+
+def _result_line(result: Status | Number) -> bytes:
+    if type(result) is Number:
+        return b"%d\r\n" % result.value
+    return _STATUS_LINES[result]  # type: ignore[index]  # narrowed by the test above
+
+
+def _values(command: Command, items: tuple[tuple[bytes, Record], ...]) -> bytes:
+    if type(command) is XGet:
+        return b"".join([*(_xvalue(key, record) for key, record in items), _END])
+    if type(command) is Get and command.cas:
+        return b"".join(
+            [
+                *(
+                    b"VALUE %s %d %d %d\r\n%s\r\n" % (key, r.flags, len(r.value), r.version.clock, r.value)
+                    for key, r in items
+                ),
+                _END,
+            ]
+        )
+    if len(items) == 1:
+        key, r = items[0]
+        return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, r.flags, len(r.value), r.value)
+    return b"".join([*(b"VALUE %s %d %d\r\n%s\r\n" % (key, r.flags, len(r.value), r.value) for key, r in items), _END])
+
+
+def serialize_result(command: Command, result: Result) -> bytes:
+    """The reply bytes of ``result``, the answer to ``command``."""
+    if type(result) is Status:
+        return _STATUS_LINES[result]
+    if type(result) is Values:
+        return _values(command, result.items)
+    if type(result) is Number:
+        return b"%d\r\n" % result.value
+    if type(result) is XApplied:
+        block = b""
+        if result.record is not None and type(command) is XApply:
+            block = _xvalue(command.command.key, result.record)
+        return b"XAPPLIED " + _result_line(result.result) + block + _END
+    if type(result) is StatsResult:
+        return stats_reply(result.items)
+    raise TypeError(f"not a result: {result!r}")
+
+
+def stats_reply(items: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> bytes:
+    """``STAT <name> <value>`` lines and ``END``."""
+    return b"".join([*(f"STAT {name} {value}\r\n".encode() for name, value in items), _END])
+
+
+def version_reply(version: str) -> bytes:
+    """``VERSION <version>``."""
+    return f"VERSION {version}\r\n".encode()
+
+
+# -- the client: commands to bytes -----------------------------------------------------------------
+
+
+def _noreply(command: Store | Delete | Arith | Touch | FlushAll | Verbosity | XPut) -> bytes:
+    return b" noreply" if command.noreply else b""
+
+
+def _write_line(command: WriteCommand, noreply: bool) -> bytes:
+    """A write command's line (and data block), without the final ``\\r\\n`` of the line when it has none."""
+    tail = b" noreply" if noreply else b""
+    if type(command) is Store:
+        cas = b" %d" % (command.cas_unique or 0) if command.mode == "cas" else b""
+        return b"%s %s %d %d %d%s%s\r\n%s\r\n" % (
+            command.mode.encode(),
+            command.key,
+            command.flags,
+            command.exptime,
+            len(command.value),
+            cas,
+            tail,
+            command.value,
+        )
+    if type(command) is Delete:
+        return b"delete %s%s\r\n" % (command.key, tail)
+    if type(command) is Arith:
+        return b"%s %s %d%s\r\n" % (b"incr" if command.incr else b"decr", command.key, command.delta, tail)
+    if type(command) is Touch:
+        return b"touch %s %d%s\r\n" % (command.key, command.exptime, tail)
+    raise TypeError(f"not a write command: {command!r}")
+
+
+def serialize_command(command: Command) -> bytes:
+    """The request bytes for ``command``: what ``RequestParser`` parses back into an equal command."""
+    kind = type(command)
+    if kind is Get:
+        get: Get = command  # type: ignore[assignment]
+        keys = b" ".join(get.keys)
+        if get.exptime is None:
+            return (b"gets " if get.cas else b"get ") + keys + b"\r\n"
+        return b"%s %d %s\r\n" % (b"gats" if get.cas else b"gat", get.exptime, keys)
+    if kind in (Store, Delete, Arith, Touch):
+        return _write_line(command, command.noreply)  # type: ignore[arg-type,union-attr]
+    if kind is XGet:
+        return b"xget " + b" ".join(command.keys) + b"\r\n"  # type: ignore[union-attr]
+    if kind is XPut:
+        put: XPut = command  # type: ignore[assignment]
+        r = put.record
+        return b"xput %s %d %d %s %d %d%s\r\n%s\r\n" % (
+            put.key,
+            r.flags,
+            r.expires_at,
+            str(r.version).encode(),
+            r.tombstone,
+            len(r.value),
+            _noreply(put),
+            r.value,
+        )
+    if kind is XApply:
+        apply: XApply = command  # type: ignore[assignment]
+        return b"xapply %s %s" % (str(apply.version).encode(), _write_line(apply.command, False))
+    if kind is FlushAll:
+        flush: FlushAll = command  # type: ignore[assignment]
+        return b"flush_all %d%s\r\n" % (flush.delay, _noreply(flush))
+    if kind is StatsCommand:
+        group = command.group  # type: ignore[union-attr]
+        return b"stats " + group.encode("latin-1") + b"\r\n" if group else b"stats\r\n"
+    if kind is VersionCommand:
+        return b"version\r\n"
+    if kind is Verbosity:
+        return b"verbosity %d%s\r\n" % (command.level, _noreply(command))  # type: ignore[union-attr,arg-type]
+    if kind is Quit:
+        return b"quit\r\n"
+    raise TypeError(f"not a command: {command!r}")
+
+
+# -- the client: reply bytes to results --------------------------------------------------------------
+
+_STATUS_BY_LINE = {status.value.encode(): status for status in Status}
+_CLIENT_ERRORS: dict[str, type[RequestError]] = {
+    str(BadDataChunk()): BadDataChunk,
+    str(NonNumericValue()): NonNumericValue,
+}
+_SERVER_ERRORS: dict[str, type[ServiceUnavailable]] = {str(NodeLeaving()): NodeLeaving}
+
+
+def error_from_reply(line: bytes) -> ChashdError | None:
+    """The domain error an error line stands for (the inverse of ``error_reply``), or None."""
+    if line == b"ERROR":
+        return UnknownCommand()
+    if line.startswith(b"CLIENT_ERROR "):
+        text = line[13:].decode("utf-8", "replace")
+        return _CLIENT_ERRORS.get(text, BadCommand)(text)
+    if line.startswith(b"SERVER_ERROR "):
+        text = line[13:].decode("utf-8", "replace")
+        if text == "object too large for cache":
+            return ValueTooLarge(0)
+        return _SERVER_ERRORS.get(text, ServiceUnavailable)(text)
+    return None
+
+
+class ReplyParser:
+    """Turns a server's reply bytes into results, given the command each reply answers.
+
+    ``feed(data)``, then ``next(command)`` for the oldest command waiting: its result (a ``Result``, or a
+    ``ChashdError`` the server answered with, returned, not raised), or None until more bytes come.
+    A reply that does not parse raises ``BadReply``: the connection must be dropped. A line is bounded
+    by ``max_line`` and a value by ``max_value_size``.
+    """
+
+    __slots__ = ("_buf", "_items", "_pos", "_result", "max_line", "max_value_size")
+
+    def __init__(self, max_value_size: int = 128 * 1024 * 1024, max_line: int = 4096) -> None:
+        self.max_value_size = max_value_size
+        self.max_line = max_line
+        self._buf = b""
+        self._pos = 0
+        self._items: list[tuple[bytes, Record]] = []  # the values of a reply read so far
+        self._result: Status | Number | None = None  # an xapply's result line, once read
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the connection."""
+        if self._pos >= len(self._buf):
+            self._buf = data
+        else:
+            self._buf = self._buf[self._pos :] + data
+        self._pos = 0
+
+    def _line(self) -> bytes | None:
+        end = self._buf.find(b"\r\n", self._pos)
+        if end < 0:
+            if len(self._buf) - self._pos > self.max_line:
+                raise BadReply("reply line too long")
+            return None
+        line = self._buf[self._pos : end]
+        self._pos = end + 2
+        return line
+
+    def _block(self, size: int) -> bytes | None:
+        """The data block of ``size`` bytes after a value line, or None (then nothing is consumed)."""
+        if size > self.max_value_size:
+            raise BadReply(f"value of {size} bytes announced")
+        end = self._pos + size
+        if len(self._buf) < end + 2:
+            return None
+        if self._buf[end : end + 2] != b"\r\n":
+            raise BadReply("data block not ended by CRLF")
+        value = self._buf[self._pos : end]
+        self._pos = end + 2
+        return value
+
+    def next(self, command: Command) -> Result | ChashdError | None:
+        """The reply to ``command`` once it is complete, else None."""
+        kind = type(command)
+        while True:
+            start = self._pos
+            line = self._line()
+            if line is None:
+                return None
+            if kind is Get or kind is XGet or kind is XApply and self._result is not None:
+                if line == b"END":
+                    return self._finish(command)
+                if line.startswith(b"VALUE ") and kind is Get:
+                    item = self._value(line)
+                elif line.startswith(b"XVALUE ") and kind is not Get:
+                    item = self._xvalue(line)
+                else:
+                    if self._items or self._result is not None:
+                        raise BadReply(f"unexpected reply line {line[:60]!r}")
+                    return self._error(line)
+                if item is None:
+                    self._pos = start  # the data block is not all here: read the line again later
+                    return None
+                self._items.append(item)
+                continue
+            return self._single(command, line)
+
+    def _finish(self, command: Command) -> Result:
+        items = tuple(self._items)
+        self._items.clear()
+        if type(command) is XApply:
+            result, self._result = self._result, None
+            assert result is not None
+            return XApplied(result, items[0][1] if items else None)
+        return Values(items)
+
+    def _single(self, command: Command, line: bytes) -> Result | ChashdError | None:
+        kind = type(command)
+        if kind is XApply:
+            if line.startswith(b"XAPPLIED "):
+                result = self._status_or_number(line[9:], Arith)
+                if not isinstance(result, (Status, Number)):
+                    raise BadReply(f"unexpected reply line {line[:60]!r}")
+                self._result = result
+                return self.next(command)
+            return self._error(line)
+        if kind is StatsCommand:
+            if line == b"RESET":
+                return StatsResult(())
+            if line.startswith(b"STAT ") or line == b"END":
+                self._pos -= len(line) + 2
+                return self._stats()
+            return self._error(line)
+        if kind is VersionCommand:
+            if line.startswith(b"VERSION "):
+                return StatsResult((("version", line[8:].decode("utf-8", "replace")),))
+            return self._error(line)
+        return self._status_or_number(line, kind)
+
+    def _status_or_number(self, line: bytes, kind: type) -> Status | Number | ChashdError:
+        status = _STATUS_BY_LINE.get(line)
+        if status is not None:
+            return status
+        if kind is Arith and line.isdigit():
+            return Number(int(line))
+        return self._error(line)
+
+    def _stats(self) -> StatsResult | None:
+        start = self._pos
+        items: list[tuple[str, str]] = []
+        while True:
+            line = self._line()
+            if line is None:
+                self._pos = start
+                return None
+            if line == b"END":
+                return StatsResult(tuple(items))
+            if not line.startswith(b"STAT "):
+                raise BadReply(f"unexpected reply line {line[:60]!r}")
+            name, _, value = line[5:].decode("utf-8", "replace").partition(" ")
+            items.append((name, value))
+
+    def _error(self, line: bytes) -> ChashdError:
+        error = error_from_reply(line)
+        if error is None:
+            raise BadReply(f"unexpected reply line {line[:60]!r}")
+        return error
+
+    def _value(self, line: bytes) -> tuple[bytes, Record] | None:
+        parts = line.split(b" ")
+        if len(parts) not in (4, 5) or not all(p.isdigit() for p in parts[2:]):
+            raise BadReply(f"bad VALUE line {line[:60]!r}")
+        value = self._block(int(parts[3]))
+        if value is None:
+            return None
+        version = Version(int(parts[4])) if len(parts) == 5 else Version(0)
+        return parts[1], Record(value, int(parts[2]), 0, version)
+
+    def _xvalue(self, line: bytes) -> tuple[bytes, Record] | None:
+        parts = line.split(b" ")
+        try:
+            if len(parts) != 7 or parts[5] not in (b"0", b"1"):
+                raise ValueError
+            flags, expires_at, size = int(parts[2]), int(parts[3]), int(parts[6])
+            version = Version.parse(parts[4].decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise BadReply(f"bad XVALUE line {line[:60]!r}") from None
+        value = self._block(size)
+        if value is None:
+            return None
+        return parts[1], Record(value, flags, expires_at, version, parts[5] == b"1")

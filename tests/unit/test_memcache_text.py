@@ -1,0 +1,534 @@
+"""The memcached text protocol's pure parser and serializer (chashd.memcache.text)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chashd.commands import (
+    Arith,
+    Command,
+    Delete,
+    FlushAll,
+    Get,
+    Number,
+    Quit,
+    StatsCommand,
+    StatsResult,
+    Status,
+    Store,
+    Touch,
+    Values,
+    Verbosity,
+    VersionCommand,
+    XApplied,
+    XApply,
+    XGet,
+    XPut,
+)
+from chashd.errors import (
+    BadCommand,
+    BadDataChunk,
+    NodeLeaving,
+    NonNumericValue,
+    ServiceUnavailable,
+    UnknownCommand,
+    ValueTooLarge,
+)
+from chashd.memcache.text import (
+    BadReply,
+    Rejected,
+    ReplyParser,
+    RequestParser,
+    error_from_reply,
+    error_reply,
+    serialize_command,
+    serialize_result,
+    stats_reply,
+    version_reply,
+)
+from chashd.record import Record
+from chashd.versions import Version
+
+
+def rej(error: Exception, reply: bool = True, close: bool = False, then: Command | None = None) -> tuple[object, ...]:
+    """A Rejected in a form that compares by value (exceptions compare by identity)."""
+    return (type(error), str(error), reply, close, then)
+
+
+def raw_events(data: bytes, chunk: int | None = None, **limits: int) -> list[Command | Rejected]:
+    """Every event the parser yields for ``data``, fed whole or ``chunk`` bytes at a time."""
+    parser = RequestParser(**limits)
+    out: list[Command | Rejected] = []
+    pieces = [data] if chunk is None else [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    for piece in pieces:
+        parser.feed(piece)
+        while (event := parser.next()) is not None:
+            out.append(event)
+    return out
+
+
+def events(data: bytes, chunk: int | None = None, **limits: int) -> list[object]:
+    """``raw_events``, with each Rejected as ``rej()`` gives it."""
+    return [
+        rej(e.error, e.reply, e.close, e.then) if isinstance(e, Rejected) else e
+        for e in raw_events(data, chunk, **limits)
+    ]
+
+
+def one(data: bytes, **limits: int) -> object:
+    """The single event for ``data``; the same fed a byte at a time."""
+    whole = events(data, **limits)
+    assert len(whole) == 1, whole
+    assert events(data, chunk=1, **limits) == whole
+    return whole[0]
+
+
+def replies(data: bytes, chunk: int | None = None, **limits: int) -> list[bytes | str]:
+    """What a server would answer to each event: an error line, 'CLOSE', 'SILENT' or the command."""
+    out: list[bytes | str] = []
+    for event in raw_events(data, chunk, **limits):
+        if isinstance(event, Rejected):
+            out.append(error_reply(event.error) if event.reply else "SILENT")
+            if event.close:
+                out.append("CLOSE")
+        else:
+            out.append(type(event).__name__)
+    return out
+
+
+class CommandParsingTests:
+    """Well-formed lines become commands."""
+
+    def test_retrieval(self) -> None:
+        """get, gets, bget, gat and gats with one or several keys."""
+        assert one(b"get k\r\n") == Get((b"k",))
+        assert one(b"get a b c\r\n") == Get((b"a", b"b", b"c"))
+        assert one(b"gets a b\r\n") == Get((b"a", b"b"), cas=True)
+        assert one(b"bget a\r\n") == Get((b"a",))
+        assert one(b"gat 10 a b\r\n") == Get((b"a", b"b"), exptime=10)
+        assert one(b"gats -1 a\r\n") == Get((b"a",), cas=True, exptime=-1)
+        assert one(b"gat 10\r\n") == Get((), exptime=10)
+
+    def test_storage(self) -> None:
+        """The six storage commands with their data block, noreply included."""
+        assert one(b"set k 1 2 3\r\nabc\r\n") == Store("set", b"k", 1, 2, b"abc")
+        assert one(b"add k 0 0 1 noreply\r\nx\r\n") == Store("add", b"k", 0, 0, b"x", noreply=True)
+        assert one(b"replace k 0 0 1\r\nx\r\n") == Store("replace", b"k", 0, 0, b"x")
+        assert one(b"append k 0 0 1\r\nx\r\n") == Store("append", b"k", 0, 0, b"x")
+        assert one(b"prepend k 0 0 1\r\nx\r\n") == Store("prepend", b"k", 0, 0, b"x")
+        assert one(b"cas k 0 0 1 99\r\nx\r\n") == Store("cas", b"k", 0, 0, b"x", 99)
+        assert one(b"cas k 0 0 1 99 noreply\r\nx\r\n") == Store("cas", b"k", 0, 0, b"x", 99, True)
+
+    def test_values_hold_any_bytes(self) -> None:
+        """A data block is taken by its length: CRLF, NUL and spaces inside are value bytes."""
+        value = b"a\r\nb\0 c\r\n"
+        assert one(b"set k 0 0 %d\r\n%s\r\n" % (len(value), value)) == Store("set", b"k", 0, 0, value)
+        assert one(b"set k 0 0 0\r\n\r\n") == Store("set", b"k", 0, 0, b"")
+
+    def test_other_commands(self) -> None:
+        """delete, incr, decr, touch, flush_all, stats, version, verbosity, quit."""
+        assert one(b"delete k\r\n") == Delete(b"k")
+        assert one(b"delete k 0\r\n") == Delete(b"k")
+        assert one(b"delete k noreply\r\n") == Delete(b"k", True)
+        assert one(b"delete k 0 noreply\r\n") == Delete(b"k", True)
+        assert one(b"incr k 5\r\n") == Arith(b"k", 5)
+        assert one(b"decr k 18446744073709551615 noreply\r\n") == Arith(b"k", 2**64 - 1, False, True)
+        assert one(b"touch k 10\r\n") == Touch(b"k", 10)
+        assert one(b"touch k 10 noreply\r\n") == Touch(b"k", 10, True)
+        assert one(b"flush_all\r\n") == FlushAll()
+        assert one(b"flush_all 30\r\n") == FlushAll(30)
+        assert one(b"flush_all noreply\r\n") == FlushAll(0, True)
+        assert one(b"flush_all 5 noreply\r\n") == FlushAll(5, True)
+        assert one(b"stats\r\n") == StatsCommand()
+        assert one(b"stats settings\r\n") == StatsCommand("settings")
+        assert one(b"stats detail on\r\n") == StatsCommand("detail on")
+        assert one(b"version\r\n") == VersionCommand()
+        assert one(b"verbosity 1\r\n") == Verbosity(1)
+        assert one(b"verbosity 1 noreply\r\n") == Verbosity(1, True)
+        assert one(b"quit\r\n") == Quit()
+
+    def test_line_endings_and_spaces(self) -> None:
+        """A bare LF ends a line; runs of spaces and leading or trailing spaces are fine."""
+        assert one(b"get k\n") == Get((b"k",))
+        assert one(b"  set   k 0 0 1  \r\nx\r\n") == Store("set", b"k", 0, 0, b"x")
+        assert one(b"set k 0 0 1\nx\r\n") == Store("set", b"k", 0, 0, b"x")
+
+    def test_keys_as_memcached(self) -> None:
+        """Control characters other than space, LF and NUL are key bytes, as memcached takes them."""
+        assert one(b"get a\x01b\r\n") == Get((b"a\x01b",))
+        assert one(b"get a\tb\r\n") == Get((b"a\tb",))
+        assert one(b"get " + b"k" * 250 + b"\r\n") == Get((b"k" * 250,))
+
+    def test_numbers_as_memcached(self) -> None:
+        """Numbers are read as memcached's C parsers read them."""
+        assert one(b"set k +5 0 1\r\nx\r\n") == Store("set", b"k", 5, 0, b"x")
+        assert one(b"set k -0 0 01\r\nx\r\n") == Store("set", b"k", 0, 0, b"x")
+        assert one(b"set k 5\t 0 1\r\nx\r\n") == Store("set", b"k", 5, 0, b"x")
+        assert one(b"set k 4294967296 0 1\r\nx\r\n") == Store("set", b"k", 0, 0, b"x")
+        assert one(b"set k 18446744073709551615 0 1\r\nx\r\n") == Store("set", b"k", 2**32 - 1, 0, b"x")
+        assert one(b"set k 0 0 4294967297\r\nx\r\n") == Store("set", b"k", 0, 0, b"x")
+        assert one(b"set k 0 4294967295 1\r\nx\r\n") == Store("set", b"k", 0, -1, b"x")
+        assert one(b"set k 0 0 1 foo\r\nx\r\n") == Store("set", b"k", 0, 0, b"x")
+        assert one(b"set k 0 0 1\r\r\nx\r\n") == Store("set", b"k", 0, 0, b"x")
+
+    def test_pipelined(self) -> None:
+        """Several commands in one read come out in order, whole or fed a byte at a time."""
+        data = b"set a 0 0 1\r\n1\r\nget a\r\nincr a 1\r\ndelete a noreply\r\nget a b\r\n"
+        expected = [Store("set", b"a", 0, 0, b"1"), Get((b"a",)), Arith(b"a", 1), Delete(b"a", True), Get((b"a", b"b"))]
+        assert events(data) == expected
+        assert events(data, chunk=1) == expected
+        assert events(data, chunk=7) == expected
+
+    def test_large_value_fed_in_pieces(self) -> None:
+        """A value that arrives in many reads is joined once and is exact."""
+        value = bytes(range(256)) * 4000
+        data = b"set k 0 0 %d\r\n%s\r\nget k\r\n" % (len(value), value)
+        assert events(data, chunk=65536, max_value_size=2**20) == [Store("set", b"k", 0, 0, value), Get((b"k",))]
+
+    def test_extension(self) -> None:
+        """xget, xput and xapply parse into the versioned commands."""
+        version = Version(123, "gw-1")
+        assert one(b"xget a b\r\n") == XGet((b"a", b"b"))
+        assert one(b"xput k 3 99 123-gw-1 0 2\r\nab\r\n") == XPut(b"k", Record(b"ab", 3, 99, version))
+        assert one(b"xput k 0 0 7 1 0 noreply\r\n\r\n") == XPut(b"k", Record(b"", 0, 0, Version(7), True), True)
+        assert one(b"xapply 123-gw-1 incr k 5\r\n") == XApply(version, Arith(b"k", 5))
+        assert one(b"xapply 123-gw-1 append k 0 0 1 noreply\r\nx\r\n") == XApply(
+            version, Store("append", b"k", 0, 0, b"x")
+        )
+        assert one(b"xapply 123-gw-1 delete k\r\n") == XApply(version, Delete(b"k"))
+
+
+class RejectionTests:
+    """Bad input answers as memcached 1.6.18 answers it (checked against it in the differential test)."""
+
+    def test_unknown_and_wrong_token_counts(self) -> None:
+        """Unknown commands, too short names and wrong token counts are ERROR."""
+        for line in [b"foo", b"", b"a", b"set", b"get", b"gets", b"set k 0 0", b"cas k 0 0 1", b"incr k",
+                     b"delete", b"touch k", b"verbosity", b"verbosity 1 2 3", b"flush_all 1 2 3", b"GET",
+                     b"set k 0 0 1 noreply extra", b"delete k 0 noreply x"]:  # fmt: skip
+            assert replies(line + b"\r\n") == [b"ERROR\r\n"], line
+
+    def test_meta_and_binary_answer_error(self) -> None:
+        """The meta commands answer ERROR; a binary request answers ERROR and closes."""
+        for line in [b"mg k v", b"ms k 1", b"md k", b"ma k", b"mn", b"me k"]:
+            assert replies(line + b"\r\n") == [b"ERROR\r\n"]
+        assert replies(b"\x80\x00\x00\x05\x00\x00\x00\x00\n" + b"\x00" * 20) == [b"ERROR\r\n", "CLOSE"]
+
+    def test_bad_numbers(self) -> None:
+        """Bad numbers are CLIENT_ERROR with memcached's words for each command."""
+        bad = b"CLIENT_ERROR bad command line format\r\n"
+        assert replies(b"set k x 0 1\r\n") == [bad]
+        assert replies(b"set k 0 0 -1\r\n") == [bad]
+        assert replies(b"set k 5abc 0 1\r\n") == [bad]
+        assert replies(b"set k -1 0 1\r\n") == [bad]
+        assert replies(b"set k 18446744073709551616 0 1\r\n") == [bad]
+        assert replies(b"set k 0 0 2147483646\r\n") == [bad]
+        assert replies(b"cas k 0 0 1 abc\r\n") == [bad]
+        assert replies(b"verbosity x\r\n") == [bad]
+        assert replies(b"incr k -1\r\n") == [b"CLIENT_ERROR invalid numeric delta argument\r\n"]
+        assert replies(b"touch k abc\r\n") == [b"CLIENT_ERROR invalid exptime argument\r\n"]
+        assert replies(b"gat abc k\r\n") == [b"CLIENT_ERROR invalid exptime argument\r\n"]
+        assert replies(b"flush_all abc\r\n") == [b"CLIENT_ERROR invalid exptime argument\r\n"]
+        usage = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
+        assert replies(b"delete k 1\r\n") == [usage]
+        assert replies(b"delete k x y\r\n") == [usage]
+
+    def test_the_data_line_of_a_bad_command_is_a_command(self) -> None:
+        """After a storage command line that fails, its data line is read as the next command."""
+        assert replies(b"set k 0 0 -1\r\nab\r\n") == [b"CLIENT_ERROR bad command line format\r\n", b"ERROR\r\n"]
+        assert replies(b"cas k 0 0 1\r\nx\r\n") == [b"ERROR\r\n", b"ERROR\r\n"]
+
+    def test_key_too_long(self) -> None:
+        """A key over 250 bytes is CLIENT_ERROR bad command line format in every command."""
+        key = b"k" * 251
+        bad = b"CLIENT_ERROR bad command line format\r\n"
+        for line in [b"get " + key, b"get a " + key + b" b", b"set " + key + b" 0 0 1", b"delete " + key,
+                     b"incr " + key + b" 1", b"touch " + key + b" 1", b"gat 1 " + key, b"xget " + key]:  # fmt: skip
+            assert replies(line + b"\r\n") == [bad], line
+        assert replies(b"delete " + key + b" x\r\n") == [
+            b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n"
+        ]
+
+    def test_bad_data_chunk(self) -> None:
+        """A data block that does not end in CRLF is bad; what follows it is the next command."""
+        assert replies(b"set k 0 0 3\r\nabcde\r\n") == [b"CLIENT_ERROR bad data chunk\r\n", b"ERROR\r\n"]
+        assert replies(b"set k 0 0 1\r\nx\nget k\r\n") == [b"CLIENT_ERROR bad data chunk\r\n", b"ERROR\r\n"]
+        assert events(b"set k 0 0 1\r\nxy\r\nget k\r\n")[0] == rej(BadDataChunk())
+
+    def test_noreply_silences_errors(self) -> None:
+        """noreply silences the command's own errors, not those found before it is seen."""
+        assert replies(b"set k 0 0 3 noreply\r\nabcde\r\n") == ["SILENT", b"ERROR\r\n"]
+        assert replies(b"set k x 0 1 noreply\r\nx\r\n") == ["SILENT", b"ERROR\r\n"]
+        assert replies(b"incr k x noreply\r\n") == ["SILENT"]
+        assert replies(b"delete k 1 noreply\r\n") == ["SILENT"]
+        assert replies(b"set k 0 0 noreply\r\n") == ["SILENT"]
+
+    def test_nul_ends_the_line(self) -> None:
+        """memcached reads a line as a C string: a NUL cuts it."""
+        assert replies(b"set a\x00b 0 0 1\r\nx\r\n") == [b"ERROR\r\n", b"ERROR\r\n"]
+        assert one(b"get k\x00 junk\r\n") == Get((b"k",))
+
+    def test_value_too_large_is_swallowed(self) -> None:
+        """A value over the limit answers SERVER_ERROR, its block is skipped, a set deletes the key."""
+        data = b"set k 0 0 20\r\n" + b"x" * 20 + b"\r\nget k\r\n"
+        for chunk in (None, 1, 5):
+            got = events(data, chunk=chunk, max_value_size=10)
+            assert got == [rej(ValueTooLarge(20, 10), then=Delete(b"k", True)), Get((b"k",))]
+        assert error_reply(ValueTooLarge(20, 10)) == b"SERVER_ERROR object too large for cache\r\n"
+        got = events(b"add k 0 0 20 noreply\r\n" + b"x" * 20 + b"\r\nget k\r\n", max_value_size=10)
+        assert got == [rej(ValueTooLarge(20, 10), reply=False), Get((b"k",))]
+
+    def test_long_lines(self) -> None:
+        """Past 2048 bytes without a newline the connection closes, except a get line; a whole
+        line is read up to memcached's 16 KiB read buffer."""
+        assert replies(b"x" * 2049) == ["SILENT", "CLOSE"]
+        assert replies(b"x" * 2048) == []
+        assert replies(b"x" * 3000 + b"\r\n") == [b"ERROR\r\n"]
+        assert replies(b"x" * 16382 + b"\r\n") == [b"ERROR\r\n"]
+        assert replies(b"x" * 16383 + b"\r\n") == ["SILENT", "CLOSE"]
+        assert replies(b"get " + b"k " * 3000) == []
+        assert events(b"get " + b"k " * 3000 + b"\r\n", chunk=1000, max_keys=5000) == [Get((b"k",) * 3000)]
+        assert replies(b" " * 101 + b"get " + b"k" * 2000) == ["SILENT", "CLOSE"]
+
+    def test_get_line_limits(self) -> None:
+        """A get line past max_keys keys is refused; one past the byte bound closes."""
+        assert replies(b"get a b c\r\n", max_keys=2) == [
+            b"CLIENT_ERROR too many keys in one request (the limit is 2)\r\n"
+        ]
+        assert replies(b"get " + b"k" * 200 + b" " + b"k " * 2000, max_keys=4) == [
+            b"SERVER_ERROR out of memory reading request\r\n",
+            "CLOSE",
+        ]
+
+    def test_http_closes(self) -> None:
+        """A line ending in an HTTP version closes silently, as memcached does; a get does not."""
+        assert replies(b"GET / HTTP/1.1\r\nHost: x\r\n") == ["SILENT", "CLOSE"]
+        assert replies(b"get HTTP/1.1\r\n") == ["Get"]
+        assert replies(b"gxx HTTP/1.1\r\n") == [b"ERROR\r\n"]
+
+    def test_nothing_after_close_or_quit(self) -> None:
+        """After quit or a closing rejection, nothing more is parsed."""
+        assert events(b"quit\r\nget k\r\n") == [Quit()]
+        assert replies(b"x" * 3000 + b"\r\nget k\r\n", chunk=3000) == ["SILENT", "CLOSE"]
+
+    def test_extension_errors(self) -> None:
+        """Bad xput/xapply lines are CLIENT_ERROR; a bad inner command answers like the plain one."""
+        assert replies(b"xput k 0 0 bad 0 1\r\nx\r\n")[0] == b"CLIENT_ERROR bad version\r\n"
+        assert replies(b"xput k 0 0 1 2 1\r\nx\r\n")[0] == b"CLIENT_ERROR bad command line format\r\n"
+        assert replies(b"xput k 0 0 1 0\r\n") == [b"CLIENT_ERROR bad command line format\r\n"]
+        assert replies(b"xapply 1 get k\r\n") == [b"ERROR\r\n"]
+        assert replies(b"xapply 1 incr k x noreply\r\n") == [b"CLIENT_ERROR invalid numeric delta argument\r\n"]
+        got = events(b"xput k 0 0 1 0 20\r\n" + b"x" * 20 + b"\r\nxget k\r\n", max_value_size=10)
+        assert got == [rej(ValueTooLarge(20, 10)), XGet((b"k",))]
+
+
+R = Record(b"val", 5, 0, Version(77, "w"))
+
+
+class SerializeResultTests:
+    """Results to reply bytes."""
+
+    def test_status_and_number(self) -> None:
+        """Statuses are their word; numbers are decimal."""
+        assert serialize_result(Delete(b"k"), Status.DELETED) == b"DELETED\r\n"
+        assert serialize_result(Arith(b"k", 1), Number(2**64 - 1)) == b"18446744073709551615\r\n"
+
+    def test_values(self) -> None:
+        """VALUE blocks, with the cas unique for gets, and END."""
+        items = ((b"a", R), (b"b", Record(b"", 0, 0, Version(9))))
+        assert serialize_result(Get((b"a",)), Values(items[:1])) == b"VALUE a 5 3\r\nval\r\nEND\r\n"
+        assert serialize_result(Get((b"a", b"b")), Values(items)) == (
+            b"VALUE a 5 3\r\nval\r\nVALUE b 0 0\r\n\r\nEND\r\n"
+        )
+        assert serialize_result(Get((b"a", b"b"), cas=True), Values(items)) == (
+            b"VALUE a 5 3 77\r\nval\r\nVALUE b 0 0 9\r\n\r\nEND\r\n"
+        )
+        assert serialize_result(Get((b"x",)), Values(())) == b"END\r\n"
+
+    def test_extension(self) -> None:
+        """XVALUE blocks and XAPPLIED replies."""
+        assert serialize_result(XGet((b"a",)), Values(((b"a", R),))) == b"XVALUE a 5 0 77-w 0 3\r\nval\r\nEND\r\n"
+        command = XApply(Version(77, "w"), Arith(b"a", 1))
+        assert serialize_result(command, XApplied(Number(3), R)) == (
+            b"XAPPLIED 3\r\nXVALUE a 5 0 77-w 0 3\r\nval\r\nEND\r\n"
+        )
+        assert serialize_result(command, XApplied(Status.NOT_FOUND, None)) == b"XAPPLIED NOT_FOUND\r\nEND\r\n"
+
+    def test_stats_version_errors(self) -> None:
+        """STAT lines, VERSION, and error lines."""
+        assert stats_reply([("pid", "1"), ("uptime", "2")]) == b"STAT pid 1\r\nSTAT uptime 2\r\nEND\r\n"
+        assert serialize_result(StatsCommand(), StatsResult((("a", "b"),))) == b"STAT a b\r\nEND\r\n"
+        assert version_reply("0.1.0") == b"VERSION 0.1.0\r\n"
+        assert error_reply(UnknownCommand()) == b"ERROR\r\n"
+        assert error_reply(NonNumericValue()) == b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+        assert error_reply(NodeLeaving()) == b"SERVER_ERROR this node is leaving the ring and refuses writes\r\n"
+        assert error_reply(RuntimeError("secret\r\ndetail")) == b"SERVER_ERROR internal error\r\n"
+        assert error_reply(ServiceUnavailable("a\r\nb")) == b"SERVER_ERROR a  b\r\n"
+
+
+# -- client side ------------------------------------------------------------------------------------
+
+keys = st.binary(min_size=1, max_size=250).filter(lambda k: b" " not in k and b"\n" not in k and b"\0" not in k)
+values = st.binary(max_size=300)
+u32 = st.integers(0, 2**32 - 1)
+i32 = st.integers(-(2**31), 2**31 - 1)
+u64 = st.integers(0, 2**64 - 1)
+versions = st.builds(Version, st.integers(0, 2**64 - 1), st.sampled_from(["", "gw-1", "a"]))
+stores = st.one_of(
+    st.builds(Store, st.sampled_from(["set", "add", "replace", "append", "prepend"]), keys, u32, i32, values,
+              st.none(), st.booleans()),
+    st.builds(Store, st.just("cas"), keys, u32, i32, values, u64, st.booleans()),
+)  # fmt: skip
+writes = st.one_of(
+    stores,
+    st.builds(Delete, keys, st.booleans()),
+    st.builds(Arith, keys, u64, st.booleans(), st.booleans()),
+    st.builds(Touch, keys, i32, st.booleans()),
+)
+records = st.builds(Record, values, u32, st.integers(0, 2**40), versions, st.booleans())
+commands = st.one_of(
+    writes,
+    st.builds(Get, st.lists(keys, min_size=1, max_size=5).map(tuple), st.booleans(), st.none() | i32),
+    st.builds(FlushAll, st.integers(0, 2**31 - 1), st.booleans()),
+    st.builds(Verbosity, u32, st.booleans()),
+    st.builds(XGet, st.lists(keys, min_size=1, max_size=5).map(tuple)),
+    st.builds(XPut, keys, records, st.booleans()),
+    st.builds(XApply, versions, writes.map(lambda c: dataclasses.replace(c, noreply=False))),
+    st.just(StatsCommand()),
+    st.just(StatsCommand("settings")),
+    st.just(VersionCommand()),
+    st.just(Quit()),
+)  # fmt: skip
+
+
+class SerializeCommandTests:
+    """The client's requests: parsing them gives the command back."""
+
+    @settings(max_examples=400)
+    @given(commands)
+    def test_round_trip(self, command: Command) -> None:
+        """parse(serialize(command)) == command, for every command, whole and byte by byte."""
+        data = serialize_command(command)
+        assert events(data, max_value_size=1000) == [command]
+        assert events(data, chunk=3, max_value_size=1000) == [command]
+
+    def test_examples(self) -> None:
+        """A few requests spelled out."""
+        assert serialize_command(Get((b"a", b"b"), cas=True)) == b"gets a b\r\n"
+        assert serialize_command(Get((b"a",), exptime=5)) == b"gat 5 a\r\n"
+        assert serialize_command(Store("cas", b"k", 1, 2, b"xy", 9, True)) == b"cas k 1 2 2 9 noreply\r\nxy\r\n"
+        assert serialize_command(XApply(Version(5, "g"), Arith(b"k", 2, False))) == b"xapply 5-g decr k 2\r\n"
+        assert serialize_command(XPut(b"k", Record(b"v", 1, 2, Version(3, "g"), True))) == (
+            b"xput k 1 2 3-g 1 1\r\nv\r\n"
+        )
+        with pytest.raises(TypeError):
+            serialize_command(object())  # type: ignore[arg-type]
+
+
+def read_replies(data: bytes, sent: list[Command], chunk: int | None = None) -> list[object]:
+    """Feed reply bytes to a ReplyParser for the commands ``sent``; the results in order."""
+    parser = ReplyParser(max_value_size=1000)
+    pending = list(sent)
+    out: list[object] = []
+    pieces = [data] if chunk is None else [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    for piece in pieces:
+        parser.feed(piece)
+        while pending:
+            result = parser.next(pending[0])
+            if result is None:
+                break
+            out.append(result)
+            pending.pop(0)
+    assert not pending, f"no reply for {pending}"
+    return out
+
+
+class ReplyParserTests:
+    """The client reads replies given the commands it sent."""
+
+    def test_pipelined_replies(self) -> None:
+        """Replies of every kind, in order, whole and byte by byte."""
+        sent: list[Command] = [
+            Store("set", b"k", 0, 0, b"x"),
+            Get((b"k", b"j"), cas=True),
+            Arith(b"k", 1),
+            Arith(b"n", 1),
+            Delete(b"k"),
+            XGet((b"k",)),
+            XApply(Version(8, "g"), Arith(b"k", 1)),
+            XApply(Version(8, "g"), Touch(b"k", 1)),
+            StatsCommand(),
+            FlushAll(),
+            Get((b"z",)),
+        ]
+        data = (
+            b"STORED\r\nVALUE k 3 5 77\r\na\r\nbc\r\nVALUE j 0 0 4\r\n\r\nEND\r\n2\r\nNOT_FOUND\r\nDELETED\r\n"
+            b"XVALUE k 0 0 77-w 1 0\r\n\r\nEND\r\n"
+            b"XAPPLIED 3\r\nXVALUE k 1 2 8-g 0 1\r\n3\r\nEND\r\n"
+            b"XAPPLIED NOT_FOUND\r\nEND\r\n"
+            b"STAT pid 12\r\nSTAT version 1 2\r\nEND\r\nOK\r\nEND\r\n"
+        )
+        expected = [
+            Status.STORED,
+            Values(((b"k", Record(b"a\r\nbc", 3, 0, Version(77))), (b"j", Record(b"", 0, 0, Version(4))))),
+            Number(2),
+            Status.NOT_FOUND,
+            Status.DELETED,
+            Values(((b"k", Record(b"", 0, 0, Version(77, "w"), True)),)),
+            XApplied(Number(3), Record(b"3", 1, 2, Version(8, "g"))),
+            XApplied(Status.NOT_FOUND, None),
+            StatsResult((("pid", "12"), ("version", "1 2"))),
+            Status.OK,
+            Values(()),
+        ]  # fmt: skip
+        assert read_replies(data, sent) == expected
+        assert read_replies(data, sent, chunk=1) == expected
+
+    def test_error_replies(self) -> None:
+        """Error lines come back as the domain errors they stand for."""
+        sent: list[Command] = [
+            Arith(b"k", 1),
+            Store("set", b"k", 0, 0, b"x"),
+            Get((b"k",)),
+            Delete(b"k"),
+            Touch(b"k", 1),
+        ]
+        data = (
+            b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+            b"SERVER_ERROR object too large for cache\r\n"
+            b"ERROR\r\n"
+            b"SERVER_ERROR this node is leaving the ring and refuses writes\r\n"
+            b"CLIENT_ERROR bad data chunk\r\n"
+        )  # fmt: skip
+        got = read_replies(data, sent)
+        assert [type(e) for e in got] == [NonNumericValue, ValueTooLarge, UnknownCommand, NodeLeaving, BadDataChunk]
+        assert str(got[1]) == "object too large for cache"
+        assert isinstance(error_from_reply(b"CLIENT_ERROR whatever"), BadCommand)
+        assert type(error_from_reply(b"SERVER_ERROR busy")) is ServiceUnavailable
+        assert error_from_reply(b"STORED") is None
+
+    def test_bad_replies_raise(self) -> None:
+        """A reply that does not parse raises BadReply."""
+        cases: list[tuple[Command, bytes]] = [
+            (Delete(b"k"), b"WHAT\r\n"),
+            (Get((b"k",)), b"VALUE k x 1\r\nx\r\nEND\r\n"),
+            (Get((b"k",)), b"VALUE k 0 1\r\nxyz\r\nEND\r\n"),
+            (Get((b"k",)), b"VALUE k 0 1\r\nx\r\nSTORED\r\n"),
+            (XGet((b"k",)), b"XVALUE k 0 0 v 0 1\r\nx\r\nEND\r\n"),
+            (Arith(b"k", 1), b"x" * 5000),
+            (Get((b"k",)), b"VALUE k 0 5000\r\n"),
+            (XApply(Version(1), Delete(b"k")), b"XAPPLIED WHAT\r\nEND\r\n"),
+        ]
+        for command, data in cases:
+            parser = ReplyParser(max_value_size=1000)
+            parser.feed(data)
+            with pytest.raises(BadReply):
+                parser.next(command)
+
+    def test_version_reply(self) -> None:
+        """The version reply reads as a one-item StatsResult."""
+        assert read_replies(b"VERSION 1.6.18\r\n", [VersionCommand()]) == [StatsResult((("version", "1.6.18"),))]
