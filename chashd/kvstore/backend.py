@@ -1,0 +1,268 @@
+"""The kvstore's backend: every command of ``chashd.commands`` run at once against the local engine.
+
+``LocalBackend`` is the ``IKeyValue`` both surfaces of a kvstore (the line protocol and ``/kv``) call.
+It answers synchronously: an engine's point read or write costs microseconds, less than a hop to a
+thread and back, so it stays on the reactor thread (measured in bench/kvstore.py; scans and purges,
+which can take long, belong to the service's thread pool, not here).
+
+Writes get a version from a hybrid logical clock (``HybridClock(node_id)``) ticked with the injected
+clock's time in milliseconds; the clock first observes the stored record's version, so a write always
+wins over what it replaces even when another node's clock is ahead. The versioned extension stores what
+it is given (``XPut``, keeping the newer version) or runs a write with the caller's version (``XApply``).
+While ``leaving`` is set (the node drains), every write but ``XPut`` raises ``NodeLeaving``.
+
+This is the hot path of the kvstore: one dict dispatch per command, one engine read and at most one
+engine write, counters in a plain dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from chashd.commands import (
+    Arith,
+    Command,
+    Delete,
+    FlushAll,
+    Get,
+    Number,
+    Result,
+    Status,
+    Store,
+    Touch,
+    Values,
+    WriteCommand,
+    XApplied,
+    XApply,
+    XGet,
+    XPut,
+)
+from chashd.errors import NodeLeaving, ValueTooLarge
+from chashd.interfaces import IKeyValue, IStorageEngine
+from chashd.record import Record, expires_at_from_exptime
+from chashd.semantics import apply_write
+from chashd.versions import HybridClock, Version
+
+__all__ = ["COUNTERS", "LocalBackend"]
+
+#: The per-command counters ``stats()`` reports, with memcached's names where memcached has them.
+COUNTERS = (
+    "cmd_get",
+    "get_hits",
+    "get_misses",
+    "cmd_set",
+    "cmd_touch",
+    "touch_hits",
+    "touch_misses",
+    "delete_hits",
+    "delete_misses",
+    "incr_hits",
+    "incr_misses",
+    "decr_hits",
+    "decr_misses",
+    "cas_hits",
+    "cas_misses",
+    "cas_badval",
+    "cmd_flush",
+    "cmd_xget",
+    "cmd_xput",
+    "cmd_xapply",
+)
+
+
+@implementer(IKeyValue)
+class LocalBackend:
+    """A kvstore's ``IKeyValue`` over its ``IStorageEngine``; every result is returned at once.
+
+    ``clock`` gives the time (``seconds()``) for versions and expiry, and runs a delayed ``flush_all``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, engine: IStorageEngine, node_id: str, clock: IReactorTime, max_value_size: int) -> None:
+        self.name = f"kvstore {node_id}"
+        self.engine = engine
+        self.node_id = node_id
+        self.max_value_size = max_value_size
+        #: Set while the node drains: writes other than XPut raise NodeLeaving.
+        self.leaving = False
+        self._clock = clock
+        self._seconds = clock.seconds
+        self._hlc = HybridClock(node_id)
+        self._started = clock.seconds()
+        self._flush_call: IDelayedCall | None = None
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._dispatch: dict[type, Callable[[Any], Result]] = {
+            Get: self._get,
+            Store: self._write,
+            Delete: self._write,
+            Arith: self._write,
+            Touch: self._write,
+            FlushAll: self._flush_all,
+            XGet: self._xget,
+            XPut: self._xput,
+            XApply: self._xapply,
+        }
+
+    def execute(self, command: Command) -> Result:
+        """Run ``command``; raises the errors of ``chashd.errors`` (and TypeError for a command that is
+        not a key-value command, such as ``stats``, which the adapters answer themselves)."""
+        handler = self._dispatch.get(type(command))
+        if handler is None:
+            raise TypeError(f"{type(command).__name__} is not run by a backend")
+        return handler(command)
+
+    def stats(self) -> dict[str, Any]:
+        """``keys`` and ``bytes`` held (the engine's), the command counters, ``uptime`` in seconds."""
+        now = self._seconds()
+        stats: dict[str, Any] = {"uptime": int(now - self._started), "time": int(now)}
+        stats.update(self.engine.stats())
+        stats["curr_items"] = stats["keys"]
+        stats["limit_item_size"] = self.max_value_size
+        stats["leaving"] = int(self.leaving)
+        stats.update(self._counts)
+        return stats
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def _get(self, command: Get) -> Values:
+        engine_get = self.engine.get
+        now = self._seconds()
+        counts = self._counts
+        items = []
+        for key in command.keys:
+            record = engine_get(key)
+            if record is None or record.tombstone or (record.expires_at and record.expires_at <= now):
+                continue
+            items.append((key, record))
+        if command.exptime is None:
+            counts["cmd_get"] += len(command.keys)
+            counts["get_hits"] += len(items)
+            counts["get_misses"] += len(command.keys) - len(items)
+        else:  # gat/gats: touch every hit with a new version
+            counts["cmd_touch"] += len(command.keys)
+            counts["touch_hits"] += len(items)
+            counts["touch_misses"] += len(command.keys) - len(items)
+            if items:
+                if self.leaving:
+                    raise NodeLeaving()
+                expires_at = expires_at_from_exptime(command.exptime, now)
+                touched = []
+                for key, record in items:
+                    new = Record(record.value, record.flags, expires_at, self._version(record, now), False)
+                    self.engine.put(key, new)
+                    touched.append((key, new))
+                items = touched
+        return Values(tuple(items))
+
+    def _xget(self, command: XGet) -> Values:
+        self._counts["cmd_xget"] += 1
+        engine_get = self.engine.get
+        items = []
+        for key in command.keys:
+            record = engine_get(key)
+            if record is not None:
+                items.append((key, record))
+        return Values(tuple(items))
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def _version(self, current: Record | None, now: float) -> Version:
+        if current is not None:
+            self._hlc.observe(current.version)
+        return self._hlc.tick(int(now * 1000))
+
+    def _write(self, command: WriteCommand) -> Status | Number:
+        if self.leaving:
+            raise NodeLeaving()
+        key = command.key
+        current = self.engine.get(key)
+        now = self._seconds()
+        version = self._version(current, now)
+        record, result = apply_write(current, command, version, now, self.max_value_size)
+        self._count(command, result)
+        if record is not None:
+            self.engine.put(key, record)
+        return result
+
+    def _count(self, command: WriteCommand, result: Status | Number) -> None:
+        counts = self._counts
+        kind = type(command)
+        if kind is Store:
+            counts["cmd_set"] += 1
+            if command.mode == "cas":  # type: ignore[union-attr]
+                if result is Status.STORED:
+                    counts["cas_hits"] += 1
+                elif result is Status.EXISTS:
+                    counts["cas_badval"] += 1
+                elif result is Status.NOT_FOUND:
+                    counts["cas_misses"] += 1
+        elif kind is Delete:
+            counts["delete_hits" if result is Status.DELETED else "delete_misses"] += 1
+        elif kind is Arith:
+            prefix = "incr" if command.incr else "decr"  # type: ignore[union-attr]
+            counts[prefix + ("_misses" if result is Status.NOT_FOUND else "_hits")] += 1
+        else:
+            counts["cmd_touch"] += 1
+            counts["touch_hits" if result is Status.TOUCHED else "touch_misses"] += 1
+
+    def _flush_all(self, command: FlushAll) -> Status:
+        """Forget every record now, or ``delay`` seconds from now (replacing a pending flush)."""
+        if self.leaving:
+            raise NodeLeaving()
+        self._counts["cmd_flush"] += 1
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        now = self._seconds()
+        delay = expires_at_from_exptime(command.delay, now) - now if command.delay > 0 else 0
+        if delay <= 0:
+            self._flush()
+        else:
+            self._flush_call = self._clock.callLater(delay, self._flush)
+        return Status.OK
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        self.engine.clear()
+        self._log.info("flush_all: every record forgotten on {node_id}", node_id=self.node_id)
+
+    def stop(self) -> None:
+        """Cancel a pending delayed ``flush_all`` (when the service stops)."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+
+    # -- the versioned extension ---------------------------------------------------------------------
+
+    def _xput(self, command: XPut) -> Status:
+        self._counts["cmd_xput"] += 1
+        record = command.record
+        if len(record.value) > self.max_value_size:
+            raise ValueTooLarge(len(record.value), self.max_value_size)
+        self._hlc.observe(record.version)
+        return Status.STORED if self.engine.apply(command.key, record) else Status.EXISTS
+
+    def _xapply(self, command: XApply) -> XApplied:
+        """Run the write with the caller's version; when the stored record is as new or newer (another
+        writer got there first), the write still applies, one clock step past it, so that the record it
+        returns for the other replicas wins everywhere."""
+        if self.leaving:
+            raise NodeLeaving()
+        self._counts["cmd_xapply"] += 1
+        write = command.command
+        current = self.engine.get(write.key)
+        version = command.version
+        if current is not None and current.version >= version:
+            version = Version(current.version.clock + 1, version.writer)
+        self._hlc.observe(version)
+        record, result = apply_write(current, write, version, self._seconds(), self.max_value_size)
+        self._count(write, result)
+        if record is not None:
+            self.engine.put(write.key, record)
+        return XApplied(result, record)

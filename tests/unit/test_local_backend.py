@@ -1,0 +1,234 @@
+"""The kvstore's local backend over the memory engine (chashd.kvstore.backend)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from chashd.commands import (
+    Arith,
+    Command,
+    Delete,
+    FlushAll,
+    Get,
+    Number,
+    StatsCommand,
+    Status,
+    Store,
+    Touch,
+    Values,
+    XApplied,
+    XApply,
+    XGet,
+    XPut,
+)
+from chashd.errors import NodeLeaving, NonNumericValue, ValueTooLarge
+from chashd.interfaces import IKeyValue
+from chashd.kvstore.backend import LocalBackend
+from chashd.record import Record
+from chashd.storage.memory import MemoryEngine
+from chashd.versions import Version
+
+T0 = 1_700_000_000.0
+
+
+def make(max_value_size: int = 1000) -> tuple[LocalBackend, MemoryEngine, Clock]:
+    clock = Clock()
+    clock.advance(T0)
+    engine = MemoryEngine()
+    return LocalBackend(engine, "kv-1", clock, max_value_size), engine, clock
+
+
+def set_(key: bytes, value: bytes, flags: int = 0, exptime: int = 0) -> Store:
+    return Store("set", key, flags, exptime, value)
+
+
+class LocalBackendTests:
+    """Commands run against the engine, synchronously."""
+
+    def test_provides_ikeyvalue(self) -> None:
+        """LocalBackend provides IKeyValue and names itself."""
+        backend, _, _ = make()
+        assert verifyObject(IKeyValue, backend)
+        assert backend.name == "kvstore kv-1"
+
+    def test_set_then_get(self) -> None:
+        """A set is stored with a version from the node's clock and read back."""
+        backend, engine, _ = make()
+        assert backend.execute(set_(b"k", b"v", 5)) is Status.STORED
+        stored = engine.get(b"k")
+        assert stored is not None
+        assert stored.version.writer == "kv-1"
+        assert stored.version.millis == int(T0 * 1000)
+        assert backend.execute(Get((b"k", b"missing"))) == Values(((b"k", stored),))
+
+    def test_versions_increase(self) -> None:
+        """Successive writes in the same millisecond get increasing versions."""
+        backend, engine, _ = make()
+        backend.execute(set_(b"k", b"1"))
+        first = engine.get(b"k")
+        backend.execute(set_(b"k", b"2"))
+        second = engine.get(b"k")
+        assert first is not None and second is not None
+        assert second.version > first.version
+
+    def test_write_beats_a_newer_stored_version(self) -> None:
+        """A local write wins over a stored record whose version came from a clock ahead of ours."""
+        backend, engine, _ = make()
+        ahead = Version((int(T0 * 1000) + 60_000) << 16, "gw")
+        engine.put(b"k", Record(b"old", 0, 0, ahead))
+        backend.execute(set_(b"k", b"new"))
+        stored = engine.get(b"k")
+        assert stored is not None and stored.value == b"new" and stored.version > ahead
+
+    def test_expiry_follows_the_clock(self) -> None:
+        """A record with a TTL is read until it expires by the injected clock."""
+        backend, _, clock = make()
+        backend.execute(set_(b"k", b"v", exptime=10))
+        clock.advance(9)
+        assert len(backend.execute(Get((b"k",))).items) == 1  # type: ignore[union-attr]
+        clock.advance(1)
+        assert backend.execute(Get((b"k",))) == Values(())
+
+    def test_gat_touches_with_a_new_version(self) -> None:
+        """gat returns the hits with their new expiry and version, and stores them."""
+        backend, engine, clock = make()
+        backend.execute(set_(b"k", b"v", exptime=10))
+        before = engine.get(b"k")
+        result = backend.execute(Get((b"k", b"x"), cas=True, exptime=100))
+        after = engine.get(b"k")
+        assert before is not None and after is not None
+        assert result == Values(((b"k", after),))
+        assert after.expires_at == int(T0) + 100 and after.version > before.version
+        clock.advance(50)
+        assert len(backend.execute(Get((b"k",))).items) == 1  # type: ignore[union-attr]
+
+    def test_memcached_results(self) -> None:
+        """Each write answers memcached's result through apply_write."""
+        backend, engine, _ = make()
+        assert backend.execute(Store("add", b"k", 0, 0, b"1")) is Status.STORED
+        assert backend.execute(Store("add", b"k", 0, 0, b"1")) is Status.NOT_STORED
+        assert backend.execute(Arith(b"k", 41)) == Number(42)
+        assert backend.execute(Arith(b"k", 50, incr=False)) == Number(0)
+        assert backend.execute(Touch(b"k", 10)) is Status.TOUCHED
+        record = engine.get(b"k")
+        assert record is not None
+        assert backend.execute(Store("cas", b"k", 0, 0, b"x", record.version.cas + 1)) is Status.EXISTS
+        assert backend.execute(Store("cas", b"k", 0, 0, b"x", record.version.cas)) is Status.STORED
+        assert backend.execute(Delete(b"k")) is Status.DELETED
+        assert backend.execute(Delete(b"k")) is Status.NOT_FOUND
+        tombstone = engine.get(b"k")
+        assert tombstone is not None and tombstone.tombstone
+
+    def test_errors_change_nothing(self) -> None:
+        """NonNumericValue and ValueTooLarge are raised and the stored record stays."""
+        backend, engine, _ = make(max_value_size=4)
+        backend.execute(set_(b"k", b"abc"))
+        before = engine.get(b"k")
+        with pytest.raises(NonNumericValue):
+            backend.execute(Arith(b"k", 1))
+        with pytest.raises(ValueTooLarge):
+            backend.execute(set_(b"k", b"12345"))
+        assert engine.get(b"k") == before
+
+    def test_xget_returns_every_stored_record(self) -> None:
+        """XGet returns tombstones and expired records too, with their versions."""
+        backend, engine, clock = make()
+        backend.execute(set_(b"a", b"1", exptime=1))
+        backend.execute(set_(b"b", b"2"))
+        backend.execute(Delete(b"b"))
+        clock.advance(5)
+        result = backend.execute(XGet((b"a", b"b", b"c")))
+        assert result == Values(((b"a", engine.get(b"a")), (b"b", engine.get(b"b"))))  # type: ignore[arg-type]
+
+    def test_xput_keeps_the_newer(self) -> None:
+        """XPut stores a newer record (STORED) and refuses an equal or older one (EXISTS)."""
+        backend, engine, _ = make()
+        newer = Record(b"n", 1, 0, Version(500, "gw"))
+        older = Record(b"o", 1, 0, Version(400, "gw"))
+        assert backend.execute(XPut(b"k", newer)) is Status.STORED
+        assert backend.execute(XPut(b"k", older)) is Status.EXISTS
+        assert backend.execute(XPut(b"k", newer)) is Status.EXISTS
+        assert engine.get(b"k") == newer
+
+    def test_xput_moves_the_clock(self) -> None:
+        """After XPut of a version from the future, local writes still get higher versions."""
+        backend, engine, _ = make()
+        future = Version((int(T0 * 1000) + 10**6) << 16, "gw")
+        backend.execute(XPut(b"other", Record(b"x", 0, 0, future)))
+        backend.execute(set_(b"k", b"v"))
+        stored = engine.get(b"k")
+        assert stored is not None and stored.version > future
+
+    def test_xapply_uses_the_given_version(self) -> None:
+        """XApply runs the write with the caller's version and returns the record it left."""
+        backend, engine, _ = make()
+        backend.execute(XPut(b"k", Record(b"10", 3, 0, Version(100, "gw"))))
+        version = Version(200, "gw")
+        result = backend.execute(XApply(version, Arith(b"k", 5)))
+        assert result == XApplied(Number(15), Record(b"15", 3, 0, version))
+        assert engine.get(b"k") == Record(b"15", 3, 0, version)
+        assert backend.execute(XApply(Version(300, "gw"), Store("add", b"k", 0, 0, b"x"))) == XApplied(
+            Status.NOT_STORED, None
+        )
+
+    def test_xapply_over_a_newer_record(self) -> None:
+        """XApply over a record as new as its version writes one clock step past it."""
+        backend, engine, _ = make()
+        backend.execute(XPut(b"k", Record(b"1", 0, 0, Version(900, "other"))))
+        result = backend.execute(XApply(Version(500, "gw"), Arith(b"k", 1)))
+        assert result == XApplied(Number(2), Record(b"2", 0, 0, Version(901, "gw")))
+
+    def test_leaving_refuses_writes_but_xput(self) -> None:
+        """While leaving, writes raise NodeLeaving; reads and XPut still work."""
+        backend, _, _ = make()
+        backend.execute(set_(b"k", b"v"))
+        backend.leaving = True
+        writes: list[Command] = [set_(b"k", b"w"), Delete(b"k"), Arith(b"k", 1), Touch(b"k", 1), FlushAll(),
+                                 XApply(Version(1), Delete(b"k")), Get((b"k",), exptime=5)]  # fmt: skip
+        for command in writes:
+            with pytest.raises(NodeLeaving):
+                backend.execute(command)
+        assert len(backend.execute(Get((b"k",))).items) == 1  # type: ignore[union-attr]
+        assert backend.execute(XPut(b"j", Record(b"x", 0, 0, Version(5)))) is Status.STORED
+
+    def test_flush_all_now_and_later(self) -> None:
+        """flush_all forgets everything now; with a delay, when the clock gets there; a new flush
+        replaces a pending one; stop() cancels it."""
+        backend, engine, clock = make()
+        backend.execute(set_(b"k", b"v"))
+        assert backend.execute(FlushAll()) is Status.OK
+        assert engine.stats()["keys"] == 0
+        backend.execute(set_(b"k", b"v"))
+        backend.execute(FlushAll(10))
+        clock.advance(9)
+        assert engine.get(b"k") is not None
+        backend.execute(FlushAll(20))
+        clock.advance(15)
+        assert engine.get(b"k") is not None
+        clock.advance(5)
+        assert engine.get(b"k") is None
+        backend.execute(FlushAll(10))
+        backend.stop()
+        assert clock.getDelayedCalls() == []
+
+    def test_stats(self) -> None:
+        """stats() has keys, bytes, uptime and the command counters."""
+        backend, _, clock = make()
+        backend.execute(set_(b"k", b"abc"))
+        backend.execute(Get((b"k", b"x")))
+        backend.execute(Arith(b"n", 1))
+        backend.execute(Delete(b"k"))
+        clock.advance(7)
+        stats = backend.stats()
+        assert stats["keys"] == 1 and stats["bytes"] == 0  # the tombstone
+        assert stats["uptime"] == 7
+        assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"]) == (2, 1, 1)
+        assert (stats["cmd_set"], stats["incr_misses"], stats["delete_hits"]) == (1, 1, 1)
+
+    def test_not_a_backend_command(self) -> None:
+        """Commands the adapters answer themselves are a TypeError."""
+        backend, _, _ = make()
+        with pytest.raises(TypeError):
+            backend.execute(StatsCommand())
