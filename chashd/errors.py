@@ -21,6 +21,7 @@ __all__ = [
     "QuorumNotReached",
     "RequestError",
     "ServiceUnavailable",
+    "StorageError",
     "UnknownCommand",
     "UnknownNode",
     "ValueTooLarge",
@@ -33,6 +34,13 @@ class ChashdError(Exception):
 
 class ConfigError(ChashdError):
     """A configuration value is missing or wrong. The message is one line naming the option."""
+
+
+class StorageError(ChashdError):
+    """The storage engine cannot use its files: unreadable, corrupt, of an unknown schema, or failing writes.
+
+    The message names the file and the problem. At start it stops the daemon; the file is never replaced.
+    """
 
 
 # -- the client's fault ----------------------------------------------------------------------------
