@@ -1,28 +1,76 @@
-"""The gateway: the cluster map, the router over it."""
+"""The gateway: the Raft-replicated cluster map, the health checks over it, the router over it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from chashd.config import GatewayConfig
+from chashd.gateway.health import HealthChecker, Probe, http_probe
+from chashd.gateway.membership import UP, Membership, MembershipReactor, RaftFactory
 
 __all__ = ["GatewayService"]
 
 
 class GatewayService(MultiService):
-    """Owns what a gateway is: its identity, its view of the cluster."""
+    """Owns what a gateway is: its identity, its membership in the Raft group (``membership``) and the
+    health checks it runs while it leads (``health_checker``).
+
+    ``raft_factory`` builds the Raft object in ``Membership.startService`` (tests pass ``LocalRaft``);
+    ``probe`` checks one kvstore (default: ``GET /health`` with treq).
+    """
 
     _log = Logger()
 
-    def __init__(self, config: GatewayConfig, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: MembershipReactor,
+        raft_factory: RaftFactory | None = None,
+        probe: Probe | None = None,
+        http_client: Any = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
+        self.membership = Membership(config, reactor, raft_factory)
+        self.membership.setServiceParent(self)
+        if probe is None:
+            if http_client is None:
+                from chashd.web import http_client as make_client
+
+                http_client = make_client(reactor, connect_timeout=1.0)
+            probe = http_probe(http_client, timeout=max(0.5, min(2.0, config.probe_interval)))
+        self.health_checker = HealthChecker(
+            self.membership,
+            probe,
+            reactor,  # type: ignore[arg-type]
+            interval=config.probe_interval,
+            down_after=config.down_after,
+            dead_after=config.dead_after,
+        )
+        self.health_checker.setServiceParent(self)
 
     def health(self) -> dict[str, Any]:
         """The body of ``GET /health``."""
-        return {"role": "gateway", "id": self.config.gateway_id}
+        return {
+            "role": "gateway",
+            "id": self.config.gateway_id,
+            "epoch": self.membership.view.epoch,
+            "leader": self.membership.leader_id(),
+        }
+
+    def ready(self) -> tuple[bool, str]:
+        """``GET /ready``: a Raft leader is known and at least one kvstore is up."""
+        if not self.membership.leader_known:
+            return False, "no Raft leader is known"
+        up = len(self.membership.view.nodes_in(UP))
+        if not up:
+            return False, "no kvstore node is up"
+        return True, f"leader known, {up} kvstore node(s) up"
+
+    def status_extra(self) -> dict[str, Any]:
+        """More fields for ``GET /ring/status`` (rebalancing progress will come through here)."""
+        return {}

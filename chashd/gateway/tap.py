@@ -2,34 +2,71 @@
 
 from __future__ import annotations
 
-from twisted.application.service import IService, MultiService
-from twisted.internet.interfaces import IReactorCore
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
 
 from chashd.config import ConfigOptions, GatewayConfig, options_for
 from chashd.daemon import ListenService, SystemdNotifier
+from chashd.gateway.api import RingAPI, RingRoot
+from chashd.gateway.health import Probe
+from chashd.gateway.membership import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
 
-Options = options_for(GatewayConfig, "chash-gateway")
+
+class Options(options_for(GatewayConfig, "chash-gateway")):  # type: ignore[misc]
+    """``twistd chash-gateway`` options; the Raft settings are checked here too, so a gateway that would
+    expose an unencrypted Raft port stops with one line before it binds anything."""
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        raft_settings(self.config)
 
 
-def makeService(options: ConfigOptions, reactor: IReactorCore | None = None) -> IService:
-    """Build the gateway: the gateway service and its HTTP listener."""
+class _CloseOnStop(Service):
+    """Answers the ring API's waiting long polls when the gateway stops."""
+
+    def __init__(self, api: RingAPI) -> None:
+        self._api = api
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._api.close()
+
+
+def makeService(
+    options: ConfigOptions,
+    reactor: Any = None,
+    raft_factory: RaftFactory | None = None,
+    probe: Probe | None = None,
+) -> IService:
+    """Build the gateway: the gateway service (Raft membership, health checks) and its HTTP listener.
+
+    Raises ``ConfigError`` for Raft settings that must not run (see ``raft_settings``). Tests pass a
+    memory reactor, a ``LocalRaft`` factory and a probe of their own.
+    """
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
-        reactor = _reactor  # type: ignore[assignment]
-    assert reactor is not None
+        reactor = _reactor
     config: GatewayConfig = options.config
+    raft_settings(config)
     root = MultiService()
-    gateway = GatewayService(config, reactor)  # type: ignore[arg-type]
+    gateway = GatewayService(config, reactor, raft_factory=raft_factory, probe=probe)
     gateway.setServiceParent(root)
-    http = KeyValueHTTP(health=gateway.health)
-    listener = ListenService(reactor, config.port, http.site(), "HTTP")
+    ring_api = RingAPI(gateway.membership, config, reactor, status_extra=gateway.status_extra)
+    _CloseOnStop(ring_api).setServiceParent(root)
+    http = KeyValueHTTP(
+        health=gateway.health, ready=gateway.ready, max_value_size=config.max_value_size, role="gateway"
+    )
+    site = http.site(RingRoot(ring_api.resource(), http.resource()))
+    listener = ListenService(reactor, config.port, site, "HTTP")
     listener.setServiceParent(root)
     notifier = SystemdNotifier()
     notifier.wait_for(listener.listening)
+    notifier.wait_for(gateway.membership.ready)
     notifier.setServiceParent(root)
     return root

@@ -42,11 +42,18 @@ class WiringTests:
         assert reactor.getDelayedCalls() == []
 
     def test_gateway_listens(self) -> None:
-        """The gateway listens on its HTTP endpoint."""
-        reactor = MemoryReactorClock()
+        """The gateway listens on its HTTP endpoint (with the in-memory Raft; tests/unit/test_gateway_tap.py
+        has the rest of the gateway's wiring)."""
+        from chashd.gateway.membership import LocalRaft
+
+        class Reactor(MemoryReactorClock):
+            def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
+                f(*args, **kw)
+
+        reactor = Reactor()
         options = gateway_tap.Options()
         options.parseOptions(["--gateway-id", "g", "--port", "18000"])
-        service = gateway_tap.makeService(options, reactor=reactor)
+        service = gateway_tap.makeService(options, reactor=reactor, raft_factory=LocalRaft)
         service.startService()
         assert [port for port, *_ in reactor.tcpServers] == [18000]
         service.stopService()

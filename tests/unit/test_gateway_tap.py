@@ -1,0 +1,191 @@
+"""The gateway's wiring: makeService with a memory reactor, an in-memory Raft and a fake probe."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.application.service import IService, IServiceCollection
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from chashd.config import ConfigError
+from chashd.daemon import SystemdNotifier
+from chashd.gateway import tap
+from chashd.gateway.membership import LocalRaft, NodeInfo, RaftListener, RaftSettings
+from chashd.gateway.service import GatewayService
+
+
+class ThreadlessReactor(MemoryReactorClock):
+    """A memory reactor whose ``callFromThread`` runs at once."""
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LISTEN_PORT", "GATEWAY_ID", "RAFT_PORT", "PEER_GATEWAYS"):
+        monkeypatch.delenv(name, raising=False)
+    for name in list(__import__("os").environ):
+        if name.startswith("CHASHD_"):
+            monkeypatch.delenv(name, raising=False)
+
+
+def _services(root: IService) -> list[IService]:
+    found = [root]
+    if IServiceCollection.providedBy(root):
+        for child in root:  # type: ignore[attr-defined]
+            found += _services(child)
+    return found
+
+
+class GatewayWiringTests(SynchronousTestCase):
+    """makeService(options, reactor, raft_factory, probe)."""
+
+    def setUp(self) -> None:
+        self.reactor = ThreadlessReactor()
+        self.rafts: list[LocalRaft] = []
+        self.leader = True
+        self.probed: list[str] = []
+
+    def _factory(self, settings: RaftSettings, listener: RaftListener) -> LocalRaft:
+        raft = LocalRaft(settings, listener, leader=self.leader)
+        self.rafts.append(raft)
+        return raft
+
+    def _probe(self, node: NodeInfo) -> Deferred[bool]:
+        self.probed.append(node.id)
+        return succeed(True)
+
+    def build(self, *args: str) -> IService:
+        """Parse the options and build the gateway."""
+        options = tap.Options()
+        options.parseOptions(["--gateway-id", "g1", "--port", "tcp:18000:interface=127.0.0.1", *args])
+        return tap.makeService(options, reactor=self.reactor, raft_factory=self._factory, probe=self._probe)
+
+    def stub(self) -> Any:
+        """A StubTreq over the resource the HTTP listener serves."""
+        factory: Any = self.reactor.tcpServers[0][1]
+        return StubTreq(factory.resource)
+
+    def get(self, stub: Any, path: str) -> tuple[int, Any]:
+        """GET and parse."""
+        response = self.successResultOf(stub.get("http://gateway" + path))
+        return response.code, json.loads(self.successResultOf(stub.content(response)))
+
+    def test_listens_and_builds_raft_in_start(self) -> None:
+        """Nothing binds and no Raft object exists before startService; both after; stop leaves no timer."""
+        service = self.build()
+        assert self.reactor.tcpServers == [] and self.rafts == []
+        service.startService()
+        assert [(p, iface) for p, _, _, iface in self.reactor.tcpServers] == [(18000, "127.0.0.1")]
+        assert len(self.rafts) == 1
+        self.reactor.advance(1.0)
+        service.stopService()
+        assert self.reactor.getDelayedCalls() == []
+        assert self.rafts[0].destroyed
+
+    def test_routes(self) -> None:
+        """The HTTP root serves /ring from the ring API and /health, /ready from the shared surface."""
+        service = self.build()
+        service.startService()
+        stub = self.stub()
+        code, body = self.get(stub, "/ring/status")
+        assert code == 200 and body["gateway_id"] == "g1" and body["leader"] == "g1"
+        code, body = self.get(stub, "/health")
+        assert code == 200 and body["role"] == "gateway" and body["leader"] == "g1"
+        service.stopService()
+
+    def test_ready_needs_leader_and_a_node_up(self) -> None:
+        """/ready: 503 without a node up, 200 once one is registered, 503 again when it is down."""
+        service = self.build()
+        service.startService()
+        stub = self.stub()
+        code, body = self.get(stub, "/ready")
+        assert code == 503 and "no kvstore" in body["detail"]
+        gateway = next(s for s in _services(service) if isinstance(s, GatewayService))
+        self.successResultOf(gateway.membership.register_node("kv-a", "h", 1, 2, 100, 1))
+        code, body = self.get(stub, "/ready")
+        assert code == 200 and body["ready"] is True
+        self.successResultOf(gateway.membership.mark_down("kv-a"))
+        assert self.get(stub, "/ready")[0] == 503
+        service.stopService()
+
+    def test_ready_without_leader(self) -> None:
+        """No leader: /ready says so."""
+        self.leader = False
+        service = self.build()
+        service.startService()
+        code, body = self.get(self.stub(), "/ready")
+        assert code == 503 and "leader" in body["detail"]
+        service.stopService()
+
+    def test_systemd_ready_waits_for_raft(self) -> None:
+        """READY=1 (the notifier's ready) waits for the membership's ready, not only the listener."""
+        self.leader = False
+        service = self.build()
+        notifier = next(s for s in _services(service) if isinstance(s, SystemdNotifier))
+        service.startService()
+        self.assertNoResult(notifier.ready)
+        self.rafts[0].elect(self.rafts[0].settings.self_address)
+        self.successResultOf(notifier.ready)
+        service.stopService()
+
+    def test_health_checker_runs_as_leader(self) -> None:
+        """The leader probes the registered nodes with the injected probe."""
+        service = self.build("--probe-interval", "0.5")
+        service.startService()
+        gateway = next(s for s in _services(service) if isinstance(s, GatewayService))
+        self.successResultOf(gateway.membership.register_node("kv-a", "h", 1, 2, 100, 1))
+        self.reactor.advance(0.5)
+        assert self.probed == ["kv-a"]
+        service.stopService()
+        assert self.reactor.getDelayedCalls() == []
+
+    def test_long_poll_answered_on_stop(self) -> None:
+        """A waiting GET /ring?after= is answered when the gateway stops, leaving no timer."""
+        service = self.build()
+        service.startService()
+        stub = self.stub()
+        d = stub.get("http://gateway/ring?after=999&timeout=30")
+        stub.flush()
+        self.assertNoResult(d)
+        service.stopService()
+        stub.flush()
+        assert self.successResultOf(d).code == 200
+        assert self.reactor.getDelayedCalls() == []
+
+
+class GatewayConfigCheckTests:
+    """The Raft password rule is checked before anything binds."""
+
+    def test_make_service_refuses_exposed_raft(self) -> None:
+        """makeService raises ConfigError for non-loopback peers without a password."""
+        options = tap.Options()
+        options.config = None
+        with pytest.raises(SystemExit) as raised:
+            options.parseOptions(["--gateway-id", "g1", "--peers", "10.9.9.9:8001"])
+        message = str(raised.value.code)
+        assert message.startswith("chash-gateway: error: option --raft-password is required")
+        assert "\n" not in message
+
+    def test_make_service_direct(self) -> None:
+        """makeService itself refuses, for callers that build options some other way."""
+        from chashd.config import GatewayConfig, load_config
+
+        options = tap.Options()
+        options.config = load_config(GatewayConfig, {"gateway_id": "g1", "peers": "10.9.9.9:8001"}, environ={})
+        with pytest.raises(ConfigError, match="--raft-password"):
+            tap.makeService(options, reactor=ThreadlessReactor(), raft_factory=LocalRaft)
+
+    def test_insecure_flag(self) -> None:
+        """--insecure-raft lets it through; --raft-password too."""
+        options = tap.Options()
+        options.parseOptions(["--gateway-id", "g1", "--peers", "10.9.9.9:8001", "--insecure-raft"])
+        options = tap.Options()
+        options.parseOptions(["--gateway-id", "g1", "--peers", "10.9.9.9:8001", "--raft-password", "pw"])
+        assert options.config.raft_password == "pw"
