@@ -1,0 +1,284 @@
+"""The gateway's router over real kvstore backends (LocalBackend + MemoryEngine), connected in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from chashd.commands import Arith, Delete, FlushAll, Get, Number, Status, Store, Touch, Values, XGet
+from chashd.errors import QuorumNotReached, RequestError
+from chashd.gateway.router import Placement, Router
+from chashd.interfaces import IKVClient
+from chashd.kvstore.backend import LocalBackend
+from chashd.record import Record
+from chashd.ring import HashRing
+from chashd.storage import MemoryEngine
+from chashd.versions import Version
+
+NOW = 1_700_000_000.0
+
+
+@implementer(IKVClient)
+class Link:
+    """An in-memory connection to a real kvstore backend: up, down (fails at once) or hanging."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self.backend = backend
+        self.mode = "up"
+        self.sent: list[Any] = []
+        self.held: list[Deferred[Any]] = []
+
+    def send(self, command: Any) -> Deferred[Any]:
+        self.sent.append(command)
+        if self.mode == "down":
+            return fail(ConnectionLost("kvstore unreachable"))
+        if self.mode == "hang":
+            d: Deferred[Any] = Deferred()
+            self.held.append(d)
+            return d
+        try:
+            return succeed(self.backend.execute(command))
+        except Exception as e:
+            return fail(e)
+
+
+class Cluster:
+    """kvstores a..e (MemoryEngine + LocalBackend) and a router over the first ``count`` of them."""
+
+    def __init__(self, count: int = 3, replicas: int = 3, w: int = 2, r: int = 2, flush: bool = False) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.links = {
+            name: Link(LocalBackend(MemoryEngine(), name, self.clock, 1024 * 1024)) for name in "abcde"[:count]
+        }
+        clients: dict[str, IKVClient] = dict(self.links)
+        self.router = Router("gw1", self.clock, clients.__getitem__, replicas, w, r, allow_flush_all=flush)
+        self.router.update(Placement(HashRing(dict.fromkeys(self.links, 1), epoch=1)))
+
+    def holders(self, key: bytes) -> set[str]:
+        """The kvstores holding a live record for ``key``."""
+        return {
+            name
+            for name, link in self.links.items()
+            if (r := link.backend.engine.get(key)) is not None and r.live(self.clock.seconds())
+        }
+
+    def replicas(self, key: bytes) -> tuple[str, ...]:
+        return self.router.replicas_for(key)
+
+    def sends(self) -> int:
+        return sum(len(link.sent) for link in self.links.values())
+
+
+class RouterTests(SynchronousTestCase):
+    """Writes reach W replicas of the preference list, reads take the newest of R."""
+
+    def test_set_then_get(self) -> None:
+        """A value written through the router is on every up replica and reads back."""
+        c = Cluster()
+        assert self.successResultOf(c.router.execute(Store("set", b"k", 5, 0, b"v"))) is Status.STORED
+        assert c.holders(b"k") == set(c.replicas(b"k"))
+        result = self.successResultOf(c.router.execute(Get((b"k", b"missing"))))
+        assert [(k, r.value, r.flags) for k, r in result.items] == [(b"k", b"v", 5)]
+
+    def test_writes_only_to_preference_list(self) -> None:
+        """With N=2 of 4 nodes, nothing reaches the other nodes (no sloppy quorum), even with one down."""
+        c = Cluster(count=4, replicas=2, w=1, r=1)
+        key = b"user:1"
+        pref = c.replicas(key)
+        c.links[pref[0]].mode = "down"
+        assert self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v"))) is Status.STORED
+        others = set(c.links) - set(pref)
+        assert all(not c.links[n].sent for n in others)
+        assert c.holders(key) == {pref[1]}
+
+    def test_write_quorum_not_reached(self) -> None:
+        """With two of three replicas down and W=2, the write fails and is not reported as done."""
+        c = Cluster()
+        key = b"k2"
+        for name in c.replicas(key)[1:]:
+            c.links[name].mode = "down"
+        failure = self.failureResultOf(c.router.execute(Store("set", key, 0, 0, b"v")), QuorumNotReached)
+        assert "1 of 2" in str(failure.value)
+        assert c.router.stats()["quorum_failures"] == 1
+
+    def test_down_node_skipped(self) -> None:
+        """A node marked down is not asked at all."""
+        c = Cluster()
+        key = b"k3"
+        down = c.replicas(key)[0]
+        c.router.update(Placement(c.router.placement.ring, {down: "down"}))
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v")))
+        assert c.links[down].sent == []
+        assert self.successResultOf(c.router.execute(Get((key,)))).items[0][1].value == b"v"
+
+    def test_read_takes_newest_and_repairs(self) -> None:
+        """A stale replica is outvoted by the newest version and then repaired."""
+        c = Cluster(r=3)
+        key = b"k4"
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"new")))
+        stale = c.replicas(key)[1]
+        engine = c.links[stale].backend.engine
+        engine.put(key, Record(b"old", version=Version(1, "x")))
+        result = self.successResultOf(c.router.execute(Get((key,))))
+        assert result.items[0][1].value == b"new"
+        assert engine.get(key).value == b"new"
+        assert c.router.stats()["read_repairs"] == 1
+
+    def test_read_fails_over(self) -> None:
+        """When an asked replica fails, the next one is asked; R answers are still required."""
+        c = Cluster()
+        key = b"k5"
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v")))
+        c.links[c.replicas(key)[0]].mode = "down"
+        assert self.successResultOf(c.router.execute(Get((key,)))).items[0][1].value == b"v"
+        c.links[c.replicas(key)[1]].mode = "down"
+        self.failureResultOf(c.router.execute(Get((key,))), QuorumNotReached)
+
+    def test_read_waits_for_quorum(self) -> None:
+        """A read answers only once R replicas answered."""
+        c = Cluster()
+        key = b"k6"
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v")))
+        second = c.replicas(key)[1]
+        c.links[second].mode = "hang"
+        d = c.router.execute(Get((key,)))
+        self.assertNoResult(d)
+        held = c.links[second].held.pop()
+        held.callback(c.links[second].backend.execute(XGet((key,))))
+        assert self.successResultOf(d).items[0][1].value == b"v"
+
+    def test_multi_get_one_request_per_node(self) -> None:
+        """A get of many keys sends at most one XGet to each node."""
+        c = Cluster()
+        keys = [b"m%d" % i for i in range(30)]
+        for key in keys:
+            self.successResultOf(c.router.execute(Store("set", key, 0, 0, key)))
+        before = {n: len(link.sent) for n, link in c.links.items()}
+        result = self.successResultOf(c.router.execute(Get(tuple(keys))))
+        assert [k for k, _ in result.items] == keys
+        assert all(len(link.sent) - before[n] <= 1 for n, link in c.links.items())
+
+    def test_expired_and_deleted_are_misses(self) -> None:
+        """A tombstone or an expired record reads as absent."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"t", 0, 10, b"v")))
+        self.successResultOf(c.router.execute(Store("set", b"d", 0, 0, b"v")))
+        assert self.successResultOf(c.router.execute(Delete(b"d"))) is Status.DELETED
+        assert self.successResultOf(c.router.execute(Delete(b"d"))) is Status.NOT_FOUND
+        c.clock.advance(11)
+        assert self.successResultOf(c.router.execute(Get((b"t", b"d")))).items == ()
+
+    def test_tombstone_replicated(self) -> None:
+        """A delete leaves a tombstone on W replicas, so a stale replica cannot resurrect the key."""
+        c = Cluster(r=3)
+        self.successResultOf(c.router.execute(Store("set", b"z", 0, 0, b"v")))
+        self.successResultOf(c.router.execute(Delete(b"z")))
+        stones = [link.backend.engine.get(b"z") for link in c.links.values()]
+        assert sum(1 for s in stones if s is not None and s.tombstone) >= 2
+        assert self.successResultOf(c.router.execute(Get((b"z",)))).items == ()
+
+
+class ReadModifyWriteTests(SynchronousTestCase):
+    """cas, incr/decr, append/prepend, add/replace and touch run at the primary, then replicate."""
+
+    def test_incr_at_primary_then_replicated(self) -> None:
+        """incr returns the new number and every replica holds it."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"10")))
+        assert self.successResultOf(c.router.execute(Arith(b"n", 5))) == Number(15)
+        assert self.successResultOf(c.router.execute(Arith(b"n", 20, incr=False))) == Number(0)
+        values = {c.links[n].backend.engine.get(b"n").value for n in c.replicas(b"n")}
+        assert values == {b"0 "}  # memcached keeps the length of a decremented value, padding with spaces
+        assert self.successResultOf(c.router.execute(Arith(b"absent", 1))) is Status.NOT_FOUND
+
+    def test_cas(self) -> None:
+        """gets gives the cas unique; cas with it stores, with a stale one answers EXISTS."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"c", 0, 0, b"1")))
+        ((_, record),) = self.successResultOf(c.router.execute(Get((b"c",), cas=True))).items
+        unique = record.version.cas
+        assert self.successResultOf(c.router.execute(Store("cas", b"c", 0, 0, b"2", unique))) is Status.STORED
+        assert self.successResultOf(c.router.execute(Store("cas", b"c", 0, 0, b"3", unique))) is Status.EXISTS
+        assert self.successResultOf(c.router.execute(Store("cas", b"nope", 0, 0, b"3", 1))) is Status.NOT_FOUND
+
+    def test_conditions(self) -> None:
+        """add, replace, append and prepend answer as memcached does."""
+        c = Cluster()
+        run = lambda cmd: self.successResultOf(c.router.execute(cmd))  # noqa: E731
+        assert run(Store("replace", b"a", 0, 0, b"x")) is Status.NOT_STORED
+        assert run(Store("add", b"a", 0, 0, b"x")) is Status.STORED
+        assert run(Store("add", b"a", 0, 0, b"y")) is Status.NOT_STORED
+        assert run(Store("append", b"a", 0, 0, b">")) is Status.STORED
+        assert run(Store("prepend", b"a", 0, 0, b"<")) is Status.STORED
+        assert run(Get((b"a",))).items[0][1].value == b"<x>"
+
+    def test_rmw_primary_down_uses_next(self) -> None:
+        """With the first replica down, the next up one acts as primary."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"p", 0, 0, b"1")))
+        first = c.replicas(b"p")[0]
+        c.links[first].mode = "down"
+        c.router.update(Placement(c.router.placement.ring, {first: "down"}))
+        assert self.successResultOf(c.router.execute(Arith(b"p", 1))) == Number(2)
+
+    def test_gat_touches_and_returns(self) -> None:
+        """gat returns the value and moves the expiry on the replicas."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"g", 0, 10, b"v")))
+        result = self.successResultOf(c.router.execute(Get((b"g", b"none"), exptime=100)))
+        assert [(k, r.value) for k, r in result.items] == [(b"g", b"v")]
+        c.clock.advance(50)
+        assert self.successResultOf(c.router.execute(Get((b"g",)))).items[0][1].value == b"v"
+        assert self.successResultOf(c.router.execute(Touch(b"none", 5))) is Status.NOT_FOUND
+
+    def test_flush_all_off_by_default(self) -> None:
+        """flush_all is refused unless enabled, then reaches every node."""
+        c = Cluster()
+        self.failureResultOf(c.router.execute(FlushAll()), RequestError)
+        c = Cluster(flush=True)
+        self.successResultOf(c.router.execute(Store("set", b"f", 0, 0, b"v")))
+        assert self.successResultOf(c.router.execute(FlushAll())) is Status.OK
+        assert c.holders(b"f") == set()
+
+
+class HandoffRoutingTests(SynchronousTestCase):
+    """While a move is under way, previous owners are asked too."""
+
+    def test_read_finds_value_on_previous_owner(self) -> None:
+        """A key written under the old ring is read under the new ring before it moved."""
+        c = Cluster(count=4, replicas=1, w=1, r=1)
+        old = HashRing({"a": 1, "b": 1, "c": 1}, epoch=1)
+        c.router.update(Placement(old))
+        keys = [b"h%d" % i for i in range(40)]
+        for key in keys:
+            self.successResultOf(c.router.execute(Store("set", key, 0, 0, key)))
+        new = HashRing({"a": 1, "b": 1, "c": 1, "d": 1}, epoch=2)
+        c.router.update(Placement(new, previous=old))
+        moved = [k for k in keys if new.node_for(k) == "d"]
+        assert moved
+        result = self.successResultOf(c.router.execute(Get(tuple(keys))))
+        assert [k for k, _ in result.items] == keys
+        # The incr of a moved key starts from the value the previous owner holds.
+        self.successResultOf(c.router.execute(Store("set", b"n0", 0, 0, b"5")))
+        counter = next(k for k in (b"n%d" % i for i in range(100)) if new.node_for(k) == "d" and old.node_for(k) != "d")
+        c.router.update(Placement(old))
+        self.successResultOf(c.router.execute(Store("set", counter, 0, 0, b"41")))
+        c.router.update(Placement(new, previous=old))
+        assert self.successResultOf(c.router.execute(Arith(counter, 1))) == Number(42)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_small_rings_cap_quorums(count: int) -> None:
+    """With fewer nodes than N, W and R are capped at the node count."""
+    c = Cluster(count=count)
+    d = c.router.execute(Store("set", b"k", 0, 0, b"v"))
+    assert d.result is Status.STORED  # type: ignore[attr-defined]
+    got = c.router.execute(Get((b"k",)))
+    assert isinstance(got.result, Values) and got.result.items[0][1].value == b"v"  # type: ignore[attr-defined]
