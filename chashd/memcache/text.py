@@ -905,6 +905,11 @@ class ReplyParser:
             self._buf = self._buf[self._pos :] + data
         self._pos = 0
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read into a result yet."""
+        return len(self._buf) - self._pos
+
     def _line(self) -> bytes | None:
         end = self._buf.find(b"\r\n", self._pos)
         if end < 0:

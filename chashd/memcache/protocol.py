@@ -1,0 +1,633 @@
+"""The memcached line protocol on Twisted: the server over an ``IKeyValue`` backend, and the client.
+
+Server (``MemcacheServerFactory``/``MemcacheServerProtocol``): bytes go to the pure ``RequestParser``
+of ``chashd.memcache.text``, which does memcached's framing (a line, then a declared data block, or a
+skipped one) with memcached's limits; this is why the protocol is a plain ``Protocol`` rather than a
+``LineReceiver``: memcached accepts a bare LF, reads a whole line past 2048 bytes when it came in one
+read but closes on 2048 bytes without a newline (except a multi-key get), which ``MAX_LENGTH`` cannot
+say. Memory per connection stays bounded by the parser's limits (a line, a data block of at most the
+value limit + 2 bytes) and by the cap on pending replies.
+
+- Replies leave in request order. A backend result that is not a Deferred is written inline (all the
+  replies to one read go out in one write); a Deferred goes into a queue of pending replies, each written
+  when it and every one before it are done. When ``max_pending`` replies are pending the connection stops
+  reading (``pauseProducing``) and parsing, and resumes when half of them have left.
+- Errors are mapped to the wire in one place (``text.error_reply``): a domain error becomes memcached's
+  line; any other exception becomes ``SERVER_ERROR internal error`` and a logged failure. Nothing a
+  client sends can stop the daemon or touch another connection.
+- ``stats``, ``version``, ``verbosity`` and ``quit`` are answered here; ``stats`` merges the backend's
+  ``stats()`` with this listener's counters (``curr_connections``, ``total_connections``, ...).
+- Past ``max_connections`` a new connection gets ``ERROR Too many open connections`` and is closed, as
+  memcached does; a connection idle for ``idle_timeout`` seconds is closed (0: never).
+
+Client (``KVClientProtocol``): the gateway's pipelined connection to a kvstore. ``send(command)``
+returns a Deferred of the result; replies are matched to requests in order (a deque). A request may
+have a timeout (the injected clock's); when it expires the connection is dropped, since the replies
+behind it would come late too. A lost connection fails every pending request with ``KVConnectionLost``.
+``noreply`` is never sent: every request gets its reply, so the pipeline cannot lose step.
+``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import replace
+from typing import Any, cast
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import chashd
+from chashd.commands import (
+    Command,
+    Quit,
+    Result,
+    StatsCommand,
+    Verbosity,
+    VersionCommand,
+)
+from chashd.errors import ChashdError, ServiceUnavailable
+from chashd.interfaces import IKeyValue
+from chashd.memcache.text import (
+    DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_LINE,
+    DEFAULT_MAX_VALUE_SIZE,
+    BadReply,
+    Rejected,
+    ReplyParser,
+    RequestParser,
+    error_reply,
+    serialize_command,
+    serialize_result,
+    stats_reply,
+    version_reply,
+)
+
+__all__ = [
+    "KVClientPool",
+    "KVClientProtocol",
+    "KVConnectionLost",
+    "KVTimeout",
+    "MemcacheServerFactory",
+    "MemcacheServerProtocol",
+]
+
+_OK = b"OK\r\n"
+_TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+_STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
+_LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit})  # not for the backend
+_CLOSE = object()  # a queue entry: close the connection once everything before it is written
+
+
+def _nodelay(transport: Any) -> None:
+    """Small replies must leave at once: Nagle plus delayed ACKs would hold them for up to 40 ms."""
+    set_nodelay = getattr(transport, "setTcpNoDelay", None)
+    if set_nodelay is not None:
+        with suppress(OSError):  # a UNIX socket has no Nagle
+            set_nodelay(True)
+
+
+# -- server ---------------------------------------------------------------------------------------------
+
+
+class MemcacheServerFactory(Factory):
+    """Builds server connections over ``backend``; holds the listener's limits and counters."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        backend: IKeyValue,
+        clock: IReactorTime,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        max_connections: int = 1024,
+        idle_timeout: float = 600.0,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        max_pending: int = 256,
+        version: str = chashd.__version__,
+    ) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.max_value_size = max_value_size
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_line = max_line
+        self.max_keys = max_keys
+        self.max_pending = max_pending
+        self.version = version
+        self.started = clock.seconds()
+        self.curr_connections = 0
+        self.total_connections = 0
+        self.rejected_connections = 0
+        self.idle_closed = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> MemcacheServerProtocol:
+        """A new server connection."""
+        return MemcacheServerProtocol(self)
+
+    def stats(self) -> list[tuple[str, str]]:
+        """The ``stats`` lines: this listener's counters, then the backend's."""
+        now = self.clock.seconds()
+        items = [
+            ("pid", str(os.getpid())),
+            ("uptime", str(int(now - self.started))),
+            ("time", str(int(now))),
+            ("version", self.version),
+            ("curr_connections", str(self.curr_connections)),
+            ("total_connections", str(self.total_connections)),
+            ("rejected_connections", str(self.rejected_connections)),
+            ("idle_kicks", str(self.idle_closed)),
+            ("max_connections", str(self.max_connections)),
+        ]
+        seen = {name for name, _ in items}
+        for name, value in self.backend.stats().items():
+            if name not in seen:
+                items.append((name, str(value)))
+        return items
+
+    def settings(self) -> list[tuple[str, str]]:
+        """The ``stats settings`` lines."""
+        return [
+            ("maxconns", str(self.max_connections)),
+            ("item_size_max", str(self.max_value_size)),
+            ("idle_timeout", str(int(self.idle_timeout))),
+            ("max_line", str(self.max_line)),
+            ("max_keys_per_get", str(self.max_keys)),
+            ("max_pending_replies", str(self.max_pending)),
+            ("backend", self.backend.name),
+        ]
+
+
+class MemcacheServerProtocol(Protocol):
+    """One client connection of the line protocol (see the module docstring)."""
+
+    _log = Logger()
+
+    def __init__(self, factory: MemcacheServerFactory) -> None:
+        self.factory = factory
+        #: Schedules the idle check; tests replace it with a ``Clock``'s.
+        self.callLater: Callable[..., IDelayedCall] = factory.clock.callLater
+        self._seconds = factory.clock.seconds
+        self._parser = RequestParser(factory.max_value_size, factory.max_line, factory.max_keys)
+        self._execute = factory.backend.execute
+        self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
+        self._out: list[bytes] = []
+        self._paused = False
+        self._closing = False
+        self._lost = False
+        self._counted = False
+        self._idle_call: IDelayedCall | None = None
+        self._last_seen = 0.0
+        self._tr: Any = None  # the transport, typed loosely: TCP transports pause, resume and abort
+
+    # -- connection ------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._tr = self.transport
+        factory = self.factory
+        if factory.curr_connections >= factory.max_connections:
+            factory.rejected_connections += 1
+            self._log.warn(
+                "refusing a connection: {count} of {limit} open", count=factory.curr_connections,
+                limit=factory.max_connections,
+            )  # fmt: skip
+            self._closing = True
+            self._tr.write(_TOO_MANY_CONNECTIONS)
+            self._tr.loseConnection()
+            return
+        self._counted = True
+        factory.curr_connections += 1
+        factory.total_connections += 1
+        _nodelay(self.transport)
+        if factory.idle_timeout > 0:
+            self._last_seen = self._seconds()
+            self._idle_call = self.callLater(factory.idle_timeout, self._idle_check)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._closing = True
+        if self._counted:
+            self._counted = False
+            self.factory.curr_connections -= 1
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self._queue.clear()
+
+    def _idle_check(self) -> None:
+        self._idle_call = None
+        if self._closing:
+            return
+        timeout = self.factory.idle_timeout
+        idle = self._seconds() - self._last_seen
+        if self._queue or idle < timeout:  # busy, or active since the check was set
+            self._idle_call = self.callLater(timeout - idle if not self._queue else timeout, self._idle_check)
+            return
+        self.factory.idle_closed += 1
+        self._log.info("closing a connection idle for {idle:.0f}s", idle=idle)
+        self._close_now()
+
+    def _close_now(self) -> None:
+        self._closing = True
+        self._flush_out()
+        self._tr.loseConnection()
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._idle_call is not None:
+            self._last_seen = self._seconds()
+        self._parser.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Run the parsed commands until the buffer is empty, the queue is full or the connection closes."""
+        next_event = self._parser.next
+        try:
+            while not self._paused and not self._closing:
+                event = next_event()
+                if event is None:
+                    break
+                self._handle(event)
+        finally:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        if self._out:
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out.clear()
+            self._tr.write(data)
+
+    def _handle(self, command: Command | Rejected) -> None:
+        if type(command) in _LOCAL:
+            if isinstance(command, Rejected):
+                self._rejected(command)
+            else:
+                self._local(command)  # type: ignore[arg-type]
+            return
+        command = cast(Command, command)
+        try:
+            result = self._execute(command)
+        except ChashdError as e:
+            reply = error_reply(e)
+        except Exception:
+            self._log.failure("the backend failed on {command}", command=type(command).__name__)
+            reply = error_reply(RuntimeError())
+        else:
+            if isinstance(result, Deferred):
+                self._pending(command, result)
+                return
+            try:
+                reply = serialize_result(command, result)
+            except Exception:
+                self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
+                reply = error_reply(RuntimeError())
+        if not getattr(command, "noreply", False):
+            self._reply(reply)
+
+    def _reply(self, reply: bytes) -> None:
+        if self._queue:
+            self._queue.append([reply])
+        else:
+            self._out.append(reply)
+
+    def _rejected(self, rejected: Rejected) -> None:
+        if rejected.then is not None:
+            self._run_silently(rejected.then)
+        if rejected.reply:
+            self._reply(error_reply(rejected.error))
+        if rejected.close:
+            self._close_after_replies()
+
+    def _run_silently(self, command: Command) -> None:
+        """Run a command nobody waits for (a failed set's delete); its errors are only logged."""
+        try:
+            result = self._execute(command)
+        except ChashdError:
+            return
+        except Exception:
+            self._log.failure("the backend failed on {command}", command=type(command).__name__)
+            return
+        if isinstance(result, Deferred):
+            result.addErrback(lambda f: None if f.check(ChashdError) else self._log.failure("background write", f))
+
+    def _close_after_replies(self) -> None:
+        self._closing = True
+        if self._queue:
+            self._queue.append(_CLOSE)
+        else:
+            self._close_now()
+
+    def _local(self, command: StatsCommand | VersionCommand | Verbosity | Quit) -> None:
+        """The commands this adapter answers itself."""
+        if type(command) is Quit:
+            self._close_after_replies()
+        elif type(command) is VersionCommand:
+            self._reply(version_reply(self.factory.version))
+        elif type(command) is Verbosity:
+            if not command.noreply:
+                self._reply(_OK)
+        elif type(command) is StatsCommand:
+            self._reply(self._stats(command.group))
+
+    def _stats(self, group: str) -> bytes:
+        name, _, argument = group.partition(" ")
+        try:
+            if name == "":
+                return stats_reply(self.factory.stats())
+            if name == "settings":
+                return stats_reply(self.factory.settings())
+        except Exception:
+            self._log.failure("stats failed")
+            return error_reply(RuntimeError())
+        if name == "reset":
+            return b"RESET\r\n"  # counters here are cumulative (Prometheus reads them), so nothing resets
+        if name == "detail":
+            argument = argument.split(" ")[0]
+            if argument in ("on", "off"):
+                return _OK
+            return b"END\r\n" if argument == "dump" else _STATS_USAGE
+        if name in ("items", "slabs", "sizes", "conns"):
+            return b"END\r\n"
+        return b"ERROR\r\n"
+
+    # -- replies that come later (a Deferred backend) ----------------------------------------------------
+
+    def _pending(self, command: Command, result: Deferred[Result]) -> None:
+        cell: list[bytes | None] = [None]
+        self._queue.append(cell)
+        noreply = getattr(command, "noreply", False)
+
+        def done(value: Result) -> None:
+            try:
+                cell[0] = b"" if noreply else serialize_result(command, value)
+            except Exception:
+                self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
+                cell[0] = error_reply(RuntimeError())
+            self._drain()
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(ChashdError):
+                self._log.failure("the backend failed on {command}", failure, command=type(command).__name__)
+            cell[0] = b"" if noreply else error_reply(failure.value or RuntimeError())
+            self._drain()
+
+        result.addCallbacks(done, failed)
+        if len(self._queue) >= self.factory.max_pending and not self._paused:
+            self._paused = True
+            self._tr.pauseProducing()
+
+    def _drain(self) -> None:
+        """Write the replies at the head of the queue that are done, in order."""
+        if self._lost:
+            return
+        queue = self._queue
+        out = self._out
+        while queue and (queue[0] is _CLOSE or queue[0][0] is not None):
+            entry = queue.popleft()
+            if entry is _CLOSE:
+                queue.clear()
+                self._close_now()
+                return
+            if entry[0]:
+                out.append(entry[0])
+        self._flush_out()
+        if self._paused and len(queue) <= self.factory.max_pending // 2:
+            self._paused = False
+            self._tr.resumeProducing()
+            self._process()
+
+
+# -- client ---------------------------------------------------------------------------------------------
+
+
+class KVConnectionLost(ServiceUnavailable):
+    """The connection to a kvstore closed before it answered; the request may or may not have run."""
+
+
+class KVTimeout(ServiceUnavailable):
+    """A kvstore did not answer in time; the request may or may not have run."""
+
+
+class _Request:
+    __slots__ = ("command", "deferred", "timer")
+
+    def __init__(self, command: Command, deferred: Deferred[Result]) -> None:
+        self.command = command
+        self.deferred = deferred
+        self.timer: IDelayedCall | None = None
+
+
+class KVClientProtocol(Protocol):
+    """A pipelined client connection to a kvstore's line port (see the module docstring).
+
+    ``clock`` and ``timeout``: each request fails with ``KVTimeout`` after ``timeout`` seconds (None:
+    never). ``on_connect``/``on_lost`` tell a pool when the connection comes and goes.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime | None = None,
+        timeout: float | None = None,
+        max_value_size: int = 128 * 1024 * 1024,
+        on_connect: Callable[[KVClientProtocol], None] | None = None,
+        on_lost: Callable[[KVClientProtocol], None] | None = None,
+    ) -> None:
+        if timeout is not None and clock is None:
+            raise ValueError("a timeout needs a clock")
+        self._clock = clock
+        self._timeout = timeout
+        self._parser = ReplyParser(max_value_size)
+        self._pending: deque[_Request] = deque()
+        self._connected = False
+        self._lost_reason: str | None = None
+        self._on_connect = on_connect
+        self._on_lost = on_lost
+        self._tr: Any = None
+        self.peer = "kvstore"
+
+    @property
+    def pending(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._pending)
+
+    @property
+    def usable(self) -> bool:
+        """True while requests can be sent."""
+        return self._connected
+
+    def connectionMade(self) -> None:
+        self._tr = self.transport
+        self._connected = True
+        peer = self._tr.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        _nodelay(self.transport)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def send(self, command: Command) -> Deferred[Result]:
+        """Send ``command``; the Deferred fires with its result or fails with a ``chashd.errors`` error."""
+        if not self._connected:
+            return fail(KVConnectionLost(f"not connected to {self.peer}: {self._lost_reason or 'not yet'}"))
+        if type(command) is Quit:
+            raise ValueError("quit is not a request; close the connection instead")
+        if getattr(command, "noreply", False):
+            command = replace(cast(Any, command), noreply=False)
+        request = _Request(command, Deferred())
+        self._pending.append(request)
+        self._tr.write(serialize_command(command))
+        if self._timeout is not None:
+            assert self._clock is not None
+            request.timer = self._clock.callLater(self._timeout, self._timed_out, request)
+        return request.deferred
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        pending = self._pending
+        while pending:
+            try:
+                result = parser.next(pending[0].command)
+            except BadReply as e:
+                self._log.error("bad reply from {peer}: {error}", peer=self.peer, error=str(e))
+                self._fail_all(e)
+                self._tr.abortConnection()
+                return
+            if result is None:
+                return
+            request = pending.popleft()
+            if request.timer is not None and request.timer.active():
+                request.timer.cancel()
+            if request.deferred.called:  # cancelled by its caller
+                continue
+            if isinstance(result, ChashdError):
+                request.deferred.errback(result)
+            else:
+                request.deferred.callback(result)
+        if self._connected and parser.buffered:  # no request is waiting for these bytes
+            self._log.error("{peer} sent bytes nobody asked for", peer=self.peer)
+            self._tr.abortConnection()
+
+    def _timed_out(self, request: _Request) -> None:
+        request.timer = None
+        self._log.warn(
+            "{peer} did not answer {command} within {timeout}s; dropping the connection",
+            peer=self.peer,
+            command=type(request.command).__name__,
+            timeout=self._timeout,
+        )
+        self._fail_all(KVTimeout(f"{self.peer} did not answer within {self._timeout}s"), first=request)
+        self._tr.abortConnection()
+
+    def _fail_all(self, error: ChashdError, first: _Request | None = None) -> None:
+        self._connected = False
+        pending, self._pending = self._pending, deque()
+        lost = KVConnectionLost(f"connection to {self.peer} closed before it answered: {error}")
+        for request in pending:
+            if request.timer is not None and request.timer.active():
+                request.timer.cancel()
+            if not request.deferred.called:
+                request.deferred.errback(error if request is first or first is None else lost)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost_reason = reason.getErrorMessage()
+        was_connected = self._connected
+        self._connected = False
+        self._fail_all(KVConnectionLost(f"connection to {self.peer} lost: {self._lost_reason}"))
+        if was_connected and self._on_lost is not None:
+            self._on_lost(self)
+
+
+class _PoolFactory(Factory):
+    def __init__(self, pool: KVClientPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: IAddress | None) -> KVClientProtocol:
+        pool = self.pool
+        return KVClientProtocol(pool.clock, pool.timeout, pool.max_value_size, pool._connected, pool._lost)
+
+
+class KVClientPool(MultiService):
+    """``size`` persistent connections to one kvstore, each reconnecting with backoff (``ClientService``).
+
+    ``send`` goes over the connected connection with the fewest pending requests; when none is connected
+    it waits for the next connection attempt and fails with ``KVConnectionLost`` if that fails.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        size: int = 2,
+        timeout: float | None = 5.0,
+        connect_timeout: float = 5.0,
+        max_value_size: int = 128 * 1024 * 1024,
+        endpoint: IStreamClientEndpoint | None = None,
+        max_backoff: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.clock: IReactorTime = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.max_value_size = max_value_size
+        self.connections: list[KVClientProtocol] = []
+        if endpoint is None:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+        factory = _PoolFactory(self)
+        policy = backoffPolicy(initialDelay=0.1, maxDelay=max_backoff, factor=2.0)
+        self._services = [ClientService(endpoint, factory, retryPolicy=policy, clock=reactor) for _ in range(size)]
+        for service in self._services:
+            service.setServiceParent(self)
+        self._next = 0
+
+    def _connected(self, protocol: KVClientProtocol) -> None:
+        self.connections.append(protocol)
+        self._log.debug("connected to {host}:{port}", host=self.host, port=self.port)
+
+    def _lost(self, protocol: KVClientProtocol) -> None:
+        if protocol in self.connections:
+            self.connections.remove(protocol)
+
+    def send(self, command: Command) -> Deferred[Result]:
+        """Send ``command`` over the least busy connection."""
+        connections = self.connections
+        if connections:
+            best = connections[0]
+            if len(connections) > 1:
+                for connection in connections[1:]:
+                    if connection.pending < best.pending:
+                        best = connection
+            return best.send(command)
+        if not self.running:
+            return fail(KVConnectionLost(f"the pool to {self.host}:{self.port} is stopped"))
+        service = self._services[self._next % len(self._services)]
+        self._next += 1
+        waiting: Deferred[Any] = service.whenConnected(failAfterFailures=1)
+
+        def connected(protocol: KVClientProtocol) -> Deferred[Result]:
+            return protocol.send(command)
+
+        def unreachable(failure: Failure) -> Failure:
+            if failure.check(ChashdError):
+                return failure
+            return Failure(KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"))
+
+        return waiting.addCallback(connected).addErrback(unreachable)  # type: ignore[return-value]
