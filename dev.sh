@@ -10,6 +10,24 @@ VENV=${VENV:-.venv}
 
 die() { echo "dev.sh: $*" >&2; exit 1; }
 
+# Tools the deployment tests (tests/deploy) run besides the PyPI ones: systemd-analyze (Debian's systemd
+# package: only its offline verify/security commands are used, nothing is booted) and kubectl with
+# kustomize v5 (it comes with the machine; Debian's kubernetes-client is too old for k8s/).
+setup_deploy_tools() {
+    if ! command -v systemd-analyze >/dev/null; then
+        if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+            echo "dev.sh: installing systemd (for systemd-analyze) with apt-get" >&2
+            { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd; } \
+                >"$VENV/apt-systemd.log" 2>&1 \
+                || { tail -n 20 "$VENV/apt-systemd.log" >&2; die "apt-get install systemd failed"; }
+        else
+            die "systemd-analyze is missing: install the systemd package (as root: apt-get install systemd)"
+        fi
+    fi
+    command -v kubectl >/dev/null \
+        || die "kubectl is missing: install kubectl 1.27 or newer (tests/deploy renders k8s/ with kubectl kustomize)"
+}
+
 setup_venv() {
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "Python 3.11 or newer is needed ($PYTHON is $("$PYTHON" --version 2>&1))"
@@ -52,6 +70,6 @@ run_tests() {
 
 case "${1:-}" in
     demo) shift; setup_venv; exec "$VENV/bin/python" example_demo.py "$@" ;;
-    test) shift; setup_venv; run_tests "$@" ;;
+    test) shift; setup_venv; setup_deploy_tools; run_tests "$@" ;;
     *) echo "usage: ./dev.sh demo|test [options]" >&2; exit 2 ;;
 esac
