@@ -1,0 +1,418 @@
+"""The gateway's control plane with real processes and real Raft: three ``twistd -n chash-gateway`` on
+loopback elect a leader, agree on the cluster map, survive a restart and a ``kill -9`` of the leader, and
+health-check real kvstores. Also ``ClusterRaft`` in-process: its journal and its dump file."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chashd.gateway.membership import ClusterRaft, ClusterSnapshot, Outcome, RaftSettings, RaftStatus
+from chashd.launcher import Daemon, free_ports, http_json
+from tests.integration.conftest import StartDaemon, clean_environ
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (OSError, ValueError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def announcement(node_id: str, port: int = 9000, **kw: Any) -> dict[str, Any]:
+    """A registration body."""
+    return {"id": node_id, "host": HOST, "port": port, "line_port": port + 1, "weight": 100, "seq": 1} | kw
+
+
+class Gateways:
+    """N gateways as real processes on free loopback ports; each stopped by its own pid at teardown."""
+
+    def __init__(self, workdir: Path, count: int = 3, extra: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        ports = free_ports(3 * count)
+        self.http = ports[0::3]
+        self.raft = ports[1::3]
+        self.line = ports[2::3]
+        self.peers = ",".join(f"{HOST}:{p}" for p in self.raft)
+        self.extra = extra
+        self.daemons: list[Daemon] = [self._daemon(i) for i in range(count)]
+
+    def _daemon(self, i: int) -> Daemon:
+        name = f"g{i + 1}"
+        args = [
+            "--gateway-id", name,
+            "--port", f"tcp:{self.http[i]}:interface={HOST}",
+            "--line-port", f"tcp:{self.line[i]}:interface={HOST}",
+            "--raft-port", str(self.raft[i]),
+            "--peers", self.peers,
+            "--data-dir", str(self.workdir / name),
+            *self.extra,
+        ]  # fmt: skip
+        return Daemon("chash-gateway", name, args, self.http[i], self.workdir / f"{name}.log", env=clean_environ())
+
+    def start(self, i: int | None = None) -> None:
+        """Start one gateway (or all) and wait for /health."""
+        indexes = range(len(self.daemons)) if i is None else [i]
+        for j in indexes:
+            if i is not None:
+                self.daemons[j] = self._daemon(j)
+            self.daemons[j].start()
+        for j in indexes:
+            self.daemons[j].wait_healthy(timeout=60)
+
+    def stop(self) -> None:
+        """Stop every running gateway (SIGTERM, then SIGKILL)."""
+        for daemon in self.daemons:
+            daemon.stop(timeout=15)
+
+    def url(self, i: int) -> str:
+        """The base URL of gateway ``i``."""
+        return self.daemons[i].url
+
+    def running(self) -> list[int]:
+        """Indexes of the gateways that run."""
+        return [i for i, d in enumerate(self.daemons) if d.running()]
+
+    def status(self, i: int) -> dict[str, Any]:
+        """GET /ring/status."""
+        code, body = http_json(self.url(i) + "/ring/status", timeout=2)
+        assert code == 200, body
+        return dict(body)
+
+    def agreed_leader(self) -> str | None:
+        """The leader id every running gateway names, or None."""
+        leaders = {self.status(i)["leader"] for i in self.running()}
+        return leaders.pop() if len(leaders) == 1 and None not in leaders else None
+
+    def wait_leader(self, timeout: float = 60) -> str:
+        """Wait until every running gateway names the same leader."""
+        return str(wait_until("an agreed Raft leader", self.agreed_leader, timeout))
+
+    def index_of(self, gateway_id: str) -> int:
+        """The index of a gateway id."""
+        return int(gateway_id[1:]) - 1
+
+    def post(self, i: int, path: str, body: Any = None, timeout: float = 6) -> tuple[int, Any]:
+        """POST JSON to gateway ``i``."""
+        return http_json(self.url(i) + path, timeout=timeout, method="POST", body=body if body is not None else {})
+
+    def has_epoch(self, i: int, epoch: int) -> bool:
+        """True when gateway ``i``'s ring has reached ``epoch``."""
+        return int(self.ring(i)["epoch"]) >= epoch
+
+    def has_node(self, i: int, node_id: str) -> bool:
+        """True when gateway ``i``'s ring holds ``node_id``."""
+        return node_id in {n["id"] for n in self.ring(i)["nodes"]}
+
+    def ring(self, i: int) -> dict[str, Any]:
+        """GET /ring."""
+        code, body = http_json(self.url(i) + "/ring", timeout=2)
+        assert code == 200
+        return dict(body)
+
+
+@pytest.fixture
+def gateways(tmp_path: Path) -> Iterator[Callable[..., Gateways]]:
+    """Start a group of gateways; every process is stopped at teardown, also on failure."""
+    groups: list[Gateways] = []
+
+    def make(count: int = 3, extra: tuple[str, ...] = ()) -> Gateways:
+        group = Gateways(tmp_path, count, extra)
+        groups.append(group)
+        group.start()
+        return group
+
+    yield make
+    for group in groups:
+        group.stop()
+
+
+class ThreeGatewayTests:
+    """Three gateways on loopback (Raft traffic encrypted with a password)."""
+
+    EXTRA = ("--raft-password", "integration-secret")
+
+    def test_leader_and_replicated_registration(self, gateways: Callable[..., Gateways]) -> None:
+        """A leader is elected; a registration POSTed to a follower reaches every gateway's /ring;
+        the same registration again changes nothing (same epoch)."""
+        group = gateways(3, self.EXTRA)
+        leader = group.wait_leader()
+        follower = next(i for i in range(3) if f"g{i + 1}" != leader)
+        code, body = group.post(follower, "/ring/nodes", announcement("kv-a"))
+        assert code == 201, body
+        epoch = body["epoch"]
+        assert group.ring(follower)["epoch"] >= epoch  # read-your-writes on the gateway that answered
+        for i in range(3):
+            wait_until(f"g{i + 1} to show kv-a", partial(group.has_epoch, i, epoch))
+            ring = group.ring(i)
+            assert [n["id"] for n in ring["nodes"]] == ["kv-a"] and ring["nodes"][0]["state"] in ("up", "down")
+            assert {g["id"] for g in ring["gateways"]} == {"g1", "g2", "g3"}
+        code, body = group.post(group.index_of(leader), "/ring/nodes", announcement("kv-a"))
+        assert code == 200 and body["result"] == "unchanged" and body["epoch"] == epoch
+        assert all(group.ring(i)["epoch"] == epoch for i in range(3))
+
+    def test_bad_admin_input(self, gateways: Callable[..., Gateways]) -> None:
+        """Unknown node, duplicate id with another address, weight 0 or negative: 4xx problem+json."""
+        group = gateways(3, self.EXTRA)
+        group.wait_leader()
+        assert group.post(0, "/ring/nodes", announcement("kv-a"))[0] == 201
+        cases = [
+            ("/ring/nodes/nope/drain", None, 404),
+            ("/ring/nodes", announcement("kv-a", port=9100, seq=2), 409),
+            ("/ring/nodes", announcement("kv-b", weight=0), 400),
+            ("/ring/nodes", announcement("kv-b", weight=-1), 400),
+        ]
+        for path, body, expected in cases:
+            code, problem = group.post(1, path, body)
+            assert code == expected, (path, body, problem)
+            assert problem["status"] == expected and problem["detail"]
+        code, problem = http_json(group.url(2) + "/ring/nodes/nope", method="DELETE")
+        assert code == 404 and problem["title"] == "Not Found"
+
+    def test_restarted_gateway_rejoins_with_its_state(self, gateways: Callable[..., Gateways]) -> None:
+        """A gateway stopped and started again (same --data-dir) has its map back from its journal and
+        catches up with what changed while it was away."""
+        group = gateways(3, self.EXTRA)
+        leader = group.wait_leader()
+        victim = next(i for i in range(3) if f"g{i + 1}" != leader)
+        assert group.post(group.index_of(leader), "/ring/nodes", announcement("kv-a"))[0] == 201
+        wait_until("the victim to have kv-a", lambda: group.ring(victim)["nodes"])
+        group.daemons[victim].stop()
+        code, body = group.post(group.index_of(leader), "/ring/nodes", announcement("kv-b", port=9200))
+        assert code == 201
+        epoch = body["epoch"]
+        group.start(victim)
+        ring = wait_until(
+            "the restarted gateway to catch up", lambda: group.ring(victim)["epoch"] >= epoch and group.ring(victim)
+        )
+        assert [n["id"] for n in ring["nodes"]] == ["kv-a", "kv-b"]
+        assert group.wait_leader() == leader
+
+    def test_leader_kill_and_failover(self, gateways: Callable[..., Gateways]) -> None:
+        """kill -9 of the leader: the other two elect a new leader that accepts a change within 5 s."""
+        group = gateways(3, self.EXTRA)
+        leader = group.wait_leader()
+        old = group.index_of(leader)
+        survivors = [i for i in range(3) if i != old]
+        assert group.post(survivors[0], "/ring/nodes", announcement("kv-a"))[0] == 201
+        time.sleep(1.0)  # let the cluster run a little, as a real one has
+        group.daemons[old].kill()
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            target = survivors[attempt % 2]
+            try:
+                code, body = group.post(target, "/ring/nodes", announcement("kv-new", port=9300), timeout=1.5)
+            except OSError:
+                code, body = 0, None
+            if code in (200, 201):
+                break
+            assert time.monotonic() - start < 15, f"no change accepted after {attempt} attempts: {code} {body}"
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        assert elapsed < 5.0, f"the first change after the leader's kill took {elapsed:.2f}s"
+        new_leader = group.wait_leader(timeout=30)
+        assert new_leader != leader
+        for i in survivors:
+            wait_until("both survivors to show the change", partial(group.has_node, i, "kv-new"))
+        # The killed gateway comes back and catches up.
+        group.start(old)
+        wait_until("the old leader to catch up", partial(group.has_node, old, "kv-new"))
+
+    def test_systemd_ready_after_raft(self, gateways: Callable[..., Gateways], tmp_path: Path) -> None:
+        """READY=1 reaches $NOTIFY_SOCKET once the Raft state is loaded (a single gateway on its own)."""
+        import socket
+
+        path = str(tmp_path / "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.settimeout(30)
+            (http, raft) = free_ports(2)
+            daemon = Daemon(
+                "chash-gateway",
+                "solo",
+                ["--gateway-id", "solo", "--port", f"tcp:{http}:interface={HOST}", "--raft-port", str(raft)],
+                http,
+                tmp_path / "solo.log",
+                env=clean_environ(NOTIFY_SOCKET=path),
+            )
+            try:
+                daemon.start()
+                assert sock.recv(100) == b"READY=1"
+                status = http_json(daemon.url + "/ring/status")[1]
+                assert status["leader_raft"] is not None  # no READY before a leader
+            finally:
+                daemon.stop()
+
+
+class HealthTests:
+    """A single gateway health-checks a real kvstore that registered itself."""
+
+    def test_down_then_removed(self, gateways: Callable[..., Gateways], start_daemon: StartDaemon) -> None:
+        """A kvstore that stops answering /health turns down, then is removed after --dead-after."""
+        group = gateways(1, ("--probe-interval", "0.2", "--down-after", "2", "--dead-after", "3"))
+        group.wait_leader()
+        (line,) = free_ports(1)
+        node = start_daemon(
+            "chash-kvstore",
+            "--node-id", "kv-h",
+            "--line-port", f"tcp:{line}:interface={HOST}",
+            "--gateway", group.url(0),
+            "--register-interval", "60",
+            "--engine", "memory",
+        )  # fmt: skip
+        wait_until("kv-h to register and be up", lambda: [n["state"] for n in group.ring(0)["nodes"]] == ["up"])
+        code, ready = http_json(group.url(0) + "/ready")
+        assert code == 200 and ready["ready"] is True
+        node.kill()
+        killed = time.monotonic()
+        wait_until("kv-h to turn down", lambda: [n["state"] for n in group.ring(0)["nodes"]] == ["down"], 15)
+        assert http_json(group.url(0) + "/ready")[0] == 503
+        wait_until("kv-h to be removed", lambda: group.ring(0)["nodes"] == [], 20)
+        assert time.monotonic() - killed >= 3.0
+        status = group.status(0)
+        assert status["nodes"] == []
+
+
+class ClusterRaftTests:
+    """ClusterRaft in this process, on a real loopback port: journal replay and the dump file."""
+
+    class Listener:
+        """Collects the Raft thread's reports in a thread-safe queue."""
+
+        def __init__(self) -> None:
+            self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+            self.latest: ClusterSnapshot | None = None
+
+        def snapshot(self, snapshot: ClusterSnapshot) -> None:
+            self.latest = snapshot
+            self.events.put(("snapshot", snapshot))
+
+        def status(self, status: RaftStatus) -> None:
+            self.events.put(("status", status))
+
+        def ready(self) -> None:
+            self.events.put(("ready", None))
+
+        def command_done(self, token: int, outcome: Outcome | None, error: int) -> None:
+            self.events.put(("done", (token, outcome, error)))
+
+        def failure(self, failure: Any, what: str) -> None:
+            self.events.put(("failure", (failure, what)))
+
+        def wait(self, kind: str, timeout: float = 30) -> Any:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    event, value = self.events.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                assert event != "failure", value
+                if event == kind:
+                    return value
+            raise AssertionError(f"no {kind} within {timeout}s")
+
+    def _raft(self, tmp_path: Path, port: int, compaction: int = 5000) -> tuple[ClusterRaft, Listener]:
+        settings = RaftSettings(
+            f"{HOST}:{port}",
+            (),
+            journal_file=str(tmp_path / "raft.journal"),
+            dump_file=str(tmp_path / "raft.dump"),
+            log_compaction_min_entries=compaction,
+        )
+        listener = self.Listener()
+        return ClusterRaft.create(settings, listener), listener
+
+    def _stop(self, raft: ClusterRaft) -> None:
+        raft.destroy()
+        wait_until("the tick thread to end", lambda: not raft.alive(), 10)
+
+    def test_journal_replay_and_dump(self, tmp_path: Path) -> None:
+        """Commands applied, a dump written by log compaction, then a new ClusterRaft on the same files
+        comes back with the same map (from dump + journal), and is ready."""
+        (port,) = free_ports(1)
+        raft, listener = self._raft(tmp_path, port, compaction=10)
+        try:
+            listener.wait("ready")
+            for i in range(25):
+                raft.submit("register_node", (f"n{i:02d}", HOST, 9000 + i, 9500, 1 + i % 3, 1), i)
+                _, outcome, error = listener.wait("done")
+                assert error == 0 and outcome.code == "registered"
+            raft.submit("mark_down", ("n03",), 99)
+            assert listener.wait("done")[1].code == "updated"
+            wait_until("a dump file", (tmp_path / "raft.dump").exists, 15)
+            wait_until("the last snapshot", lambda: listener.latest is not None and listener.latest.epoch == 26)
+            before = listener.latest
+        finally:
+            self._stop(raft)
+        raft, listener = self._raft(tmp_path, port, compaction=10)
+        try:
+            listener.wait("ready")
+            wait_until("the replayed map", lambda: listener.latest is not None and listener.latest.epoch == 26)
+            assert listener.latest == before
+            raft.submit("mark_down", ("n03",), 1)
+            assert listener.wait("done")[1].code == "unchanged"
+        finally:
+            self._stop(raft)
+
+    def test_port_in_use_is_reported(self, tmp_path: Path) -> None:
+        """A Raft port that cannot be bound leaves the object broken (Membership then stops the daemon)."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind((HOST, 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            raft, _ = self._raft(tmp_path, port)
+            wait_until("the tick thread to give up", raft.broken, 10)
+            raft.destroy()
+
+
+class BadRaftConfigTests:
+    """A gateway that would expose an unencrypted Raft port refuses to start, with one line."""
+
+    def test_refused_before_binding(self, tmp_path: Path) -> None:
+        """Peers off loopback without --raft-password: exit status 1, one line on stderr, port free."""
+        import subprocess
+
+        from chashd.launcher import twistd_command
+
+        (port,) = free_ports(1)
+        result = subprocess.run(
+            twistd_command("chash-gateway", ["--gateway-id", "g", "--port", str(port), "--peers", "10.1.1.1:8001"]),
+            env=clean_environ(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "--raft-password" in lines[0], result.stderr
+
+    def test_raft_port_in_use_stops_the_daemon(self, start_daemon: StartDaemon) -> None:
+        """A second gateway on the same Raft port exits with status 1 and says why."""
+        (raft,) = free_ports(1)
+        start_daemon("chash-gateway", "--gateway-id", "g1", "--raft-port", str(raft))
+        second = start_daemon("chash-gateway", "--gateway-id", "g2", "--raft-port", str(raft), wait=False)
+        status = second.wait(30)
+        assert status == 1, second.log_tail()
+        assert "Raft address" in second.log_tail(40)
