@@ -9,5 +9,6 @@ checkpoints) is run by the kvstore service in its thread pool.
 """
 
 from chashd.storage.memory import MemoryEngine
+from chashd.storage.sqlite import SQLiteEngine
 
-__all__ = ["MemoryEngine"]
+__all__ = ["MemoryEngine", "SQLiteEngine"]

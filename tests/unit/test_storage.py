@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import shutil
+import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chashd.errors import StorageError
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record
 from chashd.ring import HASH_SPACE, key_hash
-from chashd.storage import MemoryEngine
+from chashd.storage import MemoryEngine, SQLiteEngine
 from chashd.storage import memory as memory_module
+from chashd.storage import sqlite as sqlite_module
 from chashd.versions import Version
 
 TOP = HASH_SPACE - 1
@@ -29,7 +37,7 @@ GRACE = 3600.0
 #: "Now" in these tests, as a Unix time.
 NOW = 1_800_000_000.0
 
-Engine = MemoryEngine
+Engine = MemoryEngine | SQLiteEngine
 EngineFactory = Callable[[], Engine]
 
 
@@ -48,7 +56,13 @@ def memory_engine(tmp_path: Path) -> Callable[[], Engine]:
     return MemoryEngine
 
 
-ENGINES = {"memory": memory_engine}
+def sqlite_engine(tmp_path: Path) -> Callable[[], Engine]:
+    """A factory of SQLite engines, each on a new file under ``tmp_path``."""
+    counter = itertools.count()
+    return lambda: SQLiteEngine(tmp_path / f"db-{next(counter)}" / "chashd.sqlite3")
+
+
+ENGINES = {"memory": memory_engine, "sqlite": sqlite_engine}
 
 
 @pytest.fixture(params=sorted(ENGINES))
@@ -71,6 +85,27 @@ def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engi
 def engine(make_engine: EngineFactory) -> Engine:
     """A fresh, empty engine."""
     return make_engine()
+
+
+@contextmanager
+def every_kind(tmp_path_factory: pytest.TempPathFactory, count: int = 1) -> Iterator[list[list[Engine]]]:
+    """``count`` fresh engines of each kind, closed afterwards.
+
+    For hypothesis tests: pytest-twisted rewraps a ``@given`` test once per parametrization (and then
+    fails), so those tests take no parametrized fixture and loop over the kinds themselves.
+    """
+    made: list[list[Engine]] = []
+    try:
+        for kind in sorted(ENGINES):
+            factory = ENGINES[kind](tmp_path_factory.mktemp(kind))
+            made.append([])
+            for _ in range(count):
+                made[-1].append(factory())
+        yield made
+    finally:
+        for engines in made:
+            for engine in engines:
+                engine.close()
 
 
 def scan_all(engine: Engine, first: int = 0, last: int = TOP, limit: int = 7) -> list[tuple[bytes, Record]]:
@@ -162,7 +197,7 @@ class PointTests:
         assert [key for key, _ in scan_all(engine)] == [b"other"]
         assert engine.apply(b"k", record(1)) is True
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=40, deadline=None)
     @given(
         writes=st.lists(
             st.tuples(
@@ -177,26 +212,28 @@ class PointTests:
         seed=st.randoms(use_true_random=False),
     )
     def test_apply_is_order_free(
-        self, make_engine: EngineFactory, writes: list[tuple[bytes, int, str, bool]], seed: random.Random
+        self,
+        tmp_path_factory: pytest.TempPathFactory,
+        writes: list[tuple[bytes, int, str, bool]],
+        seed: random.Random,
     ) -> None:
         """Applying a set of records in any order, some twice, ends with the highest version of each key."""
         records = [
             (key, Record.deleted(Version(clock, writer)) if dead else record(clock, b"%d" % clock, writer))
             for key, clock, writer, dead in writes
         ]
-        engines = []
-        for _ in range(2):
-            engine = make_engine()
-            shuffled = records + records[: len(records) // 2]
-            seed.shuffle(shuffled)
-            for key, rec in shuffled:
-                engine.apply(key, rec)
-            engines.append(engine)
-        for key in {key for key, _ in records}:
-            best = max((rec for k, rec in records if k == key), key=lambda r: r.version)
-            for engine in engines:
-                got = engine.get(key)
-                assert got is not None and got.version == best.version
+        with every_kind(tmp_path_factory, count=2) as kinds:
+            for engines in kinds:
+                for engine in engines:
+                    shuffled = records + records[: len(records) // 2]
+                    seed.shuffle(shuffled)
+                    for key, rec in shuffled:
+                        engine.apply(key, rec)
+                for key in {key for key, _ in records}:
+                    best = max((rec for k, rec in records if k == key), key=lambda r: r.version)
+                    for engine in engines:
+                        got = engine.get(key)
+                        assert got is not None and got.version == best.version
 
 
 class ScanTests:
@@ -259,7 +296,7 @@ class ScanTests:
             with pytest.raises(ValueError):
                 engine.scan(first, last, None, limit)
 
-    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=30, deadline=None)
     @given(
         keys=st.sets(st.binary(min_size=1, max_size=6), max_size=60),
         removed=st.sets(st.binary(min_size=1, max_size=6), max_size=10),
@@ -268,23 +305,24 @@ class ScanTests:
     )
     def test_agrees_with_brute_force(
         self,
-        make_engine: EngineFactory,
+        tmp_path_factory: pytest.TempPathFactory,
         keys: set[bytes],
         removed: set[bytes],
         bounds: list[int],
         limit: int,
     ) -> None:
         """Paging through any range returns exactly what sorting all keys by (hash, key) gives."""
-        engine = make_engine()
-        stored = {key: record(i + 1) for i, key in enumerate(sorted(keys))}
-        for key, rec in stored.items():
-            engine.put(key, rec)
-        for key in removed:
-            engine.remove(key)
-            stored.pop(key, None)
         first, last = bounds
-        assert scan_all(engine, first, last, limit) == brute_force(stored, first, last)
-        assert scan_all(engine, 0, TOP, limit) == brute_force(stored, 0, TOP)
+        with every_kind(tmp_path_factory) as kinds:
+            for (engine,) in kinds:
+                stored = {key: record(i + 1) for i, key in enumerate(sorted(keys))}
+                for key, rec in stored.items():
+                    engine.put(key, rec)
+                for key in removed:
+                    engine.remove(key)
+                    stored.pop(key, None)
+                assert scan_all(engine, first, last, limit) == brute_force(stored, first, last)
+                assert scan_all(engine, 0, TOP, limit) == brute_force(stored, 0, TOP)
 
     def test_scan_while_writing(self, engine: Engine) -> None:
         """A scan in another thread while this one writes sees ordered pages and every key that stayed put."""
@@ -353,6 +391,7 @@ class PurgeTests:
     def test_purge_many(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
         """A purge goes past its chunk size and removes every purgeable record, keeping the others."""
         monkeypatch.setattr(memory_module, "_PURGE_CHUNK", 7)
+        monkeypatch.setattr(sqlite_module, "_PURGE_CHUNK", 7)
         for i in range(100):
             expires = int(NOW) - 1 if i % 3 == 0 else 0
             engine.put(b"k%d" % i, Record(b"x", expires_at=expires, version=version(1)))
@@ -418,3 +457,240 @@ class MemoryEngineTests:
     def test_position_is_hash_then_key(self, key: bytes) -> None:
         """The index position of a key is its ring hash in big-endian bytes followed by the key."""
         assert memory_module._position(key) == key_hash(key).to_bytes(4, "big") + key
+
+
+def filled_database(path: Path, count: int = 3000) -> dict[bytes, Record]:
+    """Write ``count`` records into a new SQLite engine at ``path`` and close it; what was written."""
+    written = {b"key-%d" % i: record(i + 1, b"value %d" % i * 10, flags=i) for i in range(count)}
+    engine = SQLiteEngine(path)
+    with engine.batch():
+        for key, rec in written.items():
+            engine.put(key, rec)
+    engine.close()
+    return written
+
+
+def assert_refused(path: Path, *words: str) -> StorageError:
+    """Opening ``path`` raises a StorageError naming the file and saying ``words``; the file is untouched."""
+    before = path.read_bytes() if path.is_file() and os.access(path, os.R_OK) else None
+    with pytest.raises(StorageError) as caught:
+        SQLiteEngine(path)
+    message = str(caught.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+    if before is not None:
+        assert path.read_bytes() == before
+    return caught.value
+
+
+class SQLiteEngineTests:
+    """What is particular to ``SQLiteEngine``: files, durability settings, refusals."""
+
+    def test_reopen_keeps_data(self, tmp_path: Path) -> None:
+        """Records and counters survive closing and reopening the file."""
+        path = tmp_path / "chashd.sqlite3"
+        written = filled_database(path, 500)
+        engine = SQLiteEngine(path)
+        try:
+            assert engine.get(b"key-7") == written[b"key-7"]
+            assert scan_all(engine, limit=100) == brute_force(written, 0, TOP)
+            assert engine.stats() == {"keys": 500, "bytes": sum(len(r.value) for r in written.values())}
+        finally:
+            engine.close()
+
+    def test_wal_mode(self, tmp_path: Path) -> None:
+        """The file is in WAL mode and carries chashd's application id and schema version."""
+        path = tmp_path / "chashd.sqlite3"
+        engine = SQLiteEngine(path)
+        engine.put(b"k", record(1))
+        check = sqlite3.connect(path)
+        try:
+            assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert check.execute("PRAGMA application_id").fetchone()[0] == sqlite_module.APPLICATION_ID
+            assert check.execute("PRAGMA user_version").fetchone()[0] == sqlite_module.SCHEMA_VERSION
+            assert check.execute("SELECT count(*) FROM records").fetchone()[0] == 1
+        finally:
+            check.close()
+            engine.close()
+
+    def test_each_write_is_committed(self, tmp_path: Path) -> None:
+        """Another connection sees every put, apply and remove as soon as the call returns."""
+        path = tmp_path / "chashd.sqlite3"
+        engine = SQLiteEngine(path)
+        other = sqlite3.connect(path)
+
+        def stored() -> set[bytes]:
+            return {row[0] for row in other.execute("SELECT key FROM records")}
+
+        try:
+            engine.put(b"a", record(1))
+            assert stored() == {b"a"}
+            engine.apply(b"b", record(1))
+            assert stored() == {b"a", b"b"}
+            engine.remove(b"a")
+            assert stored() == {b"b"}
+        finally:
+            other.close()
+            engine.close()
+
+    def test_batch_rolls_back(self, tmp_path: Path) -> None:
+        """A batch that raises leaves neither its writes nor its counter changes behind."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
+        try:
+            engine.put(b"kept", record(1, b"abc"))
+            with pytest.raises(RuntimeError), engine.batch():
+                engine.put(b"new", record(1, b"12345"))
+                engine.remove(b"kept")
+                raise RuntimeError("handoff connection lost")
+            assert engine.get(b"kept") == record(1, b"abc")
+            assert engine.get(b"new") is None
+            assert engine.stats() == {"keys": 1, "bytes": 3}
+        finally:
+            engine.close()
+
+    def test_purge_spares_rewritten_records(self, tmp_path: Path) -> None:
+        """A purge candidate rewritten between the purge's read and its delete is kept."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
+        try:
+            engine.put(b"k", Record(b"old", expires_at=1, version=Version(1, "w")))
+            (row,) = engine._reader().execute("SELECT hash, key, value, clock, writer FROM records").fetchall()
+            stale = (row[0], row[1], row[2], 0, 1, row[3], row[4])
+            engine.put(b"k", record(2, b"new"))
+            assert engine._delete_unchanged([stale]) == 0
+            assert engine.get(b"k") == record(2, b"new")
+            assert engine.stats() == {"keys": 1, "bytes": 3}
+        finally:
+            engine.close()
+
+    def test_checkpoint(self, tmp_path: Path) -> None:
+        """With automatic checkpoints off, ``checkpoint()`` copies every WAL frame into the database file."""
+        path = tmp_path / "chashd.sqlite3"
+        engine = SQLiteEngine(path, autocheckpoint=0)
+        try:
+            for i in range(50):
+                engine.put(b"k%d" % i, record(1))
+            frames, done = engine.checkpoint()
+            assert frames >= 50
+            assert done == frames
+        finally:
+            engine.close()
+
+    def test_closed(self, tmp_path: Path) -> None:
+        """After ``close()`` (which may be called twice) the engine refuses to work, with a StorageError."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
+        engine.scan(0, TOP)
+        engine.close()
+        engine.close()
+        with pytest.raises(StorageError):
+            engine.get(b"k")
+        with pytest.raises(StorageError):
+            engine.scan(0, TOP)
+        assert not (tmp_path / "chashd.sqlite3-wal").exists() or (tmp_path / "chashd.sqlite3-wal").stat().st_size == 0
+
+    def test_creates_data_directory(self, tmp_path: Path) -> None:
+        """Missing directories on the way to the file are created."""
+        engine = SQLiteEngine(tmp_path / "a" / "b" / "chashd.sqlite3")
+        engine.close()
+        assert (tmp_path / "a" / "b" / "chashd.sqlite3").is_file()
+
+    def test_random_bytes(self, tmp_path: Path) -> None:
+        """A file of random bytes is refused as not a SQLite database."""
+        path = tmp_path / "chashd.sqlite3"
+        path.write_bytes(random.Random(7).randbytes(64 * 1024))
+        assert_refused(path, "not a SQLite database")
+
+    def test_text_file(self, tmp_path: Path) -> None:
+        """A text file is refused as not a SQLite database."""
+        path = tmp_path / "chashd.sqlite3"
+        path.write_text("data_dir: /var/lib/chashd\n")
+        assert_refused(path, "not a SQLite database")
+
+    @pytest.mark.parametrize("keep", [50, 100, 4096, 0.5, -4096])
+    def test_truncated(self, tmp_path: Path, keep: float) -> None:
+        """A database cut short (inside its header, at a page, half way, one page short) is refused as corrupt."""
+        path = tmp_path / "chashd.sqlite3"
+        filled_database(path)
+        data = path.read_bytes()
+        cut = int(len(data) * keep) if isinstance(keep, float) else keep if keep > 0 else len(data) + keep
+        path.write_bytes(data[:cut])
+        assert_refused(path, "corrupt")
+
+    def test_damaged_page(self, tmp_path: Path) -> None:
+        """A database with a page overwritten by garbage is refused as corrupt."""
+        path = tmp_path / "chashd.sqlite3"
+        filled_database(path)
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 4096 // 2 * 4096
+        data[middle : middle + 4096] = random.Random(3).randbytes(4096)
+        path.write_bytes(bytes(data))
+        assert_refused(path, "corrupt")
+
+    def test_other_application(self, tmp_path: Path) -> None:
+        """A SQLite database of another application is refused, not taken over."""
+        path = tmp_path / "chashd.sqlite3"
+        other = sqlite3.connect(path)
+        other.execute("CREATE TABLE users (name TEXT)")
+        other.commit()
+        other.close()
+        assert_refused(path, "not a chashd one", "users")
+
+    def test_unknown_schema_version(self, tmp_path: Path) -> None:
+        """A chashd database of a schema version this code does not know is refused."""
+        path = tmp_path / "chashd.sqlite3"
+        filled_database(path, 10)
+        newer = sqlite3.connect(path)
+        newer.execute(f"PRAGMA user_version = {sqlite_module.SCHEMA_VERSION + 1}")
+        newer.close()
+        assert_refused(path, f"schema version {sqlite_module.SCHEMA_VERSION + 1}")
+
+    def test_directory_in_place_of_file(self, tmp_path: Path) -> None:
+        """A directory where the database file should be is refused."""
+        path = tmp_path / "chashd.sqlite3"
+        path.mkdir()
+        assert_refused(path, "is a directory")
+
+    def test_directory_cannot_be_created(self, tmp_path: Path) -> None:
+        """A data directory that cannot be created (a file is in the way) is refused, naming it."""
+        blocker = tmp_path / "data"
+        blocker.write_text("not a directory")
+        with pytest.raises(StorageError) as caught:
+            SQLiteEngine(blocker / "chashd.sqlite3")
+        assert "cannot create the data directory" in str(caught.value)
+        assert str(blocker) in str(caught.value)
+
+    @pytest.mark.slow
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        """A database file that cannot be read (mode 000) is refused as permission denied.
+
+        Root reads any file, so as root the opening runs in a child process whose capabilities are
+        dropped with setpriv (it stays uid 0, so it can still run the venv's Python).
+        """
+        path = tmp_path / "chashd.sqlite3"
+        filled_database(path, 10)
+        path.chmod(0)
+        if os.geteuid() != 0:
+            assert_refused(path, "cannot read", "permission denied")
+            return
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        script = (
+            "import sys\n"
+            "from chashd.errors import StorageError\n"
+            "from chashd.storage import SQLiteEngine\n"
+            "try:\n"
+            "    SQLiteEngine(sys.argv[1])\n"
+            "except StorageError as e:\n"
+            "    print(e)\n"
+            "    sys.exit(3)\n"
+        )
+        child = subprocess.run(
+            [setpriv, "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", script, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert child.returncode == 3, child.stderr
+        assert str(path) in child.stdout
+        assert "cannot read" in child.stdout and "permission denied" in child.stdout

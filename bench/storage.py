@@ -1,0 +1,216 @@
+"""Storage engine benchmark: point puts and gets, batched applies, scans, memory per key, in one run.
+
+    python bench/storage.py [--memory-keys N] [--sqlite-keys N] [--dir DIR]
+
+MemoryEngine: puts of new keys, overwrites, gets and scan pages over ``--memory-keys`` keys (default 1M;
+keys ``key:%012d`` of 16 bytes, distinct 100-byte values), and the memory per stored key (RSS growth
+while filling, records included, and tracemalloc's count on a tenth of the keys).
+
+SQLiteEngine (a file in ``--dir``, default a temporary directory, which must be on the disk the
+daemon would use): puts with one transaction each (rate, p50/p99/max latency), the same with
+``autocheckpoint=0`` and a thread calling ``checkpoint()`` every second, applies in batches of 1000,
+gets in random order, scan pages, and the time ``SQLiteEngine()`` takes to open the filled file with and
+without ``PRAGMA quick_check``.
+
+Figures are printed, not asserted: this is a measurement, never a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import resource
+import shutil
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+from chashd.record import Record
+from chashd.ring import HASH_SPACE, key_hash
+from chashd.storage import MemoryEngine, SQLiteEngine
+from chashd.versions import Version
+
+VALUE_SIZE = 100
+BASE_CLOCK = 1_700_000_000_000 << 16
+
+
+def key(i: int) -> bytes:
+    """The i-th key (16 bytes)."""
+    return b"key:%012d" % i
+
+
+def make_record(i: int) -> Record:
+    """A record with a distinct 100-byte value, as a kvstore would hold."""
+    return Record(b"%0100d" % i, 0, 0, Version(BASE_CLOCK + i, "kvstore-A"))
+
+
+def rss_bytes() -> int:
+    """The resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def timed(label: str, count: int, run: Callable[[], object], unit: str = "ops") -> float:
+    """Run ``run`` once, print ``count / seconds``; the rate."""
+    start = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - start
+    rate = count / elapsed
+    print(f"  {label:44s} {rate:12,.0f} {unit}/s   ({elapsed * 1e6 / count:7.2f} us each)")
+    return rate
+
+
+def scan_everything(engine: MemoryEngine | SQLiteEngine, page: int = 1000) -> int:
+    """Page through the whole ring; the number of records seen."""
+    seen = 0
+    after = None
+    while True:
+        pairs = engine.scan(0, HASH_SPACE - 1, after, page)
+        seen += len(pairs)
+        if len(pairs) < page:
+            return seen
+        last = pairs[-1][0]
+        after = (key_hash(last), last)
+
+
+def latencies(label: str, calls: list[float]) -> None:
+    """Print the rate, p50, p99 and max of per-call durations."""
+    calls.sort()
+    n = len(calls)
+    print(
+        f"  {label:44s} {n / sum(calls):12,.0f} ops/s   p50 {calls[n // 2] * 1e6:6.0f} us"
+        f"  p99 {calls[int(n * 0.99)] * 1e6:6.0f} us  max {calls[-1] * 1e3:6.1f} ms"
+    )
+
+
+def bench_memory(count: int) -> None:
+    """MemoryEngine figures."""
+    print(f"MemoryEngine, {count:,} keys of 16 bytes with {VALUE_SIZE}-byte values")
+    gc.collect()
+    rss_before = rss_bytes()
+    engine = MemoryEngine()
+
+    def fill() -> None:
+        for i in range(count):
+            engine.put(key(i), make_record(i))
+
+    timed("put, new keys (record built in the loop)", count, fill)
+    gc.collect()
+    per_key = (rss_bytes() - rss_before) / count
+    keys = [key(i) for i in range(count)]
+    records = [engine.get(k) for k in keys]
+    random.Random(1).shuffle(keys)
+
+    def overwrite() -> None:
+        for k, r in zip(keys, records):
+            engine.put(k, r)  # type: ignore[arg-type]
+
+    def get() -> None:
+        for k in keys:
+            engine.get(k)
+
+    timed("put, existing keys", count, overwrite)
+    timed("get, random order", count, get)
+    timed("scan, pages of 1000", count, lambda: scan_everything(engine), unit="records")
+    print(f"  {'memory per key (RSS growth while filling)':44s} {per_key:12,.0f} bytes")
+    keys.clear()
+    records.clear()
+    engine.close()
+    gc.collect()
+
+    sample = max(count // 10, 1)
+    tracemalloc.start()
+    engine = MemoryEngine()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(sample):
+        engine.put(key(i), make_record(i))
+    traced = (tracemalloc.get_traced_memory()[0] - before) / sample
+    tracemalloc.stop()
+    print(f"  {f'memory per key (tracemalloc, {sample:,} keys)':44s} {traced:12,.0f} bytes")
+    print(f"  {'  of which the key and value themselves':44s} {16 + VALUE_SIZE:12,} bytes")
+    engine.close()
+
+
+def bench_sqlite(count: int, directory: Path) -> None:
+    """SQLiteEngine figures."""
+    print(f"SQLiteEngine, {count:,} keys of 16 bytes with {VALUE_SIZE}-byte values, in {directory}")
+    path = directory / "bench.sqlite3"
+    engine = SQLiteEngine(path)
+    calls: list[float] = []
+    clock = time.perf_counter
+    for i in range(count):
+        record = make_record(i)
+        start = clock()
+        engine.put(key(i), record)
+        calls.append(clock() - start)
+    latencies("put, a transaction each, autocheckpoint", calls)
+
+    engine.close()
+    engine = SQLiteEngine(path, autocheckpoint=0)
+    stop = threading.Event()
+
+    def checkpointer() -> None:
+        while not stop.wait(1.0):
+            engine.checkpoint()
+
+    thread = threading.Thread(target=checkpointer)
+    thread.start()
+    calls = []
+    try:
+        for i in range(count):
+            record = make_record(i).with_version(Version(BASE_CLOCK + count + i, "kvstore-A"))
+            start = clock()
+            engine.put(key(i), record)
+            calls.append(clock() - start)
+    finally:
+        stop.set()
+        thread.join()
+    latencies("put, a transaction each, checkpoint() thread", calls)
+    wal = path.with_name(path.name + "-wal")
+    print(f"  {'  WAL size after that':44s} {wal.stat().st_size / 2**20:12,.1f} MiB")
+    engine.close()
+    engine = SQLiteEngine(path)
+
+    def apply_batched() -> None:
+        for first in range(0, count, 1000):
+            with engine.batch():
+                for i in range(first, min(first + 1000, count)):
+                    engine.apply(key(count + i), make_record(i))
+
+    timed("apply, batches of 1000 (new keys)", count, apply_batched)
+    keys = [key(i) for i in range(2 * count)]
+    random.Random(1).shuffle(keys)
+    timed("get, random order", len(keys), lambda: [engine.get(k) for k in keys])
+    timed("scan, pages of 1000", 2 * count, lambda: scan_everything(engine), unit="records")
+    engine.close()
+    size = path.stat().st_size
+    for check in (True, False):
+        start = time.perf_counter()
+        SQLiteEngine(path, check=check).close()
+        label = f"open {2 * count:,} keys ({size / 2**20:,.0f} MiB), " + ("quick_check" if check else "no check")
+        print(f"  {label:44s} {time.perf_counter() - start:12.2f} s")
+
+
+def main() -> None:
+    """Run both benchmarks."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory-keys", type=int, default=1_000_000)
+    parser.add_argument("--sqlite-keys", type=int, default=200_000)
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the SQLite file (default: a temp dir)")
+    options = parser.parse_args()
+    print(f"chashd storage benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
+    bench_memory(options.memory_keys)
+    directory = Path(tempfile.mkdtemp(prefix="chashd-bench-", dir=options.dir))
+    try:
+        bench_sqlite(options.sqlite_keys, directory)
+    finally:
+        shutil.rmtree(directory)
+
+
+if __name__ == "__main__":
+    main()
