@@ -28,6 +28,34 @@ setup_deploy_tools() {
         || die "kubectl is missing: install kubectl 1.27 or newer (tests/deploy renders k8s/ with kubectl kustomize)"
 }
 
+setup_memcached() {
+    # tests/integration/test_memcache_compat.py compares our line protocol with a real memcached.
+    command -v memcached >/dev/null && return 0
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo -n true 2>/dev/null || die "memcached is missing and we are not root: apt-get install -y memcached"
+        sudo="sudo -n"
+    fi
+    echo "dev.sh: installing memcached (Debian package) for the differential test" >&2
+    # Keep apt from starting the memcached service (it would hold 127.0.0.1:11211).
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy" && made_policy=1
+    fi
+    local log="${TMPDIR:-/tmp}/chashd-apt.log" status=0
+    { [ -n "$(find /var/lib/apt/lists -name '*Packages*' -print -quit 2>/dev/null)" ] || $sudo apt-get update; } \
+        >"$log" 2>&1 || status=$?
+    if [ "$status" -eq 0 ]; then
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y memcached >>"$log" 2>&1 \
+            || { $sudo apt-get update >>"$log" 2>&1 \
+                 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y memcached >>"$log" 2>&1; } \
+            || status=$?
+    fi
+    [ -n "$made_policy" ] && $sudo rm -f "$policy"
+    [ "$status" -eq 0 ] && command -v memcached >/dev/null \
+        || { tail -n 20 "$log" >&2; die "cannot install memcached; the apt output is in $log"; }
+}
+
 setup_venv() {
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "Python 3.11 or newer is needed ($PYTHON is $("$PYTHON" --version 2>&1))"
@@ -70,6 +98,6 @@ run_tests() {
 
 case "${1:-}" in
     demo) shift; setup_venv; exec "$VENV/bin/python" example_demo.py "$@" ;;
-    test) shift; setup_venv; setup_deploy_tools; run_tests "$@" ;;
+    test) shift; setup_venv; setup_deploy_tools; setup_memcached; run_tests "$@" ;;
     *) echo "usage: ./dev.sh demo|test [options]" >&2; exit 2 ;;
 esac
