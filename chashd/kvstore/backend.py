@@ -50,6 +50,8 @@ from chashd.versions import HybridClock, Version
 
 __all__ = ["COUNTERS", "LocalBackend"]
 
+_NO_VALUES = Values(())
+
 #: The per-command counters ``stats()`` reports, with memcached's names where memcached has them.
 COUNTERS = (
     "cmd_get",
@@ -97,6 +99,7 @@ class LocalBackend:
         self._started = clock.seconds()
         self._flush_call: IDelayedCall | None = None
         self._counts = dict.fromkeys(COUNTERS, 0)
+        self._engine_get = engine.get
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             Get: self._get,
             Store: self._write,
@@ -131,9 +134,19 @@ class LocalBackend:
     # -- reads ---------------------------------------------------------------------------------------
 
     def _get(self, command: Get) -> Values:
-        engine_get = self.engine.get
-        now = self._seconds()
+        keys = command.keys
         counts = self._counts
+        if len(keys) == 1 and command.exptime is None:  # the hot path: get of one key
+            key = keys[0]
+            record = self._engine_get(key)
+            counts["cmd_get"] += 1
+            if record is None or record.tombstone or (record.expires_at and record.expires_at <= self._seconds()):
+                counts["get_misses"] += 1
+                return _NO_VALUES
+            counts["get_hits"] += 1
+            return Values(((key, record),))
+        engine_get = self._engine_get
+        now = self._seconds()
         items = []
         for key in command.keys:
             record = engine_get(key)

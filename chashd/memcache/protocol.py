@@ -48,12 +48,23 @@ from twisted.python.failure import Failure
 
 import chashd
 from chashd.commands import (
+    Arith,
     Command,
+    Delete,
+    FlushAll,
+    Number,
     Quit,
     Result,
     StatsCommand,
+    StatsResult,
+    Status,
+    Store,
+    Touch,
+    Values,
     Verbosity,
     VersionCommand,
+    XApplied,
+    XPut,
 )
 from chashd.errors import ChashdError, ServiceUnavailable
 from chashd.interfaces import IKeyValue
@@ -85,6 +96,8 @@ _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
 _LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit})  # not for the backend
+_RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
+_SILENCEABLE = frozenset({Store, Delete, Arith, Touch, FlushAll, Verbosity, XPut})  # commands with noreply
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
 
 
@@ -286,7 +299,7 @@ class MemcacheServerProtocol(Protocol):
             self._log.failure("the backend failed on {command}", command=type(command).__name__)
             reply = error_reply(RuntimeError())
         else:
-            if isinstance(result, Deferred):
+            if type(result) not in _RESULTS and isinstance(result, Deferred):
                 self._pending(command, result)
                 return
             try:
@@ -294,8 +307,12 @@ class MemcacheServerProtocol(Protocol):
             except Exception:
                 self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
                 reply = error_reply(RuntimeError())
-        if not getattr(command, "noreply", False):
-            self._reply(reply)
+        if type(command) in _SILENCEABLE and command.noreply:  # type: ignore[union-attr]
+            return
+        if self._queue:
+            self._queue.append([reply])
+        else:
+            self._out.append(reply)
 
     def _reply(self, reply: bytes) -> None:
         if self._queue:

@@ -229,7 +229,7 @@ def _digits(token: bytes) -> int:
 
 # -- the server's parser ----------------------------------------------------------------------------
 
-_LINE, _DATA, _SWALLOW, _DEAD = range(4)
+_LINE, _DATA, _SWALLOW, _DEAD, _BINARY = range(5)
 
 _Build = Callable[[bytes], Command]
 #: What a line parser returns: a command, a rejection, or a data block to read (bytes, noreply, build).
@@ -309,6 +309,10 @@ class RequestParser:
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the connection."""
+        if self._fresh and data:
+            self._fresh = False
+            if data[0] == 0x80:  # the binary protocol's magic byte: memcached decides on the first byte
+                self._state = _BINARY
         if self._pos >= len(self._buf):
             self._buf = data
             self._pos = 0
@@ -335,8 +339,6 @@ class RequestParser:
             if state == _LINE:
                 buf = self._buf
                 pos = self._pos
-                if self._fresh and len(buf) > pos and buf[pos] == 0x80:
-                    return self._close(Rejected(UnknownCommand(), close=True))  # the binary protocol's magic
                 end = buf.find(b"\n", pos)
                 if end < 0:
                     return self._no_newline()
@@ -345,6 +347,10 @@ class RequestParser:
                 self._pos = end + 1
                 if end > pos and buf[end - 1] == 0x0D:
                     end -= 1
+                if buf.startswith(b"get ", pos):  # the hot path: a get of one plain key
+                    key = buf[pos + 4 : end]
+                    if 0 < len(key) <= MAX_KEY_LENGTH and b" " not in key and b"\0" not in key:
+                        return Get((key,))
                 parsed = self._line(buf[pos:end])
                 if type(parsed) is tuple:
                     self._need, self._noreply, self._build = parsed
@@ -372,6 +378,8 @@ class RequestParser:
                     return Rejected(BadDataChunk(), reply=not self._noreply)
                 assert build is not None
                 return build(buf[pos : pos + need - 2])
+            if state == _BINARY:
+                return self._close(Rejected(UnknownCommand(), close=True))
             if state == _SWALLOW:
                 available = len(self._buf) - self._pos
                 if available >= self._need:
@@ -408,7 +416,6 @@ class RequestParser:
         return None
 
     def _line(self, line: bytes) -> _Parsed:
-        self._fresh = False
         if b"\0" in line:  # memcached reads the line as a C string
             line = line[: line.index(b"\0")]
         tokens = line.split(b" ")

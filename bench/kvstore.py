@@ -1,0 +1,280 @@
+"""kvstore benchmark: the line protocol of a real kvstore beside a Twisted baseline and memcached, in one run.
+
+    python bench/kvstore.py [--seconds 10] [--warmup 3] [--servers memory,sqlite,baseline,memcached]
+    python bench/kvstore.py --inprocess      # only the in-process hot-path check
+
+Load (issue 3): 50 connections, each with one request in flight, 90% get / 10% set, 32-byte keys drawn from
+10,000 (all set first), 100-byte values, measured for ``--seconds`` after ``--warmup``. The generator is
+bench/loadgen.c, built here with the system's C compiler (a Python generator would be the bottleneck);
+it reports ops/s, p50/p99 latency and its own CPU. On a machine with two cores the generator runs on core 0
+and the server on core 1 (taskset).
+
+Servers, one after the other: ``twistd -n chash-kvstore`` with the memory engine and with the SQLite
+engine (real daemons), bench/baseline_server.py (a minimal Twisted get/set server over a dict), and
+``memcached -t 1``. Printed: each server's figures and the ratios kvstore / baseline and kvstore /
+memcached, against the targets (memory >= 0.8x baseline, SQLite >= 0.5x baseline).
+
+``--inprocess`` measures the hot path without sockets: the same request mix fed to the server protocol
+over LocalBackend and MemoryEngine (and to the baseline protocol), one request per ``dataReceived`` and 50
+per call, so its cost per request is visible apart from the reactor's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baseline_server import BaselineFactory
+
+from chashd.kvstore.backend import LocalBackend
+from chashd.launcher import free_ports, twistd_command
+from chashd.memcache.protocol import MemcacheServerFactory
+from chashd.storage.memory import MemoryEngine
+
+HERE = Path(__file__).resolve().parent
+TARGETS = {"memory": 0.8, "sqlite": 0.5}
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+
+def pinned(command: list[str], core: int | None) -> list[str]:
+    """``command`` run on one core when taskset is there and the machine has more than one."""
+    if core is None or shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+        return command
+    return ["taskset", "-c", str(core), *command]
+
+
+def build_loadgen(directory: Path) -> Path:
+    """Compile bench/loadgen.c; fails with a clear message without a C compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit("bench/kvstore.py needs a C compiler (cc or gcc) to build bench/loadgen.c")
+    binary = directory / "loadgen"
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(HERE / "loadgen.c")], check=True)
+    return binary
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections; fail if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on port {port} after {timeout}s:\n{log.read_text()[-2000:]}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; by the process's own pid."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def server_commands(name: str, port: int, work: Path) -> list[str]:
+    """The command line that serves the line protocol on ``port`` for the server called ``name``."""
+    if name in ("memory", "sqlite"):
+        (http_port,) = free_ports(1)
+        args = [
+            "--node-id",
+            f"bench-{name}",
+            "--port",
+            f"tcp:{http_port}:interface=127.0.0.1",
+            "--line-port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--idle-timeout",
+            "0",
+        ]
+        if name == "memory":
+            args += ["--engine", "memory"]
+        else:
+            data = work / "sqlite-data"
+            data.mkdir(exist_ok=True)
+            args += ["--data-dir", str(data)]
+        return twistd_command("chash-kvstore", args)
+    if name == "baseline":
+        return [sys.executable, str(HERE / "baseline_server.py"), str(port)]
+    if name == "memcached":
+        binary = shutil.which("memcached")
+        if binary is None:
+            raise SystemExit("memcached is not installed (apt-get install -y memcached)")
+        command = [binary, "-U", "0", "-t", "1", "-l", "127.0.0.1", "-p", str(port), "-m", "256", "-c", "4096"]
+        return command + (["-u", "nobody"] if os.geteuid() == 0 else [])
+    raise SystemExit(f"unknown server {name!r}")
+
+
+def measure(name: str, loadgen: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Start one server on core 1, drive it from core 0, stop it; the generator's figures."""
+    (port,) = free_ports(1)
+    log = work / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_")}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            pinned(server_commands(name, port, work), 1), stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        wait_port(port, process, log)
+        command = [str(loadgen), "127.0.0.1", str(port), str(args.connections), str(args.seconds),
+                   str(args.warmup), str(args.keys), str(args.get_percent), str(args.value_size), "1"]  # fmt: skip
+        result = subprocess.run(pinned(command, 0), capture_output=True, text=True, timeout=args.seconds * 5 + 120)
+        if result.returncode != 0:
+            raise SystemExit(f"loadgen failed on {name}: {result.stderr}\n{log.read_text()[-2000:]}")
+        figures: dict[str, Any] = json.loads(result.stdout)
+        return figures
+    finally:
+        stop(process)
+
+
+# -- in process ------------------------------------------------------------------------------------------
+
+
+class _Sink:
+    """A transport that throws replies away (and counts their bytes)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+    def getPeer(self) -> None:
+        return None
+
+
+def requests(count: int, keys: int, get_percent: int, value_size: int, seed: int = 1) -> list[bytes]:
+    """The benchmark's request mix as bytes, one request each."""
+    rng = random.Random(seed)
+    value = b"v" * value_size
+    out = []
+    for _ in range(count):
+        key = b"key:%028d" % rng.randrange(keys)
+        if rng.randrange(100) < get_percent:
+            out.append(b"get " + key + b"\r\n")
+        else:
+            out.append(b"set %s 0 0 %d\r\n%s\r\n" % (key, value_size, value))
+    return out
+
+
+def inprocess_rate(make_protocol: Callable[[], Any], mix: list[bytes], batch: int) -> float:
+    """Requests per second through ``dataReceived`` with ``batch`` requests per call (best of 3)."""
+    chunks = [b"".join(mix[i : i + batch]) for i in range(0, len(mix), batch)]
+    best = 0.0
+    for _ in range(3):
+        protocol = make_protocol()
+        protocol.makeConnection(_Sink())
+        data_received = protocol.dataReceived
+        start = time.perf_counter()
+        for chunk in chunks:
+            data_received(chunk)
+        best = max(best, len(mix) / (time.perf_counter() - start))
+    return best
+
+
+def inprocess(args: argparse.Namespace) -> None:
+    """The hot path's cost without sockets: kvstore protocol + LocalBackend + MemoryEngine vs the baseline."""
+    from twisted.internet import reactor
+
+    engine = MemoryEngine()
+    backend = LocalBackend(engine, "bench", reactor, 1024 * 1024)  # type: ignore[arg-type]
+    factory = MemcacheServerFactory(backend, reactor, idle_timeout=0)  # type: ignore[arg-type]
+    baseline = BaselineFactory()
+    preload = requests(args.keys, args.keys, 0, args.value_size)
+    inprocess_rate(lambda: factory.buildProtocol(None), preload, 100)
+    inprocess_rate(lambda: baseline.buildProtocol(None), preload, 100)
+    mix = requests(200_000, args.keys, args.get_percent, args.value_size)
+    print("in process (no sockets), requests/s through dataReceived:")
+    print(f"{'':28} {'1 per call':>12} {'50 per call':>12}")
+    rates = {}
+    for name, make in (("kvstore (memory engine)", lambda: factory.buildProtocol(None)),
+                       ("baseline (LineReceiver+dict)", lambda: baseline.buildProtocol(None))):  # fmt: skip
+        rates[name] = (inprocess_rate(make, mix, 1), inprocess_rate(make, mix, 50))
+        print(f"{name:28} {rates[name][0]:12,.0f} {rates[name][1]:12,.0f}")
+    kv, base = rates["kvstore (memory engine)"], rates["baseline (LineReceiver+dict)"]
+    print(f"{'ratio kvstore / baseline':28} {kv[0] / base[0]:12.2f} {kv[1] / base[1]:12.2f}")
+    print(f"cost per request: kvstore {1e6 / kv[0]:.2f} us, baseline {1e6 / base[0]:.2f} us (1 per call)")
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Run the benchmark and print its table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--get-percent", type=int, default=90)
+    parser.add_argument("--value-size", type=int, default=100)
+    parser.add_argument("--servers", default="memory,sqlite,baseline,memcached")
+    parser.add_argument("--inprocess", action="store_true", help="only the in-process hot-path check")
+    args = parser.parse_args()
+    inprocess(args)
+    if args.inprocess:
+        return
+    with tempfile.TemporaryDirectory(prefix="chashd-bench-") as tmp:
+        work = Path(tmp)
+        loadgen = build_loadgen(work)
+        results = {}
+        print(
+            f"\nload: {args.connections} connections, {args.get_percent}% get, {args.keys} keys of 32 bytes, "
+            f"{args.value_size}-byte values, {args.seconds:g}s after {args.warmup:g}s warm-up; "
+            f"generator on core 0, server on core 1"
+        )
+        print(f"{'server':12} {'ops/s':>10} {'p50 us':>8} {'p99 us':>8} {'gen CPU':>8} {'errors':>7}")
+        for name in args.servers.split(","):
+            figures = measure(name, loadgen, args, work)
+            results[name] = figures
+            print(
+                f"{name:12} {figures['ops_per_s']:10,.0f} {figures['p50_us']:8.0f} {figures['p99_us']:8.0f} "
+                f"{figures['cpu_percent']:7.0f}% {figures['errors']:7d}",
+                flush=True,
+            )
+        print()
+        for name, target in TARGETS.items():
+            if name not in results:
+                continue
+            ops = results[name]["ops_per_s"]
+            if "baseline" in results:
+                ratio = ops / results["baseline"]["ops_per_s"]
+                verdict = "ok" if ratio >= target else "MISSED"
+                print(f"{name} / baseline: {ratio:.2f}x (target >= {target}x) {verdict}")
+            if "memcached" in results:
+                print(f"{name} / memcached: {ops / results['memcached']['ops_per_s']:.2f}x")
+        if "baseline" in results and "memcached" in results:
+            ratio = results["baseline"]["ops_per_s"] / results["memcached"]["ops_per_s"]
+            print(f"baseline / memcached: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
