@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
@@ -584,3 +586,21 @@ class PoolTests(SynchronousTestCase):
     def test_stopped(self) -> None:
         """A stopped pool refuses requests at once."""
         self.failureResultOf(self.pool.send(Get((b"k",))), KVConnectionLost)
+
+
+class ServerFuzzTests:
+    """No input makes the server raise, and another connection keeps working."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(max_size=60) | st.sampled_from(list(SESSION[0::2])), max_size=20))
+    def test_any_bytes(self, parts: list[bytes]) -> None:
+        """Arbitrary bytes, byte by byte or whole, never raise; a second connection is unaffected."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        for part in parts:
+            protocol.dataReceived(part)
+        other, other_transport = connect(factory)
+        other.dataReceived(b"set fuzz-check 0 0 1\r\nx\r\nget fuzz-check\r\n")
+        assert other_transport.value() == b"STORED\r\nVALUE fuzz-check 0 1\r\nx\r\nEND\r\n"
+        reply = transport.value()
+        assert reply == b"" or reply.endswith(b"\r\n")

@@ -532,3 +532,35 @@ class ReplyParserTests:
     def test_version_reply(self) -> None:
         """The version reply reads as a one-item StatsResult."""
         assert read_replies(b"VERSION 1.6.18\r\n", [VersionCommand()]) == [StatsResult((("version", "1.6.18"),))]
+
+
+fragments = st.lists(
+    st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([b"get ", b"gets ", b"gat ", b"set ", b"cas ", b"incr ", b"delete ", b"touch ", b"xput ",
+                         b"xapply 5-g ", b"flush_all ", b"noreply", b" ", b"\r\n", b"\n", b"\0", b"-1", b"99999999999",
+                         b"0 0 3", b"k", b"\x80", b"HTTP/1.1", b"stats", b"quit"]),
+    ),
+    max_size=30,
+)  # fmt: skip
+
+
+class FuzzTests:
+    """Whatever bytes come, the parser answers with commands or rejections and never raises."""
+
+    @settings(max_examples=500)
+    @given(fragments, st.integers(1, 16))
+    def test_any_bytes(self, parts: list[bytes], chunk: int) -> None:
+        """Arbitrary input, fed in arbitrary pieces, yields only commands and Rejected, and stays bounded."""
+        data = b"".join(parts)
+        parser = RequestParser(max_value_size=64, max_line=128, max_keys=8)
+        for i in range(0, len(data), chunk):
+            parser.feed(data[i : i + chunk])
+            for _ in range(len(data) + 2):
+                event = parser.next()
+                if event is None:
+                    break
+                assert isinstance(event, Rejected) or type(event).__module__ == "chashd.commands"
+            else:
+                raise AssertionError("the parser did not stop")
+            assert parser.buffered <= max(parser.max_get_line, 64 + 2) + chunk
