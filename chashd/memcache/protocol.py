@@ -625,13 +625,11 @@ class KVClientPool(MultiService):
 
     def send(self, command: Command) -> Deferred[Result]:
         """Send ``command`` over the least busy connection."""
-        connections = self.connections
-        if connections:
-            best = connections[0]
-            if len(connections) > 1:
-                for connection in connections[1:]:
-                    if connection.pending < best.pending:
-                        best = connection
+        best: KVClientProtocol | None = None
+        for connection in self.connections:
+            if connection.usable and (best is None or connection.pending < best.pending):
+                best = connection
+        if best is not None:
             return best.send(command)
         if not self.running:
             return fail(KVConnectionLost(f"the pool to {self.host}:{self.port} is stopped"))

@@ -564,6 +564,27 @@ class PoolTests(SynchronousTestCase):
             pump.flush()
         assert self.pool.connections == []
 
+    def test_skips_a_connection_that_failed(self) -> None:
+        """After a request times out on one connection, the next request goes over another one."""
+        reactor = MemoryReactorClock()
+        reactor.listenTCP(4322, MemcacheServerFactory(LaterBackend(Clock()), reactor))
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", 4322)
+        pool = KVClientPool(reactor, "127.0.0.1", 4322, size=2, timeout=1.0, endpoint=endpoint)
+        pool.startService()
+        completer = ConnectionCompleter(reactor)
+        pumps = [completer.succeedOnce(), completer.succeedOnce()]
+        first, second = pool.connections
+        timed_out = pool.send(Get((b"a",)))
+        for pump in pumps:
+            assert pump is not None
+            pump.flush()
+        reactor.advance(1.0)
+        self.failureResultOf(timed_out, KVTimeout)
+        assert not first.usable
+        pool.send(Get((b"b",)))
+        assert (first.pending, second.pending) == (0, 1)
+        pool.stopService()
+
     def test_waits_for_a_connection(self) -> None:
         """A request sent before any connection goes over the first one made."""
         self.pool.startService()
