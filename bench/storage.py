@@ -3,13 +3,15 @@
     python bench/storage.py [--memory-keys N] [--sqlite-keys N] [--dir DIR]
 
 MemoryEngine: puts of new keys, overwrites, gets and scan pages over ``--memory-keys`` keys (default 1M;
-keys ``key:%012d`` of 16 bytes, distinct 100-byte values), and the memory per stored key (RSS growth
-while filling, records included, and tracemalloc's count on a tenth of the keys).
+keys ``key:%012d`` of 16 bytes, distinct 100-byte values), the memory per stored key (RSS growth
+while filling, records included, and tracemalloc's count on a tenth of the keys), and how long a full
+garbage collection takes with the engine filled (a pause of the reactor thread).
 
 SQLiteEngine (a file in ``--dir``, default a temporary directory, which must be on the disk the
 daemon would use): puts with one transaction each (rate, p50/p99/max latency), the same with
-``autocheckpoint=0`` and a thread calling ``checkpoint()`` every second, applies in batches of 1000,
-gets in random order, scan pages, and the time ``SQLiteEngine()`` takes to open the filled file with and
+``autocheckpoint=0`` and a thread calling ``checkpoint()`` every second, applies in batches of 1000
+(new keys in ring order, as a handoff receiver gets them, and in any order), gets in random order, scan
+pages, and the time ``SQLiteEngine()`` takes to open the filled file with and
 without ``PRAGMA quick_check``.
 
 Figures are printed, not asserted: this is a measurement, never a timed test.
@@ -102,6 +104,9 @@ def bench_memory(count: int) -> None:
     timed("put, new keys (record built in the loop)", count, fill)
     gc.collect()
     per_key = (rss_bytes() - rss_before) / count
+    start = time.perf_counter()
+    gc.collect()
+    pause = time.perf_counter() - start
     keys = [key(i) for i in range(count)]
     records = [engine.get(k) for k in keys]
     random.Random(1).shuffle(keys)
@@ -118,6 +123,7 @@ def bench_memory(count: int) -> None:
     timed("get, random order", count, get)
     timed("scan, pages of 1000", count, lambda: scan_everything(engine), unit="records")
     print(f"  {'memory per key (RSS growth while filling)':44s} {per_key:12,.0f} bytes")
+    print(f"  {'a full gc.collect() with the engine filled':44s} {pause * 1e3:12,.1f} ms")
     keys.clear()
     records.clear()
     engine.close()
@@ -176,13 +182,17 @@ def bench_sqlite(count: int, directory: Path) -> None:
     engine.close()
     engine = SQLiteEngine(path)
 
-    def apply_batched() -> None:
-        for first in range(0, count, 1000):
+    def apply_batched(keys: list[bytes]) -> None:
+        for first in range(0, len(keys), 1000):
             with engine.batch():
-                for i in range(first, min(first + 1000, count)):
-                    engine.apply(key(count + i), make_record(i))
+                for k in keys[first : first + 1000]:
+                    engine.apply(k, make_record(count))
 
-    timed("apply, batches of 1000 (new keys)", count, apply_batched)
+    half = count // 2
+    in_ring_order = sorted((key(count + i) for i in range(half)), key=lambda k: (key_hash(k), k))
+    timed("apply, batches of 1000, new keys, ring order", half, lambda: apply_batched(in_ring_order))
+    at_random = [key(count + half + i) for i in range(half)]
+    timed("apply, batches of 1000, new keys, any order", half, lambda: apply_batched(at_random))
     keys = [key(i) for i in range(2 * count)]
     random.Random(1).shuffle(keys)
     timed("get, random order", len(keys), lambda: [engine.get(k) for k in keys])

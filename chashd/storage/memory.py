@@ -8,6 +8,14 @@ project's machine, overwriting an existing key costs nothing), and a scan page c
 position is one small ``bytes`` object per key (about 60 bytes with its slot in the list), smaller and
 faster to compare than a ``(hash, key)`` tuple.
 
+The dict holds each record as a plain tuple ``(value, flags, expires_at, clock, writer, tombstone)``, not
+as the ``Record`` it was given. A tuple of bytes, ints and a str is untracked by Python's cyclic garbage
+collector (once a collection has seen it), while a ``Record`` and its ``Version`` are tracked: at a
+million keys a full collection, which pauses the reactor thread, took about 0.7 s with ``Record``
+objects against 60-110 ms with tuples (mostly visiting the dict's entries), and untracked tuples do not
+count toward the next full collection either. The tuple is also 32 bytes smaller. The price is building
+a ``Record`` on each read: about 1.9 us.
+
 Pure (L0): no Twisted, no clock; time comes in as ``now``.
 """
 
@@ -26,12 +34,16 @@ from zope.interface import implementer
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
 from chashd.storage._common import TOP_HASH, check_range
+from chashd.versions import Version
 
 __all__ = ["MemoryEngine"]
 
 #: Records examined per lock hold while purging, so that writers on the reactor thread wait at most a
 #: few milliseconds behind a purge running in the thread pool.
 _PURGE_CHUNK = 4096
+
+#: A stored record: ``(value, flags, expires_at, version clock, version writer, tombstone)``.
+_Row = tuple[bytes, int, int, int, str, bool]
 
 
 def _position(key: bytes) -> bytes:
@@ -42,6 +54,15 @@ def _position(key: bytes) -> bytes:
     this against ``key_hash``.) It saves the int round trip: about 0.7 us against 1.1 us.
     """
     return md5(key).digest()[3::-1] + key
+
+
+def _row(record: Record) -> _Row:
+    version = record.version
+    return (record.value, record.flags, record.expires_at, version.clock, version.writer, record.tombstone)
+
+
+def _record(row: _Row) -> Record:
+    return Record(row[0], row[1], row[2], Version(row[3], row[4]), row[5])
 
 
 @implementer(IStorageEngine)
@@ -57,37 +78,40 @@ class MemoryEngine:
     __slots__ = ("_bytes", "_index", "_lock", "_records")
 
     def __init__(self) -> None:
-        self._records: dict[bytes, Record] = {}
+        self._records: dict[bytes, _Row] = {}
         self._index = SortedList()
         self._lock = threading.RLock()
         self._bytes = 0
 
     def get(self, key: bytes) -> Record | None:
         """The stored record for ``key`` (tombstones and expired records included), or None."""
-        return self._records.get(key)
+        row = self._records.get(key)
+        return None if row is None else _record(row)
 
     def put(self, key: bytes, record: Record) -> None:
         """Store ``record`` for ``key``, replacing what is there."""
+        row = _row(record)
         with self._lock:
-            self._store(key, record, self._records.get(key))
+            self._store(key, row, self._records.get(key))
 
     def apply(self, key: bytes, record: Record) -> bool:
         """Store ``record`` only if its version is higher than the stored one's; True if stored."""
+        row = _row(record)
         with self._lock:
             current = self._records.get(key)
-            if not record.newer_than(current):
+            if current is not None and (row[3], row[4]) <= (current[3], current[4]):
                 return False
-            self._store(key, record, current)
+            self._store(key, row, current)
             return True
 
-    def _store(self, key: bytes, record: Record, current: Record | None) -> None:
+    def _store(self, key: bytes, row: _Row, current: _Row | None) -> None:
         # Called with the lock held.
         if current is None:
             self._index.add(_position(key))
-            self._bytes += len(record.value)
+            self._bytes += len(row[0])
         else:
-            self._bytes += len(record.value) - len(current.value)
-        self._records[key] = record
+            self._bytes += len(row[0]) - len(current[0])
+        self._records[key] = row
 
     def remove(self, key: bytes) -> None:
         """Forget ``key`` entirely."""
@@ -99,7 +123,7 @@ class MemoryEngine:
         current = self._records.pop(key, None)
         if current is not None:
             self._index.remove(_position(key))
-            self._bytes -= len(current.value)
+            self._bytes -= len(current[0])
 
     def scan(
         self,
@@ -120,9 +144,10 @@ class MemoryEngine:
                 low, low_inclusive = after_position, False
         high = None if last_hash == TOP_HASH else (last_hash + 1).to_bytes(4, "big")
         with self._lock:
-            positions = list(islice(self._index.irange(low, high, (low_inclusive, False)), limit))
+            positions = cast(list[bytes], list(islice(self._index.irange(low, high, (low_inclusive, False)), limit)))
             records = self._records
-            return [(position[4:], records[position[4:]]) for position in positions]
+            rows = [(position[4:], records[position[4:]]) for position in positions]
+        return [(key, _record(row)) for key, row in rows]
 
     def purge(self, now: float, tombstone_grace: float) -> int:
         """Forget expired records and tombstones older than ``tombstone_grace`` seconds; the number forgotten.
@@ -143,7 +168,9 @@ class MemoryEngine:
                     return forgotten
                 for position in chunk:
                     key = position[4:]
-                    if purgeable(records[key], now, tombstone_grace):
+                    row = records[key]
+                    # Only a tombstone or a record with an expiry time can go; purgeable() decides.
+                    if (row[5] or row[2]) and purgeable(_record(row), now, tombstone_grace):
                         self._forget(key)
                         forgotten += 1
             low, low_inclusive = chunk[-1], False

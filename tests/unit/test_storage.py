@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import random
@@ -10,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -458,6 +460,15 @@ class MemoryEngineTests:
         """The index position of a key is its ring hash in big-endian bytes followed by the key."""
         assert memory_module._position(key) == key_hash(key).to_bytes(4, "big") + key
 
+    def test_records_escape_the_garbage_collector(self) -> None:
+        """What the engine holds per key is invisible to the cyclic GC, so a full collection stays short."""
+        engine = MemoryEngine()
+        engine.put(b"k", Record(b"v", 1, 2, version(5, "gw"), False))
+        engine.put(b"t", Record.deleted(version(6, "gw")))
+        gc.collect()
+        assert not any(gc.is_tracked(held) for held in engine._records.values())
+        assert engine.get(b"k") == Record(b"v", 1, 2, version(5, "gw"), False)
+
 
 def filled_database(path: Path, count: int = 3000) -> dict[bytes, Record]:
     """Write ``count`` records into a new SQLite engine at ``path`` and close it; what was written."""
@@ -564,7 +575,7 @@ class SQLiteEngineTests:
             engine.close()
 
     def test_checkpoint(self, tmp_path: Path) -> None:
-        """With automatic checkpoints off, ``checkpoint()`` copies every WAL frame into the database file."""
+        """With automatic checkpoints off, ``checkpoint()`` copies the WAL into the file, and restarts a long one."""
         path = tmp_path / "chashd.sqlite3"
         engine = SQLiteEngine(path, autocheckpoint=0)
         try:
@@ -575,6 +586,38 @@ class SQLiteEngineTests:
             assert done == frames
         finally:
             engine.close()
+
+    def test_checkpoint_restarts_a_busy_wal(self, tmp_path: Path) -> None:
+        """Under a steady stream of writes, ``checkpoint()`` keeps the WAL near ``restart_frames`` pages.
+
+        (With PASSIVE checkpoints alone it grew to every page written: 38,839 pages for 31,690 writes
+        in 2 s when this was measured.)
+        """
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3", autocheckpoint=0)
+        stop = threading.Event()
+        written = [0]
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                engine.put(b"k%d" % (i % 5000), record(i, b"x" * 100))
+            written[0] = i
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        largest = 0
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and engine.stats()["keys"] < 5000:
+                largest = max(largest, engine.checkpoint(restart_frames=200)[0])
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+            engine.close()
+        assert written[0] >= 5000
+        assert largest < 2500
 
     def test_closed(self, tmp_path: Path) -> None:
         """After ``close()`` (which may be called twice) the engine refuses to work, with a StorageError."""
