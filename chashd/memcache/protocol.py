@@ -266,21 +266,28 @@ class MemcacheServerProtocol(Protocol):
         self._process()
 
     def _process(self) -> None:
-        """Run the parsed commands until the buffer is empty, the queue is full or the connection closes."""
+        """Run the parsed commands until the buffer is empty, the queue is full or the connection closes;
+        then write every reply they made at once."""
         next_event = self._parser.next
+        handle = self._handle
         try:
             while not self._paused and not self._closing:
                 event = next_event()
                 if event is None:
                     break
-                self._handle(event)
+                handle(event)
         finally:
-            self._flush_out()
+            out = self._out
+            if out:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                self._tr.write(data)
 
     def _flush_out(self) -> None:
-        if self._out:
-            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-            self._out.clear()
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             self._tr.write(data)
 
     def _handle(self, command: Command | Rejected) -> None:

@@ -334,6 +334,8 @@ class RequestParser:
 
     def next(self) -> Command | Rejected | None:
         """The next command or rejection, or None until more bytes are fed."""
+        if self._pos >= len(self._buf):  # all consumed: nothing to do in any state
+            return None
         while True:
             state = self._state
             if state == _LINE:
@@ -759,10 +761,16 @@ def _values(command: Command, items: tuple[tuple[bytes, Record], ...]) -> bytes:
 
 def serialize_result(command: Command, result: Result) -> bytes:
     """The reply bytes of ``result``, the answer to ``command``."""
+    if type(result) is Values:
+        items = result.items
+        if not items:
+            return _END
+        if len(items) == 1 and type(command) is Get and not command.cas:  # the hot path
+            key, r = items[0]
+            return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, r.flags, len(r.value), r.value)
+        return _values(command, items)
     if type(result) is Status:
         return _STATUS_LINES[result]
-    if type(result) is Values:
-        return _values(command, result.items)
     if type(result) is Number:
         return b"%d\r\n" % result.value
     if type(result) is XApplied:
