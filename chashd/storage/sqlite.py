@@ -138,7 +138,7 @@ class SQLiteEngine:
         self._cache_kib = cache_mib * 1024
         self._lock = threading.RLock()
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._readers_lock = threading.Lock()
         self._batch_depth = 0
         self._closed = False
@@ -229,7 +229,12 @@ class SQLiteEngine:
             except sqlite3.Error as e:
                 raise StorageError(f"cannot open the database {self._path} for reading: {e}") from e
             with self._readers_lock:
-                self._readers.append(reader)
+                # Close the connections of threads that have ended (a pool may replace its threads).
+                for thread, connection in self._readers:
+                    if not thread.is_alive():
+                        connection.close()
+                self._readers = [(t, c) for t, c in self._readers if t.is_alive()]
+                self._readers.append((threading.current_thread(), reader))
             self._local.reader = reader
         return reader
 
@@ -442,7 +447,7 @@ class SQLiteEngine:
             self._closed = True
             with self._readers_lock:
                 readers, self._readers = self._readers, []
-            for reader in readers:
+            for _thread, reader in readers:
                 reader.close()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

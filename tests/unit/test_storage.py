@@ -598,26 +598,38 @@ class SQLiteEngineTests:
         written = [0]
 
         def writer() -> None:
-            i = 0
             while not stop.is_set():
-                i += 1
-                engine.put(b"k%d" % (i % 5000), record(i, b"x" * 100))
-            written[0] = i
+                written[0] += 1
+                engine.put(b"k%d" % (written[0] % 5000), record(written[0], b"x" * 100))
 
         thread = threading.Thread(target=writer)
         thread.start()
         largest = 0
         try:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and engine.stats()["keys"] < 5000:
+            while time.monotonic() < deadline and written[0] < 20_000:
                 largest = max(largest, engine.checkpoint(restart_frames=200)[0])
                 time.sleep(0.01)
         finally:
             stop.set()
             thread.join(timeout=60)
             engine.close()
-        assert written[0] >= 5000
-        assert largest < 2500
+        assert written[0] >= 20_000
+        assert largest < 10_000
+
+    def test_readers_of_ended_threads_are_closed(self, tmp_path: Path) -> None:
+        """The read connection of a thread that has ended is closed when another thread opens one."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
+        try:
+            engine.put(b"k", record(1))
+            for _ in range(5):
+                thread = threading.Thread(target=engine.scan, args=(0, TOP))
+                thread.start()
+                thread.join(timeout=60)
+            engine.scan(0, TOP)
+            assert len(engine._readers) == 1
+        finally:
+            engine.close()
 
     def test_closed(self, tmp_path: Path) -> None:
         """After ``close()`` (which may be called twice) the engine refuses to work, with a StorageError."""
