@@ -88,6 +88,10 @@ def _record(value: bytes, flags: int, expires_at: int, clock: int, writer: str, 
 
 
 def _row(hash_value: int, key: bytes, record: Record) -> tuple[Any, ...]:
+    if not (_INT64_MIN <= record.expires_at <= _INT64_MAX and _INT64_MIN <= record.flags <= _INT64_MAX):
+        raise StorageError(
+            f"cannot store flags {record.flags} and expires_at {record.expires_at}: SQLite integers have 64 bits"
+        )
     version = record.version
     return (
         hash_value,

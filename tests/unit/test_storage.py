@@ -545,6 +545,19 @@ class SQLiteEngineTests:
             other.close()
             engine.close()
 
+    def test_out_of_range_integers(self, tmp_path: Path) -> None:
+        """An expiry or flags beyond SQLite's 64-bit integers is refused with a StorageError, storing nothing."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
+        try:
+            with pytest.raises(StorageError):
+                engine.put(b"k", Record(b"v", expires_at=2**64, version=Version(1, "w")))
+            with pytest.raises(StorageError):
+                engine.apply(b"k", Record(b"v", flags=2**63, version=Version(1, "w")))
+            assert engine.get(b"k") is None
+            assert engine.stats() == {"keys": 0, "bytes": 0}
+        finally:
+            engine.close()
+
     def test_batch_rolls_back(self, tmp_path: Path) -> None:
         """A batch that raises leaves neither its writes nor its counter changes behind."""
         engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
