@@ -115,6 +115,8 @@ class LocalBackend:
     def execute(self, command: Command) -> Result:
         """Run ``command``; raises the errors of ``chashd.errors`` (and TypeError for a command that is
         not a key-value command, such as ``stats``, which the adapters answer themselves)."""
+        if type(command) is Get:  # the most common command, without the table lookup
+            return self._get(command)
         handler = self._dispatch.get(type(command))
         if handler is None:
             raise TypeError(f"{type(command).__name__} is not run by a backend")
