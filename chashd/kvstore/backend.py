@@ -54,7 +54,6 @@ _NO_VALUES = Values(())
 
 #: The per-command counters ``stats()`` reports, with memcached's names where memcached has them.
 COUNTERS = (
-    "cmd_get",
     "get_hits",
     "get_misses",
     "cmd_set",
@@ -131,6 +130,7 @@ class LocalBackend:
         stats["limit_item_size"] = self.max_value_size
         stats["leaving"] = int(self.leaving)
         stats.update(self._counts)
+        stats["cmd_get"] = stats["get_hits"] + stats["get_misses"]  # counted once per key, not twice
         return stats
 
     # -- reads ---------------------------------------------------------------------------------------
@@ -141,7 +141,6 @@ class LocalBackend:
         if len(keys) == 1 and command.exptime is None:  # the hot path: get of one key
             key = keys[0]
             record = self._engine_get(key)
-            counts["cmd_get"] += 1
             if record is None or record.tombstone or (record.expires_at and record.expires_at <= self._seconds()):
                 counts["get_misses"] += 1
                 return _NO_VALUES
@@ -156,7 +155,6 @@ class LocalBackend:
                 continue
             items.append((key, record))
         if command.exptime is None:
-            counts["cmd_get"] += len(command.keys)
             counts["get_hits"] += len(items)
             counts["get_misses"] += len(command.keys) - len(items)
         else:  # gat/gats: touch every hit with a new version
