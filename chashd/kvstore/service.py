@@ -1,29 +1,87 @@
-"""The kvstore node: its backend, its registration with the gateways."""
+"""The kvstore node: its engine, its local backend, its thread pool, its registration with the gateways."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from chashd.config import KVStoreConfig, endpoint_port
+from chashd.errors import ConfigError
+from chashd.interfaces import IStorageEngine
+from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.registration import Registrar
+from chashd.record import TOMBSTONE_GRACE
 
-__all__ = ["KVStoreService"]
+__all__ = ["KVStoreService", "open_engine"]
+
+DATABASE_NAME = "kvstore.db"
+
+
+def open_engine(config: KVStoreConfig) -> IStorageEngine:
+    """The engine the config asks for: SQLite in ``--data-dir`` (the default with one), else memory.
+
+    Raises ``ConfigError`` for ``--engine sqlite`` without a data dir and ``StorageError`` for a database
+    that cannot be used; both before anything listens.
+    """
+    from chashd.storage import MemoryEngine, SQLiteEngine
+
+    engine = config.engine or ("sqlite" if config.data_dir else "memory")
+    if engine == "memory":
+        return MemoryEngine()
+    if not config.data_dir:
+        raise ConfigError("option --engine: sqlite needs --data-dir (where the database file goes)")
+    # Checkpoints run in the service's thread pool (see KVStoreService), not in the writing thread.
+    return SQLiteEngine(os.path.join(config.data_dir, DATABASE_NAME), autocheckpoint=0)
 
 
 class KVStoreService(MultiService):
-    """Owns what a kvstore node is: its identity, its registration."""
+    """Owns what a kvstore node is: its engine and backend, a thread pool for work that may block (range
+    scans, purges, checkpoints: ``run_in_pool(fn, *args)``; tests pass a synchronous runner), and its
+    registration with the gateways.
+
+    Point reads and writes stay on the reactor thread: they cost microseconds, less than a hop to a
+    thread and back (measured in bench/kvstore.py).
+    """
 
     _log = Logger()
+    purge_interval = 60.0
+    checkpoint_interval = 1.0
 
-    def __init__(self, config: KVStoreConfig, reactor: IReactorTime, http_client: Any = None) -> None:
+    def __init__(
+        self,
+        config: KVStoreConfig,
+        reactor: Any,
+        engine: IStorageEngine | None = None,
+        http_client: Any = None,
+        run_in_thread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self._reactor = reactor
+        self._reactor: IReactorTime = reactor
         self._started = reactor.seconds()
+        self.engine = engine if engine is not None else open_engine(config)
+        self.backend = LocalBackend(self.engine, config.node_id, reactor, config.max_value_size)
+        self._pool: ThreadPool | None = None
+        if run_in_thread is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=2, name=f"kvstore-{config.node_id}")
+            pool = self._pool
+            run_in_thread = partial(deferToThreadPool, reactor, pool)
+        self.run_in_pool = run_in_thread
+        TimerService(self.purge_interval, self._in_pool, "purge", self._purge).setServiceParent(self)
+        if hasattr(self.engine, "checkpoint"):
+            TimerService(
+                self.checkpoint_interval, self._in_pool, "checkpoint", self.engine.checkpoint
+            ).setServiceParent(self)
         self.registrar: Registrar | None = None
         if config.gateway:
             from chashd.kvstore.registration import treq_post
@@ -42,6 +100,40 @@ class KVStoreService(MultiService):
             )
             self.registrar.setServiceParent(self)
 
+    # -- the thread pool ------------------------------------------------------------------------
+
+    def _in_pool(self, what: str, fn: Any, *args: Any) -> Deferred[Any]:
+        """A periodic job: run in the pool, log (never raise) a failure so the timer keeps running."""
+        d = self.run_in_pool(fn, *args)
+        d.addErrback(lambda f: self._log.failure("{what} failed", f, what=what))
+        return d
+
+    def _purge(self) -> int:
+        forgotten = self.engine.purge(self._reactor.seconds(), TOMBSTONE_GRACE)
+        if forgotten:
+            self._log.info("purged {count} expired records and old tombstones", count=forgotten)
+        return forgotten
+
+    def startService(self) -> None:
+        if self._pool is not None:
+            self._pool.start()
+        super().startService()
+        self._log.info(
+            "kvstore {node_id} serving with the {engine} engine",
+            node_id=self.config.node_id,
+            engine=type(self.engine).__name__,
+        )
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[None] = super().stopService()  # type: ignore[assignment]
+        self.backend.stop()
+        if self._pool is not None:
+            self._pool.stop()  # waits for a job under way: purges and checkpoints are short
+        self.engine.close()
+        return stopped
+
+    # -- what the node says about itself --------------------------------------------------------
+
     def announcement(self) -> dict[str, Any]:
         """What this node tells the gateways about itself."""
         return {
@@ -59,4 +151,11 @@ class KVStoreService(MultiService):
             "role": "kvstore",
             "id": self.config.node_id,
             "registered": self.registrar.registered_with is not None if self.registrar else None,
+            "keys": self.engine.stats()["keys"],
         }
+
+    def ready(self) -> tuple[bool, str]:
+        """``GET /ready``: serving, unless the node is leaving the ring."""
+        if self.backend.leaving:
+            return False, "the node is leaving the ring"
+        return True, "serving"

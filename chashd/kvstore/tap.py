@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from twisted.application.service import IService, MultiService
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.defer import Deferred
 
 from chashd.config import ConfigOptions, KVStoreConfig, options_for
 from chashd.daemon import ListenService, SystemdNotifier
-from chashd.kvstore.service import KVStoreService
+from chashd.errors import ConfigError, StorageError
+from chashd.kvstore.service import KVStoreService, open_engine
+from chashd.memcache.protocol import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
@@ -15,21 +20,41 @@ __all__ = ["Options", "makeService"]
 Options = options_for(KVStoreConfig, "chash-kvstore")
 
 
-def makeService(options: ConfigOptions, reactor: IReactorCore | None = None) -> IService:
-    """Build the kvstore: the node service and its HTTP listener."""
+def makeService(
+    options: ConfigOptions, reactor: Any = None, run_in_thread: Callable[..., Deferred[Any]] | None = None
+) -> IService:
+    """Build the kvstore: the node service, its HTTP and line-protocol listeners, the readiness notice.
+
+    The storage engine is opened here, before anything listens, so that a database that cannot be used
+    stops the daemon with one line and a non-zero status. Tests pass a memory reactor and a synchronous
+    ``run_in_thread``.
+    """
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
-        reactor = _reactor  # type: ignore[assignment]
-    assert reactor is not None
+        reactor = _reactor
     config: KVStoreConfig = options.config
+    try:
+        engine = open_engine(config)
+    except (ConfigError, StorageError) as e:
+        raise SystemExit(f"chash-kvstore: error: {e}") from None
     root = MultiService()
-    node = KVStoreService(config, reactor)  # type: ignore[arg-type]
+    node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread)
     node.setServiceParent(root)
-    http = KeyValueHTTP(health=node.health)
-    listener = ListenService(reactor, config.port, http.site(), "HTTP")
-    listener.setServiceParent(root)
+    http = KeyValueHTTP(
+        node.backend, health=node.health, ready=node.ready, max_value_size=config.max_value_size, role="kvstore"
+    )
+    line = MemcacheServerFactory(
+        node.backend,
+        reactor,
+        max_value_size=config.max_value_size,
+        max_connections=config.max_connections,
+        idle_timeout=config.idle_timeout,
+    )
     notifier = SystemdNotifier()
-    notifier.wait_for(listener.listening)
+    for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
+        listener = ListenService(reactor, description, factory, what)
+        listener.setServiceParent(root)
+        notifier.wait_for(listener.listening)
     notifier.setServiceParent(root)
     return root

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
 from chashd.gateway import tap as gateway_tap
@@ -19,25 +20,45 @@ class WiringTests:
     """makeService(options, reactor) with a memory reactor."""
 
     def test_kvstore_listens(self) -> None:
-        """The kvstore listens on its HTTP endpoint once started, and stops listening when stopped."""
+        """The kvstore listens on its HTTP and line endpoints once started, and leaves no timer when stopped."""
         reactor = MemoryReactorClock()
         options = kvstore_tap.Options()
-        options.parseOptions(["--node-id", "a", "--port", "tcp:18080:interface=127.0.0.1"])
-        service = kvstore_tap.makeService(options, reactor=reactor)
+        options.parseOptions(["--node-id", "a", "--port", "tcp:18080:interface=127.0.0.1", "--line-port", "18081"])
+        service = kvstore_tap.makeService(options, reactor=reactor, run_in_thread=maybeDeferred)
         assert reactor.tcpServers == []
         service.startService()
-        assert [(port, iface) for port, _, _, iface in reactor.tcpServers] == [(18080, "127.0.0.1")]
+        listening = sorted((port, iface) for port, _, _, iface in reactor.tcpServers)
+        assert listening == [(18080, "127.0.0.1"), (18081, "")]
         service.stopService()
         assert reactor.getDelayedCalls() == []
+
+    def test_kvstore_bad_database_stops_before_listening(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        """A data dir holding a file that is not a database stops makeService with one line."""
+        (tmp_path / "kvstore.db").write_bytes(b"this is not a database" * 100)
+        options = kvstore_tap.Options()
+        options.parseOptions(["--node-id", "a", "--data-dir", str(tmp_path)])
+        reactor = MemoryReactorClock()
+        with pytest.raises(SystemExit) as info:
+            kvstore_tap.makeService(options, reactor=reactor)
+        assert "kvstore.db" in str(info.value.code) and "\n" not in str(info.value.code)
+        assert reactor.tcpServers == []
+
+    def test_sqlite_needs_data_dir(self) -> None:
+        """--engine sqlite without --data-dir is refused by name."""
+        options = kvstore_tap.Options()
+        options.parseOptions(["--node-id", "a", "--engine", "sqlite"])
+        with pytest.raises(SystemExit) as info:
+            kvstore_tap.makeService(options, reactor=MemoryReactorClock())
+        assert "--engine" in str(info.value.code)
 
     def test_kvstore_registers_when_given_gateways(self) -> None:
         """With --gateway, the first announcement is scheduled at start."""
         reactor = MemoryReactorClock()
         options = kvstore_tap.Options()
         options.parseOptions(["--node-id", "a", "--gateway", "127.0.0.1:8000"])
-        service = kvstore_tap.makeService(options, reactor=reactor)
+        service = kvstore_tap.makeService(options, reactor=reactor, run_in_thread=maybeDeferred)
         service.startService()
-        assert len(reactor.getDelayedCalls()) == 1
+        assert any(call.func.__name__ == "_attempt" for call in reactor.getDelayedCalls())  # type: ignore[attr-defined]
         service.stopService()
         assert reactor.getDelayedCalls() == []
 
