@@ -1,0 +1,77 @@
+"""The gateway's connections to kvstores: a few persistent, pipelined line-protocol connections per node.
+
+``Connections.update(nodes)`` follows the cluster map: a pool per node at its advertised host and line
+port, replaced when the address changes and stopped when the node leaves the map. The router sends every
+client request of every client connection over these pools (multiplexing), never a connection per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from chashd.errors import ServiceUnavailable
+from chashd.interfaces import IKVClient
+from chashd.memcache.protocol import KVClientPool
+
+__all__ = ["Connections"]
+
+
+class _Node(Protocol):
+    id: str
+    host: str
+    line_port: int
+
+
+class Connections(MultiService):
+    """One ``KVClientPool`` per kvstore node."""
+
+    _log = Logger()
+
+    def __init__(
+        self, reactor: Any, pool_size: int = 2, timeout: float = 5.0, max_value_size: int = 1024 * 1024
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._timeout = timeout
+        # Replies carry a value plus its command line; leave room above the largest value.
+        self._max_value_size = max_value_size + 4096
+        self._pools: dict[str, KVClientPool] = {}
+
+    def update(self, nodes: Iterable[_Node]) -> None:
+        """Keep a pool for exactly these nodes, at their current addresses."""
+        wanted = {node.id: (node.host, node.line_port) for node in nodes}
+        for node_id in list(self._pools):
+            pool = self._pools[node_id]
+            if wanted.get(node_id) != (pool.host, pool.port):
+                del self._pools[node_id]
+                pool.disownServiceParent()
+                self._log.info("closed connections to {node_id}", node_id=node_id)
+        for node_id, (host, port) in wanted.items():
+            if node_id not in self._pools:
+                pool = KVClientPool(
+                    self._reactor,
+                    host,
+                    port,
+                    size=self._pool_size,
+                    timeout=self._timeout,
+                    max_value_size=self._max_value_size,
+                )
+                self._pools[node_id] = pool
+                pool.setServiceParent(self)
+                self._log.info("connecting to {node_id} at {host}:{port}", node_id=node_id, host=host, port=port)
+
+    def client(self, node_id: str) -> IKVClient:
+        """The client for ``node_id``; ``ServiceUnavailable`` for a node the map does not hold."""
+        try:
+            return self._pools[node_id]  # type: ignore[return-value]
+        except KeyError:
+            raise ServiceUnavailable(f"no connection to kvstore {node_id}") from None
+
+    def nodes(self) -> list[str]:
+        """The nodes with a pool."""
+        return sorted(self._pools)

@@ -1,0 +1,62 @@
+"""The gateway's connection pools follow the cluster map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from chashd.errors import ServiceUnavailable
+from chashd.gateway.connections import Connections
+
+
+@dataclass
+class Node:
+    id: str
+    host: str
+    line_port: int
+
+
+def _targets(reactor: MemoryReactorClock) -> list[tuple[str, int]]:
+    return [(host, port) for host, port, *_ in reactor.tcpClients]
+
+
+class ConnectionsTests:
+    """Connections.update(nodes)."""
+
+    def test_pool_per_node(self) -> None:
+        """Each node gets pool_size connection attempts to its line port."""
+        reactor = MemoryReactorClock()
+        connections = Connections(reactor, pool_size=2)
+        connections.startService()
+        connections.update([Node("a", "127.0.0.1", 7001), Node("b", "127.0.0.1", 7002)])
+        reactor.advance(0)
+        assert connections.nodes() == ["a", "b"]
+        assert sorted(_targets(reactor)) == [("127.0.0.1", 7001)] * 2 + [("127.0.0.1", 7002)] * 2
+        connections.stopService()
+
+    def test_address_change_and_removal(self) -> None:
+        """A new address replaces the pool; a node gone from the map loses its pool."""
+        reactor = MemoryReactorClock()
+        connections = Connections(reactor, pool_size=1)
+        connections.startService()
+        connections.update([Node("a", "127.0.0.1", 7001), Node("b", "127.0.0.1", 7002)])
+        first = connections.client("a")
+        connections.update([Node("a", "127.0.0.2", 7001)])
+        assert connections.nodes() == ["a"]
+        assert connections.client("a") is not first
+        with pytest.raises(ServiceUnavailable):
+            connections.client("b")
+        connections.stopService()
+
+    def test_same_address_keeps_pool(self) -> None:
+        """An unchanged node keeps its connections across map updates."""
+        reactor = MemoryReactorClock()
+        connections = Connections(reactor)
+        connections.startService()
+        connections.update([Node("a", "h", 1)])
+        pool = connections.client("a")
+        connections.update([Node("a", "h", 1), Node("c", "h", 2)])
+        assert connections.client("a") is pool
+        connections.stopService()
