@@ -156,6 +156,12 @@ class HealthChecker(Service):
         if self._inflight.get(node_id) is not d:
             return  # cancelled by a reset, or superseded
         del self._inflight[node_id]
+        try:
+            self._judge(node_id, result)
+        except Exception:
+            self._log.failure("health check of node {node_id} failed", node_id=node_id)
+
+    def _judge(self, node_id: str, result: bool | Failure) -> None:
         node = self._membership.view.node(node_id)
         if node is None or not self._leading:
             self.failures.pop(node_id, None)

@@ -29,6 +29,7 @@ written by the older code would replay the wrong methods.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -303,8 +304,7 @@ class ClusterState:
 
 
 def _replace(node: NodeInfo, **changes: Any) -> NodeInfo:
-    values = node.__dict__ | changes
-    return NodeInfo(**values)
+    return dataclasses.replace(node, **changes)
 
 
 #: The operations a caller may submit, with their argument count.
@@ -798,7 +798,7 @@ class Membership(Service):
         reactor: MembershipReactor,
         raft_factory: RaftFactory | None = None,
         on_view: Callable[[ClusterView], None] | None = None,
-        command_timeout: float = 5.0,
+        command_timeout: float = 4.0,
         settings: RaftSettings | None = None,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
