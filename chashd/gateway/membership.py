@@ -29,6 +29,7 @@ written by the older code would replay the wrong methods.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
 import itertools
@@ -791,6 +792,8 @@ class Membership(Service):
     view_wait = 2.0
     #: Delay between attempts to register this gateway in the map.
     register_retry = 1.0
+    #: How many recent views ``history`` keeps.
+    history_size = 16
 
     def __init__(
         self,
@@ -809,6 +812,7 @@ class Membership(Service):
         self._observers: list[Callable[[ClusterView], None]] = [on_view] if on_view else []
         self.command_timeout = command_timeout
         self.view = ClusterView.empty(config.points_per_node)
+        self._history: collections.deque[ClusterView] = collections.deque([self.view], maxlen=self.history_size)
         self.status = RaftStatus()
         self.ready: Deferred[None] = Deferred()
         self._raft: RaftHandle | None = None
@@ -906,6 +910,11 @@ class Membership(Service):
         """True when a Raft leader is known."""
         return self.status.leader is not None
 
+    @property
+    def history(self) -> tuple[ClusterView, ...]:
+        """The last ``history_size`` views this gateway published, oldest first (the current one last)."""
+        return tuple(self._history)
+
     def leader_id(self) -> str | None:
         """The leader gateway's id, or None (no leader, or one not registered in the map yet)."""
         gateway = self.view.gateway_at(self.status.leader)
@@ -1000,6 +1009,7 @@ class Membership(Service):
         if snapshot.epoch < self.view.epoch or (snapshot.epoch == self.view.epoch and self.view.epoch != 0):
             return
         self.view = ClusterView.build(snapshot, self.config.points_per_node, self.view)
+        self._history.append(self.view)
         self._log.info(
             "cluster map epoch {epoch}: {nodes} node(s) in the ring, {gateways} gateway(s)",
             epoch=snapshot.epoch,

@@ -482,6 +482,24 @@ class MembershipTests(SynchronousTestCase):
         assert self.views[-1] is self.membership.view
         self.stop()
 
+    def test_history(self) -> None:
+        """The service keeps the recent views, oldest first, bounded."""
+
+        class Small(Membership):
+            history_size = 3
+
+        self.membership = Small(self.config, self.reactor, self.factory)
+        self.start()
+        self.reactor.advance(0)
+        for i in range(4):
+            self.membership.register_node(f"n{i}", "h", 1 + i, 2, 100, 1)
+            self.reactor.advance(0)
+        history = self.membership.history
+        assert [v.epoch for v in history] == [3, 4, 5]
+        assert history[-1] is self.membership.view
+        assert history[-1].previous_ring is history[-2].ring
+        self.stop()
+
     def test_idempotent_registration_keeps_epoch(self) -> None:
         """Registering twice: 'unchanged', same epoch, no new view."""
         self.start()
