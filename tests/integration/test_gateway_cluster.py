@@ -269,9 +269,13 @@ class HealthTests:
     """A single gateway health-checks a real kvstore that registered itself."""
 
     def test_down_then_removed(self, gateways: Callable[..., Gateways], start_daemon: StartDaemon) -> None:
-        """A kvstore that stops answering /health turns down, then is removed after --dead-after."""
-        group = gateways(1, ("--probe-interval", "0.2", "--down-after", "2", "--dead-after", "3"))
+        """A kvstore (sending the shared --token) registers itself; one that stops answering /health turns
+        down, then is removed after --dead-after. Without the token, registration is refused."""
+        extra = ("--probe-interval", "0.2", "--down-after", "2", "--dead-after", "3", "--token", "tok")
+        group = gateways(1, extra)
         group.wait_leader()
+        code, problem = group.post(0, "/ring/nodes", announcement("intruder"))
+        assert code == 401 and problem["status"] == 401
         (line,) = free_ports(1)
         node = start_daemon(
             "chash-kvstore",
@@ -280,6 +284,7 @@ class HealthTests:
             "--gateway", group.url(0),
             "--register-interval", "60",
             "--engine", "memory",
+            "--token", "tok",
         )  # fmt: skip
         wait_until("kv-h to register and be up", lambda: [n["state"] for n in group.ring(0)["nodes"]] == ["up"])
         code, ready = http_json(group.url(0) + "/ready")
