@@ -11,7 +11,9 @@ value limit + 2 bytes) and by the cap on pending replies.
 - Replies leave in request order. A backend result that is not a Deferred is written inline (all the
   replies to one read go out in one write); a Deferred goes into a queue of pending replies, each written
   when it and every one before it are done. When ``max_pending`` replies are pending the connection stops
-  reading (``pauseProducing``) and parsing, and resumes when half of them have left.
+  reading (``pauseProducing``) and parsing, and resumes when half of them have left. Likewise while the
+  transport's write buffer is full (a client that does not read its replies): the protocol is the
+  transport's streaming producer.
 - Errors are mapped to the wire in one place (``text.error_reply``): a domain error becomes memcached's
   line; any other exception becomes ``SERVER_ERROR internal error`` and a logged failure. Nothing a
   client sends can stop the daemon or touch another connection.
@@ -41,10 +43,11 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import chashd
 from chashd.commands import (
@@ -98,6 +101,7 @@ _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
 _LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit})  # not for the backend
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
 _SILENCEABLE = frozenset({Store, Delete, Arith, Touch, FlushAll, Verbosity, XPut})  # commands with noreply
+_FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
 
 
@@ -181,8 +185,14 @@ class MemcacheServerFactory(Factory):
         ]
 
 
+@implementer(IPushProducer)
 class MemcacheServerProtocol(Protocol):
-    """One client connection of the line protocol (see the module docstring)."""
+    """One client connection of the line protocol (see the module docstring).
+
+    It is the transport's producer: when the client does not read its replies and the transport's
+    write buffer fills up, the connection stops reading and parsing until the buffer drains, as memcached
+    stops at a reply it cannot send; so a client that never reads holds a bounded amount of memory.
+    """
 
     _log = Logger()
 
@@ -194,8 +204,11 @@ class MemcacheServerProtocol(Protocol):
         self._parser = RequestParser(factory.max_value_size, factory.max_line, factory.max_keys)
         self._execute = factory.backend.execute
         self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
-        self._out: list[bytes] = []
-        self._paused = False
+        self._out: list[bytes] = []  # replies to the current read, written together
+        self._out_size = 0
+        self._paused = False  # not reading nor parsing, because of one of the two below
+        self._queue_full = False  # max_pending replies are pending
+        self._writes_blocked = False  # the transport's write buffer is full
         self._closing = False
         self._lost = False
         self._counted = False
@@ -222,6 +235,7 @@ class MemcacheServerProtocol(Protocol):
         factory.curr_connections += 1
         factory.total_connections += 1
         _nodelay(self.transport)
+        self._tr.registerProducer(self, True)  # told to pause when replies pile up unread
         if factory.idle_timeout > 0:
             self._last_seen = self._seconds()
             self._idle_call = self.callLater(factory.idle_timeout, self._idle_check)
@@ -281,6 +295,7 @@ class MemcacheServerProtocol(Protocol):
             if out:
                 data = out[0] if len(out) == 1 else b"".join(out)
                 out.clear()
+                self._out_size = 0
                 self._tr.write(data)
 
     def _flush_out(self) -> None:
@@ -288,6 +303,7 @@ class MemcacheServerProtocol(Protocol):
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
+            self._out_size = 0
             self._tr.write(data)
 
     def _handle(self, command: Command | Rejected) -> None:
@@ -320,12 +336,18 @@ class MemcacheServerProtocol(Protocol):
             self._queue.append([reply])
         else:
             self._out.append(reply)
+            self._out_size += len(reply)
+            if self._out_size >= _FLUSH_AT:
+                self._flush_out()  # big replies leave now, so that a full transport can pause us
 
     def _reply(self, reply: bytes) -> None:
         if self._queue:
             self._queue.append([reply])
         else:
             self._out.append(reply)
+            self._out_size += len(reply)
+            if self._out_size >= _FLUSH_AT:
+                self._flush_out()
 
     def _rejected(self, rejected: Rejected) -> None:
         if rejected.then is not None:
@@ -409,9 +431,9 @@ class MemcacheServerProtocol(Protocol):
             self._drain()
 
         result.addCallbacks(done, failed)
-        if len(self._queue) >= self.factory.max_pending and not self._paused:
-            self._paused = True
-            self._tr.pauseProducing()
+        if len(self._queue) >= self.factory.max_pending and not self._queue_full:
+            self._queue_full = True
+            self._update_reading()
 
     def _drain(self) -> None:
         """Write the replies at the head of the queue that are done, in order."""
@@ -427,11 +449,40 @@ class MemcacheServerProtocol(Protocol):
                 return
             if entry[0]:
                 out.append(entry[0])
+                self._out_size += len(entry[0])
+                if self._out_size >= _FLUSH_AT:
+                    self._flush_out()
         self._flush_out()
-        if self._paused and len(queue) <= self.factory.max_pending // 2:
-            self._paused = False
+        if self._queue_full and len(queue) <= self.factory.max_pending // 2:
+            self._queue_full = False
+            self._update_reading()
+
+    # -- flow control: stop reading while replies cannot leave -----------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full (the client does not read its replies): stop reading."""
+        self._writes_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer drained: read and parse again."""
+        self._writes_blocked = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self._closing = True
+
+    def _update_reading(self) -> None:
+        paused = self._queue_full or self._writes_blocked
+        if paused == self._paused or self._lost:
+            return
+        self._paused = paused
+        if paused:
+            self._tr.pauseProducing()
+        else:
             self._tr.resumeProducing()
-            self._process()
+            self._process()  # what was read before the pause
 
 
 # -- client ---------------------------------------------------------------------------------------------

@@ -232,6 +232,43 @@ class ServerTests:
         assert transport.value() == b"ERROR\r\n"
         assert transport.disconnecting
 
+    def test_a_client_that_does_not_read_is_paused(self) -> None:
+        """When the transport's buffer fills (the client does not read), the server stops reading and
+        parsing; it goes on when the buffer drains, and no reply is lost or reordered."""
+
+        class SlowReader(StringTransport):
+            """Asks its producer to pause past 200 kB written, as a TCP transport does past its buffer."""
+
+            def write(self, data: bytes) -> None:
+                super().write(data)
+                if len(self.value()) > 200_000 and self.producer is not None and not self.paused:
+                    self.paused = True
+                    self.producer.pauseProducing()
+
+            paused = False
+
+        factory, _ = make_factory(max_value_size=100_000)
+        protocol = factory.buildProtocol(None)
+        transport = SlowReader()
+        protocol.makeConnection(transport)
+        assert transport.producer is protocol
+        protocol.dataReceived(b"set big 0 0 100000\r\n" + b"v" * 100_000 + b"\r\n")
+        protocol.dataReceived(b"get big\r\n" * 20)
+        written = transport.value().count(b"VALUE big")
+        assert written < 5
+        assert transport.producerState == "paused"
+        transport.clear()
+        transport.paused = False
+        protocol.resumeProducing()
+        while transport.paused:  # drain again and again, as the reactor would
+            written += transport.value().count(b"VALUE big")
+            transport.clear()
+            transport.paused = False
+            protocol.resumeProducing()
+        written += transport.value().count(b"VALUE big")
+        assert written == 20
+        assert transport.producerState == "producing"
+
     def test_version_verbosity(self) -> None:
         """version answers chashd's version; verbosity answers OK."""
         factory, _ = make_factory(version="9.9")
