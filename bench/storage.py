@@ -107,25 +107,24 @@ def bench_memory(count: int) -> None:
     start = time.perf_counter()
     gc.collect()
     pause = time.perf_counter() - start
-    keys = [key(i) for i in range(count)]
-    records = [engine.get(k) for k in keys]
-    random.Random(1).shuffle(keys)
+    order = list(range(count))
+    random.Random(1).shuffle(order)
+    keys = [key(i) for i in order]
 
     def overwrite() -> None:
-        for k, r in zip(keys, records):
-            engine.put(k, r)  # type: ignore[arg-type]
+        for i in order:
+            engine.put(key(i), make_record(i))
 
     def get() -> None:
         for k in keys:
             engine.get(k)
 
-    timed("put, existing keys", count, overwrite)
+    timed("put, existing keys (random order, record built)", count, overwrite)
     timed("get, random order", count, get)
     timed("scan, pages of 1000", count, lambda: scan_everything(engine), unit="records")
     print(f"  {'memory per key (RSS growth while filling)':44s} {per_key:12,.0f} bytes")
     print(f"  {'a full gc.collect() with the engine filled':44s} {pause * 1e3:12,.1f} ms")
     keys.clear()
-    records.clear()
     engine.close()
     gc.collect()
 

@@ -455,19 +455,28 @@ class ClearAndBatchTests:
 class MemoryEngineTests:
     """What is particular to ``MemoryEngine``."""
 
-    @given(st.binary(min_size=1, max_size=250))
-    def test_position_is_hash_then_key(self, key: bytes) -> None:
-        """The index position of a key is its ring hash in big-endian bytes followed by the key."""
-        assert memory_module._position(key) == key_hash(key).to_bytes(4, "big") + key
-
     def test_records_escape_the_garbage_collector(self) -> None:
-        """What the engine holds per key is invisible to the cyclic GC, so a full collection stays short."""
+        """Nothing the engine holds per key is tracked by the cyclic GC, so a collection never visits its keys."""
         engine = MemoryEngine()
         engine.put(b"k", Record(b"v", 1, 2, version(5, "gw"), False))
         engine.put(b"t", Record.deleted(version(6, "gw")))
-        gc.collect()
-        assert not any(gc.is_tracked(held) for held in engine._records.values())
+        engine.put(b"gone", Record(b"v", version=version(1)))
+        engine.remove(b"gone")
+        assert not gc.is_tracked(engine._records)
+        # The dict of buckets is tracked (it holds dicts), but has at most 2**14 entries, all untracked.
+        assert not any(gc.is_tracked(bucket) for bucket in engine._buckets.values())
         assert engine.get(b"k") == Record(b"v", 1, 2, version(5, "gw"), False)
+        assert engine.get(b"t") == Record.deleted(version(6, "gw"))
+
+    def test_refuses_what_it_cannot_pack(self) -> None:
+        """Flags or an expiry beyond 64 bits are refused with a StorageError, storing nothing."""
+        engine = MemoryEngine()
+        with pytest.raises(StorageError):
+            engine.put(b"k", Record(b"v", flags=2**64, version=version(1)))
+        with pytest.raises(StorageError):
+            engine.apply(b"k", Record(b"v", expires_at=2**63, version=version(1)))
+        assert engine.get(b"k") is None
+        assert engine.stats() == {"keys": 0, "bytes": 0}
 
 
 def filled_database(path: Path, count: int = 3000) -> dict[bytes, Record]:
