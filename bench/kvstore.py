@@ -1,6 +1,6 @@
 """kvstore benchmark: the line protocol of a real kvstore beside a Twisted baseline and memcached, in one run.
 
-    python bench/kvstore.py [--seconds 10] [--warmup 3] [--servers memory,sqlite,baseline,memcached]
+    python bench/kvstore.py [--seconds 10] [--warmup 3] [--rounds 2] [--servers memory,sqlite,baseline,memcached]
     python bench/kvstore.py --inprocess      # only the in-process hot-path check
 
 Load (issue 3): 50 connections, each with one request in flight, 90% get / 10% set, 32-byte keys drawn from
@@ -11,8 +11,9 @@ and the server on core 1 (taskset).
 
 Servers, one after the other: ``twistd -n chash-kvstore`` with the memory engine and with the SQLite
 engine (real daemons), bench/baseline_server.py (a minimal Twisted get/set server over a dict), and
-``memcached -t 1``. Printed: each server's figures and the ratios kvstore / baseline and kvstore /
-memcached, against the targets (memory >= 0.8x baseline, SQLite >= 0.5x baseline).
+``memcached -t 1``, in ``--rounds`` interleaved rounds so that a burst of other load on the machine hits
+every server alike; the best round of each counts. Printed: each run's figures, and the ratios kvstore /
+baseline and kvstore / memcached against the targets (memory >= 0.8x baseline, SQLite >= 0.5x baseline).
 
 ``--inprocess`` measures the hot path without sockets: the same request mix fed to the server protocol
 over LocalBackend and MemoryEngine (and to the baseline protocol), one request per ``dataReceived`` and 50
@@ -170,6 +171,9 @@ class _Sink:
     def getPeer(self) -> None:
         return None
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
 
 def requests(count: int, keys: int, get_percent: int, value_size: int, seed: int = 1) -> list[bytes]:
     """The benchmark's request mix as bytes, one request each."""
@@ -237,6 +241,7 @@ def main() -> None:
     parser.add_argument("--get-percent", type=int, default=90)
     parser.add_argument("--value-size", type=int, default=100)
     parser.add_argument("--servers", default="memory,sqlite,baseline,memcached")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every server, interleaved; the best counts")
     parser.add_argument("--inprocess", action="store_true", help="only the in-process hot-path check")
     args = parser.parse_args()
     inprocess(args)
@@ -245,20 +250,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="chashd-bench-") as tmp:
         work = Path(tmp)
         loadgen = build_loadgen(work)
-        results = {}
+        results: dict[str, dict[str, Any]] = {}
         print(
             f"\nload: {args.connections} connections, {args.get_percent}% get, {args.keys} keys of 32 bytes, "
             f"{args.value_size}-byte values, {args.seconds:g}s after {args.warmup:g}s warm-up; "
-            f"generator on core 0, server on core 1"
+            f"generator on core 0, server on core 1; {args.rounds} round(s), servers interleaved"
         )
-        print(f"{'server':12} {'ops/s':>10} {'p50 us':>8} {'p99 us':>8} {'gen CPU':>8} {'errors':>7}")
-        for name in args.servers.split(","):
-            figures = measure(name, loadgen, args, work)
-            results[name] = figures
+        print(f"{'server':12} {'round':>5} {'ops/s':>10} {'p50 us':>8} {'p99 us':>8} {'gen CPU':>8} {'errors':>7}")
+        for round_number in range(1, args.rounds + 1):
+            for name in args.servers.split(","):
+                figures = measure(name, loadgen, args, work)
+                if name not in results or figures["ops_per_s"] > results[name]["ops_per_s"]:
+                    results[name] = figures
+                print(
+                    f"{name:12} {round_number:5d} {figures['ops_per_s']:10,.0f} {figures['p50_us']:8.0f} "
+                    f"{figures['p99_us']:8.0f} {figures['cpu_percent']:7.0f}% {figures['errors']:7d}",
+                    flush=True,
+                )
+        print("\nbest round of each server:")
+        for name, figures in results.items():
             print(
-                f"{name:12} {figures['ops_per_s']:10,.0f} {figures['p50_us']:8.0f} {figures['p99_us']:8.0f} "
-                f"{figures['cpu_percent']:7.0f}% {figures['errors']:7d}",
-                flush=True,
+                f"{name:12} {figures['ops_per_s']:10,.0f} ops/s  p50 {figures['p50_us']:.0f} us  "
+                f"p99 {figures['p99_us']:.0f} us  generator CPU {figures['cpu_percent']:.0f}%"
             )
         print()
         for name, target in TARGETS.items():

@@ -235,7 +235,9 @@ class MemcacheServerProtocol(Protocol):
         factory.curr_connections += 1
         factory.total_connections += 1
         _nodelay(self.transport)
-        self._tr.registerProducer(self, True)  # told to pause when replies pile up unread
+        register = getattr(self._tr, "registerProducer", None)  # every TCP/TLS/UNIX transport has it
+        if register is not None:
+            register(self, True)  # told to pause when replies pile up unread
         if factory.idle_timeout > 0:
             self._last_seen = self._seconds()
             self._idle_call = self.callLater(factory.idle_timeout, self._idle_check)
