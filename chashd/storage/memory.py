@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 import threading
 from array import array
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -56,6 +56,7 @@ _HEADER = struct.Struct("<IqqQ?H")
 _HEADER_SIZE = _HEADER.size
 _pack = _HEADER.pack
 _unpack = _HEADER.unpack_from
+_hash_of = struct.Struct("<I").unpack_from
 
 
 def _encode(hash_value: int, record: Record) -> bytes:
@@ -162,26 +163,26 @@ class MemoryEngine:
         inclusive = True
         if after is not None and after >= low:
             low, inclusive = after, False
+        high = (last_hash + 1, b"")
         records = self._records
         buckets = self._buckets
         bucket_ids = self._bucket_ids
+        low_bucket = low[0] >> _BUCKET_SHIFT
         last_bucket = last_hash >> _BUCKET_SHIFT
         found: list[tuple[int, bytes, bytes]] = []
-        index = bisect_left(bucket_ids, low[0] >> _BUCKET_SHIFT)
+        index = bisect_left(bucket_ids, low_bucket)
         while index < len(bucket_ids) and len(found) < limit:
             bucket_id = bucket_ids[index]
             if bucket_id > last_bucket:
                 break
             index += 1
-            entries = []
-            for key in buckets[bucket_id]:
-                row = records[key]
-                hash_value = _unpack(row)[0]
-                position = (hash_value, key)
-                if hash_value <= last_hash and (position > low or (inclusive and position == low)):
-                    entries.append((hash_value, key, row))
-            entries.sort()
-            found.extend(entries[: limit - len(found)])
+            entries = sorted([(_hash_of(records[key])[0], key) for key in buckets[bucket_id]])
+            start = 0
+            if bucket_id == low_bucket:
+                start = bisect_left(entries, low) if inclusive else bisect_right(entries, low)
+            stop = bisect_left(entries, high) if bucket_id == last_bucket else len(entries)
+            stop = min(stop, start + limit - len(found))
+            found.extend([(hash_value, key, records[key]) for hash_value, key in entries[start:stop]])
         return found
 
     def scan(
