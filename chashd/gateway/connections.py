@@ -21,9 +21,12 @@ __all__ = ["Connections"]
 
 
 class _Node(Protocol):
-    id: str
-    host: str
-    line_port: int
+    @property
+    def id(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def line_port(self) -> int: ...
 
 
 class Connections(MultiService):

@@ -8,15 +8,18 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from chashd.config import GatewayConfig
+from chashd.gateway.connections import Connections
 from chashd.gateway.health import HealthChecker, Probe, http_probe
-from chashd.gateway.membership import UP, Membership, MembershipReactor, RaftFactory
+from chashd.gateway.membership import UP, ClusterView, Membership, MembershipReactor, RaftFactory
+from chashd.gateway.router import Placement, Router
 
 __all__ = ["GatewayService"]
 
 
 class GatewayService(MultiService):
-    """Owns what a gateway is: its identity, its membership in the Raft group (``membership``) and the
-    health checks it runs while it leads (``health_checker``).
+    """Owns what a gateway is: its identity, its membership in the Raft group (``membership``), the
+    health checks it runs while it leads (``health_checker``), and the data plane: the ``router`` over
+    the ``connections`` to every kvstore, both following each new view of the cluster map.
 
     ``raft_factory`` builds the Raft object in ``Membership.startService`` (tests pass ``LocalRaft``);
     ``probe`` checks one kvstore (default: ``GET /health`` with treq).
@@ -52,6 +55,23 @@ class GatewayService(MultiService):
             dead_after=config.dead_after,
         )
         self.health_checker.setServiceParent(self)
+        self.connections = Connections(reactor, timeout=config.request_timeout, max_value_size=config.max_value_size)
+        self.connections.setServiceParent(self)
+        self.router = Router(
+            config.gateway_id,
+            reactor,  # type: ignore[arg-type]
+            self.connections.client,
+            replicas=config.replicas,
+            write_quorum=config.write_quorum,
+            read_quorum=config.read_quorum,
+            allow_flush_all=config.allow_flush_all,
+        )
+        self.membership.subscribe(self._new_view)
+
+    def _new_view(self, view: ClusterView) -> None:
+        """Route by the new view: connect to its nodes, place keys on its ring."""
+        self.connections.update(view.nodes)
+        self.router.update(Placement(view.ring, view.states))
 
     def health(self) -> dict[str, Any]:
         """The body of ``GET /health``."""

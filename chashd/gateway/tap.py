@@ -12,6 +12,7 @@ from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.health import Probe
 from chashd.gateway.membership import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
+from chashd.memcache.protocol import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
@@ -43,7 +44,8 @@ def makeService(
     raft_factory: RaftFactory | None = None,
     probe: Probe | None = None,
 ) -> IService:
-    """Build the gateway: the gateway service (Raft membership, health checks) and its HTTP listener.
+    """Build the gateway: the gateway service (Raft membership, health checks, router) and its HTTP and
+    line-protocol listeners.
 
     Raises ``ConfigError`` for Raft settings that must not run (see ``raft_settings``). Tests pass a
     memory reactor, a ``LocalRaft`` factory and a probe of their own.
@@ -60,13 +62,25 @@ def makeService(
     ring_api = RingAPI(gateway.membership, config, reactor, status_extra=gateway.status_extra)
     _CloseOnStop(ring_api).setServiceParent(root)
     http = KeyValueHTTP(
-        health=gateway.health, ready=gateway.ready, max_value_size=config.max_value_size, role="gateway"
+        gateway.router,
+        health=gateway.health,
+        ready=gateway.ready,
+        max_value_size=config.max_value_size,
+        role="gateway",
     )
     site = http.site(RingRoot(ring_api.resource(), http.resource()))
-    listener = ListenService(reactor, config.port, site, "HTTP")
-    listener.setServiceParent(root)
+    line = MemcacheServerFactory(
+        gateway.router,
+        reactor,
+        max_value_size=config.max_value_size,
+        max_connections=config.max_connections,
+        idle_timeout=config.idle_timeout,
+    )
     notifier = SystemdNotifier()
-    notifier.wait_for(listener.listening)
+    for description, factory, what in ((config.port, site, "HTTP"), (config.line_port, line, "line protocol")):
+        listener = ListenService(reactor, description, factory, what)
+        listener.setServiceParent(root)
+        notifier.wait_for(listener.listening)
     notifier.wait_for(gateway.membership.ready)
     notifier.setServiceParent(root)
     return root

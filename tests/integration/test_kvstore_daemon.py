@@ -31,7 +31,7 @@ def _request(url: str, method: str = "GET", body: bytes | None = None, headers: 
 def _kvstore(start_daemon: StartDaemon, *args: str):  # type: ignore[no-untyped-def]
     (line,) = free_ports(1)
     daemon = start_daemon("chash-kvstore", "--node-id", "kv-1", "--line-port", f"tcp:{line}:interface=127.0.0.1", *args)
-    return daemon, Client(("127.0.0.1", line), connect_timeout=5, timeout=5)
+    return daemon, Client(("127.0.0.1", line), connect_timeout=5, timeout=5, default_noreply=False)
 
 
 class SurfacesTests:

@@ -82,7 +82,8 @@ class GatewayWiringTests(SynchronousTestCase):
         service = self.build()
         assert self.reactor.tcpServers == [] and self.rafts == []
         service.startService()
-        assert [(p, iface) for p, _, _, iface in self.reactor.tcpServers] == [(18000, "127.0.0.1")]
+        listening = sorted((p, iface) for p, _, _, iface in self.reactor.tcpServers)
+        assert listening == [(11211, ""), (18000, "127.0.0.1")]
         assert len(self.rafts) == 1
         self.reactor.advance(1.0)
         service.stopService()

@@ -1,0 +1,172 @@
+"""Three gateways and three kvstores as real processes: routing, replication, failures (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pymemcache.client.base import Client
+
+from chashd.launcher import LocalCluster
+from tests.integration.conftest import clean_environ
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """3 gateways (N=3, W=2, R=2) and 3 kvstores; the tests that kill processes come last."""
+    workdir: Path = tmp_path_factory.mktemp("cluster")
+    with LocalCluster(
+        workdir,
+        gateways=3,
+        kvstores=3,
+        gateway_args=["--probe-interval", "0.3", "--down-after", "2", "--dead-after", "600"],
+        env=clean_environ(),
+    ) as running:
+        yield running
+
+
+def http(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def line_client(cluster: LocalCluster, gateway: int) -> Client:
+    name = cluster.gateways[gateway].name
+    return Client(("127.0.0.1", cluster.line_ports[name]), connect_timeout=5, timeout=10, default_noreply=False)
+
+
+def holders(cluster: LocalCluster, key: str) -> list[str]:
+    """The kvstores that hold ``key`` (asked directly, not through a gateway)."""
+    return [k.name for k in cluster.kvstores if k.running() and http(f"{k.url}/kv/{key}")[0] == 200]
+
+
+class RoutingTests:
+    """Writes through one gateway read back through another, over the other surface."""
+
+    def test_line_write_http_read(self, cluster: LocalCluster) -> None:
+        """A set over the line protocol of gateway 1 reads back over HTTP from gateway 2, and vice versa."""
+        mc1 = line_client(cluster, 0)
+        for i in range(50):
+            assert mc1.set(f"cross:{i}", f"value {i}\r\n".encode(), flags=i)
+        for i in range(50):
+            assert http(f"{cluster.gateway_urls[1]}/kv/cross:{i}") == (200, f"value {i}\r\n".encode())
+        assert http(f"{cluster.gateway_urls[2]}/kv/from-http", "PUT", b"\x00\xffbinary")[0] == 204
+        assert line_client(cluster, 0).get(b"from-http") == b"\x00\xffbinary"
+
+    def test_replicated_on_at_least_w(self, cluster: LocalCluster) -> None:
+        """Each acknowledged key is held by at least W=2 kvstores, and the lookup names its holders."""
+        mc = line_client(cluster, 1)
+        for i in range(30):
+            assert mc.set(f"rep:{i}", b"x")
+        for i in range(30):
+            held = holders(cluster, f"rep:{i}")
+            assert len(held) >= 2
+            status, body = http(f"{cluster.gateway_urls[0]}/ring/lookup/rep:{i}")
+            assert status == 200
+            assert set(held) <= {n["id"] for n in json.loads(body)["nodes"]}
+
+    def test_concurrent_increments_through_different_gateways(self, cluster: LocalCluster) -> None:
+        """incr through three gateways at once loses no increment (the primary serializes them)."""
+        line_client(cluster, 0).set(b"counter", b"0")
+        errors: list[BaseException] = []
+
+        def bump(gateway: int) -> None:
+            try:
+                mc = line_client(cluster, gateway)
+                for _ in range(40):
+                    mc.incr(b"counter", 1)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=bump, args=(g,)) for g in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert int(line_client(cluster, 2).get(b"counter")) == 120
+
+    def test_status(self, cluster: LocalCluster) -> None:
+        """/ring/status names the leader, the quorums and every node up."""
+        status = cluster.status(1)
+        assert status["leader"] in {g.name for g in cluster.gateways}
+        assert (status["replicas"], status["write_quorum"], status["read_quorum"]) == (3, 2, 2)
+        assert {n["id"]: n["state"] for n in status["nodes"]} == {k.name: "up" for k in cluster.kvstores}
+
+
+class FailureTests:
+    """A dead kvstore turns down and reads go on; the leader's death costs the data plane nothing."""
+
+    def test_kvstore_killed(self, cluster: LocalCluster) -> None:
+        """After kill -9 of a kvstore, it turns down, and every key still reads back and writes succeed."""
+        mc = line_client(cluster, 0)
+        for i in range(40):
+            assert mc.set(f"survive:{i}", b"%d" % i)
+        victim = cluster.kvstores[0]
+        victim.signal(signal.SIGKILL)
+        victim.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            states = {n["id"]: n["state"] for n in cluster.status(0)["nodes"]}
+            if states[victim.name] == "down":
+                break
+            time.sleep(0.2)
+        assert states[victim.name] == "down"
+        for i in range(40):
+            assert mc.get(f"survive:{i}") == b"%d" % i
+            assert mc.set(f"after:{i}", b"ok")
+
+    def test_leader_killed_without_data_plane_errors(self, cluster: LocalCluster) -> None:
+        """Reads and writes through the other gateways go on without a single error while the leader dies."""
+        leader = cluster.status(0)["leader"]
+        victim = next(g for g in cluster.gateways if g.name == leader)
+        others = [i for i, g in enumerate(cluster.gateways) if g is not victim]
+        errors: list[str] = []
+        done = threading.Event()
+        count = [0]
+
+        def traffic(gateway: int) -> None:
+            mc = line_client(cluster, gateway)
+            i = 0
+            while not done.is_set():
+                key = f"failover:{gateway}:{i}"
+                try:
+                    if not mc.set(key, b"v"):
+                        errors.append(f"set {key} not stored")
+                    if mc.get(key) != b"v":
+                        errors.append(f"get {key} wrong")
+                    status, _ = http(f"{cluster.gateways[gateway].url}/kv/{key}")
+                    if status != 200:
+                        errors.append(f"HTTP GET {key}: {status}")
+                except Exception as e:
+                    errors.append(f"{key}: {e!r}")
+                i += 1
+                count[0] += 1
+
+        threads = [threading.Thread(target=traffic, args=(g,)) for g in others]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        victim.signal(signal.SIGKILL)
+        victim.wait(10)
+        time.sleep(4.0)
+        done.set()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert count[0] > 50
+        new_leader = cluster.status(others[0])["leader"]
+        assert new_leader is not None and new_leader != leader
