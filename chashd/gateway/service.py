@@ -11,7 +11,8 @@ from chashd.config import GatewayConfig
 from chashd.gateway.connections import Connections
 from chashd.gateway.health import HealthChecker, Probe, http_probe
 from chashd.gateway.membership import UP, ClusterView, Membership, MembershipReactor, RaftFactory
-from chashd.gateway.router import Placement, Router
+from chashd.gateway.rebalance import Fetch, Rebalance, http_report
+from chashd.gateway.router import Router
 
 __all__ = ["GatewayService"]
 
@@ -34,18 +35,22 @@ class GatewayService(MultiService):
         raft_factory: RaftFactory | None = None,
         probe: Probe | None = None,
         http_client: Any = None,
+        fetch: Fetch | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
         self.membership = Membership(config, reactor, raft_factory)
         self.membership.setServiceParent(self)
-        if probe is None:
-            if http_client is None:
-                from chashd.web import http_client as make_client
+        if http_client is None and (probe is None or fetch is None):
+            from chashd.web import http_client as make_client
 
-                http_client = make_client(reactor, connect_timeout=1.0)
-            probe = http_probe(http_client, timeout=max(0.5, min(2.0, config.probe_interval)))
+            http_client = make_client(reactor, connect_timeout=1.0)
+        timeout = max(0.5, min(2.0, config.probe_interval))
+        if probe is None:
+            probe = http_probe(http_client, timeout=timeout)
+        if fetch is None:
+            fetch = http_report(http_client, timeout=timeout)
         self.health_checker = HealthChecker(
             self.membership,
             probe,
@@ -66,12 +71,17 @@ class GatewayService(MultiService):
             read_quorum=config.read_quorum,
             allow_flush_all=config.allow_flush_all,
         )
+        self.rebalance = Rebalance(self.membership, fetch, reactor, config.probe_interval, self._route)  # type: ignore[arg-type]
+        self.rebalance.setServiceParent(self)
         self.membership.subscribe(self._new_view)
 
     def _new_view(self, view: ClusterView) -> None:
         """Route by the new view: connect to its nodes, place keys on its ring."""
         self.connections.update(view.nodes)
-        self.router.update(Placement(view.ring, view.states))
+        self._route()
+
+    def _route(self) -> None:
+        self.router.update(self.rebalance.placement())
 
     def health(self) -> dict[str, Any]:
         """The body of ``GET /health``."""
@@ -92,5 +102,5 @@ class GatewayService(MultiService):
         return True, f"leader known, {up} kvstore node(s) up"
 
     def status_extra(self) -> dict[str, Any]:
-        """More fields for ``GET /ring/status`` (rebalancing progress will come through here)."""
-        return {}
+        """More fields for ``GET /ring/status``: ``rebalancing`` and each node's keys and handoff progress."""
+        return self.rebalance.status()

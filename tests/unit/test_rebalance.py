@@ -1,0 +1,150 @@
+"""The gateway follows the kvstores' handoff progress and keeps the previous ring while a move is under way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.trial.unittest import SynchronousTestCase
+
+from chashd.config import GatewayConfig, load_config
+from chashd.gateway.membership import LocalRaft, Membership, NodeInfo, RaftListener, RaftSettings
+from chashd.gateway.rebalance import Rebalance
+from tests.unit.test_health import ClockWithThreads
+
+
+class Reports:
+    """What each kvstore answers on /health: its synced epoch, or a refusal."""
+
+    def __init__(self) -> None:
+        self.synced: dict[str, int | None] = {}
+        self.down: set[str] = set()
+        self.asked: list[str] = []
+
+    def fetch(self, node: NodeInfo) -> Deferred[dict[str, Any]]:
+        self.asked.append(node.id)
+        if node.id in self.down:
+            return fail(ConnectionRefusedError())
+        epoch = self.synced.get(node.id)
+        return succeed({"keys": 7, "handoff": {"synced_epoch": epoch, "records_sent": 1}})
+
+
+class RebalanceTests(SynchronousTestCase):
+    """Rebalance over a real Membership (LocalRaft) and a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = ClockWithThreads()
+        config = load_config(GatewayConfig, {"gateway_id": "g1"}, environ={})
+        self.membership = Membership(config, self.clock, self._factory, command_timeout=5)
+        self.membership.startService()
+        self.clock.advance(0.5)
+        self.reports = Reports()
+        self.changes = 0
+        self.rebalance = Rebalance(self.membership, self.reports.fetch, self.clock, 1.0, self._changed)
+
+    def _factory(self, settings: RaftSettings, listener: RaftListener) -> LocalRaft:
+        return LocalRaft(settings, listener)
+
+    def _changed(self) -> None:
+        self.changes += 1
+
+    def tearDown(self) -> None:
+        self.rebalance.stopService()
+        self.membership.stopService()
+        assert self.clock.getDelayedCalls() == []
+
+    def register(self, name: str) -> int:
+        self.successResultOf(self.membership.register_node(name, "h", 1000 + ord(name), 2, 100, 1))
+        return self.membership.view.epoch
+
+    def poll(self) -> None:
+        self.clock.advance(1.0)
+
+    def test_join_then_caught_up(self) -> None:
+        """A node joins: until the old owners report the new epoch, the old ring stays as previous."""
+        self.register("a")
+        two = self.register("b")
+        self.reports.synced.update(a=two, b=two)
+        self.rebalance.startService()
+        assert not self.rebalance.rebalancing()
+        assert self.rebalance.placement().previous is None
+        three = self.register("c")
+        self.reports.synced["c"] = three
+        self.poll()
+        assert self.rebalance.rebalancing()
+        previous = self.rebalance.placement().previous
+        assert previous is not None and previous.nodes == ("a", "b")
+        self.reports.synced.update(a=three, b=three)
+        self.poll()
+        assert not self.rebalance.rebalancing()
+        assert self.rebalance.placement().previous is None
+        assert self.changes >= 3
+
+    def test_epoch_without_placement_change(self) -> None:
+        """A node synced to an older epoch with the same placement is caught up."""
+        self.register("a")
+        epoch = self.register("b")
+        self.reports.synced.update(a=epoch, b=epoch)
+        self.successResultOf(self.membership.mark_down("b"))
+        self.successResultOf(self.membership.mark_up("b"))
+        assert self.membership.view.epoch > epoch
+        self.rebalance.startService()
+        assert not self.rebalance.rebalancing()
+
+    def test_down_nodes_do_not_hold_it_up(self) -> None:
+        """A down node cannot report; it does not keep the cluster rebalancing."""
+        self.register("a")
+        epoch = self.register("b")
+        self.reports.synced.update(a=epoch, b=None)
+        self.rebalance.startService()
+        assert self.rebalance.rebalancing()
+        self.successResultOf(self.membership.mark_down("b"))
+        self.reports.synced["a"] = self.membership.view.epoch
+        self.poll()
+        assert not self.rebalance.rebalancing()
+
+    def test_leaving_node_counts(self) -> None:
+        """A leaving node that has not handed off keeps the ring with it as previous."""
+        self.register("a")
+        epoch = self.register("b")
+        self.reports.synced.update(a=epoch, b=epoch)
+        self.successResultOf(self.membership.start_leaving("b"))
+        self.reports.synced["a"] = self.membership.view.epoch
+        self.rebalance.startService()
+        previous = self.rebalance.placement().previous
+        assert previous is not None and "b" in previous.nodes
+        assert self.membership.view.ring.nodes == ("a",)
+
+    def test_status_and_polling(self) -> None:
+        """Up and leaving nodes are asked every interval; a failure keeps the last report."""
+        self.register("a")
+        self.register("b")
+        self.rebalance.startService()
+        assert sorted(self.reports.asked) == ["a", "b"]
+        self.reports.down.add("b")
+        self.poll()
+        status = self.rebalance.status()
+        assert {n["id"]: n["keys"] for n in status["nodes"]} == {"a": 7, "b": 7}
+        assert status["nodes"][0]["handoff"]["records_sent"] == 1
+        assert "rebalancing" in status
+
+    def test_one_round_at_a_time(self) -> None:
+        """A slow kvstore does not pile up requests: the next round waits for the current one."""
+        self.register("a")
+        held: list[Deferred[dict[str, Any]]] = []
+
+        def slow(node: NodeInfo) -> Deferred[dict[str, Any]]:
+            d: Deferred[dict[str, Any]] = Deferred()
+            held.append(d)
+            return d
+
+        rebalance = Rebalance(self.membership, slow, self.clock, 1.0, self._changed)
+        rebalance.startService()
+        self.clock.advance(3.0)
+        assert len(held) == 1
+        held[0].callback({"handoff": {"synced_epoch": 1}})
+        self.clock.advance(1.0)
+        assert len(held) == 2
+        rebalance.stopService()
+        assert held[1].called
