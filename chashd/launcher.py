@@ -40,13 +40,14 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def twistd_command(role: str, args: Sequence[str]) -> list[str]:
-    """The command line that runs ``role`` (``chash-gateway``/``chash-kvstore``) in the foreground."""
+def twistd_command(role: str, args: Sequence[str], twistd_options: Sequence[str] = ()) -> list[str]:
+    """The command line that runs ``role`` (``chash-gateway``/``chash-kvstore``) in the foreground;
+    ``twistd_options`` go to twistd itself (``--logger=chashd.logs.json_stdout``)."""
     twistd = Path(sys.executable).with_name("twistd")
     prefix = (
         [str(twistd)] if twistd.exists() else [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
     )
-    return [*prefix, "--nodaemon", "--pidfile=", role, *args]
+    return [*prefix, "--nodaemon", "--pidfile=", *twistd_options, role, *args]
 
 
 def http_json(url: str, timeout: float = 2.0, method: str = "GET", body: Any = None) -> tuple[int, Any]:
@@ -80,8 +81,10 @@ class Daemon:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
+        twistd_options: Sequence[str] = (),
     ) -> None:
         self.role = role
+        self.twistd_options = list(twistd_options)
         self.name = name
         self.args = list(args)
         self.http_port = http_port
@@ -105,7 +108,7 @@ class Daemon:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                twistd_command(self.role, self.args),
+                twistd_command(self.role, self.args, self.twistd_options),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

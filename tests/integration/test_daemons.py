@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from chashd.launcher import free_ports, twistd_command
+from chashd.launcher import Daemon, free_ports, twistd_command
 from tests.integration.conftest import StartDaemon, clean_environ
 
 pytestmark = pytest.mark.slow
@@ -114,3 +116,23 @@ class BadConfigTests:
         )
         assert result.returncode == 1
         assert b"cannot listen" in result.stdout
+
+
+class JsonLogTests:
+    """twistd --logger chashd.logs.json_stdout writes one JSON object a line."""
+
+    def test_json_lines(self, tmp_path: Path) -> None:
+        """Every line of a daemon's stdout parses as JSON with Twisted's event fields."""
+        http, line = free_ports(2)
+        args = ["--node-id", "json", "--port", f"tcp:{http}:interface=127.0.0.1", "--line-port", str(line)]
+        daemon = Daemon(
+            "chash-kvstore", "json", args, http, tmp_path / "json.log", env=clean_environ(),
+            twistd_options=["--logger=chashd.logs.json_stdout"],
+        )  # fmt: skip
+        try:
+            daemon.start().wait_healthy(30)
+        finally:
+            assert daemon.stop() in CLEAN_EXIT
+        events = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.strip()]
+        assert any(e.get("log_namespace") == "chashd.daemon.ListenService" for e in events)
+        assert all("log_time" in e for e in events)
