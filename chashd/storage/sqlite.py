@@ -83,6 +83,15 @@ _PURGE_CANDIDATES = (
 _PURGE_DELETE = "DELETE FROM records WHERE hash = ? AND key = ? AND clock = ? AND writer = ?"
 
 
+_UNKNOWN = object()
+#: What a record cache entry costs beyond its key and value (dict slot, Record, Version), roughly.
+_ENTRY_OVERHEAD = 200
+
+
+def _entry_size(key: bytes, record: Record | None) -> int:
+    return len(key) + _ENTRY_OVERHEAD + (len(record.value) if record is not None else 0)
+
+
 def _record(value: bytes, flags: int, expires_at: int, clock: int, writer: str, tombstone: int) -> Record:
     return Record(value, flags, expires_at, Version(clock + _CLOCK_BIAS, writer), bool(tombstone))
 
@@ -123,6 +132,12 @@ class SQLiteEngine:
     reactor thread writes. A scan does not see the writes of a ``batch()`` still open. ``close()`` must
     not race with calls in other threads.
 
+    Record cache: ``get`` answers from a write-through cache of recent records (``record_cache_mib``,
+    first in first out; 0 turns it off) that every write, removal, purge and clear keeps exact, so a
+    hot key costs a dict lookup rather than a query (about 1 us against 15-30 us), and a write needs no
+    query to find what it replaces when the key is cached. The cache is filled and changed only under the
+    write lock; scans read the database.
+
     Checkpoints: by default SQLite copies the WAL back into the database file every ``autocheckpoint``
     pages (1000, ~4 MB), in the thread that commits, which costs that write a few tens of ms now and
     then (mostly an fsync). An owner with a thread pool can pass ``autocheckpoint=0`` and call
@@ -137,9 +152,14 @@ class SQLiteEngine:
         check: bool = True,
         autocheckpoint: int = 1000,
         cache_mib: int = 64,
+        record_cache_mib: int = 64,
     ) -> None:
         self._path = Path(path)
         self._cache_kib = cache_mib * 1024
+        # The record cache: key -> Record (or None: known absent), first in first out, bounded in bytes.
+        self._records: dict[bytes, Record | None] = {}
+        self._records_bytes = 0
+        self._records_limit = record_cache_mib * 1024 * 1024
         self._lock = threading.RLock()
         self._local = threading.local()
         self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -249,24 +269,41 @@ class SQLiteEngine:
 
     def get(self, key: bytes) -> Record | None:
         """The stored record for ``key`` (tombstones and expired records included), or None."""
+        cached = self._records.get(key, _UNKNOWN)
+        if cached is not _UNKNOWN:
+            return cached  # type: ignore[return-value]
         hash_value = key_hash(key)
         with self._lock:
             try:
                 row = self._db.execute(_GET, (hash_value, key)).fetchone()
             except sqlite3.Error as e:
                 raise self._failed(e) from e
-        return None if row is None else _record(*row)
+            record = None if row is None else _record(*row)
+            self._remember(key, record)
+        return record
+
+    def _current(self, hash_value: int, key: bytes) -> tuple[int, str, int] | None:
+        """``(clock, writer, value length)`` of the stored record, from the cache when it knows; lock held."""
+        cached = self._records.get(key, _UNKNOWN)
+        if cached is None:
+            return None
+        if cached is not _UNKNOWN:
+            record: Record = cached  # type: ignore[assignment]
+            return (record.version.clock - _CLOCK_BIAS, record.version.writer, len(record.value))
+        row: tuple[int, str, int] | None = self._db.execute(_CURRENT, (hash_value, key)).fetchone()
+        return row
 
     def put(self, key: bytes, record: Record) -> None:
         """Store ``record`` for ``key``, replacing what is there; committed when this returns."""
         hash_value = key_hash(key)
         with self._lock:
             try:
-                current = self._db.execute(_CURRENT, (hash_value, key)).fetchone()
+                current = self._current(hash_value, key)
                 self._db.execute(_STORE, _row(hash_value, key, record))
             except sqlite3.Error as e:
                 raise self._failed(e) from e
             self._count(current, record)
+            self._remember(key, record)
 
     def apply(self, key: bytes, record: Record) -> bool:
         """Store ``record`` only if its version is higher than the stored one's; True if stored (and committed)."""
@@ -274,14 +311,41 @@ class SQLiteEngine:
         version = record.version
         with self._lock:
             try:
-                current = self._db.execute(_CURRENT, (hash_value, key)).fetchone()
+                current = self._current(hash_value, key)
                 if current is not None and (version.clock, version.writer) <= (current[0] + _CLOCK_BIAS, current[1]):
                     return False
                 self._db.execute(_STORE, _row(hash_value, key, record))
             except sqlite3.Error as e:
                 raise self._failed(e) from e
             self._count(current, record)
+            self._remember(key, record)
             return True
+
+    def _remember(self, key: bytes, record: Record | None) -> None:
+        """Put ``record`` in the record cache, evicting the oldest entries past the limit; lock held."""
+        limit = self._records_limit
+        if not limit:
+            return
+        records = self._records
+        size = _entry_size(key, record)
+        old = records.pop(key, _UNKNOWN)
+        if old is not _UNKNOWN:
+            self._records_bytes -= _entry_size(key, old)  # type: ignore[arg-type]
+        records[key] = record
+        self._records_bytes += size
+        while self._records_bytes > limit and records:
+            oldest = next(iter(records))
+            self._records_bytes -= _entry_size(oldest, records.pop(oldest))
+
+    def _forget(self, key: bytes) -> None:
+        """Drop ``key`` from the record cache; lock held."""
+        old = self._records.pop(key, _UNKNOWN)
+        if old is not _UNKNOWN:
+            self._records_bytes -= _entry_size(key, old)  # type: ignore[arg-type]
+
+    def _forget_all(self) -> None:
+        self._records.clear()
+        self._records_bytes = 0
 
     def _count(self, current: tuple[int, str, int] | None, record: Record) -> None:
         # Called with the lock held, once the write is done.
@@ -296,7 +360,7 @@ class SQLiteEngine:
         hash_value = key_hash(key)
         with self._lock:
             try:
-                current = self._db.execute(_CURRENT, (hash_value, key)).fetchone()
+                current = self._current(hash_value, key)
                 if current is None:
                     return
                 self._db.execute(_DELETE, (hash_value, key))
@@ -304,6 +368,7 @@ class SQLiteEngine:
                 raise self._failed(e) from e
             self._keys -= 1
             self._bytes -= current[2]
+            self._remember(key, None)
 
     # -- ranges -----------------------------------------------------------------------------------
 
@@ -367,6 +432,7 @@ class SQLiteEngine:
                     deleted += 1
                     self._keys -= 1
                     self._bytes -= len(value)
+                    self._forget(key)
         return deleted
 
     def clear(self) -> None:
@@ -378,6 +444,7 @@ class SQLiteEngine:
                 raise self._failed(e) from e
             self._keys = 0
             self._bytes = 0
+            self._forget_all()
 
     def stats(self) -> dict[str, int]:
         """``keys`` (records held, tombstones included) and ``bytes`` (value bytes held), both O(1)."""
@@ -412,6 +479,7 @@ class SQLiteEngine:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 self._keys, self._bytes = counters
+                self._forget_all()  # it may hold writes the rollback undid
                 if isinstance(e, sqlite3.Error):
                     raise self._failed(e) from e
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
@@ -10,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -771,3 +773,70 @@ class SQLiteEngineTests:
         assert child.returncode == 3, child.stderr
         assert str(path) in child.stdout
         assert "cannot read" in child.stdout and "permission denied" in child.stdout
+
+
+class RecordCacheTests:
+    """``SQLiteEngine``'s record cache never answers differently from the database."""
+
+    @settings(max_examples=80, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["put", "apply", "remove", "get", "clear", "batch-fail", "purge", "purge"]),
+                st.integers(0, 7),
+                st.integers(1, 9),
+            ),
+            max_size=40,
+        )
+    )
+    def test_same_answers_as_the_file(self, operations: list[tuple[str, int, int]]) -> None:
+        """After any sequence of operations, a cached engine, an uncached one and a reopened file agree."""
+        with tempfile.TemporaryDirectory() as top:
+            cached = SQLiteEngine(Path(top) / "a.db", record_cache_mib=1)
+            plain = SQLiteEngine(Path(top) / "b.db", record_cache_mib=0)
+            try:
+                for op, k, clock in operations:
+                    key = b"k%d" % k
+                    # Every third record has expired and two of the nine are old tombstones: purge has work.
+                    expired = int(NOW) - 1 if clock % 3 == 0 else 0
+                    value = record(clock, b"v%d" % clock, expires_at=expired, tombstone=clock in (2, 5))
+                    for engine in (cached, plain):
+                        if op == "put":
+                            engine.put(key, value)
+                        elif op == "apply":
+                            engine.apply(key, value)
+                        elif op == "remove":
+                            engine.remove(key)
+                        elif op == "get":
+                            engine.get(key)
+                        elif op == "clear":
+                            engine.clear()
+                        elif op == "purge":
+                            engine.purge(NOW, 60)
+                        else:
+                            with contextlib.suppress(RuntimeError), engine.batch():
+                                engine.put(key, value)
+                                raise RuntimeError("rolled back")
+                    keys = [b"k%d" % i for i in range(8)]
+                    assert [cached.get(x) for x in keys] == [plain.get(x) for x in keys]
+                    assert cached.stats() == plain.stats()
+            finally:
+                cached.close()
+                plain.close()
+            reopened = SQLiteEngine(Path(top) / "a.db", record_cache_mib=0)
+            try:
+                assert scan_all(reopened) == scan_all(SQLiteEngine(Path(top) / "b.db", record_cache_mib=0))
+            finally:
+                reopened.close()
+
+    def test_bounded(self, tmp_path: Path) -> None:
+        """The cache holds at most its limit in bytes, dropping the oldest entries first."""
+        engine = SQLiteEngine(tmp_path / "c.db", record_cache_mib=1)
+        try:
+            for i in range(3000):
+                engine.put(b"key-%d" % i, record(1, b"x" * 1000))
+            assert engine._records_bytes <= 1024 * 1024
+            assert b"key-2999" in engine._records and b"key-0" not in engine._records
+            assert engine.get(b"key-0") == record(1, b"x" * 1000)
+        finally:
+            engine.close()
