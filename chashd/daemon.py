@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -22,7 +23,9 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReact
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["ListenService", "SystemdNotifier", "exit_with_status", "notify_systemd"]
+from chashd.errors import ConfigError
+
+__all__ = ["ListenService", "SystemdNotifier", "exit_with_status", "lock_data_dir", "notify_systemd"]
 
 _log = Logger()
 
@@ -40,6 +43,35 @@ def exit_with_status(reactor: IReactorCore, status: int) -> None:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+_locks: list[IO[str]] = []
+
+
+def lock_data_dir(path: str) -> None:
+    """Take ``path``'s lock for the life of this process, creating the directory if needed.
+
+    Two daemons on one data directory would corrupt each other's Raft journal or database; the second
+    one stops with a ``ConfigError`` naming the holder's pid. The lock (``flock`` on ``path/.lock``) goes
+    away with the process, also after ``kill -9``.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        handle = open(os.path.join(path, ".lock"), "a+", encoding="ascii")  # noqa: SIM115 - held until exit
+    except OSError as e:
+        raise ConfigError(f"option --data-dir: cannot use {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"option --data-dir: {path} is in use by another chashd process (pid {holder})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _locks.append(handle)
 
 
 def notify_systemd(state: str, environ: Mapping[str, str] | None = None) -> bool:

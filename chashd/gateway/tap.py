@@ -7,7 +7,8 @@ from typing import Any
 from twisted.application.service import IService, MultiService, Service
 
 from chashd.config import ConfigOptions, GatewayConfig, options_for
-from chashd.daemon import ListenService, SystemdNotifier
+from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir
+from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.health import Probe
 from chashd.gateway.membership import RaftFactory, raft_settings
@@ -56,6 +57,11 @@ def makeService(
         reactor = _reactor
     config: GatewayConfig = options.config
     raft_settings(config)
+    if config.data_dir:
+        try:
+            lock_data_dir(config.data_dir)
+        except ConfigError as e:
+            raise SystemExit(f"chash-gateway: error: {e}") from None
     root = MultiService()
     gateway = GatewayService(config, reactor, raft_factory=raft_factory, probe=probe)
     gateway.setServiceParent(root)

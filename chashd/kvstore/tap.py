@@ -9,7 +9,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 
 from chashd.config import ConfigOptions, KVStoreConfig, options_for
-from chashd.daemon import ListenService, SystemdNotifier
+from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir
 from chashd.errors import ConfigError, StorageError
 from chashd.kvstore.service import KVStoreService, open_engine
 from chashd.memcache.protocol import MemcacheServerFactory
@@ -35,6 +35,8 @@ def makeService(
         reactor = _reactor
     config: KVStoreConfig = options.config
     try:
+        if config.data_dir:
+            lock_data_dir(config.data_dir)
         engine = open_engine(config)
     except (ConfigError, StorageError) as e:
         raise SystemExit(f"chash-kvstore: error: {e}") from None

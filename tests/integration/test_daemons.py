@@ -136,3 +136,27 @@ class JsonLogTests:
         events = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.strip()]
         assert any(e.get("log_namespace") == "chashd.daemon.ListenService" for e in events)
         assert all("log_time" in e for e in events)
+
+
+class DataDirLockTests:
+    """Two daemons never share a data directory."""
+
+    @pytest.mark.parametrize(("role", "id_flag"), [("chash-kvstore", "--node-id"), ("chash-gateway", "--gateway-id")])
+    def test_second_daemon_refused(self, start_daemon: StartDaemon, tmp_path: Path, role: str, id_flag: str) -> None:
+        """The second daemon on a data dir stops with one line naming the holder's pid; the first goes on."""
+        data = tmp_path / "shared"
+        extra = ["--line-port", f"tcp:{free_ports(1)[0]}:interface=127.0.0.1"]
+        if role == "chash-gateway":
+            extra += ["--raft-port", str(free_ports(1)[0])]
+        first = start_daemon(role, id_flag, "one", "--data-dir", str(data), *extra)
+        (port,) = free_ports(1)
+        result = subprocess.run(
+            twistd_command(role, [id_flag, "two", "--port", str(port), "--data-dir", str(data)]),
+            env=clean_environ(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "--data-dir" in lines[0]
+        assert first.health() is not None
