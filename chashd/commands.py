@@ -11,7 +11,8 @@ Besides memcached's commands there is a small extension the gateways and the han
 themselves and kvstores (it carries versions, which memcached's commands cannot):
 
 - ``XGet(keys)``: the stored records, tombstones and expired ones included, with their versions;
-- ``XPut(key, record)``: keep ``record`` if it is newer than what is stored (idempotent);
+- ``XPut(key, record)``: keep ``record`` if it is newer than what is stored (idempotent); a handoff sends it
+  with ``handoff=True``;
 - ``XApply(version, command)``: run a memcached write command (a read-modify-write such as ``incr``,
   ``cas``, ``append``, ``add``) here, stamping the result with ``version``, and return both the memcached
   result and the record it left, so the caller can copy that record to the other replicas.
@@ -153,11 +154,16 @@ class XGet:
 
 @dataclass(frozen=True, slots=True)
 class XPut:
-    """Keep ``record`` for ``key`` if it is newer than the stored one."""
+    """Keep ``record`` for ``key`` if it is newer than the stored one.
+
+    ``handoff`` marks a record pushed by a rebalancing handoff (the wire verb ``xmove``), so that the
+    receiver can count what it got from handoffs apart from the gateways' replication and read repair.
+    """
 
     key: bytes
     record: Record
     noreply: bool = False
+    handoff: bool = False
 
 
 WriteCommand: TypeAlias = Store | Delete | Arith | Touch

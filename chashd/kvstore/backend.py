@@ -17,7 +17,7 @@ engine write, counters in a plain dict.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -42,7 +42,7 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import NodeLeaving, ValueTooLarge
+from chashd.errors import ChashdError, NodeLeaving, ValueTooLarge
 from chashd.interfaces import IKeyValue, IStorageEngine
 from chashd.record import Record, expires_at_from_exptime
 from chashd.semantics import apply_write
@@ -73,6 +73,7 @@ COUNTERS = (
     "cmd_xget",
     "cmd_xput",
     "cmd_xapply",
+    "handoff_records_received_total",
 )
 
 
@@ -98,6 +99,8 @@ class LocalBackend:
         self._started = clock.seconds()
         self._flush_call: IDelayedCall | None = None
         self._counts = dict.fromkeys(COUNTERS, 0)
+        #: More ``stats()`` fields from the node's other parts (the handoff's progress), read at each call.
+        self.stats_sources: list[Callable[[], Mapping[str, Any]]] = []
         self._engine_get = engine.get
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             Get: self._get,
@@ -131,6 +134,8 @@ class LocalBackend:
         stats["leaving"] = int(self.leaving)
         stats.update(self._counts)
         stats["cmd_get"] = stats["get_hits"] + stats["get_misses"]  # counted once per key, not twice
+        for source in self.stats_sources:
+            stats.update(source())
         return stats
 
     # -- reads ---------------------------------------------------------------------------------------
@@ -263,8 +268,25 @@ class LocalBackend:
 
     # -- the versioned extension ---------------------------------------------------------------------
 
+    def execute_puts(self, commands: Sequence[XPut]) -> list[Status | ChashdError]:
+        """Run several ``XPut`` in one engine transaction (``engine.batch()``): a result or the domain error
+        for each, in order. The line protocol groups the XPuts a connection has ready (a handoff pipelines
+        hundreds): one SQLite commit for all of them instead of one each. If the commit fails, nothing of the
+        group may be taken as stored, so the error is raised for the caller to answer every command with it.
+        """
+        results: list[Status | ChashdError] = []
+        with self.engine.batch():
+            for command in commands:
+                try:
+                    results.append(self._xput(command))
+                except ChashdError as e:
+                    results.append(e)
+        return results
+
     def _xput(self, command: XPut) -> Status:
         self._counts["cmd_xput"] += 1
+        if command.handoff:
+            self._counts["handoff_records_received_total"] += 1
         record = command.record
         if len(record.value) > self.max_value_size:
             raise ValueTooLarge(len(record.value), self.max_value_size)

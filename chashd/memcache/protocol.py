@@ -8,6 +8,8 @@ read but closes on 2048 bytes without a newline (except a multi-key get), which 
 say. Memory per connection stays bounded by the parser's limits (a line, a data block of at most the
 value limit + 2 bytes) and by the cap on pending replies.
 
+- Consecutive ``XPut`` commands of one read (a handoff pipelines hundreds) go to the backend's
+  ``execute_puts`` in one call when it has one, so that the kvstore commits them in one transaction.
 - Replies leave in request order. A backend result that is not a Deferred is written inline (all the
   replies to one read go out in one write); a Deferred goes into a queue of pending replies, each written
   when it and every one before it are done. When ``max_pending`` replies are pending the connection stops
@@ -102,6 +104,7 @@ _LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit})  #
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
 _SILENCEABLE = frozenset({Store, Delete, Arith, Touch, FlushAll, Verbosity, XPut})  # commands with noreply
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
+_PUT_GROUP = 512  # most XPuts run in one transaction by a backend with execute_puts
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
 
 
@@ -203,6 +206,9 @@ class MemcacheServerProtocol(Protocol):
         self._seconds = factory.clock.seconds
         self._parser = RequestParser(factory.max_value_size, factory.max_line, factory.max_keys)
         self._execute = factory.backend.execute
+        self._execute_puts: Callable[[list[XPut]], list[Result | ChashdError]] | None = getattr(
+            factory.backend, "execute_puts", None
+        )
         self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
         self._out: list[bytes] = []  # replies to the current read, written together
         self._out_size = 0
@@ -286,13 +292,26 @@ class MemcacheServerProtocol(Protocol):
         then write every reply they made at once."""
         next_event = self._parser.next
         handle = self._handle
+        group_puts = self._execute_puts is not None
+        puts: list[XPut] = []
         try:
             while not self._paused and not self._closing:
                 event = next_event()
                 if event is None:
                     break
+                if group_puts and type(event) is XPut:
+                    puts.append(event)
+                    if len(puts) >= _PUT_GROUP:
+                        self._run_puts(puts)
+                        puts = []
+                    continue
+                if puts:
+                    self._run_puts(puts)
+                    puts = []
                 handle(event)
         finally:
+            if puts:
+                self._run_puts(puts)
             out = self._out
             if out:
                 data = out[0] if len(out) == 1 else b"".join(out)
@@ -341,6 +360,27 @@ class MemcacheServerProtocol(Protocol):
             self._out_size += len(reply)
             if self._out_size >= _FLUSH_AT:
                 self._flush_out()  # big replies leave now, so that a full transport can pause us
+
+    def _run_puts(self, puts: list[XPut]) -> None:
+        """Run XPuts the backend groups in one transaction and queue their replies in order."""
+        if len(puts) == 1:
+            self._handle(puts[0])
+            return
+        assert self._execute_puts is not None
+        try:
+            results = self._execute_puts(puts)
+        except ChashdError as e:  # the transaction failed: none of them is stored
+            results = [e] * len(puts)
+        except Exception:
+            self._log.failure("the backend failed on {count} grouped xput", count=len(puts))
+            results = [RuntimeError()] * len(puts)  # type: ignore[list-item]
+        for put, result in zip(puts, results):
+            if put.noreply:
+                continue
+            if isinstance(result, BaseException):
+                self._reply(error_reply(result))
+            else:
+                self._reply(serialize_result(put, result))
 
     def _reply(self, reply: bytes) -> None:
         if self._queue:

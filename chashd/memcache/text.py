@@ -43,6 +43,7 @@ time (0: never); ``<tombstone>`` is 0 or 1. The numbers here are plain decimal d
                                                    <data>\\r\\n)* END        every stored record, tombstones included
     xput <key> <flags> <expires_at> <version> <tombstone> <bytes> [noreply]\\r\\n<data>\\r\\n
                                                -> STORED (kept) | EXISTS (an equal or newer version is stored)
+    xmove <the same as xput>                   -> the same: an xput sent by a rebalancing handoff (XPut.handoff)
     xapply <version> <a write command line: set|add|replace|append|prepend|cas|delete|incr|decr|touch ...>
            [\\r\\n<data>]\\r\\n
                                                -> XAPPLIED <the reply line of that command>\\r\\n
@@ -304,6 +305,7 @@ class RequestParser:
             b"quit": self._quit,
             b"xget": self._xget,
             b"xput": self._xput,
+            b"xmove": self._xput,
             b"xapply": self._xapply,
         }
 
@@ -632,6 +634,7 @@ class RequestParser:
         if len(tokens) not in (7, 8) or len(tokens) == 8 and tokens[7] != b"noreply":
             return Rejected(BadCommand())
         noreply = len(tokens) == 8
+        handoff = tokens[0] == b"xmove"
         key = tokens[1]
         try:
             if len(key) > MAX_KEY_LENGTH:
@@ -649,7 +652,7 @@ class RequestParser:
             return self._too_large(size, noreply)
 
         def build(value: bytes) -> Command:
-            return XPut(key, Record(value, flags, expires_at, version, tombstone), noreply)
+            return XPut(key, Record(value, flags, expires_at, version, tombstone), noreply, handoff)
 
         return size + 2, noreply, build
 
@@ -840,7 +843,8 @@ def serialize_command(command: Command) -> bytes:
     if kind is XPut:
         put: XPut = command  # type: ignore[assignment]
         r = put.record
-        return b"xput %s %d %d %s %d %d%s\r\n%s\r\n" % (
+        return b"%s %s %d %d %s %d %d%s\r\n%s\r\n" % (
+            b"xmove" if put.handoff else b"xput",
             put.key,
             r.flags,
             r.expires_at,
