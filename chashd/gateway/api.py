@@ -3,7 +3,8 @@
 Routes::
 
     GET    /ring                      the ring's JSON form (HashRing.to_dict()) with each node's host, ports
-                                      and state, the leaving nodes and the gateways;
+                                      and state, the leaving nodes, the gateways and ``replicas`` (N, capped at
+                                      the ring's size);
                                       ?after=<epoch>&timeout=<s> waits until the epoch exceeds <epoch> or the
                                       timeout passes (at most 60 s), then answers the current ring
     GET    /ring/status               gateway_id, leader (id or null), epoch, replicas, write_quorum,
@@ -190,6 +191,7 @@ class RingAPI:
             if node is not None:
                 item.update(host=node.host, port=node.port, line_port=node.line_port, state=node.state)
         ring["leaving"] = [_node_json(n) for n in view.nodes_in(LEAVING)]
+        ring["replicas"] = max(1, min(self._config.replicas, len(view.ring)))  # N of this ring, as the router caps it
         ring["gateways"] = [g.to_dict() for g in view.gateways]
         body = json.dumps(ring, sort_keys=True).encode() + b"\n"
         self._ring_cache = (view, body)

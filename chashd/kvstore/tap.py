@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
 from chashd.config import ConfigOptions, KVStoreConfig, options_for
 from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir
 from chashd.errors import ConfigError, StorageError
-from chashd.kvstore.service import KVStoreService, open_engine
+from chashd.kvstore.service import KVStoreRoot, KVStoreService, open_engine
 from chashd.memcache.protocol import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
 
@@ -27,8 +27,10 @@ def makeService(
 
     The storage engine is opened here, before anything listens, so that a database that cannot be used
     stops the daemon with one line and a non-zero status. Tests pass a memory reactor and a synchronous
-    ``run_in_thread``.
+    ``run_in_thread``. The root stops its children only after the node's drain (``KVStoreRoot``); the
+    daemon (the global reactor) also takes a second SIGTERM during a drain as the order to give up.
     """
+    handle_signals = reactor is None
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
@@ -40,8 +42,8 @@ def makeService(
         engine = open_engine(config)
     except (ConfigError, StorageError) as e:
         raise SystemExit(f"chash-kvstore: error: {e}") from None
-    root = MultiService()
-    node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread)
+    node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread, handle_signals=handle_signals)
+    root = KVStoreRoot(node)
     node.setServiceParent(root)
     http = KeyValueHTTP(
         node.backend, health=node.health, ready=node.ready, max_value_size=config.max_value_size, role="kvstore"
@@ -54,6 +56,7 @@ def makeService(
         idle_timeout=config.idle_timeout,
     )
     notifier = SystemdNotifier()
+    node.notify_stopping = notifier.stopping
     for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)
         listener.setServiceParent(root)

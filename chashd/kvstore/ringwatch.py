@@ -1,0 +1,216 @@
+"""The kvstore's watch of the ring: a long poll of ``GET /ring`` on the gateways.
+
+The node asks one gateway ``GET {gateway}/ring?after=<the last epoch it knows>&timeout=25``; the gateway
+answers at once when its epoch is newer, else when the next epoch comes (or after 25 s, with the same
+ring). Each answer with a newer epoch goes to ``on_ring`` as a ``RingUpdate``, and the next poll leaves at
+once, so a new epoch reaches the node within the gateway's own delay (Raft's commit, milliseconds). One
+poll is in flight at a time. When a gateway fails (refused, timeout, a non-200 answer, a body that does
+not parse) the next one of the list is asked after a backoff (0.25 s doubling to ``max_backoff``, with
+jitter); an answer that comes quickly without a newer epoch (a gateway that does not wait) is followed by
+a pause of ``min_interval``, so the watch never spins.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from chashd.ring import HashRing
+
+__all__ = ["NodeAddress", "RingUpdate", "RingWatch", "treq_get"]
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    """Where a kvstore node of the map listens, and its state (``up``, ``down``, ``leaving``)."""
+
+    id: str
+    host: str
+    line_port: int
+    state: str = "up"
+
+
+@dataclass(frozen=True)
+class RingUpdate:
+    """One epoch of the cluster map as a kvstore needs it.
+
+    ``ring`` holds the nodes that own arcs (``up`` and ``down``); ``replicas`` is the replication factor N
+    of that ring (the gateway's ``--replicas`` capped at the ring's size); ``nodes`` gives the address of
+    every node of the ring, ``leaving`` that of the nodes being drained.
+    """
+
+    ring: HashRing
+    replicas: int
+    nodes: Mapping[str, NodeAddress] = field(default_factory=dict)
+    leaving: Mapping[str, NodeAddress] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the cluster map."""
+        return self.ring.epoch
+
+    def same_placement(self, other: RingUpdate) -> bool:
+        """True when both place every replica of every key on the same nodes."""
+        return self.replicas == other.replicas and self.ring.same_placement(other.ring)
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> RingUpdate:
+        """Read the body of ``GET /ring``; ``ValueError`` for one that does not make a ring."""
+        ring = HashRing.from_dict(body)
+        replicas = body.get("replicas", 1)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"malformed ring: replicas {replicas!r}")
+        return cls(
+            ring,
+            replicas,
+            MappingProxyType(_addresses(body.get("nodes", []))),
+            MappingProxyType(_addresses(body.get("leaving", []))),
+        )
+
+
+def _addresses(items: object) -> dict[str, NodeAddress]:
+    if not isinstance(items, list):
+        raise ValueError("malformed ring: a node list is not a list")
+    found = {}
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise ValueError(f"malformed ring: node {item!r}")
+        host, port = item.get("host"), item.get("line_port")
+        if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+            continue  # a node without an address: nothing can be sent to it
+        found[item["id"]] = NodeAddress(item["id"], host, port, str(item.get("state", "up")))
+    return found
+
+
+#: ``get(url, timeout)`` fires with ``(HTTP status, body)``.
+Getter = Callable[[str, float], Deferred[tuple[int, bytes]]]
+
+
+class RingWatch(Service):
+    """Follows the ring of the gateways ``gateways`` (base URLs) and hands each newer epoch to ``on_ring``."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        gateways: Sequence[str],
+        get: Getter,
+        clock: IReactorTime,
+        on_ring: Callable[[RingUpdate], None],
+        poll_timeout: float = 25.0,
+        max_backoff: float = 10.0,
+        min_interval: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not gateways:
+            raise ValueError("a ring watch needs at least one gateway")
+        self._gateways = [g.rstrip("/") for g in gateways]
+        self._get = get
+        self._clock = clock
+        self._on_ring = on_ring
+        self.poll_timeout = poll_timeout
+        self.max_backoff = max_backoff
+        self.min_interval = min_interval
+        self._rng = rng or random.Random()
+        self._next = 0
+        self._failures = 0
+        self._call: IDelayedCall | None = None
+        self._inflight: Deferred[tuple[int, bytes]] | None = None
+        #: The newest ring learned, None before the first.
+        self.latest: RingUpdate | None = None
+        #: Polls answered, for tests and stats.
+        self.polls = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule(0)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    def _schedule(self, delay: float) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = self._clock.callLater(delay, self._poll)
+
+    def _url(self) -> str:
+        base = self._gateways[self._next % len(self._gateways)] + "/ring"
+        if self.latest is None:
+            return base
+        return f"{base}?after={self.latest.epoch}&timeout={self.poll_timeout:g}"
+
+    @inlineCallbacks
+    def _poll(self) -> Any:
+        self._call = None
+        url = self._url()
+        started = self._clock.seconds()
+        update: RingUpdate | None = None
+        error = ""
+        try:
+            self._inflight = self._get(url, self.poll_timeout + 10.0)
+            code, body = yield self._inflight
+            if code != 200:
+                error = f"HTTP {code}"
+            else:
+                update = RingUpdate.from_json(json.loads(body))
+        except Exception as e:  # network errors, timeouts, a bad body, cancellation on stop
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            self._inflight = None
+        if not self.running:
+            return
+        if update is None:
+            self._failed(url, error)
+            return
+        self.polls += 1
+        if self._failures:
+            self._log.info("ring watch: {url} answers again", url=url)
+        self._failures = 0
+        newer = self.latest is None or update.epoch > self.latest.epoch
+        if newer:
+            self.latest = update
+            try:
+                self._on_ring(update)
+            except Exception:
+                self._log.failure("ring watch: handling epoch {epoch} failed", epoch=update.epoch)
+        quick = self._clock.seconds() - started < self.min_interval
+        self._schedule(0 if newer or not quick else self.min_interval)
+
+    def _failed(self, url: str, error: str) -> None:
+        self._failures += 1
+        self._next += 1
+        delay = min(self.max_backoff, 0.25 * 2 ** min(self._failures - 1, 16))
+        delay *= 0.75 + self._rng.random() / 2
+        self._log.warn(
+            "ring watch: cannot poll {url} ({error}); trying the next gateway in {delay:.2f}s",
+            url=url,
+            error=error,
+            delay=delay,
+        )
+        self._schedule(delay)
+
+
+def treq_get(client: Any, clock: IReactorTime | None = None) -> Getter:
+    """A ``get`` for ``RingWatch`` over a ``treq.client.HTTPClient`` (its timeout runs on ``clock``)."""
+
+    @inlineCallbacks
+    def get(url: str, timeout: float) -> Any:
+        response = yield client.get(url, timeout=timeout, reactor=clock)
+        content = yield response.content()
+        return response.code, content
+
+    return get

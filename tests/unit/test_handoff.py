@@ -1,0 +1,522 @@
+"""Rebalancing between real in-process kvstores: each node is a LocalBackend over an engine behind the real
+line-protocol server; the handoff pushes over real KVClientPools, and twisted.test.iosim carries the bytes
+in memory on a MemoryReactorClock (no socket, no real time, no thread: the thread pool runs inline)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
+from twisted.test.iosim import ConnectionCompleter, IOPump
+
+from chashd.commands import Get, Status, Store, Values, XPut
+from chashd.interfaces import IStorageEngine
+from chashd.kvstore.backend import LocalBackend
+from chashd.kvstore.handoff import Handoff, load_synced
+from chashd.kvstore.ringwatch import NodeAddress, RingUpdate
+from chashd.memcache.protocol import KVClientPool, KVConnectionLost, MemcacheServerFactory
+from chashd.record import Record
+from chashd.ring import HashRing
+from chashd.storage import MemoryEngine, SQLiteEngine
+from chashd.versions import HybridClock
+
+T0 = 1_700_000_000.0
+POINTS = 16
+
+
+def run_now(f: Any, *args: Any) -> Deferred[Any]:
+    """The node's thread pool, run inline."""
+    return maybeDeferred(f, *args)
+
+
+def all_records(engine: IStorageEngine) -> dict[bytes, Record]:
+    """Every record an engine holds."""
+    found: dict[bytes, Record] = {}
+    after = None
+    while True:
+        page = engine.scan(0, 2**32 - 1, after, 1000)
+        found.update(page)
+        if len(page) < 1000:
+            return found
+        from chashd.ring import key_hash
+
+        after = (key_hash(page[-1][0]), page[-1][0])
+
+
+class Node:
+    """One kvstore: engine, backend, line-protocol server on a memory port, handoff."""
+
+    def __init__(self, cluster: Cluster, node_id: str, port: int, engine: IStorageEngine, state_path: str | None):
+        self.id = node_id
+        self.port = port
+        self.engine = engine
+        self.backend = LocalBackend(engine, node_id, cluster.reactor, 1 << 20)
+        cluster.reactor.listenTCP(port, MemcacheServerFactory(self.backend, cluster.reactor))
+        self.handoff = Handoff(
+            node_id, engine, run_now, cluster.reactor, cluster.connect, state_path, rng=random.Random(0)
+        )
+        self.handoff.page_size = cluster.page_size
+        self.handoff.drop_chunk = 2
+        self.handoff.startService()
+
+    def records(self) -> dict[bytes, Record]:
+        """What this node holds."""
+        return all_records(self.engine)
+
+
+class Cluster:
+    """Nodes on one MemoryReactorClock; ``settle()`` moves bytes and time until every handoff is over."""
+
+    def __init__(self, page_size: int = 4) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(T0)
+        self.completer = ConnectionCompleter(self.reactor)
+        self.pumps: list[IOPump] = []
+        self.nodes: dict[str, Node] = {}
+        self.page_size = page_size
+        self.hlc = HybridClock("writer")
+
+    def add(self, node_id: str, engine: IStorageEngine | None = None, state_path: str | None = None) -> Node:
+        node = Node(self, node_id, 20000 + len(self.nodes), engine or MemoryEngine(), state_path)
+        self.nodes[node_id] = node
+        return node
+
+    def connect(self, host: str, port: int) -> KVClientPool:
+        """What the kvstore service gives the handoff: a KVClientPool (here over the memory reactor)."""
+        endpoint = TCP4ClientEndpoint(self.reactor, host, port)
+        return KVClientPool(self.reactor, host, port, size=1, timeout=30.0, endpoint=endpoint)
+
+    def ring(self, epoch: int, *node_ids: str, replicas: int = 1) -> RingUpdate:
+        """The ring the gateways would publish (every node up, at its memory port)."""
+        ring = HashRing(dict.fromkeys(node_ids, 1), epoch=epoch, points_per_node=POINTS)
+        nodes = {n: NodeAddress(n, "127.0.0.1", self.nodes[n].port) for n in node_ids}
+        return RingUpdate(ring, max(1, min(replicas, len(node_ids))), nodes)
+
+    def announce(self, update: RingUpdate, node_ids: Iterable[str] | None = None) -> None:
+        """The ring watch of each node (default: all) brings ``update``."""
+        for node_id in node_ids if node_ids is not None else list(self.nodes):
+            self.nodes[node_id].handoff.ring_changed(update)
+
+    def record(self, value: bytes, tombstone: bool = False) -> Record:
+        """A record with a fresh version."""
+        version = self.hlc.tick(int(self.reactor.seconds() * 1000))
+        return Record.deleted(version) if tombstone else Record(value, 0, 0, version)
+
+    def populate(self, update: RingUpdate, count: int, prefix: str = "key") -> dict[bytes, Record]:
+        """``count`` keys written on every replica of ``update``'s placement."""
+        written = {}
+        for i in range(count):
+            key = f"{prefix}-{i}".encode()
+            record = self.record(b"value-%d" % i)
+            for node_id in update.ring.preference_list(key, update.replicas):
+                self.nodes[node_id].engine.put(key, record)
+            written[key] = record
+        return written
+
+    def pump(self) -> bool:
+        """Complete pending connections and move bytes; True if anything happened."""
+        moved = False
+        for index in reversed(range(len(self.reactor.connectors))):  # attempts given up (a pool stopped)
+            if self.reactor.connectors[index].stoppedConnecting:  # type: ignore[attr-defined]
+                del self.reactor.connectors[index]
+                del self.reactor.tcpClients[index]
+        while (pump := self.completer.succeedOnce()) is not None:
+            self.pumps.append(pump)
+            moved = True
+        for pump in self.pumps:
+            moved = pump.flush() or moved
+        return moved
+
+    def settle(self, limit: int = 2000) -> None:
+        """Run until no handoff is under way, advancing the clock to the next timer when nothing moves."""
+        for _ in range(limit):
+            if self.pump():
+                continue
+            if not any(n.handoff.running_handoff for n in self.nodes.values()):
+                return
+            calls = self.reactor.getDelayedCalls()
+            assert calls, (
+                f"a handoff is stuck with nothing to wait for: {[n.handoff.status() for n in self.nodes.values()]}"
+            )
+            self.reactor.advance(max(0.0, min(c.getTime() for c in calls) - self.reactor.seconds()))
+        raise AssertionError("the handoffs did not finish")
+
+    def stop(self) -> None:
+        """Stop every handoff; nothing may be left scheduled."""
+        for node in self.nodes.values():
+            node.handoff.stopService()
+        self.pump()
+        assert self.reactor.getDelayedCalls() == []
+
+    def assert_placed(self, update: RingUpdate, written: dict[bytes, Record]) -> None:
+        """Every key is on exactly its replicas under ``update``, with the version written."""
+        holders: dict[bytes, set[str]] = {}
+        for node_id in update.ring.nodes:
+            for key, record in self.nodes[node_id].records().items():
+                holders.setdefault(key, set()).add(node_id)
+                assert record == written[key], (node_id, key)
+        for key in written:
+            assert holders.get(key, set()) == set(update.ring.preference_list(key, update.replicas)), key
+
+
+@pytest.fixture
+def cluster() -> Any:
+    c = Cluster()
+    yield c
+    c.stop()
+
+
+class JoinTests:
+    """A node joins: the old owners push it its share and drop what they no longer own."""
+
+    def test_records_move_to_the_new_node(self, cluster: Cluster) -> None:
+        """With N=1 the keys whose owner is now B move to B, and A keeps exactly the others, unchanged."""
+        a = cluster.add("A")
+        cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 200)
+        two = cluster.ring(2, "A", "B")
+        with capturedLogs() as events:
+            cluster.announce(two)
+            cluster.settle()
+        cluster.assert_placed(two, written)
+        moved = [k for k in written if two.ring.node_for(k) == "B"]
+        assert 0 < len(moved) < 200
+        assert a.handoff.synced == two and cluster.nodes["B"].handoff.synced == two
+        assert a.handoff.records_sent == len(moved) == a.handoff.records_dropped
+        assert cluster.nodes["B"].backend.stats()["handoff_records_received_total"] == len(moved)
+        arc_lines = [e for e in events if "arc" in e.get("log_format", "") and e.get("found")]
+        assert sum(e["found"] for e in arc_lines) == len(moved)  # one line per arc, not per key
+        assert len(arc_lines) < len(moved)
+
+    def test_replicas_gain_a_copy(self, cluster: Cluster) -> None:
+        """With N=2 a join gives the new node a copy of every key it now replicates; the node it displaced
+        drops it, the one that stays keeps it."""
+        for node_id in "ABC":
+            cluster.add(node_id)
+        one = cluster.ring(1, "A", "B", replicas=2)
+        cluster.announce(one)
+        written = cluster.populate(one, 150)
+        two = cluster.ring(2, "A", "B", "C", replicas=2)
+        cluster.announce(two)
+        cluster.settle()
+        cluster.assert_placed(two, written)
+        assert cluster.nodes["C"].records()
+        assert all(n.handoff.synced == two for n in cluster.nodes.values())
+
+    def test_first_ring_of_an_empty_node_is_synced(self, cluster: Cluster) -> None:
+        """A node that starts empty takes the first ring it learns as synced, and pushes nothing."""
+        a = cluster.add("A")
+        cluster.announce(cluster.ring(3, "A"))
+        assert a.handoff.synced is not None and a.handoff.synced.epoch == 3
+        assert not a.handoff.running_handoff and a.handoff.records_sent == 0
+
+    def test_data_without_a_saved_ring_goes_to_every_replica(self, cluster: Cluster) -> None:
+        """A node holding data but no saved ring treats the old ring as empty: every record goes to each
+        of its replicas under the new ring, and the node keeps only what it owns."""
+        a = cluster.add("A")
+        for node_id in "BC":
+            cluster.add(node_id)
+        written = {b"k-%d" % i: cluster.record(b"v") for i in range(60)}
+        for key, record in written.items():
+            a.engine.put(key, record)
+        a.handoff.stopService()
+        a.handoff.startService()  # a restart with data and no saved ring (a memory node has none)
+        ring = cluster.ring(5, "A", "B", "C", replicas=2)
+        cluster.announce(ring)
+        cluster.settle()
+        cluster.assert_placed(ring, written)
+        assert a.handoff.synced == ring
+
+
+class DrainAndFailureTests:
+    """A node leaves (drain), or dies and is removed (failure)."""
+
+    def test_a_leaving_node_hands_everything_off(self, cluster: Cluster) -> None:
+        """The node that leaves the ring pushes every record to the nodes that take its arcs and keeps nothing."""
+        for node_id in "ABC":
+            cluster.add(node_id)
+        one = cluster.ring(1, "A", "B", "C", replicas=2)
+        cluster.announce(one)
+        written = cluster.populate(one, 150)
+        two = cluster.ring(2, "B", "C", replicas=2)  # A is leaving: not in the ring any more
+        cluster.announce(two)
+        cluster.settle()
+        assert cluster.nodes["A"].records() == {}
+        cluster.assert_placed(two, written)
+        assert cluster.nodes["A"].handoff.synced == two
+
+    def test_survivors_copy_to_the_node_that_enters_the_list(self, cluster: Cluster) -> None:
+        """When a dead node is removed, the surviving replicas push each affected record to the node that
+        enters its preference list, so every key is on N nodes again."""
+        for node_id in "ABCD":
+            cluster.add(node_id)
+        one = cluster.ring(1, "A", "B", "C", "D", replicas=2)
+        cluster.announce(one)
+        written = cluster.populate(one, 200)
+        dead = cluster.nodes.pop("D")  # killed: no handoff of its own
+        dead.handoff.stopService()
+        two = cluster.ring(2, "A", "B", "C", replicas=2)
+        cluster.announce(two)
+        cluster.settle()
+        cluster.assert_placed(two, written)
+
+    def test_the_last_node_keeps_its_data(self, cluster: Cluster) -> None:
+        """A node whose arcs go to nobody (the last node leaves) drops nothing: there is nowhere to push."""
+        a = cluster.add("A")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 20)
+        empty = RingUpdate(HashRing({}, epoch=2, points_per_node=POINTS), 1)
+        cluster.announce(empty)
+        cluster.settle()
+        assert a.records() == written and a.handoff.synced == empty
+
+
+class ConcurrencyTests:
+    """Writes that race a handoff, tombstones, a new ring mid-handoff."""
+
+    def test_a_write_on_the_old_owner_during_the_push_is_kept_then_swept(self, cluster: Cluster) -> None:
+        """A record rewritten on the old owner after it was pushed is not dropped (compare-and-remove);
+        the final sweep pushes the new version and drops it; the new owner ends with the newer version."""
+        a = cluster.add("A")
+        b = cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 40)
+        two = cluster.ring(2, "A", "B")
+        key = next(k for k in written if two.ring.node_for(k) == "B")
+        real_connect = cluster.connect
+        raced: list[Any] = []
+
+        def racing_connect(host: str, port: int) -> KVClientPool:
+            pool = real_connect(host, port)
+            send = pool.send
+
+            def send_and_race(command: Any) -> Deferred[Any]:
+                d = send(command)
+                if isinstance(command, XPut) and command.key == key and not raced:
+                    raced.append(a.backend.execute(Store("set", key, 0, 0, b"newer")))
+                return d
+
+            pool.send = send_and_race  # type: ignore[method-assign]
+            return pool
+
+        a.handoff.connect = racing_connect
+        cluster.announce(two)
+        cluster.settle()
+        assert raced == [Status.STORED]
+        newer = b.engine.get(key)
+        assert newer is not None and newer.value == b"newer" and newer.version > written[key].version
+        assert key not in a.records()
+        assert a.handoff.records_dropped == len([k for k in written if two.ring.node_for(k) == "B"])
+
+    def test_a_newer_write_on_the_new_owner_wins(self, cluster: Cluster) -> None:
+        """The old owner streams version 1 while a client wrote version 2 to the new owner: version 2 stays,
+        and the old owner still drops its copy (EXISTS is an acknowledgement)."""
+        a = cluster.add("A")
+        b = cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 40)
+        two = cluster.ring(2, "A", "B")
+        key = next(k for k in written if two.ring.node_for(k) == "B")
+        cluster.reactor.advance(1)  # the client's write comes after the one A holds
+        b.backend.execute(Store("set", key, 0, 0, b"version 2"))
+        cluster.announce(two)
+        cluster.settle()
+        stored = b.engine.get(key)
+        assert stored is not None and stored.value == b"version 2"
+        assert key not in a.records()
+
+    def test_a_tombstone_keeps_a_key_deleted(self, cluster: Cluster) -> None:
+        """A deleted key's tombstone is pushed like a record: a stale live copy on the new owner is
+        replaced and reads miss."""
+        a = cluster.add("A")
+        b = cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        two = cluster.ring(2, "A", "B")
+        key = next(k for k in (b"gone-%d" % i for i in range(100)) if two.ring.node_for(k) == "B")
+        b.engine.put(key, cluster.record(b"stale"))
+        a.engine.put(key, cluster.record(b"", tombstone=True))
+        cluster.announce(two)
+        cluster.settle()
+        stored = b.engine.get(key)
+        assert stored is not None and stored.tombstone
+        assert b.backend.execute(Get((key,))) == Values(())
+        assert a.engine.get(key) is None
+
+    def test_a_new_ring_mid_handoff_restarts_the_plan(self, cluster: Cluster) -> None:
+        """B joins, and before the push to B is answered C replaces B: the node plans again from its synced
+        ring to the newest one, and the keys end up placed by the newest ring."""
+        a = cluster.add("A")
+        for node_id in "BC":
+            cluster.add(node_id)
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 120)
+        two = cluster.ring(2, "A", "B")
+        cluster.announce(two)
+        assert a.handoff.running_handoff  # its first page is on its way to B, not answered yet
+        three = cluster.ring(3, "A", "C")
+        with capturedLogs() as events:
+            cluster.announce(three)
+            cluster.settle()
+        assert any("planning anew" in e.get("log_format", "") for e in events)
+        for key, record in written.items():
+            owner = three.ring.node_for(key)
+            assert cluster.nodes[owner].engine.get(key) == record
+            if owner != "A":
+                assert a.engine.get(key) is None
+        assert a.handoff.synced == three
+
+
+class BackPressureTests:
+    """The handoff never has more than one page in flight per target."""
+
+    class ManualTarget(Service):
+        """A target whose answers the test gives."""
+
+        def __init__(self) -> None:
+            self.sent: list[tuple[XPut, Deferred[Any]]] = []
+
+        def send(self, command: XPut) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            self.sent.append((command, d))
+            return d
+
+    def setup_handoff(self, page_size: int, count: int) -> tuple[Cluster, Node, ManualTarget, RingUpdate]:
+        cluster = Cluster(page_size=page_size)
+        a = cluster.add("A")
+        cluster.add("B")
+        cluster.announce(cluster.ring(1, "A"), ["A"])
+        for i in range(count):
+            a.engine.put(b"k-%d" % i, cluster.record(b"v"))
+        target = self.ManualTarget()
+        a.handoff.connect = lambda host, port: target
+        two = cluster.ring(2, "B")  # everything moves from A to B
+        a.handoff.ring_changed(two)
+        return cluster, a, target, two
+
+    def test_one_page_at_a_time(self) -> None:
+        """Only ``page_size`` records are sent until every one of them is acknowledged; each page is dropped
+        on the sender only after its acknowledgement."""
+        _, a, target, two = self.setup_handoff(page_size=3, count=10)
+        acknowledged = 0
+        while a.handoff.running_handoff:
+            unanswered = [(c, d) for c, d in target.sent if not d.called]
+            assert 0 < len(unanswered) <= 3
+            assert len(a.records()) == 10 - acknowledged  # nothing dropped before its acknowledgement
+            for _, d in unanswered[:-1]:
+                d.callback(Status.STORED)
+            assert len([d for _, d in target.sent if not d.called]) == 1  # still waiting: no new page
+            unanswered[-1][1].callback(Status.STORED)
+            acknowledged += len(unanswered)
+        assert acknowledged == 10 and a.records() == {}
+        assert a.handoff.synced == two
+
+    def test_failed_pushes_are_retried_with_backoff(self) -> None:
+        """A page the target did not acknowledge is sent again after a backoff, and only then dropped."""
+        cluster, a, target, _ = self.setup_handoff(page_size=4, count=2)
+        first = list(target.sent)
+        assert len(first) == 2
+        for _, d in first:
+            d.errback(KVConnectionLost("gone"))
+        assert len(target.sent) == 2 and len(a.records()) == 2
+        (retry,) = cluster.reactor.getDelayedCalls()
+        assert 0.3 <= retry.getTime() - cluster.reactor.seconds() <= 0.7
+        cluster.reactor.advance(1.0)
+        assert [c.key for c, _ in target.sent[2:]] == [c.key for c, _ in first]
+        for _, d in target.sent[2:]:
+            d.callback(Status.STORED)
+        assert a.records() == {}
+
+    def test_a_target_that_left_the_map_is_skipped(self) -> None:
+        """While retrying, a newer ring without the target stops the pushes to it and plans anew."""
+        cluster, a, target, _ = self.setup_handoff(page_size=4, count=2)
+        for _, d in target.sent:
+            d.errback(KVConnectionLost("gone"))
+        three = cluster.ring(3, "A")  # B is gone again: A owns everything
+        a.handoff.ring_changed(three)
+        assert not a.handoff.running_handoff and a.handoff.synced == three
+        assert len(a.records()) == 2 and cluster.reactor.getDelayedCalls() == []
+
+
+class PersistenceTests:
+    """``synced`` of a SQLite node survives a restart."""
+
+    def test_synced_survives_a_restart(self, tmp_path: Path) -> None:
+        """The ring is saved once the handoff is done; a restarted node knows it, so a ring with the same
+        placement moves nothing, and a different one hands off from the saved ring."""
+        state = str(tmp_path / "handoff-ring.json")
+        cluster = Cluster()
+        a = cluster.add("A", SQLiteEngine(tmp_path / "a.db"), state)
+        cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 50)
+        saved = load_synced(state)
+        assert saved is not None and saved.epoch == 1 and saved.same_placement(one)
+        a.handoff.stopService()
+        a.engine.close()
+
+        cluster.nodes["A"] = a = Node(cluster, "A", 20100, SQLiteEngine(tmp_path / "a.db"), state)
+        assert a.handoff.synced is not None and a.handoff.synced.epoch == 1
+        cluster.announce(cluster.ring(4, "A"), ["A"])  # same placement, newer epoch
+        assert not a.handoff.running_handoff and a.handoff.records_sent == 0
+        two = cluster.ring(5, "A", "B")
+        two = RingUpdate(two.ring, 1, {"A": NodeAddress("A", "127.0.0.1", 20100), **dict(two.nodes)})
+        cluster.announce(two)
+        cluster.settle()
+        assert a.handoff.records_sent == len([k for k in written if two.ring.node_for(k) == "B"]) > 0
+        saved = load_synced(state)
+        assert saved is not None and saved.epoch == 5
+        assert json.loads(Path(state).read_text())["replicas"] == 1
+        cluster.stop()
+        a.engine.close()
+
+    def test_an_unreadable_saved_ring_means_no_saved_ring(self, tmp_path: Path) -> None:
+        """A saved ring that does not parse is logged and ignored: the node hands off as if it had none."""
+        state = tmp_path / "handoff-ring.json"
+        state.write_text("{not json")
+        cluster = Cluster()
+        with capturedLogs() as events:
+            a = cluster.add("A", state_path=str(state))
+        assert a.handoff.synced is None
+        assert any("cannot read the saved ring" in e.get("log_format", "") for e in events)
+        cluster.stop()
+
+
+class ProgressTests:
+    """What ``GET /health`` and ``/stats`` show of a handoff."""
+
+    def test_status_and_stats(self, cluster: Cluster) -> None:
+        """While a handoff runs, the status names both epochs, the arcs and an estimate of what is left;
+        when it is over, pending is 0 and synced is the target."""
+        a = cluster.add("A")
+        cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        cluster.populate(one, 100)
+        two = cluster.ring(2, "A", "B")
+        cluster.announce(two)
+        during = a.handoff.status()
+        assert during["synced_epoch"] == 1 and during["target_epoch"] == 2 and during["running"]
+        assert during["arcs_total"] > 0 and during["pending"] > 0
+        cluster.settle()
+        after = a.handoff.status()
+        assert after["synced_epoch"] == 2 and not after["running"] and after["pending"] == 0
+        stats = a.handoff.stats()
+        assert stats["handoff_records_sent_total"] == after["records_sent"] > 0
+        assert stats["handoff_records_pending"] == 0

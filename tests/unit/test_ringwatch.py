@@ -1,0 +1,170 @@
+"""The kvstore's ring watch, long-polling a real RingAPI (real Membership, in-memory Raft) through StubTreq."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import capturedLogs
+
+from chashd.kvstore.ringwatch import RingUpdate, RingWatch, treq_get
+from tests.unit.test_ring_api import BASE, RingAPITestsBase
+
+
+class RingWatchTests(RingAPITestsBase):
+    """RingWatch against the gateway's /ring routes (replicas 2)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.updates: list[RingUpdate] = []
+        self.urls: list[str] = []
+        self.stub_get = treq_get(self.stub, self.clock)
+        self.watches: list[RingWatch] = []
+
+    def tearDown(self) -> None:
+        for watch in self.watches:
+            watch.stopService()
+        super().tearDown()
+
+    def get(self, url: str, timeout: float) -> Deferred[tuple[int, bytes]]:
+        """The gateway at BASE answers through StubTreq; any other one refuses connections."""
+        self.urls.append(url)
+        if not url.startswith(BASE):
+            return fail(ConnectionRefusedError())
+        return self.stub_get(url, timeout)
+
+    def watch(self, gateways: list[str] | None = None, **kw: Any) -> RingWatch:
+        watch = RingWatch(gateways or [BASE], self.get, self.clock, self.updates.append, rng=random.Random(0), **kw)
+        watch.startService()
+        self.watches.append(watch)
+        self.clock.advance(0)
+        self.stub.flush()
+        return watch
+
+    def test_learns_each_new_epoch_at_once(self) -> None:
+        """The first poll gets the current ring; the next one waits at the gateway and returns as soon as
+        the map changes, with no time passing on the kvstore's side."""
+        self.register(node_id="kv-a")
+        watch = self.watch()
+        first = self.membership.view.epoch
+        assert [u.epoch for u in self.updates] == [first]
+        assert self.urls[-1] == f"{BASE}/ring?after={first}&timeout=25"
+        self.register(node_id="kv-b", port=8081)
+        self.stub.flush()
+        assert [u.epoch for u in self.updates] == [first, first + 1]
+        update = self.updates[-1]
+        assert update.ring == self.membership.view.ring
+        assert update.nodes["kv-b"].line_port == 11212 and update.nodes["kv-b"].host == "127.0.0.1"
+        assert watch.latest == update
+
+    def test_replicas_follow_the_ring_size(self) -> None:
+        """The ring body carries N (the gateway's --replicas, 2 here) capped at the number of nodes."""
+        self.register(node_id="kv-a")
+        self.watch()
+        assert self.updates[-1].replicas == 1
+        for i, name in enumerate(("kv-b", "kv-c")):
+            self.register(node_id=name, port=8081 + i)
+            self.stub.flush()
+        assert self.updates[-1].replicas == 2
+
+    def test_leaving_nodes_are_listed(self) -> None:
+        """A draining node leaves the ring but keeps its address in ``leaving``."""
+        self.register(node_id="kv-a")
+        self.register(node_id="kv-b", port=8081)
+        self.watch()
+        self.request("POST", "/ring/nodes/kv-b/drain")
+        self.stub.flush()
+        update = self.updates[-1]
+        assert "kv-b" not in update.ring and "kv-b" in update.leaving and "kv-b" not in update.nodes
+
+    def test_fails_over_with_backoff(self) -> None:
+        """A gateway that refuses is followed by the next one after a short, growing, jittered delay."""
+        self.register()
+        with capturedLogs() as events:
+            self.watch(gateways=["http://down:8000", BASE])
+        assert self.updates == [] and self.urls == ["http://down:8000/ring"]
+        assert any(e.get("url") == "http://down:8000/ring" for e in events)
+        (call,) = self.clock.getDelayedCalls()
+        assert 0.18 <= call.getTime() - self.clock.seconds() <= 0.32
+        self.clock.advance(0.32)
+        self.stub.flush()
+        assert [u.epoch for u in self.updates] == [self.membership.view.epoch]
+
+    def test_backoff_grows_and_is_bounded(self) -> None:
+        """While no gateway answers, the delays double up to max_backoff: never a tight loop."""
+        self.watch(gateways=["http://down:8000", "http://down:8001"], max_backoff=2.0)
+        delays = []
+        for _ in range(6):
+            (call,) = self.clock.getDelayedCalls()
+            delays.append(call.getTime() - self.clock.seconds())
+            self.clock.advance(delays[-1])
+        assert delays[0] < delays[1] < delays[2] < delays[3]
+        assert all(d <= 2.0 * 1.25 for d in delays) and delays[-1] >= 2.0 * 0.75
+        assert len(self.urls) == 7 and self.urls[1].startswith("http://down:8001")
+
+    def test_a_gateway_that_does_not_wait_is_not_hammered(self) -> None:
+        """An answer that comes at once without a newer epoch is followed by a pause of min_interval."""
+        body = json.dumps({"epoch": 3, "nodes": [], "replicas": 1}).encode()
+        calls: list[str] = []
+
+        def eager(url: str, timeout: float) -> Deferred[tuple[int, bytes]]:
+            calls.append(url)
+            return succeed((200, body))
+
+        watch = RingWatch(["http://g"], eager, self.clock, self.updates.append, min_interval=1.0)
+        watch.startService()
+        self.clock.advance(0)
+        assert len(calls) == 2  # the first ring, then at once a long poll (answered at once, same epoch)
+        for _ in range(10):
+            self.clock.advance(1.0)
+        assert len(calls) == 12 and [u.epoch for u in self.updates] == [3]
+        watch.stopService()
+        assert self.clock.getDelayedCalls() == []
+
+    def test_a_bad_body_is_a_failure(self) -> None:
+        """A 200 whose body is not a ring counts as a failed poll (next gateway, backoff)."""
+
+        def garbage(url: str, timeout: float) -> Deferred[tuple[int, bytes]]:
+            return succeed((200, b"<html>proxy error</html>"))
+
+        watch = RingWatch(["http://g"], garbage, self.clock, self.updates.append, rng=random.Random(0))
+        with capturedLogs() as events:
+            watch.startService()
+            self.clock.advance(0)
+        assert self.updates == [] and any("cannot poll" in e.get("log_format", "") for e in events)
+        (call,) = self.clock.getDelayedCalls()
+        assert call.getTime() - self.clock.seconds() >= 0.18
+        watch.stopService()
+
+    def test_a_failing_handler_does_not_stop_the_watch(self) -> None:
+        """An exception in on_ring is logged; the next epoch still comes."""
+        self.register()
+        seen: list[int] = []
+
+        def handler(update: RingUpdate) -> None:
+            seen.append(update.epoch)
+            raise RuntimeError("boom")
+
+        watch = RingWatch([BASE], self.get, self.clock, handler)
+        with capturedLogs() as events:
+            watch.startService()
+            self.clock.advance(0)
+            self.stub.flush()
+            self.register(node_id="kv-b", port=8081)
+            self.stub.flush()
+        assert len(seen) == 2 and any(e.get("log_failure") for e in events)
+        assert len(self.flushLoggedErrors(RuntimeError)) == 2
+        watch.stopService()
+        self.stub.flush()
+
+    def test_stop_cancels_the_waiting_poll(self) -> None:
+        """Stopping while a long poll waits at the gateway cancels it: no timer left on either side."""
+        self.register()
+        watch = self.watch()
+        assert self.clock.getDelayedCalls()  # the gateway's wait and the request's timeout
+        watch.stopService()
+        self.stub.flush()
+        assert self.clock.getDelayedCalls() == []
