@@ -345,7 +345,7 @@ class LocalCluster:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every process this cluster started, kvstores first."""
-        for daemon in reversed(self.kvstores + self.gateways):
+        for daemon in [*reversed(self.kvstores), *reversed(self.gateways)]:
             try:
                 daemon.stop(timeout)
             except Exception:  # keep stopping the others
