@@ -483,7 +483,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         if opened is not None:
             opened.close()
     if fatal is not None:
-        _summary(stored, failures, started, interrupted=False)
+        if stored or failures:
+            _summary(stored, failures, started, interrupted=False)
         raise fatal
     _summary(stored, failures, started, interrupted=False)
     return EXIT_ERROR if failures else EXIT_OK
