@@ -171,14 +171,21 @@ def _address(node: dict[str, Any]) -> str:
 
 
 def _progress_text(handoff: Any) -> str:
-    """A node's handoff report in a few words (its fields are the kvstore's to choose)."""
+    """A node's handoff report in a few words: ``moving, arcs 3/8, sent 1200, received 0, pending 40``."""
     if not isinstance(handoff, dict) or not handoff:
         return "-"
     parts = []
-    for name, value in handoff.items():
-        if isinstance(value, (dict, list)):
-            continue
-        parts.append(f"{name.replace('_', ' ')} {value}")
+    if handoff.get("running"):
+        parts.append("moving")
+    if handoff.get("arcs_total"):
+        parts.append(f"arcs {handoff.get('arcs_done', 0)}/{handoff['arcs_total']}")
+    for name, word in (("records_sent", "sent"), ("records_received", "received"), ("pending", "pending")):
+        if isinstance(handoff.get(name), int):
+            parts.append(f"{word} {handoff[name]}")
+    if handoff.get("synced_epoch") is not None:
+        parts.append(f"synced epoch {handoff['synced_epoch']}")
+    if not parts:  # a report of another shape: its scalar fields
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in handoff.items() if not isinstance(v, (dict, list))]
     return ", ".join(parts) or "-"
 
 

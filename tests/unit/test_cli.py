@@ -131,5 +131,7 @@ class OutputTests:
 
     def test_progress_text(self) -> None:
         """A handoff report shows its scalar fields in words; nothing shows as '-'."""
-        assert cli._progress_text({"synced_epoch": 7, "pending": 3, "arcs": [1]}) == "synced epoch 7, pending 3"
+        report = {"running": True, "arcs_total": 8, "arcs_done": 3, "records_sent": 12, "pending": 4, "synced_epoch": 7}
+        assert cli._progress_text(report) == "moving, arcs 3/8, sent 12, pending 4, synced epoch 7"
+        assert cli._progress_text({"phase": "x", "arcs": [1]}) == "phase x"
         assert cli._progress_text(None) == "-"
