@@ -11,6 +11,8 @@ Routes::
     GET    /ready        readiness: 200 when the role can serve requests, else 503
     GET    /stats        JSON counters (keys, bytes, operations ...)
     GET    /metrics      Prometheus text format
+    GET    /openapi.json the OpenAPI 3.1 document of this role's HTTP API (chashd/openapi.json; a kvstore's
+                         leaves out the paths marked ``x-chashd-roles: [gateway]``)
 
 Keys are the URL path after /kv/, percent-decoded, as UTF-8: 1-250 bytes without spaces or control
 characters (memcached's rule). Every error is ``application/problem+json`` with a ``detail``.
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import cache
+from importlib.resources import files
 from typing import Any
 
 from klein import Klein
@@ -45,7 +49,7 @@ from chashd.errors import (
 from chashd.interfaces import IKeyValue
 from chashd.record import MAX_FLAGS, check_key
 
-__all__ = ["KeyValueHTTP", "json_response", "problem"]
+__all__ = ["KeyValueHTTP", "json_response", "openapi_document", "problem"]
 
 TTL_HEADER = "X-Chash-TTL"
 FLAGS_HEADER = "X-Chash-Flags"
@@ -57,6 +61,19 @@ def json_response(request: IRequest, body: Any, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(body, sort_keys=True).encode() + b"\n"
+
+
+@cache
+def openapi_document(role: str) -> dict[str, Any]:
+    """The OpenAPI document as ``role`` serves it: the paths marked for other roles only are left out."""
+    from chashd import __version__
+
+    document: dict[str, Any] = json.loads(files("chashd").joinpath("openapi.json").read_text(encoding="utf-8"))
+    document["info"]["version"] = __version__
+    document["paths"] = {
+        path: item for path, item in document["paths"].items() if role in item.get("x-chashd-roles", [role])
+    }
+    return document
 
 
 def _problem_body(code: int, title: str, detail: str, **extra: Any) -> bytes:
@@ -190,6 +207,7 @@ class KeyValueHTTP:
         self._health = health
         self._ready = ready or (lambda: (True, "serving"))
         self._max_value_size = max_value_size
+        self._role = role
         self.metrics = metrics or CollectorRegistry(auto_describe=True)
         if backend is not None:
             self.metrics.register(_StatsCollector(backend.stats, role))
@@ -308,6 +326,11 @@ class KeyValueHTTP:
         """Prometheus text exposition."""
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return generate_latest(self.metrics)
+
+    @app.route("/openapi.json", methods=["GET", "HEAD"])
+    def openapi(self, request: IRequest) -> bytes:
+        """The OpenAPI document of this role's HTTP API."""
+        return json_response(request, openapi_document(self._role))
 
     # -- errors ---------------------------------------------------------------------------------
 

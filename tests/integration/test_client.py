@@ -204,3 +204,19 @@ class AsyncClientTests:
         with pytest.raises(Unreachable, match="connection refused"):
             await client.get("k")
         await client.close()
+
+
+class OpenAPIServedTests:
+    """The real daemons serve their OpenAPI document (a file installed with the package)."""
+
+    def test_both_roles(self, cluster: LocalCluster) -> None:
+        """A gateway's /openapi.json has the /ring paths, a kvstore's only the shared surface."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(cluster.gateway_urls[0] + "/openapi.json", timeout=10) as answer:
+            gateway = json.load(answer)
+        with urllib.request.urlopen(cluster.kvstores[0].url + "/openapi.json", timeout=10) as answer:
+            kvstore = json.load(answer)
+        assert gateway["openapi"].startswith("3.1") and "/ring/status" in gateway["paths"]
+        assert "/kv/{key}" in kvstore["paths"] and not any(p.startswith("/ring") for p in kvstore["paths"])
