@@ -101,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = reading("nodes", "list the nodes, or drain or remove one")
     node_commands = nodes.add_subparsers(dest="node_command", metavar="ACTION", parser_class=_Parser)
     drain = node_commands.add_parser("drain", help="mark a node leaving: it hands its data off, then leaves")
-    drain.add_argument("node_id", metavar="ID")
     remove = node_commands.add_parser("remove", help="remove a node from the ring at once")
-    remove.add_argument("node_id", metavar="ID")
+    for action in (drain, remove):
+        action.add_argument("node_id", metavar="ID")
+        # Also after the action (chash nodes drain ID --json); SUPPRESS keeps a --json given before it.
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the answer as JSON")
 
     load = commands.add_parser(
         "load",

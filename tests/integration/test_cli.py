@@ -217,6 +217,25 @@ class FailureTests:
             one_line(result)
 
 
+class NodeAdminTests:
+    """nodes drain and nodes remove on a real node (last of the tests on the module's cluster)."""
+
+    def test_drain_then_remove(self, cluster: LocalCluster) -> None:
+        """drain marks a node leaving; remove takes it out of the map; --json may follow the action."""
+        gw = cluster.gateway_urls[0]
+        extra = cluster.add_kvstore(name="kvstore-X")
+        drained = chash("nodes", "drain", "kvstore-X", "--json", gateway=gw)
+        assert drained.returncode == 0, drained.stderr
+        answer = json.loads(drained.stdout)
+        assert answer["result"] == "updated" and answer["node"]["state"] == "leaving"
+        extra.kill()  # so that it cannot register again once removed
+        removed = chash("nodes", "remove", "kvstore-X", gateway=gw)
+        assert removed.returncode == 0, removed.stderr
+        assert removed.stdout.decode().startswith("kvstore-X is removed from the ring (removed, epoch ")
+        listed = json.loads(chash("nodes", "--json", gateway=gw).stdout)
+        assert "kvstore-X" not in {n["id"] for n in listed}
+
+
 class ClusterUpTests:
     """chash cluster up."""
 

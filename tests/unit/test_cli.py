@@ -42,6 +42,13 @@ class UsageTests:
         assert len(lines) == 1, err
         assert lines[0].startswith("chash") and "error:" in lines[0] and "--help" in lines[0]
 
+    def test_json_after_node_action(self) -> None:
+        """--json may come before or after a node action, and is off unless given."""
+        parse = cli.build_parser().parse_args
+        assert parse(["nodes", "drain", "x", "--json"]).json is True
+        assert parse(["nodes", "--json", "remove", "x"]).json is True
+        assert parse(["nodes", "drain", "x"]).json is False
+
     def test_no_command(self, capsys: pytest.CaptureFixture[str]) -> None:
         """chash alone prints the help on stderr and exits 2."""
         code, out, err = run(capsys)
