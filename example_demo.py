@@ -61,6 +61,7 @@ class LineClient:
         self._file = self._sock.makefile("rb")
 
     def close(self) -> None:
+        """Close the connection."""
         self._file.close()
         self._sock.close()
 
@@ -76,6 +77,7 @@ class LineClient:
         return self._line()
 
     def set(self, key: str, value: bytes, flags: int = 0, exptime: int = 0) -> bytes:
+        """``set``: the reply line (``STORED``)."""
         return self.command(f"set {key} {flags} {exptime} {len(value)}".encode(), value)
 
     def gets(self, key: str) -> tuple[bytes, int, int] | None:

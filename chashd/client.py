@@ -692,7 +692,7 @@ class AsyncKVStoreClient:
                 self._preferred = index
                 try:
                     value = call.parse(response)
-                except ChashError:
+                except Exception:  # a ChashError, or a bug: either way the caller's Deferred gets it
                     result.errback(Failure())
                 else:
                     result.callback(value)
