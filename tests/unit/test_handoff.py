@@ -412,7 +412,7 @@ class BackPressureTests:
     def test_one_page_at_a_time(self) -> None:
         """Only ``page_size`` records are sent until every one of them is acknowledged; each page is dropped
         on the sender only after its acknowledgement."""
-        _, a, target, two = self.setup_handoff(page_size=3, count=10)
+        cluster, a, target, two = self.setup_handoff(page_size=3, count=10)
         acknowledged = 0
         while a.handoff.running_handoff:
             unanswered = [(c, d) for c, d in target.sent if not d.called]
@@ -420,9 +420,12 @@ class BackPressureTests:
             assert len(a.records()) == 10 - acknowledged  # nothing dropped before its acknowledgement
             for _, d in unanswered[:-1]:
                 d.callback(Status.STORED)
+            cluster.reactor.advance(0)
             assert len([d for _, d in target.sent if not d.called]) == 1  # still waiting: no new page
             unanswered[-1][1].callback(Status.STORED)
             acknowledged += len(unanswered)
+            for _ in range(3):  # the drops run a chunk per reactor turn
+                cluster.reactor.advance(0)
         assert acknowledged == 10 and a.records() == {}
         assert a.handoff.synced == two
 
@@ -440,6 +443,7 @@ class BackPressureTests:
         assert [c.key for c, _ in target.sent[2:]] == [c.key for c, _ in first]
         for _, d in target.sent[2:]:
             d.callback(Status.STORED)
+        cluster.reactor.advance(0)
         assert a.records() == {}
 
     def test_a_target_that_left_the_map_is_skipped(self) -> None:

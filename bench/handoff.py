@@ -1,0 +1,293 @@
+"""Handoff benchmark: a kvstore holding 200,000 records of 1 KiB joins a second, empty one (N=1, half move).
+
+    python bench/handoff.py [--records 200000] [--value-size 1024] [--read-seconds 10] [--workdir DIR]
+
+Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite engine on loopback
+(``LocalCluster``), loads the kvstore through its line port (pipelined ``xput``, 1,000 in flight), then:
+
+- reads through the gateway's line port for ``--read-seconds`` with no move (one connection, one ``get``
+  of a random key in flight: the p99 without a move);
+- starts a second, empty SQLite kvstore; it registers, the ring changes, the first kvstore pushes about
+  half its records to it. The move runs from the first ``/health`` (polled every 50 ms) showing the first
+  kvstore's handoff under way to the one showing it over and both kvstores synced with the gateway's epoch;
+  the records moved are the first kvstore's ``records_sent``, MB/s counts their value bytes;
+- samples both kvstores' RSS (``/proc/<pid>/status`` VmRSS, every 50 ms) before and during the move, and
+  keeps reading through the gateway meanwhile (the p99 during the move; a read that misses is counted).
+
+Prints the figures against the targets: >= 20,000 records/s, RSS growth during the move < 100 MB, p99 of
+gateway reads during the move <= 3x the p99 without. Every process is stopped by its pid at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from chashd.launcher import Daemon, LocalCluster, http_json
+
+HOST = "127.0.0.1"
+TARGET_RATE = 20_000
+TARGET_RSS_MB = 100
+TARGET_P99_RATIO = 3.0
+
+
+def rss_mb(pid: int) -> float | None:
+    """The resident set of a process in MB (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class LineClient:
+    """A blocking memcached-protocol connection."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def read_until(self, end: bytes) -> bytes:
+        while end not in self.buffer:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            self.buffer += chunk
+        index = self.buffer.index(end) + len(end)
+        reply, self.buffer = self.buffer[:index], self.buffer[index:]
+        return reply
+
+    def read_count(self, line: bytes, count: int) -> None:
+        """Read ``count`` replies, each exactly ``line``."""
+        wanted = len(line) * count
+        while len(self.buffer) < wanted:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            self.buffer += chunk
+        replies, self.buffer = self.buffer[:wanted], self.buffer[wanted:]
+        if replies != line * count:
+            raise RuntimeError(f"unexpected replies: {replies[:200]!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def key(i: int) -> bytes:
+    return b"bench-%08d" % i
+
+
+def load(port: int, records: int, value_size: int) -> float:
+    """Write ``records`` records through pipelined xput; the rate in records/s."""
+    client = LineClient(port)
+    value = os.urandom(value_size // 2).hex().encode()[:value_size].ljust(value_size, b"x")
+    clock = int(time.time() * 1000) << 16
+    started = time.monotonic()
+    batch = 1000
+    for first in range(0, records, batch):
+        last = min(records, first + batch)
+        client.sock.sendall(
+            b"".join(
+                b"xput %s 0 0 %d-bench 0 %d\r\n%s\r\n" % (key(i), clock + i, value_size, value)
+                for i in range(first, last)
+            )
+        )
+        client.read_count(b"STORED\r\n", last - first)
+    client.close()
+    return records / (time.monotonic() - started)
+
+
+class Reader(threading.Thread):
+    """Reads random keys through the gateway's line port, one at a time; keeps (time, latency, hit)."""
+
+    def __init__(self, port: int, records: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.records = records
+        self.samples: list[tuple[float, float, bool]] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            client = LineClient(self.port)
+            rng = random.Random(1)
+            while not self.stop.is_set():
+                request = b"get %s\r\n" % key(rng.randrange(self.records))
+                started = time.monotonic()
+                client.sock.sendall(request)
+                reply = client.read_until(b"END\r\n")
+                if not reply.startswith((b"VALUE", b"END")):
+                    raise RuntimeError(f"unexpected reply {reply[:100]!r}")
+                self.samples.append((started, time.monotonic() - started, reply.startswith(b"VALUE")))
+            client.close()
+        except BaseException as e:  # reported by the main thread
+            self.error = e
+
+    def window(self, start: float, end: float) -> list[tuple[float, bool]]:
+        return [(latency, hit) for t, latency, hit in list(self.samples) if start <= t <= end]
+
+
+class RSSSampler(threading.Thread):
+    """Samples the RSS of some processes every 50 ms; keeps (time, pid, MB)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.pids: list[int] = []
+        self.samples: list[tuple[float, int, float]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            now = time.monotonic()
+            for pid in list(self.pids):
+                value = rss_mb(pid)
+                if value is not None:
+                    self.samples.append((now, pid, value))
+
+    def series(self, pid: int, start: float, end: float) -> list[float]:
+        return [mb for t, p, mb in list(self.samples) if p == pid and start <= t <= end]
+
+
+def p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def handoff(daemon: Daemon) -> dict[str, Any]:
+    body = daemon.health(timeout=5)
+    if body is None:
+        raise RuntimeError(f"{daemon.name} does not answer /health")
+    return dict(body["handoff"])
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_") and k != "NOTIFY_SOCKET"}
+    cluster = LocalCluster(
+        workdir,
+        gateways=1,
+        kvstores=1,
+        engine="sqlite",
+        gateway_args=["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"],
+        env=env,
+    )
+    sampler = RSSSampler()
+    reader: Reader | None = None
+    with cluster:
+        first = cluster.kvstores[0]
+        assert first.pid is not None
+        print(f"loading {args.records:,} records of {args.value_size} bytes into {first.name} ...", flush=True)
+        rate = load(cluster.line_ports[first.name], args.records, args.value_size)
+        keys = first.health(timeout=5)["keys"]  # type: ignore[index]
+        print(f"loaded at {rate:,.0f} records/s; {first.name} holds {keys:,} records", flush=True)
+
+        sampler.pids.append(first.pid)
+        sampler.start()
+        reader = Reader(cluster.line_ports["gateway-1"], args.records)
+        reader.start()
+        time.sleep(args.read_seconds)
+        quiet_end = time.monotonic()
+        quiet = reader.window(quiet_end - args.read_seconds, quiet_end)
+
+        second = cluster.add_kvstore(wait=False)
+        while second.pid is None:
+            time.sleep(0.01)
+        sampler.pids.append(second.pid)
+        second.wait_healthy(60)
+        second_base = rss_mb(second.pid) or 0.0
+        first_base = statistics.median(sampler.series(first.pid, quiet_end - args.read_seconds, quiet_end))
+        start = end = None
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            state = handoff(first)
+            if start is None and (state["running"] or state["records_sent"]):
+                start = now
+            if start is not None and not state["running"]:
+                epoch = http_json(cluster.gateways[0].url + "/ring/status")[1]["epoch"]
+                if state["synced_epoch"] == epoch and handoff(second)["synced_epoch"] == epoch:
+                    end = now
+                    break
+            time.sleep(0.05)
+        if start is None or end is None:
+            print("the move did not finish in time", file=sys.stderr)
+            return 1
+        moved_state = handoff(first)
+        received = handoff(second)["records_received"]
+        during = reader.window(start, end)
+        reader.stop.set()
+        reader.join(10)
+        sampler.stop.set()
+        sampler.join(5)
+        if reader.error is not None:
+            raise reader.error
+
+        moved = moved_state["records_sent"]
+        elapsed = end - start
+        first_peak = max(sampler.series(first.pid, start, end) or [first_base])
+        second_peak = max(sampler.series(second.pid, start, end) or [second_base])
+        p99_quiet = p99([latency for latency, _ in quiet])
+        p99_move = p99([latency for latency, _ in during]) if during else float("nan")
+        misses = sum(1 for _, hit in during if not hit) + sum(1 for _, hit in quiet if not hit)
+        growth = max(first_peak - first_base, second_peak - second_base)
+        ratio = p99_move / p99_quiet
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "missed"
+
+        print()
+        print(f"records moved      {moved:,} (received {received:,}) in {elapsed:.2f} s")
+        print(
+            f"rate               {moved / elapsed:,.0f} records/s, "
+            f"{moved * args.value_size / elapsed / 1e6:.1f} MB/s of values   "
+            f"target >= {TARGET_RATE:,}: {verdict(moved / elapsed >= TARGET_RATE)}"
+        )
+        print(
+            f"RSS {first.name:10s}   {first_base:.0f} MB before, peak {first_peak:.0f} MB "
+            f"(+{first_peak - first_base:.0f} MB)"
+        )
+        print(
+            f"RSS {second.name:10s}   {second_base:.0f} MB once up, peak {second_peak:.0f} MB "
+            f"(+{second_peak - second_base:.0f} MB)   target growth < {TARGET_RSS_MB} MB: "
+            f"{verdict(growth < TARGET_RSS_MB)}"
+        )
+        print(
+            f"gateway reads p99  {p99_quiet * 1000:.2f} ms without a move ({len(quiet):,} reads), "
+            f"{p99_move * 1000:.2f} ms during it ({len(during):,} reads): {ratio:.2f}x   "
+            f"target <= {TARGET_P99_RATIO:g}x: {verdict(ratio <= TARGET_P99_RATIO)}"
+        )
+        print(f"reads that missed  {misses}")
+        print(f"load average       {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--value-size", type=int, default=1024)
+    parser.add_argument("--read-seconds", type=float, default=10.0, help="reads without a move")
+    parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for the move")
+    parser.add_argument("--workdir", type=Path, help="keep the daemons' logs and data here")
+    args = parser.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return run(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="chashd-bench-handoff-") as tmp:
+        return run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
