@@ -36,10 +36,14 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     def start(role: str, *args: str, env: dict[str, str] | None = None, wait: bool = True, **kw: Any) -> Daemon:
         (port,) = free_ports(1)
         name = kw.pop("name", f"{role}-{len(started)}")
+        # Never the default ports (11211, 11212, 8001): other software on the machine may hold them.
+        extra = [] if "--line-port" in args else ["--line-port", f"tcp:{free_ports(1)[0]}:interface=127.0.0.1"]
+        if role == "chash-gateway" and "--raft-port" not in args:
+            extra += ["--raft-port", str(free_ports(1)[0])]
         daemon = Daemon(
             role,
             name,
-            ["--port", f"tcp:{port}:interface=127.0.0.1", *args],
+            ["--port", f"tcp:{port}:interface=127.0.0.1", *extra, *args],
             port,
             tmp_path / f"{name}.log",
             env=clean_environ(**(env or {})),

@@ -109,7 +109,10 @@ class BadConfigTests:
         """A port already taken stops the daemon with status 1 and says so."""
         first = start_daemon("chash-kvstore", "--node-id", "a")
         result = subprocess.run(
-            twistd_command("chash-kvstore", ["--node-id", "b", "--port", f"tcp:{first.http_port}:interface=127.0.0.1"]),
+            twistd_command(
+                "chash-kvstore",
+                ["--node-id", "b", "--port", f"tcp:{first.http_port}:interface=127.0.0.1", "--line-port", "0"],
+            ),
             env=clean_environ(),
             capture_output=True,
             timeout=60,
