@@ -15,6 +15,13 @@
   to the new primary, so no acknowledged write is missed during a move.
 
 N, W and R are capped at the number of nodes in the ring, so a one-node ring works.
+
+The common cases take short paths that do the same thing with fewer objects per request: a single-key
+``get`` with R=1 is one ``XGet`` whose Deferred the client protocol gets back (a failure moves on to the
+next up replica); any other single-key ``get`` is one ``_KeyRead`` whose Deferred is the answer; a ``set``
+to a single replica needs no quorum object. Preference lists are memoized per placement (the ring is
+immutable, so a key's list only changes with a new placement), and which nodes are down is worked out
+once per placement rather than per request. Callbacks are bound methods with arguments, not closures.
 """
 
 from __future__ import annotations
@@ -67,32 +74,48 @@ class Placement:
         return self.states.get(node, UP) == UP
 
 
+#: Preference lists memoized per placement, at most this many keys (then the memo starts over).
+_PREFS_MEMO_SIZE = 65536
+_NO_VALUES = Values(())
+
+
 def _quorum(attempts: Sequence[Deferred[Any]], needed: int, what: str) -> Deferred[list[Any]]:
     """Fires with the first ``needed`` results, or fails with ``QuorumNotReached`` once that is impossible."""
-    done: Deferred[list[Any]] = Deferred()
-    results: list[Any] = []
-    failures: list[Failure] = []
     total = len(attempts)
     if total < needed:
         return _fail(QuorumNotReached(needed, total, what))
+    return _Quorum(attempts, needed, what).done
 
-    def ok(result: Any) -> None:
-        results.append(result)
-        if len(results) == needed and not done.called:
-            done.callback(list(results))
 
-    def bad(failure: Failure) -> None:
-        failures.append(failure)
-        if total - len(failures) < needed and not done.called:
-            error = QuorumNotReached(needed, total - len(failures), what)
+class _Quorum:
+    """The state of one ``_quorum``: results and failures counted as the attempts fire."""
+
+    __slots__ = ("done", "failures", "needed", "results", "total", "what")
+
+    def __init__(self, attempts: Sequence[Deferred[Any]], needed: int, what: str) -> None:
+        self.done: Deferred[list[Any]] = Deferred()
+        self.results: list[Any] = []
+        self.failures = 0
+        self.needed = needed
+        self.total = len(attempts)
+        self.what = what
+        for attempt in attempts:
+            attempt.addCallbacks(self._ok, self._bad)
+        if needed == 0:
+            self.done.callback([])
+
+    def _ok(self, result: Any) -> None:
+        self.results.append(result)
+        if len(self.results) == self.needed and not self.done.called:
+            self.done.callback(list(self.results))
+
+    def _bad(self, failure: Failure) -> None:
+        self.failures += 1
+        left = self.total - self.failures
+        if left < self.needed and not self.done.called:
+            error = QuorumNotReached(self.needed, left, self.what)
             error.__cause__ = failure.value
-            done.errback(Failure(error))
-
-    for attempt in attempts:
-        attempt.addCallbacks(ok, bad)
-    if needed == 0:
-        done.callback([])
-    return done
+            self.done.errback(Failure(error))
 
 
 def _fail(error: Exception) -> Deferred[Any]:
@@ -129,6 +152,19 @@ class Router:
         self.read_quorum = read_quorum
         self._allow_flush_all = allow_flush_all
         self.placement = Placement(HashRing({}))
+        # Worked out once per placement and N: see replicas_for.
+        self._memo_placement: Placement | None = None
+        self._memo_replicas = 0
+        self._prefs_memo: dict[bytes, tuple[str, ...]] = {}
+        self._down: frozenset[str] = frozenset()
+        self._dispatch: dict[type, Callable[[Any], Deferred[Any]]] = {
+            Get: self._route_get,
+            Store: self._route_store,
+            Arith: self._route_rmw,
+            Touch: self._route_rmw,
+            Delete: self._route_rmw,
+            FlushAll: self._flush_all,
+        }
         self.counters: dict[str, int] = {
             "cmd_get": 0,
             "cmd_set": 0,
@@ -143,18 +179,43 @@ class Router:
     # -- placement ------------------------------------------------------------------------------
 
     def update(self, placement: Placement) -> None:
-        """Route by ``placement`` from now on."""
-        self.placement = placement
+        """Route by ``placement`` from now on (an equal placement changes nothing, so the memo of
+        preference lists survives the gateway's periodic refreshes)."""
+        if placement != self.placement:
+            self.placement = placement
 
     def _n(self) -> int:
         return max(1, min(self.replicas, len(self.placement.ring)))
 
     def replicas_for(self, key: bytes) -> tuple[str, ...]:
         """The key's preference list of N nodes (up or not), primary first."""
-        ring = self.placement.ring
-        if not len(ring):
-            raise NoNodes()
-        return ring.preference_list(key, self._n())
+        placement = self.placement
+        if placement is not self._memo_placement or self.replicas != self._memo_replicas:
+            self._new_memo(placement)
+        prefs = self._prefs_memo.get(key)
+        if prefs is None:
+            ring = placement.ring
+            if not len(ring):
+                raise NoNodes()
+            prefs = ring.preference_list(key, self._n())
+            if len(self._prefs_memo) >= _PREFS_MEMO_SIZE:
+                self._prefs_memo = {}
+            self._prefs_memo[key] = prefs
+        return prefs
+
+    def _new_memo(self, placement: Placement) -> None:
+        """Start the memo of preference lists and down nodes over for ``placement``."""
+        self._memo_placement = placement
+        self._memo_replicas = self.replicas
+        self._prefs_memo = {}
+        self._down = frozenset(n for n in placement.ring.nodes if not placement.is_up(n))
+
+    def _up(self, replicas: tuple[str, ...]) -> Sequence[str]:
+        """The nodes of ``replicas`` that take requests (call after ``replicas_for``)."""
+        down = self._down
+        if not down:
+            return replicas
+        return [n for n in replicas if n not in down]
 
     def _previous_owners(self, key: bytes, current: Sequence[str]) -> list[str]:
         previous = self.placement.previous
@@ -178,22 +239,28 @@ class Router:
 
     def execute(self, command: Any) -> Deferred[Any]:
         """Route ``command``; a Deferred of its result."""
+        route = self._dispatch.get(type(command))
+        if route is None:
+            return _fail(RequestError(f"the gateway does not route {type(command).__name__}"))
         try:
-            if isinstance(command, Get):
-                if command.exptime is None:
-                    return self._get(command)
-                return self._gat(command)
-            if isinstance(command, Store):
-                if command.mode == "set":
-                    return self._set(command)
-                return self._rmw(command.key, command)
-            if isinstance(command, (Arith, Touch, Delete)):
-                return self._rmw(command.key, command)
-            if isinstance(command, FlushAll):
-                return self._flush_all(command)
+            return route(command)
         except Exception:
             return _fail_current()
-        return _fail(RequestError(f"the gateway does not route {type(command).__name__}"))
+
+    def _route_get(self, command: Get) -> Deferred[Any]:
+        if command.exptime is not None:
+            return self._gat(command)
+        if len(command.keys) == 1:
+            return self._get_one(command.keys[0])
+        return self._get(command)
+
+    def _route_store(self, command: Store) -> Deferred[Any]:
+        if command.mode == "set":
+            return self._set(command)
+        return self._rmw(command.key, command)
+
+    def _route_rmw(self, command: Arith | Touch | Delete) -> Deferred[Any]:
+        return self._rmw(command.key, command)
 
     def stats(self) -> dict[str, Any]:
         """The router's counters and what it routes over."""
@@ -214,18 +281,28 @@ class Router:
     def _set(self, command: Store) -> Deferred[Any]:
         self.counters["cmd_set"] += 1
         replicas = self.replicas_for(command.key)
-        up = [n for n in replicas if self.placement.is_up(n)]
+        up = self._up(replicas)
         needed = min(self.write_quorum, len(replicas))
+        now = self._now()
         record = Record(
             command.value,
             command.flags,
-            expires_at_from_exptime(command.exptime, self._now()),
-            self._version_now(),
+            expires_at_from_exptime(command.exptime, now) if command.exptime else 0,
+            self._hlc.tick(int(now * 1000)),
         )
         put = XPut(command.key, record)
+        if needed == 1 and len(up) == 1:  # one replica to write: its answer is the answer
+            return self._send(up[0], put).addCallbacks(_stored, self._single_write_failed)
         d = _quorum([self._send(n, put) for n in up], needed, "write")
-        d.addCallbacks(lambda _: Status.STORED, self._count_quorum_failure)
+        d.addCallbacks(_stored, self._count_quorum_failure)
         return d
+
+    def _single_write_failed(self, failure: Failure) -> Failure:
+        """The only replica written to failed: the write quorum of 1 is not reached."""
+        self.counters["quorum_failures"] += 1
+        error = QuorumNotReached(1, 0, "write")
+        error.__cause__ = failure.value
+        return Failure(error)
 
     def _count_quorum_failure(self, failure: Failure) -> Failure:
         if failure.check(QuorumNotReached):
@@ -242,7 +319,7 @@ class Router:
         else:
             self.counters["cmd_rmw"] += 1
         replicas = self.replicas_for(key)
-        up = [n for n in replicas if self.placement.is_up(n)]
+        up = self._up(replicas)
         needed = min(self.write_quorum, len(replicas))
         if len(up) < needed or not up:
             self.counters["quorum_failures"] += 1
@@ -302,10 +379,51 @@ class Router:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    def _get_one(self, key: bytes) -> Deferred[Any]:
+        """A get of one key: with R=1 and no move under way, one XGet (and the next replica on a failure);
+        otherwise one ``_KeyRead`` that answers with the final ``Values``."""
+        self.counters["cmd_get"] += 1
+        replicas = self.replicas_for(key)
+        if min(self.read_quorum, len(replicas)) == 1 and not self._previous_owners(key, replicas):
+            up = self._up(replicas)
+            if not up:
+                self.counters["quorum_failures"] += 1
+                return _fail(QuorumNotReached(1, 0, "read"))
+            return self._ask_one(key, up, 0)
+        read = _KeyRead(self, key, replicas, single=True)
+        read.start()
+        return read.done
+
+    def _ask_one(self, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
+        d = self._send(up[index], XGet((key,)))
+        d.addCallbacks(self._one_answered, self._one_failed, callbackArgs=(key,), errbackArgs=(key, up, index))
+        return d
+
+    def _one_answered(self, answer: Values, key: bytes) -> Values:
+        for item_key, record in answer.items:
+            if item_key == key:
+                return self._client_values(key, record)
+        self.counters["get_misses"] += 1
+        return _NO_VALUES
+
+    def _client_values(self, key: bytes, record: Record | None) -> Values:
+        """What a client reading ``key`` gets when ``record`` is the newest answer."""
+        if record is not None and record.live(self._now()):
+            self.counters["get_hits"] += 1
+            return Values(((key, record),))
+        self.counters["get_misses"] += 1
+        return _NO_VALUES
+
+    def _one_failed(self, failure: Failure, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
+        if index + 1 < len(up):
+            return self._ask_one(key, up, index + 1)
+        self.counters["quorum_failures"] += 1
+        return _fail(QuorumNotReached(1, 0, "read"))
+
     def _get(self, command: Get) -> Deferred[Any]:
         self.counters["cmd_get"] += 1
         keys = list(dict.fromkeys(command.keys))
-        reads = [_KeyRead(self, key) for key in keys]
+        reads = [_KeyRead(self, key, self.replicas_for(key)) for key in keys]
         # One XGet per node for all the keys it is asked about.
         by_node: dict[str, list[_KeyRead]] = {}
         for read in reads:
@@ -381,20 +499,38 @@ class Router:
 
 
 class _KeyRead:
-    """One key's read: which replicas to ask, their answers, the newest record, the read repair."""
+    """One key's read: which replicas to ask, their answers, the newest record, the read repair.
 
-    def __init__(self, router: Router, key: bytes) -> None:
+    ``done`` fires with ``(key, newest record or None)``, or, for a ``single`` read (a get of this key
+    alone), with the ``Values`` the client gets.
+    """
+
+    __slots__ = (
+        "_answered_client",
+        "answers",
+        "asked",
+        "candidates",
+        "done",
+        "extra",
+        "failed",
+        "key",
+        "needed",
+        "router",
+        "single",
+    )
+
+    def __init__(self, router: Router, key: bytes, replicas: tuple[str, ...], single: bool = False) -> None:
         self.router = router
         self.key = key
-        replicas = router.replicas_for(key)
-        up = [n for n in replicas if router.placement.is_up(n)]
+        self.single = single
+        up = router._up(replicas)
         self.needed = min(router.read_quorum, len(replicas))
         self.candidates = up
         self.extra = router._previous_owners(key, replicas)
         self.asked: list[str] = []
         self.answers: dict[str, Record | None] = {}
         self.failed: list[str] = []
-        self.done: Deferred[tuple[bytes, Record | None]] = Deferred()
+        self.done: Deferred[Any] = Deferred()
         self._answered_client = False
         if len(up) < self.needed:
             router.counters["quorum_failures"] += 1
@@ -404,9 +540,29 @@ class _KeyRead:
         """The nodes to ask first: R up replicas, plus the previous owners during a move."""
         if self.done.called:
             return []
-        first = self.candidates[: self.needed] + self.extra
+        first = [*self.candidates[: self.needed], *self.extra]
         self.asked.extend(first)
         return first
+
+    def start(self) -> None:
+        """Send the first round of a read of this key alone."""
+        send = self.router._send
+        for node in self.first_round():
+            send(node, XGet((self.key,))).addCallbacks(
+                self._answer_from, self.failed_on_with, callbackArgs=(node,), errbackArgs=(node,)
+            )
+
+    def _answer_from(self, result: Values, node: str) -> None:
+        key = self.key
+        for item_key, record in result.items:
+            if item_key == key:
+                self.answered(node, record)
+                return
+        self.answered(node, None)
+
+    def failed_on_with(self, failure: Failure, node: str) -> None:
+        """``failed_on`` as an errback."""
+        self.failed_on(node)
 
     def answered(self, node: str, record: Record | None) -> None:
         self.answers[node] = record
@@ -414,32 +570,38 @@ class _KeyRead:
 
     def failed_on(self, node: str) -> None:
         self.failed.append(node)
-        untried = [n for n in self.candidates if n not in self.asked]
-        if untried and node in self.candidates:
-            nxt = untried[0]
-            self.asked.append(nxt)
-            self.router._send(nxt, XGet((self.key,))).addCallbacks(
-                _deliver, _deliver_failure, callbackArgs=(nxt, [self]), errbackArgs=(nxt, [self])
-            )
+        if node in self.candidates:
+            untried = [n for n in self.candidates if n not in self.asked]
+            if untried:
+                nxt = untried[0]
+                self.asked.append(nxt)
+                self.router._send(nxt, XGet((self.key,))).addCallbacks(
+                    _deliver, _deliver_failure, callbackArgs=(nxt, [self]), errbackArgs=(nxt, [self])
+                )
         self._progress()
 
     def _progress(self) -> None:
-        from_replicas = [n for n in self.answers if n in self.candidates]
-        pending = [n for n in self.asked if n not in self.answers and n not in self.failed]
+        answers = self.answers
+        candidates = self.candidates
+        from_replicas = sum(1 for n in answers if n in candidates)
+        pending = [n for n in self.asked if n not in answers and n not in self.failed]
         if not self._answered_client:
-            if len(from_replicas) >= self.needed and not any(n in self.extra for n in pending):
+            if from_replicas >= self.needed and not (self.extra and any(n in self.extra for n in pending)):
                 self._answer()
-            elif not pending and len(from_replicas) < self.needed:
+            elif not pending and from_replicas < self.needed:
                 self._answered_client = True
                 self.router.counters["quorum_failures"] += 1
-                self.done.errback(Failure(QuorumNotReached(self.needed, len(from_replicas), "read")))
+                self.done.errback(Failure(QuorumNotReached(self.needed, from_replicas, "read")))
                 return
         if self._answered_client and not pending:
             self._repair()
 
     def _answer(self) -> None:
         self._answered_client = True
-        self.done.callback((self.key, self._newest()))
+        if self.single:
+            self.done.callback(self.router._client_values(self.key, self._newest()))
+        else:
+            self.done.callback((self.key, self._newest()))
 
     def _newest(self) -> Record | None:
         newest: Record | None = None
@@ -472,6 +634,10 @@ def _deliver(result: Values, node: str, reads: Sequence[_KeyRead]) -> None:
 def _deliver_failure(failure: Failure, node: str, reads: Sequence[_KeyRead]) -> None:
     for read in reads:
         read.failed_on(node)
+
+
+def _stored(_: Any) -> Status:
+    return Status.STORED
 
 
 def _newest(answers: Sequence[Values], key: bytes) -> Record | None:

@@ -248,6 +248,104 @@ class ReadModifyWriteTests(SynchronousTestCase):
         assert c.holders(b"f") == set()
 
 
+class FastPathTests(SynchronousTestCase):
+    """The short paths of the common cases behave as the general ones."""
+
+    def test_single_key_get_with_r1_asks_one_replica(self) -> None:
+        """With R=1 a get of one key is one XGet to the first up replica; hits and misses are counted."""
+        c = Cluster(replicas=3, w=3, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 7, 0, b"v")))
+        before = c.sends()
+        result = self.successResultOf(c.router.execute(Get((b"k",))))
+        assert [(k, r.value, r.flags) for k, r in result.items] == [(b"k", b"v", 7)]
+        assert c.sends() - before == 1
+        assert c.links[c.replicas(b"k")[0]].sent[-1] == XGet((b"k",))
+        assert self.successResultOf(c.router.execute(Get((b"nothing",)))) == Values(())
+        stats = c.router.stats()
+        assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"]) == (2, 1, 1)
+
+    def test_single_key_get_with_r1_fails_over(self) -> None:
+        """With R=1, a replica that fails is replaced by the next up one; when none is left the read fails."""
+        c = Cluster(replicas=3, w=3, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")))
+        first, second, third = c.replicas(b"k")
+        c.links[first].mode = "down"
+        c.links[second].mode = "down"
+        assert self.successResultOf(c.router.execute(Get((b"k",)))).items[0][1].value == b"v"
+        assert [len(c.links[n].sent) for n in (first, second, third)] == [2, 2, 2]
+        c.links[third].mode = "down"
+        failure = self.failureResultOf(c.router.execute(Get((b"k",))), QuorumNotReached)
+        assert "read quorum not reached: 0 of 1" in str(failure.value)
+        assert c.router.stats()["quorum_failures"] == 1
+
+    def test_single_key_get_with_r1_skips_down_nodes(self) -> None:
+        """A node marked down is not asked; with every replica down the read fails at once."""
+        c = Cluster(replicas=2, w=1, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")))
+        first, second = c.replicas(b"k")
+        c.router.update(Placement(c.router.placement.ring, {first: "down"}))
+        assert self.successResultOf(c.router.execute(Get((b"k",)))).items[0][1].value == b"v"
+        assert not any(isinstance(cmd, XGet) for cmd in c.links[first].sent)
+        c.router.update(Placement(c.router.placement.ring, {first: "down", second: "down"}))
+        self.failureResultOf(c.router.execute(Get((b"k",))), QuorumNotReached)
+
+    def test_single_key_get_of_a_tombstone_or_expired_record(self) -> None:
+        """The one-key paths (R=1 and R=2) answer a miss for a tombstone and an expired record."""
+        for r in (1, 2):
+            c = Cluster(r=r)
+            self.successResultOf(c.router.execute(Store("set", b"t", 0, 10, b"v")))
+            self.successResultOf(c.router.execute(Store("set", b"d", 0, 0, b"v")))
+            self.successResultOf(c.router.execute(Delete(b"d")))
+            c.clock.advance(11)
+            assert self.successResultOf(c.router.execute(Get((b"t",)))) == Values(())
+            assert self.successResultOf(c.router.execute(Get((b"d",)))) == Values(())
+            assert c.router.stats()["get_misses"] == 2
+
+    def test_single_key_get_with_r2_fails_when_quorum_is_impossible(self) -> None:
+        """With R=2 and two of three replicas down the one-key read fails with QuorumNotReached."""
+        c = Cluster()
+        first, second, _ = c.replicas(b"k")
+        c.router.update(Placement(c.router.placement.ring, {first: "down", second: "down"}))
+        failure = self.failureResultOf(c.router.execute(Get((b"k",))), QuorumNotReached)
+        assert "1 of 2" in str(failure.value)
+        assert c.router.stats()["quorum_failures"] == 1
+
+    def test_set_to_a_single_replica_that_fails(self) -> None:
+        """With N=1 a failed write is a QuorumNotReached (never STORED), counted as a quorum failure."""
+        c = Cluster(replicas=1, w=1, r=1)
+        c.links[c.replicas(b"k")[0]].mode = "down"
+        failure = self.failureResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")), QuorumNotReached)
+        assert "write quorum not reached: 0 of 1" in str(failure.value)
+        assert isinstance(failure.value.__cause__, ConnectionLost)
+        assert c.router.stats()["quorum_failures"] == 1
+
+    def test_set_with_exptime(self) -> None:
+        """A set with an exptime stores the absolute expiry on the replicas."""
+        c = Cluster(replicas=1, w=1, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 100, b"v")))
+        record = c.links[c.replicas(b"k")[0]].backend.engine.get(b"k")
+        assert record is not None and record.expires_at == int(NOW) + 100
+
+    def test_preference_lists_follow_a_new_ring(self) -> None:
+        """Memoized preference lists are dropped when the placement changes, not when an equal one comes."""
+        c = Cluster(count=4, replicas=1, w=1, r=1)
+        old = HashRing({"a": 1, "b": 1, "c": 1}, epoch=1)
+        new = HashRing({"a": 1, "b": 1, "c": 1, "d": 1}, epoch=2)
+        c.router.update(Placement(old))
+        key = next(k for k in (b"p%d" % i for i in range(200)) if new.node_for(k) == "d")
+        assert c.router.replicas_for(key) == old.preference_list(key, 1)
+        placement = c.router.placement
+        c.router.update(Placement(old))
+        assert c.router.placement is placement  # an equal placement keeps the memo
+        c.router.update(Placement(new))
+        assert c.router.replicas_for(key) == ("d",)
+
+    def test_unknown_command(self) -> None:
+        """A command the gateway does not route fails with a RequestError."""
+        c = Cluster()
+        self.failureResultOf(c.router.execute(XGet((b"k",))), RequestError)
+
+
 class HandoffRoutingTests(SynchronousTestCase):
     """While a move is under way, previous owners are asked too."""
 
