@@ -27,7 +27,10 @@ value limit + 2 bytes) and by the cap on pending replies.
 Client (``KVClientProtocol``): the gateway's pipelined connection to a kvstore. ``send(command)``
 returns a Deferred of the result; replies are matched to requests in order (a deque). A request may
 have a timeout (the injected clock's); when it expires the connection is dropped, since the replies
-behind it would come late too. A lost connection fails every pending request with ``KVConnectionLost``.
+behind it would come late too. The deadlines are checked by one timer per connection, not one per
+request: replies come in order, so only the oldest pending request can be the first to expire; the timer
+is due at its deadline and, when it fires, moves on to the next oldest (a timer that finds nothing
+pending just ends). A lost connection fails every pending request with ``KVConnectionLost``.
 ``noreply`` is never sent: every request gets its reply, so the pipeline cannot lose step.
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
@@ -538,20 +541,17 @@ class KVTimeout(ServiceUnavailable):
     """A kvstore did not answer in time; the request may or may not have run."""
 
 
-class _Request:
-    __slots__ = ("command", "deferred", "timer")
-
-    def __init__(self, command: Command, deferred: Deferred[Result]) -> None:
-        self.command = command
-        self.deferred = deferred
-        self.timer: IDelayedCall | None = None
+#: A pending request: the command, its Deferred, and when it was sent (the clock's seconds; 0 without
+#: a timeout).
+_Request = tuple[Command, Deferred[Result], float]
 
 
 class KVClientProtocol(Protocol):
     """A pipelined client connection to a kvstore's line port (see the module docstring).
 
     ``clock`` and ``timeout``: each request fails with ``KVTimeout`` after ``timeout`` seconds (None:
-    never). ``on_connect``/``on_lost`` tell a pool when the connection comes and goes.
+    never), checked by one timer per connection. ``on_connect``/``on_lost`` tell a pool when the
+    connection comes and goes.
     """
 
     _log = Logger()
@@ -568,6 +568,8 @@ class KVClientProtocol(Protocol):
             raise ValueError("a timeout needs a clock")
         self._clock = clock
         self._timeout = timeout
+        self._seconds = clock.seconds if timeout is not None and clock is not None else None
+        self._timer: IDelayedCall | None = None  # the deadline check, while requests may be pending
         self._parser = ReplyParser(max_value_size)
         self._pending: deque[_Request] = deque()
         self._connected = False
@@ -600,25 +602,32 @@ class KVClientProtocol(Protocol):
         """Send ``command``; the Deferred fires with its result or fails with a ``chashd.errors`` error."""
         if not self._connected:
             return fail(KVConnectionLost(f"not connected to {self.peer}: {self._lost_reason or 'not yet'}"))
-        if type(command) is Quit:
+        kind = type(command)
+        if kind in _SILENCEABLE:
+            if command.noreply:  # type: ignore[union-attr]
+                command = replace(cast(Any, command), noreply=False)
+        elif kind is Quit:
             raise ValueError("quit is not a request; close the connection instead")
-        if getattr(command, "noreply", False):
-            command = replace(cast(Any, command), noreply=False)
-        request = _Request(command, Deferred())
-        self._pending.append(request)
+        deferred: Deferred[Result] = Deferred()
+        seconds = self._seconds
+        if seconds is None:
+            self._pending.append((command, deferred, 0.0))
+        else:
+            self._pending.append((command, deferred, seconds()))
+            if self._timer is None:
+                assert self._clock is not None and self._timeout is not None
+                self._timer = self._clock.callLater(self._timeout, self._check_deadline)
         self._tr.write(serialize_command(command))
-        if self._timeout is not None:
-            assert self._clock is not None
-            request.timer = self._clock.callLater(self._timeout, self._timed_out, request)
-        return request.deferred
+        return deferred
 
     def dataReceived(self, data: bytes) -> None:
         parser = self._parser
         parser.feed(data)
         pending = self._pending
+        next_result = parser.next
         while pending:
             try:
-                result = parser.next(pending[0].command)
+                result = next_result(pending[0][0])
             except BadReply as e:
                 self._log.error("bad reply from {peer}: {error}", peer=self.peer, error=str(e))
                 self._fail_all(e)
@@ -626,39 +635,50 @@ class KVClientProtocol(Protocol):
                 return
             if result is None:
                 return
-            request = pending.popleft()
-            if request.timer is not None and request.timer.active():
-                request.timer.cancel()
-            if request.deferred.called:  # cancelled by its caller
+            deferred = pending.popleft()[1]
+            if deferred.called:  # cancelled by its caller
                 continue
             if isinstance(result, ChashdError):
-                request.deferred.errback(result)
+                deferred.errback(result)
             else:
-                request.deferred.callback(result)
+                deferred.callback(result)
         if self._connected and parser.buffered:  # no request is waiting for these bytes
             self._log.error("{peer} sent bytes nobody asked for", peer=self.peer)
             self._tr.abortConnection()
 
-    def _timed_out(self, request: _Request) -> None:
-        request.timer = None
+    def _check_deadline(self) -> None:
+        """The timer: fail the oldest pending request if its time is up, else wait for its deadline."""
+        self._timer = None
+        if not self._pending or not self._connected:
+            return
+        assert self._seconds is not None and self._timeout is not None and self._clock is not None
+        oldest = self._pending[0]
+        due = oldest[2] + self._timeout
+        now = self._seconds()
+        if now < due:
+            self._timer = self._clock.callLater(due - now, self._check_deadline)
+            return
         self._log.warn(
             "{peer} did not answer {command} within {timeout}s; dropping the connection",
             peer=self.peer,
-            command=type(request.command).__name__,
+            command=type(oldest[0]).__name__,
             timeout=self._timeout,
         )
-        self._fail_all(KVTimeout(f"{self.peer} did not answer within {self._timeout}s"), first=request)
+        self._fail_all(KVTimeout(f"{self.peer} did not answer within {self._timeout}s"), first=oldest)
         self._tr.abortConnection()
 
     def _fail_all(self, error: ChashdError, first: _Request | None = None) -> None:
         self._connected = False
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
         pending, self._pending = self._pending, deque()
         lost = KVConnectionLost(f"connection to {self.peer} closed before it answered: {error}")
         for request in pending:
-            if request.timer is not None and request.timer.active():
-                request.timer.cancel()
-            if not request.deferred.called:
-                request.deferred.errback(error if request is first or first is None else lost)
+            deferred = request[1]
+            if not deferred.called:
+                deferred.errback(error if request is first or first is None else lost)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost_reason = reason.getErrorMessage()
@@ -698,6 +718,7 @@ class KVClientPool(MultiService):
         max_value_size: int = 128 * 1024 * 1024,
         endpoint: IStreamClientEndpoint | None = None,
         max_backoff: float = 10.0,
+        spill_at: int = 32,
     ) -> None:
         super().__init__()
         self.clock: IReactorTime = reactor
@@ -705,6 +726,7 @@ class KVClientPool(MultiService):
         self.port = port
         self.timeout = timeout
         self.max_value_size = max_value_size
+        self.spill_at = spill_at
         self.connections: list[KVClientProtocol] = []
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
@@ -724,11 +746,16 @@ class KVClientPool(MultiService):
             self.connections.remove(protocol)
 
     def send(self, command: Command) -> Deferred[Result]:
-        """Send ``command`` over the least busy connection."""
+        """Send ``command`` over the first usable connection, or the least busy one once that one has
+        ``spill_at`` requests pending."""
         best: KVClientProtocol | None = None
         for connection in self.connections:
-            if connection.usable and (best is None or connection.pending < best.pending):
-                best = connection
+            if connection._connected:
+                pending = len(connection._pending)
+                if pending < self.spill_at:
+                    return connection.send(command)
+                if best is None or pending < len(best._pending):
+                    best = connection
         if best is not None:
             return best.send(command)
         if not self.running:

@@ -830,6 +830,9 @@ def _write_line(command: WriteCommand, noreply: bool) -> bytes:
 def serialize_command(command: Command) -> bytes:
     """The request bytes for ``command``: what ``RequestParser`` parses back into an equal command."""
     kind = type(command)
+    if kind is XGet:  # the gateway's reads
+        keys = command.keys  # type: ignore[union-attr]
+        return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
     if kind is Get:
         get: Get = command  # type: ignore[assignment]
         keys = b" ".join(get.keys)
@@ -838,8 +841,6 @@ def serialize_command(command: Command) -> bytes:
         return b"%s %d %s\r\n" % (b"gats" if get.cas else b"gat", get.exptime, keys)
     if kind in (Store, Delete, Arith, Touch):
         return _write_line(command, command.noreply)  # type: ignore[arg-type,union-attr]
-    if kind is XGet:
-        return b"xget " + b" ".join(command.keys) + b"\r\n"  # type: ignore[union-attr]
     if kind is XPut:
         put: XPut = command  # type: ignore[assignment]
         r = put.record
@@ -875,6 +876,7 @@ def serialize_command(command: Command) -> bytes:
 # -- the client: reply bytes to results --------------------------------------------------------------
 
 _STATUS_BY_LINE = {status.value.encode(): status for status in Status}
+_NO_VALUES = Values(())
 _CLIENT_ERRORS: dict[str, type[RequestError]] = {
     str(BadDataChunk()): BadDataChunk,
     str(NonNumericValue()): NonNumericValue,
@@ -955,6 +957,10 @@ class ReplyParser:
     def next(self, command: Command) -> Result | ChashdError | None:
         """The reply to ``command`` once it is complete, else None."""
         kind = type(command)
+        if kind is XGet and not self._items:
+            whole = self._xget_reply()
+            if whole is not None:
+                return whole
         while True:
             start = self._pos
             line = self._line()
@@ -977,6 +983,38 @@ class ReplyParser:
                 self._items.append(item)
                 continue
             return self._single(command, line)
+
+    def _xget_reply(self) -> Values | None:
+        """The common replies to an ``xget``, read in one go: ``END``, or one well-formed ``XVALUE``
+        block and ``END``, all buffered. None for anything else (nothing is consumed then, and the
+        general path reads it, or says what is wrong with it)."""
+        buf = self._buf
+        pos = self._pos
+        if buf.startswith(b"END\r\n", pos):
+            self._pos = pos + 5
+            return _NO_VALUES
+        if not buf.startswith(b"XVALUE ", pos):
+            return None
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        parts = buf[pos + 7 : end].split(b" ")
+        if len(parts) != 6:
+            return None
+        key, flags, expires_at, version, tombstone, size = parts
+        if not (flags.isdigit() and expires_at.isdigit() and size.isdigit()) or tombstone not in (b"0", b"1"):
+            return None
+        start = end + 2
+        stop = start + int(size)
+        if stop - start > self.max_value_size or buf[stop : stop + 7] != b"\r\nEND\r\n":
+            return None
+        try:
+            parsed = Version.parse(version.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        self._pos = stop + 7
+        record = Record(buf[start:stop], int(flags), int(expires_at), parsed, tombstone == b"1")
+        return Values(((key, record),))
 
     def _finish(self, command: Command) -> Result:
         items = tuple(self._items)

@@ -555,14 +555,71 @@ class ClientTimeoutTests(SynchronousTestCase):
         assert clock.getDelayedCalls() == []
 
     def test_answered_in_time(self) -> None:
-        """An answer before the timeout cancels the timer."""
+        """An answer before the timeout stands: the deadline check then finds nothing to fail and ends."""
         clock = Clock()
         factory, _ = make_factory()
         client, _, pump = pair(factory, clock=clock, timeout=5)
         d = client.send(Get((b"a",)))
         pump.flush()
         assert self.successResultOf(d) == Values(())
+        clock.advance(5)
+        assert client.usable
         assert clock.getDelayedCalls() == []
+
+    def test_one_timer_per_connection(self) -> None:
+        """Many pending requests share one deadline timer, not one timer each."""
+        clock = Clock()
+        factory, _ = make_factory(LaterBackend(clock))
+        client, _, pump = pair(factory, clock=clock, timeout=5)
+        for i in range(20):
+            client.send(Get((b"k%d" % i,)))
+        pump.flush()
+        assert client.pending == 20
+        assert len(clock.getDelayedCalls()) == 1
+
+    def test_each_request_gets_its_whole_timeout(self) -> None:
+        """A request sent after the first one fails only at its own deadline, not at the first one's."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        client, _, pump = pair(factory, clock=clock, timeout=5)
+        first = client.send(Get((b"a",)))
+        pump.flush()
+        clock.advance(3)
+        second = client.send(Get((b"b",)))
+        pump.flush()
+        backend.fire(0)
+        pump.flush()
+        assert self.successResultOf(first) == Values(())
+        clock.advance(2)  # the first request's deadline: the second has 3 s left
+        self.assertNoResult(second)
+        assert client.usable
+        clock.advance(2.9)
+        self.assertNoResult(second)
+        clock.advance(0.1)
+        self.failureResultOf(second, KVTimeout)
+        assert not client.usable
+        pump.flush()
+        assert clock.getDelayedCalls() == []
+
+    def test_timer_restarts_after_an_idle_spell(self) -> None:
+        """After the timer ended on an empty pipeline, a new request gets a timer again."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        client, _, pump = pair(factory, clock=clock, timeout=5)
+        answered = client.send(Get((b"a",)))
+        pump.flush()
+        backend.fire(0)
+        pump.flush()
+        self.successResultOf(answered)
+        clock.advance(5)
+        assert clock.getDelayedCalls() == []
+        d = client.send(Get((b"b",)))
+        pump.flush()
+        assert len(clock.getDelayedCalls()) == 1
+        clock.advance(5)
+        self.failureResultOf(d, KVTimeout)
 
     def test_timeout_needs_a_clock(self) -> None:
         """A timeout without a clock is refused."""
@@ -582,19 +639,26 @@ class PoolTests(SynchronousTestCase):
         self.pool = KVClientPool(self.reactor, "127.0.0.1", 4321, size=2, timeout=None, endpoint=endpoint)
         self.completer = ConnectionCompleter(self.reactor)
 
-    def test_sends_over_the_least_busy_connection(self) -> None:
-        """Requests spread over the connected connections."""
+    def test_fills_one_connection_then_spreads(self) -> None:
+        """Requests go over the first connection (so that they leave together) until it has ``spill_at``
+        pending, then over the least busy one."""
+        self.pool.spill_at = 2
         self.pool.startService()
         pumps = [self.completer.succeedOnce(), self.completer.succeedOnce()]
         assert len(self.pool.connections) == 2
         d1 = self.pool.send(Store("set", b"k", 0, 0, b"v"))
         d2 = self.pool.send(Get((b"k",)))
-        assert [c.pending for c in self.pool.connections] == [1, 1]
+        assert [c.pending for c in self.pool.connections] == [2, 0]
+        d3 = self.pool.send(Get((b"k",)))
+        d4 = self.pool.send(Get((b"k",)))
+        d5 = self.pool.send(Get((b"k",)))
+        assert [c.pending for c in self.pool.connections] == [3, 2]
         for pump in pumps:
             assert pump is not None
             pump.flush()
         assert self.successResultOf(d1) is Status.STORED
-        assert isinstance(self.successResultOf(d2), Values)
+        for d in (d2, d3, d4, d5):
+            assert isinstance(self.successResultOf(d), Values)
         self.pool.stopService()
         for pump in pumps:
             assert pump is not None

@@ -534,6 +534,68 @@ class ReplyParserTests:
         assert read_replies(b"VERSION 1.6.18\r\n", [VersionCommand()]) == [StatsResult((("version", "1.6.18"),))]
 
 
+records = st.builds(
+    Record,
+    st.binary(max_size=30) | st.sampled_from([b"\r\nEND\r\n", b"END\r\n", b"XVALUE k 0 0 1 0 1\r\n"]),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**40),
+    st.builds(Version, st.integers(0, 2**64 - 1), st.sampled_from(["", "gw-1", "g"])),
+    st.booleans(),
+)
+
+
+class XGetReplyTests:
+    """The replies to xget, which the gateway reads on every get (read in one go when they are whole)."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(records, max_size=3), st.integers(1, 9))
+    def test_round_trip(self, stored: list[Record], chunk: int) -> None:
+        """What the server serializes reads back the same, whole, in pieces, and followed by more replies."""
+        keys = tuple(b"k%d" % i for i in range(len(stored))) or (b"k",)
+        answer = Values(tuple(zip(keys, stored)))
+        data = serialize_result(XGet(keys), answer)
+        sent: list[Command] = [XGet(keys), Delete(b"k"), XGet(keys)]
+        replies = data + b"DELETED\r\n" + data
+        expected = [answer, Status.DELETED, answer]
+        assert read_replies(replies, sent) == expected
+        assert read_replies(replies, sent, chunk=chunk) == expected
+
+    def test_common_replies_read_in_one_go(self) -> None:
+        """END and one whole XVALUE block are read by the one-go path; two records are left to the general one."""
+        parser = ReplyParser(max_value_size=1000)
+        parser.feed(b"END\r\nXVALUE k 1 2 5-g 1 0\r\n\r\nEND\r\nXVALUE a 0 0 1 0 0\r\n\r\nXVALUE b 0 0 1 0 0\r\n")
+        assert parser._xget_reply() == Values(())
+        assert parser._xget_reply() == Values(((b"k", Record(b"", 1, 2, Version(5, "g"), True)),))
+        assert parser._xget_reply() is None
+        parser.feed(b"\r\nEND\r\n")
+        assert parser.next(XGet((b"a", b"b"))) == Values(
+            ((b"a", Record(b"", 0, 0, Version(1))), (b"b", Record(b"", 0, 0, Version(1))))
+        )
+
+    def test_incomplete_reply_waits(self) -> None:
+        """A one-record reply without its END yet is not read until the rest comes."""
+        parser = ReplyParser(max_value_size=1000)
+        parser.feed(b"XVALUE k 0 0 5-g 0 3\r\nabc\r\nEN")
+        assert parser.next(XGet((b"k",))) is None
+        parser.feed(b"D\r\n")
+        assert parser.next(XGet((b"k",))) == Values(((b"k", Record(b"abc", 0, 0, Version(5, "g"))),))
+        assert parser.buffered == 0
+
+    def test_bad_one_record_replies_raise(self) -> None:
+        """A reply shaped like the common case but wrong still raises BadReply."""
+        for data in (
+            b"XVALUE k 0 0 1 2 1\r\nx\r\nEND\r\n",  # tombstone neither 0 nor 1
+            b"XVALUE k 0 0 1 0 3\r\nx\r\nEND\r\n",  # shorter data block than announced
+            b"XVALUE k 0 0 1 0 2000\r\n" + b"x" * 2000 + b"\r\nEND\r\n",  # over max_value_size
+            b"XVALUE k 0 0 99999999999999999999999 0 1\r\nx\r\nEND\r\n",  # clock over 64 bits
+            b"XVALUE k x 0 1 0 1\r\nx\r\nEND\r\n",
+        ):
+            parser = ReplyParser(max_value_size=1000)
+            parser.feed(data)
+            with pytest.raises(BadReply):
+                parser.next(XGet((b"k",)))
+
+
 fragments = st.lists(
     st.one_of(
         st.binary(max_size=40),
