@@ -5,12 +5,14 @@
 Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite engine on loopback
 (``LocalCluster``), loads the kvstore through its line port (pipelined ``xput``, 1,000 in flight), then:
 
-- reads through the gateway's line port for ``--read-seconds`` with no move (one connection, one ``get``
-  of a random key in flight: the p99 without a move);
+- reads through the gateway's line port for ``--read-seconds`` with no move (one connection, ``--read-rate``
+  gets of random keys a second, one in flight, from a process of its own: the p99 without a move);
 - starts a second, empty SQLite kvstore; it registers, the ring changes, the first kvstore pushes about
   half its records to it. The move runs from the first ``/health`` (polled every 50 ms) showing the first
   kvstore's handoff under way to the one showing it over and both kvstores synced with the gateway's epoch;
   the records moved are the first kvstore's ``records_sent``, MB/s counts their value bytes;
+- also reads each kvstore directly on its line port (one connection each), to tell the kvstores' share
+  of the gateway's latency from the gateway's own;
 - samples both kvstores' RSS (``/proc/<pid>/status`` VmRSS, every 50 ms) before and during the move, and
   keeps reading through the gateway meanwhile (the p99 during the move; a read that misses is counted).
 
@@ -21,6 +23,7 @@ gateway reads during the move <= 3x the p99 without. Every process is stopped by
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import socket
@@ -110,35 +113,60 @@ def load(port: int, records: int, value_size: int) -> float:
     return records / (time.monotonic() - started)
 
 
-class Reader(threading.Thread):
-    """Reads random keys through the gateway's line port, one at a time; keeps (time, latency, hit)."""
+def _read_loop(port: int, records: int, rate: float, stop: Any, results: Any) -> None:
+    """A reader process's body: ``rate`` gets of random keys a second, one at a time, until ``stop``; then
+    sends back the samples ``(time, latency, hit)`` (``time.monotonic`` is one clock for every process)."""
+    samples: list[tuple[float, float, bool]] = []
+    try:
+        client = LineClient(port)
+        rng = random.Random(port)
+        due = time.monotonic()
+        while not stop.is_set():
+            due += 1.0 / rate
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            else:
+                due = time.monotonic()  # late (a slow reply): no burst to catch up
+            request = b"get %s\r\n" % key(rng.randrange(records))
+            started = time.monotonic()
+            client.sock.sendall(request)
+            reply = client.read_until(b"END\r\n")
+            if not reply.startswith((b"VALUE", b"END")):
+                raise RuntimeError(f"unexpected reply {reply[:100]!r}")
+            samples.append((started, time.monotonic() - started, reply.startswith(b"VALUE")))
+        client.close()
+        results.put(samples)
+    except BaseException as e:
+        results.put(f"{type(e).__name__}: {e}")
 
-    def __init__(self, port: int, records: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.records = records
+
+class Reader:
+    """Reads random keys on a line port, one at a time, in a process of its own (threads of this process
+    would wait for each other's GIL and add that to the latencies)."""
+
+    def __init__(self, port: int, records: int, rate: float) -> None:
+        self._stop = multiprocessing.Event()
+        self._results: Any = multiprocessing.Queue()
+        self._process = multiprocessing.Process(
+            target=_read_loop, args=(port, records, rate, self._stop, self._results), daemon=True
+        )
         self.samples: list[tuple[float, float, bool]] = []
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            client = LineClient(self.port)
-            rng = random.Random(1)
-            while not self.stop.is_set():
-                request = b"get %s\r\n" % key(rng.randrange(self.records))
-                started = time.monotonic()
-                client.sock.sendall(request)
-                reply = client.read_until(b"END\r\n")
-                if not reply.startswith((b"VALUE", b"END")):
-                    raise RuntimeError(f"unexpected reply {reply[:100]!r}")
-                self.samples.append((started, time.monotonic() - started, reply.startswith(b"VALUE")))
-            client.close()
-        except BaseException as e:  # reported by the main thread
-            self.error = e
+    def start(self) -> None:
+        self._process.start()
+
+    def finish(self) -> None:
+        """Stop reading and collect the samples; raises if the reader failed."""
+        self._stop.set()
+        result = self._results.get(timeout=60)
+        self._process.join(10)
+        if isinstance(result, str):
+            raise RuntimeError(f"a reader failed: {result}")
+        self.samples = result
 
     def window(self, start: float, end: float) -> list[tuple[float, bool]]:
-        return [(latency, hit) for t, latency, hit in list(self.samples) if start <= t <= end]
+        return [(latency, hit) for t, latency, hit in self.samples if start <= t <= end]
 
 
 class RSSSampler(threading.Thread):
@@ -185,7 +213,6 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         env=env,
     )
     sampler = RSSSampler()
-    reader: Reader | None = None
     with cluster:
         first = cluster.kvstores[0]
         assert first.pid is not None
@@ -196,17 +223,20 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
 
         sampler.pids.append(first.pid)
         sampler.start()
-        reader = Reader(cluster.line_ports["gateway-1"], args.records)
+        reader = Reader(cluster.line_ports["gateway-1"], args.records, args.read_rate)
         reader.start()
+        direct = {first.name: Reader(cluster.line_ports[first.name], args.records, args.read_rate)}
+        direct[first.name].start()
         time.sleep(args.read_seconds)
         quiet_end = time.monotonic()
-        quiet = reader.window(quiet_end - args.read_seconds, quiet_end)
 
         second = cluster.add_kvstore(wait=False)
         while second.pid is None:
             time.sleep(0.01)
         sampler.pids.append(second.pid)
         second.wait_healthy(60)
+        direct[second.name] = Reader(cluster.line_ports[second.name], args.records, args.read_rate)
+        direct[second.name].start()
         second_base = rss_mb(second.pid) or 0.0
         first_base = statistics.median(sampler.series(first.pid, quiet_end - args.read_seconds, quiet_end))
         start = end = None
@@ -227,13 +257,12 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             return 1
         moved_state = handoff(first)
         received = handoff(second)["records_received"]
+        for one in [reader, *direct.values()]:
+            one.finish()
+        quiet = reader.window(quiet_end - args.read_seconds, quiet_end)
         during = reader.window(start, end)
-        reader.stop.set()
-        reader.join(10)
         sampler.stop.set()
         sampler.join(5)
-        if reader.error is not None:
-            raise reader.error
 
         moved = moved_state["records_sent"]
         elapsed = end - start
@@ -269,6 +298,15 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f"{p99_move * 1000:.2f} ms during it ({len(during):,} reads): {ratio:.2f}x   "
             f"target <= {TARGET_P99_RATIO:g}x: {verdict(ratio <= TARGET_P99_RATIO)}"
         )
+        for name, one in direct.items():
+            before = [latency for latency, _ in one.window(quiet_end - args.read_seconds, quiet_end)]
+            moving = [latency for latency, _ in one.window(start, end)]
+            line = f"direct reads {name:10s} p99 "
+            if before:
+                line += f"{p99(before) * 1000:.2f} ms without a move, "
+            if moving:
+                line += f"{p99(moving) * 1000:.2f} ms during it (p50 {statistics.median(moving) * 1000:.2f} ms)"
+            print(line)
         print(f"reads that missed  {misses}")
         print(f"load average       {os.getloadavg()[0]:.2f}")
     return 0
@@ -279,6 +317,7 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--value-size", type=int, default=1024)
     parser.add_argument("--read-seconds", type=float, default=10.0, help="reads without a move")
+    parser.add_argument("--read-rate", type=float, default=200.0, help="gets a second of each reader")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for the move")
     parser.add_argument("--workdir", type=Path, help="keep the daemons' logs and data here")
     args = parser.parse_args()
