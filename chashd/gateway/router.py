@@ -384,7 +384,9 @@ class Router:
         otherwise one ``_KeyRead`` that answers with the final ``Values``."""
         self.counters["cmd_get"] += 1
         replicas = self.replicas_for(key)
-        if min(self.read_quorum, len(replicas)) == 1 and not self._previous_owners(key, replicas):
+        if (self.read_quorum == 1 or len(replicas) == 1) and (
+            self.placement.previous is None or not self._previous_owners(key, replicas)
+        ):
             up = self._up(replicas)
             if not up:
                 self.counters["quorum_failures"] += 1
@@ -400,7 +402,15 @@ class Router:
         return d
 
     def _one_answered(self, answer: Values, key: bytes) -> Values:
-        for item_key, record in answer.items:
+        items = answer.items
+        if len(items) == 1 and items[0][0] == key:
+            record = items[0][1]
+            if record.live(self._now()):  # the kvstore's answer is the client's
+                self.counters["get_hits"] += 1
+                return answer
+            self.counters["get_misses"] += 1
+            return _NO_VALUES
+        for item_key, record in items:
             if item_key == key:
                 return self._client_values(key, record)
         self.counters["get_misses"] += 1
@@ -582,11 +592,17 @@ class _KeyRead:
 
     def _progress(self) -> None:
         answers = self.answers
-        candidates = self.candidates
-        from_replicas = sum(1 for n in answers if n in candidates)
-        pending = [n for n in self.asked if n not in answers and n not in self.failed]
+        extra = self.extra
+        # Every asked node answers or fails once; the asked replicas and the previous owners are distinct.
+        pending = len(self.asked) - len(answers) - len(self.failed)
+        if extra:
+            from_replicas = sum(1 for n in answers if n not in extra)
+            extra_pending = any(n in extra and n not in answers and n not in self.failed for n in self.asked)
+        else:
+            from_replicas = len(answers)
+            extra_pending = False
         if not self._answered_client:
-            if from_replicas >= self.needed and not (self.extra and any(n in self.extra for n in pending)):
+            if from_replicas >= self.needed and not extra_pending:
                 self._answer()
             elif not pending and from_replicas < self.needed:
                 self._answered_client = True

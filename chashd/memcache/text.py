@@ -768,9 +768,22 @@ def serialize_result(command: Command, result: Result) -> bytes:
         items = result.items
         if not items:
             return _END
-        if len(items) == 1 and type(command) is Get and not command.cas:  # the hot path
-            key, r = items[0]
-            return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, r.flags, len(r.value), r.value)
+        if len(items) == 1:
+            kind = type(command)
+            if kind is Get and not command.cas:  # type: ignore[union-attr]  # the hot path
+                key, r = items[0]
+                return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, r.flags, len(r.value), r.value)
+            if kind is XGet:  # a gateway's read
+                key, r = items[0]
+                return b"XVALUE %s %d %d %s %d %d\r\n%s\r\nEND\r\n" % (
+                    key,
+                    r.flags,
+                    r.expires_at,
+                    str(r.version).encode(),
+                    r.tombstone,
+                    len(r.value),
+                    r.value,
+                )
         return _values(command, items)
     if type(result) is Status:
         return _STATUS_LINES[result]
