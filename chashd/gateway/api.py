@@ -59,7 +59,7 @@ from chashd.gateway.membership import (
 )
 from chashd.record import check_key
 from chashd.ring import key_hash
-from chashd.web import json_response, problem
+from chashd.web import error_problem, json_response, routing_problem
 
 __all__ = ["RingAPI", "RingRoot"]
 
@@ -374,32 +374,11 @@ class RingAPI:
 
     @app.handle_errors(HTTPException)
     def _routing_error(self, request: IRequest, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, HTTPException)
-        code = error.code or 500
-        if code == 405:
-            allowed = ", ".join(sorted(getattr(error, "valid_methods", None) or []))
-            request.setHeader(b"Allow", allowed.encode())
-            detail = f"{request.method.decode()} is not allowed here; use {allowed}"
-        elif code == 404:
-            detail = f"no such resource: {request.path.decode(errors='replace')}"
-        else:
-            detail = error.description or error.name
-        return problem(request, code, error.name, detail)
+        return routing_problem(request, failure)
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
-        for kind, code, title in _ERRORS:
-            if failure.check(kind):
-                if code == 503:
-                    request.setHeader(b"Retry-After", b"1")
-                elif code == 401:
-                    request.setHeader(b"WWW-Authenticate", b'Bearer realm="chashd"')
-                return problem(request, code, title, str(failure.value))
-        self._log.failure(
-            "unexpected error answering {method} {path}", failure, method=request.method, path=request.path
-        )
-        return problem(request, 500, "Internal Server Error", "the server failed to handle the request")
+        return error_problem(request, failure, _ERRORS, self._log)
 
 
 def _query_number(request: IRequest, name: str, kind: type[int] | type[float]) -> float | None:

@@ -336,27 +336,40 @@ class KeyValueHTTP:
 
     @app.handle_errors(HTTPException)
     def _routing_error(self, request: IRequest, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, HTTPException)
-        code = error.code or 500
-        if code == 405:
-            allowed = ", ".join(sorted(getattr(error, "valid_methods", None) or []))
-            request.setHeader(b"Allow", allowed.encode())
-            detail = f"{request.method.decode()} is not allowed here; use {allowed}"
-        elif code == 404:
-            detail = f"no such resource: {request.path.decode(errors='replace')}"
-        else:
-            detail = error.description or error.name
-        return problem(request, code, error.name, detail)
+        return routing_problem(request, failure)
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
-        for kind, code, title in _ERRORS:
-            if failure.check(kind):
-                if code == 503:
-                    request.setHeader(b"Retry-After", b"1")
-                return problem(request, code, title, str(failure.value))
-        self._log.failure(
-            "unexpected error answering {method} {path}", failure, method=request.method, path=request.path
-        )
-        return problem(request, 500, "Internal Server Error", "the server failed to handle the request")
+        return error_problem(request, failure, _ERRORS, self._log)
+
+
+def routing_problem(request: IRequest, failure: Failure) -> bytes:
+    """The problem+json answer to a routing error (no such route: 404, wrong method: 405 with ``Allow``)."""
+    error = failure.value
+    assert isinstance(error, HTTPException)
+    code = error.code or 500
+    if code == 405:
+        allowed = ", ".join(sorted(getattr(error, "valid_methods", None) or []))
+        request.setHeader(b"Allow", allowed.encode())
+        detail = f"{request.method.decode()} is not allowed here; use {allowed}"
+    elif code == 404:
+        detail = f"no such resource: {request.path.decode(errors='replace')}"
+    else:
+        detail = error.description or error.name
+    return problem(request, code, error.name, detail)
+
+
+def error_problem(
+    request: IRequest, failure: Failure, table: list[tuple[type[Exception], int, str]], log: Logger
+) -> bytes:
+    """The problem+json answer to a failure: the first ``(error, status, title)`` of ``table`` it matches,
+    else a logged 500. A 503 says when to retry; a 401 names the scheme."""
+    for kind, code, title in table:
+        if failure.check(kind):
+            if code == 503:
+                request.setHeader(b"Retry-After", b"1")
+            elif code == 401:
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="chashd"')
+            return problem(request, code, title, str(failure.value))
+    log.failure("unexpected error answering {method} {path}", failure, method=request.method, path=request.path)
+    return problem(request, 500, "Internal Server Error", "the server failed to handle the request")
