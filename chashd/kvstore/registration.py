@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["Registrar"]
+__all__ = ["Registrar", "backoff_delay"]
 
 
 class Registrar(Service):
@@ -110,8 +110,7 @@ class Registrar(Service):
         self.registered_with = None
         self._failures += 1
         self._next += 1
-        delay = min(self.max_backoff, 0.5 * 2 ** min(self._failures - 1, 16))
-        delay *= 0.75 + self._rng.random() / 2
+        delay = backoff_delay(self._failures, 0.5, self.max_backoff, self._rng)
         self._log.warn(
             "cannot register with {gateway} ({error}); retrying in {delay:.1f}s",
             gateway=url,
@@ -119,6 +118,12 @@ class Registrar(Service):
             delay=delay,
         )
         self._schedule(delay)
+
+
+def backoff_delay(failures: int, first: float, cap: float, rng: random.Random) -> float:
+    """The wait after ``failures`` failures in a row: ``first`` doubling up to ``cap``, +-25% jitter so that
+    many nodes restarted together do not retry in step."""
+    return min(cap, first * 2 ** min(failures - 1, 16)) * (0.75 + rng.random() / 2)
 
 
 def _detail(body: bytes) -> str:

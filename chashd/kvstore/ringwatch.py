@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from chashd.kvstore.registration import backoff_delay
 from chashd.ring import HashRing
 
 __all__ = ["NodeAddress", "RingUpdate", "RingWatch", "treq_get"]
@@ -193,8 +194,7 @@ class RingWatch(Service):
     def _failed(self, url: str, error: str) -> None:
         self._failures += 1
         self._next += 1
-        delay = min(self.max_backoff, 0.25 * 2 ** min(self._failures - 1, 16))
-        delay *= 0.75 + self._rng.random() / 2
+        delay = backoff_delay(self._failures, 0.25, self.max_backoff, self._rng)
         self._log.warn(
             "ring watch: cannot poll {url} ({error}); trying the next gateway in {delay:.2f}s",
             url=url,
