@@ -30,8 +30,19 @@ class IStorageEngine(Interface):
     def apply(key: bytes, record: Any) -> bool:
         """Store ``record`` only if its version is higher than the stored one; True if stored."""
 
+    def apply_many(items: Any) -> list[bool]:
+        """``apply`` each ``(key, Record)`` pair in order, as one group (one transaction where the engine
+        has them; joining an open ``batch()``); True for each record stored. For bulk writers (the handoff
+        receiver): a few statements for the group instead of a read and a write per record. Raises
+        ``StorageError`` before storing anything when a record cannot be stored."""
+
     def remove(key: bytes) -> None:
         """Forget ``key`` entirely (after a handoff, or a purge)."""
+
+    def remove_many_if(items: Any) -> list[bool]:
+        """Compare-and-remove: forget each key of the ``(key, Version)`` pairs whose stored version is still
+        that version, as one group; True for each key forgotten. The handoff's drop of what it pushed: a
+        record rewritten since it was pushed stays."""
 
     def scan(first_hash: int, last_hash: int, after: Any = None, limit: int = 1000) -> list[Any]:
         """Up to ``limit`` ``(key, Record)`` pairs with ``first_hash <= key_hash(key) <= last_hash``,

@@ -145,16 +145,9 @@ class _Restart(Exception):
 
 
 def _drop_unchanged(engine: IStorageEngine, records: Sequence[tuple[bytes, Record]]) -> int:
-    """Remove, in one transaction, each record whose stored version is still the one pushed; the number
-    removed (compare-and-remove: a record rewritten since it was pushed stays)."""
-    dropped = 0
-    with engine.batch():
-        for key, record in records:
-            current = engine.get(key)
-            if current is not None and current.version == record.version:
-                engine.remove(key)
-                dropped += 1
-    return dropped
+    """Remove, as one group (``engine.remove_many_if``), each record whose stored version is still the one
+    pushed; the number removed (compare-and-remove: a record rewritten since it was pushed stays)."""
+    return sum(engine.remove_many_if([(key, record.version) for key, record in records]))
 
 
 class Handoff(MultiService):

@@ -28,7 +28,7 @@ import struct
 import threading
 from array import array
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from zope.interface import implementer
@@ -128,6 +128,28 @@ class MemoryEngine:
             self._store(key, _encode(hash_value, record), len(record.value), current)
             return True
 
+    def apply_many(self, items: Sequence[tuple[bytes, Record]]) -> list[bool]:
+        """``apply`` each ``(key, record)`` in order, in one ``batch()``; True for each record stored.
+
+        Raises ``StorageError`` before storing anything when a record cannot be held."""
+        encoded = [(key, _encode(key_hash(key), record), record.version) for key, record in items]
+        results: list[bool] = []
+        with self.batch():
+            records = self._records  # read under the lock: clear() replaces it
+            for key, row, version in encoded:
+                current = records.get(key)
+                if current is not None:
+                    _hash, _flags, _expires_at, clock, _tombstone, writer_size = _unpack(current)
+                    if (version.clock, version.writer) <= (
+                        clock,
+                        current[_HEADER_SIZE : _HEADER_SIZE + writer_size].decode(),
+                    ):
+                        results.append(False)
+                        continue
+                self._store(key, row, _value_size(row), current)
+                results.append(True)
+        return results
+
     def _store(self, key: bytes, row: bytes, size: int, current: bytes | None) -> None:
         # Called with the lock held.
         if current is None:
@@ -148,6 +170,26 @@ class MemoryEngine:
             current = self._records.get(key)
             if current is not None:
                 self._forget(key, current)
+
+    def remove_many_if(self, items: Sequence[tuple[bytes, Version]]) -> list[bool]:
+        """Compare-and-remove: forget each ``key`` of the ``(key, version)`` pairs whose stored version is
+        still ``version``, in one ``batch()``; True for each key forgotten."""
+        results: list[bool] = []
+        with self.batch():
+            records = self._records  # read under the lock: clear() replaces it
+            for key, version in items:
+                current = records.get(key)
+                if current is not None:
+                    _hash, _flags, _expires_at, clock, _tombstone, writer_size = _unpack(current)
+                    if (
+                        clock == version.clock
+                        and current[_HEADER_SIZE : _HEADER_SIZE + writer_size].decode() == version.writer
+                    ):
+                        self._forget(key, current)
+                        results.append(True)
+                        continue
+                results.append(False)
+        return results
 
     def _forget(self, key: bytes, current: bytes) -> None:
         # Called with the lock held. Empty buckets stay: there are at most 2**14 of them.

@@ -132,6 +132,38 @@ class GroupedPutsTests:
         assert reopened.stats()["keys"] == 50
         reopened.close()
 
+    def test_a_record_the_engine_cannot_store_answers_alone(self, tmp_path: Path) -> None:
+        """Over SQLite, an XPut whose expiry does not fit 64 bits gets its own error; the rest of its group is
+        stored, and the counters hold the stored ones only."""
+        engine = SQLiteEngine(tmp_path / "kv.db")
+        try:
+            backend, _, _ = server(engine)
+            bad = XPut(b"bad", Record(b"v", 0, 2**64, Version(5, "w")), handoff=True)
+            results = backend.execute_puts([xput(b"a", 5), bad, xput(b"b", 5), xput(b"a", 4)])
+            assert results[0] == Status.STORED and results[2] == Status.STORED and results[3] == Status.EXISTS
+            assert isinstance(results[1], StorageError)
+            assert engine.get(b"bad") is None and engine.get(b"b") is not None
+            assert engine.stats() == {"keys": 2, "bytes": 2}
+            assert backend.stats()["handoff_records_received_total"] == 4
+        finally:
+            engine.close()
+
+    def test_a_group_is_one_engine_call(self) -> None:
+        """The XPuts of a group reach the engine as one ``apply_many`` (not one ``apply`` each)."""
+        calls: list[int] = []
+
+        class Recording(MemoryEngine):
+            def apply_many(self, items: Any) -> list[bool]:
+                calls.append(len(items))
+                return super().apply_many(items)
+
+            def apply(self, key: bytes, record: Record) -> bool:
+                raise AssertionError("apply called for a grouped XPut")
+
+        backend, protocol, transport = server(Recording())
+        protocol.dataReceived(b"".join(serialize_command(xput(b"k%d" % i, 5)) for i in range(40)))
+        assert calls == [40] and transport.value() == b"STORED\r\n" * 40
+
     def test_results_match_single_puts(self) -> None:
         """``execute_puts`` answers as ``execute`` would, one result per command."""
         backend, _, _ = server(MemoryEngine())

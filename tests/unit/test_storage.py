@@ -240,6 +240,169 @@ class PointTests:
                         assert got is not None and got.version == best.version
 
 
+class GroupTests:
+    """``apply_many`` and ``remove_many_if``: a group of writes or compare-and-removes at once."""
+
+    def test_apply_many_keeps_higher_versions(self, engine: Engine) -> None:
+        """Each record of the group is stored only over a lower version, in order; one result each."""
+        engine.put(b"old", record(5, b"stored"))
+        engine.put(b"new", record(5, b"stored"))
+        results = engine.apply_many(
+            [(b"old", record(4, b"lost")), (b"new", record(6, b"won")), (b"fresh", record(1, b"first"))]
+        )
+        assert results == [False, True, True]
+        assert engine.get(b"old") == record(5, b"stored")
+        assert engine.get(b"new") == record(6, b"won")
+        assert engine.get(b"fresh") == record(1, b"first")
+        assert engine.apply_many([]) == []
+
+    def test_apply_many_same_key_twice(self, engine: Engine) -> None:
+        """A key twice in one group meets its own earlier record, as two ``apply`` calls would."""
+        results = engine.apply_many(
+            [(b"k", record(2, b"two")), (b"k", record(1, b"one")), (b"k", record(3, b"three")), (b"k", record(3))]
+        )
+        assert results == [True, False, True, False]
+        assert engine.get(b"k") == record(3, b"three")
+        assert engine.stats() == {"keys": 1, "bytes": 5}
+
+    def test_apply_many_writer_breaks_ties(self, engine: Engine) -> None:
+        """Between equal clocks the higher writer id wins, within a group as against the stored record."""
+        engine.put(b"k", record(5, b"b", writer="b"))
+        assert engine.apply_many([(b"k", record(5, b"a", writer="a")), (b"k", record(5, b"c", writer="c"))]) == [
+            False,
+            True,
+        ]
+        assert engine.get(b"k") == record(5, b"c", writer="c")
+
+    def test_apply_many_counts_exactly(self, engine: Engine) -> None:
+        """``keys`` and ``bytes`` follow a group of new keys, overwrites, lost records and tombstones."""
+        engine.put(b"a", record(1, b"12345"))
+        engine.apply_many(
+            [
+                (b"a", record(2, b"1")),  # -4 bytes
+                (b"b", record(1, b"123")),  # a new key
+                (b"b", record(0, b"lost, not counted")),
+                (b"c", Record.deleted(Version(1, "w"))),  # a new key, no bytes
+                (b"a", Record.deleted(Version(3, "w"))),  # -1 byte
+            ]
+        )
+        assert engine.stats() == {"keys": 3, "bytes": 3}
+        assert len(scan_all(engine)) == 3
+
+    def test_apply_many_refuses_before_writing(self, engine: Engine) -> None:
+        """A record the engine cannot hold makes the whole group fail with a StorageError, storing nothing."""
+        with pytest.raises(StorageError):
+            engine.apply_many([(b"a", record(1)), (b"b", Record(b"v", expires_at=2**64, version=version(1)))])
+        assert engine.get(b"a") is None and engine.get(b"b") is None
+        assert engine.stats() == {"keys": 0, "bytes": 0}
+
+    def test_apply_many_joins_a_batch(self, engine: Engine) -> None:
+        """Inside ``batch()`` the group is part of the batch's transaction, and reads see it."""
+        with engine.batch():
+            engine.put(b"a", record(1))
+            assert engine.apply_many([(b"b", record(1)), (b"a", record(2))]) == [True, True]
+            assert engine.get(b"a") == record(2)
+        assert engine.stats()["keys"] == 2
+
+    def test_apply_many_keys_sharing_a_hash(self, engine: Engine) -> None:
+        """Two keys with the same ring hash in one group each get their own stored version."""
+        first, second = SAME_HASH
+        engine.put(first, record(5))
+        assert engine.apply_many([(first, record(4)), (second, record(4))]) == [False, True]
+        assert engine.apply_many([(second, record(3)), (first, record(6))]) == [False, True]
+
+    def test_remove_many_if(self, engine: Engine) -> None:
+        """Only keys whose stored version is exactly the given one are forgotten; counters follow."""
+        engine.put(b"same", record(5, b"123"))
+        engine.put(b"newer", record(6, b"12345"))
+        engine.put(b"other-writer", record(5, b"1", writer="x"))
+        engine.put(b"tomb", Record.deleted(Version(7, "w")))
+        results = engine.remove_many_if(
+            [
+                (b"same", Version(5, "w")),
+                (b"newer", Version(5, "w")),  # rewritten since: stays
+                (b"other-writer", Version(5, "w")),
+                (b"missing", Version(1, "w")),
+                (b"tomb", Version(7, "w")),
+                (b"same", Version(5, "w")),  # already gone
+            ]
+        )
+        assert results == [True, False, False, False, True, False]
+        assert engine.get(b"same") is None and engine.get(b"tomb") is None
+        assert engine.get(b"newer") == record(6, b"12345")
+        assert engine.get(b"other-writer") == record(5, b"1", writer="x")
+        assert engine.stats() == {"keys": 2, "bytes": 6}
+        assert [key for key, _ in scan_all(engine)] == sorted(
+            [b"newer", b"other-writer"], key=lambda k: (key_hash(k), k)
+        )
+        assert engine.remove_many_if([]) == []
+
+    def test_remove_many_if_keys_sharing_a_hash(self, engine: Engine) -> None:
+        """Of two keys with the same ring hash, only the one named goes."""
+        first, second = SAME_HASH
+        engine.put(first, record(5))
+        engine.put(second, record(5))
+        assert engine.remove_many_if([(second, Version(5, "w"))]) == [True]
+        assert engine.get(first) == record(5) and engine.get(second) is None
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        groups=st.lists(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["apply", "remove"]),
+                    st.sampled_from([b"a", b"b", b"c", SAME_HASH[0], SAME_HASH[1]]),
+                    st.integers(min_value=0, max_value=6),
+                    st.sampled_from(["w1", "w2"]),
+                    st.booleans(),
+                ),
+                max_size=8,
+            ),
+            max_size=6,
+        )
+    )
+    def test_groups_do_what_single_calls_do(
+        self,
+        tmp_path_factory: pytest.TempPathFactory,
+        groups: list[list[tuple[str, bytes, int, str, bool]]],
+    ) -> None:
+        """Any sequence of groups leaves the same records, counters and results as the same calls one by one
+        (``apply``, and ``get`` plus ``remove`` for a compare-and-remove)."""
+        with every_kind(tmp_path_factory, count=2) as kinds:
+            for grouped, single in kinds:
+                for group in groups:
+                    got: list[bool] = []
+                    want: list[bool] = []
+                    applies = [(op, key, clock, writer, dead) for op, key, clock, writer, dead in group]
+                    # Consecutive operations of one kind go in one call, as the backend and the handoff do.
+                    for op, run in itertools.groupby(applies, key=lambda item: item[0]):
+                        items = list(run)
+                        if op == "apply":
+                            pairs = [
+                                (
+                                    key,
+                                    Record.deleted(Version(clock, writer))
+                                    if dead
+                                    else record(clock, b"%d" % clock, writer),
+                                )
+                                for _, key, clock, writer, dead in items
+                            ]
+                            got.extend(grouped.apply_many(pairs))
+                            want.extend(single.apply(key, rec) for key, rec in pairs)
+                        else:
+                            versions = [(key, Version(clock, writer)) for _, key, clock, writer, _ in items]
+                            got.extend(grouped.remove_many_if(versions))
+                            for key, wanted in versions:
+                                current = single.get(key)
+                                hit = current is not None and current.version == wanted
+                                if hit:
+                                    single.remove(key)
+                                want.append(hit)
+                    assert got == want
+                    assert grouped.stats() == single.stats()
+                    assert scan_all(grouped) == scan_all(single)
+
+
 class ScanTests:
     """Range scans in (hash, key) order, paged the way the handoff streams an arc."""
 
@@ -584,6 +747,51 @@ class SQLiteEngineTests:
         finally:
             engine.close()
 
+    def test_group_query_in_chunks(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A group larger than one query's worth of hashes reads every stored version."""
+        monkeypatch.setattr(sqlite_module, "_GROUP_QUERY", 2)
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3", record_cache_mib=0)
+        try:
+            for i in range(7):
+                engine.put(b"k%d" % i, record(5))
+            items = [(b"k%d" % i, record(4 + i % 2)) for i in range(7)] + [(b"new", record(1))]
+            assert engine.apply_many(items) == [False] * 7 + [True]
+            assert engine.remove_many_if([(b"k%d" % i, Version(5, "w")) for i in range(7)]) == [True] * 7
+            assert engine.stats() == {"keys": 1, "bytes": 1}
+        finally:
+            engine.close()
+
+    def test_group_write_fails_whole(self, tmp_path: Path) -> None:
+        """When the database refuses the group's write, no record of it stays and the counters are unchanged."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
+        try:
+            engine.put(b"kept", record(1, b"abc"))
+            engine._db.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.key = x'626164'"
+                " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+            with pytest.raises(StorageError):
+                engine.apply_many([(b"kept", record(2, b"x")), (b"new", record(1)), (b"bad", record(1))])
+            assert engine.get(b"kept") == record(1, b"abc") and engine.get(b"new") is None
+            assert engine.stats() == {"keys": 1, "bytes": 3}
+        finally:
+            engine.close()
+
+    def test_page_size(self, tmp_path: Path) -> None:
+        """A new database gets 16 KiB pages (or ``page_size``); an existing file keeps its own."""
+        for name, size, expected in (("default.db", None, 16384), ("small.db", 4096, 4096)):
+            engine = SQLiteEngine(tmp_path / name) if size is None else SQLiteEngine(tmp_path / name, page_size=size)
+            engine.put(b"k", record(1))
+            engine.close()
+            reopened = SQLiteEngine(tmp_path / name, page_size=8192)
+            try:
+                assert reopened._db.execute("PRAGMA page_size").fetchone()[0] == expected
+                assert reopened.get(b"k") == record(1)
+            finally:
+                reopened.close()
+        with pytest.raises(ValueError):
+            SQLiteEngine(tmp_path / "bad.db", page_size=1000)
+
     def test_purge_spares_rewritten_records(self, tmp_path: Path) -> None:
         """A purge candidate rewritten between the purge's read and its delete is kept."""
         engine = SQLiteEngine(tmp_path / "chashd.sqlite3")
@@ -782,7 +990,9 @@ class RecordCacheTests:
     @given(
         st.lists(
             st.tuples(
-                st.sampled_from(["put", "apply", "remove", "get", "clear", "batch-fail", "purge", "purge"]),
+                st.sampled_from(
+                    ["put", "apply", "remove", "get", "clear", "batch-fail", "purge", "purge", "many", "drop"]
+                ),
                 st.integers(0, 7),
                 st.integers(1, 9),
             ),
@@ -813,6 +1023,10 @@ class RecordCacheTests:
                             engine.clear()
                         elif op == "purge":
                             engine.purge(NOW, 60)
+                        elif op == "many":
+                            engine.apply_many([(key, value), (b"k%d" % ((k + 1) % 8), value)])
+                        elif op == "drop":
+                            engine.remove_many_if([(key, value.version), (b"k%d" % ((k + 3) % 8), value.version)])
                         else:
                             with contextlib.suppress(RuntimeError), engine.batch():
                                 engine.put(key, value)
@@ -828,6 +1042,36 @@ class RecordCacheTests:
                 assert scan_all(reopened) == scan_all(SQLiteEngine(Path(top) / "b.db", record_cache_mib=0))
             finally:
                 reopened.close()
+
+    def test_groups_add_no_entries(self, tmp_path: Path) -> None:
+        """``apply_many`` updates the entries the cache has and adds none; ``remove_many_if`` drops its keys."""
+        engine = SQLiteEngine(tmp_path / "c.db", record_cache_mib=1)
+        try:
+            engine.put(b"cached", record(1))
+            engine.apply_many([(b"cached", record(2, b"new")), (b"bulk", record(1))])
+            assert set(engine._records) == {b"cached"}
+            assert engine.get(b"cached") == record(2, b"new")
+            engine.remove_many_if([(b"cached", Version(2, "w"))])
+            assert b"cached" not in engine._records and engine.get(b"cached") is None
+        finally:
+            engine.close()
+
+    def test_entries_escape_the_garbage_collector(self, tmp_path: Path) -> None:
+        """Cached records are tuples of atomic values: after a collection neither they nor the cache are
+        tracked, so a full collection does not visit the cached records."""
+        engine = SQLiteEngine(tmp_path / "c.db")
+        try:
+            for i in range(100):
+                engine.put(b"k%d" % i, Record(b"v", 1, 2, version(5, "gw"), i % 2 == 0))
+            engine.get(b"k1")
+            engine.get(b"missing")
+            gc.collect()
+            assert len(engine._records) == 101
+            assert not any(gc.is_tracked(entry) for entry in engine._records.values())
+            assert not gc.is_tracked(engine._records)
+            assert engine.get(b"k1") == Record(b"v", 1, 2, version(5, "gw"), False)
+        finally:
+            engine.close()
 
     def test_bounded(self, tmp_path: Path) -> None:
         """The cache holds at most its limit in bytes, dropping the oldest entries first."""
