@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -777,6 +778,61 @@ class SQLiteEngineTests:
         finally:
             engine.close()
 
+    def test_reads_do_not_wait_for_another_threads_batch(self, tmp_path: Path) -> None:
+        """While another thread holds a batch open, ``get`` answers at once with the committed record (not
+        the batch's uncommitted write) and caches nothing; the batch's thread reads its own writes."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3", record_cache_mib=1)
+        engine.put(b"k", record(1, b"old"))
+        engine._records.clear()
+        opened = threading.Event()
+        release = threading.Event()
+        seen: list[Record | None] = []
+
+        def hold() -> None:
+            with engine.batch():
+                engine.apply_many([(b"k", record(2, b"new"))])
+                opened.set()
+                release.wait(30)
+                seen.append(engine.get(b"k"))  # on the write connection: its own write
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        try:
+            assert opened.wait(30)
+            started = time.monotonic()
+            assert engine.get(b"k") == record(1, b"old")
+            assert time.monotonic() - started < 5
+            assert b"k" not in engine._records
+        finally:
+            release.set()
+            thread.join(30)
+        assert seen == [record(2, b"new")]
+        assert engine.get(b"k") == record(2, b"new")
+        engine.close()
+
+    def test_a_read_caches_only_what_is_current(self, tmp_path: Path) -> None:
+        """A row read while a change was committed is not cached; a row read in a quiet moment is."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3", record_cache_mib=1)
+        try:
+            engine.put(b"k", record(1))
+            engine._records.clear()
+            reader = engine._reader()
+            real_generation = engine._generation
+
+            class WriteDuringRead:
+                def execute(self, sql: str, args: Any) -> Any:
+                    cursor = reader.execute(sql, args)
+                    engine.put(b"other", record(1))  # a change commits while the read is under way
+                    return cursor
+
+            engine._local.reader = WriteDuringRead()
+            assert engine.get(b"k") == record(1)
+            assert engine._generation > real_generation and b"k" not in engine._records
+            engine._local.reader = reader
+            assert engine.get(b"k") == record(1) and b"k" in engine._records
+        finally:
+            engine.close()
+
     def test_page_size(self, tmp_path: Path) -> None:
         """A new database gets 16 KiB pages (or ``page_size``); an existing file keeps its own."""
         for name, size, expected in (("default.db", None, 16384), ("small.db", 4096, 4096)):
@@ -848,6 +904,39 @@ class SQLiteEngineTests:
             engine.close()
         assert written[0] >= 20_000
         assert largest < 10_000
+
+    def test_restart_waits_for_idle_writers(self, tmp_path: Path) -> None:
+        """A WAL past ``restart_frames`` is restarted (under the write lock) only once no change was
+        committed since the previous call, or once it holds 4x ``restart_frames`` pages."""
+        engine = SQLiteEngine(tmp_path / "chashd.sqlite3", autocheckpoint=0)
+        statements: list[str] = []
+        real = engine._db
+
+        class Recording:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def execute(self, sql: str, *args: Any) -> Any:
+                statements.append(sql)
+                return real.execute(sql, *args)
+
+        engine._db = Recording()  # type: ignore[assignment]
+        try:
+            restarts = lambda: sum("RESTART" in sql for sql in statements)  # noqa: E731
+            for i in range(30):
+                engine.put(b"k%d" % i, record(1, b"x" * 100))
+            assert engine.checkpoint(restart_frames=20)[0] >= 20 and restarts() == 0  # writes since start
+            for i in range(30):
+                engine.put(b"j%d" % i, record(1, b"x" * 100))
+            assert engine.checkpoint(restart_frames=20)[0] >= 20 and restarts() == 0  # still writing
+            engine.checkpoint(restart_frames=20)
+            assert restarts() == 1  # nothing written since the previous call
+            for i in range(100):
+                engine.put(b"m%d" % i, record(1, b"x" * 100))
+            assert engine.checkpoint(restart_frames=20)[0] >= 80 and restarts() == 2  # past 4x: at once
+        finally:
+            engine._db = real
+            engine.close()
 
     def test_readers_of_ended_threads_are_closed(self, tmp_path: Path) -> None:
         """The read connection of a thread that has ended is closed when another thread opens one."""
