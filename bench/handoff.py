@@ -13,6 +13,8 @@ Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite 
   the records moved are the first kvstore's ``records_sent``, MB/s counts their value bytes;
 - also reads each kvstore directly on its line port (one connection each), to tell the kvstores' share
   of the gateway's latency from the gateway's own;
+- takes the CPU time (user + system, ``/proc/<pid>/stat``) each daemon used during the move, per record
+  moved: on a loaded machine the rate follows the CPU the move needs;
 - samples both kvstores' RSS (``/proc/<pid>/status`` VmRSS, every 50 ms) before and during the move, and
   keeps reading through the gateway meanwhile (the p99 during the move; a read that misses is counted).
 
@@ -41,6 +43,15 @@ HOST = "127.0.0.1"
 TARGET_RATE = 20_000
 TARGET_RSS_MB = 100
 TARGET_P99_RATIO = 3.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (all its threads) has used, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -240,16 +251,22 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         second_base = rss_mb(second.pid) or 0.0
         first_base = statistics.median(sampler.series(first.pid, quiet_end - args.read_seconds, quiet_end))
         start = end = None
+        gateway_pid = cluster.gateways[0].pid
+        assert gateway_pid is not None
+        pids = {first.name: first.pid, second.name: second.pid, "gateway-1": gateway_pid}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
             state = handoff(first)
             if start is None and (state["running"] or state["records_sent"]):
                 start = now
+                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             if start is not None and not state["running"]:
                 epoch = http_json(cluster.gateways[0].url + "/ring/status")[1]["epoch"]
                 if state["synced_epoch"] == epoch and handoff(second)["synced_epoch"] == epoch:
                     end = now
+                    cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
                     break
             time.sleep(0.05)
         if start is None or end is None:
@@ -278,7 +295,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             return "met" if ok else "missed"
 
         print()
-        print(f"records moved      {moved:,} (received {received:,}) in {elapsed:.2f} s")
+        print(f"records moved      {moved:,} (received {received:,}) in {elapsed:.2f} s (monotonic {start:.1f}-{end:.1f})")
         print(
             f"rate               {moved / elapsed:,.0f} records/s, "
             f"{moved * args.value_size / elapsed / 1e6:.1f} MB/s of values   "
@@ -307,6 +324,12 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             if moving:
                 line += f"{p99(moving) * 1000:.2f} ms during it (p50 {statistics.median(moving) * 1000:.2f} ms)"
             print(line)
+        print(
+            "CPU during the move "
+            + ", ".join(
+                f"{name} {used:.1f} s ({1e6 * used / max(1, moved):.0f} us/record)" for name, used in cpu_used.items()
+            )
+        )
         print(f"reads that missed  {misses}")
         print(f"load average       {os.getloadavg()[0]:.2f}")
     return 0

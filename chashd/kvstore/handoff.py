@@ -479,14 +479,11 @@ class Handoff(MultiService):
                 self._log.info("{node} left the map: skipping it", node=node_id)
                 return refused
             connection = self._connection(address)
-            results = await DeferredList(
-                [connection.service.send(XPut(key, record, handoff=True)) for key, record in todo],
-                consumeErrors=True,
-            )
+            results = await connection.service.send_many([XPut(key, record, handoff=True) for key, record in todo])
             retry = []
             error = ""
-            for (ok, value), item in zip(results, todo):
-                if ok:
+            for value, item in zip(results, todo):
+                if not isinstance(value, Failure):
                     self.records_sent += 1
                     self._sent_in_arc += 1
                 elif value.check(RequestError):

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from typing import Any, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -541,9 +541,38 @@ class KVTimeout(ServiceUnavailable):
     """A kvstore did not answer in time; the request may or may not have run."""
 
 
-#: A pending request: the command, its Deferred, and when it was sent (the clock's seconds; 0 without
-#: a timeout).
-_Request = tuple[Command, Deferred[Result], float]
+class _Group:
+    """The answers to the commands of one ``send_many``: one pending entry per command shares it, in place
+    of a Deferred each (a handoff sends hundreds at once). It takes each answer with ``callback`` or
+    ``errback``, as a Deferred would, and fires ``done`` with them all, in order, after the last."""
+
+    __slots__ = ("called", "done", "left", "results")
+
+    def __init__(self, count: int) -> None:
+        self.called = False  # the pending loop skips entries whose Deferred was called (cancelled)
+        self.done: Deferred[list[Result | Failure]] = Deferred()
+        self.left = count
+        self.results: list[Result | Failure] = []
+
+    def callback(self, result: Result) -> None:
+        self.results.append(result)
+        self._answered()
+
+    def errback(self, error: BaseException | Failure) -> None:
+        self.results.append(error if isinstance(error, Failure) else Failure(error))
+        self._answered()
+
+    def _answered(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.called = True
+            if not self.done.called:  # not cancelled by the caller meanwhile
+                self.done.callback(self.results)
+
+
+#: A pending request: the command, its Deferred (or its ``send_many`` group), and when it was sent (the
+#: clock's seconds; 0 without a timeout).
+_Request = tuple[Command, "Deferred[Result] | _Group", float]
 
 
 class KVClientProtocol(Protocol):
@@ -619,6 +648,36 @@ class KVClientProtocol(Protocol):
                 self._timer = self._clock.callLater(self._timeout, self._check_deadline)
         self._tr.write(serialize_command(command))
         return deferred
+
+    def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
+        """Send ``commands`` in one write; the Deferred fires once each is answered, with a list of each
+        one's result or the ``Failure`` of its error, in order. For bulk senders (a handoff pushes a page
+        of XPuts): one Deferred and one write for the group, in place of one Deferred and one write
+        each. ``noreply`` is dropped as in ``send``; ``quit`` is refused."""
+        if not commands:
+            return succeed([])
+        if not self._connected:
+            error = KVConnectionLost(f"not connected to {self.peer}: {self._lost_reason or 'not yet'}")
+            return succeed([Failure(error) for _ in commands])
+        requests: list[Command] = []
+        for command in commands:
+            kind = type(command)
+            if kind is Quit:
+                raise ValueError("quit is not a request; close the connection instead")
+            if kind in _SILENCEABLE and command.noreply:  # type: ignore[union-attr]
+                requests.append(replace(cast(Any, command), noreply=False))
+            else:
+                requests.append(command)
+        wire = b"".join([serialize_command(command) for command in requests])
+        group = _Group(len(requests))
+        seconds = self._seconds
+        sent = seconds() if seconds is not None else 0.0
+        self._pending.extend([(command, group, sent) for command in requests])
+        if seconds is not None and self._timer is None:
+            assert self._clock is not None and self._timeout is not None
+            self._timer = self._clock.callLater(self._timeout, self._check_deadline)
+        self._tr.write(wire)
+        return group.done
 
     def dataReceived(self, data: bytes) -> None:
         parser = self._parser
@@ -773,3 +832,29 @@ class KVClientPool(MultiService):
             return Failure(KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"))
 
         return waiting.addCallback(connected).addErrback(unreachable)  # type: ignore[return-value]
+
+    def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
+        """``KVClientProtocol.send_many`` over the connected connection with the fewest pending requests
+        (waiting for the next connection attempt when none is connected): each command's result or the
+        ``Failure`` of its error, in order."""
+        best: KVClientProtocol | None = None
+        for connection in self.connections:
+            if connection._connected and (best is None or len(connection._pending) < len(best._pending)):
+                best = connection
+        if best is not None:
+            return best.send_many(commands)
+        if not self.running:
+            error = KVConnectionLost(f"the pool to {self.host}:{self.port} is stopped")
+            return succeed([Failure(error) for _ in commands])
+        service = self._services[self._next % len(self._services)]
+        self._next += 1
+        waiting: Deferred[Any] = service.whenConnected(failAfterFailures=1)
+
+        def connected(protocol: KVClientProtocol) -> Deferred[list[Result | Failure]]:
+            return protocol.send_many(commands)
+
+        def unreachable(failure: Failure) -> list[Result | Failure]:
+            error = KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}")
+            return [Failure(error) for _ in commands]
+
+        return waiting.addCallbacks(connected, unreachable)  # type: ignore[return-value]

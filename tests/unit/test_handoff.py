@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
@@ -301,15 +301,15 @@ class ConcurrencyTests:
 
         def racing_connect(host: str, port: int) -> KVClientPool:
             pool = real_connect(host, port)
-            send = pool.send
+            send_many = pool.send_many
 
-            def send_and_race(command: Any) -> Deferred[Any]:
-                d = send(command)
-                if isinstance(command, XPut) and command.key == key and not raced:
+            def send_and_race(commands: list[Any]) -> Deferred[Any]:
+                d = send_many(commands)
+                if any(isinstance(c, XPut) and c.key == key for c in commands) and not raced:
                     raced.append(a.backend.execute(Store("set", key, 0, 0, b"newer")))
                 return d
 
-            pool.send = send_and_race  # type: ignore[method-assign]
+            pool.send_many = send_and_race  # type: ignore[method-assign,assignment]
             return pool
 
         a.handoff.connect = racing_connect
@@ -391,10 +391,15 @@ class BackPressureTests:
         def __init__(self) -> None:
             self.sent: list[tuple[XPut, Deferred[Any]]] = []
 
-        def send(self, command: XPut) -> Deferred[Any]:
-            d: Deferred[Any] = Deferred()
-            self.sent.append((command, d))
-            return d
+        def send_many(self, commands: list[XPut]) -> Deferred[list[Any]]:
+            """One Deferred per command for the test to fire; the group's answers once all have fired."""
+            answers = []
+            for command in commands:
+                d: Deferred[Any] = Deferred()
+                self.sent.append((command, d))
+                answers.append(d)
+            group = DeferredList(answers, consumeErrors=True)  # a failure is an answer too
+            return group.addCallback(lambda results: [value for _, value in results])
 
     def setup_handoff(self, page_size: int, count: int) -> tuple[Cluster, Node, ManualTarget, RingUpdate]:
         cluster = Cluster(page_size=page_size)
