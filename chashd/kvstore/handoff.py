@@ -5,20 +5,28 @@
 
 - plan: ``moved_arcs(synced, T, n)`` (in the thread pool), keeping the arcs this node held (it is in the
   arc's old list, or ``synced`` is the empty ring of a node that has data but no saved ring);
-- for each arc, page by page (``engine.scan`` in the thread pool, ``page_size`` records): push the page
-  as pipelined ``XPut(handoff=True)`` (wire verb ``xmove``) to each node that entered the arc's list
-  (``arc.gained``, itself excepted, only nodes of the newest ring with an address), over one persistent
-  ``KVClientPool`` per target; the next page is read only once every target acknowledged every record of
-  this one (back-pressure: at most one page in flight per target, never a whole arc in memory). A target
-  that fails is retried with backoff (``0.5 s`` doubling to ``max_backoff``); one that left the map is
-  skipped (the newer map restarts the plan anyway);
+- for each arc, page by page (``engine.scan`` in the thread pool, ``page_size`` records, the next page
+  read while the others are pushed): push the page as pipelined ``XPut(handoff=True)`` (wire verb
+  ``xmove``) to each node that entered the arc's list (``arc.gained``, itself excepted, only nodes of the
+  newest ring with an address), over one persistent ``KVClientPool`` per target, with ``send_many`` (one
+  write and one Deferred per slice of records, not one per record). Back-pressure: at most ``window`` (2)
+  pages pushed and not wholly acknowledged per target, so that the receiver always has the next page at
+  hand and never a whole arc is in memory. A target that fails is retried with backoff (``0.5 s``
+  doubling to ``max_backoff``); one that left the map is skipped (the newer map restarts the plan anyway);
 - when this node is not in the arc's new list, each acknowledged record is dropped if the stored version
-  is still the pushed one (compare-and-remove): a write that raced in keeps its record, and a final sweep
-  of the dropped arcs pushes and drops what remains. The drops run on the reactor thread, ``drop_chunk``
-  records per transaction and per reactor turn, while the next page is pushed: point writes cost
-  microseconds (as the backend's do), and Python work in the thread pool at the same time as the
-  reactor's makes both wait for the GIL (measured: the move ran 2-4x slower with the drops in the pool).
-  Records of an arc whose new list is empty (the last node leaves) are kept: there is nowhere to push them;
+  is still the pushed one (compare-and-remove, ``engine.remove_many_if``: one query and one statement
+  per chunk): a write that raced in keeps its record, and a final sweep of the dropped arcs pushes and
+  drops what remains. Pages are dropped in page order. Records of an arc whose new list is empty (the
+  last node leaves) are kept: there is nowhere to push them;
+- then ``synced = T``, saved as JSON (``state_path``, next to a SQLite database) so that a restart knows it.
+
+The reactor thread's share (serializing pushes, dropping) comes in units of about ``unit_budget`` (1 ms):
+slices of records serialized and chunks dropped, sized by the time the last ones took (``_Sizer``), one
+unit per reactor iteration whatever the number of pages and targets under way (``_Turns``), so that a
+client request waits for one unit at most. The drops and the point writes stay on the reactor thread:
+SQLite work in the thread pool next to a busy reactor thread crawls, each row's return to Python
+waiting for the GIL (measured: 255-3,600 deletes/s against 126,000/s with the reactor idle, and the
+move ran 2-4x slower with the drops in the pool); the scans go to the pool, a page at a time.
 - then ``synced = T``, saved as JSON (``state_path``, next to a SQLite database) so that a restart knows it.
 
 A newer ring arriving mid-handoff restarts the planning from ``synced`` to the newest ring (pushing a record
@@ -43,6 +51,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +159,63 @@ def _drop_unchanged(engine: IStorageEngine, records: Sequence[tuple[bytes, Recor
     return sum(engine.remove_many_if([(key, record.version) for key, record in records]))
 
 
+class _Turns:
+    """Hands the reactor's turns to the handoff's units of work, one at a time.
+
+    ``next()`` is a Deferred that fires in a later iteration of the reactor, after the I/O that came in
+    meanwhile was served. Only one waiter is released per iteration, however many coroutines wait (the
+    pushes to several targets, the drops), so that a client request waits for one unit of the
+    handoff's work at most, not for one unit of each."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._waiting: deque[Deferred[None]] = deque()
+        self._call: IDelayedCall | None = None
+
+    def next(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        self._waiting.append(waiter)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._release)
+        return waiter
+
+    def _release(self) -> None:
+        self._call = None
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.called:  # else cancelled
+                waiter.callback(None)  # runs the unit
+                break
+        if self._waiting and self._call is None:
+            self._call = self._clock.callLater(0, self._release)
+
+    def cancel_all(self) -> None:
+        """Fail every waiter with ``CancelledError`` (the handoff stops or starts over)."""
+        waiting, self._waiting = self._waiting, deque()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        for waiter in waiting:
+            waiter.cancel()
+
+
+class _Sizer:
+    """How many records a unit of work takes so that it lasts about ``budget`` seconds: ``size`` starts at
+    ``initial`` and moves halfway toward what the last unit's time per record allows, between 1 and
+    ``maximum``. A unit measured as taking no time (a test's clock) doubles it."""
+
+    def __init__(self, initial: int, maximum: int, budget: float) -> None:
+        self.size = max(1, min(initial, maximum))
+        self._maximum = maximum
+        self._budget = budget
+
+    def took(self, count: int, seconds: float) -> None:
+        if count < self.size:  # a short tail says little
+            return
+        ideal = 2.0 * self.size if seconds <= 0 else self._budget * count / seconds
+        self.size = max(1, min(self._maximum, round((self.size + ideal) / 2)))
+
+
 class Handoff(MultiService):
     """Moves this node's data when the ring's placement changes (see the module docstring).
 
@@ -160,8 +226,18 @@ class Handoff(MultiService):
     """
 
     _log = Logger()
+    #: Records read per scan (a trip to the thread pool).
     page_size = 500
+    #: Pages pushed and not yet acknowledged, per target.
+    window = 2
+    #: The work the handoff does on the reactor thread per turn, in seconds: the records serialized
+    #: (``push_slice``) or dropped (``drop_chunk``) at a time start at these sizes and follow the time
+    #: they take, up to the ``_max`` sizes.
+    unit_budget = 0.001
+    push_slice = 100
+    push_slice_max = 500
     drop_chunk = 50
+    drop_chunk_max = 500
     max_backoff = 10.0
     max_sweeps = 5
 
@@ -193,7 +269,10 @@ class Handoff(MultiService):
         self._retry_call: IDelayedCall | None = None
         self._goal: RingUpdate | None = None
         self._restart = False
-        self._sleep: Deferred[Any] | None = None
+        self._sleeps: set[Deferred[Any]] = set()  # the backoffs under way (one per target at most)
+        self._turns = _Turns(clock)
+        self._push_size = _Sizer(self.push_slice, self.push_slice_max, self.unit_budget)
+        self._drop_size = _Sizer(self.drop_chunk, self.drop_chunk_max, self.unit_budget)
         self._saving: Deferred[Any] = succeed(None)
         self._targets: dict[str, Any] = {}
         self._waiters: list[tuple[Callable[[RingUpdate], bool], Deferred[RingUpdate]]] = []
@@ -226,8 +305,7 @@ class Handoff(MultiService):
 
     def stopService(self) -> Deferred[None]:
         self._restart = True
-        if self._sleep is not None:
-            self._sleep.cancel()
+        self._wake_up()
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
@@ -260,8 +338,7 @@ class Handoff(MultiService):
                     synced=self.synced.epoch,
                 )
                 self._restart = True
-                if self._sleep is not None:
-                    self._sleep.cancel()
+                self._wake_up()
             return
         if self.synced.same_placement(update):
             self._set_synced(update)
@@ -345,6 +422,20 @@ class Handoff(MultiService):
         if self._restart or not self.running:
             raise _Restart()
 
+    def _wake_up(self) -> None:
+        """Cut the backoffs and the waits for a turn short: the plan under way is obsolete."""
+        for sleep in list(self._sleeps):
+            sleep.cancel()
+        self._turns.cancel_all()
+
+    async def _turn(self) -> None:
+        """Wait for the next turn of the handoff (``_Turns``); ``_Restart`` when woken up."""
+        try:
+            await self._turns.next()
+        except CancelledError:
+            raise _Restart() from None
+        self._check()
+
     async def _hand_off(self, old: RingUpdate, new: RingUpdate) -> None:
         started = self._clock.seconds()
         work, owned = await self._run_in_pool(_plan, self.node_id, old, new)
@@ -379,13 +470,15 @@ class Handoff(MultiService):
     async def _arcs(self, work: Sequence[_Work], new: RingUpdate, sweep: int = 0) -> int:
         """Push (and drop) ``work``'s arcs, page by page, arc after arc; the number of records found.
 
-        The pages go through a pipeline: while one page is pushed, the next one (of this arc or the next)
-        is read in the thread pool and the one before it is dropped, so reading, pushing and dropping
-        overlap. Still one page in flight per target; at most three pages in memory."""
+        The pages go through a pipeline: while pages are pushed, the next one (of this arc or the next)
+        is read in the thread pool; up to ``window`` pages are pushed and not yet acknowledged (so that
+        the receiver always has the next one at hand); each acknowledged page is dropped, in page order.
+        At most ``window`` + 1 pages in memory."""
         found = 0
         index = 0
         scanning: Deferred[list[tuple[bytes, Record]]] | None = self._scan(work[0].arc, None) if work else None
-        dropping: Deferred[None] | None = None
+        flying: deque[Deferred[None]] = deque()  # the pages pushed (and being dropped), oldest first
+        gate: Deferred[None] = succeed(None)  # fires once the page before may be dropped no more
         arc = _ArcProgress(self._clock.seconds())
         try:
             while scanning is not None:
@@ -401,35 +494,62 @@ class Handoff(MultiService):
                     scanning = self._scan(w.arc, (key_hash(key), key))
                 elif index + 1 < len(work):
                     scanning = self._scan(work[index + 1].arc, None)
-                refused: set[bytes] = set()
-                if page and w.targets:
-                    pushes = [Deferred.fromCoroutine(self._push(target, page)) for target in w.targets]
-                    for ok, result in await DeferredList(pushes, consumeErrors=True):
-                        if not ok:
-                            assert isinstance(result, Failure)
-                            result.raiseException()
-                        refused.update(result)
-                if dropping is not None:
-                    await dropping
-                    dropping = None
+                while len(flying) >= self.window:
+                    await flying.popleft()
                 self._check()
-                if page and w.drop:
-                    dropping = self._drop(page, refused, arc)
+                following: Deferred[None] = Deferred()
+                flying.append(Deferred.fromCoroutine(self._page(page, w, arc, last_page, new, sweep, gate, following)))
+                gate = following
                 if last_page:
-                    if not sweep:
-                        self.arcs_done += 1
-                        self._sent_in_arc = 0
-                    if arc.found:
-                        done = dropping if dropping is not None else succeed(None)
-                        done.addCallback(self._arc_done, w, arc, new, sweep)
                     index += 1
                     arc = _ArcProgress(self._clock.seconds())
+            while flying:
+                await flying.popleft()
         finally:
             if scanning is not None:  # abandoned: a newer ring, or stopping
                 scanning.addErrback(lambda _: None)
-            if dropping is not None:
-                await dropping
+            while flying:  # abandoned too: let them see it and end
+                try:
+                    await flying.popleft()
+                except (_Restart, CancelledError):
+                    continue
+                except Exception:
+                    self._log.failure("a page of an abandoned handoff failed")
         return found
+
+    async def _page(
+        self,
+        page: list[tuple[bytes, Record]],
+        w: _Work,
+        arc: _ArcProgress,
+        last_page: bool,
+        new: RingUpdate,
+        sweep: int,
+        gate: Deferred[None],
+        following: Deferred[None],
+    ) -> None:
+        """Push one page to every target of its arc, then (once the pages before it are dropped) drop
+        what they all acknowledged; fires ``following`` when done, whatever happened."""
+        try:
+            refused: set[bytes] = set()
+            if page and w.targets:
+                pushes = [Deferred.fromCoroutine(self._push(target, page)) for target in w.targets]
+                for ok, result in await DeferredList(pushes, consumeErrors=True):
+                    if not ok:
+                        assert isinstance(result, Failure)
+                        result.raiseException()
+                    refused.update(result)
+            if last_page and not sweep:
+                self.arcs_done += 1
+                self._sent_in_arc = 0
+            await gate
+            self._check()
+            if page and w.drop:
+                await self._drop_chunks([item for item in page if item[0] not in refused], arc)
+            if last_page and arc.found:
+                self._arc_done(None, w, arc, new, sweep)
+        finally:
+            following.callback(None)
 
     def _arc_done(self, _: object, work: _Work, arc: _ArcProgress, new: RingUpdate, sweep: int) -> None:
         """One line per arc."""
@@ -450,18 +570,17 @@ class Handoff(MultiService):
     def _scan(self, arc: Arc, after: tuple[int, bytes] | None) -> Deferred[list[tuple[bytes, Record]]]:
         return self._run_in_pool(self._engine.scan, arc.start, arc.end, after, self.page_size)
 
-    def _drop(self, page: Sequence[tuple[bytes, Record]], refused: set[bytes], arc: _ArcProgress) -> Deferred[None]:
-        """Compare-and-remove the acknowledged records of ``page``, a chunk per reactor turn; counts what went."""
-        return Deferred.fromCoroutine(self._drop_chunks([item for item in page if item[0] not in refused], arc))
-
     async def _drop_chunks(self, records: list[tuple[bytes, Record]], arc: _ArcProgress) -> None:
-        for i in range(0, len(records), self.drop_chunk):
-            if i:
-                await deferLater(self._clock, 0)  # serve what came in meanwhile
-            if not self.running:
-                return  # the engine may be closed
-            chunk = records[i : i + self.drop_chunk]
+        """Compare-and-remove ``records``, a chunk per turn of the handoff (``_drop_size`` records: about
+        ``unit_budget`` of work); counts what went."""
+        done = 0
+        while done < len(records):
+            await self._turn()  # serve what came in meanwhile
+            chunk = records[done : done + self._drop_size.size]
+            began = self._clock.seconds()
             removed = _drop_unchanged(self._engine, chunk)
+            self._drop_size.took(len(chunk), self._clock.seconds() - began)
+            done += len(chunk)
             self.records_dropped += removed
             arc.dropped += removed
             arc.kept += len(chunk) - removed
@@ -479,7 +598,19 @@ class Handoff(MultiService):
                 self._log.info("{node} left the map: skipping it", node=node_id)
                 return refused
             connection = self._connection(address)
-            results = await connection.service.send_many([XPut(key, record, handoff=True) for key, record in todo])
+            answers = []
+            sent = 0
+            while sent < len(todo):  # a slice per turn of the handoff: about unit_budget of serializing
+                if sent:
+                    await self._turn()
+                part = todo[sent : sent + self._push_size.size]
+                began = self._clock.seconds()
+                answers.append(connection.service.send_many([XPut(key, record, handoff=True) for key, record in part]))
+                self._push_size.took(len(part), self._clock.seconds() - began)
+                sent += len(part)
+            results = []
+            for answer in answers:
+                results.extend(await answer)
             retry = []
             error = ""
             for value, item in zip(results, todo):
@@ -509,13 +640,14 @@ class Handoff(MultiService):
                 error=error,
                 delay=delay,
             )
-            self._sleep = deferLater(self._clock, delay)
+            sleep: Deferred[None] = deferLater(self._clock, delay)
+            self._sleeps.add(sleep)
             try:
-                await self._sleep
+                await sleep
             except CancelledError:
                 raise _Restart() from None
             finally:
-                self._sleep = None
+                self._sleeps.discard(sleep)
             self._check()
             todo = retry
         return refused

@@ -6,22 +6,24 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 
 from chashd.commands import Get, Status, Store, Values, XPut
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
-from chashd.kvstore.handoff import Handoff, load_synced
+from chashd.kvstore.handoff import Handoff, _Sizer, _Turns, load_synced
 from chashd.kvstore.ringwatch import NodeAddress, RingUpdate
 from chashd.memcache.protocol import KVClientPool, KVConnectionLost, MemcacheServerFactory
 from chashd.record import Record
@@ -390,10 +392,12 @@ class BackPressureTests:
 
         def __init__(self) -> None:
             self.sent: list[tuple[XPut, Deferred[Any]]] = []
+            self.groups: list[list[XPut]] = []
 
         def send_many(self, commands: list[XPut]) -> Deferred[list[Any]]:
             """One Deferred per command for the test to fire; the group's answers once all have fired."""
             answers = []
+            self.groups.append(list(commands))
             for command in commands:
                 d: Deferred[Any] = Deferred()
                 self.sent.append((command, d))
@@ -401,9 +405,17 @@ class BackPressureTests:
             group = DeferredList(answers, consumeErrors=True)  # a failure is an answer too
             return group.addCallback(lambda results: [value for _, value in results])
 
-    def setup_handoff(self, page_size: int, count: int) -> tuple[Cluster, Node, ManualTarget, RingUpdate]:
+    def setup_handoff(
+        self,
+        page_size: int,
+        count: int,
+        prepare: Callable[[Handoff], None] | None = None,
+        engine: IStorageEngine | None = None,
+    ) -> tuple[Cluster, Node, ManualTarget, RingUpdate]:
         cluster = Cluster(page_size=page_size)
-        a = cluster.add("A")
+        a = cluster.add("A", engine)
+        if prepare is not None:
+            prepare(a.handoff)
         cluster.add("B")
         cluster.announce(cluster.ring(1, "A"), ["A"])
         for i in range(count):
@@ -414,24 +426,29 @@ class BackPressureTests:
         a.handoff.ring_changed(two)
         return cluster, a, target, two
 
-    def test_one_page_at_a_time(self) -> None:
-        """Only ``page_size`` records are sent until every one of them is acknowledged; each page is dropped
-        on the sender only after its acknowledgement."""
+    def test_a_window_of_pages(self) -> None:
+        """At most ``window`` pages are pushed and not wholly acknowledged (no new page while the oldest one
+        waits for an acknowledgement); a record is dropped on the sender only after its acknowledgement."""
         cluster, a, target, two = self.setup_handoff(page_size=3, count=10)
-        acknowledged = 0
+        assert a.handoff.window == 2
+        for _ in range(5):
+            cluster.reactor.advance(0)
+        pages = 0
         while a.handoff.running_handoff:
             unanswered = [(c, d) for c, d in target.sent if not d.called]
-            assert 0 < len(unanswered) <= 3
-            assert len(a.records()) == 10 - acknowledged  # nothing dropped before its acknowledgement
-            for _, d in unanswered[:-1]:
+            assert 0 < len(unanswered) <= 2 * 3
+            assert set(a.records()) >= {c.key for c, _ in unanswered}  # nothing dropped before its acknowledgement
+            oldest, rest = unanswered[:3], unanswered[3:]
+            for _, d in oldest[:-1]:
                 d.callback(Status.STORED)
-            cluster.reactor.advance(0)
-            assert len([d for _, d in target.sent if not d.called]) == 1  # still waiting: no new page
-            unanswered[-1][1].callback(Status.STORED)
-            acknowledged += len(unanswered)
-            for _ in range(3):  # the drops run a chunk per reactor turn
+            for _ in range(5):
                 cluster.reactor.advance(0)
-        assert acknowledged == 10 and a.records() == {}
+            assert [(c, d) for c, d in target.sent if not d.called] == oldest[-1:] + rest  # no new page yet
+            oldest[-1][1].callback(Status.STORED)
+            pages += 1
+            for _ in range(10):  # the drops run a chunk per turn
+                cluster.reactor.advance(0)
+        assert pages == 4 and len(target.sent) == 10 and a.records() == {}
         assert a.handoff.synced == two
 
     def test_failed_pushes_are_retried_with_backoff(self) -> None:
@@ -460,6 +477,85 @@ class BackPressureTests:
         a.handoff.ring_changed(three)
         assert not a.handoff.running_handoff and a.handoff.synced == three
         assert len(a.records()) == 2 and cluster.reactor.getDelayedCalls() == []
+
+
+class PacingTests:
+    """The handoff's work on the reactor thread comes in small units, one per reactor iteration."""
+
+    class IterationClock(Clock):
+        """A Clock that, as the reactor does, runs in one iteration only the calls that were due when the
+        iteration began (a call made meanwhile waits for the next one; ``Clock.advance`` runs it too)."""
+
+        def iterate(self) -> None:
+            for call in [c for c in self.calls if c.getTime() <= self.seconds()]:
+                if call.active():
+                    self.calls.remove(call)
+                    call.called = 1
+                    call.func(*call.args, **call.kw)
+
+    def test_turns_release_one_waiter_per_iteration(self) -> None:
+        """However many units wait, each iteration of the reactor releases one, in order; cancelling
+        fails the waiters and leaves no timer."""
+        clock = self.IterationClock()
+        turns = _Turns(clock)
+        released: list[int] = []
+        for i in range(3):
+            turns.next().addCallback(lambda _, number: released.append(number), i)
+        assert released == []
+        clock.iterate()
+        assert released == [0]
+        clock.iterate()
+        assert released == [0, 1]
+        waiter = turns.next()
+        failures: list[Failure] = []
+        waiter.addErrback(failures.append)
+        turns.cancel_all()
+        assert failures and failures[0].check(CancelledError)
+        clock.iterate()
+        assert released == [0, 1] and clock.getDelayedCalls() == []
+
+    def test_sizer_follows_the_budget(self) -> None:
+        """A unit's size moves halfway toward what the budget allows, within 1 and the maximum; a unit
+        timed at nothing doubles it; a short tail changes nothing."""
+        sizer = _Sizer(100, 400, 0.001)
+        sizer.took(100, 0.004)  # 40 us a record: 25 fit in the budget
+        assert sizer.size == 62
+        sizer.took(10, 1.0)
+        assert sizer.size == 62
+        sizer.took(62, 0.0)
+        assert sizer.size == 93
+        for _ in range(10):
+            sizer.took(sizer.size, 0.0)
+        assert sizer.size == 400
+        for _ in range(20):
+            sizer.took(sizer.size, 10.0)
+        assert sizer.size == 1
+
+    def test_a_page_is_pushed_in_slices_and_dropped_in_chunks(self) -> None:
+        """A page leaves in slices of ``push_slice`` records (one send_many each) and is dropped in chunks of
+        ``drop_chunk`` records (one engine call each), each in a turn of its own."""
+        chunks: list[int] = []
+
+        class Recording(MemoryEngine):
+            def remove_many_if(self, items: Any) -> list[bool]:
+                chunks.append(len(items))
+                return super().remove_many_if(items)
+
+        cluster, a, target, _ = BackPressureTests().setup_handoff(10, 10, self.small_units, Recording())
+        cluster.reactor.advance(0)
+        assert [len(group) for group in target.groups] == [3, 3, 3, 1]
+        for _, d in target.sent:
+            d.callback(Status.STORED)
+        cluster.reactor.advance(0)
+        assert chunks == [2] * 5 and a.records() == {}
+
+    @staticmethod
+    def small_units(handoff: Handoff) -> None:
+        """Slices of 3 records, chunks of 2, whatever the time they take."""
+        handoff.push_slice = handoff.push_slice_max = 3
+        handoff.drop_chunk = handoff.drop_chunk_max = 2
+        handoff._push_size = _Sizer(3, 3, 1.0)
+        handoff._drop_size = _Sizer(2, 2, 1.0)
 
 
 class PersistenceTests:
