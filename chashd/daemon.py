@@ -5,11 +5,13 @@
 - ``exit_with_status`` stops the reactor and then ends the process with a status twistd cannot give.
 - ``notify_systemd`` sends ``READY=1`` / ``STOPPING=1`` to ``$NOTIFY_SOCKET`` (Twisted has no sd_notify):
   one datagram, ``@`` at the start of the path meaning the abstract namespace.
+- ``freeze_startup_objects`` keeps the garbage collector's full collections short.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import socket
 import sys
@@ -25,7 +27,14 @@ from twisted.python.failure import Failure
 
 from chashd.errors import ConfigError
 
-__all__ = ["ListenService", "SystemdNotifier", "exit_with_status", "lock_data_dir", "notify_systemd"]
+__all__ = [
+    "ListenService",
+    "SystemdNotifier",
+    "exit_with_status",
+    "freeze_startup_objects",
+    "lock_data_dir",
+    "notify_systemd",
+]
 
 _log = Logger()
 
@@ -43,6 +52,26 @@ def exit_with_status(reactor: IReactorCore, status: int) -> None:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+def freeze_startup_objects(reactor: IReactorCore, collector: Any = gc) -> None:
+    """Once the reactor runs, collect the garbage and hide every object made so far (modules, classes,
+    functions, the services) from the cyclic garbage collector (``gc.freeze``).
+
+    A full collection visits every tracked object and stops every thread meanwhile. In a kvstore that
+    is ~65,000 objects made at startup, which took 40-75 ms per full collection on this project's
+    loaded machine (measured during a handoff, whose allocations start one every few seconds); frozen,
+    2-7 ms. Objects made later are collected as before; frozen ones are still freed by reference
+    counting, only their cycles are never collected (startup objects live as long as the process).
+    ``collector`` is for tests.
+    """
+
+    def freeze() -> None:
+        collector.collect()
+        collector.freeze()
+        _log.info("{count} startup objects frozen out of the garbage collector", count=collector.get_freeze_count())
+
+    reactor.callWhenRunning(freeze)
 
 
 _locks: list[IO[str]] = []

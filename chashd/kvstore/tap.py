@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
 from chashd.config import ConfigOptions, KVStoreConfig, options_for
-from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir
+from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir
 from chashd.errors import ConfigError, StorageError
 from chashd.kvstore.service import KVStoreRoot, KVStoreService, open_engine
 from chashd.memcache.protocol import MemcacheServerFactory
@@ -35,6 +35,7 @@ def makeService(
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+        freeze_startup_objects(reactor)  # the daemon's process: short full garbage collections
     config: KVStoreConfig = options.config
     try:
         if config.data_dir:
