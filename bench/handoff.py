@@ -295,7 +295,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             return "met" if ok else "missed"
 
         print()
-        print(f"records moved      {moved:,} (received {received:,}) in {elapsed:.2f} s (monotonic {start:.1f}-{end:.1f})")
+        window = f"monotonic {start:.1f}-{end:.1f}"
+        print(f"records moved      {moved:,} (received {received:,}) in {elapsed:.2f} s ({window})")
         print(
             f"rate               {moved / elapsed:,.0f} records/s, "
             f"{moved * args.value_size / elapsed / 1e6:.1f} MB/s of values   "

@@ -13,7 +13,7 @@ Pure: time comes in as an argument.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from chashd.errors import BadKey
 from chashd.versions import ZERO, Version
@@ -38,9 +38,12 @@ RELATIVE_EXPIRY_LIMIT = 60 * 60 * 24 * 30
 TOMBSTONE_GRACE = 24 * 60 * 60.0
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One key's state on a replica."""
+class Record(NamedTuple):
+    """One key's state on a replica.
+
+    A named tuple rather than a frozen dataclass: engines build one for every read, and a tuple is
+    built in a third of the time.
+    """
 
     value: bytes
     flags: int = 0
@@ -56,13 +59,22 @@ class Record:
         """True when a read should see this record: not deleted and not expired."""
         return not self.tombstone and not (self.expires_at != 0 and self.expires_at <= now)
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Record and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
+
     def newer_than(self, other: Record | None) -> bool:
         """True when this record wins over ``other`` (None loses to everything)."""
         return other is None or self.version > other.version
 
     def with_version(self, version: Version) -> Record:
         """The same record under another version."""
-        return replace(self, version=version)
+        return self._replace(version=version)
 
     @classmethod
     def deleted(cls, version: Version) -> Record:

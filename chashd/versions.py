@@ -10,7 +10,7 @@ Pure: time comes in as an argument.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["ZERO", "HybridClock", "Version"]
 
@@ -19,12 +19,24 @@ _COUNTER_MASK = (1 << _COUNTER_BITS) - 1
 _MAX_CLOCK = (1 << 64) - 1
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Version:
-    """``(clock, writer)``, ordered by clock, then writer id."""
+class Version(NamedTuple):
+    """``(clock, writer)``, ordered by clock, then writer id.
+
+    A named tuple rather than a frozen dataclass: every record read builds one, and a tuple is built
+    in a third of the time (and tuples of plain values are left alone by the garbage collector).
+    """
 
     clock: int
     writer: str = ""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Version and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
 
     @property
     def millis(self) -> int:

@@ -135,15 +135,15 @@ class SQLiteEngine:
     ~0.45 s for 1M keys of 100 bytes, a 150 MB file, measured on this project's machine). It never
     replaces or recreates an existing file; an empty (0-byte) file is taken as a new database.
 
-    Threading: one write connection, shared under a lock, serves ``put``, ``apply``, ``apply_many``,
-    ``remove``, ``remove_many_if``, ``clear``, ``batch`` and the deletes of ``purge``, from any thread. Point reads and writes cost tens
-    of microseconds, so they may run on the reactor thread. ``scan``, ``purge`` and ``checkpoint`` read
-    through a separate read-only connection per thread (WAL readers see the last committed state and
-    never block the writer nor wait for it), so the thread pool can page through an arc while the
-    reactor thread writes. ``get`` reads that way too when the record cache does not know the key
-    (except inside its own thread's ``batch()``), so that a purge or a drop holding the write lock in
-    another thread never stalls a read. A scan does not see the writes of a ``batch()`` still open. ``close()`` must
-    not race with calls in other threads.
+    Threading: one write connection, shared under a lock, serves ``put``, ``apply``, ``apply_many``, ``remove``,
+    ``remove_many_if``, ``clear``, ``batch`` and the deletes of ``purge``, from any thread. Point reads and
+    writes cost tens of microseconds, so they may run on the reactor thread. ``scan``, ``purge`` and
+    ``checkpoint`` read through a separate read-only connection per thread (WAL readers see the last committed
+    state and never block the writer nor wait for it), so the thread pool can page through an arc while the
+    reactor thread writes. ``get`` reads that way too when the record cache does not know the key (except inside
+    its own thread's ``batch()``), so that a purge or a drop holding the write lock in another thread never
+    stalls a read. A scan does not see the writes of a ``batch()`` still open. ``close()`` must not race with
+    calls in other threads.
 
     Record cache: ``get`` answers from a write-through cache of recent records (``record_cache_mib``,
     first in first out; 0 turns it off) that every write, removal, purge and clear keeps exact, so a
