@@ -875,6 +875,25 @@ class SQLiteEngineTests:
         finally:
             engine.close()
 
+    def test_wal_file_is_cut_back_once_it_starts_over(self, tmp_path: Path) -> None:
+        """A burst of writes grows the WAL file; once a checkpoint restarts it, the next write cuts the
+        file back to ``wal_limit_mib``."""
+        path = tmp_path / "chashd.sqlite3"
+        wal = Path(f"{path}-wal")
+        engine = SQLiteEngine(path, autocheckpoint=0, wal_limit_mib=1)
+        try:
+            for i in range(400):
+                engine.put(b"k%d" % i, record(1, b"x" * 8000))
+            grown = wal.stat().st_size
+            assert grown > 3 * 1024 * 1024
+            engine.checkpoint(restart_frames=10)  # nothing written since: the writers are idle
+            engine.checkpoint(restart_frames=10)
+            engine.put(b"after", record(1))
+            assert wal.stat().st_size <= 1024 * 1024
+            assert engine.get(b"k399") == record(1, b"x" * 8000)
+        finally:
+            engine.close()
+
     def test_checkpoint_restarts_a_busy_wal(self, tmp_path: Path) -> None:
         """Under a steady stream of writes, ``checkpoint()`` keeps the WAL near ``restart_frames`` pages.
 
