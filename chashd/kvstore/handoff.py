@@ -27,7 +27,6 @@ client request waits for one unit at most. The drops and the point writes stay o
 SQLite work in the thread pool next to a busy reactor thread crawls, each row's return to Python
 waiting for the GIL (measured: 255-3,600 deletes/s against 126,000/s with the reactor idle, and the
 move ran 2-4x slower with the drops in the pool); the scans go to the pool, a page at a time.
-- then ``synced = T``, saved as JSON (``state_path``, next to a SQLite database) so that a restart knows it.
 
 A newer ring arriving mid-handoff restarts the planning from ``synced`` to the newest ring (pushing a record
 twice is harmless: versions decide); one with the same placement only moves the goal's epoch. Tombstones
