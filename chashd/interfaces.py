@@ -24,6 +24,10 @@ class IStorageEngine(Interface):
     def get(key: bytes) -> Any:
         """The stored ``Record`` for ``key`` (tombstones and expired records included), or None."""
 
+    def get_live(key: bytes, now: float) -> Any:
+        """``(flags, value)`` of the record for ``key`` when a read at ``now`` sees it (not a tombstone,
+        not expired), else None: ``get`` for the line protocol's plain gets, without making a ``Record``."""
+
     def put(key: bytes, record: Any) -> None:
         """Store ``record`` for ``key``, replacing what is there (the caller decided it wins)."""
 

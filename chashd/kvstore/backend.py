@@ -102,6 +102,7 @@ class LocalBackend:
         #: More ``stats()`` fields from the node's other parts (the handoff's progress), read at each call.
         self.stats_sources: list[Callable[[], Mapping[str, Any]]] = []
         self._engine_get = engine.get
+        self._engine_get_live = engine.get_live
         self._dispatch: dict[type, Callable[[Any], Result]] = {
             Get: self._get,
             Store: self._write,
@@ -139,6 +140,14 @@ class LocalBackend:
         return stats
 
     # -- reads ---------------------------------------------------------------------------------------
+
+    def get_one(self, key: bytes) -> tuple[int, bytes] | None:
+        """A ``get`` of one key for the line protocol's hot path (``RequestParser(plain_gets=True)``): the
+        flags and value when a read sees the record, else None; counted like ``execute(Get((key,)))``,
+        without the command and the result."""
+        found = self._engine_get_live(key, self._seconds())
+        self._counts["get_misses" if found is None else "get_hits"] += 1
+        return found
 
     def _get(self, command: Get) -> Values:
         keys = command.keys

@@ -60,6 +60,7 @@ from chashd.commands import (
     Command,
     Delete,
     FlushAll,
+    Get,
     Number,
     Quit,
     Result,
@@ -85,6 +86,7 @@ from chashd.memcache.text import (
     ReplyParser,
     RequestParser,
     error_reply,
+    plain_get_reply,
     serialize_command,
     serialize_result,
     stats_reply,
@@ -207,7 +209,11 @@ class MemcacheServerProtocol(Protocol):
         #: Schedules the idle check; tests replace it with a ``Clock``'s.
         self.callLater: Callable[..., IDelayedCall] = factory.clock.callLater
         self._seconds = factory.clock.seconds
-        self._parser = RequestParser(factory.max_value_size, factory.max_line, factory.max_keys)
+        #: The backend's ``get_one`` (the kvstore's): plain gets skip the command and result objects.
+        self._get_one: Callable[[bytes], tuple[int, bytes] | None] | None = getattr(factory.backend, "get_one", None)
+        self._parser = RequestParser(
+            factory.max_value_size, factory.max_line, factory.max_keys, plain_gets=self._get_one is not None
+        )
         self._execute = factory.backend.execute
         self._execute_puts: Callable[[list[XPut]], list[Result | ChashdError]] | None = getattr(
             factory.backend, "execute_puts", None
@@ -302,6 +308,12 @@ class MemcacheServerProtocol(Protocol):
                 event = next_event()
                 if event is None:
                     break
+                if isinstance(event, bytes):  # a plain get of this key (only with a backend's get_one)
+                    if puts:
+                        self._run_puts(puts)
+                        puts = []
+                    self._plain_get(event)
+                    continue
                 if group_puts and type(event) is XPut:
                     puts.append(event)
                     if len(puts) >= _PUT_GROUP:
@@ -329,6 +341,21 @@ class MemcacheServerProtocol(Protocol):
             out.clear()
             self._out_size = 0
             self._tr.write(data)
+
+    def _plain_get(self, key: bytes) -> None:
+        try:
+            found = self._get_one(key)  # type: ignore[misc]
+        except Exception:  # the engine failed: the general path words the error and logs it
+            self._handle(Get((key,)))
+            return
+        reply = plain_get_reply(key, found)
+        if self._queue:
+            self._queue.append([reply])
+        else:
+            self._out.append(reply)
+            self._out_size += len(reply)
+            if self._out_size >= _FLUSH_AT:
+                self._flush_out()
 
     def _handle(self, command: Command | Rejected) -> None:
         if type(command) in _LOCAL:

@@ -114,6 +114,7 @@ __all__ = [
     "RequestParser",
     "error_from_reply",
     "error_reply",
+    "plain_get_reply",
     "serialize_command",
     "serialize_result",
     "stats_reply",
@@ -241,7 +242,9 @@ class RequestParser:
     """memcached's request framing and parsing, fed bytes: ``feed(data)``, then ``next()`` until None.
 
     ``next()`` returns a command, a ``Rejected``, or None when it needs more bytes. After a ``Rejected``
-    with ``close`` (and after ``Quit``) it returns None for ever. Memory is bounded: a line by
+    with ``close`` (and after ``Quit``) it returns None for ever. With ``plain_gets``, a ``get`` of one
+    plain key comes back as the key itself (``bytes``), not as a ``Get``: the kvstore answers the most
+    common request without building a command and a result (``plain_get_reply``). Memory is bounded: a line by
     ``max_line`` (or the longest get line of ``max_keys`` keys), a data block by ``max_value_size`` + 2
     (a larger one is skipped as it arrives, never held).
     """
@@ -255,6 +258,7 @@ class RequestParser:
         "_more_len",
         "_need",
         "_noreply",
+        "_plain_gets",
         "_pos",
         "_state",
         "max_get_line",
@@ -268,8 +272,10 @@ class RequestParser:
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
         max_line: int = DEFAULT_MAX_LINE,
         max_keys: int = DEFAULT_MAX_KEYS,
+        plain_gets: bool = False,
     ) -> None:
         self.max_value_size = max_value_size
+        self._plain_gets = plain_gets
         self.max_line = max_line
         self.max_keys = max_keys
         self.max_get_line = max(max_line, 8 + max_keys * (MAX_KEY_LENGTH + 1))
@@ -334,8 +340,9 @@ class RequestParser:
         """Bytes received and not parsed yet."""
         return len(self._buf) - self._pos + self._more_len
 
-    def next(self) -> Command | Rejected | None:
-        """The next command or rejection, or None until more bytes are fed."""
+    def next(self) -> Command | Rejected | bytes | None:
+        """The next command or rejection (or, with ``plain_gets``, the key of a plain get), or None until
+        more bytes are fed."""
         if self._pos >= len(self._buf):  # all consumed: nothing to do in any state
             return None
         while True:
@@ -354,7 +361,7 @@ class RequestParser:
                 if buf.startswith(b"get ", pos):  # the hot path: a get of one plain key
                     key = buf[pos + 4 : end]
                     if 0 < len(key) <= MAX_KEY_LENGTH and b" " not in key and b"\0" not in key:
-                        return Get((key,))
+                        return key if self._plain_gets else Get((key,))
                 parsed = self._line(buf[pos:end])
                 if type(parsed) is tuple:
                     self._need, self._noreply, self._build = parsed
@@ -758,8 +765,16 @@ def _values(command: Command, items: tuple[tuple[bytes, Record], ...]) -> bytes:
         )
     if len(items) == 1:
         key, r = items[0]
-        return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, r.flags, len(r.value), r.value)
+        return plain_get_reply(key, (r.flags, r.value))
     return b"".join([*(b"VALUE %s %d %d\r\n%s\r\n" % (key, r.flags, len(r.value), r.value) for key, r in items), _END])
+
+
+def plain_get_reply(key: bytes, found: tuple[int, bytes] | None) -> bytes:
+    """The reply to ``get <key>`` of the ``(flags, value)`` found, or of a miss (None)."""
+    if found is None:
+        return _END
+    flags, value = found
+    return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, flags, len(value), value)
 
 
 def serialize_result(command: Command, result: Result) -> bytes:

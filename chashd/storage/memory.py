@@ -106,6 +106,16 @@ class MemoryEngine:
         row = self._records.get(key)
         return None if row is None else _decode(row)
 
+    def get_live(self, key: bytes, now: float) -> tuple[int, bytes] | None:
+        """``(flags, value)`` when a read at ``now`` sees the record for ``key``, else None."""
+        row = self._records.get(key)
+        if row is None:
+            return None
+        _hash, flags, expires_at, _clock, tombstone, writer_size = _unpack(row)
+        if tombstone or (expires_at != 0 and expires_at <= now):
+            return None
+        return flags, row[_HEADER_SIZE + writer_size :]
+
     def put(self, key: bytes, record: Record) -> None:
         """Store ``record`` for ``key``, replacing what is there."""
         with self._lock:

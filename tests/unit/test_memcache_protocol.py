@@ -379,6 +379,83 @@ class ServerTests:
         assert clock.getDelayedCalls() == []
 
 
+@implementer(IKeyValue)
+class GeneralPathOnly:
+    """A LocalBackend seen without its ``get_one``: every get goes through ``execute``."""
+
+    name = "general"
+
+    def __init__(self, local: LocalBackend) -> None:
+        self.execute = local.execute
+        self.stats = local.stats
+
+
+class PlainGetTests:
+    """A kvstore backend's ``get_one`` answers plain gets (``get <key>``) without command objects."""
+
+    SCRIPT = (
+        b"set k 7 0 3\r\nabc\r\nget k\r\nget missing\r\nget k missing\r\n"
+        b"set t 0 10 1\r\nx\r\nget t\r\ndelete k\r\nget k\r\ngets t\r\n"
+    )
+
+    def run_script(self, backend_for: Any) -> tuple[bytes, bytes, dict[str, Any]]:
+        clock = Clock()
+        clock.advance(T0)
+        local = LocalBackend(MemoryEngine(), "kv-1", clock, 1024)
+        factory = MemcacheServerFactory(backend_for(local), clock, max_value_size=1024)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(self.SCRIPT)
+        first = transport.value()
+        transport.clear()
+        clock.advance(11)  # t expired
+        protocol.dataReceived(b"get t\r\n")
+        return first, transport.value(), local.stats()
+
+    def test_answers_and_counts_like_the_general_path(self) -> None:
+        """Hits, misses, expired and deleted records: the same bytes and the same counters either way."""
+        plain = self.run_script(lambda local: local)
+        general = self.run_script(GeneralPathOnly)
+        assert plain[0] == general[0]
+        assert plain[0].startswith(b"STORED\r\nVALUE k 7 3\r\nabc\r\nEND\r\nEND\r\nVALUE k 7 3\r\nabc\r\nEND\r\n")
+        assert plain[1] == general[1] == b"END\r\n"
+        counters = ("get_hits", "get_misses", "cmd_get")
+        assert {c: plain[2][c] for c in counters} == {c: general[2][c] for c in counters}
+        assert plain[2]["get_hits"] == 4 and plain[2]["get_misses"] == 4
+
+    def test_grouped_xputs_before_a_get_run_first(self) -> None:
+        """A get after XPuts of the same read sees them: the group is run before the get is answered."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"xput k 3 0 5-w 0 2\r\nv1\r\nxput j 0 0 5-w 0 1\r\nx\r\nget k\r\n")
+        assert transport.value() == b"STORED\r\nSTORED\r\nVALUE k 3 2\r\nv1\r\nEND\r\n"
+
+    def test_a_failing_engine_answers_as_on_the_general_path(self) -> None:
+        """An engine error in ``get_one`` gets the general path's reply and log line."""
+
+        class FailingReads(RaisingBackend):
+            def get_one(self, key: bytes) -> tuple[int, bytes] | None:
+                raise self.error
+
+        factory, _ = make_factory(FailingReads(ZeroDivisionError("boom")))
+        protocol, transport = connect(factory)
+        with capturedLogs() as events:
+            protocol.dataReceived(b"get k\r\n")
+        assert transport.value() == b"SERVER_ERROR internal error\r\n"
+        assert [e["command"] for e in events if e.get("log_failure") is not None] == ["Get"]
+
+    def test_waits_behind_a_pending_reply(self) -> None:
+        """A plain get answered at once still leaves after the earlier replies still pending."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        backend.get_one = backend.local.get_one  # type: ignore[attr-defined]
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 1\r\nx\r\nget k\r\n")
+        assert transport.value() == b""
+        backend.fire(0)
+        assert transport.value() == b"STORED\r\nEND\r\n"
+
+
 class DeferredBackendTests:
     """Replies that come later still leave in request order; the queue is capped."""
 

@@ -39,12 +39,16 @@ from chashd.errors import (
     ValueTooLarge,
 )
 from chashd.memcache.text import (
+    DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_LINE,
+    DEFAULT_MAX_VALUE_SIZE,
     BadReply,
     Rejected,
     ReplyParser,
     RequestParser,
     error_from_reply,
     error_reply,
+    plain_get_reply,
     serialize_command,
     serialize_result,
     stats_reply,
@@ -61,12 +65,18 @@ def rej(error: Exception, reply: bool = True, close: bool = False, then: Command
 
 def raw_events(data: bytes, chunk: int | None = None, **limits: int) -> list[Command | Rejected]:
     """Every event the parser yields for ``data``, fed whole or ``chunk`` bytes at a time."""
-    parser = RequestParser(**limits)
+    assert set(limits) <= {"max_value_size", "max_line", "max_keys"}, limits
+    parser = RequestParser(
+        limits.get("max_value_size", DEFAULT_MAX_VALUE_SIZE),
+        limits.get("max_line", DEFAULT_MAX_LINE),
+        limits.get("max_keys", DEFAULT_MAX_KEYS),
+    )
     out: list[Command | Rejected] = []
     pieces = [data] if chunk is None else [data[i : i + chunk] for i in range(0, len(data), chunk)]
     for piece in pieces:
         parser.feed(piece)
         while (event := parser.next()) is not None:
+            assert not isinstance(event, bytes)  # plain gets only when asked for
             out.append(event)
     return out
 
@@ -112,6 +122,19 @@ class CommandParsingTests:
         assert one(b"gat 10 a b\r\n") == Get((b"a", b"b"), exptime=10)
         assert one(b"gats -1 a\r\n") == Get((b"a",), cas=True, exptime=-1)
         assert one(b"gat 10\r\n") == Get((), exptime=10)
+
+    def test_plain_gets(self) -> None:
+        """With ``plain_gets``, a get of one plain key is the key itself; everything else is unchanged."""
+        data = b"get k\nget a b\r\ngets k\r\nget  k\r\nget " + b"x" * 251 + b"\r\nset k 0 0 1\r\nv\r\nget k\r\n"
+        parser = RequestParser(plain_gets=True)
+        parser.feed(data)
+        plain: list[object] = []
+        while (event := parser.next()) is not None:
+            plain.append(event)
+        assert plain[0] == b"k" and plain[-1] == b"k"
+        as_commands = [Get((e,)) if isinstance(e, bytes) else e for e in plain]
+        assert [rej(e.error, e.reply) if isinstance(e, Rejected) else e for e in as_commands] == events(data)
+        assert [type(e) for e in raw_events(data)] == [Get, Get, Get, Get, Rejected, Store, Get]
 
     def test_storage(self) -> None:
         """The six storage commands with their data block, noreply included."""
@@ -336,6 +359,11 @@ class SerializeResultTests:
         """Statuses are their word; numbers are decimal."""
         assert serialize_result(Delete(b"k"), Status.DELETED) == b"DELETED\r\n"
         assert serialize_result(Arith(b"k", 1), Number(2**64 - 1)) == b"18446744073709551615\r\n"
+
+    def test_plain_get_reply(self) -> None:
+        """The reply to a plain get is the one ``serialize_result`` makes of its hit or miss."""
+        assert plain_get_reply(b"a", (R.flags, R.value)) == serialize_result(Get((b"a",)), Values(((b"a", R),)))
+        assert plain_get_reply(b"a", None) == serialize_result(Get((b"a",)), Values(())) == b"END\r\n"
 
     def test_values(self) -> None:
         """VALUE blocks, with the cas unique for gets, and END."""

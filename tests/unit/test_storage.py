@@ -156,6 +156,20 @@ class PointTests:
         engine.put(b"k", stored)
         assert engine.get(b"k") == stored
 
+    def test_get_live(self, engine: Engine) -> None:
+        """``get_live`` gives the flags and value a read at ``now`` sees: none for a missing key, a
+        tombstone, or a record expired at ``now``."""
+        engine.put(b"live", Record(b"v", flags=7, expires_at=int(NOW) + 1, version=version(1)))
+        engine.put(b"dead", Record.deleted(version(2)))
+        engine.put(b"old", Record(b"v", expires_at=int(NOW), version=version(3)))
+        for _ in range(2):  # the second time from the SQLite engine's record cache
+            assert engine.get_live(b"live", NOW) == (7, b"v")
+            assert engine.get_live(b"live", NOW + 1) is None
+            assert engine.get_live(b"dead", NOW) is None
+            assert engine.get_live(b"old", NOW) is None
+            assert engine.get_live(b"missing", NOW) is None
+            engine.get(b"live")
+
     def test_put_replaces_regardless_of_version(self, engine: Engine) -> None:
         """``put`` replaces the stored record even with a lower version: the caller decided."""
         engine.put(b"k", record(10, b"new"))
@@ -1141,6 +1155,7 @@ class RecordCacheTests:
                                 raise RuntimeError("rolled back")
                     keys = [b"k%d" % i for i in range(8)]
                     assert [cached.get(x) for x in keys] == [plain.get(x) for x in keys]
+                    assert [cached.get_live(x, NOW) for x in keys] == [plain.get_live(x, NOW) for x in keys]
                     assert cached.stats() == plain.stats()
             finally:
                 cached.close()
