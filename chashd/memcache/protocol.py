@@ -293,6 +293,12 @@ class MemcacheServerProtocol(Protocol):
             return
         if self._idle_call is not None:
             self._last_seen = self._seconds()
+        if self._get_one is not None and not self._queue and not self._paused:
+            key = self._parser.plain_get(data)
+            if key is not None:  # the read is one plain get: no parsing loop
+                self._plain_get(key)
+                self._flush_out()
+                return
         self._parser.feed(data)
         self._process()
 

@@ -335,6 +335,23 @@ class RequestParser:
             self._buf = self._buf[self._pos :] + data
             self._pos = 0
 
+    def plain_get(self, data: bytes) -> bytes | None:
+        """With ``plain_gets``, when nothing is buffered and ``data`` is exactly one plain get line, its key:
+        the caller answers it and feeds nothing (a client with one request in flight sends one line per
+        read). Else None, and ``data`` is fed as usual."""
+        if not self._plain_gets or self._state != _LINE or self._pos < len(self._buf) or not data.startswith(b"get "):
+            return None
+        end = len(data) - 1
+        if data[end] != 0x0A:
+            return None
+        if data[end - 1] == 0x0D:
+            end -= 1
+        key = data[4:end]
+        if 0 < len(key) <= MAX_KEY_LENGTH and b" " not in key and b"\0" not in key and b"\n" not in key:
+            self._fresh = False
+            return key
+        return None
+
     @property
     def buffered(self) -> int:
         """Bytes received and not parsed yet."""

@@ -422,6 +422,36 @@ class PlainGetTests:
         assert {c: plain[2][c] for c in counters} == {c: general[2][c] for c in counters}
         assert plain[2]["get_hits"] == 4 and plain[2]["get_misses"] == 4
 
+    def test_one_get_per_read(self) -> None:
+        """Reads holding one plain get each (answered without the parser's loop) and reads that only look
+        like one get the same replies as on the general path, one write per read."""
+        reads = [
+            b"set k 3 0 2\r\nab\r\n",
+            b"get k\r\n",
+            b"get missing\n",
+            b"get k\r\nget k\r\n",
+            b"get " + b"x" * 251 + b"\r\n",
+            b"get k",
+            b"\r\n",
+            b"get  k\r\n",
+            b"get k\r\n",
+        ]
+
+        def replies(backend_for: Any) -> list[bytes]:
+            clock = Clock()
+            local = LocalBackend(MemoryEngine(), "kv-1", clock, 1024)
+            protocol, transport = connect(MemcacheServerFactory(backend_for(local), clock, max_value_size=1024))
+            writes: list[bytes] = []
+            transport.write = writes.append  # type: ignore[method-assign]
+            for data in reads:
+                protocol.dataReceived(data)
+            return writes
+
+        plain = replies(lambda local: local)
+        assert plain == replies(GeneralPathOnly)
+        assert plain[1] == plain[-1] == b"VALUE k 3 2\r\nab\r\nEND\r\n"
+        assert len(plain) == len(reads) - 1  # "get k" without its newline is answered with the next read
+
     def test_grouped_xputs_before_a_get_run_first(self) -> None:
         """A get after XPuts of the same read sees them: the group is run before the get is answered."""
         factory, _ = make_factory()

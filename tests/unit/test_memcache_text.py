@@ -136,6 +136,30 @@ class CommandParsingTests:
         assert [rej(e.error, e.reply) if isinstance(e, Rejected) else e for e in as_commands] == events(data)
         assert [type(e) for e in raw_events(data)] == [Get, Get, Get, Get, Rejected, Store, Get]
 
+    def test_plain_get_of_a_whole_read(self) -> None:
+        """``plain_get(data)`` takes a read that is exactly one plain get line, and nothing else."""
+        parser = RequestParser(plain_gets=True)
+        assert parser.plain_get(b"get k\r\n") == b"k"
+        assert parser.plain_get(b"get k\n") == b"k"
+        for data in (b"get a b\r\n", b"get k", b"get k\r\nget j\r\n", b"gets k\r\n", b"get \r\n", b"get k\0\n"):
+            assert parser.plain_get(data) is None, data
+        assert parser.plain_get(b"get " + b"x" * 251 + b"\r\n") is None
+        assert RequestParser().plain_get(b"get k\r\n") is None
+        parser.feed(b"ge")  # something buffered: the next read is fed
+        assert parser.plain_get(b"t k\r\n") is None
+
+    def test_plain_get_first_is_not_binary_later(self) -> None:
+        """A connection whose first read was a plain get speaks the text protocol: a later magic byte is
+        an unknown command, as when the get went through ``feed``."""
+        taken, fed = RequestParser(plain_gets=True), RequestParser(plain_gets=True)
+        assert taken.plain_get(b"get k\r\n") == b"k"
+        fed.feed(b"get k\r\n")
+        assert fed.next() == b"k"
+        for parser in (taken, fed):
+            parser.feed(b"\x80\r\n")
+        results = [taken.next(), fed.next()]
+        assert all(isinstance(r, Rejected) and not r.close and isinstance(r.error, UnknownCommand) for r in results)
+
     def test_storage(self) -> None:
         """The six storage commands with their data block, noreply included."""
         assert one(b"set k 1 2 3\r\nabc\r\n") == Store("set", b"k", 1, 2, b"abc")
