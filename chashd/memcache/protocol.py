@@ -293,11 +293,17 @@ class MemcacheServerProtocol(Protocol):
             return
         if self._idle_call is not None:
             self._last_seen = self._seconds()
-        if self._get_one is not None and not self._queue and not self._paused:
+        get_one = self._get_one
+        if get_one is not None and not self._queue and not self._paused:
             key = self._parser.plain_get(data)
-            if key is not None:  # the read is one plain get: no parsing loop
-                self._plain_get(key)
-                self._flush_out()
+            if key is not None:  # the read is one plain get: no parsing loop, no reply list
+                try:
+                    found = get_one(key)
+                except Exception:  # the engine failed: the general path words the error and logs it
+                    self._handle(Get((key,)))
+                    self._flush_out()
+                    return
+                self._tr.write(plain_get_reply(key, found))
                 return
         self._parser.feed(data)
         self._process()
