@@ -54,7 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twemproxy
-from kvstore import build_loadgen, pinned, requests, server_commands, stop, wait_port
+from kvstore import build_loadgen, cpu_seconds, pinned, requests, server_commands, stop, wait_port
 from proxy_baseline import BackendProtocol, ProxyFactory
 
 from chashd.launcher import LocalCluster, free_ports
@@ -83,15 +83,6 @@ def pin_pid(pid: int, core: int) -> None:
     if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
         return
     subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(pid)], stdout=subprocess.DEVNULL, check=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

@@ -126,8 +126,18 @@ def server_commands(name: str, port: int, work: Path) -> list[str]:
     raise SystemExit(f"unknown server {name!r}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(name: str, loadgen: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Start one server on core 1, drive it from core 0, stop it; the generator's figures."""
+    """Start one server on core 1, drive it from core 0, stop it; the generator's figures and the
+    server's CPU per request (``cpu_us_per_op``, from /proc over the measured window)."""
     (port,) = free_ports(1)
     log = work / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_")}
@@ -139,10 +149,17 @@ def measure(name: str, loadgen: Path, args: argparse.Namespace, work: Path) -> d
         wait_port(port, process, log)
         command = [str(loadgen), "127.0.0.1", str(port), str(args.connections), str(args.seconds),
                    str(args.warmup), str(args.keys), str(args.get_percent), str(args.value_size), "1"]  # fmt: skip
-        result = subprocess.run(pinned(command, 0), capture_output=True, text=True, timeout=args.seconds * 5 + 120)
-        if result.returncode != 0:
-            raise SystemExit(f"loadgen failed on {name}: {result.stderr}\n{log.read_text()[-2000:]}")
-        figures: dict[str, Any] = json.loads(result.stdout)
+        with subprocess.Popen(pinned(command, 0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gen:
+            time.sleep(args.warmup + 1.0)  # past the preload and the warm-up, until just before the end
+            before, t0 = cpu_seconds(process.pid), time.monotonic()
+            time.sleep(max(0.5, args.seconds - 1.5))
+            used = (cpu_seconds(process.pid) - before) / (time.monotonic() - t0)
+            report, err = gen.communicate(timeout=args.seconds * 5 + 120)
+        if gen.returncode != 0:
+            raise SystemExit(f"loadgen failed on {name}: {err}\n{log.read_text()[-2000:]}")
+        figures: dict[str, Any] = json.loads(report)
+        figures["server_cpu"] = 100.0 * used
+        figures["cpu_us_per_op"] = 1e6 * used / figures["ops_per_s"] if figures["ops_per_s"] else float("inf")
         return figures
     finally:
         stop(process)
@@ -257,17 +274,23 @@ def main() -> None:
             f"{args.value_size}-byte values, {args.seconds:g}s after {args.warmup:g}s warm-up; "
             f"generator on core 0, server on core 1; {args.rounds} round(s), servers interleaved"
         )
-        print(f"{'server':12} {'round':>5} {'ops/s':>10} {'p50 us':>8} {'p99 us':>8} {'gen CPU':>8} {'errors':>7}")
+        print(
+            f"{'server':12} {'round':>5} {'ops/s':>10} {'p50 us':>8} {'p99 us':>8} {'gen CPU':>8} {'errors':>7} "
+            f"{'server CPU':>10} {'us/op':>6}"
+        )
+        cpu_per_op: dict[str, list[float]] = {}
         for round_number in range(1, args.rounds + 1):
             rounds.append({})
             for name in args.servers.split(","):
                 figures = measure(name, loadgen, args, work)
                 rounds[-1][name] = figures["ops_per_s"]
+                cpu_per_op.setdefault(name, []).append(figures["cpu_us_per_op"])
                 if name not in results or figures["ops_per_s"] > results[name]["ops_per_s"]:
                     results[name] = figures
                 print(
                     f"{name:12} {round_number:5d} {figures['ops_per_s']:10,.0f} {figures['p50_us']:8.0f} "
-                    f"{figures['p99_us']:8.0f} {figures['cpu_percent']:7.0f}% {figures['errors']:7d}",
+                    f"{figures['p99_us']:8.0f} {figures['cpu_percent']:7.0f}% {figures['errors']:7d} "
+                    f"{figures['server_cpu']:9.0f}% {figures['cpu_us_per_op']:6.1f}",
                     flush=True,
                 )
         print("\nbest round of each server:")
@@ -289,6 +312,13 @@ def main() -> None:
                     f"{name} / baseline: {ratio:.2f}x best of each (target >= {target}x) {verdict}; "
                     f"within each round: {', '.join(f'{x:.2f}' for x in paired)}, "
                     f"median {paired[len(paired) // 2]:.2f}x"
+                )
+                # Server CPU per request, the least noisy figure: the ops/s ratio if each had core 1 to itself.
+                mine, base = sorted(cpu_per_op[name]), sorted(cpu_per_op["baseline"])
+                cpu_ratio = base[len(base) // 2] / mine[len(mine) // 2]
+                print(
+                    f"{name} / baseline by server CPU per request (median of rounds): "
+                    f"{base[len(base) // 2]:.1f} / {mine[len(mine) // 2]:.1f} us = {cpu_ratio:.2f}x"
                 )
             if "memcached" in results:
                 print(f"{name} / memcached: {ops / results['memcached']['ops_per_s']:.2f}x")
