@@ -360,14 +360,7 @@ class MemcacheServerProtocol(Protocol):
         except Exception:  # the engine failed: the general path words the error and logs it
             self._handle(Get((key,)))
             return
-        reply = plain_get_reply(key, found)
-        if self._queue:
-            self._queue.append([reply])
-        else:
-            self._out.append(reply)
-            self._out_size += len(reply)
-            if self._out_size >= _FLUSH_AT:
-                self._flush_out()
+        self._reply(plain_get_reply(key, found))
 
     def _handle(self, command: Command | Rejected) -> None:
         if type(command) in _LOCAL:

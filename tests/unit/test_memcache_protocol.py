@@ -474,16 +474,18 @@ class PlainGetTests:
         assert [e["command"] for e in events if e.get("log_failure") is not None] == ["Get"]
 
     def test_waits_behind_a_pending_reply(self) -> None:
-        """A plain get answered at once still leaves after the earlier replies still pending."""
+        """A plain get answered at once still leaves after the earlier replies still pending, whether it
+        came in the same read or in one of its own."""
         clock = Clock()
         backend = LaterBackend(clock)
         backend.get_one = backend.local.get_one  # type: ignore[attr-defined]
         factory, _ = make_factory(backend)
         protocol, transport = connect(factory)
         protocol.dataReceived(b"set k 0 0 1\r\nx\r\nget k\r\n")
+        protocol.dataReceived(b"get k\r\n")
         assert transport.value() == b""
         backend.fire(0)
-        assert transport.value() == b"STORED\r\nEND\r\n"
+        assert transport.value() == b"STORED\r\nEND\r\nEND\r\n"
 
 
 class DeferredBackendTests:
