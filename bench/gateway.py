@@ -213,7 +213,11 @@ def drive(loadgen: Path, running: Running, args: argparse.Namespace, name: str) 
         time.sleep(max(0.5, args.seconds - 1.5))
         after = {n: cpu_seconds(pid) for n, pid in running.pids.items()}
         elapsed = time.monotonic() - t0
-        out, err = gen.communicate(timeout=args.seconds * 5 + 120)
+        try:
+            out, err = gen.communicate(timeout=args.seconds * 5 + 120)
+        except subprocess.TimeoutExpired:
+            gen.kill()
+            raise SystemExit(f"loadgen did not finish on {name}") from None
     if gen.returncode != 0:
         raise SystemExit(f"loadgen failed on {name}: {err.decode(errors='replace')}")
     figures: dict[str, Any] = json.loads(out)

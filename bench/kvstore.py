@@ -154,7 +154,11 @@ def measure(name: str, loadgen: Path, args: argparse.Namespace, work: Path) -> d
             before, t0 = cpu_seconds(process.pid), time.monotonic()
             time.sleep(max(0.5, args.seconds - 1.5))
             used = (cpu_seconds(process.pid) - before) / (time.monotonic() - t0)
-            report, err = gen.communicate(timeout=args.seconds * 5 + 120)
+            try:
+                report, err = gen.communicate(timeout=args.seconds * 5 + 120)
+            except subprocess.TimeoutExpired:
+                gen.kill()
+                raise SystemExit(f"loadgen did not finish on {name}") from None
         if gen.returncode != 0:
             raise SystemExit(f"loadgen failed on {name}: {err}\n{log.read_text()[-2000:]}")
         figures: dict[str, Any] = json.loads(report)

@@ -242,11 +242,13 @@ class RequestParser:
     """memcached's request framing and parsing, fed bytes: ``feed(data)``, then ``next()`` until None.
 
     ``next()`` returns a command, a ``Rejected``, or None when it needs more bytes. After a ``Rejected``
-    with ``close`` (and after ``Quit``) it returns None for ever. With ``plain_gets``, a ``get`` of one
-    plain key comes back as the key itself (``bytes``), not as a ``Get``: the kvstore answers the most
-    common request without building a command and a result (``plain_get_reply``). Memory is bounded: a line by
+    with ``close`` (and after ``Quit``) it returns None for ever. Memory is bounded: a line by
     ``max_line`` (or the longest get line of ``max_keys`` keys), a data block by ``max_value_size`` + 2
     (a larger one is skipped as it arrives, never held).
+
+    With ``plain_gets``, a ``get`` of one plain key comes back as the key itself (``bytes``), not as a
+    ``Get``, and ``plain_get(data)`` takes a read that is just such a line: the kvstore answers the most
+    common request without building a command and a result (``plain_get_reply``).
     """
 
     __slots__ = (
