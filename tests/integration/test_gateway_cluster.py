@@ -154,7 +154,9 @@ class ThreeGatewayTests:
     def test_leader_and_replicated_registration(self, gateways: Callable[..., Gateways]) -> None:
         """A leader is elected; a registration POSTed to a follower reaches every gateway's /ring;
         the same registration again changes nothing (same epoch)."""
-        group = gateways(3, self.EXTRA)
+        # No kvstore answers at kv-a's address: the health checker must not mark it down (a new epoch) while
+        # the test runs, however slow the machine.
+        group = gateways(3, (*self.EXTRA, "--down-after", "1000"))
         leader = group.wait_leader()
         follower = next(i for i in range(3) if f"g{i + 1}" != leader)
         code, body = group.post(follower, "/ring/nodes", announcement("kv-a"))
@@ -164,7 +166,7 @@ class ThreeGatewayTests:
         for i in range(3):
             wait_until(f"g{i + 1} to show kv-a", partial(group.has_epoch, i, epoch))
             ring = group.ring(i)
-            assert [n["id"] for n in ring["nodes"]] == ["kv-a"] and ring["nodes"][0]["state"] in ("up", "down")
+            assert [n["id"] for n in ring["nodes"]] == ["kv-a"] and ring["nodes"][0]["state"] == "up"
             assert {g["id"] for g in ring["gateways"]} == {"g1", "g2", "g3"}
         code, body = group.post(group.index_of(leader), "/ring/nodes", announcement("kv-a"))
         assert code == 200 and body["result"] == "unchanged" and body["epoch"] == epoch
@@ -205,7 +207,10 @@ class ThreeGatewayTests:
             "the restarted gateway to catch up", lambda: group.ring(victim)["epoch"] >= epoch and group.ring(victim)
         )
         assert [n["id"] for n in ring["nodes"]] == ["kv-a", "kv-b"]
-        assert group.wait_leader() == leader
+        # The three agree on a leader again. Not necessarily the same one: the restarted gateway may time out
+        # before it hears the leader and call an election (pysyncobj has no pre-vote), which its stale journal
+        # cannot win, but the leader steps down for its higher term and either of the other two may win.
+        group.wait_leader()
 
     def test_leader_kill_and_failover(self, gateways: Callable[..., Gateways]) -> None:
         """kill -9 of the leader: the other two elect a new leader that accepts a change within 5 s."""
