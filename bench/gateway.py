@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -54,7 +53,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twemproxy
-from kvstore import build_loadgen, cpu_seconds, pinned, requests, server_commands, stop, wait_port
+from kvstore import build_loadgen, pinned, requests, server_commands, stop, wait_port
+from kvstore import drive as run_load
 from proxy_baseline import BackendProtocol, ProxyFactory
 
 from chashd.launcher import LocalCluster, free_ports
@@ -203,29 +203,10 @@ def started(name: str, work: Path, nutcracker: str | None) -> Iterator[Running]:
 
 def drive(loadgen: Path, running: Running, args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Run the generator on the load core against ``running``; its figures plus each server's CPU share."""
-    command = [str(loadgen), "127.0.0.1", str(running.port), str(args.connections), str(args.seconds),
-               str(args.warmup), str(args.keys), str(args.get_percent), str(args.value_size), "1"]  # fmt: skip
-    with subprocess.Popen(pinned(command, LOAD_CORE), stdout=subprocess.PIPE, stderr=subprocess.PIPE) as gen:
-        # The window /proc is sampled over: after the preload and the warm-up, until just before the end.
-        time.sleep(args.warmup + 1.0)
-        before = {n: cpu_seconds(pid) for n, pid in running.pids.items()}
-        t0 = time.monotonic()
-        time.sleep(max(0.5, args.seconds - 1.5))
-        after = {n: cpu_seconds(pid) for n, pid in running.pids.items()}
-        elapsed = time.monotonic() - t0
-        try:
-            out, err = gen.communicate(timeout=args.seconds * 5 + 120)
-        except subprocess.TimeoutExpired:
-            gen.kill()
-            raise SystemExit(f"loadgen did not finish on {name}") from None
-    if gen.returncode != 0:
-        raise SystemExit(f"loadgen failed on {name}: {err.decode(errors='replace')}")
-    figures: dict[str, Any] = json.loads(out)
-    figures["server_cpu"] = {n: 100.0 * (after[n] - before[n]) / elapsed for n in running.pids}
-    # Server CPU per request: what the ops/s would be worth if the target had core 1 to itself.
-    used = sum(after[n] - before[n] for n in running.pids) / elapsed
-    figures["cpu_us_per_op"] = 1e6 * used / figures["ops_per_s"] if figures["ops_per_s"] else float("inf")
-    return figures
+    try:
+        return run_load(loadgen, running.port, LOAD_CORE, running.pids, args)
+    except RuntimeError as e:
+        raise SystemExit(f"{name}: {e}") from None
 
 
 # -- in process ------------------------------------------------------------------------------------------

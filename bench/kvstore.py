@@ -135,6 +135,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def drive(loadgen: Path, port: int, core: int, pids: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """Run the generator on ``core`` against ``port``: its figures (JSON), plus ``server_cpu`` (each of
+    ``pids``' share of a core, %) and ``cpu_us_per_op`` (their CPU per request), sampled from /proc after the
+    preload and the warm-up until just before the end. Raises ``RuntimeError`` if the generator fails."""
+    command = [str(loadgen), "127.0.0.1", str(port), str(args.connections), str(args.seconds),
+               str(args.warmup), str(args.keys), str(args.get_percent), str(args.value_size), "1"]  # fmt: skip
+    with subprocess.Popen(pinned(command, core), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gen:
+        time.sleep(args.warmup + 1.0)
+        before = {n: cpu_seconds(pid) for n, pid in pids.items()}
+        t0 = time.monotonic()
+        time.sleep(max(0.5, args.seconds - 1.5))
+        after = {n: cpu_seconds(pid) for n, pid in pids.items()}
+        elapsed = time.monotonic() - t0
+        try:
+            report, err = gen.communicate(timeout=args.seconds * 5 + 120)
+        except subprocess.TimeoutExpired:
+            gen.kill()
+            raise RuntimeError("the load generator did not finish") from None
+    if gen.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {err}")
+    figures: dict[str, Any] = json.loads(report)
+    figures["server_cpu"] = {n: 100.0 * (after[n] - before[n]) / elapsed for n in pids}
+    # Server CPU per request: what the ops/s would be worth if the servers had their core to themselves.
+    used = sum(after[n] - before[n] for n in pids) / elapsed
+    figures["cpu_us_per_op"] = 1e6 * used / figures["ops_per_s"] if figures["ops_per_s"] else float("inf")
+    return figures
+
+
 def measure(name: str, loadgen: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Start one server on core 1, drive it from core 0, stop it; the generator's figures and the
     server's CPU per request (``cpu_us_per_op``, from /proc over the measured window)."""
@@ -147,23 +175,11 @@ def measure(name: str, loadgen: Path, args: argparse.Namespace, work: Path) -> d
         )
     try:
         wait_port(port, process, log)
-        command = [str(loadgen), "127.0.0.1", str(port), str(args.connections), str(args.seconds),
-                   str(args.warmup), str(args.keys), str(args.get_percent), str(args.value_size), "1"]  # fmt: skip
-        with subprocess.Popen(pinned(command, 0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gen:
-            time.sleep(args.warmup + 1.0)  # past the preload and the warm-up, until just before the end
-            before, t0 = cpu_seconds(process.pid), time.monotonic()
-            time.sleep(max(0.5, args.seconds - 1.5))
-            used = (cpu_seconds(process.pid) - before) / (time.monotonic() - t0)
-            try:
-                report, err = gen.communicate(timeout=args.seconds * 5 + 120)
-            except subprocess.TimeoutExpired:
-                gen.kill()
-                raise SystemExit(f"loadgen did not finish on {name}") from None
-        if gen.returncode != 0:
-            raise SystemExit(f"loadgen failed on {name}: {err}\n{log.read_text()[-2000:]}")
-        figures: dict[str, Any] = json.loads(report)
-        figures["server_cpu"] = 100.0 * used
-        figures["cpu_us_per_op"] = 1e6 * used / figures["ops_per_s"] if figures["ops_per_s"] else float("inf")
+        try:
+            figures = drive(loadgen, port, 0, {name: process.pid}, args)
+        except RuntimeError as e:
+            raise SystemExit(f"{name}: {e}\n{log.read_text()[-2000:]}") from None
+        figures["server_cpu"] = figures["server_cpu"][name]
         return figures
     finally:
         stop(process)
