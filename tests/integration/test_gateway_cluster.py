@@ -15,27 +15,11 @@ import pytest
 
 from chashd.gateway.membership import ClusterRaft, ClusterSnapshot, Outcome, RaftSettings, RaftStatus
 from chashd.launcher import Daemon, free_ports, http_json
-from tests.integration.conftest import StartDaemon, clean_environ
+from tests.integration.conftest import StartDaemon, clean_environ, wait_until
 
 pytestmark = pytest.mark.slow
 
 HOST = "127.0.0.1"
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, ValueError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def announcement(node_id: str, port: int = 9000, **kw: Any) -> dict[str, Any]:

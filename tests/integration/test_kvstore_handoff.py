@@ -5,38 +5,21 @@ drains one (exit status 0 or -15) and its keys stay readable through the gateway
 from __future__ import annotations
 
 import signal
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chashd.launcher import Daemon, LocalCluster, http_json
-from tests.integration.conftest import clean_environ
+from tests.integration.conftest import clean_environ, wait_until
 
 pytestmark = pytest.mark.slow
 
 KEYS = 600
 N1 = ("--replicas", "1", "--write-quorum", "1", "--read-quorum", "1", "--probe-interval", "0.2")
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, ValueError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def put(base: str, key: str, value: bytes) -> int:
@@ -101,7 +84,7 @@ class HandoffTests:
         assert health(first)["keys"] == KEYS
 
         second = cluster.add_kvstore()
-        wait_until("the join's handoff", lambda: settled(cluster))
+        wait_until("the join's handoff", lambda: settled(cluster), timeout=60)
         keys = [health(d)["keys"] for d in (first, second)]
         assert sum(keys) == KEYS and 0.25 * KEYS < keys[1] < 0.75 * KEYS, keys
         assert health(second)["handoff"]["records_received"] == keys[1]
@@ -117,7 +100,7 @@ class HandoffTests:
         assert status in (0, -signal.SIGTERM), (status, first.log_tail())
         log = first.log_path.read_text()
         assert "drained and deregistered" in log
-        wait_until("the map without the drained node", lambda: len(cluster.status()["nodes"]) == 1)
+        wait_until("the map without the drained node", lambda: len(cluster.status()["nodes"]) == 1, timeout=60)
         assert health(second)["keys"] == KEYS
         for key, value in values.items():
             assert get(gateway, key) == value, key
