@@ -6,22 +6,17 @@ from __future__ import annotations
 from typing import Any, cast
 
 import pytest
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.test.iosim import ConnectionCompleter
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.commands import Get, Quit, Status, Store, Values, XPut
 from chashd.errors import ValueTooLarge
-from chashd.kvstore.backend import LocalBackend
-from chashd.memcache.protocol import KVClientPool, KVConnectionLost, KVTimeout, MemcacheServerFactory
+from chashd.memcache.protocol import KVConnectionLost, KVTimeout
 from chashd.record import Record
-from chashd.storage.memory import MemoryEngine
 from chashd.versions import Version
-from tests.unit.test_memcache_protocol import T0, LaterBackend, make_factory, pair
+from tests.unit.test_memcache_protocol import LaterBackend, PoolHarness, make_factory, pair
 
 
 def xmove(key: bytes, clock: int, value: bytes = b"v") -> XPut:
@@ -125,17 +120,8 @@ class SendManyTests(SynchronousTestCase):
         assert clock.getDelayedCalls() == []
 
 
-class PoolSendManyTests(SynchronousTestCase):
+class PoolSendManyTests(PoolHarness):
     """``KVClientPool.send_many``."""
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(T0)
-        backend = LocalBackend(MemoryEngine(), "kv-1", self.reactor, 1024)
-        self.reactor.listenTCP(4321, MemcacheServerFactory(backend, self.reactor))
-        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 4321)
-        self.pool = KVClientPool(self.reactor, "127.0.0.1", 4321, size=2, timeout=None, endpoint=endpoint)
-        self.completer = ConnectionCompleter(self.reactor)
 
     def test_least_busy_connection(self) -> None:
         """A group goes whole over the connection with the fewest pending requests."""

@@ -736,8 +736,9 @@ class ClientTimeoutTests(SynchronousTestCase):
             KVClientProtocol(None, 5)
 
 
-class PoolTests(SynchronousTestCase):
-    """KVClientPool keeps connections to one kvstore and reconnects."""
+class PoolHarness(SynchronousTestCase):
+    """A ``KVClientPool`` of 2 connections to a kvstore server on a ``MemoryReactorClock``; connections are
+    completed by ``self.completer``."""
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -747,6 +748,10 @@ class PoolTests(SynchronousTestCase):
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 4321)
         self.pool = KVClientPool(self.reactor, "127.0.0.1", 4321, size=2, timeout=None, endpoint=endpoint)
         self.completer = ConnectionCompleter(self.reactor)
+
+
+class PoolTests(PoolHarness):
+    """KVClientPool keeps connections to one kvstore and reconnects."""
 
     def test_fills_one_connection_then_spreads(self) -> None:
         """Requests go over the first connection (so that they leave together) until it has ``spill_at``
