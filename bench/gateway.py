@@ -53,7 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import twemproxy
-from kvstore import build_loadgen, pinned, requests, server_commands, stop, wait_port
+from kvstore import add_load_options, build_loadgen, pinned, requests, server_commands, stop, wait_port
 from kvstore import drive as run_load
 from proxy_baseline import BackendProtocol, ProxyFactory
 
@@ -400,12 +400,7 @@ def summary(results: dict[str, dict[str, Any]], rounds: list[dict[str, float]]) 
 def main() -> None:
     """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--keys", type=int, default=10_000)
-    parser.add_argument("--get-percent", type=int, default=90)
-    parser.add_argument("--value-size", type=int, default=100)
+    add_load_options(parser)
     parser.add_argument("--targets", default=ALL_TARGETS)
     parser.add_argument("--rounds", type=int, default=3, help="runs of every target, interleaved; the best counts")
     parser.add_argument("--inprocess", action="store_true", help="only the in-process hot-path check")

@@ -268,15 +268,20 @@ def inprocess(args: argparse.Namespace) -> None:
 # -- main ------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    """Run the benchmark and print its table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The load generator's options, which ``drive`` reads (bench/gateway.py takes the same)."""
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--get-percent", type=int, default=90)
     parser.add_argument("--value-size", type=int, default=100)
+
+
+def main() -> None:
+    """Run the benchmark and print its table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_load_options(parser)
     parser.add_argument("--servers", default="memory,sqlite,baseline,memcached")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every server, interleaved; the best counts")
     parser.add_argument("--inprocess", action="store_true", help="only the in-process hot-path check")
