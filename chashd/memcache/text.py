@@ -751,16 +751,16 @@ def error_reply(error: BaseException) -> bytes:
     return b"SERVER_ERROR internal error\r\n"
 
 
+_XVALUE = b"XVALUE %s %d %d %s %d %d\r\n%s\r\n"
+_XVALUE_END = _XVALUE + _END  # the common xget reply: one record
+
+
+def _xvalue_fields(key: bytes, r: Record) -> tuple[bytes, int, int, bytes, bool, int, bytes]:
+    return key, r.flags, r.expires_at, str(r.version).encode(), r.tombstone, len(r.value), r.value
+
+
 def _xvalue(key: bytes, record: Record) -> bytes:
-    return b"XVALUE %s %d %d %s %d %d\r\n%s\r\n" % (
-        key,
-        record.flags,
-        record.expires_at,
-        str(record.version).encode(),
-        record.tombstone,
-        len(record.value),
-        record.value,
-    )
+    return _XVALUE % _xvalue_fields(key, record)
 
 
 def _result_line(result: Status | Number) -> bytes:
@@ -782,9 +782,6 @@ def _values(command: Command, items: tuple[tuple[bytes, Record], ...]) -> bytes:
                 _END,
             ]
         )
-    if len(items) == 1:
-        key, r = items[0]
-        return plain_get_reply(key, (r.flags, r.value))
     return b"".join([*(b"VALUE %s %d %d\r\n%s\r\n" % (key, r.flags, len(r.value), r.value) for key, r in items), _END])
 
 
@@ -806,18 +803,9 @@ def serialize_result(command: Command, result: Result) -> bytes:
             kind = type(command)
             if kind is Get and not command.cas:  # type: ignore[union-attr]  # the hot path
                 key, r = items[0]
-                return b"VALUE %s %d %d\r\n%s\r\nEND\r\n" % (key, r.flags, len(r.value), r.value)
+                return plain_get_reply(key, (r.flags, r.value))
             if kind is XGet:  # a gateway's read
-                key, r = items[0]
-                return b"XVALUE %s %d %d %s %d %d\r\n%s\r\nEND\r\n" % (
-                    key,
-                    r.flags,
-                    r.expires_at,
-                    str(r.version).encode(),
-                    r.tombstone,
-                    len(r.value),
-                    r.value,
-                )
+                return _XVALUE_END % _xvalue_fields(*items[0])
         return _values(command, items)
     if type(result) is Status:
         return _STATUS_LINES[result]
