@@ -77,11 +77,12 @@ def node_keys(daemons: list[Daemon]) -> dict[str, int]:
 
 
 class Writer(threading.Thread):
-    """Writes fresh keys (and deletes some right after) through a gateway until stopped."""
+    """Writes fresh keys named ``<prefix>:<i>`` (and deletes some right after) through a gateway until stopped."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
+    def __init__(self, cluster: LocalCluster, prefix: str) -> None:
         super().__init__(daemon=True)
         self.cluster = cluster
+        self.prefix = prefix
         self.stopping = threading.Event()
         self.acknowledged: dict[str, bytes] = {}
         self.deleted: list[str] = []
@@ -91,7 +92,7 @@ class Writer(threading.Thread):
         mc = client(self.cluster)
         i = 0
         while not self.stopping.is_set():
-            key = f"bg:{i}"
+            key = f"{self.prefix}:{i}"
             value = b"background %d" % i
             try:
                 if mc.set(key, value):
@@ -127,7 +128,8 @@ class JoinAndDrainTests:
         base = {f"key:{i}": b"value %d" % i for i in range(3000)}
         for key, value in base.items():
             assert mc.set(key, value)
-        writer = Writer(cluster)
+        writer = Writer(cluster, "join")
+        writers = [writer]
         writer.start()
         try:
             cluster.add_kvstore(wait=False)
@@ -136,9 +138,11 @@ class JoinAndDrainTests:
             writer.stopping.set()
             writer.join(30)
             wait_settled(cluster, 5)
-            self.check(cluster, base, writer, nodes=5)
+            self.check(cluster, base, writers, nodes=5)
 
-            writer = Writer(cluster)
+            # Its own key names: the first writer's keys are still held and must not count as this one's.
+            writer = Writer(cluster, "drain")
+            writers.append(writer)
             writer.start()
             leaving = cluster.kvstores[:2]
             for daemon in leaving:
@@ -148,26 +152,32 @@ class JoinAndDrainTests:
             writer.stopping.set()
             writer.join(30)
             wait_settled(cluster, 3)
-            self.check(cluster, base, writer, nodes=3)
+            self.check(cluster, base, writers, nodes=3)
         finally:
             writer.stop()
 
-    def check(self, cluster: LocalCluster, base: dict[str, bytes], writer: Writer, nodes: int) -> None:
+    def check(self, cluster: LocalCluster, base: dict[str, bytes], writers: list[Writer], nodes: int) -> None:
         """Every acknowledged value reads back, deletions stay deleted, and each node holds exactly its share."""
         mc = client(cluster)
-        expected = {**base, **writer.acknowledged}
+        expected = dict(base)
+        deleted: list[str] = []
+        unacknowledged: set[str] = set()
+        for writer in writers:
+            expected.update(writer.acknowledged)
+            deleted.extend(writer.deleted)
+            unacknowledged |= writer.unacknowledged
         keys = list(expected)
         for start in range(0, len(keys), 100):
             chunk = keys[start : start + 100]
             got = mc.get_many(chunk)
             assert {k: got.get(k) for k in chunk} == {k: expected[k] for k in chunk}
-        for key in writer.deleted:
+        for key in deleted:
             assert mc.get(key) is None
         ring = ring_of(cluster)
         n = min(3, nodes)
         # Tombstones are records too: the deleted keys count on their replicas.
-        shares = owned(ring, [*keys, *writer.deleted], n)
-        extra = owned(ring, writer.unacknowledged, n)
+        shares = owned(ring, [*keys, *deleted], n)
+        extra = owned(ring, unacknowledged, n)
         held = node_keys(cluster.kvstores)
         assert set(held) == set(ring.nodes)
         for node, count in held.items():
