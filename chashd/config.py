@@ -27,6 +27,7 @@ import yaml
 from twisted.python import usage
 
 from chashd.errors import ConfigError
+from chashd.logs import LOG_FORMATS
 
 __all__ = [
     "ConfigError",
@@ -299,6 +300,7 @@ class KVStoreConfig:
     max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
     drain_timeout: float = opt("longest a drain on SIGTERM may take, in seconds", 120.0, _bounded(float, 1))
+    log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 
 
@@ -333,6 +335,7 @@ class GatewayConfig:
     max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
     request_timeout: float = opt("seconds a gateway waits for a kvstore's answer", 5.0, _bounded(float, 0.01))
+    log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 
     def __post_init__(self) -> None:

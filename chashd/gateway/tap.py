@@ -13,6 +13,7 @@ from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.health import Probe
 from chashd.gateway.membership import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
+from chashd.logs import with_log_format
 from chashd.memcache.protocol import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
 
@@ -89,4 +90,4 @@ def makeService(
         notifier.wait_for(listener.listening)
     notifier.wait_for(gateway.membership.ready)
     notifier.setServiceParent(root)
-    return root
+    return with_log_format(root, config.log_format)

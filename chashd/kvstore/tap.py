@@ -12,6 +12,7 @@ from chashd.config import ConfigOptions, KVStoreConfig, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir
 from chashd.errors import ConfigError, StorageError
 from chashd.kvstore.service import KVStoreRoot, KVStoreService, open_engine
+from chashd.logs import with_log_format
 from chashd.memcache.protocol import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
 
@@ -63,4 +64,4 @@ def makeService(
         listener.setServiceParent(root)
         notifier.wait_for(listener.listening)
     notifier.setServiceParent(root)
-    return root
+    return with_log_format(root, config.log_format)

@@ -122,23 +122,52 @@ class BadConfigTests:
 
 
 class JsonLogTests:
-    """twistd --logger chashd.logs.json_stdout writes one JSON object a line."""
+    """``--log-format json`` (and twistd's ``--logger chashd.logs.json_stdout``) write one JSON object a line."""
 
-    def test_json_lines(self, tmp_path: Path) -> None:
-        """Every line of a daemon's stdout parses as JSON with Twisted's event fields."""
+    @pytest.mark.parametrize(
+        ("args", "twistd_options"),
+        [(["--log-format", "json"], []), ([], ["--logger=chashd.logs.json_stdout"])],
+        ids=["log-format", "logger"],
+    )
+    def test_json_lines(self, tmp_path: Path, args: list[str], twistd_options: list[str]) -> None:
+        """Every line of a kvstore's output parses as JSON with time, level, system, text and the event's
+        fields, from start to the shutdown."""
         http, line = free_ports(2)
-        args = ["--node-id", "json", "--port", f"tcp:{http}:interface=127.0.0.1", "--line-port", str(line)]
+        args = ["--node-id", "json", "--port", f"tcp:{http}:interface=127.0.0.1", "--line-port", str(line), *args]
         daemon = Daemon(
             "chash-kvstore", "json", args, http, tmp_path / "json.log", env=clean_environ(),
-            twistd_options=["--logger=chashd.logs.json_stdout"],
+            twistd_options=twistd_options,
         )  # fmt: skip
         try:
             daemon.start().wait_healthy(30)
         finally:
             assert daemon.stop() in CLEAN_EXIT
-        events = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.strip()]
-        assert any(e.get("log_namespace") == "chashd.daemon.ListenService" for e in events)
-        assert all("log_time" in e for e in events)
+        events = [json.loads(line) for line in daemon.log_path.read_text().splitlines()]
+        assert all({"time", "level", "system", "text"} <= e.keys() for e in events)
+        listening = [e for e in events if e.get("namespace") == "chashd.daemon.ListenService"]
+        assert {e["what"] for e in listening} == {"HTTP", "line protocol"}
+        assert all(e["level"] == "info" and "listening on" in e["text"] for e in listening)
+        assert any("Server Shut Down" in e["text"] for e in events)
+
+    def test_text_by_default(self, start_daemon: StartDaemon) -> None:
+        """Without the option a gateway writes twistd's text lines, none of them JSON."""
+        (raft,) = free_ports(1)
+        gateway = start_daemon("chash-gateway", "--gateway-id", "gw-text", "--raft-port", str(raft))
+        gateway.wait_healthy(30)
+        lines = gateway.log_tail(200).splitlines()
+        assert any("HTTP listening on" in line for line in lines)
+        assert not any(line.startswith("{") for line in lines)
+
+    def test_bad_format_refused(self) -> None:
+        """An unknown format stops the daemon with one line naming the option."""
+        result = subprocess.run(
+            twistd_command("chash-kvstore", ["--node-id", "a", "--log-format", "xml"]),
+            env=clean_environ(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert "--log-format" in result.stderr.decode() and "json" in result.stderr.decode()
 
 
 class DataDirLockTests:
