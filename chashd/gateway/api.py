@@ -43,20 +43,8 @@ from werkzeug.exceptions import HTTPException
 
 from chashd.config import GatewayConfig, parse_host, parse_node_id
 from chashd.errors import NodeConflict, RequestError, ServiceUnavailable, UnknownNode
-from chashd.gateway.membership import (
-    CONFLICT,
-    INVALID,
-    LEAVING,
-    MAX_SEQ,
-    MAX_WEIGHT,
-    REGISTERED,
-    STALE,
-    UNKNOWN,
-    ClusterView,
-    NodeInfo,
-    Outcome,
-    RaftStatus,
-)
+from chashd.gateway.clustermap import MAX_SEQ, MAX_WEIGHT, ClusterView, NodeInfo, NodeState, Outcome, OutcomeCode
+from chashd.gateway.raft import RaftStatus
 from chashd.record import check_key
 from chashd.ring import key_hash
 from chashd.web import error_problem, json_response, routing_problem
@@ -115,11 +103,11 @@ _ERRORS: list[tuple[type[Exception], int, str]] = [
 ]
 
 #: Outcome codes that are refusals, to the domain error raised for them.
-_REFUSALS: dict[str, type[RequestError]] = {
-    UNKNOWN: UnknownNode,
-    CONFLICT: NodeConflict,
-    STALE: NodeConflict,
-    INVALID: RequestError,
+_REFUSALS: dict[OutcomeCode, type[RequestError]] = {
+    OutcomeCode.UNKNOWN: UnknownNode,
+    OutcomeCode.CONFLICT: NodeConflict,
+    OutcomeCode.STALE: NodeConflict,
+    OutcomeCode.INVALID: RequestError,
 }
 
 
@@ -189,8 +177,8 @@ class RingAPI:
         for item in ring["nodes"]:
             node = view.node(item["id"])
             if node is not None:
-                item.update(host=node.host, port=node.port, line_port=node.line_port, state=node.state)
-        ring["leaving"] = [_node_json(n) for n in view.nodes_in(LEAVING)]
+                item.update(host=node.host, port=node.port, line_port=node.line_port, state=node.state.value)
+        ring["leaving"] = [_node_json(n) for n in view.nodes_in(NodeState.LEAVING)]
         ring["replicas"] = max(1, min(self._config.replicas, len(view.ring)))  # N of this ring, as the router caps it
         ring["gateways"] = [g.to_dict() for g in view.gateways]
         body = json.dumps(ring, sort_keys=True).encode() + b"\n"
@@ -339,11 +327,11 @@ class RingAPI:
         refusal = _REFUSALS.get(outcome.code)
         if refusal is not None:
             raise refusal(outcome.detail or f"{outcome.code}: node {node_id!r}")
-        if not outcome.changed and outcome.code != "unchanged":
+        if not outcome.changed and outcome.code != OutcomeCode.UNCHANGED:
             raise RuntimeError(f"the cluster map failed to apply the change: {outcome.detail}")
         node = self._membership.view.node(node_id)
-        body = {"result": outcome.code, "epoch": outcome.epoch, "node": _node_json(node) if node else None}
-        return json_response(request, body, 201 if outcome.code == REGISTERED else 200)
+        body = {"result": outcome.code.value, "epoch": outcome.epoch, "node": _node_json(node) if node else None}
+        return json_response(request, body, 201 if outcome.code == OutcomeCode.REGISTERED else 200)
 
     def _authorize(self, request: IRequest) -> None:
         if self._token is None:

@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.gateway.membership import DOWN, LEAVING, UP, ClusterView, NodeInfo, Outcome
+from chashd.gateway.clustermap import ClusterView, NodeInfo, NodeState, Outcome
 
 __all__ = ["HealthChecker", "http_probe"]
 
@@ -133,7 +133,9 @@ class HealthChecker(Service):
             self._log.failure("health check round failed")
 
     def _check_dead(self, node: NodeInfo, now: float) -> None:
-        failing = node.state == DOWN or (node.state == LEAVING and self.failures.get(node.id, 0) >= self.down_after)
+        failing = node.state == NodeState.DOWN or (
+            node.state == NodeState.LEAVING and self.failures.get(node.id, 0) >= self.down_after
+        )
         if not failing:
             self.down_since.pop(node.id, None)
             return
@@ -170,7 +172,7 @@ class HealthChecker(Service):
         if result is True:
             self.failures.pop(node_id, None)
             self.down_since.pop(node_id, None)
-            if node.state == DOWN:
+            if node.state == NodeState.DOWN:
                 self._change(node_id, "mark_up", "node {node_id} answers again: marking it up")
             return
         count = self.failures.get(node_id, 0) + 1
@@ -182,7 +184,7 @@ class HealthChecker(Service):
                 node_id=node_id,
                 error=result.getErrorMessage() if isinstance(result, Failure) else "not healthy",
             )
-        if count >= self.down_after and node.state == UP:
+        if count >= self.down_after and node.state == NodeState.UP:
             self._change(
                 node_id, "mark_down", "node {node_id} failed {count} health probes: marking it down", count=count
             )

@@ -20,7 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from chashd.gateway.membership import DOWN, LEAVING, UP, ClusterView, Membership, NodeInfo
+from chashd.gateway.clustermap import ClusterView, NodeInfo, NodeState
+from chashd.gateway.membership import Membership
 from chashd.gateway.router import Placement
 from chashd.ring import HashRing
 
@@ -87,7 +88,7 @@ class Rebalance(Service):
         if self._polling is not None:
             return None
         view = self._membership.view
-        nodes = view.nodes_in(UP, LEAVING)
+        nodes = view.nodes_in(NodeState.UP, NodeState.LEAVING)
         for gone in set(self.reports) - {n.id for n in view.nodes}:
             del self.reports[gone]
         asks = [
@@ -142,7 +143,7 @@ class Rebalance(Service):
         (None when that ring is not remembered)."""
         lagging: list[HashRing | None] = []
         for node in view.nodes:
-            if node.state == DOWN:
+            if node.state == NodeState.DOWN:
                 continue
             epoch = self.synced_epoch(node.id)
             if epoch is not None and epoch >= view.epoch:

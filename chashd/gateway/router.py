@@ -51,6 +51,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import NoNodes, QuorumNotReached, RequestError, ServiceUnavailable
+from chashd.gateway.clustermap import NodeState
 from chashd.interfaces import IKeyValue, IKVClient
 from chashd.record import Record, expires_at_from_exptime
 from chashd.ring import HashRing
@@ -58,20 +59,18 @@ from chashd.versions import HybridClock
 
 __all__ = ["Placement", "Router"]
 
-UP = "up"
-
 
 @dataclass(frozen=True)
 class Placement:
     """What the router routes by: the ring, each node's state, and the ring being handed off from."""
 
     ring: HashRing
-    states: Mapping[str, str] = field(default_factory=dict)
+    states: Mapping[str, NodeState] = field(default_factory=dict)
     previous: HashRing | None = None
 
     def is_up(self, node: str) -> bool:
         """True when ``node`` takes requests."""
-        return self.states.get(node, UP) == UP
+        return self.states.get(node, NodeState.UP) == NodeState.UP
 
 
 #: Preference lists memoized per placement, at most this many keys (then the memo starts over).

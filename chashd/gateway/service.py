@@ -8,9 +8,11 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from chashd.config import GatewayConfig
+from chashd.gateway.clustermap import ClusterView, NodeState
 from chashd.gateway.connections import Connections
 from chashd.gateway.health import HealthChecker, Probe, http_probe
-from chashd.gateway.membership import UP, ClusterView, Membership, MembershipReactor, RaftFactory
+from chashd.gateway.membership import Membership, MembershipReactor
+from chashd.gateway.raft import RaftFactory
 from chashd.gateway.rebalance import Fetch, Rebalance, http_report
 from chashd.gateway.router import Router
 
@@ -96,7 +98,7 @@ class GatewayService(MultiService):
         """``GET /ready``: a Raft leader is known and at least one kvstore is up."""
         if not self.membership.leader_known:
             return False, "no Raft leader is known"
-        up = len(self.membership.view.nodes_in(UP))
+        up = len(self.membership.view.nodes_in(NodeState.UP))
         if not up:
             return False, "no kvstore node is up"
         return True, f"leader known, {up} kvstore node(s) up"

@@ -11,7 +11,7 @@ from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.health import Probe
-from chashd.gateway.membership import RaftFactory, raft_settings
+from chashd.gateway.raft import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
 from chashd.logs import with_log_format
 from chashd.memcache.protocol import MemcacheServerFactory

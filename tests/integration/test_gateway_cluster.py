@@ -1,10 +1,9 @@
 """The gateway's control plane with real processes and real Raft: three ``twistd -n chash-gateway`` on
 loopback elect a leader, agree on the cluster map, survive a restart and a ``kill -9`` of the leader, and
-health-check real kvstores. Also ``ClusterRaft`` in-process: its journal and its dump file."""
+health-check real kvstores."""
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -13,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from chashd.gateway.membership import ClusterRaft, ClusterSnapshot, Outcome, RaftSettings, RaftStatus
 from chashd.launcher import Daemon, free_ports, http_json
 from tests.integration.conftest import StartDaemon, clean_environ, wait_until
 
@@ -286,100 +284,6 @@ class HealthTests:
         assert time.monotonic() - killed >= 3.0
         status = group.status(0)
         assert status["nodes"] == []
-
-
-class ClusterRaftTests:
-    """ClusterRaft in this process, on a real loopback port: journal replay and the dump file."""
-
-    class Listener:
-        """Collects the Raft thread's reports in a thread-safe queue."""
-
-        def __init__(self) -> None:
-            self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
-            self.latest: ClusterSnapshot | None = None
-
-        def snapshot(self, snapshot: ClusterSnapshot) -> None:
-            self.latest = snapshot
-            self.events.put(("snapshot", snapshot))
-
-        def status(self, status: RaftStatus) -> None:
-            self.events.put(("status", status))
-
-        def ready(self) -> None:
-            self.events.put(("ready", None))
-
-        def command_done(self, token: int, outcome: Outcome | None, error: int) -> None:
-            self.events.put(("done", (token, outcome, error)))
-
-        def failure(self, failure: Any, what: str) -> None:
-            self.events.put(("failure", (failure, what)))
-
-        def wait(self, kind: str, timeout: float = 30) -> Any:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                try:
-                    event, value = self.events.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                assert event != "failure", value
-                if event == kind:
-                    return value
-            raise AssertionError(f"no {kind} within {timeout}s")
-
-    def _raft(self, tmp_path: Path, port: int, compaction: int = 5000) -> tuple[ClusterRaft, Listener]:
-        settings = RaftSettings(
-            f"{HOST}:{port}",
-            (),
-            journal_file=str(tmp_path / "raft.journal"),
-            dump_file=str(tmp_path / "raft.dump"),
-            log_compaction_min_entries=compaction,
-        )
-        listener = self.Listener()
-        return ClusterRaft.create(settings, listener), listener
-
-    def _stop(self, raft: ClusterRaft) -> None:
-        raft.destroy()
-        wait_until("the tick thread to end", lambda: not raft.alive(), 10)
-
-    def test_journal_replay_and_dump(self, tmp_path: Path) -> None:
-        """Commands applied, a dump written by log compaction, then a new ClusterRaft on the same files
-        comes back with the same map (from dump + journal), and is ready."""
-        (port,) = free_ports(1)
-        raft, listener = self._raft(tmp_path, port, compaction=10)
-        try:
-            listener.wait("ready")
-            for i in range(25):
-                raft.submit("register_node", (f"n{i:02d}", HOST, 9000 + i, 9500, 1 + i % 3, 1), i)
-                _, outcome, error = listener.wait("done")
-                assert error == 0 and outcome.code == "registered"
-            raft.submit("mark_down", ("n03",), 99)
-            assert listener.wait("done")[1].code == "updated"
-            wait_until("a dump file", (tmp_path / "raft.dump").exists, 15)
-            wait_until("the last snapshot", lambda: listener.latest is not None and listener.latest.epoch == 26)
-            before = listener.latest
-        finally:
-            self._stop(raft)
-        raft, listener = self._raft(tmp_path, port, compaction=10)
-        try:
-            listener.wait("ready")
-            wait_until("the replayed map", lambda: listener.latest is not None and listener.latest.epoch == 26)
-            assert listener.latest == before
-            raft.submit("mark_down", ("n03",), 1)
-            assert listener.wait("done")[1].code == "unchanged"
-        finally:
-            self._stop(raft)
-
-    def test_port_in_use_is_reported(self, tmp_path: Path) -> None:
-        """A Raft port that cannot be bound leaves the object broken (Membership then stops the daemon)."""
-        import socket
-
-        with socket.socket() as taken:
-            taken.bind((HOST, 0))
-            taken.listen(1)
-            port = taken.getsockname()[1]
-            raft, _ = self._raft(tmp_path, port)
-            wait_until("the tick thread to give up", raft.broken, 10)
-            raft.destroy()
 
 
 class BadRaftConfigTests:

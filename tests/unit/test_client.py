@@ -31,7 +31,9 @@ from chashd.client import (
 )
 from chashd.config import GatewayConfig, load_config
 from chashd.gateway.api import RingAPI, RingRoot
-from chashd.gateway.membership import LocalRaft, Membership, RaftListener, RaftSettings
+from chashd.gateway.membership import Membership
+from chashd.gateway.raft import RaftListener, RaftSettings
+from chashd.gateway.testing import LocalRaft
 from chashd.kvstore.backend import LocalBackend
 from chashd.ring import HashRing
 from chashd.storage.memory import MemoryEngine

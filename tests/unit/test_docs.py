@@ -23,7 +23,10 @@ from twisted.trial.unittest import SynchronousTestCase
 import chashd
 from chashd.config import GatewayConfig, KVStoreConfig, OptionSpec, load_config, option_specs
 from chashd.gateway.api import RingAPI, RingRoot
-from chashd.gateway.membership import LocalRaft, Membership, RaftListener, RaftSettings
+from chashd.gateway.clustermap import NodeState, Outcome, OutcomeCode
+from chashd.gateway.membership import Membership
+from chashd.gateway.raft import RaftListener, RaftSettings
+from chashd.gateway.testing import LocalRaft
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.text import RequestParser
 from chashd.storage.memory import MemoryEngine
@@ -196,6 +199,14 @@ class OpenAPITests(SynchronousTestCase):
     def test_routes_match(self) -> None:
         """Every route of both roles is documented and every documented operation has a route."""
         _covers(klein_routes(), self.document)
+
+    def test_names_match(self) -> None:
+        """The document's node states are NodeState's, and its admin results the codes of a change plus
+        unchanged (the refusals are problems)."""
+        schemas = self.document["components"]["schemas"]
+        assert schemas["NodeState"]["enum"] == [s.value for s in NodeState]
+        results = {c.value for c in OutcomeCode if Outcome(c, 0).changed} | {OutcomeCode.UNCHANGED.value}
+        assert set(schemas["AdminResult"]["properties"]["result"]["enum"]) == results
 
     def test_roles(self) -> None:
         """The gateway-only paths are exactly the ring API's; each role serves its part, valid on its own."""

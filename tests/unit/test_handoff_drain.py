@@ -21,7 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from chashd.commands import Store
 from chashd.config import GatewayConfig, KVStoreConfig, load_config
 from chashd.gateway.api import RingAPI
-from chashd.gateway.membership import LocalRaft, Membership, RaftListener, RaftSettings
+from chashd.gateway.membership import Membership
+from chashd.gateway.raft import RaftListener, RaftSettings
+from chashd.gateway.testing import LocalRaft
 from chashd.kvstore.service import KVStoreRoot, KVStoreService
 from chashd.memcache.protocol import KVClientPool, MemcacheServerFactory
 from chashd.storage import MemoryEngine

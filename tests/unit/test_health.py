@@ -11,8 +11,11 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.config import GatewayConfig, load_config
+from chashd.gateway.clustermap import NodeInfo, NodeState
 from chashd.gateway.health import HealthChecker, http_probe
-from chashd.gateway.membership import DOWN, LEAVING, UP, LocalRaft, Membership, NodeInfo, RaftListener, RaftSettings
+from chashd.gateway.membership import Membership
+from chashd.gateway.raft import RaftListener, RaftSettings
+from chashd.gateway.testing import LocalRaft
 
 
 class ClockWithThreads(Clock):
@@ -70,7 +73,7 @@ class HealthCheckerTests(SynchronousTestCase):
         self.membership.stopService()
         assert self.clock.getDelayedCalls() == []
 
-    def state(self, node_id: str) -> str | None:
+    def state(self, node_id: str) -> NodeState | None:
         """The node's state in the view (None once removed)."""
         node = self.membership.view.node(node_id)
         return node.state if node else None
@@ -87,10 +90,10 @@ class HealthCheckerTests(SynchronousTestCase):
         self.nodes.healthy["a"] = False
         self.checker.startService()
         self.clock.advance(1.0)
-        assert self.state("a") == UP and self.checker.failures["a"] == 2
+        assert self.state("a") == NodeState.UP and self.checker.failures["a"] == 2
         with capturedLogs() as events:
             self.clock.advance(1.0)
-        assert self.state("a") == DOWN and self.state("b") == UP
+        assert self.state("a") == NodeState.DOWN and self.state("b") == NodeState.UP
         assert any(e.get("node_id") == "a" and e.get("count") == 3 for e in events)
 
     def test_success_resets_the_count(self) -> None:
@@ -103,26 +106,26 @@ class HealthCheckerTests(SynchronousTestCase):
         self.nodes.healthy["a"] = False
         self.clock.advance(1.0)
         self.clock.advance(1.0)
-        assert self.state("a") == UP
+        assert self.state("a") == NodeState.UP
 
     def test_up_again_after_success(self) -> None:
         """A down node that answers is marked up."""
         self.nodes.healthy["a"] = False
         self.checker.startService()
         self.clock.pump([1.0, 1.0])
-        assert self.state("a") == DOWN
+        assert self.state("a") == NodeState.DOWN
         self.nodes.healthy["a"] = True
         self.clock.advance(1.0)
-        assert self.state("a") == UP
+        assert self.state("a") == NodeState.UP
 
     def test_removed_after_dead_after(self) -> None:
         """A node down for dead_after seconds is removed from the map, not earlier."""
         self.nodes.healthy["a"] = False
         self.checker.startService()
         self.clock.pump([1.0, 1.0])
-        assert self.state("a") == DOWN
+        assert self.state("a") == NodeState.DOWN
         self.clock.pump([1.0] * 9)
-        assert self.state("a") == DOWN
+        assert self.state("a") == NodeState.DOWN
         self.clock.advance(1.0)
         assert self.state("a") is None
         assert "a" not in self.checker.failures and "a" not in self.checker.down_since
@@ -134,7 +137,7 @@ class HealthCheckerTests(SynchronousTestCase):
         self.nodes.healthy["a"] = False
         self.checker.startService()
         self.clock.pump([1.0] * 2)
-        assert self.state("a") == LEAVING  # not marked down: it already owns nothing new
+        assert self.state("a") == NodeState.LEAVING  # not marked down: it already owns nothing new
         self.clock.pump([1.0] * 10)
         assert self.state("a") is None
 
@@ -154,9 +157,9 @@ class HealthCheckerTests(SynchronousTestCase):
         assert self.checker.failures == {}
         self.raft.elect(self.raft.settings.self_address)
         self.clock.pump([1.0, 1.0])
-        assert self.state("a") == UP  # the new count starts from zero: 2 failures so far
+        assert self.state("a") == NodeState.UP  # the new count starts from zero: 2 failures so far
         self.clock.advance(1.0)
-        assert self.state("a") == DOWN
+        assert self.state("a") == NodeState.DOWN
 
     def test_leadership_loss_cancels_probes(self) -> None:
         """In-flight probes are cancelled when the leadership is lost."""
@@ -173,7 +176,7 @@ class HealthCheckerTests(SynchronousTestCase):
         self.nodes.healthy["a"] = False
         self.checker.startService()
         self.clock.pump([1.0] * 9)
-        assert self.state("a") == DOWN
+        assert self.state("a") == NodeState.DOWN
         self.clock.advance(1.0)
         assert self.state("a") is None
 
@@ -197,7 +200,7 @@ class HealthCheckerTests(SynchronousTestCase):
             self.raft.fail_held(5)
         assert any("cannot" in e.get("log_format", "") for e in events)
         self.clock.advance(1.0)
-        assert self.state("a") == DOWN
+        assert self.state("a") == NodeState.DOWN
 
     def test_round_errors_are_logged_and_the_loop_goes_on(self) -> None:
         """A round that raises is logged; the next round still runs (STYLE habit 12)."""

@@ -9,8 +9,11 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.config import GatewayConfig, load_config
-from chashd.gateway.membership import LocalRaft, Membership, NodeInfo, RaftListener, RaftSettings
+from chashd.gateway.clustermap import NodeInfo
+from chashd.gateway.membership import Membership
+from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.rebalance import Rebalance
+from chashd.gateway.testing import LocalRaft
 from tests.unit.test_health import ClockWithThreads
 
 

@@ -12,7 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.config import GatewayConfig, load_config
 from chashd.gateway.api import RingAPI, RingRoot
-from chashd.gateway.membership import LocalRaft, Membership, RaftListener, RaftSettings
+from chashd.gateway.membership import Membership
+from chashd.gateway.raft import RaftListener, RaftSettings
+from chashd.gateway.testing import LocalRaft
 from chashd.ring import HashRing
 from chashd.web import KeyValueHTTP
 

@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from chashd.commands import Arith, Delete, FlushAll, Get, Number, Status, Store, Touch, Values, XGet
 from chashd.errors import QuorumNotReached, RequestError
+from chashd.gateway.clustermap import NodeState
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IKVClient
 from chashd.kvstore.backend import LocalBackend
@@ -113,7 +114,7 @@ class RouterTests(SynchronousTestCase):
         c = Cluster()
         key = b"k3"
         down = c.replicas(key)[0]
-        c.router.update(Placement(c.router.placement.ring, {down: "down"}))
+        c.router.update(Placement(c.router.placement.ring, {down: NodeState.DOWN}))
         self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v")))
         assert c.links[down].sent == []
         assert self.successResultOf(c.router.execute(Get((key,)))).items[0][1].value == b"v"
@@ -225,7 +226,7 @@ class ReadModifyWriteTests(SynchronousTestCase):
         self.successResultOf(c.router.execute(Store("set", b"p", 0, 0, b"1")))
         first = c.replicas(b"p")[0]
         c.links[first].mode = "down"
-        c.router.update(Placement(c.router.placement.ring, {first: "down"}))
+        c.router.update(Placement(c.router.placement.ring, {first: NodeState.DOWN}))
         assert self.successResultOf(c.router.execute(Arith(b"p", 1))) == Number(2)
 
     def test_gat_touches_and_returns(self) -> None:
@@ -283,10 +284,10 @@ class FastPathTests(SynchronousTestCase):
         c = Cluster(replicas=2, w=1, r=1)
         self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")))
         first, second = c.replicas(b"k")
-        c.router.update(Placement(c.router.placement.ring, {first: "down"}))
+        c.router.update(Placement(c.router.placement.ring, {first: NodeState.DOWN}))
         assert self.successResultOf(c.router.execute(Get((b"k",)))).items[0][1].value == b"v"
         assert not any(isinstance(cmd, XGet) for cmd in c.links[first].sent)
-        c.router.update(Placement(c.router.placement.ring, {first: "down", second: "down"}))
+        c.router.update(Placement(c.router.placement.ring, {first: NodeState.DOWN, second: NodeState.DOWN}))
         self.failureResultOf(c.router.execute(Get((b"k",))), QuorumNotReached)
 
     def test_single_key_get_of_a_tombstone_or_expired_record(self) -> None:
@@ -305,7 +306,7 @@ class FastPathTests(SynchronousTestCase):
         """With R=2 and two of three replicas down the one-key read fails with QuorumNotReached."""
         c = Cluster()
         first, second, _ = c.replicas(b"k")
-        c.router.update(Placement(c.router.placement.ring, {first: "down", second: "down"}))
+        c.router.update(Placement(c.router.placement.ring, {first: NodeState.DOWN, second: NodeState.DOWN}))
         failure = self.failureResultOf(c.router.execute(Get((b"k",))), QuorumNotReached)
         assert "1 of 2" in str(failure.value)
         assert c.router.stats()["quorum_failures"] == 1

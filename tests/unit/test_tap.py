@@ -65,7 +65,7 @@ class WiringTests:
     def test_gateway_listens(self) -> None:
         """The gateway listens on its HTTP endpoint (with the in-memory Raft; tests/unit/test_gateway_tap.py
         has the rest of the gateway's wiring)."""
-        from chashd.gateway.membership import LocalRaft
+        from chashd.gateway.testing import LocalRaft
 
         class Reactor(MemoryReactorClock):
             def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
