@@ -336,11 +336,24 @@ class GatewayConfig:
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
     request_timeout: float = opt("seconds a gateway waits for a kvstore's answer", 5.0, _bounded(float, 0.01))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
+    hedge_after: float = opt(
+        "seconds a read waits for a kvstore before it also asks the next replica (0: never)", 0.05, _bounded(float, 0)
+    )
+    primary_timeout: float = opt(
+        "seconds a read-modify-write waits for the key's primary before the next replica takes over",
+        0.5,
+        _bounded(float, 0.001),
+    )
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 
     def __post_init__(self) -> None:
         if self.points_per_node % 4:
             raise ConfigError(f"option --points-per-node: {self.points_per_node} is not a multiple of 4")
+        if self.primary_timeout >= self.request_timeout:
+            raise ConfigError(
+                f"option --primary-timeout: {self.primary_timeout:g} is not shorter than"
+                f" --request-timeout {self.request_timeout:g}"
+            )
         for name in ("write_quorum", "read_quorum"):
             if getattr(self, name) > self.replicas:
                 flag = "--" + name.replace("_", "-")

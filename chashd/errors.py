@@ -21,6 +21,7 @@ __all__ = [
     "QuorumNotReached",
     "RequestError",
     "ServiceUnavailable",
+    "StaleVersion",
     "StorageError",
     "UnknownCommand",
     "UnknownNode",
@@ -131,6 +132,22 @@ class NodeLeaving(ServiceUnavailable):
 
     def __init__(self, message: str = "this node is leaving the ring and refuses writes") -> None:
         super().__init__(message)
+
+
+class StaleVersion(ServiceUnavailable):
+    """A versioned read-modify-write (``XApply``) whose version is not newer than the stored record's.
+
+    The kvstore refuses it rather than applying it on top of a record it has not seen: either another
+    write got there first (the gateway moves its clock past ``stored``, the stored version, and sends the
+    command again), or the request is one the gateway gave up on long ago (a primary that was paused: it
+    must not undo what came after it).
+    """
+
+    MESSAGE = "a newer version is stored than the version of this write"
+
+    def __init__(self, stored: object = None) -> None:
+        super().__init__(self.MESSAGE if stored is None else f"{self.MESSAGE}: {stored}")
+        self.stored = stored
 
 
 class ClusterMapUnavailable(ServiceUnavailable):

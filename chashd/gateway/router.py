@@ -7,31 +7,54 @@
   ``XGet``, answer with the newest record, and write it back to the asked replicas that answered an older
   version or nothing (read repair).
 - Read-modify-write commands (``add``, ``replace``, ``append``, ``prepend``, ``cas``, ``incr``, ``decr``,
-  ``touch``, ``gat``, ``delete``) are applied by the key's primary (its first up replica) with ``XApply``,
-  which returns the record it left; that record then goes to the other replicas, and ``W`` acknowledgements
-  in all (the primary's included) make the command succeed.
+  ``touch``, ``gat``, ``delete``) are applied by the key's primary (its first up replica) on top of the
+  newest record of the key (``_ReadModifyWrite``): the router first reads the key from ``max(N - W + 1, R)``
+  up replicas, the primary among them (every acknowledged write is on ``W`` of the ``N``, so these reads
+  meet each one), and when the primary's own record is older than the newest read (it missed writes: it
+  was down, paused or cut off), it first gets the newest with an ``XPut``. Then ``XApply`` runs the command
+  there with a version newer than every version read, and returns the record it left; that record goes to
+  the other up replicas, and ``W`` acknowledgements in all (the primary's included) make the command
+  succeed. A kvstore refuses an ``XApply`` whose version is not newer than what it stores
+  (``StaleVersion``, with the stored version: another write got there first): the router moves its clock
+  past that version and sends the command again.
 - While a ring change is handed off (``Placement.previous`` set), reads of keys whose preference list
-  changed also ask the previous owners, and a read-modify-write first copies the newest record from them
-  to the new primary, so no acknowledged write is missed during a move.
+  changed also ask the previous owners, and so do the reads before a read-modify-write, so no
+  acknowledged write is missed during a move.
+
+A slow replica does not slow the cluster:
+
+- Hedging: a read that an asked replica has not answered within ``hedge_after`` seconds also asks the
+  next up replica (the one answer needed with R=1, or the ones still missing of R); the replica that kept
+  it waiting is *slow*: reads ask it last until it answers something (or ``suspect_for`` seconds pass).
+  One timer serves every pending read (``_hedge_later``): a read is a deque entry, not a delayed call.
+- Failover of the primary: a read-modify-write whose primary has not answered (its read, or the command)
+  within ``primary_timeout`` seconds (much less than the request timeout) goes to the next up replica as
+  primary, with a new version; the late primary is *stalled*: it is not a primary (nor asked first) until
+  it answers something. Whatever the late primary does with the abandoned request cannot undo what came
+  after: the ``XApply`` it may still run carries an older version than the failover's record, which wins
+  on every replica, and it is refused over any newer write (``StaleVersion``).
+- A timer that fires late (the reactor was busy) first lets the replies that came meanwhile in: it acts one
+  reactor turn later.
 
 N, W and R are capped at the number of nodes in the ring, so a one-node ring works.
 
 The common cases take short paths that do the same thing with fewer objects per request: a single-key
-``get`` with R=1 is one ``XGet`` whose Deferred the client protocol gets back (a failure moves on to the
-next up replica); any other single-key ``get`` is one ``_KeyRead`` whose Deferred is the answer; a ``set``
-to a single replica needs no quorum object. Preference lists are memoized per placement (the ring is
-immutable, so a key's list only changes with a new placement), and which nodes are down is worked out
-once per placement rather than per request. Callbacks are bound methods with arguments, not closures.
+``get`` with R=1 is one ``_OneRead`` (the first answer is the client's); any other single-key ``get`` is
+one ``_KeyRead`` whose Deferred is the answer; a ``set`` to a single replica needs no quorum object.
+Preference lists are memoized per placement (the ring is immutable, so a key's list only changes with a
+new placement), and which nodes are down is worked out once per placement rather than per request.
+Callbacks are bound methods with arguments, not closures.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -50,12 +73,12 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import NoNodes, QuorumNotReached, RequestError, ServiceUnavailable
+from chashd.errors import NoNodes, QuorumNotReached, RequestError, ServiceUnavailable, StaleVersion
 from chashd.gateway.clustermap import NodeState
 from chashd.interfaces import IKeyValue, IKVClient
 from chashd.record import Record, expires_at_from_exptime
 from chashd.ring import HashRing
-from chashd.versions import HybridClock
+from chashd.versions import HybridClock, Version
 
 __all__ = ["Placement", "Router"]
 
@@ -76,6 +99,22 @@ class Placement:
 #: Preference lists memoized per placement, at most this many keys (then the memo starts over).
 _PREFS_MEMO_SIZE = 65536
 _NO_VALUES = Values(())
+
+
+class _Hedged(Protocol):
+    """A read the hedging timer looks at once ``hedge_after`` passed (``Router._hedge_later``)."""
+
+    key: bytes
+
+    def hedge(self) -> str | None:
+        """Ask one more replica if the read still waits: the node to send ``XGet(key)`` to (the router
+        groups them per node), or None (nothing to ask, or the read asked by itself)."""
+
+    def answered(self, node: str, record: Record | None) -> None:
+        """``node`` answered the hedged ``XGet`` with ``record``."""
+
+    def failed_on(self, node: str) -> None:
+        """The hedged ``XGet`` to ``node`` failed."""
 
 
 def _quorum(attempts: Sequence[Deferred[Any]], needed: int, what: str) -> Deferred[list[Any]]:
@@ -141,6 +180,8 @@ class Router:
         write_quorum: int = 2,
         read_quorum: int = 2,
         allow_flush_all: bool = False,
+        hedge_after: float = 0.05,
+        primary_timeout: float = 0.5,
     ) -> None:
         self.name = f"gateway {gateway_id}"
         self._clock = clock
@@ -150,6 +191,16 @@ class Router:
         self.write_quorum = write_quorum
         self.read_quorum = read_quorum
         self._allow_flush_all = allow_flush_all
+        #: Seconds a read waits for an asked replica before it also asks the next one (0: never).
+        self.hedge_after = hedge_after
+        #: Seconds a read-modify-write waits for its primary before the next replica takes over.
+        self.primary_timeout = primary_timeout
+        # Suspects: node -> until when. Slow nodes are asked last by reads; stalled ones are not primaries
+        # either. Both end when the node answers a request sent while it was suspect.
+        self._slow: dict[str, float] = {}
+        self._stalled: dict[str, float] = {}
+        self._hedges: deque[tuple[float, _Hedged]] = deque()
+        self._hedge_call: IDelayedCall | None = None
         self.placement = Placement(HashRing({}))
         # Worked out once per placement and N: see replicas_for.
         self._memo_placement: Placement | None = None
@@ -173,6 +224,10 @@ class Router:
             "get_misses": 0,
             "read_repairs": 0,
             "quorum_failures": 0,
+            "hedged_reads_total": 0,
+            "rmw_catchups_total": 0,
+            "rmw_retries_total": 0,
+            "rmw_failovers_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -210,11 +265,94 @@ class Router:
         self._down = frozenset(n for n in placement.ring.nodes if not placement.is_up(n))
 
     def _up(self, replicas: tuple[str, ...]) -> Sequence[str]:
-        """The nodes of ``replicas`` that take requests (call after ``replicas_for``)."""
+        """The nodes of ``replicas`` that take requests, slow ones last (call after ``replicas_for``)."""
         down = self._down
-        if not down:
-            return replicas
-        return [n for n in replicas if n not in down]
+        up = replicas if not down else [n for n in replicas if n not in down]
+        if self._slow:
+            return self._suspects_last(up, self._slow)
+        return up
+
+    def _primaries(self, replicas: tuple[str, ...]) -> list[str]:
+        """The nodes of ``replicas`` that take requests in preference order, stalled ones last: the first
+        is the primary of a read-modify-write, the next ones take over if it fails."""
+        down = self._down
+        up = [n for n in replicas if n not in down]
+        if self._stalled:
+            return self._suspects_last(up, self._stalled)
+        return up
+
+    def _suspects_last(self, nodes: Sequence[str], suspects: dict[str, float]) -> list[str]:
+        """``nodes`` with those still suspect moved to the end (suspicions that ran out are forgotten)."""
+        now = self._now()
+        for node in [n for n, until in suspects.items() if until <= now]:
+            del suspects[node]
+        return [n for n in nodes if n not in suspects] + [n for n in nodes if n in suspects]
+
+    # -- suspects ---------------------------------------------------------------------------------
+
+    #: Seconds a node that kept a request waiting stays suspect, unless it answers first.
+    suspect_for = 5.0
+
+    def _mark_slow(self, node: str) -> None:
+        """``node`` kept a read waiting past ``hedge_after``: reads ask it last for a while."""
+        self._slow[node] = self._now() + self.suspect_for
+
+    def _mark_stalled(self, node: str) -> None:
+        """``node`` did not answer a primary's request within ``primary_timeout``: not a primary for a while."""
+        if node not in self._stalled:
+            self._log.info(
+                "kvstore {node} kept a read-modify-write waiting {seconds}s: the next replica acts as primary",
+                node=node,
+                seconds=self.primary_timeout,
+            )
+        until = self._now() + self.suspect_for
+        self._stalled[node] = until
+        self._slow[node] = until
+
+    def _heard(self, result: Any, node: str) -> Any:
+        """``node`` answered: it is no longer suspect."""
+        self._slow.pop(node, None)
+        self._stalled.pop(node, None)
+        return result
+
+    # -- hedging ----------------------------------------------------------------------------------
+
+    def _hedge_later(self, read: _Hedged) -> None:
+        """Look at ``read`` again in ``hedge_after`` seconds (one timer for every read pending)."""
+        if self.hedge_after <= 0:
+            return
+        self._hedges.append((self._now() + self.hedge_after, read))
+        if self._hedge_call is None:
+            self._hedge_call = self._clock.callLater(self.hedge_after, self._hedge_due)
+
+    def _hedge_due(self, settled: bool = False) -> None:
+        """The hedging timer: every read due asks one more replica if it still waits (one XGet per node)."""
+        self._hedge_call = None
+        if not settled:  # first let in the replies that came while the timer was due
+            self._hedge_call = self._clock.callLater(0, self._hedge_due, True)
+            return
+        now = self._now()
+        hedges = self._hedges
+        asks: dict[str, list[_Hedged]] = {}
+        while hedges and hedges[0][0] <= now:
+            read = hedges.popleft()[1]
+            node = read.hedge()
+            if node is not None:
+                asks.setdefault(node, []).append(read)
+        for node, reads in asks.items():
+            self.counters["hedged_reads_total"] += len(reads)
+            self._send(node, XGet(tuple(r.key for r in reads))).addCallbacks(
+                _deliver, _deliver_failure, callbackArgs=(node, reads), errbackArgs=(node, reads)
+            )
+        if hedges:
+            self._hedge_call = self._clock.callLater(max(0.0, hedges[0][0] - now), self._hedge_due)
+
+    def stop(self) -> None:
+        """Cancel the hedging timer (the gateway stops); reads still pending are not hedged any more."""
+        if self._hedge_call is not None and self._hedge_call.active():
+            self._hedge_call.cancel()
+        self._hedge_call = None
+        self._hedges.clear()
 
     def _previous_owners(self, key: bytes, current: Sequence[str]) -> list[str]:
         previous = self.placement.previous
@@ -230,9 +368,12 @@ class Router:
 
     def _send(self, node: str, command: Any) -> Deferred[Any]:
         try:
-            return self._clients(node).send(command)  # type: ignore[no-any-return]
+            d: Deferred[Any] = self._clients(node).send(command)
         except Exception:
             return _fail(ServiceUnavailable(f"no connection to {node}"))
+        if self._slow and node in self._slow:
+            d.addCallback(self._heard, node)
+        return d
 
     # -- IKeyValue ------------------------------------------------------------------------------
 
@@ -273,6 +414,8 @@ class Router:
             "write_quorum": self.write_quorum,
             "read_quorum": self.read_quorum,
             "rebalancing": placement.previous is not None,
+            "nodes_slow": len(self._slow),
+            "nodes_stalled": len(self._stalled),
         }
 
     # -- writes ---------------------------------------------------------------------------------
@@ -309,7 +452,8 @@ class Router:
         return failure
 
     def _rmw(self, key: bytes, command: Any, with_record: bool = False) -> Deferred[Any]:
-        """Apply ``command`` at the key's primary, then copy the record it left to the other replicas.
+        """Apply ``command`` at the key's primary on top of the newest record, then copy the record it left
+        to the other replicas (``_ReadModifyWrite``).
 
         Fires with memcached's result, or ``(result, record)`` when ``with_record`` is set.
         """
@@ -317,54 +461,9 @@ class Router:
             self.counters["cmd_delete"] += 1
         else:
             self.counters["cmd_rmw"] += 1
-        replicas = self.replicas_for(key)
-        up = self._up(replicas)
-        needed = min(self.write_quorum, len(replicas))
-        if len(up) < needed or not up:
-            self.counters["quorum_failures"] += 1
-            return _fail(QuorumNotReached(needed, len(up), "write"))
-        primary, others = up[0], up[1:]
-        previous = self._previous_owners(key, replicas)
-        ready: Deferred[Any] = self._pull_from_previous(key, primary, previous) if previous else succeed(None)
-        version = self._version_now()
-
-        def apply(_: Any) -> Deferred[Any]:
-            return self._send(primary, XApply(version, command))
-
-        def replicate(applied: XApplied) -> Any:
-            answer = (applied.result, applied.record) if with_record else applied.result
-            if applied.record is None or needed <= 1:
-                return answer
-            put = XPut(key, applied.record)
-            d = _quorum([self._send(n, put) for n in others], needed - 1, "write")
-            d.addCallbacks(lambda _: answer, self._count_quorum_failure)
-            return d
-
-        ready.addCallback(apply)
-        ready.addCallback(replicate)
-        return ready
-
-    def _pull_from_previous(self, key: bytes, primary: str, previous: Sequence[str]) -> Deferred[None]:
-        """Copy the newest record the previous owners hold to the new primary (a move is under way)."""
-        asks = [self._send(n, XGet((key,))).addErrback(lambda _: None) for n in previous]
-        asks.append(self._send(primary, XGet((key,))).addErrback(lambda _: None))
-        done: Deferred[None] = Deferred()
-        answers: list[Any] = []
-
-        def collect(result: Any) -> None:
-            answers.append(result)
-            if len(answers) < len(asks):
-                return
-            newest = _newest([a for a in answers[:-1] if a is not None], key)
-            mine = _newest([answers[-1]] if answers[-1] is not None else [], key)
-            if newest is not None and newest.newer_than(mine):
-                self._send(primary, XPut(key, newest)).addBoth(lambda _: done.callback(None))
-            else:
-                done.callback(None)
-
-        for ask in asks:
-            ask.addCallback(collect)
-        return done
+        operation = _ReadModifyWrite(self, key, command, with_record)
+        operation.start()
+        return operation.done
 
     def _flush_all(self, command: FlushAll) -> Deferred[Any]:
         if not self._allow_flush_all:
@@ -379,8 +478,8 @@ class Router:
     # -- reads ----------------------------------------------------------------------------------
 
     def _get_one(self, key: bytes) -> Deferred[Any]:
-        """A get of one key: with R=1 and no move under way, one XGet (and the next replica on a failure);
-        otherwise one ``_KeyRead`` that answers with the final ``Values``."""
+        """A get of one key: with R=1 and no move under way, one ``_OneRead`` (the first answer is the
+        client's); otherwise one ``_KeyRead`` that answers with the final ``Values``."""
         self.counters["cmd_get"] += 1
         replicas = self.replicas_for(key)
         if (self.read_quorum == 1 or len(replicas) == 1) and (
@@ -390,15 +489,12 @@ class Router:
             if not up:
                 self.counters["quorum_failures"] += 1
                 return _fail(QuorumNotReached(1, 0, "read"))
-            return self._ask_one(key, up, 0)
+            one = _OneRead(self, key, up)
+            one.start()
+            return one.done
         read = _KeyRead(self, key, replicas, single=True)
         read.start()
         return read.done
-
-    def _ask_one(self, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
-        d = self._send(up[index], XGet((key,)))
-        d.addCallbacks(self._one_answered, self._one_failed, callbackArgs=(key,), errbackArgs=(key, up, index))
-        return d
 
     def _one_answered(self, answer: Values, key: bytes) -> Values:
         items = answer.items
@@ -423,12 +519,6 @@ class Router:
         self.counters["get_misses"] += 1
         return _NO_VALUES
 
-    def _one_failed(self, failure: Failure, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
-        if index + 1 < len(up):
-            return self._ask_one(key, up, index + 1)
-        self.counters["quorum_failures"] += 1
-        return _fail(QuorumNotReached(1, 0, "read"))
-
     def _get(self, command: Get) -> Deferred[Any]:
         self.counters["cmd_get"] += 1
         keys = list(dict.fromkeys(command.keys))
@@ -442,6 +532,9 @@ class Router:
             self._send(node, XGet(tuple(r.key for r in node_reads))).addCallbacks(
                 _deliver, _deliver_failure, callbackArgs=(node, node_reads), errbackArgs=(node, node_reads)
             )
+        for read in reads:
+            if not read.done.called:
+                self._hedge_later(read)
         results = [read.done for read in reads]
         done: Deferred[Any] = Deferred()
         remaining = [len(results)]
@@ -560,6 +653,28 @@ class _KeyRead:
             send(node, XGet((self.key,))).addCallbacks(
                 self._answer_from, self.failed_on_with, callbackArgs=(node,), errbackArgs=(node,)
             )
+        if not self.done.called:
+            self.router._hedge_later(self)
+
+    def hedge(self) -> str | None:
+        """Still short of R answers after ``hedge_after``: ask the next replica not asked yet (the ones
+        that keep the read waiting are slow), and look again after another ``hedge_after``."""
+        if self._answered_client:
+            return None
+        answers = self.answers
+        candidates = self.candidates
+        if sum(1 for n in answers if n in candidates) >= self.needed:
+            return None  # only previous owners are awaited: no replica to ask in their place
+        router = self.router
+        for node in self.asked:
+            if node in candidates and node not in answers and node not in self.failed:
+                router._mark_slow(node)
+        untried = [n for n in candidates if n not in self.asked]
+        if not untried:
+            return None
+        self.asked.append(untried[0])
+        router._hedge_later(self)
+        return untried[0]
 
     def _answer_from(self, result: Values, node: str) -> None:
         key = self.key
@@ -640,28 +755,433 @@ class _KeyRead:
         )
 
 
-def _deliver(result: Values, node: str, reads: Sequence[_KeyRead]) -> None:
+class _OneRead:
+    """A get of one key with R=1: the first up replica (slow ones last), the next one on a failure or once
+    the read waited ``hedge_after``; the first answer is the client's."""
+
+    __slots__ = ("done", "key", "next", "outstanding", "router", "up")
+
+    def __init__(self, router: Router, key: bytes, up: Sequence[str]) -> None:
+        self.router = router
+        self.key = key
+        self.up = up
+        self.next = 0  # the index in ``up`` of the next replica to ask
+        self.outstanding = 0
+        self.done: Deferred[Any] = Deferred()
+
+    def start(self) -> None:
+        self._ask()
+        if not self.done.called:
+            self.router._hedge_later(self)
+
+    def _ask(self) -> None:
+        node = self.up[self.next]
+        self.next += 1
+        self.outstanding += 1
+        self.router._send(node, XGet((self.key,))).addCallbacks(
+            self._answered, self.failed_on_with, callbackArgs=(node,), errbackArgs=(node,)
+        )
+
+    def _answered(self, answer: Values, node: str) -> None:
+        self.outstanding -= 1
+        if not self.done.called:
+            self.done.callback(self.router._one_answered(answer, self.key))
+
+    def answered(self, node: str, record: Record | None) -> None:
+        self.outstanding -= 1
+        if not self.done.called:
+            self.done.callback(self.router._client_values(self.key, record))
+
+    def failed_on_with(self, failure: Failure, node: str) -> None:
+        """``failed_on`` as an errback."""
+        self.failed_on(node)
+
+    def failed_on(self, node: str) -> None:
+        self.outstanding -= 1
+        if self.done.called:
+            return
+        if self.next < len(self.up):
+            self._ask()
+        elif not self.outstanding:
+            self.router.counters["quorum_failures"] += 1
+            self.done.errback(Failure(QuorumNotReached(1, 0, "read")))
+
+    def hedge(self) -> str | None:
+        """Not answered after ``hedge_after``: the replicas asked are slow; ask the next one."""
+        if self.done.called or self.next >= len(self.up):
+            return None
+        router = self.router
+        for node in self.up[: self.next]:
+            router._mark_slow(node)
+        node = self.up[self.next]
+        self.next += 1
+        self.outstanding += 1
+        router._hedge_later(self)
+        return node
+
+
+_READING, _APPLYING, _REPLICATING, _OVER = range(4)
+
+
+class _ReadModifyWrite:
+    """One read-modify-write command: read the key from enough replicas, bring the primary up to date,
+    apply the command there, copy the record it left to the other replicas (see the module docstring).
+
+    - Read: ``XGet`` to the first ``needed_r`` = ``max(N - W + 1, R)`` candidates (the up replicas in
+      preference order, stalled ones last; the first is the primary) and to the previous owners during a
+      move; a failure asks the next candidate, so does ``hedge_after`` without enough answers. The read is
+      over with ``needed_r`` answers from replicas, the primary's among them, and every previous owner's
+      answer (or failure).
+    - Apply: the newest record read goes first to a primary that answered an older one (or nothing), then
+      ``XApply`` with a version newer than every version read. ``StaleVersion`` (another write got there
+      first) sends it again with a version past the stored one, up to ``max_retries`` times.
+    - Failover: a primary that fails, or does not answer its read or its command within
+      ``primary_timeout``, is replaced by the next candidate, with a new version (the late answers of
+      the one replaced are ignored; a ``round`` tells them apart).
+    - Replicate: the record the command left goes to every other candidate; ``W - 1`` acknowledgements
+      complete the command. A command that changed nothing repairs the replicas that answered an older
+      record than the newest.
+    """
+
+    __slots__ = (
+        "answers",
+        "asked",
+        "candidates",
+        "command",
+        "done",
+        "extra",
+        "failed",
+        "key",
+        "needed_r",
+        "needed_w",
+        "newest",
+        "phase",
+        "primary",
+        "retries",
+        "round",
+        "router",
+        "timer",
+        "with_record",
+    )
+
+    #: ``StaleVersion`` refusals (each a round trip to the primary) before the command fails
+    #: (``ServiceUnavailable``): only a key written without a pause by several gateways gets there.
+    max_retries = 8
+
+    def __init__(self, router: Router, key: bytes, command: Any, with_record: bool) -> None:
+        self.router = router
+        self.key = key
+        self.command = command
+        self.with_record = with_record
+        self.done: Deferred[Any] = Deferred()
+        self.phase = _READING
+        self.round = 0
+        self.retries = 0
+        self.timer: IDelayedCall | None = None
+        self.answers: dict[str, Record | None] = {}
+        self.asked: list[str] = []
+        self.failed: set[str] = set()
+        self.primary = 0
+        self.newest: Record | None = None
+        self.candidates: list[str] = []
+        self.extra: list[str] = []
+        self.needed_r = self.needed_w = 0
+
+    def start(self) -> None:
+        router = self.router
+        replicas = router.replicas_for(self.key)
+        n = len(replicas)
+        self.needed_w = min(router.write_quorum, n)
+        self.needed_r = min(max(n - self.needed_w + 1, router.read_quorum), n)
+        self.candidates = router._primaries(replicas)
+        self.extra = router._previous_owners(self.key, replicas)
+        up = len(self.candidates)
+        if up < self.needed_w or up < self.needed_r or not up:
+            router.counters["quorum_failures"] += 1
+            if up < self.needed_w or not up:
+                self._fail(Failure(QuorumNotReached(self.needed_w, up, "write")))
+            else:
+                self._fail(Failure(QuorumNotReached(self.needed_r, up, "read")))
+            return
+        self._read()
+
+    # -- the read ---------------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        self.phase = _READING
+        self.round += 1
+        self.answers = {}
+        self.asked = []
+        self.failed = set()
+        self.primary = 0
+        for node in [*self.candidates[: self.needed_r], *self.extra]:
+            self._ask(node)
+        if self.phase is _READING:
+            self.router._hedge_later(self)
+            self._arm()
+
+    def _ask(self, node: str) -> None:
+        self.asked.append(node)
+        self.router._send(node, XGet((self.key,))).addCallbacks(
+            self._read_answer, self._read_failed, callbackArgs=(node, self.round), errbackArgs=(node, self.round)
+        )
+
+    def _read_answer(self, answer: Values, node: str, round: int) -> None:
+        if round != self.round or self.phase is not _READING:
+            return
+        record = None
+        for item_key, item in answer.items:
+            if item_key == self.key:
+                record = item
+        self.answers[node] = record
+        self._read_progress()
+
+    def _read_failed(self, failure: Failure, node: str, round: int) -> None:
+        if round != self.round or self.phase is not _READING:
+            return
+        self.failed.add(node)
+        if node in self.candidates:
+            if node == self.candidates[self.primary]:
+                nxt = self._next_primary()
+                if nxt is not None:
+                    self._switch_primary(nxt)
+            untried = [n for n in self.candidates if n not in self.asked]
+            if untried and self._replica_answers() + self._replicas_pending() < self.needed_r:
+                self._ask(untried[0])
+        self._read_progress()
+
+    def _replica_answers(self) -> int:
+        candidates = self.candidates
+        return sum(1 for n in self.answers if n in candidates)
+
+    def _replicas_pending(self) -> int:
+        return sum(1 for n in self.asked if n in self.candidates and n not in self.answers and n not in self.failed)
+
+    def _read_progress(self) -> None:
+        if self.phase is not _READING:
+            return
+        answers = self.answers
+        got = self._replica_answers()
+        extra_pending = any(n not in answers and n not in self.failed for n in self.extra)
+        if got >= self.needed_r and self.candidates[self.primary] in answers and not extra_pending:
+            self._apply()
+            return
+        if self._replicas_pending():
+            return
+        untried = [n for n in self.candidates if n not in self.asked]
+        if untried:
+            self._ask(untried[0])
+            return
+        if got < self.needed_r or self.candidates[self.primary] in self.failed:
+            self.router.counters["quorum_failures"] += 1
+            self._fail(Failure(QuorumNotReached(self.needed_r, got, "read")))
+
+    def hedge(self) -> str | None:
+        """Short of ``needed_r`` answers after ``hedge_after``: ask the next candidate (sent here, so that
+        its answer counts for this round only)."""
+        if self.phase is not _READING or self._replica_answers() >= self.needed_r:
+            return None
+        router = self.router
+        for node in self.asked:
+            if node in self.candidates and node not in self.answers and node not in self.failed:
+                router._mark_slow(node)
+        untried = [n for n in self.candidates if n not in self.asked]
+        if untried:
+            router.counters["hedged_reads_total"] += 1
+            self._ask(untried[0])
+            router._hedge_later(self)
+        return None
+
+    def answered(self, node: str, record: Record | None) -> None:  # pragma: no cover - hedge() sends itself
+        pass
+
+    def failed_on(self, node: str) -> None:  # pragma: no cover - hedge() sends itself
+        pass
+
+    # -- the primary ------------------------------------------------------------------------------
+
+    def _next_primary(self) -> int | None:
+        """The index of the candidate after the primary that has not failed, or None."""
+        for index in range(self.primary + 1, len(self.candidates)):
+            if self.candidates[index] not in self.failed:
+                return index
+        return None
+
+    def _switch_primary(self, index: int) -> None:
+        self.primary = index
+        if self.phase is _READING and self.candidates[index] not in self.asked:
+            self._ask(self.candidates[index])
+
+    def _arm(self) -> None:
+        self._disarm()
+        self.timer = self.router._clock.callLater(self.router.primary_timeout, self._primary_late)
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _primary_late(self, settled: bool = False) -> None:
+        """The primary kept its read or its command waiting ``primary_timeout``: the next candidate takes
+        over (after one reactor turn, so that replies that came while the timer was due count first)."""
+        self.timer = None
+        if self.phase not in (_READING, _APPLYING):
+            return
+        if not settled:
+            self.timer = self.router._clock.callLater(0, self._primary_late, True)
+            return
+        nxt = self._next_primary()
+        if nxt is None:
+            return  # nobody to take over: the request timeout decides
+        router = self.router
+        late = self.candidates[self.primary]
+        router._mark_stalled(late)
+        router.counters["rmw_failovers_total"] += 1
+        if self.phase is _READING:
+            self._switch_primary(nxt)
+            self._arm()
+            self._read_progress()
+        else:
+            self.failed.add(late)
+            self.primary = nxt
+            self._apply()
+
+    # -- the command ------------------------------------------------------------------------------
+
+    def _apply(self, catch_up: bool = True) -> None:
+        """Bring the primary up to date if it needs it (``catch_up``: not after it refused the command for a
+        newer record), then run the command there."""
+        self.phase = _APPLYING
+        self.round += 1
+        router = self.router
+        newest: Record | None = None
+        for record in self.answers.values():
+            if record is not None and record.newer_than(newest):
+                newest = record
+        self.newest = newest
+        if newest is not None:
+            router._hlc.observe(newest.version)
+        primary = self.candidates[self.primary]
+        apply = XApply(router._version_now(), self.command)
+        if (
+            catch_up
+            and newest is not None
+            and (primary not in self.answers or newest.newer_than(self.answers[primary]))
+        ):
+            router.counters["rmw_catchups_total"] += 1
+            d = router._send(primary, XPut(self.key, newest))
+            d.addCallback(self._caught_up, primary, apply)
+        else:
+            d = router._send(primary, apply)
+        d.addCallbacks(
+            self._applied, self._apply_failed, callbackArgs=(primary, self.round), errbackArgs=(primary, self.round)
+        )
+        if self.phase is _APPLYING and not d.called:
+            self._arm()
+
+    def _caught_up(self, _: object, primary: str, apply: XApply) -> Deferred[Any]:
+        return self.router._send(primary, apply)
+
+    def _applied(self, applied: XApplied, primary: str, round: int) -> None:
+        if round != self.round or self.phase is not _APPLYING:
+            return
+        self._disarm()
+        self.phase = _REPLICATING
+        answer = (applied.result, applied.record) if self.with_record else applied.result
+        record = applied.record
+        router = self.router
+        if record is None:
+            self._repair(primary)
+            self._succeed(answer)
+            return
+        put = XPut(self.key, record)
+        others = [router._send(n, put) for n in self.candidates if n != primary]
+        if self.needed_w <= 1:
+            for other in others:
+                other.addErrback(self._copy_failed)
+            self._succeed(answer)
+            return
+        d = _quorum(others, self.needed_w - 1, "write")
+        d.addCallbacks(lambda _: self._succeed(answer), self._replication_failed)
+
+    def _apply_failed(self, failure: Failure, primary: str, round: int) -> None:
+        if round != self.round or self.phase is not _APPLYING:
+            return
+        self._disarm()
+        router = self.router
+        if failure.check(StaleVersion):  # another write got there first: once more, past its version
+            self.retries += 1
+            router.counters["rmw_retries_total"] += 1
+            stored = getattr(failure.value, "stored", None)
+            if self.retries > self.max_retries:
+                self._fail(Failure(ServiceUnavailable(f"{self.retries} concurrent writes overtook the command")))
+            elif isinstance(stored, Version):
+                router._hlc.observe(stored)
+                self._apply(catch_up=False)
+            else:
+                self._read()
+            return
+        if failure.check(RequestError):  # the client's fault (a value too large, not a number): the answer
+            self._fail(failure)
+            return
+        self.failed.add(primary)
+        nxt = self._next_primary()
+        if nxt is None:
+            router.counters["quorum_failures"] += 1
+            error = QuorumNotReached(self.needed_w, 0, "write")
+            error.__cause__ = failure.value
+            self._fail(Failure(error))
+            return
+        router.counters["rmw_failovers_total"] += 1
+        self.primary = nxt
+        self._apply()
+
+    def _repair(self, primary: str) -> None:
+        """The command changed nothing: the replicas that answered an older record than the newest get it."""
+        newest = self.newest
+        if newest is None:
+            return
+        router = self.router
+        for node, record in self.answers.items():
+            if node != primary and node in self.candidates and newest.newer_than(record):
+                router.counters["read_repairs"] += 1
+                router._send(node, XPut(self.key, newest)).addErrback(self._copy_failed)
+
+    def _copy_failed(self, failure: Failure) -> None:
+        self.router._log.info(
+            "copy of {key!r} to a replica failed: {error}", key=self.key, error=failure.getErrorMessage()
+        )
+
+    def _replication_failed(self, failure: Failure) -> None:
+        self.router._count_quorum_failure(failure)
+        self._fail(failure)
+
+    def _succeed(self, answer: Any) -> None:
+        self.phase = _OVER
+        self._disarm()
+        if not self.done.called:
+            self.done.callback(answer)
+
+    def _fail(self, failure: Failure) -> None:
+        self.phase = _OVER
+        self._disarm()
+        if not self.done.called:
+            self.done.errback(failure)
+
+
+def _deliver(result: Values, node: str, reads: Sequence[_Hedged]) -> None:
     found = dict(result.items)
     for read in reads:
         read.answered(node, found.get(read.key))
 
 
-def _deliver_failure(failure: Failure, node: str, reads: Sequence[_KeyRead]) -> None:
+def _deliver_failure(failure: Failure, node: str, reads: Sequence[_Hedged]) -> None:
     for read in reads:
         read.failed_on(node)
 
 
 def _stored(_: Any) -> Status:
     return Status.STORED
-
-
-def _newest(answers: Sequence[Values], key: bytes) -> Record | None:
-    newest: Record | None = None
-    for answer in answers:
-        for item_key, record in answer.items:
-            if item_key == key and record.newer_than(newest):
-                newest = record
-    return newest
 
 
 def _fail_current() -> Deferred[Any]:

@@ -72,10 +72,16 @@ class GatewayService(MultiService):
             write_quorum=config.write_quorum,
             read_quorum=config.read_quorum,
             allow_flush_all=config.allow_flush_all,
+            hedge_after=config.hedge_after,
+            primary_timeout=config.primary_timeout,
         )
         self.rebalance = Rebalance(self.membership, fetch, reactor, config.probe_interval, self._route)  # type: ignore[arg-type]
         self.rebalance.setServiceParent(self)
         self.membership.subscribe(self._new_view)
+
+    def stopService(self) -> Any:
+        self.router.stop()
+        return super().stopService()
 
     def _new_view(self, view: ClusterView) -> None:
         """Route by the new view: connect to its nodes, place keys on its ring."""

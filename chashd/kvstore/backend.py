@@ -42,7 +42,7 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import ChashdError, NodeLeaving, StorageError, ValueTooLarge
+from chashd.errors import ChashdError, NodeLeaving, StaleVersion, StorageError, ValueTooLarge
 from chashd.interfaces import IKeyValue, IStorageEngine
 from chashd.record import Record, expires_at_from_exptime
 from chashd.semantics import apply_write
@@ -73,6 +73,7 @@ COUNTERS = (
     "cmd_xget",
     "cmd_xput",
     "cmd_xapply",
+    "xapply_stale",
     "handoff_records_received_total",
 )
 
@@ -335,9 +336,10 @@ class LocalBackend:
         return Status.STORED if self.engine.apply(command.key, record) else Status.EXISTS
 
     def _xapply(self, command: XApply) -> XApplied:
-        """Run the write with the caller's version; when the stored record is as new or newer (another
-        writer got there first), the write still applies, one clock step past it, so that the record it
-        returns for the other replicas wins everywhere."""
+        """Run the write with the caller's version, on top of the stored record. A stored record as new as
+        that version or newer raises ``StaleVersion`` with the stored version: another write got here first
+        (the gateway moves its clock past it and sends the command again), or this is a request the gateway
+        gave up on (this node was paused: applied now, it would undo the writes acknowledged since)."""
         if self.leaving:
             raise NodeLeaving()
         self._counts["cmd_xapply"] += 1
@@ -345,7 +347,8 @@ class LocalBackend:
         current = self.engine.get(write.key)
         version = command.version
         if current is not None and current.version >= version:
-            version = Version(current.version.clock + 1, version.writer)
+            self._counts["xapply_stale"] += 1
+            raise StaleVersion(current.version)
         self._hlc.observe(version)
         record, result = apply_write(current, write, version, self._seconds(), self.max_value_size)
         self._count(write, result)

@@ -48,9 +48,15 @@ time (0: never); ``<tombstone>`` is 0 or 1. The numbers here are plain decimal d
            [\\r\\n<data>]\\r\\n
                                                -> XAPPLIED <the reply line of that command>\\r\\n
                                                   [XVALUE ... block of the record it wrote]END
-                                                  (or the CLIENT_ERROR/SERVER_ERROR line of the plain command)
+                                                  (or the CLIENT_ERROR/SERVER_ERROR line of the plain command,
+                                                  or SERVER_ERROR a newer version is stored than the version of
+                                                  this write: <the stored version>, when the stored record is as
+                                                  new as <version> or newer)
 
-``xapply`` always replies (a ``noreply`` inside it is ignored) and writes with ``<version>``.
+``xapply`` always replies (a ``noreply`` inside it is ignored) and writes with ``<version>``. It is refused
+(``StaleVersion``) rather than applied over a record it is not newer than: the gateway moves its clock past
+the stored version and sends it again, and a request a gateway gave up on (a paused primary) never undoes
+the writes that came after it.
 
 Server side: ``RequestParser`` is fed bytes and yields ``chashd.commands`` commands or ``Rejected``
 (a domain error of ``chashd.errors`` with memcached's text, whether to reply, whether to close);
@@ -98,6 +104,7 @@ from chashd.errors import (
     NonNumericValue,
     RequestError,
     ServiceUnavailable,
+    StaleVersion,
     UnknownCommand,
     ValueTooLarge,
 )
@@ -917,6 +924,7 @@ _CLIENT_ERRORS: dict[str, type[RequestError]] = {
     str(NonNumericValue()): NonNumericValue,
 }
 _SERVER_ERRORS: dict[str, type[ServiceUnavailable]] = {str(NodeLeaving()): NodeLeaving}
+_STALE = StaleVersion.MESSAGE + ": "
 
 
 def error_from_reply(line: bytes) -> ChashdError | None:
@@ -930,6 +938,11 @@ def error_from_reply(line: bytes) -> ChashdError | None:
         text = line[13:].decode("utf-8", "replace")
         if text == "object too large for cache":
             return ValueTooLarge(0)
+        if text.startswith(_STALE):
+            try:
+                return StaleVersion(Version.parse(text[len(_STALE) :]))
+            except ValueError:
+                return StaleVersion()
         return _SERVER_ERRORS.get(text, ServiceUnavailable)(text)
     return None
 

@@ -23,7 +23,7 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import NodeLeaving, NonNumericValue, ValueTooLarge
+from chashd.errors import NodeLeaving, NonNumericValue, StaleVersion, ValueTooLarge
 from chashd.interfaces import IKeyValue
 from chashd.kvstore.backend import LocalBackend
 from chashd.record import Record
@@ -174,11 +174,20 @@ class LocalBackendTests:
         )
 
     def test_xapply_over_a_newer_record(self) -> None:
-        """XApply over a record as new as its version writes one clock step past it."""
+        """XApply over a record as new as its version or newer is refused with StaleVersion and changes
+        nothing: a request a gateway gave up on must not undo the writes that came after it."""
         backend, engine, _ = make()
-        backend.execute(XPut(b"k", Record(b"1", 0, 0, Version(900, "other"))))
-        result = backend.execute(XApply(Version(500, "gw"), Arith(b"k", 1)))
-        assert result == XApplied(Number(2), Record(b"2", 0, 0, Version(901, "gw")))
+        stored = Record(b"1", 0, 0, Version(900, "other"))
+        backend.execute(XPut(b"k", stored))
+        for version in (Version(500, "gw"), Version(900, "other")):
+            with pytest.raises(StaleVersion) as refused:
+                backend.execute(XApply(version, Delete(b"k")))
+            assert refused.value.stored == Version(900, "other")
+        assert engine.get(b"k") == stored
+        assert backend.stats()["xapply_stale"] == 2
+        assert backend.execute(XApply(Version(901, "gw"), Arith(b"k", 1))) == XApplied(
+            Number(2), Record(b"2", 0, 0, Version(901, "gw"))
+        )
 
     def test_leaving_refuses_writes_but_xput(self) -> None:
         """While leaving, writes raise NodeLeaving; reads and XPut still work."""

@@ -35,6 +35,7 @@ from chashd.errors import (
     NodeLeaving,
     NonNumericValue,
     ServiceUnavailable,
+    StaleVersion,
     UnknownCommand,
     ValueTooLarge,
 )
@@ -562,6 +563,11 @@ class ReplyParserTests:
         assert isinstance(error_from_reply(b"CLIENT_ERROR whatever"), BadCommand)
         assert type(error_from_reply(b"SERVER_ERROR busy")) is ServiceUnavailable
         assert error_from_reply(b"STORED") is None
+        # An xapply refused over a newer record: the gateway learns the stored version and retries past it.
+        stale = error_from_reply(error_reply(StaleVersion(Version(77, "gw-2"))).rstrip(b"\r\n"))
+        assert type(stale) is StaleVersion and stale.stored == Version(77, "gw-2")
+        stale = error_from_reply(b"SERVER_ERROR " + StaleVersion.MESSAGE.encode() + b": not-a-version")
+        assert type(stale) is StaleVersion and stale.stored is None
 
     def test_bad_replies_raise(self) -> None:
         """A reply that does not parse raises BadReply."""

@@ -34,6 +34,7 @@ class Link:
         self.mode = "up"
         self.sent: list[Any] = []
         self.held: list[Deferred[Any]] = []
+        self.held_commands: list[Any] = []
 
     def send(self, command: Any) -> Deferred[Any]:
         self.sent.append(command)
@@ -42,25 +43,68 @@ class Link:
         if self.mode == "hang":
             d: Deferred[Any] = Deferred()
             self.held.append(d)
+            self.held_commands.append(command)
             return d
+        return self._run(command)
+
+    def _run(self, command: Any) -> Deferred[Any]:
         try:
             return succeed(self.backend.execute(command))
         except Exception as e:
             return fail(e)
 
+    def resume(self, reverse: bool = False) -> None:
+        """A paused kvstore runs on: the commands it held run now, in order (or the last first: two
+        connections), and their answers come."""
+        self.mode = "up"
+        held = list(zip(self.held, self.held_commands))
+        self.held, self.held_commands = [], []
+        for d, command in reversed(held) if reverse else held:
+            self._run(command).addBoth(d.callback)
+
 
 class Cluster:
     """kvstores a..e (MemoryEngine + LocalBackend) and a router over the first ``count`` of them."""
 
-    def __init__(self, count: int = 3, replicas: int = 3, w: int = 2, r: int = 2, flush: bool = False) -> None:
+    def __init__(
+        self,
+        count: int = 3,
+        replicas: int = 3,
+        w: int = 2,
+        r: int = 2,
+        flush: bool = False,
+        hedge_after: float = 0.05,
+        primary_timeout: float = 0.5,
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
         self.links = {
             name: Link(LocalBackend(MemoryEngine(), name, self.clock, 1024 * 1024)) for name in "abcde"[:count]
         }
         clients: dict[str, IKVClient] = dict(self.links)
-        self.router = Router("gw1", self.clock, clients.__getitem__, replicas, w, r, allow_flush_all=flush)
+        self.router = Router(
+            "gw1",
+            self.clock,
+            clients.__getitem__,
+            replicas,
+            w,
+            r,
+            allow_flush_all=flush,
+            hedge_after=hedge_after,
+            primary_timeout=primary_timeout,
+        )
         self.router.update(Placement(HashRing(dict.fromkeys(self.links, 1), epoch=1)))
+
+    def mark(self, **states: str) -> None:
+        """Route with these node states (the others up)."""
+        self.router.update(Placement(self.router.placement.ring, {n: NodeState(s) for n, s in states.items()}))
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass (``Clock.advance`` also runs the calls made for the turn after)."""
+        self.clock.advance(seconds)
+
+    def record(self, node: str, key: bytes) -> Record | None:
+        return self.links[node].backend.engine.get(key)
 
     def holders(self, key: bytes) -> set[str]:
         """The kvstores holding a live record for ``key``."""
@@ -247,6 +291,269 @@ class ReadModifyWriteTests(SynchronousTestCase):
         self.successResultOf(c.router.execute(Store("set", b"f", 0, 0, b"v")))
         assert self.successResultOf(c.router.execute(FlushAll())) is Status.OK
         assert c.holders(b"f") == set()
+
+
+class MissedWritesTests(SynchronousTestCase):
+    """A primary that missed writes (down, paused, cut off) answers read-modify-writes as one memcached would:
+    the router reads the newest record from N-W+1 replicas and brings the primary up to date first."""
+
+    def missed(self, c: Cluster, key: bytes, value: bytes = b"5") -> str:
+        """Write ``key`` while its primary is down, then mark the primary up again; the primary's id."""
+        primary = c.replicas(key)[0]
+        c.links[primary].mode = "down"
+        c.mark(**{primary: "down"})
+        assert self.successResultOf(c.router.execute(Store("set", key, 0, 0, value))) is Status.STORED
+        c.links[primary].mode = "up"
+        c.mark()
+        assert c.record(primary, key) is None
+        return primary
+
+    def test_delete_after_the_primary_missed_the_set(self) -> None:
+        """delete answers DELETED (not NOT_FOUND) and the key is gone on every replica."""
+        c = Cluster()
+        self.missed(c, b"k")
+        assert self.successResultOf(c.router.execute(Delete(b"k"))) is Status.DELETED
+        assert c.holders(b"k") == set()
+        assert self.successResultOf(c.router.execute(Get((b"k",)))) == Values(())
+        assert c.router.stats()["rmw_catchups_total"] == 1
+
+    def test_add_after_the_primary_missed_the_set(self) -> None:
+        """add answers NOT_STORED and the acknowledged value stays, on the primary too."""
+        c = Cluster()
+        primary = self.missed(c, b"k", b"acked")
+        assert self.successResultOf(c.router.execute(Store("add", b"k", 0, 0, b"other"))) is Status.NOT_STORED
+        assert self.successResultOf(c.router.execute(Get((b"k",)))).items[0][1].value == b"acked"
+        record = c.record(primary, b"k")
+        assert record is not None and record.value == b"acked"
+
+    def test_incr_after_the_primary_missed_the_set(self) -> None:
+        """incr finds the counter and every replica ends with the new number."""
+        c = Cluster()
+        self.missed(c, b"n", b"41")
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(42)
+        assert {c.record(n, b"n").value for n in c.replicas(b"n")} == {b"42"}  # type: ignore[union-attr]
+
+    def test_primary_missed_a_delete(self) -> None:
+        """A primary that missed a delete does not resurrect the key: incr answers NOT_FOUND, add stores."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"d", 0, 0, b"1")))
+        primary = c.replicas(b"d")[0]
+        c.links[primary].mode = "down"
+        c.mark(**{primary: "down"})
+        assert self.successResultOf(c.router.execute(Delete(b"d"))) is Status.DELETED
+        c.links[primary].mode = "up"
+        c.mark()
+        assert c.record(primary, b"d").tombstone is False  # type: ignore[union-attr]
+        assert self.successResultOf(c.router.execute(Arith(b"d", 1))) is Status.NOT_FOUND
+        assert self.successResultOf(c.router.execute(Store("add", b"d", 0, 0, b"new"))) is Status.STORED
+        assert self.successResultOf(c.router.execute(Get((b"d",)))).items[0][1].value == b"new"
+
+    def test_reads_before_applying_meet_every_write_quorum(self) -> None:
+        """N=3, W=2: two replicas are read (the primary and the next); W=1 needs all three, and with one of
+        them down the command fails rather than answering from a replica that may have missed the write."""
+        c = Cluster()
+        key = b"q"
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"1")))
+        before = {n: list(c.links[n].sent) for n in c.links}
+        self.successResultOf(c.router.execute(Arith(key, 1)))
+        reads = [n for n in c.links if XGet((key,)) in c.links[n].sent[len(before[n]) :]]
+        assert sorted(reads) == sorted(c.replicas(key)[:2])
+        c = Cluster(w=1, r=1)
+        c.mark(**{c.replicas(key)[2]: "down"})
+        failure = self.failureResultOf(c.router.execute(Arith(key, 1)), QuorumNotReached)
+        assert "read quorum not reached: 2 of 3" in str(failure.value)
+
+    def test_a_write_racing_in_is_not_overwritten(self) -> None:
+        """A write with a newer version that reaches the primary between the read and the command makes the
+        kvstore refuse the command (StaleVersion, with the stored version); the router sends it again with a
+        version past that one, and it applies on top of the newer record."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"r", 0, 0, b"1")))
+        primary = c.replicas(b"r")[0]
+        link = c.links[primary]
+        raced = Record(b"100", 0, 0, Version(int(NOW * 1000 + 10_000) << 16, "gw2"))
+        original = link.send
+
+        def racing(command: Any) -> Deferred[Any]:
+            if type(command).__name__ == "XApply" and link.backend.engine.get(b"r") != raced:
+                for node in c.replicas(b"r"):
+                    c.links[node].backend.engine.put(b"r", raced)
+            return original(command)
+
+        link.send = racing  # type: ignore[method-assign]
+        assert self.successResultOf(c.router.execute(Arith(b"r", 1))) == Number(101)
+        assert c.router.stats()["rmw_retries_total"] == 1
+        assert link.backend.stats()["xapply_stale"] == 1
+        assert sum(1 for cmd in link.sent if isinstance(cmd, XGet)) == 1  # no second read
+
+    def test_rmw_asks_the_previous_owners_during_a_move(self) -> None:
+        """During a move, the newest record of a previous owner goes to the new primary before the command."""
+        c = Cluster(count=4, replicas=1, w=1, r=1)
+        old = HashRing({"a": 1, "b": 1, "c": 1}, epoch=1)
+        new = HashRing({"a": 1, "b": 1, "c": 1, "d": 1}, epoch=2)
+        key = next(k for k in (b"n%d" % i for i in range(200)) if new.node_for(k) == "d")
+        c.router.update(Placement(old))
+        self.successResultOf(c.router.execute(Store("add", key, 0, 0, b"x")))
+        c.router.update(Placement(new, previous=old))
+        assert self.successResultOf(c.router.execute(Store("add", key, 0, 0, b"y"))) is Status.NOT_STORED
+        assert self.successResultOf(c.router.execute(Store("append", key, 0, 0, b"z"))) is Status.STORED
+        assert c.record("d", key).value == b"xz"  # type: ignore[union-attr]
+
+
+class SlowReplicaTests(SynchronousTestCase):
+    """Hedged reads and the failover of a primary that does not answer: a paused kvstore costs a request
+    ``hedge_after`` or ``primary_timeout``, not the request timeout."""
+
+    def test_r1_read_asks_the_next_replica_after_hedge_after(self) -> None:
+        """With R=1, a replica that has not answered within hedge_after is joined by the next one, whose
+        answer is the client's; the slow one is asked last until it answers again."""
+        c = Cluster(w=3, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")))
+        first, second, _ = c.replicas(b"k")
+        c.links[first].mode = "hang"
+        d = c.router.execute(Get((b"k",)))
+        self.assertNoResult(d)
+        c.clock.advance(0.049)
+        self.assertNoResult(d)
+        c.advance(0.001)
+        assert self.successResultOf(d).items[0][1].value == b"v"
+        assert c.links[second].sent[-1] == XGet((b"k",))
+        assert c.router.stats()["hedged_reads_total"] == 1
+        assert c.router.stats()["nodes_slow"] == 1
+        sent = len(c.links[first].sent)
+        assert self.successResultOf(c.router.execute(Get((b"k",)))).items[0][1].value == b"v"
+        assert len(c.links[first].sent) == sent  # asked last: not asked at all
+        c.links[first].resume()
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"w")))  # its answer clears it
+        assert c.router.stats()["nodes_slow"] == 0
+
+    def test_a_reply_that_came_while_the_timer_was_due_wins(self) -> None:
+        """A hedging timer that fires late acts one reactor turn later: a reply that came meanwhile
+        answers the read and nobody else is asked."""
+        c = Cluster(w=3, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")))
+        first, second, _ = c.replicas(b"k")
+        c.links[first].mode = "hang"
+        d = c.router.execute(Get((b"k",)))
+        sent = len(c.links[second].sent)
+        # Due with the timer, run after it: a reply read in the same reactor turn as the timer fires.
+        c.clock.callLater(0.05, c.links[first].resume)
+        c.clock.advance(0.05)
+        assert self.successResultOf(d).items[0][1].value == b"v"
+        assert len(c.links[second].sent) == sent
+        assert c.router.stats()["hedged_reads_total"] == 0
+
+    def test_r2_read_hedges_the_missing_answer(self) -> None:
+        """With R=2, one of the two asked replicas hanging makes the read ask the third after hedge_after."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")))
+        first, second, third = c.replicas(b"k")
+        c.links[second].mode = "hang"
+        d = c.router.execute(Get((b"k",)))
+        self.assertNoResult(d)
+        c.advance(0.05)
+        assert self.successResultOf(d).items[0][1].value == b"v"
+        assert c.links[third].sent[-1] == XGet((b"k",))
+
+    def test_multi_get_hedges_per_node(self) -> None:
+        """A multi-key get whose replica hangs asks the next replicas, one XGet per node for all its keys."""
+        c = Cluster(w=3, r=1)
+        keys = [b"m%d" % i for i in range(30)]
+        for key in keys:
+            self.successResultOf(c.router.execute(Store("set", key, 0, 0, key)))
+        c.links["a"].mode = "hang"
+        before = {n: len(link.sent) for n, link in c.links.items()}
+        d = c.router.execute(Get(tuple(keys)))
+        self.assertNoResult(d)
+        c.advance(0.05)
+        assert [k for k, _ in self.successResultOf(d).items] == keys
+        assert all(len(c.links[n].sent) - before[n] <= 2 for n in ("b", "c"))
+
+    def test_no_hedging_with_hedge_after_zero(self) -> None:
+        """hedge_after=0 turns hedging off: the read waits for the replica it asked."""
+        c = Cluster(w=3, r=1, hedge_after=0)
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"v")))
+        c.links[c.replicas(b"k")[0]].mode = "hang"
+        d = c.router.execute(Get((b"k",)))
+        c.advance(10)
+        self.assertNoResult(d)
+        assert c.clock.getDelayedCalls() == []
+
+    def test_rmw_fails_over_from_a_primary_that_does_not_answer_its_command(self) -> None:
+        """A primary that has not answered XApply within primary_timeout is replaced by the next replica,
+        with a newer version; the late primary is stalled (not a primary) for the next commands, and when it
+        runs the abandoned command at last (before or after the copies of the newer records), that cannot
+        undo the acknowledged ones."""
+        for reverse in (False, True):
+            self.fail_over_on_apply(reverse)
+
+    def fail_over_on_apply(self, reverse: bool) -> None:
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"10")))
+        first, second, _ = c.replicas(b"n")
+        link = c.links[first]
+        original = link.send
+
+        def pause_on_apply(command: Any) -> Deferred[Any]:
+            if type(command).__name__ == "XApply":
+                link.mode = "hang"
+            return original(command)
+
+        link.send = pause_on_apply  # type: ignore[method-assign]
+        d = c.router.execute(Arith(b"n", 1))
+        self.assertNoResult(d)
+        c.advance(0.5)
+        assert self.successResultOf(d) == Number(11)
+        assert c.router.stats()["rmw_failovers_total"] == 1
+        assert c.router.stats()["nodes_stalled"] == 1
+        sent = len(link.sent)
+        # The next command does not wait for the stalled node: the second replica is its primary.
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(12)
+        assert self.successResultOf(c.router.execute(Delete(b"n"))) is Status.DELETED
+        assert not [cmd for cmd in link.sent[sent:] if type(cmd).__name__ == "XApply"]
+        link.send = original  # type: ignore[method-assign]
+        link.resume(reverse)  # the paused node runs what it held: the abandoned incr, the copies
+        assert link.backend.stats()["xapply_stale"] == (1 if reverse else 0)
+        assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n"))  # type: ignore[union-attr]
+        assert self.successResultOf(c.router.execute(Get((b"n",)))) == Values(())
+
+    def test_rmw_fails_over_from_a_primary_whose_read_hangs(self) -> None:
+        """A primary that does not answer the read before the command is replaced too, and the command
+        runs on the newest record the other replicas hold."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"a", 0, 0, b"x")))
+        first, second, third = c.replicas(b"a")
+        c.links[first].mode = "hang"
+        d = c.router.execute(Store("append", b"a", 0, 0, b"y"))
+        c.advance(0.05)  # the hedge asks the third replica
+        self.assertNoResult(d)
+        c.advance(0.45)
+        assert self.successResultOf(d) is Status.STORED
+        assert c.record(second, b"a").value == b"xy"  # type: ignore[union-attr]
+        assert c.record(third, b"a").value == b"xy"  # type: ignore[union-attr]
+
+    def test_rmw_fails_over_at_once_from_a_primary_that_refuses_connections(self) -> None:
+        """A primary whose connection fails (not marked down yet) is replaced without waiting."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        c.links[c.replicas(b"n")[0]].mode = "down"
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
+
+    def test_no_timer_left_behind(self) -> None:
+        """Once the commands are answered and hedge_after has passed, no timer is left; stop() cancels the
+        hedging timer of reads still pending."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"k", 0, 0, b"1")))
+        self.successResultOf(c.router.execute(Arith(b"k", 1)))
+        self.successResultOf(c.router.execute(Get((b"k",))))
+        c.advance(0.05)
+        assert c.clock.getDelayedCalls() == []
+        c.links[c.replicas(b"k")[0]].mode = "hang"
+        c.links[c.replicas(b"k")[1]].mode = "hang"
+        c.router.execute(Get((b"k",)))
+        assert c.clock.getDelayedCalls() != []
+        c.router.stop()
+        assert c.clock.getDelayedCalls() == []
 
 
 class FastPathTests(SynchronousTestCase):

@@ -1,0 +1,159 @@
+"""Replicas that missed writes, and slow replicas, with real processes (issue 12).
+
+Three gateways and three SQLite kvstores. A kvstore is killed (or paused) while keys whose primary it is
+are written; read-modify-write commands through the gateways then answer as one memcached would for the
+acknowledged history, and a paused kvstore costs a command the primary timeout, not the request timeout.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pymemcache.client.base import Client
+
+from chashd.launcher import Daemon, LocalCluster, http_json
+from tests.integration.conftest import clean_environ, wait_until
+
+pytestmark = pytest.mark.slow
+
+#: Far longer than the primary timeout (0.5 s): a command that waited for the paused node would show.
+REQUEST_TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """3 gateways (N=3, W=2, R=2) and 3 SQLite kvstores; a node is marked down only after ~15 s of failed
+    probes, so that the gateways meet the killed or paused node itself, not a ring without it."""
+    workdir: Path = tmp_path_factory.mktemp("convergence")
+    with LocalCluster(
+        workdir,
+        gateways=3,
+        kvstores=3,
+        engine="sqlite",
+        gateway_args=[
+            "--probe-interval",
+            "0.3",
+            "--down-after",
+            "50",
+            "--dead-after",
+            "600",
+            "--request-timeout",
+            str(REQUEST_TIMEOUT),
+        ],  # fmt: skip
+        env=clean_environ(),
+    ) as running:
+        yield running
+
+
+def line_client(cluster: LocalCluster, gateway: int) -> Client:
+    name = cluster.gateways[gateway].name
+    return Client(
+        ("127.0.0.1", cluster.line_ports[name]), connect_timeout=5, timeout=REQUEST_TIMEOUT + 10, default_noreply=False
+    )
+
+
+def keys_with_primary(cluster: LocalCluster, node: str, prefix: str, count: int) -> list[str]:
+    """``count`` keys named ``prefix<i>`` whose primary is ``node``."""
+    found: list[str] = []
+    i = 0
+    while len(found) < count:
+        key = f"{prefix}{i}"
+        status, body = http_json(f"{cluster.gateway_urls[0]}/ring/lookup/{key}")
+        assert status == 200, body
+        if body["nodes"][0]["id"] == node:
+            found.append(key)
+        i += 1
+    return found
+
+
+def stored_on(daemon: Daemon, key: str) -> bytes | None:
+    """The live value a kvstore holds for ``key`` (asked directly over HTTP), or None."""
+    try:
+        with urllib.request.urlopen(f"{daemon.url}/kv/{key}", timeout=5) as response:
+            return response.read()  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+
+
+def test_rmw_after_the_primary_missed_writes(cluster: LocalCluster) -> None:
+    """kill -9 a kvstore, write and delete keys whose primary it is, restart it: through every gateway,
+    delete answers DELETED and the key is gone, add answers NOT_STORED over the acknowledged value, incr finds
+    the acknowledged counter, and a key deleted meanwhile stays deleted."""
+    victim = cluster.kvstores[0]
+    keys = keys_with_primary(cluster, victim.name, "missed:", 40)
+    to_delete, to_add, counters, deleted = keys[:10], keys[10:20], keys[20:30], keys[30:]
+    mc = line_client(cluster, 0)
+    for key in deleted:
+        assert mc.set(key, b"old")
+    victim.signal(signal.SIGKILL)
+    victim.wait(10)
+    for key in to_delete + to_add:
+        assert mc.set(key, b"acked")
+    for key in counters:
+        assert mc.set(key, b"41")
+    for key in deleted:
+        assert mc.delete(key) is True
+    victim.start()
+    victim.wait_healthy(30)
+    assert all(stored_on(victim, key) is None for key in to_delete + to_add + counters)
+    for i, key in enumerate(to_delete):
+        assert line_client(cluster, i % 3).delete(key) is True, key
+        assert line_client(cluster, (i + 1) % 3).get(key) is None, key
+    for i, key in enumerate(to_add):
+        assert line_client(cluster, i % 3).add(key, b"other") is False, key
+        assert line_client(cluster, (i + 1) % 3).get(key) == b"acked", key
+    for i, key in enumerate(counters):
+        assert line_client(cluster, i % 3).incr(key, 1) == 42, key
+    for i, key in enumerate(deleted):
+        assert line_client(cluster, i % 3).incr(key, 1) is None, key
+        assert line_client(cluster, i % 3).get(key) is None, key
+    # The restarted node holds the results of the commands that changed something (copied to every replica).
+    assert all(stored_on(victim, key) == b"42" for key in counters)
+
+
+def test_a_paused_kvstore_costs_the_primary_timeout(cluster: LocalCluster) -> None:
+    """SIGSTOP a kvstore (not marked down for ~15 s): reads and read-modify-writes of keys whose primary it is
+    answer through every gateway without waiting the 30 s request timeout, with the right results; after
+    SIGCONT, what the paused node still ran changes nothing acknowledged."""
+    victim = cluster.kvstores[1]
+    keys = keys_with_primary(cluster, victim.name, "paused:", 12)
+    mc = line_client(cluster, 1)
+    for key in keys:
+        assert mc.set(key, b"10")
+    victim.signal(signal.SIGSTOP)
+    slowest = 0.0
+    try:
+        for i, key in enumerate(keys):
+            client = line_client(cluster, i % 3)
+            began = time.monotonic()
+            assert client.incr(key, 1) == 11, key
+            assert client.get(key) == b"11", key
+            if i % 2:
+                assert client.delete(key) is True, key
+            else:
+                assert client.append(key, b"+") is True, key
+            slowest = max(slowest, time.monotonic() - began)
+        states = {n["id"]: n["state"] for n in cluster.status(0)["nodes"]}
+    finally:
+        victim.signal(signal.SIGCONT)
+    assert states[victim.name] == "up"  # the gateways met the paused node itself
+    assert slowest < REQUEST_TIMEOUT / 3, f"a command took {slowest:.1f}s"
+
+    expected = {key: None if i % 2 else b"11+" for i, key in enumerate(keys)}
+    for key, value in expected.items():
+        for gateway in range(3):
+            assert line_client(cluster, gateway).get(key) == value, (key, gateway)
+    # The paused node runs what it held (the abandoned commands, the copies of the newer records) and ends
+    # with the acknowledged state.
+    wait_until(
+        f"{victim.name} to hold the acknowledged records",
+        lambda: all(stored_on(victim, key) == value for key, value in expected.items()),
+    )
