@@ -340,16 +340,17 @@ class GatewayConfig:
         "seconds a read waits for a kvstore before it also asks the next replica (0: never)", 0.05, _bounded(float, 0)
     )
     primary_timeout: float = opt(
-        "seconds a read-modify-write waits for the key's primary before the next replica takes over",
+        "seconds a read-modify-write waits for the key's primary before the next replica takes over"
+        " (0: until the request timeout)",
         0.5,
-        _bounded(float, 0.001),
+        _bounded(float, 0),
     )
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 
     def __post_init__(self) -> None:
         if self.points_per_node % 4:
             raise ConfigError(f"option --points-per-node: {self.points_per_node} is not a multiple of 4")
-        if self.primary_timeout >= self.request_timeout:
+        if self.primary_timeout and self.primary_timeout >= self.request_timeout:
             raise ConfigError(
                 f"option --primary-timeout: {self.primary_timeout:g} is not shorter than"
                 f" --request-timeout {self.request_timeout:g}"

@@ -193,7 +193,8 @@ class Router:
         self._allow_flush_all = allow_flush_all
         #: Seconds a read waits for an asked replica before it also asks the next one (0: never).
         self.hedge_after = hedge_after
-        #: Seconds a read-modify-write waits for its primary before the next replica takes over.
+        #: Seconds a read-modify-write waits for its primary before the next replica takes over (0: until
+        #: the request fails).
         self.primary_timeout = primary_timeout
         # Suspects: node -> until when. Slow nodes are asked last by reads; stalled ones are not primaries
         # either. Both end when the node answers a request sent while it was suspect.
@@ -1014,7 +1015,8 @@ class _ReadModifyWrite:
 
     def _arm(self) -> None:
         self._disarm()
-        self.timer = self.router._clock.callLater(self.router.primary_timeout, self._primary_late)
+        if self.router.primary_timeout > 0:
+            self.timer = self.router._clock.callLater(self.router.primary_timeout, self._primary_late)
 
     def _disarm(self) -> None:
         if self.timer is not None and self.timer.active():

@@ -169,6 +169,13 @@ class ErrorTests:
         message = self._error(GatewayConfig, {"gateway_id": "g", "replicas": "1"}, {})
         assert "--write-quorum" in message
 
+    def test_primary_timeout_shorter_than_the_request_timeout(self) -> None:
+        """--primary-timeout must be shorter than --request-timeout (0 turns the failover off)."""
+        message = self._error(GatewayConfig, {"gateway_id": "g", "primary_timeout": "5", "request_timeout": "5"}, {})
+        assert "--primary-timeout" in message and "--request-timeout" in message
+        config = load_config(GatewayConfig, {"gateway_id": "g", "primary_timeout": "0", "hedge_after": "0"}, {})
+        assert (config.primary_timeout, config.hedge_after) == (0.0, 0.0)
+
     def test_bad_peer(self) -> None:
         """Each peer must be host:port."""
         assert "--peers" in self._error(GatewayConfig, {"gateway_id": "g", "peers": "a:1,b"}, {"X": "1"})

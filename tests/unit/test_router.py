@@ -517,6 +517,19 @@ class SlowReplicaTests(SynchronousTestCase):
         assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n"))  # type: ignore[union-attr]
         assert self.successResultOf(c.router.execute(Get((b"n",)))) == Values(())
 
+    def test_no_failover_with_primary_timeout_zero(self) -> None:
+        """primary_timeout=0 turns the failover off: the command waits for its primary."""
+        c = Cluster(primary_timeout=0)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        first = c.replicas(b"n")[0]
+        c.links[first].mode = "hang"
+        d = c.router.execute(Arith(b"n", 1))
+        c.advance(60)
+        self.assertNoResult(d)
+        assert c.router.stats()["rmw_failovers_total"] == 0
+        c.links[first].resume()
+        assert self.successResultOf(d) == Number(2)
+
     def test_rmw_fails_over_from_a_primary_whose_read_hangs(self) -> None:
         """A primary that does not answer the read before the command is replaced too, and the command
         runs on the newest record the other replicas hold."""
