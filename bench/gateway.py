@@ -282,7 +282,7 @@ class _Link:
 
 def _kvstore_server(reactor: Any, name: str) -> Any:
     from chashd.kvstore.backend import LocalBackend
-    from chashd.memcache.protocol import MemcacheServerFactory
+    from chashd.memcache.server import MemcacheServerFactory
     from chashd.storage.memory import MemoryEngine
 
     backend = LocalBackend(MemoryEngine(), name, reactor, 1024 * 1024)
@@ -319,7 +319,8 @@ def inprocess(args: argparse.Namespace) -> None:
     from twisted.internet import reactor
 
     from chashd.gateway.router import Placement, Router
-    from chashd.memcache.protocol import KVClientProtocol, MemcacheServerFactory
+    from chashd.memcache.client import KVClientProtocol
+    from chashd.memcache.server import MemcacheServerFactory
     from chashd.ring import HashRing
 
     preload = requests(args.keys, args.keys, 0, args.value_size)

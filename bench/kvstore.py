@@ -42,7 +42,7 @@ from baseline_server import BaselineFactory
 
 from chashd.kvstore.backend import LocalBackend
 from chashd.launcher import free_ports, twistd_command
-from chashd.memcache.protocol import MemcacheServerFactory
+from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage.memory import MemoryEngine
 
 HERE = Path(__file__).resolve().parent

@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, get_args
 
 from chashd.record import Record
 from chashd.versions import Version
 
 __all__ = [
+    "NOREPLY_COMMANDS",
     "Arith",
     "Command",
     "Delete",
     "FlushAll",
     "Get",
+    "NoreplyCommand",
     "Number",
     "Quit",
     "Result",
@@ -192,6 +194,11 @@ Command: TypeAlias = (
     | XPut
     | XApply
 )
+
+#: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.
+NoreplyCommand: TypeAlias = Store | Delete | Arith | Touch | FlushAll | Verbosity | XPut
+#: The types of ``NoreplyCommand``, for a test at run time (``type(command) in NOREPLY_COMMANDS``).
+NOREPLY_COMMANDS: frozenset[type[NoreplyCommand]] = frozenset(get_args(NoreplyCommand))
 
 
 # -- results ---------------------------------------------------------------------------------------

@@ -2,16 +2,23 @@
 
 - ``IStorageEngine``: a kvstore's synchronous store of records (``MemoryEngine``, ``SQLiteEngine``).
 - ``IKeyValue``: a role's backend behind both surfaces (the kvstore's local backend, the gateway's router).
+- ``IPlainGet``, ``IGroupedPuts``: what a backend may offer besides ``IKeyValue`` for the line protocol's
+  busiest requests (the kvstore's does; the gateway's router does not). The line protocol asks
+  ``providedBy`` once, when its factory is built, and takes the general path without them.
 - ``IKVClient``: the gateway's (and the handoff's) way to send commands to one kvstore.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IKVClient", "IKeyValue", "IStorageEngine"]
+from chashd.commands import Status, XPut
+from chashd.errors import ChashdError
+
+__all__ = ["IGroupedPuts", "IKVClient", "IKeyValue", "IPlainGet", "IStorageEngine"]
 
 
 class IStorageEngine(Interface):
@@ -90,6 +97,31 @@ class IKeyValue(Interface):
 
     def stats() -> dict[str, Any]:
         """Counters and gauges for ``stats`` and ``GET /stats``: at least ``keys`` and ``bytes``."""
+
+
+class IPlainGet(Interface):
+    """Optional beside ``IKeyValue``: a ``get`` of one key answered without command and result objects.
+
+    Only for a backend that answers at once (no Deferred): the line protocol replies to ``get <key>``
+    with what ``get_one`` returns. Counters and errors are those of ``execute(Get((key,)))``.
+    """
+
+    def get_one(key: bytes) -> tuple[int, bytes] | None:
+        """``(flags, value)`` of ``key`` when a read now sees it (not a tombstone, not expired), else None."""
+
+
+class IGroupedPuts(Interface):
+    """Optional beside ``IKeyValue``: several ``XPut`` commands run as one group.
+
+    For a backend that answers at once and stores a group at less than the cost of its parts (one
+    transaction): the line protocol hands it the consecutive XPuts it has parsed (a handoff pipelines
+    hundreds).
+    """
+
+    def execute_puts(commands: Sequence[XPut]) -> list[Status | ChashdError]:
+        """The result (``Status``) or the domain error (a ``ChashdError``, returned, not raised) of each
+        ``XPut`` in ``commands``, in order. Raises a ``ChashdError`` when the group as a whole failed:
+        then none of it may be taken as stored."""
 
 
 class IKVClient(Interface):

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from chashd.errors import ServiceUnavailable
 from chashd.interfaces import IKVClient
-from chashd.memcache.protocol import KVClientPool
+from chashd.memcache.client import KVClientPool
 
 __all__ = ["Connections"]
 

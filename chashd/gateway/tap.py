@@ -14,7 +14,7 @@ from chashd.gateway.health import Probe
 from chashd.gateway.raft import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
 from chashd.logs import with_log_format
-from chashd.memcache.protocol import MemcacheServerFactory
+from chashd.memcache.server import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]

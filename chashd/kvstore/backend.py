@@ -43,7 +43,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import ChashdError, NodeLeaving, StaleVersion, StorageError, ValueTooLarge
-from chashd.interfaces import IKeyValue, IStorageEngine
+from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IStorageEngine
 from chashd.record import Record, expires_at_from_exptime
 from chashd.semantics import apply_write
 from chashd.versions import HybridClock, Version
@@ -78,9 +78,12 @@ COUNTERS = (
 )
 
 
-@implementer(IKeyValue)
+@implementer(IKeyValue, IPlainGet, IGroupedPuts)
 class LocalBackend:
     """A kvstore's ``IKeyValue`` over its ``IStorageEngine``; every result is returned at once.
+
+    It also offers the line protocol's two shortcuts: ``get_one`` (``IPlainGet``) and ``execute_puts``
+    (``IGroupedPuts``).
 
     ``clock`` gives the time (``seconds()``) for versions and expiry, and runs a delayed ``flush_all``.
     """
@@ -143,10 +146,9 @@ class LocalBackend:
     # -- reads ---------------------------------------------------------------------------------------
 
     def get_one(self, key: bytes) -> tuple[int, bytes] | None:
-        """A ``get`` of one key for the line protocol's hot path (``RequestParser(plain_gets=True)``): the
-        flags and value when a read sees the record, else None; counted like ``execute(Get((key,)))``,
-        without the command and the result."""
-        found = self._engine_get_live(key, self._seconds())
+        """``IPlainGet``: the flags and value of ``key`` when a read sees the record, else None; counted like
+        ``execute(Get((key,)))``, without the command and the result."""
+        found: tuple[int, bytes] | None = self._engine_get_live(key, self._seconds())
         self._counts["get_misses" if found is None else "get_hits"] += 1
         return found
 
@@ -233,7 +235,7 @@ class LocalBackend:
         kind = type(command)
         if kind is Store:
             counts["cmd_set"] += 1
-            if command.mode == "cas":  # type: ignore[union-attr]
+            if command.mode == "cas":  # type: ignore[union-attr]  # a Store: ``kind`` does not narrow ``command``
                 if result is Status.STORED:
                     counts["cas_hits"] += 1
                 elif result is Status.EXISTS:
@@ -243,7 +245,7 @@ class LocalBackend:
         elif kind is Delete:
             counts["delete_hits" if result is Status.DELETED else "delete_misses"] += 1
         elif kind is Arith:
-            prefix = "incr" if command.incr else "decr"  # type: ignore[union-attr]
+            prefix = "incr" if command.incr else "decr"  # type: ignore[union-attr]  # an Arith, as above
             counts[prefix + ("_misses" if result is Status.NOT_FOUND else "_hits")] += 1
         else:
             counts["cmd_touch"] += 1
@@ -279,12 +281,12 @@ class LocalBackend:
     # -- the versioned extension ---------------------------------------------------------------------
 
     def execute_puts(self, commands: Sequence[XPut]) -> list[Status | ChashdError]:
-        """Run several ``XPut`` as one group (``engine.apply_many``: one transaction, a few statements): a
-        result or the domain error for each, in order. The line protocol groups the XPuts a connection has
-        ready (a handoff pipelines hundreds): one SQLite commit for all of them instead of one each, and one
-        query for their stored versions instead of one each. If the group fails, nothing of it may be taken
-        as stored, so the error is raised for the caller to answer every command with it. A record the
-        engine cannot store (a ``StorageError`` raised before anything is written) sends the group
+        """``IGroupedPuts``: run several ``XPut`` as one group (``engine.apply_many``: one transaction, a few
+        statements): a result or the domain error for each, in order. The line protocol groups the XPuts a
+        connection has ready (a handoff pipelines hundreds): one SQLite commit for all of them instead of one
+        each, and one query for their stored versions instead of one each. If the group fails, nothing of it
+        may be taken as stored, so the error is raised for the caller to answer every command with it. A
+        record the engine cannot store (a ``StorageError`` raised before anything is written) sends the group
         through ``apply`` one by one, so that only that command gets the error.
         """
         counts = self._counts

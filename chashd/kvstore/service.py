@@ -25,7 +25,7 @@ from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.handoff import Drain, Handoff, treq_request
 from chashd.kvstore.registration import Registrar
 from chashd.kvstore.ringwatch import RingWatch, treq_get
-from chashd.memcache.protocol import KVClientPool
+from chashd.memcache.client import KVClientPool
 from chashd.record import TOMBSTONE_GRACE
 
 __all__ = ["KVStoreRoot", "KVStoreService", "open_engine"]

@@ -13,7 +13,7 @@ from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects
 from chashd.errors import ConfigError, StorageError
 from chashd.kvstore.service import KVStoreRoot, KVStoreService, open_engine
 from chashd.logs import with_log_format
-from chashd.memcache.protocol import MemcacheServerFactory
+from chashd.memcache.server import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]

@@ -1,68 +1,13 @@
 """The memcached text protocol: a pure parser and serializer, for the server and for the client.
 
-Wire grammar (what a server reads; replies after ``->``). ``\\r\\n`` ends a line (a bare ``\\n`` is
-accepted too); tokens are separated by one or more spaces (only spaces: a tab is part of a token).
-``<key>`` is 1-250 bytes without space or NUL; like memcached we accept control characters in it. Numbers
-are read as memcached's C parsers read them (``safe_strtoul``, ``safe_strtol``, ``safe_strtoull``):
-leading blanks and a sign are allowed, ``<flags>`` keeps its low 32 bits, ``<exptime>``/``<bytes>`` their
-low 32 bits as a signed number. ``[noreply]`` is recognised as the last token of the line.
-
-    get|gets|bget <key>*                       -> (VALUE <key> <flags> <bytes>[ <cas>]\\r\\n<data>\\r\\n)* END
-    gat|gats <exptime> <key>*                  -> same as get/gets, touching each hit
-    set|add|replace|append|prepend <key> <flags> <exptime> <bytes> [noreply]\\r\\n<data>\\r\\n
-                                               -> STORED | NOT_STORED
-    cas <key> <flags> <exptime> <bytes> <cas unique> [noreply]\\r\\n<data>\\r\\n
-                                               -> STORED | EXISTS | NOT_FOUND
-    delete <key> [0] [noreply]                 -> DELETED | NOT_FOUND
-    incr|decr <key> <delta> [noreply]          -> <new value> | NOT_FOUND
-    touch <key> <exptime> [noreply]            -> TOUCHED | NOT_FOUND
-    flush_all [<delay>] [noreply]              -> OK
-    stats [<group> ...]                        -> (STAT <name> <value>)* END | RESET | ERROR
-    version                                    -> VERSION <version>
-    verbosity <level> [noreply]                -> OK
-    quit                                       -> (the server closes the connection)
-
-Faults answer as memcached 1.6 does: ``ERROR`` (unknown command, wrong number of tokens, the meta commands
-``mg``/``ms``/``md``/``ma``/``mn``/``me`` and the binary protocol, which we do not speak; a binary request
-is answered ``ERROR`` and the connection closed), ``CLIENT_ERROR bad command line format`` (a key over 250
-bytes, a bad number), ``CLIENT_ERROR bad data chunk`` (the ``<bytes>+2`` bytes after a storage command
-do not end in ``\\r\\n``; what follows them is read as the next command), ``SERVER_ERROR object too large
-for cache`` (``<bytes>`` over the value limit: the data block is skipped unread, and a ``set`` deletes the
-key's old value, as memcached does so that a failed set never leaves a stale value). A line over 2048
-bytes without its newline closes the connection silently (so does a line over 16 KiB, memcached's read
-buffer), except a ``get``/``gets`` line, which may grow to ``max_keys`` keys; past that the server answers
-``SERVER_ERROR out of memory reading request`` and closes, as memcached does when it cannot grow its
-buffer. A line whose last token starts with ``HTTP/`` is an HTTP request: the connection closes silently.
-``noreply`` silences every reply of its command, errors included, as in memcached.
-
-The versioned extension (between gateways, the handoff and kvstores; no memcached command starts with
-``x``). ``<version>`` is ``str(Version)``: ``<clock>`` or ``<clock>-<writer>``; ``<expires_at>`` is a Unix
-time (0: never); ``<tombstone>`` is 0 or 1. The numbers here are plain decimal digits.
-
-    xget <key>+                                -> (XVALUE <key> <flags> <expires_at> <version> <tombstone> <bytes>\\r\\n
-                                                   <data>\\r\\n)* END        every stored record, tombstones included
-    xput <key> <flags> <expires_at> <version> <tombstone> <bytes> [noreply]\\r\\n<data>\\r\\n
-                                               -> STORED (kept) | EXISTS (an equal or newer version is stored)
-    xmove <the same as xput>                   -> the same: an xput sent by a rebalancing handoff (XPut.handoff)
-    xapply <version> <a write command line: set|add|replace|append|prepend|cas|delete|incr|decr|touch ...>
-           [\\r\\n<data>]\\r\\n
-                                               -> XAPPLIED <the reply line of that command>\\r\\n
-                                                  [XVALUE ... block of the record it wrote]END
-                                                  (or the CLIENT_ERROR/SERVER_ERROR line of the plain command,
-                                                  or SERVER_ERROR a newer version is stored than the version of
-                                                  this write: <the stored version>, when the stored record is as
-                                                  new as <version> or newer)
-
-``xapply`` always replies (a ``noreply`` inside it is ignored) and writes with ``<version>``. It is refused
-(``StaleVersion``) rather than applied over a record it is not newer than: the gateway moves its clock past
-the stored version and sends it again, and a request a gateway gave up on (a paused primary) never undoes
-the writes that came after it.
+The grammar (memcached's commands, their faults, and the versioned extension chashd's daemons use between
+themselves) is the block comment that opens ``chashd/memcache/server.py``, the adapter that serves it.
 
 Server side: ``RequestParser`` is fed bytes and yields ``chashd.commands`` commands or ``Rejected``
 (a domain error of ``chashd.errors`` with memcached's text, whether to reply, whether to close);
 ``serialize_result`` and ``error_reply`` turn results and errors into reply bytes. Client side (the
-gateway): ``serialize_command`` is the inverse of parsing, and ``ReplyParser`` turns reply bytes into
-results given the command that was sent.
+gateway and the handoff): ``serialize_command`` is the inverse of parsing, and ``ReplyParser`` turns reply
+bytes into results given the command that was sent.
 
 Pure: no Twisted, no clock.
 """
@@ -71,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import final
 
 from chashd.commands import (
     Arith,
@@ -78,6 +24,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    NoreplyCommand,
     Number,
     Quit,
     Result,
@@ -152,6 +99,7 @@ class BadReply(ServiceUnavailable):
     """A server's reply that does not parse: the connection cannot be trusted any more."""
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """A request that failed: the error (its memcached text via ``error_reply``), and what comes next.
@@ -245,6 +193,16 @@ _Build = Callable[[bytes], Command]
 _Parsed = Command | Rejected | tuple[int, bool, _Build]
 
 
+def _plain_get_key(buf: bytes, start: int, end: int) -> bytes | None:
+    """The key when ``buf[start:end]``, a line without its line end, is a plain get: ``get``, one space and
+    one key of 1-250 bytes without space or NUL (the most common request); None for any other line."""
+    if buf.startswith(b"get ", start):
+        key = buf[start + 4 : end]
+        if 0 < len(key) <= MAX_KEY_LENGTH and b" " not in key and b"\0" not in key:
+            return key
+    return None
+
+
 class RequestParser:
     """memcached's request framing and parsing, fed bytes: ``feed(data)``, then ``next()`` until None.
 
@@ -254,8 +212,9 @@ class RequestParser:
     (a larger one is skipped as it arrives, never held).
 
     With ``plain_gets``, a ``get`` of one plain key comes back as the key itself (``bytes``), not as a
-    ``Get``, and ``plain_get(data)`` takes a read that is just such a line: the kvstore answers the most
-    common request without building a command and a result (``plain_get_reply``).
+    ``Get``, and ``plain_get(data)`` takes a read that is just such a line: a server whose backend can read
+    one key directly answers the most common request without building a command and a result
+    (``plain_get_reply``).
     """
 
     __slots__ = (
@@ -348,18 +307,18 @@ class RequestParser:
         """With ``plain_gets``, when nothing is buffered and ``data`` is exactly one plain get line, its key:
         the caller answers it and feeds nothing (a client with one request in flight sends one line per
         read). Else None, and ``data`` is fed as usual."""
-        if not self._plain_gets or self._state != _LINE or self._pos < len(self._buf) or not data.startswith(b"get "):
+        if not self._plain_gets or self._state != _LINE or self._pos < len(self._buf):
             return None
         end = len(data) - 1
-        if data[end] != 0x0A:
+        if end < 0 or data[end] != 0x0A:  # not a whole line
             return None
-        if data[end - 1] == 0x0D:
+        if end > 0 and data[end - 1] == 0x0D:
             end -= 1
-        key = data[4:end]
-        if 0 < len(key) <= MAX_KEY_LENGTH and b" " not in key and b"\0" not in key and b"\n" not in key:
-            self._fresh = False
-            return key
-        return None
+        key = _plain_get_key(data, 0, end)
+        if key is None or b"\n" in key:  # not a plain get, or not one line
+            return None
+        self._fresh = False
+        return key
 
     @property
     def buffered(self) -> int:
@@ -384,10 +343,9 @@ class RequestParser:
                 self._pos = end + 1
                 if end > pos and buf[end - 1] == 0x0D:
                     end -= 1
-                if buf.startswith(b"get ", pos):  # the hot path: a get of one plain key
-                    key = buf[pos + 4 : end]
-                    if 0 < len(key) <= MAX_KEY_LENGTH and b" " not in key and b"\0" not in key:
-                        return key if self._plain_gets else Get((key,))
+                key = _plain_get_key(buf, pos, end)
+                if key is not None:  # the hot path: a get of one plain key
+                    return key if self._plain_gets else Get((key,))
                 parsed = self._line(buf[pos:end])
                 if type(parsed) is tuple:
                     self._need, self._noreply, self._build = parsed
@@ -395,7 +353,7 @@ class RequestParser:
                     continue
                 if type(parsed) is Rejected and parsed.close or type(parsed) is Quit:
                     self._state = _DEAD
-                return parsed  # type: ignore[return-value]
+                return parsed  # type: ignore[return-value]  # not a tuple (``type() is tuple`` does not narrow)
             if state == _DATA:
                 need = self._need
                 pos = self._pos
@@ -483,18 +441,16 @@ class RequestParser:
         return tuple(keys)
 
     def _get(self, tokens: list[bytes], ntokens: int) -> _Parsed:
-        if ntokens == 3 and len(tokens[1]) <= MAX_KEY_LENGTH:  # the hot path: one key
-            return Get((tokens[1],))
         if ntokens < 3:
             return _UNKNOWN
         keys = self._keys(tokens[1:])
-        return keys if type(keys) is Rejected else Get(keys)  # type: ignore[arg-type]
+        return keys if type(keys) is Rejected else Get(keys)
 
     def _gets(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if ntokens < 3:
             return _UNKNOWN
         keys = self._keys(tokens[1:])
-        return keys if type(keys) is Rejected else Get(keys, True)  # type: ignore[arg-type]
+        return keys if type(keys) is Rejected else Get(keys, True)
 
     def _touching(self, tokens: list[bytes], ntokens: int, cas: bool) -> _Parsed:
         if ntokens < 3:
@@ -503,7 +459,7 @@ class RequestParser:
         if exptime is None:
             return Rejected(BadCommand(_BAD_EXPTIME))
         keys = self._keys(tokens[2:])
-        return keys if type(keys) is Rejected else Get(keys, cas, exptime)  # type: ignore[arg-type]
+        return keys if type(keys) is Rejected else Get(keys, cas, exptime)
 
     def _gat(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         return self._touching(tokens, ntokens, False)
@@ -661,7 +617,7 @@ class RequestParser:
         if ntokens < 3:
             return _UNKNOWN
         keys = self._keys(tokens[1:])
-        return keys if type(keys) is Rejected else XGet(keys)  # type: ignore[arg-type]
+        return keys if type(keys) is Rejected else XGet(keys)
 
     def _xput(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) not in (7, 8) or len(tokens) == 8 and tokens[7] != b"noreply":
@@ -707,10 +663,11 @@ class RequestParser:
             size, _, build = parsed
 
             def build_applied(value: bytes) -> Command:
+                # the builders of self._writes make write commands only
                 return XApply(version, _replied(build(value)))  # type: ignore[arg-type]
 
             return size, False, build_applied
-        return XApply(version, _replied(parsed))  # type: ignore[arg-type]
+        return XApply(version, _replied(parsed))  # type: ignore[arg-type]  # a write command, as above
 
     _writes: dict[bytes, Callable[[RequestParser, list[bytes], int], _Parsed]] = {
         b"set": _set,
@@ -808,7 +765,8 @@ def serialize_result(command: Command, result: Result) -> bytes:
             return _END
         if len(items) == 1:
             kind = type(command)
-            if kind is Get and not command.cas:  # type: ignore[union-attr]  # the hot path
+            # the hot path; ``kind`` holds type(command) once, which mypy does not narrow by
+            if kind is Get and not command.cas:  # type: ignore[union-attr]
                 key, r = items[0]
                 return plain_get_reply(key, (r.flags, r.value))
             if kind is XGet:  # a gateway's read
@@ -841,7 +799,7 @@ def version_reply(version: str) -> bytes:
 # -- the client: commands to bytes -----------------------------------------------------------------
 
 
-def _noreply(command: Store | Delete | Arith | Touch | FlushAll | Verbosity | XPut) -> bytes:
+def _noreply(command: NoreplyCommand) -> bytes:
     return b" noreply" if command.noreply else b""
 
 
@@ -871,46 +829,41 @@ def _write_line(command: WriteCommand, noreply: bool) -> bytes:
 
 def serialize_command(command: Command) -> bytes:
     """The request bytes for ``command``: what ``RequestParser`` parses back into an equal command."""
-    kind = type(command)
-    if kind is XGet:  # the gateway's reads
-        keys = command.keys  # type: ignore[union-attr]
+    if type(command) is XGet:  # the gateway's reads
+        keys = command.keys
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
-    if kind is Get:
-        get: Get = command  # type: ignore[assignment]
-        keys = b" ".join(get.keys)
-        if get.exptime is None:
-            return (b"gets " if get.cas else b"get ") + keys + b"\r\n"
-        return b"%s %d %s\r\n" % (b"gats" if get.cas else b"gat", get.exptime, keys)
-    if kind in (Store, Delete, Arith, Touch):
-        return _write_line(command, command.noreply)  # type: ignore[arg-type,union-attr]
-    if kind is XPut:
-        put: XPut = command  # type: ignore[assignment]
-        r = put.record
+    if type(command) is Get:
+        joined = b" ".join(command.keys)
+        if command.exptime is None:
+            return (b"gets " if command.cas else b"get ") + joined + b"\r\n"
+        return b"%s %d %s\r\n" % (b"gats" if command.cas else b"gat", command.exptime, joined)
+    if isinstance(command, (Store, Delete, Arith, Touch)):
+        return _write_line(command, command.noreply)
+    if type(command) is XPut:
+        r = command.record
         return b"%s %s %d %d %s %d %d%s\r\n%s\r\n" % (
-            b"xmove" if put.handoff else b"xput",
-            put.key,
+            b"xmove" if command.handoff else b"xput",
+            command.key,
             r.flags,
             r.expires_at,
             str(r.version).encode(),
             r.tombstone,
             len(r.value),
-            _noreply(put),
+            _noreply(command),
             r.value,
         )
-    if kind is XApply:
-        apply: XApply = command  # type: ignore[assignment]
-        return b"xapply %s %s" % (str(apply.version).encode(), _write_line(apply.command, False))
-    if kind is FlushAll:
-        flush: FlushAll = command  # type: ignore[assignment]
-        return b"flush_all %d%s\r\n" % (flush.delay, _noreply(flush))
-    if kind is StatsCommand:
-        group = command.group  # type: ignore[union-attr]
+    if type(command) is XApply:
+        return b"xapply %s %s" % (str(command.version).encode(), _write_line(command.command, False))
+    if type(command) is FlushAll:
+        return b"flush_all %d%s\r\n" % (command.delay, _noreply(command))
+    if type(command) is StatsCommand:
+        group = command.group
         return b"stats " + group.encode("latin-1") + b"\r\n" if group else b"stats\r\n"
-    if kind is VersionCommand:
+    if type(command) is VersionCommand:
         return b"version\r\n"
-    if kind is Verbosity:
-        return b"verbosity %d%s\r\n" % (command.level, _noreply(command))  # type: ignore[union-attr,arg-type]
-    if kind is Quit:
+    if type(command) is Verbosity:
+        return b"verbosity %d%s\r\n" % (command.level, _noreply(command))
+    if type(command) is Quit:
         return b"quit\r\n"
     raise TypeError(f"not a command: {command!r}")
 

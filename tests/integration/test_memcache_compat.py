@@ -34,7 +34,7 @@ from twisted.internet.threads import deferToThread
 
 from chashd.kvstore.backend import LocalBackend
 from chashd.launcher import free_ports
-from chashd.memcache.protocol import MemcacheServerFactory
+from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage.memory import MemoryEngine
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,8 @@ from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.handoff import Handoff, _Sizer, _Turns, load_synced
 from chashd.kvstore.ringwatch import NodeAddress, RingUpdate
-from chashd.memcache.protocol import KVClientPool, KVConnectionLost, MemcacheServerFactory
+from chashd.memcache.client import KVClientPool, KVConnectionLost
+from chashd.memcache.server import MemcacheServerFactory
 from chashd.record import Record
 from chashd.ring import HashRing
 from chashd.storage import MemoryEngine, SQLiteEngine

@@ -25,7 +25,8 @@ from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.testing import LocalRaft
 from chashd.kvstore.service import KVStoreRoot, KVStoreService
-from chashd.memcache.protocol import KVClientPool, MemcacheServerFactory
+from chashd.memcache.client import KVClientPool
+from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage import MemoryEngine
 from chashd.web import KeyValueHTTP
 

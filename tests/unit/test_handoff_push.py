@@ -13,10 +13,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.commands import Get, Quit, Status, Store, Values, XPut
 from chashd.errors import ValueTooLarge
-from chashd.memcache.protocol import KVConnectionLost, KVTimeout
+from chashd.memcache.client import KVConnectionLost, KVTimeout
 from chashd.record import Record
 from chashd.versions import Version
-from tests.unit.test_memcache_protocol import LaterBackend, PoolHarness, make_factory, pair
+from tests.unit.test_memcache_client import PoolHarness, pair
+from tests.unit.test_memcache_server import LaterBackend, make_factory
 
 
 def xmove(key: bytes, clock: int, value: bytes = b"v") -> XPut:

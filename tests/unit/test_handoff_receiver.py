@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from chashd.commands import Get, Status, Values, XPut
 from chashd.errors import StorageError
 from chashd.kvstore.backend import LocalBackend
-from chashd.memcache.protocol import MemcacheServerFactory, MemcacheServerProtocol
+from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
 from chashd.memcache.text import RequestParser, serialize_command
 from chashd.record import Record
 from chashd.storage import MemoryEngine, SQLiteEngine

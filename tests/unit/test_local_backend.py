@@ -24,7 +24,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import NodeLeaving, NonNumericValue, StaleVersion, ValueTooLarge
-from chashd.interfaces import IKeyValue
+from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
@@ -48,9 +48,11 @@ class LocalBackendTests:
     """Commands run against the engine, synchronously."""
 
     def test_provides_ikeyvalue(self) -> None:
-        """LocalBackend provides IKeyValue and names itself."""
+        """LocalBackend provides IKeyValue and the line protocol's two shortcuts, and names itself."""
         backend, _, _ = make()
         assert verifyObject(IKeyValue, backend)
+        assert verifyObject(IPlainGet, backend)
+        assert verifyObject(IGroupedPuts, backend)
         assert backend.name == "kvstore kv-1"
 
     def test_set_then_get(self) -> None:

@@ -1,54 +1,30 @@
-"""The line protocol on Twisted: server over a backend, pipelined client, pool (chashd.memcache.protocol)."""
+"""The line protocol's server over a backend, on StringTransport (chashd.memcache.server)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Sequence
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
-from twisted.test.iosim import ConnectionCompleter, IOPump, connectedServerAndClient
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from chashd.commands import (
-    Arith,
-    Command,
-    Delete,
-    Get,
-    Number,
-    Result,
-    StatsCommand,
-    StatsResult,
-    Status,
-    Store,
-    Values,
-    XApplied,
-    XApply,
-    XGet,
-    XPut,
-)
-from chashd.errors import NodeLeaving, NonNumericValue
-from chashd.interfaces import IKeyValue
+import chashd.memcache
+from chashd.commands import Command, Result, Status, XPut
+from chashd.errors import ChashdError, NodeLeaving
+from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
-from chashd.memcache.protocol import (
-    KVClientPool,
-    KVClientProtocol,
-    KVConnectionLost,
-    KVTimeout,
-    MemcacheServerFactory,
-    MemcacheServerProtocol,
-)
-from chashd.record import Record
+from chashd.memcache import client, server
+from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
 from chashd.storage.memory import MemoryEngine
-from chashd.versions import Version
 
 T0 = 1_700_000_000.0
 
@@ -381,7 +357,7 @@ class ServerTests:
 
 @implementer(IKeyValue)
 class GeneralPathOnly:
-    """A LocalBackend seen without its ``get_one``: every get goes through ``execute``."""
+    """A LocalBackend seen as a plain ``IKeyValue`` (not ``IPlainGet``): every get goes through ``execute``."""
 
     name = "general"
 
@@ -390,8 +366,16 @@ class GeneralPathOnly:
         self.stats = local.stats
 
 
+@implementer(IPlainGet)
+class LaterPlainGetBackend(LaterBackend):
+    """A backend that answers later, except plain gets: ``get_one`` reads its LocalBackend at once."""
+
+    def get_one(self, key: bytes) -> tuple[int, bytes] | None:
+        return self.local.get_one(key)
+
+
 class PlainGetTests:
-    """A kvstore backend's ``get_one`` answers plain gets (``get <key>``) without command objects."""
+    """An ``IPlainGet`` backend's ``get_one`` answers plain gets (``get <key>``) without command objects."""
 
     SCRIPT = (
         b"set k 7 0 3\r\nabc\r\nget k\r\nget missing\r\nget k missing\r\n"
@@ -462,6 +446,7 @@ class PlainGetTests:
     def test_a_failing_engine_answers_as_on_the_general_path(self) -> None:
         """An engine error in ``get_one`` gets the general path's reply and log line."""
 
+        @implementer(IPlainGet)
         class FailingReads(RaisingBackend):
             def get_one(self, key: bytes) -> tuple[int, bytes] | None:
                 raise self.error
@@ -477,8 +462,7 @@ class PlainGetTests:
         """A plain get answered at once still leaves after the earlier replies still pending, whether it
         came in the same read or in one of its own."""
         clock = Clock()
-        backend = LaterBackend(clock)
-        backend.get_one = backend.local.get_one  # type: ignore[attr-defined]
+        backend = LaterPlainGetBackend(clock)
         factory, _ = make_factory(backend)
         protocol, transport = connect(factory)
         protocol.dataReceived(b"set k 0 0 1\r\nx\r\nget k\r\n")
@@ -486,6 +470,90 @@ class PlainGetTests:
         assert transport.value() == b""
         backend.fire(0)
         assert transport.value() == b"STORED\r\nEND\r\nEND\r\n"
+
+
+@implementer(IKeyValue)
+class Undeclared:
+    """A LocalBackend's methods, ``get_one`` and ``execute_puts`` included, without its optional interfaces."""
+
+    name = "undeclared"
+
+    def __init__(self, local: LocalBackend) -> None:
+        self.local = local
+        self.stats = local.stats
+        self.calls: list[str] = []
+
+    def execute(self, command: Command) -> Result:
+        self.calls.append("execute")
+        return self.local.execute(command)
+
+    def get_one(self, key: bytes) -> tuple[int, bytes] | None:
+        self.calls.append("get_one")
+        return self.local.get_one(key)
+
+    def execute_puts(self, commands: Sequence[XPut]) -> list[Status | ChashdError]:
+        self.calls.append("execute_puts")
+        return self.local.execute_puts(commands)
+
+
+@implementer(IGroupedPuts)
+class Declared(Undeclared):
+    """``Undeclared`` that declares ``IGroupedPuts`` (and not ``IPlainGet``)."""
+
+
+class OptionalInterfaceTests:
+    """The shortcuts are taken for what a backend declares (``providedBy``), not for the methods it has."""
+
+    XPUTS = b"xput a 0 0 5-w 0 1\r\nx\r\nxput b 0 0 5-w 0 1\r\ny\r\n"
+
+    def test_the_factory_asks_once(self) -> None:
+        """The factory holds the backend as each interface it provides, or None."""
+        clock = Clock()
+        local = LocalBackend(MemoryEngine(), "kv-1", clock, 1024)
+        factory = MemcacheServerFactory(local, clock)
+        assert factory.plain_get is local and factory.grouped_puts is local
+        general = MemcacheServerFactory(GeneralPathOnly(local), clock)
+        assert general.plain_get is None and general.grouped_puts is None
+
+    def test_undeclared_methods_are_not_used(self) -> None:
+        """A backend with ``get_one`` and ``execute_puts`` that does not declare their interfaces gets every
+        command through ``execute``, with the same replies."""
+        backend = Undeclared(LocalBackend(MemoryEngine(), "kv-1", Clock(), 1024))
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(self.XPUTS)
+        protocol.dataReceived(b"get a\r\n")
+        protocol.dataReceived(b"get b\r\nget a\r\n")
+        assert transport.value() == b"STORED\r\nSTORED\r\n" + b"VALUE a 0 1\r\nx\r\nEND\r\n" * 1 + (
+            b"VALUE b 0 1\r\ny\r\nEND\r\nVALUE a 0 1\r\nx\r\nEND\r\n"
+        )
+        assert backend.calls == ["execute"] * 5
+
+    def test_declared_grouped_puts_are_used(self) -> None:
+        """Declaring ``IGroupedPuts`` sends the XPuts of a read in one ``execute_puts``; gets still go
+        through ``execute`` without ``IPlainGet``."""
+        backend = Declared(LocalBackend(MemoryEngine(), "kv-1", Clock(), 1024))
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(self.XPUTS + b"get a\r\n")
+        assert transport.value() == b"STORED\r\nSTORED\r\nVALUE a 0 1\r\nx\r\nEND\r\n"
+        assert backend.calls == ["execute_puts", "execute"]
+
+
+class PackageTests:
+    """``chashd.memcache`` exports the server's and the client's public names."""
+
+    def test_exports(self) -> None:
+        """Every name of ``__all__`` is the class of its module."""
+        homes = {name: getattr(server, name, None) or getattr(client, name) for name in chashd.memcache.__all__}
+        assert {name: getattr(chashd.memcache, name) for name in chashd.memcache.__all__} == homes
+        assert sorted(chashd.memcache.__all__) == sorted([*server.__all__, *client.__all__])
+
+    def test_the_parser_does_not_import_twisted(self) -> None:
+        """Importing the pure parser through the package imports no Twisted module."""
+        code = "import sys, chashd.memcache.text; print(sorted(m for m in sys.modules if m.startswith('twisted')))"
+        found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+        assert found.stdout.strip() == "[]"
 
 
 class DeferredBackendTests:
@@ -559,269 +627,6 @@ class DeferredBackendTests:
         protocol.connectionLost(Failure(ConnectionDone()))
         backend.fire(0)
         assert transport.value() == b""
-
-
-def pair(
-    server_factory: MemcacheServerFactory, clock: Clock | None = None, timeout: float | None = None
-) -> tuple[KVClientProtocol, MemcacheServerProtocol, IOPump]:
-    return connectedServerAndClient(
-        lambda: server_factory.buildProtocol(None),
-        lambda: KVClientProtocol(clock, timeout),
-    )
-
-
-class ClientServerTests(SynchronousTestCase):
-    """The gateway's client against the real server, pumped in memory."""
-
-    def setUp(self) -> None:
-        self.factory, self.clock = make_factory()
-        self.client, self.server, self.pump = pair(self.factory)
-
-    def send(self, command: Command) -> Any:
-        d = self.client.send(command)
-        self.pump.flush()
-        return self.successResultOf(d)
-
-    def test_round_trips(self) -> None:
-        """Every key-value command and the extension come back as results."""
-        assert self.send(Store("set", b"k", 3, 0, b"a\r\nb")) is Status.STORED
-        values = self.send(Get((b"k", b"x"), cas=True))
-        assert isinstance(values, Values) and values.items[0][1].value == b"a\r\nb"
-        assert values.items[0][1].flags == 3
-        assert self.send(Store("set", b"n", 0, 0, b"1")) is Status.STORED
-        assert self.send(Arith(b"n", 41)) == Number(42)
-        assert self.send(Delete(b"n", noreply=True)) is Status.DELETED
-        record = Record(b"v", 1, 0, Version(5, "gw"))
-        assert self.send(XPut(b"x", record)) is Status.STORED
-        assert self.send(XGet((b"x", b"n"))) == Values(((b"x", record), (b"n", self._stored(b"n"))))
-        applied = self.send(XApply(Version(10**15, "gw"), Store("append", b"x", 0, 0, b"w")))
-        assert applied == XApplied(Status.STORED, Record(b"vw", 1, 0, Version(10**15, "gw")))
-        stats = self.send(StatsCommand())
-        assert isinstance(stats, StatsResult) and dict(stats.items)["curr_connections"] == "1"
-
-    def _stored(self, key: bytes) -> Record:
-        record = self.server.factory.backend.engine.get(key)  # type: ignore[attr-defined]
-        assert record is not None
-        return record  # type: ignore[no-any-return]
-
-    def test_pipelined(self) -> None:
-        """Many requests in flight are answered in order."""
-        deferreds = [self.client.send(Store("set", b"k%d" % i, 0, 0, b"%d" % i)) for i in range(50)]
-        deferreds += [self.client.send(Get((b"k%d" % i,))) for i in range(50)]
-        assert self.client.pending == 100
-        self.pump.flush()
-        results: list[Any] = [self.successResultOf(d) for d in deferreds]
-        assert results[:50] == [Status.STORED] * 50
-        assert [r.items[0][1].value for r in results[50:]] == [b"%d" % i for i in range(50)]
-
-    def test_errors_come_back_as_domain_errors(self) -> None:
-        """An error reply fails the request's Deferred with the matching domain error."""
-        self.send(Store("set", b"k", 0, 0, b"abc"))
-        d = self.client.send(Arith(b"k", 1))
-        self.pump.flush()
-        self.failureResultOf(d, NonNumericValue)
-        assert self.send(Get((b"k",))).items[0][1].value == b"abc"
-
-    def test_connection_loss_fails_pending(self) -> None:
-        """When the connection drops, every pending request fails with KVConnectionLost."""
-        first = self.client.send(Get((b"a",)))
-        second = self.client.send(Get((b"b",)))
-        self.client.connectionLost(Failure(ConnectionDone()))
-        assert "lost" in str(self.failureResultOf(first, KVConnectionLost).value)
-        self.failureResultOf(second, KVConnectionLost)
-        self.failureResultOf(self.client.send(Get((b"c",))), KVConnectionLost)
-        assert not self.client.usable
-
-    def test_unasked_bytes_drop_the_connection(self) -> None:
-        """Bytes the client never asked for mean the pipeline lost step: the connection is dropped."""
-        self.client.dataReceived(b"STORED\r\n")
-        assert self.client.transport.disconnecting  # type: ignore[union-attr]
-
-    def test_quit_is_not_a_request(self) -> None:
-        """quit cannot be sent as a request."""
-        from chashd.commands import Quit
-
-        with pytest.raises(ValueError):
-            self.client.send(Quit())
-
-
-class ClientTimeoutTests(SynchronousTestCase):
-    """Per-request timeouts on the injected clock."""
-
-    def test_timeout_fails_and_drops(self) -> None:
-        """A request unanswered after its timeout fails with KVTimeout; the others behind it fail too."""
-        clock = Clock()
-        backend = LaterBackend(clock)
-        factory, _ = make_factory(backend)
-        client, _, pump = pair(factory, clock=clock, timeout=5)
-        first = client.send(Get((b"a",)))
-        second = client.send(Get((b"b",)))
-        pump.flush()
-        clock.advance(5)
-        self.failureResultOf(first, KVTimeout)
-        self.failureResultOf(second, KVConnectionLost)
-        pump.flush()
-        assert clock.getDelayedCalls() == []
-
-    def test_answered_in_time(self) -> None:
-        """An answer before the timeout stands: the deadline check then finds nothing to fail and ends."""
-        clock = Clock()
-        factory, _ = make_factory()
-        client, _, pump = pair(factory, clock=clock, timeout=5)
-        d = client.send(Get((b"a",)))
-        pump.flush()
-        assert self.successResultOf(d) == Values(())
-        clock.advance(5)
-        assert client.usable
-        assert clock.getDelayedCalls() == []
-
-    def test_one_timer_per_connection(self) -> None:
-        """Many pending requests share one deadline timer, not one timer each."""
-        clock = Clock()
-        factory, _ = make_factory(LaterBackend(clock))
-        client, _, pump = pair(factory, clock=clock, timeout=5)
-        for i in range(20):
-            client.send(Get((b"k%d" % i,)))
-        pump.flush()
-        assert client.pending == 20
-        assert len(clock.getDelayedCalls()) == 1
-
-    def test_each_request_gets_its_whole_timeout(self) -> None:
-        """A request sent after the first one fails only at its own deadline, not at the first one's."""
-        clock = Clock()
-        backend = LaterBackend(clock)
-        factory, _ = make_factory(backend)
-        client, _, pump = pair(factory, clock=clock, timeout=5)
-        first = client.send(Get((b"a",)))
-        pump.flush()
-        clock.advance(3)
-        second = client.send(Get((b"b",)))
-        pump.flush()
-        backend.fire(0)
-        pump.flush()
-        assert self.successResultOf(first) == Values(())
-        clock.advance(2)  # the first request's deadline: the second has 3 s left
-        self.assertNoResult(second)
-        assert client.usable
-        clock.advance(2.9)
-        self.assertNoResult(second)
-        clock.advance(0.1)
-        self.failureResultOf(second, KVTimeout)
-        assert not client.usable
-        pump.flush()
-        assert clock.getDelayedCalls() == []
-
-    def test_timer_restarts_after_an_idle_spell(self) -> None:
-        """After the timer ended on an empty pipeline, a new request gets a timer again."""
-        clock = Clock()
-        backend = LaterBackend(clock)
-        factory, _ = make_factory(backend)
-        client, _, pump = pair(factory, clock=clock, timeout=5)
-        answered = client.send(Get((b"a",)))
-        pump.flush()
-        backend.fire(0)
-        pump.flush()
-        self.successResultOf(answered)
-        clock.advance(5)
-        assert clock.getDelayedCalls() == []
-        d = client.send(Get((b"b",)))
-        pump.flush()
-        assert len(clock.getDelayedCalls()) == 1
-        clock.advance(5)
-        self.failureResultOf(d, KVTimeout)
-
-    def test_timeout_needs_a_clock(self) -> None:
-        """A timeout without a clock is refused."""
-        with pytest.raises(ValueError):
-            KVClientProtocol(None, 5)
-
-
-class PoolHarness(SynchronousTestCase):
-    """A ``KVClientPool`` of 2 connections to a kvstore server on a ``MemoryReactorClock``; connections are
-    completed by ``self.completer``."""
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(T0)
-        backend = LocalBackend(MemoryEngine(), "kv-1", self.reactor, 1024)
-        self.reactor.listenTCP(4321, MemcacheServerFactory(backend, self.reactor))
-        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", 4321)
-        self.pool = KVClientPool(self.reactor, "127.0.0.1", 4321, size=2, timeout=None, endpoint=endpoint)
-        self.completer = ConnectionCompleter(self.reactor)
-
-
-class PoolTests(PoolHarness):
-    """KVClientPool keeps connections to one kvstore and reconnects."""
-
-    def test_fills_one_connection_then_spreads(self) -> None:
-        """Requests go over the first connection (so that they leave together) until it has ``spill_at``
-        pending, then over the least busy one."""
-        self.pool.spill_at = 2
-        self.pool.startService()
-        pumps = [self.completer.succeedOnce(), self.completer.succeedOnce()]
-        assert len(self.pool.connections) == 2
-        d1 = self.pool.send(Store("set", b"k", 0, 0, b"v"))
-        d2 = self.pool.send(Get((b"k",)))
-        assert [c.pending for c in self.pool.connections] == [2, 0]
-        d3 = self.pool.send(Get((b"k",)))
-        d4 = self.pool.send(Get((b"k",)))
-        d5 = self.pool.send(Get((b"k",)))
-        assert [c.pending for c in self.pool.connections] == [3, 2]
-        for pump in pumps:
-            assert pump is not None
-            pump.flush()
-        assert self.successResultOf(d1) is Status.STORED
-        for d in (d2, d3, d4, d5):
-            assert isinstance(self.successResultOf(d), Values)
-        self.pool.stopService()
-        for pump in pumps:
-            assert pump is not None
-            pump.flush()
-        assert self.pool.connections == []
-
-    def test_skips_a_connection_that_failed(self) -> None:
-        """After a request times out on one connection, the next request goes over another one."""
-        reactor = MemoryReactorClock()
-        reactor.listenTCP(4322, MemcacheServerFactory(LaterBackend(Clock()), reactor))
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", 4322)
-        pool = KVClientPool(reactor, "127.0.0.1", 4322, size=2, timeout=1.0, endpoint=endpoint)
-        pool.startService()
-        completer = ConnectionCompleter(reactor)
-        pumps = [completer.succeedOnce(), completer.succeedOnce()]
-        first, second = pool.connections
-        timed_out = pool.send(Get((b"a",)))
-        for pump in pumps:
-            assert pump is not None
-            pump.flush()
-        reactor.advance(1.0)
-        self.failureResultOf(timed_out, KVTimeout)
-        assert not first.usable
-        pool.send(Get((b"b",)))
-        assert (first.pending, second.pending) == (0, 1)
-        pool.stopService()
-
-    def test_waits_for_a_connection(self) -> None:
-        """A request sent before any connection goes over the first one made."""
-        self.pool.startService()
-        d = self.pool.send(Get((b"k",)))
-        pump = self.completer.succeedOnce()
-        assert pump is not None
-        pump.flush()
-        assert self.successResultOf(d) == Values(())
-
-    def test_unreachable(self) -> None:
-        """When connecting fails the request fails with KVConnectionLost; the pool retries later."""
-        self.pool.startService()
-        d = self.pool.send(Get((b"k",)))
-        self.completer.failOnce()
-        self.completer.failOnce()
-        self.failureResultOf(d, KVConnectionLost)
-        assert self.reactor.getDelayedCalls()  # the retries
-        self.pool.stopService()
-
-    def test_stopped(self) -> None:
-        """A stopped pool refuses requests at once."""
-        self.failureResultOf(self.pool.send(Get((b"k",))), KVConnectionLost)
 
 
 class ServerFuzzTests:

@@ -1,0 +1,367 @@
+"""The line protocol's client: the pipelined connection a gateway (and a kvstore's handoff) keeps to a kvstore.
+
+``KVClientProtocol.send(command)`` returns a Deferred of the result; replies are matched to requests in order
+(a deque). ``send_many(commands)`` sends a group in one write, answered by one Deferred with each command's
+result or ``Failure``. A request may have a timeout (the injected clock's); when it expires the connection is
+dropped, since the replies behind it would come late too. The deadlines are checked by one timer per
+connection, not one per request: replies come in order, so only the oldest pending request can be the first to
+expire; the timer is due at its deadline and, when it fires, moves on to the next oldest (a timer that finds
+nothing pending just ends). A lost connection fails every pending request with ``KVConnectionLost``, a timeout
+with ``KVTimeout``; a kvstore's error reply fails its request with the domain error of ``chashd.errors``.
+``noreply`` is never sent: every request gets its reply, so the pipeline cannot lose step.
+
+``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, cast
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result
+from chashd.errors import ChashdError, ServiceUnavailable
+from chashd.memcache._transport import set_nodelay
+from chashd.memcache.text import BadReply, ReplyParser, serialize_command
+
+__all__ = ["KVClientPool", "KVClientProtocol", "KVConnectionLost", "KVTimeout"]
+
+
+class KVConnectionLost(ServiceUnavailable):
+    """The connection to a kvstore closed before it answered; the request may or may not have run."""
+
+
+class KVTimeout(ServiceUnavailable):
+    """A kvstore did not answer in time; the request may or may not have run."""
+
+
+class _Group:
+    """The answers to the commands of one ``send_many``: one pending entry per command shares it, in place
+    of a Deferred each (a handoff sends hundreds at once). It takes each answer with ``callback`` or
+    ``errback``, as a Deferred would, and fires ``done`` with them all, in order, after the last."""
+
+    __slots__ = ("called", "done", "left", "results")
+
+    def __init__(self, count: int) -> None:
+        self.called = False  # the pending loop skips entries whose Deferred was called (cancelled)
+        self.done: Deferred[list[Result | Failure]] = Deferred()
+        self.left = count
+        self.results: list[Result | Failure] = []
+
+    def callback(self, result: Result) -> None:
+        self.results.append(result)
+        self._answered()
+
+    def errback(self, error: BaseException | Failure) -> None:
+        self.results.append(error if isinstance(error, Failure) else Failure(error))
+        self._answered()
+
+    def _answered(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.called = True
+            if not self.done.called:  # not cancelled by the caller meanwhile
+                self.done.callback(self.results)
+
+
+def _as_request(command: Command) -> Command:
+    """``command`` as the client sends it: without ``noreply`` (every request gets its reply, so that replies
+    and requests stay in step). ``quit`` is refused: it is no request, the connection is closed instead."""
+    kind = type(command)
+    if kind in NOREPLY_COMMANDS:
+        silenceable = cast(NoreplyCommand, command)
+        if silenceable.noreply:
+            return replace(silenceable, noreply=False)
+    elif kind is Quit:
+        raise ValueError("quit is not a request; close the connection instead")
+    return command
+
+
+#: A pending request: the command, its Deferred (or its ``send_many`` group), and when it was sent (the
+#: clock's seconds; 0 without a timeout).
+_Request = tuple[Command, "Deferred[Result] | _Group", float]
+
+
+class KVClientProtocol(Protocol):
+    """A pipelined client connection to a kvstore's line port (see the module docstring).
+
+    ``clock`` and ``timeout``: each request fails with ``KVTimeout`` after ``timeout`` seconds (None:
+    never), checked by one timer per connection. ``on_connect``/``on_lost`` tell a pool when the
+    connection comes and goes.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime | None = None,
+        timeout: float | None = None,
+        max_value_size: int = 128 * 1024 * 1024,
+        on_connect: Callable[[KVClientProtocol], None] | None = None,
+        on_lost: Callable[[KVClientProtocol], None] | None = None,
+    ) -> None:
+        if timeout is not None and clock is None:
+            raise ValueError("a timeout needs a clock")
+        self._clock = clock
+        self._timeout = timeout
+        self._seconds = clock.seconds if timeout is not None and clock is not None else None
+        self._timer: IDelayedCall | None = None  # the deadline check, while requests may be pending
+        self._parser = ReplyParser(max_value_size)
+        self._pending: deque[_Request] = deque()
+        self._connected = False
+        self._lost_reason: str | None = None
+        self._on_connect = on_connect
+        self._on_lost = on_lost
+        self._tr: Any = None
+        self.peer = "kvstore"
+
+    @property
+    def pending(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._pending)
+
+    @property
+    def usable(self) -> bool:
+        """True while requests can be sent."""
+        return self._connected
+
+    def connectionMade(self) -> None:
+        self._tr = self.transport
+        self._connected = True
+        peer = self._tr.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        set_nodelay(self.transport)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def send(self, command: Command) -> Deferred[Result]:
+        """Send ``command``; the Deferred fires with its result or fails with a ``chashd.errors`` error."""
+        if not self._connected:
+            return fail(self._not_connected())
+        command = _as_request(command)
+        deferred: Deferred[Result] = Deferred()
+        seconds = self._seconds
+        if seconds is None:
+            self._pending.append((command, deferred, 0.0))
+        else:
+            self._pending.append((command, deferred, seconds()))
+            if self._timer is None:
+                assert self._clock is not None and self._timeout is not None
+                self._timer = self._clock.callLater(self._timeout, self._check_deadline)
+        self._tr.write(serialize_command(command))
+        return deferred
+
+    def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
+        """Send ``commands`` in one write; the Deferred fires once each is answered, with a list of each
+        one's result or the ``Failure`` of its error, in order. For bulk senders (a handoff pushes a page
+        of XPuts): one Deferred and one write for the group, in place of one Deferred and one write
+        each. ``noreply`` is dropped as in ``send``; ``quit`` is refused."""
+        if not commands:
+            return succeed([])
+        if not self._connected:
+            error = self._not_connected()
+            return succeed([Failure(error) for _ in commands])
+        requests = [_as_request(command) for command in commands]
+        wire = b"".join([serialize_command(command) for command in requests])
+        group = _Group(len(requests))
+        seconds = self._seconds
+        sent = seconds() if seconds is not None else 0.0
+        self._pending.extend([(command, group, sent) for command in requests])
+        if seconds is not None and self._timer is None:
+            assert self._clock is not None and self._timeout is not None
+            self._timer = self._clock.callLater(self._timeout, self._check_deadline)
+        self._tr.write(wire)
+        return group.done
+
+    def _not_connected(self) -> KVConnectionLost:
+        return KVConnectionLost(f"not connected to {self.peer}: {self._lost_reason or 'not yet'}")
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        pending = self._pending
+        next_result = parser.next
+        while pending:
+            try:
+                result = next_result(pending[0][0])
+            except BadReply as e:
+                self._log.error("bad reply from {peer}: {error}", peer=self.peer, error=str(e))
+                self._fail_all(e)
+                self._tr.abortConnection()
+                return
+            if result is None:
+                return
+            deferred = pending.popleft()[1]
+            if deferred.called:  # cancelled by its caller
+                continue
+            if isinstance(result, ChashdError):
+                deferred.errback(result)
+            else:
+                deferred.callback(result)
+        if self._connected and parser.buffered:  # no request is waiting for these bytes
+            self._log.error("{peer} sent bytes nobody asked for", peer=self.peer)
+            self._tr.abortConnection()
+
+    def _check_deadline(self) -> None:
+        """The timer: fail the oldest pending request if its time is up, else wait for its deadline."""
+        self._timer = None
+        if not self._pending or not self._connected:
+            return
+        assert self._seconds is not None and self._timeout is not None and self._clock is not None
+        oldest = self._pending[0]
+        due = oldest[2] + self._timeout
+        now = self._seconds()
+        if now < due:
+            self._timer = self._clock.callLater(due - now, self._check_deadline)
+            return
+        self._log.warn(
+            "{peer} did not answer {command} within {timeout}s; dropping the connection",
+            peer=self.peer,
+            command=type(oldest[0]).__name__,
+            timeout=self._timeout,
+        )
+        self._fail_all(KVTimeout(f"{self.peer} did not answer within {self._timeout}s"), first=oldest)
+        self._tr.abortConnection()
+
+    def _fail_all(self, error: ChashdError, first: _Request | None = None) -> None:
+        self._connected = False
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, deque()
+        lost = KVConnectionLost(f"connection to {self.peer} closed before it answered: {error}")
+        for request in pending:
+            deferred = request[1]
+            if not deferred.called:
+                deferred.errback(error if request is first or first is None else lost)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost_reason = reason.getErrorMessage()
+        was_connected = self._connected
+        self._connected = False
+        self._fail_all(KVConnectionLost(f"connection to {self.peer} lost: {self._lost_reason}"))
+        if was_connected and self._on_lost is not None:
+            self._on_lost(self)
+
+
+class _PoolFactory(Factory):
+    def __init__(self, pool: KVClientPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: IAddress | None) -> KVClientProtocol:
+        pool = self.pool
+        return KVClientProtocol(pool.clock, pool.timeout, pool.max_value_size, pool._connected, pool._lost)
+
+
+class KVClientPool(MultiService):
+    """``size`` persistent connections to one kvstore, each reconnecting with backoff (``ClientService``).
+
+    ``send`` goes over the connected connection with the fewest pending requests; when none is connected
+    it waits for the next connection attempt and fails with ``KVConnectionLost`` if that fails.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        size: int = 2,
+        timeout: float | None = 5.0,
+        connect_timeout: float = 5.0,
+        max_value_size: int = 128 * 1024 * 1024,
+        endpoint: IStreamClientEndpoint | None = None,
+        max_backoff: float = 10.0,
+        spill_at: int = 32,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService.__init__ has no annotations
+        self.clock: IReactorTime = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.max_value_size = max_value_size
+        self.spill_at = spill_at
+        self.connections: list[KVClientProtocol] = []
+        if endpoint is None:
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+        factory = _PoolFactory(self)
+        policy = backoffPolicy(initialDelay=0.1, maxDelay=max_backoff, factor=2.0)
+        self._services = [ClientService(endpoint, factory, retryPolicy=policy, clock=reactor) for _ in range(size)]
+        for service in self._services:
+            service.setServiceParent(self)
+        self._next = 0
+
+    def _connected(self, protocol: KVClientProtocol) -> None:
+        self.connections.append(protocol)
+        self._log.debug("connected to {host}:{port}", host=self.host, port=self.port)
+
+    def _lost(self, protocol: KVClientProtocol) -> None:
+        if protocol in self.connections:
+            self.connections.remove(protocol)
+
+    def send(self, command: Command) -> Deferred[Result]:
+        """Send ``command`` over the first usable connection, or the least busy one once that one has
+        ``spill_at`` requests pending."""
+        best: KVClientProtocol | None = None
+        for connection in self.connections:
+            if connection._connected:
+                pending = len(connection._pending)
+                if pending < self.spill_at:
+                    return connection.send(command)
+                if best is None or pending < len(best._pending):
+                    best = connection
+        if best is not None:
+            return best.send(command)
+        if not self.running:
+            return fail(KVConnectionLost(f"the pool to {self.host}:{self.port} is stopped"))
+        service = self._services[self._next % len(self._services)]
+        self._next += 1
+        waiting: Deferred[Any] = service.whenConnected(failAfterFailures=1)
+
+        def connected(protocol: KVClientProtocol) -> Deferred[Result]:
+            return protocol.send(command)
+
+        def unreachable(failure: Failure) -> Failure:
+            if failure.check(ChashdError):
+                return failure
+            return Failure(KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"))
+
+        return waiting.addCallback(connected).addErrback(unreachable)
+
+    def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
+        """``KVClientProtocol.send_many`` over the connected connection with the fewest pending requests
+        (waiting for the next connection attempt when none is connected): each command's result or the
+        ``Failure`` of its error, in order."""
+        best: KVClientProtocol | None = None
+        for connection in self.connections:
+            if connection._connected and (best is None or len(connection._pending) < len(best._pending)):
+                best = connection
+        if best is not None:
+            return best.send_many(commands)
+        if not self.running:
+            error = KVConnectionLost(f"the pool to {self.host}:{self.port} is stopped")
+            return succeed([Failure(error) for _ in commands])
+        service = self._services[self._next % len(self._services)]
+        self._next += 1
+        waiting: Deferred[Any] = service.whenConnected(failAfterFailures=1)
+
+        def connected(protocol: KVClientProtocol) -> Deferred[list[Result | Failure]]:
+            return protocol.send_many(commands)
+
+        def unreachable(failure: Failure) -> list[Result | Failure]:
+            error = KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}")
+            return [Failure(error) for _ in commands]
+
+        return waiting.addCallbacks(connected, unreachable)

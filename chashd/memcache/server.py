@@ -1,0 +1,594 @@
+# The line protocol this server speaks: memcached's text protocol, and the versioned extension chashd's
+# daemons use between themselves. chashd/memcache/text.py parses and serializes it.
+#
+# Wire grammar (what a server reads; replies after ``->``). ``\r\n`` ends a line (a bare ``\n`` is
+# accepted too); tokens are separated by one or more spaces (only spaces: a tab is part of a token).
+# ``<key>`` is 1-250 bytes without space or NUL; like memcached we accept control characters in it. Numbers
+# are read as memcached's C parsers read them (``safe_strtoul``, ``safe_strtol``, ``safe_strtoull``):
+# leading blanks and a sign are allowed, ``<flags>`` keeps its low 32 bits, ``<exptime>``/``<bytes>`` their
+# low 32 bits as a signed number. ``[noreply]`` is recognised as the last token of the line.
+#
+#     get|gets|bget <key>*                       -> (VALUE <key> <flags> <bytes>[ <cas>]\r\n<data>\r\n)* END
+#     gat|gats <exptime> <key>*                  -> same as get/gets, touching each hit
+#     set|add|replace|append|prepend <key> <flags> <exptime> <bytes> [noreply]\r\n<data>\r\n
+#                                                -> STORED | NOT_STORED
+#     cas <key> <flags> <exptime> <bytes> <cas unique> [noreply]\r\n<data>\r\n
+#                                                -> STORED | EXISTS | NOT_FOUND
+#     delete <key> [0] [noreply]                 -> DELETED | NOT_FOUND
+#     incr|decr <key> <delta> [noreply]          -> <new value> | NOT_FOUND
+#     touch <key> <exptime> [noreply]            -> TOUCHED | NOT_FOUND
+#     flush_all [<delay>] [noreply]              -> OK
+#     stats [<group> ...]                        -> (STAT <name> <value>)* END | RESET | ERROR
+#     version                                    -> VERSION <version>
+#     verbosity <level> [noreply]                -> OK
+#     quit                                       -> (the server closes the connection)
+#
+# Faults answer as memcached 1.6 does: ``ERROR`` (unknown command, wrong number of tokens, the meta commands
+# ``mg``/``ms``/``md``/``ma``/``mn``/``me`` and the binary protocol, which we do not speak; a binary request
+# is answered ``ERROR`` and the connection closed), ``CLIENT_ERROR bad command line format`` (a key over 250
+# bytes, a bad number), ``CLIENT_ERROR bad data chunk`` (the ``<bytes>+2`` bytes after a storage command
+# do not end in ``\r\n``; what follows them is read as the next command), ``SERVER_ERROR object too large
+# for cache`` (``<bytes>`` over the value limit: the data block is skipped unread, and a ``set`` deletes the
+# key's old value, as memcached does so that a failed set never leaves a stale value). A line over 2048
+# bytes without its newline closes the connection silently (so does a line over 16 KiB, memcached's read
+# buffer), except a ``get``/``gets`` line, which may grow to ``max_keys`` keys; past that the server answers
+# ``SERVER_ERROR out of memory reading request`` and closes, as memcached does when it cannot grow its
+# buffer. A line whose last token starts with ``HTTP/`` is an HTTP request: the connection closes silently.
+# ``noreply`` silences every reply of its command, errors included, as in memcached.
+#
+# The versioned extension (between gateways, the handoff and kvstores; no memcached command starts with
+# ``x``). ``<version>`` is ``str(Version)``: ``<clock>`` or ``<clock>-<writer>``; ``<expires_at>`` is a Unix
+# time (0: never); ``<tombstone>`` is 0 or 1. The numbers here are plain decimal digits.
+#
+#     xget <key>+                                -> (XVALUE <key> <flags> <expires_at> <version> <tombstone> <bytes>\r\n
+#                                                    <data>\r\n)* END        every stored record, tombstones included
+#     xput <key> <flags> <expires_at> <version> <tombstone> <bytes> [noreply]\r\n<data>\r\n
+#                                                -> STORED (kept) | EXISTS (an equal or newer version is stored)
+#     xmove <the same as xput>                   -> the same: an xput sent by a rebalancing handoff (XPut.handoff)
+#     xapply <version> <a write command line: set|add|replace|append|prepend|cas|delete|incr|decr|touch ...>
+#            [\r\n<data>]\r\n
+#                                                -> XAPPLIED <the reply line of that command>\r\n
+#                                                   [XVALUE ... block of the record it wrote]END
+#                                                   (or the CLIENT_ERROR/SERVER_ERROR line of the plain command,
+#                                                   or SERVER_ERROR a newer version is stored than the version of
+#                                                   this write: <the stored version>, when the stored record is as
+#                                                   new as <version> or newer)
+#
+# ``xapply`` always replies (a ``noreply`` inside it is ignored) and writes with ``<version>``. It is refused
+# (``StaleVersion``) rather than applied over a record it is not newer than: the gateway moves its clock past
+# the stored version and sends it again, and a request a gateway gave up on (a paused primary) never undoes
+# the writes that came after it.
+
+"""The line protocol's server: ``MemcacheServerFactory`` and ``MemcacheServerProtocol`` over an ``IKeyValue``.
+
+Bytes go to the pure ``RequestParser`` of ``chashd.memcache.text``, which does memcached's framing (a line,
+then a declared data block, or a skipped one) with memcached's limits; this is why the protocol is a plain
+``Protocol`` rather than a ``LineReceiver``: memcached accepts a bare LF, reads a whole line past 2048 bytes
+when it came in one read but closes on 2048 bytes without a newline (except a multi-key get), which
+``MAX_LENGTH`` cannot say. Memory per connection stays bounded by the parser's limits (a line, a data block
+of at most the value limit + 2 bytes) and by the cap on pending replies.
+
+- Replies leave in request order. A backend result that is not a Deferred is written inline (all the
+  replies to one read go out in one write); a Deferred goes into a queue of pending replies, each written
+  when it and every one before it are done. When ``max_pending`` replies are pending the connection stops
+  reading (``pauseProducing``) and parsing, and resumes when half of them have left. Likewise while the
+  transport's write buffer is full (a client that does not read its replies): the protocol is the
+  transport's streaming producer.
+- Errors are mapped to the wire in one place (``text.error_reply``): a domain error becomes memcached's
+  line; any other exception becomes ``SERVER_ERROR internal error`` and a logged failure. Nothing a
+  client sends can stop the daemon or touch another connection.
+- ``stats``, ``version``, ``verbosity`` and ``quit`` are answered here; ``stats`` merges the backend's
+  ``stats()`` with this listener's counters (``curr_connections``, ``total_connections``, ...).
+- Past ``max_connections`` a new connection gets ``ERROR Too many open connections`` and is closed, as
+  memcached does; a connection idle for ``idle_timeout`` seconds is closed (0: never).
+
+Two shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
+answer exactly as the general path (``execute``) would:
+
+- ``IPlainGet``: a ``get`` of one plain key is answered with the backend's ``get_one``, without command and
+  result objects; a read that is exactly one such line (a client with one request in flight) is answered
+  before the parser's loop, in one write of its own.
+- ``IGroupedPuts``: consecutive ``XPut`` commands of one read (a handoff pipelines hundreds) go to the
+  backend's ``execute_puts`` in one call, so that the kvstore stores them in one transaction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+import chashd
+from chashd.commands import (
+    NOREPLY_COMMANDS,
+    Command,
+    Get,
+    Number,
+    Quit,
+    Result,
+    StatsCommand,
+    StatsResult,
+    Status,
+    Values,
+    Verbosity,
+    VersionCommand,
+    XApplied,
+    XPut,
+)
+from chashd.errors import ChashdError
+from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
+from chashd.memcache._transport import set_nodelay
+from chashd.memcache.text import (
+    DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_LINE,
+    DEFAULT_MAX_VALUE_SIZE,
+    Rejected,
+    RequestParser,
+    error_reply,
+    plain_get_reply,
+    serialize_result,
+    stats_reply,
+    version_reply,
+)
+
+__all__ = ["MemcacheServerFactory", "MemcacheServerProtocol"]
+
+_OK = b"OK\r\n"
+_TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+_STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
+_LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit})  # not for the backend
+_RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
+_FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
+_PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
+_CLOSE = object()  # a queue entry: close the connection once everything before it is written
+_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit
+
+
+class MemcacheServerFactory(Factory):
+    """Builds server connections over ``backend``; holds the listener's limits and counters.
+
+    ``plain_get`` and ``grouped_puts`` are the backend as ``IPlainGet`` and ``IGroupedPuts`` when it
+    provides them, else None: asked once, here, so that no request pays for the question.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        backend: IKeyValue,
+        clock: IReactorTime,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        max_connections: int = 1024,
+        idle_timeout: float = 600.0,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        max_pending: int = 256,
+        version: str = chashd.__version__,
+    ) -> None:
+        self.backend = backend
+        self.plain_get = cast(IPlainGet, backend) if IPlainGet.providedBy(backend) else None
+        self.grouped_puts = cast(IGroupedPuts, backend) if IGroupedPuts.providedBy(backend) else None
+        self.clock = clock
+        self.max_value_size = max_value_size
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_line = max_line
+        self.max_keys = max_keys
+        self.max_pending = max_pending
+        self.version = version
+        self.started = clock.seconds()
+        self.curr_connections = 0
+        self.total_connections = 0
+        self.rejected_connections = 0
+        self.idle_closed = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> MemcacheServerProtocol:
+        """A new server connection."""
+        return MemcacheServerProtocol(self)
+
+    def stats(self) -> list[tuple[str, str]]:
+        """The ``stats`` lines: this listener's counters, then the backend's."""
+        now = self.clock.seconds()
+        items = [
+            ("pid", str(os.getpid())),
+            ("uptime", str(int(now - self.started))),
+            ("time", str(int(now))),
+            ("version", self.version),
+            ("curr_connections", str(self.curr_connections)),
+            ("total_connections", str(self.total_connections)),
+            ("rejected_connections", str(self.rejected_connections)),
+            ("idle_kicks", str(self.idle_closed)),
+            ("max_connections", str(self.max_connections)),
+        ]
+        seen = {name for name, _ in items}
+        for name, value in self.backend.stats().items():
+            if name not in seen:
+                items.append((name, str(value)))
+        return items
+
+    def settings(self) -> list[tuple[str, str]]:
+        """The ``stats settings`` lines."""
+        return [
+            ("maxconns", str(self.max_connections)),
+            ("item_size_max", str(self.max_value_size)),
+            ("idle_timeout", str(int(self.idle_timeout))),
+            ("max_line", str(self.max_line)),
+            ("max_keys_per_get", str(self.max_keys)),
+            ("max_pending_replies", str(self.max_pending)),
+            ("backend", self.backend.name),
+        ]
+
+
+@implementer(IPushProducer)
+class MemcacheServerProtocol(Protocol):
+    """One client connection of the line protocol (see the module docstring).
+
+    It is the transport's producer: when the client does not read its replies and the transport's
+    write buffer fills up, the connection stops reading and parsing until the buffer drains, as memcached
+    stops at a reply it cannot send; so a client that never reads holds a bounded amount of memory.
+    """
+
+    _log = Logger()
+    #: ``IPlainGet.get_one`` of the backend, set when ``_plain_gets`` (only then does the parser hand keys over).
+    _get_one: Callable[[bytes], tuple[int, bytes] | None]
+    #: ``IGroupedPuts.execute_puts`` of the backend, set when ``_group_puts``.
+    _execute_puts: Callable[[list[XPut]], list[Status | ChashdError]]
+
+    def __init__(self, factory: MemcacheServerFactory) -> None:
+        self.factory = factory
+        #: Schedules the idle check; tests replace it with a ``Clock``'s.
+        self.callLater: Callable[..., IDelayedCall] = factory.clock.callLater
+        self._seconds = factory.clock.seconds
+        plain_get, grouped_puts = factory.plain_get, factory.grouped_puts
+        self._plain_gets = plain_get is not None
+        if plain_get is not None:
+            self._get_one = plain_get.get_one
+        self._group_puts = grouped_puts is not None
+        if grouped_puts is not None:
+            self._execute_puts = grouped_puts.execute_puts
+        self._parser = RequestParser(
+            factory.max_value_size, factory.max_line, factory.max_keys, plain_gets=self._plain_gets
+        )
+        self._execute = factory.backend.execute
+        self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
+        self._out: list[bytes] = []  # replies to the current read, written together
+        self._out_size = 0
+        self._paused = False  # not reading nor parsing, because of one of the two below
+        self._queue_full = False  # max_pending replies are pending
+        self._writes_blocked = False  # the transport's write buffer is full
+        self._closing = False
+        self._lost = False
+        self._counted = False
+        self._idle_call: IDelayedCall | None = None
+        self._last_seen = 0.0
+        self._tr: Any = None  # the transport, typed loosely: TCP transports pause, resume and abort
+
+    # -- connection ------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._tr = self.transport
+        factory = self.factory
+        if factory.curr_connections >= factory.max_connections:
+            factory.rejected_connections += 1
+            self._log.warn(
+                "refusing a connection: {count} of {limit} open", count=factory.curr_connections,
+                limit=factory.max_connections,
+            )  # fmt: skip
+            self._closing = True
+            self._tr.write(_TOO_MANY_CONNECTIONS)
+            self._tr.loseConnection()
+            return
+        self._counted = True
+        factory.curr_connections += 1
+        factory.total_connections += 1
+        set_nodelay(self.transport)
+        register = getattr(self._tr, "registerProducer", None)  # every TCP/TLS/UNIX transport has it
+        if register is not None:
+            register(self, True)  # told to pause when replies pile up unread
+        if factory.idle_timeout > 0:
+            self._last_seen = self._seconds()
+            self._idle_call = self.callLater(factory.idle_timeout, self._idle_check)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._closing = True
+        if self._counted:
+            self._counted = False
+            self.factory.curr_connections -= 1
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self._queue.clear()
+
+    def _idle_check(self) -> None:
+        self._idle_call = None
+        if self._closing:
+            return
+        timeout = self.factory.idle_timeout
+        idle = self._seconds() - self._last_seen
+        if self._queue or idle < timeout:  # busy, or active since the check was set
+            self._idle_call = self.callLater(timeout - idle if not self._queue else timeout, self._idle_check)
+            return
+        self.factory.idle_closed += 1
+        self._log.info("closing a connection idle for {idle:.0f}s", idle=idle)
+        self._close_now()
+
+    def _close_now(self) -> None:
+        self._closing = True
+        self._flush_out()
+        self._tr.loseConnection()
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._idle_call is not None:
+            self._last_seen = self._seconds()
+        if self._plain_gets and not self._queue and not self._paused:
+            key = self._parser.plain_get(data)
+            if key is not None:  # the read is one plain get: no parsing loop, no reply list
+                self._plain_get(key, self._tr.write)
+                return
+        self._parser.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Run the parsed commands until the buffer is empty, the queue is full or the connection closes;
+        then write every reply they made at once."""
+        next_event = self._parser.next
+        handle = self._handle
+        group_puts = self._group_puts
+        puts: list[XPut] = []
+        try:
+            while not self._paused and not self._closing:
+                event = next_event()
+                if event is None:
+                    break
+                if isinstance(event, bytes):  # a plain get of this key (only with IPlainGet)
+                    if puts:
+                        self._run_puts(puts)
+                        puts = []
+                    self._plain_get(event, self._reply)
+                    continue
+                if group_puts and type(event) is XPut:
+                    puts.append(event)
+                    if len(puts) >= _PUT_GROUP:
+                        self._run_puts(puts)
+                        puts = []
+                    continue
+                if puts:
+                    self._run_puts(puts)
+                    puts = []
+                handle(event)
+        finally:
+            if puts:
+                self._run_puts(puts)
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._out_size = 0
+            self._tr.write(data)
+
+    def _plain_get(self, key: bytes, send: Callable[[bytes], object]) -> None:
+        """Answer ``get <key>`` with ``IPlainGet.get_one``; ``send`` takes the reply (the transport's
+        ``write`` for a read that held only this get, else ``_reply``)."""
+        try:
+            found = self._get_one(key)
+        except Exception:  # the engine failed: the general path words the error and logs it
+            self._handle(Get((key,)))
+            self._flush_out()
+            return
+        send(plain_get_reply(key, found))
+
+    def _handle(self, command: Command | Rejected) -> None:
+        if type(command) in _LOCAL:
+            if isinstance(command, Rejected):
+                self._rejected(command)
+            else:
+                self._local(cast(_LocalCommand, command))
+            return
+        command = cast(Command, command)
+        try:
+            result = self._execute(command)
+        except ChashdError as e:
+            reply = error_reply(e)
+        except Exception:
+            self._log.failure("the backend failed on {command}", command=type(command).__name__)
+            reply = error_reply(RuntimeError())
+        else:
+            if type(result) not in _RESULTS and isinstance(result, Deferred):
+                self._pending(command, result)
+                return
+            try:
+                reply = serialize_result(command, result)
+            except Exception:
+                self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
+                reply = error_reply(RuntimeError())
+        # NOREPLY_COMMANDS have a noreply field (mypy cannot narrow a union by a set of types)
+        if type(command) in NOREPLY_COMMANDS and command.noreply:  # type: ignore[union-attr]
+            return
+        self._reply(reply)
+
+    def _run_puts(self, puts: list[XPut]) -> None:
+        """Run XPuts the backend groups in one transaction and queue their replies in order."""
+        if len(puts) == 1:
+            self._handle(puts[0])
+            return
+        results: Sequence[Status | Exception]
+        try:
+            results = self._execute_puts(puts)
+        except ChashdError as e:  # the transaction failed: none of them is stored
+            results = [e] * len(puts)
+        except Exception:
+            self._log.failure("the backend failed on {count} grouped xput", count=len(puts))
+            results = [RuntimeError()] * len(puts)
+        for put, result in zip(puts, results):
+            if put.noreply:
+                continue
+            if isinstance(result, BaseException):
+                self._reply(error_reply(result))
+            else:
+                self._reply(serialize_result(put, result))
+
+    def _reply(self, reply: bytes) -> None:
+        """Queue ``reply`` behind the pending ones, or add it to this read's replies."""
+        if self._queue:
+            self._queue.append([reply])
+        else:
+            self._out.append(reply)
+            self._out_size += len(reply)
+            if self._out_size >= _FLUSH_AT:
+                self._flush_out()  # big replies leave now, so that a full transport can pause us
+
+    def _rejected(self, rejected: Rejected) -> None:
+        if rejected.then is not None:
+            self._run_silently(rejected.then)
+        if rejected.reply:
+            self._reply(error_reply(rejected.error))
+        if rejected.close:
+            self._close_after_replies()
+
+    def _run_silently(self, command: Command) -> None:
+        """Run a command nobody waits for (a failed set's delete); its errors are only logged."""
+        try:
+            result = self._execute(command)
+        except ChashdError:
+            return
+        except Exception:
+            self._log.failure("the backend failed on {command}", command=type(command).__name__)
+            return
+        if isinstance(result, Deferred):
+
+            def failed(failure: Failure) -> None:
+                if not failure.check(ChashdError):
+                    self._log.failure("background write", failure)
+
+            result.addErrback(failed)
+
+    def _close_after_replies(self) -> None:
+        self._closing = True
+        if self._queue:
+            self._queue.append(_CLOSE)
+        else:
+            self._close_now()
+
+    def _local(self, command: _LocalCommand) -> None:
+        """The commands this adapter answers itself."""
+        if type(command) is Quit:
+            self._close_after_replies()
+        elif type(command) is VersionCommand:
+            self._reply(version_reply(self.factory.version))
+        elif type(command) is Verbosity:
+            if not command.noreply:
+                self._reply(_OK)
+        elif type(command) is StatsCommand:
+            self._reply(self._stats(command.group))
+
+    def _stats(self, group: str) -> bytes:
+        name, _, argument = group.partition(" ")
+        try:
+            if name == "":
+                return stats_reply(self.factory.stats())
+            if name == "settings":
+                return stats_reply(self.factory.settings())
+        except Exception:
+            self._log.failure("stats failed")
+            return error_reply(RuntimeError())
+        if name == "reset":
+            return b"RESET\r\n"  # counters here are cumulative (Prometheus reads them), so nothing resets
+        if name == "detail":
+            argument = argument.split(" ")[0]
+            if argument in ("on", "off"):
+                return _OK
+            return b"END\r\n" if argument == "dump" else _STATS_USAGE
+        if name in ("items", "slabs", "sizes", "conns"):
+            return b"END\r\n"
+        return b"ERROR\r\n"
+
+    # -- replies that come later (a Deferred backend) ----------------------------------------------------
+
+    def _pending(self, command: Command, result: Deferred[Result]) -> None:
+        cell: list[bytes | None] = [None]
+        self._queue.append(cell)
+        noreply = getattr(command, "noreply", False)
+
+        def done(value: Result) -> None:
+            try:
+                cell[0] = b"" if noreply else serialize_result(command, value)
+            except Exception:
+                self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
+                cell[0] = error_reply(RuntimeError())
+            self._drain()
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(ChashdError):
+                self._log.failure("the backend failed on {command}", failure, command=type(command).__name__)
+            cell[0] = b"" if noreply else error_reply(failure.value or RuntimeError())
+            self._drain()
+
+        result.addCallbacks(done, failed)
+        if len(self._queue) >= self.factory.max_pending and not self._queue_full:
+            self._queue_full = True
+            self._update_reading()
+
+    def _drain(self) -> None:
+        """Write the replies at the head of the queue that are done, in order."""
+        if self._lost:
+            return
+        queue = self._queue
+        out = self._out
+        while queue and (queue[0] is _CLOSE or queue[0][0] is not None):
+            entry = queue.popleft()
+            if entry is _CLOSE:
+                queue.clear()
+                self._close_now()
+                return
+            if entry[0]:
+                out.append(entry[0])
+                self._out_size += len(entry[0])
+                if self._out_size >= _FLUSH_AT:
+                    self._flush_out()
+        self._flush_out()
+        if self._queue_full and len(queue) <= self.factory.max_pending // 2:
+            self._queue_full = False
+            self._update_reading()
+
+    # -- flow control: stop reading while replies cannot leave -----------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full (the client does not read its replies): stop reading."""
+        self._writes_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer drained: read and parse again."""
+        self._writes_blocked = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self._closing = True
+
+    def _update_reading(self) -> None:
+        paused = self._queue_full or self._writes_blocked
+        if paused == self._paused or self._lost:
+            return
+        self._paused = paused
+        if paused:
+            self._tr.pauseProducing()
+        else:
+            self._tr.resumeProducing()
+            self._process()  # what was read before the pause
