@@ -80,12 +80,14 @@ run_tests() {
     echo "== ruff" >&2
     "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check -q . || die "ruff found problems (ruff format . fixes the formatting)"
     echo "== mypy" >&2
-    # The pure core (L0) is checked strictly.
-    local pure=(chashd/ring.py chashd/errors.py chashd/versions.py chashd/record.py chashd/commands.py
-                chashd/semantics.py chashd/storage chashd/memcache/text.py chashd/gateway/clustermap.py)
+    # The pure core, the interfaces, the line protocol, the kvstore's backend and the cluster map are
+    # checked strictly.
+    local strict=(chashd/ring.py chashd/errors.py chashd/versions.py chashd/record.py chashd/commands.py
+                  chashd/semantics.py chashd/storage chashd/interfaces.py chashd/memcache chashd/kvstore/backend.py
+                  chashd/gateway/clustermap.py)
     local existing=()
-    for path in "${pure[@]}"; do [ -e "$path" ] && existing+=("$path"); done
-    "$VENV/bin/mypy" --strict "${existing[@]}" || die "mypy --strict failed on the pure modules"
+    for path in "${strict[@]}"; do [ -e "$path" ] && existing+=("$path"); done
+    "$VENV/bin/mypy" --strict "${existing[@]}" || die "mypy --strict failed on the strictly typed modules"
     "$VENV/bin/mypy" chashd tests bench || die "mypy failed"
     echo "== pytest" >&2
     local status=0
