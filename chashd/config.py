@@ -293,15 +293,45 @@ class KVStoreConfig:
         None,
         parse_choice("sqlite", "memory"),
     )
+    memory_limit: int = opt(
+        "memory engine: most MiB the records may take (keys, values, per-item overhead; memcached's -m); 0: no limit",
+        0,
+        _bounded(int, 0, 64 * 1024 * 1024),
+    )
+    memory_full: str = opt(
+        "memory engine at --memory-limit: evict least recently used records, or error (refuse writes: memcached's -M)",
+        "evict",
+        parse_choice("evict", "error"),
+    )
+    disk_limit: int = opt(
+        "sqlite engine: most MiB the database file may take; writes past it are refused; 0: no limit",
+        0,
+        _bounded(int, 0, 64 * 1024 * 1024 * 1024),
+    )
     weight: int = opt("share of the ring relative to other nodes", 100, _bounded(int, 1, 1_000_000))
     token: str | None = opt("shared token sent to the gateways on register and drain", None, secret=True)
     register_interval: float = opt("seconds between re-registrations", 30.0, _bounded(float, 0.1))
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
     max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
     drain_timeout: float = opt("longest a drain on SIGTERM may take, in seconds", 120.0, _bounded(float, 1))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
+
+    @property
+    def engine_kind(self) -> str:
+        """The engine this node runs: ``--engine``, else sqlite with ``--data-dir``, else memory."""
+        return self.engine or ("sqlite" if self.data_dir else "memory")
+
+    def __post_init__(self) -> None:
+        kind = self.engine_kind
+        if self.memory_limit and kind != "memory":
+            raise ConfigError(f"option --memory-limit: applies to the memory engine, and this node runs {kind}")
+        if self.memory_full != "evict" and not self.memory_limit:
+            raise ConfigError("option --memory-full: needs --memory-limit (there is no limit to be full at)")
+        if self.disk_limit and kind != "sqlite":
+            raise ConfigError(f"option --disk-limit: applies to the sqlite engine, and this node runs {kind}")
 
 
 @dataclass(frozen=True)
@@ -333,6 +363,7 @@ class GatewayConfig:
     allow_flush_all: bool = opt("let flush_all reach every kvstore", False, parse_bool, flag=True)
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
     max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
     request_timeout: float = opt("seconds a gateway waits for a kvstore's answer", 5.0, _bounded(float, 0.01))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))

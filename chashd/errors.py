@@ -23,6 +23,7 @@ __all__ = [
     "ServiceUnavailable",
     "StaleVersion",
     "StorageError",
+    "StorageFull",
     "UnknownCommand",
     "UnknownNode",
     "ValueTooLarge",
@@ -148,6 +149,18 @@ class StaleVersion(ServiceUnavailable):
     def __init__(self, stored: object = None) -> None:
         super().__init__(self.MESSAGE if stored is None else f"{self.MESSAGE}: {stored}")
         self.stored = stored
+
+
+class StorageFull(ServiceUnavailable):
+    """The engine is at its size limit and may not make room: the memory engine at ``--memory-limit`` with
+    ``--memory-full=error`` (or holding nothing it may evict), the SQLite engine at ``--disk-limit``.
+
+    The message starts with memcached's words (``out of memory storing object``) for the memory engine;
+    HTTP answers 507. Nothing was stored.
+    """
+
+    def __init__(self, message: str = "out of memory storing object") -> None:
+        super().__init__(message)
 
 
 class ClusterMapUnavailable(ServiceUnavailable):

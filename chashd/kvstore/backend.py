@@ -11,6 +11,14 @@ wins over what it replaces even when another node's clock is ahead. The versione
 it is given (``XPut``, keeping the newer version) or runs a write with the caller's version (``XApply``).
 While ``leaving`` is set (the node drains), every write but ``XPut`` raises ``NodeLeaving``.
 
+A bounded memory engine (``--memory-limit``) evicts or refuses at its limit (``StorageFull``, memcached's
+``SERVER_ERROR out of memory storing object``); a ``set`` refused that way deletes the key's old value
+(a tombstone, which costs less than the value it replaces), as memcached does, so that a failed set never
+leaves a stale value. ``stats()`` speaks memcached's names for what the engine holds: ``bytes`` is what
+counts against the limit (``used_bytes`` of a memory engine: keys, values and per-item overhead),
+``limit_maxbytes`` the limit (0: none), ``evictions``; ``reset_stats()`` zeroes the counters ``stats
+reset`` names.
+
 This is the hot path of the kvstore: one dict dispatch per command, one engine read and at most one
 engine write, counters in a plain dict.
 """
@@ -18,6 +26,7 @@ engine write, counters in a plain dict.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -42,7 +51,7 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import ChashdError, NodeLeaving, StaleVersion, StorageError, ValueTooLarge
+from chashd.errors import ChashdError, NodeLeaving, StaleVersion, StorageError, StorageFull, ValueTooLarge
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IStorageEngine
 from chashd.record import Record, expires_at_from_exptime
 from chashd.semantics import apply_write
@@ -56,7 +65,9 @@ _NO_VALUES = Values(())
 COUNTERS = (
     "get_hits",
     "get_misses",
+    "get_expired",
     "cmd_set",
+    "total_items",
     "cmd_touch",
     "touch_hits",
     "touch_misses",
@@ -103,6 +114,8 @@ class LocalBackend:
         self._started = clock.seconds()
         self._flush_call: IDelayedCall | None = None
         self._counts = dict.fromkeys(COUNTERS, 0)
+        #: The engine's own counters at the last ``reset_stats()``, subtracted from what it reports.
+        self._engine_offsets: dict[str, int] = {}
         #: More ``stats()`` fields from the node's other parts (the handoff's progress), read at each call.
         self.stats_sources: list[Callable[[], Mapping[str, Any]]] = []
         self._engine_get = engine.get
@@ -130,11 +143,18 @@ class LocalBackend:
         return handler(command)
 
     def stats(self) -> dict[str, Any]:
-        """``keys`` and ``bytes`` held (the engine's), the command counters, ``uptime`` in seconds."""
+        """What the engine holds (``keys``; ``curr_items``, ``bytes``, ``limit_maxbytes``, ``evictions`` as
+        memcached names them; ``value_bytes``, the values alone), the command counters, ``uptime``."""
         now = self._seconds()
         stats: dict[str, Any] = {"uptime": int(now - self._started), "time": int(now)}
-        stats.update(self.engine.stats())
-        stats["curr_items"] = stats["keys"]
+        engine = self.engine.stats()
+        stats.update(engine)
+        stats["curr_items"] = engine["keys"]
+        stats["value_bytes"] = engine["bytes"]
+        stats["bytes"] = engine.get("used_bytes", engine["bytes"])
+        stats["limit_maxbytes"] = engine.get("limit_bytes", 0)
+        for name in ("evictions", "reclaimed"):
+            stats[name] = engine.get(name, 0) - self._engine_offsets.get(name, 0)
         stats["limit_item_size"] = self.max_value_size
         stats["leaving"] = int(self.leaving)
         stats.update(self._counts)
@@ -143,14 +163,41 @@ class LocalBackend:
             stats.update(source())
         return stats
 
+    def reset_stats(self) -> None:
+        """``stats reset``: zero the command counters and the engine's eviction counters, as memcached
+        resets its own (what the engine holds and the handoff's figures stay)."""
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        engine = self.engine.stats()
+        self._engine_offsets = {name: engine.get(name, 0) for name in ("evictions", "reclaimed")}
+
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        """``cache_memlimit``: change a bounded memory engine's limit; ``ValueError`` saying why not when the
+        engine has no limit to change (the SQLite engine, a memory engine started without one)."""
+        set_limit = getattr(self.engine, "set_limit", None)
+        if set_limit is None:
+            raise ValueError(f"the {type(self.engine).__name__} has no memory limit")
+        set_limit(limit_bytes)
+
     # -- reads ---------------------------------------------------------------------------------------
 
     def get_one(self, key: bytes) -> tuple[int, bytes] | None:
         """``IPlainGet``: the flags and value of ``key`` when a read sees the record, else None; counted like
         ``execute(Get((key,)))``, without the command and the result."""
-        found: tuple[int, bytes] | None = self._engine_get_live(key, self._seconds())
-        self._counts["get_misses" if found is None else "get_hits"] += 1
+        now = self._seconds()
+        found: tuple[int, bytes] | None = self._engine_get_live(key, now)
+        if found is None:
+            self._missed(key, now)
+        else:
+            self._counts["get_hits"] += 1
         return found
+
+    def _missed(self, key: bytes, now: float) -> None:
+        """Count a get miss, and whether what was there had expired (``get_expired``, as memcached)."""
+        counts = self._counts
+        counts["get_misses"] += 1
+        record = self._engine_get(key)
+        if record is not None and not record.tombstone and record.expires_at and record.expires_at <= now:
+            counts["get_expired"] += 1
 
     def _get(self, command: Get) -> Values:
         keys = command.keys
@@ -158,22 +205,31 @@ class LocalBackend:
         if len(keys) == 1 and command.exptime is None:  # the hot path: get of one key
             key = keys[0]
             record = self._engine_get(key)
-            if record is None or record.tombstone or (record.expires_at and record.expires_at <= self._seconds()):
+            if record is None or record.tombstone:
                 counts["get_misses"] += 1
+                return _NO_VALUES
+            if record.expires_at and record.expires_at <= self._seconds():
+                counts["get_misses"] += 1
+                counts["get_expired"] += 1
                 return _NO_VALUES
             counts["get_hits"] += 1
             return Values(((key, record),))
         engine_get = self._engine_get
         now = self._seconds()
         items = []
+        expired = 0
         for key in command.keys:
             record = engine_get(key)
-            if record is None or record.tombstone or (record.expires_at and record.expires_at <= now):
+            if record is None or record.tombstone:
+                continue
+            if record.expires_at and record.expires_at <= now:
+                expired += 1
                 continue
             items.append((key, record))
         if command.exptime is None:
             counts["get_hits"] += len(items)
             counts["get_misses"] += len(command.keys) - len(items)
+            counts["get_expired"] += expired
         else:  # gat/gats: touch every hit with a new version
             counts["cmd_touch"] += len(command.keys)
             counts["touch_hits"] += len(items)
@@ -187,6 +243,7 @@ class LocalBackend:
                     new = Record(record.value, record.flags, expires_at, self._version(record, now), False)
                     self.engine.put(key, new)
                     touched.append((key, new))
+                counts["total_items"] += len(touched)
                 items = touched
         return Values(tuple(items))
 
@@ -218,9 +275,14 @@ class LocalBackend:
             record, result = apply_write(None, command, self._hlc.tick(int(now * 1000)), now, self.max_value_size)
             self._counts["cmd_set"] += 1
             assert record is not None
-            if not self.engine.apply(key, record):
-                record = record.with_version(self._version(self.engine.get(key), now))
-                self.engine.put(key, record)
+            try:
+                if not self.engine.apply(key, record):
+                    record = record.with_version(self._version(self.engine.get(key), now))
+                    self.engine.put(key, record)
+            except StorageFull:
+                self._drop_stale(key, now)
+                raise
+            self._counts["total_items"] += 1
             return result
         current = self.engine.get(key)
         version = self._version(current, now)
@@ -228,7 +290,18 @@ class LocalBackend:
         self._count(command, result)
         if record is not None:
             self.engine.put(key, record)
+            if not record.tombstone:
+                self._counts["total_items"] += 1
         return result
+
+    def _drop_stale(self, key: bytes, now: float) -> None:
+        """A set the engine had no room for: replace the key's old value by a tombstone, as memcached
+        unlinks it (a tombstone costs less than the value it replaces, so it fits)."""
+        current = self.engine.get(key)
+        if current is None or current.tombstone:
+            return
+        with suppress(StorageFull):
+            self.engine.put(key, Record.deleted(self._version(current, now)))
 
     def _count(self, command: WriteCommand, result: Status | Number) -> None:
         counts = self._counts
@@ -314,11 +387,13 @@ class LocalBackend:
         except StorageError:  # a record it cannot store: find which, one by one, in one transaction
             with self.engine.batch():
                 stored = [self._apply_one(key, record) for key, record in items]
-        for place, outcome in zip(places, stored):
+        for place, outcome, (_key, record) in zip(places, stored, items):
             if outcome is False:
                 results[place] = Status.EXISTS
             elif outcome is not True:
                 results[place] = outcome
+            elif not record.tombstone:
+                counts["total_items"] += 1
         return results
 
     def _apply_one(self, key: bytes, record: Record) -> bool | ChashdError:
@@ -335,7 +410,11 @@ class LocalBackend:
         if len(record.value) > self.max_value_size:
             raise ValueTooLarge(len(record.value), self.max_value_size)
         self._hlc.observe(record.version)
-        return Status.STORED if self.engine.apply(command.key, record) else Status.EXISTS
+        if not self.engine.apply(command.key, record):
+            return Status.EXISTS
+        if not record.tombstone:
+            self._counts["total_items"] += 1
+        return Status.STORED
 
     def _xapply(self, command: XApply) -> XApplied:
         """Run the write with the caller's version, on top of the stored record. A stored record as new as
@@ -356,4 +435,6 @@ class LocalBackend:
         self._count(write, result)
         if record is not None:
             self.engine.put(write.key, record)
+            if not record.tombstone:
+                self._counts["total_items"] += 1
         return XApplied(result, record)

@@ -31,6 +31,7 @@ from chashd.record import TOMBSTONE_GRACE
 __all__ = ["KVStoreRoot", "KVStoreService", "open_engine"]
 
 DATABASE_NAME = "kvstore.db"
+MIB = 1024 * 1024
 #: The ring the data conforms to, saved next to the database (``chashd.kvstore.handoff``).
 HANDOFF_STATE_NAME = "handoff-ring.json"
 
@@ -39,17 +40,19 @@ def open_engine(config: KVStoreConfig) -> IStorageEngine:
     """The engine the config asks for: SQLite in ``--data-dir`` (the default with one), else memory.
 
     Raises ``ConfigError`` for ``--engine sqlite`` without a data dir and ``StorageError`` for a database
-    that cannot be used; both before anything listens.
+    that cannot be used; both before anything listens. ``--memory-limit``/``--memory-full`` bound the memory
+    engine, ``--disk-limit`` the SQLite one.
     """
     from chashd.storage import MemoryEngine, SQLiteEngine
 
-    engine = config.engine or ("sqlite" if config.data_dir else "memory")
-    if engine == "memory":
-        return MemoryEngine()
+    if config.engine_kind == "memory":
+        return MemoryEngine(limit_bytes=config.memory_limit * MIB, evict=config.memory_full == "evict")
     if not config.data_dir:
         raise ConfigError("option --engine: sqlite needs --data-dir (where the database file goes)")
     # Checkpoints run in the service's thread pool (see KVStoreService), not in the writing thread.
-    return SQLiteEngine(os.path.join(config.data_dir, DATABASE_NAME), autocheckpoint=0)
+    return SQLiteEngine(
+        os.path.join(config.data_dir, DATABASE_NAME), autocheckpoint=0, disk_limit_bytes=config.disk_limit * MIB
+    )
 
 
 class KVStoreService(MultiService):

@@ -55,6 +55,7 @@ def makeService(
         reactor,
         max_value_size=config.max_value_size,
         max_connections=config.max_connections,
+        max_keys=config.max_keys,
         idle_timeout=config.idle_timeout,
     )
     notifier = SystemdNotifier()

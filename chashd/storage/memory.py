@@ -19,6 +19,22 @@ keys), against ~0.7 s when the engine held ``Record`` objects and ~150 ms with G
 from ~470 to ~340 bytes (RSS). The price is decoding the record on each read (~2-3 us) and one copy of
 the value on each write and read.
 
+Bounded memory (``MemoryEngine(limit_bytes=...)``, the kvstore's ``--memory-limit``): every record is
+accounted as its key, its packed row (header, writer id, value) and ``ITEM_OVERHEAD`` bytes for what
+Python spends on it beyond that (the two bytes objects' headers and the dict slots that index it). Past
+the limit a write first evicts live records, least recently used first, or with ``evict=False``
+(``--memory-full=error``, memcached's ``-M``) is refused with ``StorageFull("out of memory storing
+object")``. The recency order is memcached's kind of approximation: records sit in up to
+``_MAX_GENERATIONS`` generations, dicts ``{key: None}`` (untracked by the GC too); a write puts its key in
+the newest one, which is closed once ``limit / _GENERATIONS`` bytes went in; a read of a record of an
+older generation notes the key (a list append, no lock), and the next write moves the noted keys to the
+newest generation. Eviction takes keys from the oldest generation (``popitem``: O(1)), so a victim is
+among the least recently used ``1/_GENERATIONS`` of the data. The bucket index holds each key's
+generation (``{key: generation}``; None for a tombstone). Tombstones are never evicted: they stay until
+``purge`` forgets them after the tombstone grace period (the rule the handoff and read repair rely on),
+so a store full of tombstones refuses writes. An expired record taken by eviction counts as
+``reclaimed``, not as an eviction.
+
 Pure (L0): no Twisted, no clock; time comes in as ``now``.
 """
 
@@ -28,19 +44,20 @@ import struct
 import threading
 from array import array
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from zope.interface import implementer
 
-from chashd.errors import StorageError
+from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
 from chashd.ring import key_hash
 from chashd.storage._common import TOP_HASH, check_range
 from chashd.versions import Version
 
-__all__ = ["MemoryEngine"]
+__all__ = ["ITEM_OVERHEAD", "MemoryEngine"]
 
 #: Bits of the ring hash below the bucket number: 2**14 buckets of 2**18 hashes. Fewer buckets make the
 #: one tracked dict (of buckets) cheaper for the GC to visit, more make a scan page sort fewer keys;
@@ -51,9 +68,21 @@ _BUCKET_SHIFT = 18
 #: milliseconds behind a purge running in the thread pool.
 _PURGE_CHUNK = 4096
 
+#: Bytes a record costs beyond its key and its packed row, as accounted against the limit: the headers
+#: of its two bytes objects (33 bytes each), its slots in the records dict, its bucket and its
+#: generation (measured: RSS per record at 100k-1M records, see tests/unit/test_storage.py).
+ITEM_OVERHEAD = 240
+#: Generations the limit is split into: a victim is among the least recently used 1/16 of the data.
+_GENERATIONS = 16
+#: Past this many generations (sparse old ones left behind by reads) the two oldest are merged.
+_MAX_GENERATIONS = 64
+#: Reads noted for the next write to reorder; past this many, the read itself does it (or drops the note).
+_TOUCHED_LIMIT = 4096
+
 #: ring hash, flags, expires_at, version clock, tombstone, length of the writer id (UTF-8 bytes).
 _HEADER = struct.Struct("<IqqQ?H")
 _HEADER_SIZE = _HEADER.size
+_TOMBSTONE_AT = struct.calcsize("<IqqQ")
 _pack = _HEADER.pack
 _unpack = _HEADER.unpack_from
 _hash_of = struct.Struct("<I").unpack_from
@@ -86,35 +115,130 @@ def _value_size(row: bytes) -> int:
 class MemoryEngine:
     """Records in memory, for caches and tests. Nothing survives ``close()`` or the process.
 
+    ``limit_bytes`` (0: none) bounds what the records are accounted to cost (see the module docstring);
+    past it a write evicts least recently used live records, or, with ``evict=False``, is refused with
+    ``StorageFull``. ``set_limit`` changes the limit of a bounded engine at run time.
+
     Threading: every method may be called from any thread. ``get`` reads the dict without a lock (a
     dict read is atomic); writes, scans and purges take one lock, held for O(1) per write and
     O(log n + page) per scan page, so a scan running in the thread pool never sees a half-made write
     and never holds up the reactor thread for long. ``batch()`` holds the lock for its whole block.
     """
 
-    __slots__ = ("_bucket_ids", "_buckets", "_bytes", "_lock", "_records")
+    __slots__ = (
+        "_bucket_ids",
+        "_buckets",
+        "_bytes",
+        "_evict",
+        "_evictions",
+        "_gen",
+        "_gen_added",
+        "_gen_span",
+        "_gens",
+        "_limit",
+        "_lock",
+        "_next_gen",
+        "_now",
+        "_order",
+        "_reclaimed",
+        "_records",
+        "_touched",
+        "_used",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, limit_bytes: int = 0, evict: bool = True) -> None:
+        if limit_bytes < 0:
+            raise ValueError(f"limit_bytes must be 0 (none) or positive, not {limit_bytes}")
         self._records: dict[bytes, bytes] = {}
-        self._buckets: dict[int, dict[bytes, None]] = {}
+        # bucket id -> {key: generation}, the generation None for a tombstone and in an unbounded engine
+        self._buckets: dict[int, dict[bytes, int | None]] = {}
         self._bucket_ids = array("I")
         self._lock = threading.RLock()
         self._bytes = 0
+        self._used = 0
+        self._limit = limit_bytes
+        self._evict = evict
+        self._evictions = 0
+        self._reclaimed = 0
+        self._touched: list[bytes] = []
+        # The latest time a read or a purge came with: the engine reads no clock, and eviction tells an
+        # expired victim (reclaimed) from a live one (evicted) by it.
+        self._now = 0.0
+        self._new_generations()
+
+    def _new_generations(self) -> None:
+        self._gens: dict[int, dict[bytes, None]] = {0: {}}
+        self._order: deque[int] = deque([0])
+        self._gen = 0
+        self._next_gen = 1
+        self._gen_added = 0
+        self._gen_span = max(self._limit // _GENERATIONS, 1)
+
+    # -- reads --------------------------------------------------------------------------------------
 
     def get(self, key: bytes) -> Record | None:
         """The stored record for ``key`` (tombstones and expired records included), or None."""
         row = self._records.get(key)
-        return None if row is None else _decode(row)
+        if row is None:
+            return None
+        if self._limit:
+            bucket = self._buckets.get(_hash_of(row)[0] >> _BUCKET_SHIFT)
+            if bucket is not None and bucket.get(key, self._gen) != self._gen:
+                self._seen(key)
+        return _decode(row)
 
     def get_live(self, key: bytes, now: float) -> tuple[int, bytes] | None:
         """``(flags, value)`` when a read at ``now`` sees the record for ``key``, else None."""
         row = self._records.get(key)
         if row is None:
             return None
-        _hash, flags, expires_at, _clock, tombstone, writer_size = _unpack(row)
+        hash_value, flags, expires_at, _clock, tombstone, writer_size = _unpack(row)
         if tombstone or (expires_at != 0 and expires_at <= now):
+            self._now = now
             return None
+        if self._limit:  # the recency order, inlined: this is the hot path of a bounded engine
+            self._now = now
+            bucket = self._buckets.get(hash_value >> _BUCKET_SHIFT)
+            if bucket is not None and bucket.get(key, self._gen) != self._gen:
+                self._seen(key)
         return flags, row[_HEADER_SIZE + writer_size :]
+
+    def _seen(self, key: bytes) -> None:
+        """Note a read of ``key``, whose record is not in the newest generation (or is a tombstone, which
+        ``_reorder`` skips), for the recency order."""
+        touched = self._touched
+        if len(touched) < _TOUCHED_LIMIT:
+            touched.append(key)
+        elif self._lock.acquire(blocking=False):  # a long run of reads without writes
+            try:
+                self._reorder()
+            finally:
+                self._lock.release()
+
+    def _reorder(self) -> None:
+        """Move the keys noted by reads to the newest generation. Called with the lock held."""
+        touched, self._touched = self._touched, []
+        records = self._records
+        buckets = self._buckets
+        gens = self._gens
+        current = self._gen
+        newest = gens[current]
+        for key in touched:
+            row = records.get(key)
+            if row is None:
+                continue
+            bucket = buckets[_hash_of(row)[0] >> _BUCKET_SHIFT]
+            gen = bucket.get(key)
+            if gen is None or gen == current:
+                continue
+            del gens[gen][key]
+            newest[key] = None
+            bucket[key] = current
+            self._gen_added += len(key) + len(row) + ITEM_OVERHEAD
+        if self._gen_added >= self._gen_span:
+            self._roll()
+
+    # -- writes -------------------------------------------------------------------------------------
 
     def put(self, key: bytes, record: Record) -> None:
         """Store ``record`` for ``key``, replacing what is there."""
@@ -141,7 +265,8 @@ class MemoryEngine:
     def apply_many(self, items: Sequence[tuple[bytes, Record]]) -> list[bool]:
         """``apply`` each ``(key, record)`` in order, in one ``batch()``; True for each record stored.
 
-        Raises ``StorageError`` before storing anything when a record cannot be held."""
+        Raises ``StorageError`` before storing anything when a record cannot be held; ``StorageFull``
+        when a bounded engine cannot make room for one (those before it are kept)."""
         encoded = [(key, _encode(key_hash(key), record), record.version) for key, record in items]
         results: list[bool] = []
         with self.batch():
@@ -162,17 +287,116 @@ class MemoryEngine:
 
     def _store(self, key: bytes, row: bytes, size: int, current: bytes | None) -> None:
         # Called with the lock held.
+        cost = len(key) + len(row) + ITEM_OVERHEAD
+        old_cost = 0 if current is None else len(key) + len(current) + ITEM_OVERHEAD
+        old_gen: int | None = None
+        hash_value = _hash_of(row)[0]
+        bucket_id = hash_value >> _BUCKET_SHIFT
+        bucket = self._buckets.get(bucket_id)
+        limit = self._limit
+        gen: int | None = None
+        if limit:
+            if self._touched:
+                self._reorder()
+            if current is not None:  # out of the recency order while room is made (never its own victim)
+                assert bucket is not None
+                old_gen = bucket[key]
+                if old_gen is not None:
+                    del self._gens[old_gen][key]
+                    bucket[key] = None
+            excess = self._used - old_cost + cost - limit
+            if excess > 0:
+                try:
+                    self._make_room(excess, cost)
+                except StorageFull:
+                    if current is not None and old_gen is not None:  # back where it was: still evictable
+                        self._gens[self._gen][key] = None
+                        bucket[key] = self._gen  # type: ignore[index]
+                    raise
+            if not row[_TOMBSTONE_AT]:  # not a tombstone: evictable, in the newest generation
+                gen = self._gen
+                self._gens[gen][key] = None
+                self._gen_added += cost
         if current is None:
-            bucket_id = _unpack(row)[0] >> _BUCKET_SHIFT
-            bucket = self._buckets.get(bucket_id)
             if bucket is None:
                 bucket = self._buckets[bucket_id] = {}
                 insort(self._bucket_ids, bucket_id)
-            bucket[key] = None
             self._bytes += size
         else:
             self._bytes += size - _value_size(current)
+        bucket[key] = gen  # type: ignore[index]
+        self._used += cost - old_cost
         self._records[key] = row
+        if gen is not None and self._gen_added >= self._gen_span:
+            self._roll()
+
+    def _make_room(self, excess: int, cost: int) -> None:
+        """Evict least recently used live records until ``excess`` bytes are freed; raise ``StorageFull``
+        (having evicted nothing, or what it could) when the engine may not evict or has nothing left to."""
+        if not self._evict:
+            raise StorageFull()
+        if cost > self._limit:
+            raise StorageFull(f"out of memory storing object: it needs {cost} bytes, the limit is {self._limit}")
+        records = self._records
+        gens = self._gens
+        order = self._order
+        freed = 0
+        while freed < excess:
+            oldest = gens[order[0]]
+            if not oldest:
+                if len(order) == 1:
+                    raise StorageFull("out of memory storing object: nothing left to evict (tombstones fill it)")
+                del gens[order.popleft()]
+                continue
+            victim = oldest.popitem()[0]
+            row = records[victim]
+            freed += len(victim) + len(row) + ITEM_OVERHEAD
+            expires_at = _unpack(row)[2]
+            if expires_at != 0 and expires_at <= self._now:
+                self._reclaimed += 1
+            else:
+                self._evictions += 1
+            self._buckets[_hash_of(row)[0] >> _BUCKET_SHIFT][victim] = None  # already out of its generation
+            self._forget(victim, row)
+
+    def _roll(self) -> None:
+        """Close the newest generation and open another; merge the two oldest past ``_MAX_GENERATIONS``."""
+        gen = self._next_gen
+        self._next_gen += 1
+        self._gens[gen] = {}
+        self._order.append(gen)
+        self._gen = gen
+        self._gen_added = 0
+        if len(self._order) > _MAX_GENERATIONS:
+            oldest = self._order.popleft()
+            into = self._order[0]
+            moved = self._gens.pop(oldest)
+            self._gens[into].update(moved)
+            records = self._records
+            buckets = self._buckets
+            for key in moved:
+                buckets[_hash_of(records[key])[0] >> _BUCKET_SHIFT][key] = into
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """Change the limit of a bounded engine (``cache_memlimit``); a lower one evicts what is over it at
+        once (with ``evict=False`` writes are refused until deletes and purges make room)."""
+        if not self._limit:
+            raise ValueError("the engine was made without a limit")
+        if limit_bytes <= 0:
+            raise ValueError(f"limit_bytes must be positive, not {limit_bytes}")
+        with self._lock:
+            self._limit = limit_bytes
+            self._gen_span = max(limit_bytes // _GENERATIONS, 1)
+            if self._evict and self._used > limit_bytes:
+                if self._touched:
+                    self._reorder()
+                with suppress(StorageFull):  # what is left is tombstones: purges make the room
+                    self._make_room(self._used - limit_bytes, 0)
+
+    @property
+    def limit_bytes(self) -> int:
+        """The limit in bytes, 0 for none."""
+        return self._limit
 
     def remove(self, key: bytes) -> None:
         """Forget ``key`` entirely."""
@@ -204,8 +428,11 @@ class MemoryEngine:
     def _forget(self, key: bytes, current: bytes) -> None:
         # Called with the lock held. Empty buckets stay: there are at most 2**14 of them.
         del self._records[key]
-        del self._buckets[_unpack(current)[0] >> _BUCKET_SHIFT][key]
+        gen = self._buckets[_unpack(current)[0] >> _BUCKET_SHIFT].pop(key)
+        if gen is not None:
+            del self._gens[gen][key]
         self._bytes -= _value_size(current)
+        self._used -= len(key) + len(current) + ITEM_OVERHEAD
 
     def _rows(
         self, first_hash: int, last_hash: int, after: tuple[int, bytes] | None, limit: int
@@ -259,6 +486,7 @@ class MemoryEngine:
         """
         forgotten = 0
         after: tuple[int, bytes] | None = None
+        self._now = max(self._now, now)
         while True:
             with self._lock:
                 rows = self._rows(0, TOP_HASH, after, _PURGE_CHUNK)
@@ -279,10 +507,22 @@ class MemoryEngine:
             self._buckets = {}
             self._bucket_ids = array("I")
             self._bytes = 0
+            self._used = 0
+            self._touched = []
+            self._new_generations()
 
     def stats(self) -> dict[str, int]:
-        """``keys`` (records held, tombstones included) and ``bytes`` (value bytes held), both O(1)."""
-        return {"keys": len(self._records), "bytes": self._bytes}
+        """``keys`` (records held, tombstones included), ``bytes`` (value bytes held), ``used_bytes`` (what
+        the records are accounted to cost: keys, rows and ``ITEM_OVERHEAD`` each), ``limit_bytes`` (0:
+        none), ``evictions`` (live records evicted) and ``reclaimed`` (expired ones taken instead); O(1)."""
+        return {
+            "keys": len(self._records),
+            "bytes": self._bytes,
+            "used_bytes": self._used,
+            "limit_bytes": self._limit,
+            "evictions": self._evictions,
+            "reclaimed": self._reclaimed,
+        }
 
     @contextmanager
     def batch(self) -> Iterator[None]:

@@ -35,7 +35,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from chashd.errors import StorageError
+from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
 from chashd.ring import key_hash
@@ -174,6 +174,14 @@ class SQLiteEngine:
     a daemon loaded with 100,000 records of 1 KiB grew by 136 MB with 64 MiB, 70 MB with 16 MiB and 36 MB
     with 8 MiB (the pages are malloc'ed one by one, and the heap keeps more than the cache holds).
 
+    Disk limit: ``disk_limit_bytes`` (0: none; the kvstore's ``--disk-limit``) caps the database file with
+    SQLite's ``max_page_count``: a write that would need a page past it fails with ``StorageFull`` ("out of
+    disk space storing object: ...") and changes nothing, while reads, deletes and writes that fit (in pages
+    freed by deletes and purges) go on. The cap is on the database file; the WAL file beside it adds at most
+    what is written between two checkpoints (cut back to ``wal_limit_mib`` once writers are idle). A file
+    already larger than the cap keeps its size and takes no new pages. A disk that fills up before the cap
+    gives ``StorageFull`` too, naming the disk.
+
     Checkpoints: by default SQLite copies the WAL back into the database file every ``autocheckpoint``
     pages (1000, ~16 MB), in the thread that commits, which costs that write a few tens of ms now and
     then (mostly an fsync). An owner with a thread pool can pass ``autocheckpoint=0`` and call
@@ -195,6 +203,7 @@ class SQLiteEngine:
         record_cache_mib: int = 64,
         page_size: int = 16384,
         wal_limit_mib: int = 64,
+        disk_limit_bytes: int = 0,
     ) -> None:
         if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two from 512 to 65536, not {page_size}")
@@ -202,6 +211,9 @@ class SQLiteEngine:
         self._cache_kib = cache_mib * 1024
         self._page_size = page_size
         self._wal_limit = wal_limit_mib * 1024 * 1024
+        if disk_limit_bytes < 0:
+            raise ValueError(f"disk_limit_bytes must be 0 (none) or positive, not {disk_limit_bytes}")
+        self._disk_limit = disk_limit_bytes
         # The record cache: key -> row tuple (or None: known absent), first in first out, bounded in bytes.
         self._records: dict[bytes, _Row | None] = {}
         # Counts the changes made (bumped under the write lock, also when a transaction ends), so that a
@@ -251,6 +263,9 @@ class SQLiteEngine:
             db.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
             if new:
                 self._create_schema()
+            if self._disk_limit:
+                pages = max(self._disk_limit // db.execute("PRAGMA page_size").fetchone()[0], 1)
+                db.execute(f"PRAGMA max_page_count = {int(pages)}")
             keys, size = db.execute("SELECT count(*), coalesce(sum(length(value)), 0) FROM records").fetchone()
         except sqlite3.DatabaseError as e:
             if "malformed" in str(e) or "not a database" in str(e):
@@ -316,7 +331,12 @@ class SQLiteEngine:
             self._local.reader = reader
         return reader
 
-    def _failed(self, e: sqlite3.Error) -> StorageError:
+    def _failed(self, e: sqlite3.Error) -> StorageError | StorageFull:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            if self._disk_limit:
+                limit = f"{self._disk_limit / 1048576:g} MiB"
+                return StorageFull(f"out of disk space storing object: the database reached its limit of {limit}")
+            return StorageFull(f"out of disk space storing object: the disk holding {self._path} is full")
         return StorageError(f"the database {self._path} failed: {e}")
 
     # -- points -----------------------------------------------------------------------------------
@@ -653,8 +673,15 @@ class SQLiteEngine:
             self._generation += 1
 
     def stats(self) -> dict[str, int]:
-        """``keys`` (records held, tombstones included) and ``bytes`` (value bytes held), both O(1)."""
-        return {"keys": self._keys, "bytes": self._bytes}
+        """``keys`` (records held, tombstones included) and ``bytes`` (value bytes held), both O(1);
+        ``disk_bytes`` (the database file's pages, free ones included: what ``disk_limit_bytes`` caps)
+        and ``disk_limit_bytes`` (0: none)."""
+        try:
+            reader = self._reader()
+            pages = reader.execute("PRAGMA page_count").fetchone()[0] * reader.execute("PRAGMA page_size").fetchone()[0]
+        except (sqlite3.Error, StorageError):
+            pages = 0  # closed: the figures that matter are the counters
+        return {"keys": self._keys, "bytes": self._bytes, "disk_bytes": pages, "disk_limit_bytes": self._disk_limit}
 
     # -- transactions and files -------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from chashd.errors import (
     NonNumericValue,
     RequestError,
     ServiceUnavailable,
+    StorageFull,
     ValueTooLarge,
 )
 from chashd.interfaces import IKeyValue
@@ -94,6 +95,7 @@ _ERRORS: list[tuple[type[Exception], int, str]] = [
     (NonNumericValue, 409, "Conflict"),
     (RequestError, 400, "Bad Request"),
     (NodeLeaving, 503, "Service Unavailable"),
+    (StorageFull, 507, "Insufficient Storage"),
     (ServiceUnavailable, 503, "Service Unavailable"),
 ]
 
@@ -150,6 +152,10 @@ class _QuietSite(Site):
         pass
 
 
+#: ``stats()`` names that are counters though their names do not say so (memcached's names).
+_COUNTER_NAMES = frozenset({"evictions", "reclaimed", "total_items", "get_expired"})
+
+
 class _StatsCollector(Collector):
     """Exports a backend's ``stats()`` to Prometheus at scrape time (no cost per request)."""
 
@@ -163,7 +169,13 @@ class _StatsCollector(Collector):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             metric = "chashd_" + name.replace(".", "_").replace("-", "_")
-            if name.endswith("_total") or name.startswith("cmd_") or name.endswith("_hits") or name.endswith("_misses"):
+            if (
+                name in _COUNTER_NAMES
+                or name.endswith("_total")
+                or name.startswith("cmd_")
+                or name.endswith("_hits")
+                or name.endswith("_misses")
+            ):
                 yield CounterMetricFamily(metric, f"{self._role} counter {name}", value=value)
             else:
                 yield GaugeMetricFamily(metric, f"{self._role} gauge {name}", value=value)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +40,16 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0, inter
                 return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def http(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+    """One HTTP request: the status and the body, an error status included."""
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 class StartDaemon(Protocol):

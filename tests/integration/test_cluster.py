@@ -6,8 +6,6 @@ import json
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 from pymemcache.client.base import Client
 
 from chashd.launcher import LocalCluster
-from tests.integration.conftest import clean_environ
+from tests.integration.conftest import clean_environ, http
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +30,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         env=clean_environ(),
     ) as running:
         yield running
-
-
-def http(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def line_client(cluster: LocalCluster, gateway: int) -> Client:

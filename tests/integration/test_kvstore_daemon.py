@@ -103,7 +103,7 @@ class SurfacesTests:
         mc.set(b"a", b"12345")
         mc.get(b"a")
         stats = json.loads(_request(daemon.url + "/stats")[2])
-        assert stats["keys"] == 1 and stats["bytes"] == 5 and stats["get_hits"] == 1
+        assert stats["keys"] == 1 and stats["value_bytes"] == 5 and stats["get_hits"] == 1
         metrics = _request(daemon.url + "/metrics")[2].decode()
         assert "chashd_keys 1.0" in metrics and "chashd_get_hits_total 1.0" in metrics
 

@@ -176,6 +176,22 @@ class ErrorTests:
         config = load_config(GatewayConfig, {"gateway_id": "g", "primary_timeout": "0", "hedge_after": "0"}, {})
         assert (config.primary_timeout, config.hedge_after) == (0.0, 0.0)
 
+    def test_storage_limits(self) -> None:
+        """--memory-limit and --memory-full bound the memory engine, --disk-limit the SQLite engine; each is
+        refused, naming itself, on the other engine."""
+        kv = load_config(KVStoreConfig, {"node_id": "a", "memory_limit": "64", "memory_full": "error"}, environ={})
+        assert (kv.memory_limit, kv.memory_full, kv.engine_kind) == (64, "error", "memory")
+        kv = load_config(KVStoreConfig, {"node_id": "a", "data_dir": "/d", "disk_limit": "100"}, environ={})
+        assert (kv.disk_limit, kv.engine_kind) == (100, "sqlite")
+        assert "--memory-limit" in self._error(
+            KVStoreConfig, {"node_id": "a", "data_dir": "/d", "memory_limit": "8"}, {}
+        )
+        assert "--disk-limit" in self._error(KVStoreConfig, {"node_id": "a", "disk_limit": "8"}, {})
+        assert "--memory-full" in self._error(KVStoreConfig, {"node_id": "a", "memory_full": "error"}, {})
+        assert "--memory-full" in self._error(KVStoreConfig, {"node_id": "a", "memory_full": "lru"}, {})
+        assert "--memory-limit" in self._error(KVStoreConfig, {"node_id": "a", "memory_limit": "-1"}, {})
+        assert "--max-keys" in self._error(GatewayConfig, {"gateway_id": "g", "max_keys": "0"}, {})
+
     def test_bad_peer(self) -> None:
         """Each peer must be host:port."""
         assert "--peers" in self._error(GatewayConfig, {"gateway_id": "g", "peers": "a:1,b"}, {"X": "1"})

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from chashd.commands import (
@@ -23,14 +27,16 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import NodeLeaving, NonNumericValue, StaleVersion, ValueTooLarge
+from chashd.errors import NodeLeaving, NonNumericValue, StaleVersion, StorageFull, ValueTooLarge
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
 from chashd.versions import Version
+from chashd.web import KeyValueHTTP
 
 T0 = 1_700_000_000.0
+T0_MILLIS = int(T0 * 1000)
 
 
 def make(max_value_size: int = 1000) -> tuple[LocalBackend, MemoryEngine, Clock]:
@@ -226,20 +232,107 @@ class LocalBackendTests:
 
     def test_stats(self) -> None:
         """stats() has keys, bytes, uptime and the command counters."""
-        backend, _, clock = make()
+        backend, engine, clock = make()
         backend.execute(set_(b"k", b"abc"))
         backend.execute(Get((b"k", b"x")))
         backend.execute(Arith(b"n", 1))
         backend.execute(Delete(b"k"))
         clock.advance(7)
         stats = backend.stats()
-        assert stats["keys"] == 1 and stats["bytes"] == 0  # the tombstone
+        assert stats["keys"] == stats["curr_items"] == 1 and stats["value_bytes"] == 0  # the tombstone
+        assert stats["bytes"] == engine.stats()["used_bytes"] > 0
+        assert (stats["limit_maxbytes"], stats["evictions"]) == (0, 0)
         assert stats["uptime"] == 7
         assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"]) == (2, 1, 1)
         assert (stats["cmd_set"], stats["incr_misses"], stats["delete_hits"]) == (1, 1, 1)
+        assert stats["total_items"] == 1
+
+    def test_memcached_counters(self) -> None:
+        """get_expired counts misses on expired records (within get_misses), total_items every live record
+        written, by any path; evictions and limit_maxbytes come from a bounded engine."""
+        clock = Clock()
+        clock.advance(T0)
+        engine = MemoryEngine(limit_bytes=4000)
+        backend = LocalBackend(engine, "kv-1", clock, 1000)
+        backend.execute(set_(b"e", b"x", exptime=5))
+        backend.execute(set_(b"f", b"y", exptime=5))
+        clock.advance(6)
+        assert backend.get_one(b"e") is None and backend.get_one(b"nothing") is None
+        assert backend.execute(Get((b"f", b"g"))) == Values(())
+        assert backend.execute(Get((b"f",))) == Values(())
+        backend.execute(Store("add", b"a", 0, 0, b"1"))
+        backend.execute(Arith(b"a", 2))
+        backend.execute(XPut(b"x", Record(b"v", version=Version(1, "gw"))))
+        backend.execute(XPut(b"t", Record.deleted(Version(1, "gw"))))
+        backend.execute_puts([XPut(b"p", Record(b"v", version=Version(1, "gw")))] * 2)
+        backend.execute(XApply(Version((T0_MILLIS + 60_000) << 16, "gw"), Touch(b"a", 100)))
+        for i in range(30):
+            backend.execute(set_(b"fill%d" % i, b"z" * 50))
+        stats = backend.stats()
+        assert (stats["get_misses"], stats["get_expired"], stats["cmd_get"]) == (5, 3, 5)
+        assert stats["total_items"] == 2 + 2 + 1 + 1 + 1 + 30  # sets, add+incr, xput, execute_puts, xapply
+        assert stats["limit_maxbytes"] == 4000 and stats["bytes"] <= 4000 and stats["evictions"] > 0
+
+    def test_reset_stats(self) -> None:
+        """reset_stats() zeroes the counters and the evictions seen so far; what is held stays."""
+        clock = Clock()
+        engine = MemoryEngine(limit_bytes=2000)
+        backend = LocalBackend(engine, "kv-1", clock, 1000)
+        for i in range(20):
+            backend.execute(set_(b"k%d" % i, b"z" * 50))
+        backend.get_one(b"k19")
+        assert backend.stats()["evictions"] > 0
+        backend.reset_stats()
+        stats = backend.stats()
+        assert (stats["evictions"], stats["cmd_set"], stats["get_hits"], stats["total_items"]) == (0, 0, 0, 0)
+        assert stats["curr_items"] == engine.stats()["keys"] > 0
+        backend.execute(set_(b"more", b"z" * 50))
+        assert backend.stats()["evictions"] == 1
+
+    def test_out_of_memory(self) -> None:
+        """A set refused by a full engine (evict=False) answers StorageFull and deletes the old value, as
+        memcached does; other writes refused leave the record as it was."""
+        clock = Clock()
+        engine = MemoryEngine(limit_bytes=1000, evict=False)
+        backend = LocalBackend(engine, "kv-1", clock, 1000)
+        assert backend.execute(set_(b"k", b"old")) is Status.STORED
+        assert backend.execute(set_(b"a", b"x" * 100)) is Status.STORED
+        with pytest.raises(StorageFull, match="out of memory storing object"):
+            backend.execute(set_(b"k", b"y" * 600))
+        assert backend.get_one(b"k") is None and engine.get(b"k") is not None  # a tombstone
+        with pytest.raises(StorageFull):
+            backend.execute(Store("append", b"a", 0, 0, b"y" * 600))
+        assert backend.get_one(b"a") == (0, b"x" * 100)
+
+    def test_memory_limit_at_run_time(self) -> None:
+        """set_memory_limit changes a bounded engine's limit; other engines say they have none."""
+        clock = Clock()
+        engine = MemoryEngine(limit_bytes=10_000)
+        backend = LocalBackend(engine, "kv-1", clock, 1000)
+        backend.set_memory_limit(20_000)
+        assert backend.stats()["limit_maxbytes"] == 20_000
+        unbounded, _, _ = make()
+        with pytest.raises(ValueError, match="no memory limit|without a limit"):
+            unbounded.set_memory_limit(20_000)
 
     def test_not_a_backend_command(self) -> None:
         """Commands the adapters answer themselves are a TypeError."""
         backend, _, _ = make()
         with pytest.raises(TypeError):
             backend.execute(StatsCommand())
+
+
+class OutOfRoomSurfaceTests(SynchronousTestCase):
+    """A write the engine has no room for, as each surface answers it."""
+
+    def test_http_answers_507(self) -> None:
+        """PUT /kv/{key} on a full engine that may not evict is a 507 problem with memcached's words."""
+        clock = Clock()
+        backend = LocalBackend(MemoryEngine(limit_bytes=1000, evict=False), "kv-1", clock, 10_000)
+        stub = StubTreq(KeyValueHTTP(backend, role="kvstore").resource())
+        ok = self.successResultOf(stub.put("http://kv/kv/a", data=b"x" * 100))  # type: ignore[attr-defined]
+        assert ok.code in (200, 201, 204)
+        response = self.successResultOf(stub.put("http://kv/kv/b", data=b"x" * 2000))  # type: ignore[attr-defined]
+        body = json.loads(self.successResultOf(response.content()))
+        assert response.code == 507 and body["title"] == "Insufficient Storage"
+        assert body["detail"].startswith("out of memory storing object")

@@ -267,7 +267,12 @@ class ServerTests:
         assert stats[b"curr_connections"] == b"2"
         assert stats[b"total_connections"] == b"2"
         assert stats[b"uptime"] == b"5"
-        assert (stats[b"keys"], stats[b"bytes"], stats[b"get_hits"], stats[b"cmd_set"]) == (b"1", b"2", b"1", b"1")
+        assert (stats[b"keys"], stats[b"value_bytes"], stats[b"get_hits"], stats[b"cmd_set"]) == (
+            b"1",
+            b"2",
+            b"1",
+            b"1",
+        )
         for group, reply in [
             (b"reset", b"RESET\r\n"),
             (b"detail on", b"OK\r\n"),

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chashd.errors import StorageError
+from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record
 from chashd.ring import HASH_SPACE, key_hash
@@ -67,7 +67,13 @@ def sqlite_engine(tmp_path: Path) -> Callable[[], Engine]:
     return lambda: SQLiteEngine(tmp_path / f"db-{next(counter)}" / "chashd.sqlite3")
 
 
-ENGINES = {"memory": memory_engine, "sqlite": sqlite_engine}
+def bounded_memory_engine(tmp_path: Path) -> Callable[[], Engine]:
+    """A factory of memory engines with a limit they never reach in the shared suite (so the bounded
+    engine's bookkeeping runs through every shared case)."""
+    return lambda: MemoryEngine(limit_bytes=1 << 30)
+
+
+ENGINES = {"memory": memory_engine, "memory-bounded": bounded_memory_engine, "sqlite": sqlite_engine}
 
 
 @pytest.fixture(params=sorted(ENGINES))
@@ -125,6 +131,12 @@ def scan_all(engine: Engine, first: int = 0, last: int = TOP, limit: int = 7) ->
             return pairs
         after = (key_hash(page[-1][0]), page[-1][0])
     raise AssertionError("scan did not end")
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    """The engine's ``keys`` and ``bytes`` (value bytes held), without its other figures."""
+    stats = engine.stats()
+    return {"keys": stats["keys"], "bytes": stats["bytes"]}
 
 
 def brute_force(keys: dict[bytes, Record], first: int, last: int) -> list[tuple[bytes, Record]]:
@@ -278,7 +290,7 @@ class GroupTests:
         )
         assert results == [True, False, True, False]
         assert engine.get(b"k") == record(3, b"three")
-        assert engine.stats() == {"keys": 1, "bytes": 5}
+        assert counts(engine) == {"keys": 1, "bytes": 5}
 
     def test_apply_many_writer_breaks_ties(self, engine: Engine) -> None:
         """Between equal clocks the higher writer id wins, within a group as against the stored record."""
@@ -301,7 +313,7 @@ class GroupTests:
                 (b"a", Record.deleted(Version(3, "w"))),  # -1 byte
             ]
         )
-        assert engine.stats() == {"keys": 3, "bytes": 3}
+        assert counts(engine) == {"keys": 3, "bytes": 3}
         assert len(scan_all(engine)) == 3
 
     def test_apply_many_refuses_before_writing(self, engine: Engine) -> None:
@@ -309,7 +321,7 @@ class GroupTests:
         with pytest.raises(StorageError):
             engine.apply_many([(b"a", record(1)), (b"b", Record(b"v", expires_at=2**64, version=version(1)))])
         assert engine.get(b"a") is None and engine.get(b"b") is None
-        assert engine.stats() == {"keys": 0, "bytes": 0}
+        assert counts(engine) == {"keys": 0, "bytes": 0}
 
     def test_apply_many_joins_a_batch(self, engine: Engine) -> None:
         """Inside ``batch()`` the group is part of the batch's transaction, and reads see it."""
@@ -346,7 +358,7 @@ class GroupTests:
         assert engine.get(b"same") is None and engine.get(b"tomb") is None
         assert engine.get(b"newer") == record(6, b"12345")
         assert engine.get(b"other-writer") == record(5, b"1", writer="x")
-        assert engine.stats() == {"keys": 2, "bytes": 6}
+        assert counts(engine) == {"keys": 2, "bytes": 6}
         assert [key for key, _ in scan_all(engine)] == sorted(
             [b"newer", b"other-writer"], key=lambda k: (key_hash(k), k)
         )
@@ -567,7 +579,7 @@ class PurgeTests:
         remaining = {key for key, _ in scan_all(engine)}
         assert remaining == {b"later", b"forever", b"new-tomb"}
         assert engine.get(b"expired") is None
-        assert engine.stats() == {"keys": 3, "bytes": 2}
+        assert counts(engine) == {"keys": 3, "bytes": 2}
         assert engine.purge(NOW, GRACE) == 0
 
     def test_purge_many(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -586,22 +598,22 @@ class CounterTests:
 
     def test_counters(self, engine: Engine) -> None:
         """Counters follow puts, overwrites, applies (won and lost), tombstones, removes and clear."""
-        assert engine.stats() == {"keys": 0, "bytes": 0}
+        assert counts(engine) == {"keys": 0, "bytes": 0}
         engine.put(b"a", record(1, b"12345"))
         engine.put(b"b", record(1, b"123"))
-        assert engine.stats() == {"keys": 2, "bytes": 8}
+        assert counts(engine) == {"keys": 2, "bytes": 8}
         engine.put(b"a", record(2, b"1"))
-        assert engine.stats() == {"keys": 2, "bytes": 4}
+        assert counts(engine) == {"keys": 2, "bytes": 4}
         engine.apply(b"b", record(0, b"lost, not counted"))
         engine.apply(b"c", record(1, b"12"))
-        assert engine.stats() == {"keys": 3, "bytes": 6}
+        assert counts(engine) == {"keys": 3, "bytes": 6}
         engine.apply(b"b", Record.deleted(Version(5, "w")))
-        assert engine.stats() == {"keys": 3, "bytes": 3}
+        assert counts(engine) == {"keys": 3, "bytes": 3}
         engine.remove(b"a")
         engine.remove(b"a")
-        assert engine.stats() == {"keys": 2, "bytes": 2}
+        assert counts(engine) == {"keys": 2, "bytes": 2}
         engine.clear()
-        assert engine.stats() == {"keys": 0, "bytes": 0}
+        assert counts(engine) == {"keys": 0, "bytes": 0}
 
 
 class ClearAndBatchTests:
@@ -656,7 +668,203 @@ class MemoryEngineTests:
         with pytest.raises(StorageError):
             engine.apply(b"k", Record(b"v", expires_at=2**63, version=version(1)))
         assert engine.get(b"k") is None
-        assert engine.stats() == {"keys": 0, "bytes": 0}
+        assert counts(engine) == {"keys": 0, "bytes": 0}
+
+
+def cost(key: bytes, record: Record) -> int:
+    """What a record is accounted to cost in a memory engine: its key, its packed row, the overhead."""
+    return len(key) + len(memory_module._encode(key_hash(key), record)) + memory_module.ITEM_OVERHEAD
+
+
+def check_bookkeeping(engine: MemoryEngine) -> None:
+    """The bounded engine's books agree with its records: the bytes used, and each live record in exactly
+    the generation its bucket names (tombstones in none)."""
+    records = {key: memory_module._decode(row) for key, row in engine._records.items()}
+    assert engine.stats()["used_bytes"] == sum(cost(key, r) for key, r in records.items())
+    in_gens = [key for gen in engine._gens.values() for key in gen]
+    assert len(in_gens) == len(set(in_gens))
+    assert set(in_gens) == {key for key, r in records.items() if not r.tombstone}
+    assert list(engine._gens) == list(engine._order) and engine._order[-1] == engine._gen
+    for key, r in records.items():
+        gen = engine._buckets[key_hash(key) >> memory_module._BUCKET_SHIFT][key]
+        assert (gen is None) if r.tombstone else key in engine._gens[gen]  # type: ignore[index]
+    assert len(engine._order) <= memory_module._MAX_GENERATIONS
+
+
+class BoundedMemoryEngineTests:
+    """``MemoryEngine(limit_bytes=...)``: least recently used eviction, or refusal, at the limit."""
+
+    def test_stays_within_its_limit(self) -> None:
+        """Writing three times the limit keeps what is accounted at or under it, and counts the evictions."""
+        limit = 64 * 1024
+        engine = MemoryEngine(limit_bytes=limit)
+        one = cost(b"key-0000", record(1, b"x" * 100))
+        for i in range(3 * limit // one):
+            engine.put(b"key-%04d" % i, record(i + 1, b"x" * 100))
+            assert engine.stats()["used_bytes"] <= limit
+        stats = engine.stats()
+        assert stats["limit_bytes"] == limit and stats["used_bytes"] > limit - 2 * one
+        assert stats["evictions"] == 3 * limit // one - stats["keys"] and stats["reclaimed"] == 0
+        check_bookkeeping(engine)
+
+    def test_evicts_the_least_recently_used(self) -> None:
+        """Keys read since they were written survive a wave of new writes; the oldest unread ones go first."""
+        item = record(1, b"x" * 200)
+        per_key = cost(b"old-000", item)
+        engine = MemoryEngine(limit_bytes=per_key * 320)
+        old = [b"old-%03d" % i for i in range(160)]
+        for i, key in enumerate(old):
+            engine.put(key, record(i + 1, b"x" * 200))
+        read = old[:40]  # the oldest writes, read afterwards: now among the most recent
+        for key in read:
+            assert engine.get_live(key, NOW) is not None
+        for i in range(200):
+            engine.put(b"new-%03d" % i, record(1000 + i, b"x" * 200))
+        assert all(engine.get(key) is not None for key in read)
+        assert sum(engine.get(key) is None for key in old[40:]) >= 40  # room came from the unread old keys
+        assert engine.get(b"new-199") is not None
+        check_bookkeeping(engine)
+
+    def test_refuses_when_told_not_to_evict(self) -> None:
+        """With evict=False a write past the limit raises StorageFull with memcached's words and stores
+        nothing; replacing a record with a smaller one, a delete and a tombstone still go through."""
+        limit = cost(b"a", record(1, b"x" * 100)) * 3
+        engine = MemoryEngine(limit_bytes=limit, evict=False)
+        for key in (b"a", b"b", b"c"):
+            engine.put(key, record(1, b"x" * 100))
+        with pytest.raises(StorageFull, match="^out of memory storing object$"):
+            engine.put(b"d", record(1, b"x" * 100))
+        with pytest.raises(StorageFull):
+            engine.apply(b"a", record(2, b"y" * 101))
+        assert engine.get(b"d") is None and engine.get(b"a") == record(1, b"x" * 100)
+        assert engine.apply(b"a", record(3, b"small"))
+        assert engine.apply(b"b", Record.deleted(Version(4, "w")))
+        engine.remove(b"c")
+        engine.put(b"d", record(5, b"x" * 100))
+        assert engine.stats()["evictions"] == 0
+        check_bookkeeping(engine)
+
+    def test_tombstones_are_never_evicted(self) -> None:
+        """Live records make room, tombstones stay until purged; a store holding only tombstones refuses."""
+        one = cost(b"t-00", Record.deleted(version(1)))
+        engine = MemoryEngine(limit_bytes=one * 10)
+        for i in range(5):
+            engine.put(b"t-%02d" % i, Record.deleted(version(1)))
+        for i in range(20):
+            engine.put(b"l-%02d" % i, record(i + 1, b""))
+        assert all(engine.get(b"t-%02d" % i) == Record.deleted(version(1)) for i in range(5))
+        for i in range(5, 10):
+            engine.put(b"t-%02d" % i, Record.deleted(version(1)))
+        assert [key for key in engine._records if key.startswith(b"l-")] == []
+        with pytest.raises(StorageFull, match="nothing left to evict"):
+            engine.put(b"l-99", record(1, b""))
+        assert engine.purge(NOW, GRACE) == 10  # the grace period over, a purge makes the room
+        engine.put(b"l-99", record(1, b""))
+        check_bookkeeping(engine)
+
+    def test_an_item_larger_than_the_limit(self) -> None:
+        """A record that alone costs more than the limit is refused, evicting nothing."""
+        engine = MemoryEngine(limit_bytes=1000)
+        engine.put(b"small", record(1, b"x"))
+        with pytest.raises(StorageFull, match="needs"):
+            engine.put(b"big", record(1, b"x" * 1000))
+        assert engine.get(b"small") is not None and engine.stats()["evictions"] == 0
+
+    def test_a_rewrite_never_evicts_itself(self) -> None:
+        """Growing a key's value evicts other keys, never the key being written, even the least recent one."""
+        engine = MemoryEngine(limit_bytes=cost(b"k0", record(1, b"x" * 100)) * 4)
+        for i in range(4):
+            engine.put(b"k%d" % i, record(1, b"x" * 100))
+        engine.put(b"k0", record(2, b"y" * 250))
+        assert engine.get(b"k0") == record(2, b"y" * 250)
+        assert engine.stats()["evictions"] >= 1
+        check_bookkeeping(engine)
+
+    def test_expired_victims_count_as_reclaimed(self) -> None:
+        """An evicted record whose expiry passed (by the time reads brought) counts as reclaimed."""
+        engine = MemoryEngine(limit_bytes=cost(b"e0", record(1, b"x" * 100, expires_at=10)) * 3)
+        for i in range(3):
+            engine.put(b"e%d" % i, record(1, b"x" * 100, expires_at=10))
+        assert engine.get_live(b"e0", 20.0) is None  # a read at t=20 tells the engine the time
+        for i in range(3):
+            engine.put(b"n%d" % i, record(1, b"x" * 100))
+        stats = engine.stats()
+        assert (stats["reclaimed"], stats["evictions"]) == (3, 0)
+
+    def test_set_limit(self) -> None:
+        """A lower limit evicts at once down to it; a higher one lets more in; an unbounded engine refuses."""
+        one = cost(b"k-000", record(1, b"x" * 100))
+        engine = MemoryEngine(limit_bytes=one * 100)
+        for i in range(100):
+            engine.put(b"k-%03d" % i, record(1, b"x" * 100))
+        engine.set_limit(one * 30)
+        assert engine.stats()["keys"] == 30 and engine.stats()["used_bytes"] <= one * 30
+        assert engine.get(b"k-099") is not None  # the newest stay
+        engine.set_limit(one * 200)
+        for i in range(100, 250):
+            engine.put(b"k-%03d" % i, record(1, b"x" * 100))
+        assert engine.stats()["keys"] == 180
+        check_bookkeeping(engine)
+        with pytest.raises(ValueError):
+            MemoryEngine().set_limit(1000)
+        with pytest.raises(ValueError):
+            engine.set_limit(0)
+
+    def test_reads_without_writes_keep_the_books(self) -> None:
+        """A long run of reads (more than a note list holds) reorders the keys by itself."""
+        one = cost(b"k-0000", record(1, b"x" * 10))
+        engine = MemoryEngine(limit_bytes=one * 6000)
+        for i in range(6000):
+            engine.put(b"k-%04d" % i, record(1, b"x" * 10))
+        for _ in range(3):
+            for i in range(6000):
+                engine.get_live(b"k-%04d" % i, NOW)
+        assert len(engine._touched) <= memory_module._TOUCHED_LIMIT
+        engine.put(b"k-0000", record(2, b"x" * 10))
+        check_bookkeeping(engine)
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["put", "apply", "tomb", "get", "remove", "many", "purge", "limit"]),
+                st.integers(0, 40),
+                st.integers(0, 300),
+            ),
+            max_size=120,
+        ),
+        st.booleans(),
+    )
+    def test_books_agree_after_any_operations(self, ops: list[tuple[str, int, int]], evict: bool) -> None:
+        """Whatever the mix of writes, reads, removals, purges and limit changes, the books stay exact and
+        the engine never holds more than its limit once a write succeeded."""
+        engine = MemoryEngine(limit_bytes=4000, evict=evict)
+        clock = itertools.count(1)
+        for op, n, size in ops:
+            key = b"key-%d" % n
+            try:
+                if op == "put":
+                    engine.put(key, record(next(clock), b"v" * size))
+                elif op == "apply":
+                    engine.apply(key, record(next(clock), b"w" * size, expires_at=size))
+                elif op == "tomb":
+                    engine.apply(key, Record.deleted(Version(next(clock), "w")))
+                elif op == "get":
+                    engine.get_live(key, float(size))
+                elif op == "remove":
+                    engine.remove(key)
+                elif op == "many":
+                    engine.apply_many([(b"key-%d" % (n + i), record(next(clock), b"m" * size)) for i in range(3)])
+                elif op == "purge":
+                    engine.purge(float(size), 0.0)
+                elif op == "limit":
+                    engine.set_limit(2000 + size * 10)
+            except StorageFull:
+                pass
+            else:
+                if op in ("put", "apply", "many"):
+                    assert engine.stats()["used_bytes"] <= engine.limit_bytes
+            check_bookkeeping(engine)
 
 
 def filled_database(path: Path, count: int = 3000) -> dict[bytes, Record]:
@@ -695,7 +903,7 @@ class SQLiteEngineTests:
         try:
             assert engine.get(b"key-7") == written[b"key-7"]
             assert scan_all(engine, limit=100) == brute_force(written, 0, TOP)
-            assert engine.stats() == {"keys": 500, "bytes": sum(len(r.value) for r in written.values())}
+            assert counts(engine) == {"keys": 500, "bytes": sum(len(r.value) for r in written.values())}
         finally:
             engine.close()
 
@@ -743,7 +951,7 @@ class SQLiteEngineTests:
             with pytest.raises(StorageError):
                 engine.apply(b"k", Record(b"v", flags=2**63, version=Version(1, "w")))
             assert engine.get(b"k") is None
-            assert engine.stats() == {"keys": 0, "bytes": 0}
+            assert counts(engine) == {"keys": 0, "bytes": 0}
         finally:
             engine.close()
 
@@ -758,7 +966,7 @@ class SQLiteEngineTests:
                 raise RuntimeError("handoff connection lost")
             assert engine.get(b"kept") == record(1, b"abc")
             assert engine.get(b"new") is None
-            assert engine.stats() == {"keys": 1, "bytes": 3}
+            assert counts(engine) == {"keys": 1, "bytes": 3}
         finally:
             engine.close()
 
@@ -772,7 +980,7 @@ class SQLiteEngineTests:
             items = [(b"k%d" % i, record(4 + i % 2)) for i in range(7)] + [(b"new", record(1))]
             assert engine.apply_many(items) == [False] * 7 + [True]
             assert engine.remove_many_if([(b"k%d" % i, Version(5, "w")) for i in range(7)]) == [True] * 7
-            assert engine.stats() == {"keys": 1, "bytes": 1}
+            assert counts(engine) == {"keys": 1, "bytes": 1}
         finally:
             engine.close()
 
@@ -788,9 +996,48 @@ class SQLiteEngineTests:
             with pytest.raises(StorageError):
                 engine.apply_many([(b"kept", record(2, b"x")), (b"new", record(1)), (b"bad", record(1))])
             assert engine.get(b"kept") == record(1, b"abc") and engine.get(b"new") is None
-            assert engine.stats() == {"keys": 1, "bytes": 3}
+            assert counts(engine) == {"keys": 1, "bytes": 3}
         finally:
             engine.close()
+
+    def test_disk_limit(self, tmp_path: Path) -> None:
+        """Past disk_limit_bytes a write fails with StorageFull naming the limit and changes nothing (counters,
+        cache, the other records of its group); deletes still work and their pages take new writes."""
+        path = tmp_path / "chashd.sqlite3"
+        engine = SQLiteEngine(path, page_size=4096, disk_limit_bytes=256 * 1024)
+        value = b"v" * 3000
+        try:
+            stored = 0
+            with pytest.raises(StorageFull, match="out of disk space storing object: .*limit of 0.25 MiB"):
+                for i in range(200):
+                    engine.put(b"k%03d" % i, record(i + 1, value))
+                    stored += 1
+            assert 40 < stored < 90
+            assert engine.get(b"k%03d" % stored) is None
+            assert counts(engine) == {"keys": stored, "bytes": stored * len(value)}
+            stats = engine.stats()
+            assert stats["disk_limit_bytes"] == 256 * 1024 and stats["disk_bytes"] <= 256 * 1024
+            with pytest.raises(StorageFull):
+                engine.apply_many(
+                    [(b"k000", record(1000, b"x")), (b"new", record(1, value)), (b"new2", record(1, value))]
+                )
+            assert engine.get(b"k000") == record(1, value) and engine.get(b"new") is None
+            assert counts(engine) == {"keys": stored, "bytes": stored * len(value)}
+            engine.put(b"k000", record(1001, b"small"))  # a write that needs no new page goes through
+            for i in range(1, 11):
+                engine.remove(b"k%03d" % i)
+            engine.put(b"after", record(1, value))
+            assert engine.get(b"after") == record(1, value)
+        finally:
+            engine.close()
+        reopened = SQLiteEngine(path, disk_limit_bytes=256 * 1024)
+        try:
+            with pytest.raises(StorageFull):
+                for i in range(200):
+                    reopened.put(b"again%03d" % i, record(1, value))
+            assert reopened.stats()["disk_bytes"] <= 256 * 1024
+        finally:
+            reopened.close()
 
     def test_reads_do_not_wait_for_another_threads_batch(self, tmp_path: Path) -> None:
         """While another thread holds a batch open, ``get`` answers at once with the committed record (not
@@ -872,7 +1119,7 @@ class SQLiteEngineTests:
             engine.put(b"k", record(2, b"new"))
             assert engine._delete_unchanged([stale]) == 0
             assert engine.get(b"k") == record(2, b"new")
-            assert engine.stats() == {"keys": 1, "bytes": 3}
+            assert counts(engine) == {"keys": 1, "bytes": 3}
         finally:
             engine.close()
 
@@ -1086,7 +1333,7 @@ class SQLiteEngineTests:
             pytest.skip("running as root without setpriv: cannot make a file unreadable")
         script = (
             "import sys\n"
-            "from chashd.errors import StorageError\n"
+            "from chashd.errors import StorageError, StorageFull\n"
             "from chashd.storage import SQLiteEngine\n"
             "try:\n"
             "    SQLiteEngine(sys.argv[1])\n"

@@ -51,6 +51,33 @@ class WiringTests:
             kvstore_tap.makeService(options, reactor=MemoryReactorClock())
         assert "--engine" in str(info.value.code)
 
+    def test_engine_limits(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        """--memory-limit/--memory-full reach the memory engine, --disk-limit the SQLite engine, in bytes,
+        and the line protocol takes --max-keys."""
+        from chashd.kvstore.service import open_engine
+        from chashd.storage import MemoryEngine, SQLiteEngine
+
+        options = kvstore_tap.Options()
+        options.parseOptions(["--node-id", "a", "--memory-limit", "64", "--memory-full", "error", "--max-keys", "9"])
+        engine = open_engine(options.config)
+        assert isinstance(engine, MemoryEngine) and engine.stats()["limit_bytes"] == 64 << 20
+        assert engine._evict is False
+        reactor = MemoryReactorClock()
+        service = kvstore_tap.makeService(options, reactor=reactor, run_in_thread=maybeDeferred)
+        service.startService()
+        try:
+            factories = [factory for _, factory, _, _ in reactor.tcpServers]
+            assert [f.max_keys for f in factories if hasattr(f, "max_keys")] == [9]
+        finally:
+            service.stopService()
+        options = kvstore_tap.Options()
+        options.parseOptions(["--node-id", "a", "--data-dir", str(tmp_path), "--disk-limit", "100"])
+        engine = open_engine(options.config)
+        try:
+            assert isinstance(engine, SQLiteEngine) and engine.stats()["disk_limit_bytes"] == 100 << 20
+        finally:
+            engine.close()
+
     def test_kvstore_registers_when_given_gateways(self) -> None:
         """With --gateway, the first announcement is scheduled at start."""
         reactor = MemoryReactorClock()
