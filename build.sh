@@ -8,7 +8,9 @@
 #   TAG=v1.0.0 ./build.sh                           tag v1.0.0 instead of the git short hash
 #
 # Other variables: IMAGE_NAME (default chashd), ENGINE (docker or podman; default: whichever is installed,
-# docker first), NAMESPACE (default consistent-hashing), KUBECTL (default kubectl).
+# docker first), NAMESPACE (default consistent-hashing), KUBECTL (default kubectl), SECRETS_DIR (default .secrets).
+# Every run also makes the secrets docker-compose.yml reads, when they are missing: SECRETS_DIR/raft-password and
+# SECRETS_DIR/token, random (the directory mode 0700, git-ignored; existing files are kept).
 # DEPLOY=true also creates the Secret chashd-secrets (raft-password, token) with random values when the
 # namespace has none; an existing Secret is left as it is.
 # Every step stops the script at its first failure, with a line saying which step failed.
@@ -80,6 +82,21 @@ if [ "$deploy" = 1 ]; then
     command -v "$KUBECTL" > /dev/null || die "DEPLOY=true, but $KUBECTL is not installed"
 fi
 
+# -- the Compose secrets (see SECURITY.md) ----------------------------------------------------------
+SECRETS_DIR=${SECRETS_DIR:-$ROOT/.secrets}
+random_hex() { od -An -tx1 -N32 /dev/urandom | tr -d ' \n'; }
+if [ ! -d "$SECRETS_DIR" ]; then
+    (umask 077 && mkdir -p "$SECRETS_DIR") || die "cannot create the directory $SECRETS_DIR for the Compose secrets"
+fi
+for secret in raft-password token; do
+    [ -s "$SECRETS_DIR/$secret" ] && continue
+    value=$(random_hex) && [ ${#value} -eq 64 ] || die "cannot read random bytes from /dev/urandom"
+    # Readable inside the containers (uid 10001 reads the bind-mounted file); the 0700 directory keeps other
+    # users of this host out.
+    (umask 022 && printf '%s\n' "$value" > "$SECRETS_DIR/$secret") || die "cannot write $SECRETS_DIR/$secret"
+    say "made a random $secret in $SECRETS_DIR/$secret (docker-compose.yml reads it)"
+done
+
 # -- build, push -----------------------------------------------------------------------------------
 revision=$(git -C "$ROOT" rev-parse HEAD 2> /dev/null || echo unknown)
 step "build" "$ENGINE" build --file Dockerfile --tag "$IMAGE" --tag "$REPOSITORY:latest" \
@@ -102,7 +119,6 @@ if [ "$deploy" = 1 ]; then
     fi
     if ! "$KUBECTL" --namespace "$NAMESPACE" get secret chashd-secrets > /dev/null 2>&1; then
         say "creating the Secret chashd-secrets in $NAMESPACE with a random Raft password and token"
-        random_hex() { od -An -tx1 -N32 /dev/urandom | tr -d ' \n'; }
         raft_password=$(random_hex) && token=$(random_hex) && [ ${#raft_password} -eq 64 ] && [ ${#token} -eq 64 ] \
             || die "cannot read random bytes from /dev/urandom"
         "$KUBECTL" --namespace "$NAMESPACE" create secret generic chashd-secrets \

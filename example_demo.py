@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 say("  " + text.split("  log ")[0])
             urls = cluster.gateway_urls
             lines = [(cluster.host, cluster.line_ports[g.name]) for g in cluster.gateways]
-        client = KVStoreClient(urls, timeout=10)
+        token = cluster.token if cluster is not None else os.environ.get("CHASH_TOKEN")
+        client = KVStoreClient(urls, timeout=10, token=token)
         status = client.status()
         say(f"  leader {status['leader']}, epoch {status['epoch']}, N={status['replicas']} "
             f"W={status['write_quorum']} R={status['read_quorum']}, {len(status['nodes'])} kvstores")  # fmt: skip

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chashd.launcher import Daemon, free_ports, http_json
+from chashd.launcher import ClusterSecrets, Daemon, free_ports, http_json
 
 HOST = "127.0.0.1"
 TARGET_MEDIAN = 3.0
@@ -33,6 +33,7 @@ class Cluster:
         ports = free_ports(3 * count)
         self.http, self.raft, self.line = ports[0::3], ports[1::3], ports[2::3]
         self.peers = ",".join(f"{HOST}:{p}" for p in self.raft)
+        self.secrets = ClusterSecrets.generate()
         self.daemons = [self._daemon(i) for i in range(count)]
 
     def _daemon(self, i: int) -> Daemon:
@@ -44,9 +45,9 @@ class Cluster:
             "--raft-port", str(self.raft[i]),
             "--peers", self.peers,
             "--data-dir", str(self.workdir / name),
-            "--raft-password", "bench-secret",
         ]  # fmt: skip
         env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CHASHD_")}
+        env["CHASHD_RAFT_PASSWORD"] = self.secrets.raft_password
         return Daemon("chash-gateway", name, args, self.http[i], self.workdir / f"{name}.log", env=env)
 
     def start(self, i: int) -> None:

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -535,6 +536,7 @@ def cluster_up(args: argparse.Namespace) -> int:
         cluster.start(timeout=args.timeout)
         print(cluster.describe())
         print(f"export CHASH_GATEWAY={','.join(cluster.gateway_urls)}")
+        print(f"export CHASH_TOKEN=$(cat {shlex.quote(str(cluster.secrets_dir / 'token'))})")
         print("ready; Ctrl-C stops the cluster", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             for daemon in cluster.gateways + cluster.kvstores:

@@ -17,6 +17,7 @@ A bad value raises ``ConfigError`` with one line naming the option and where the
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,8 @@ __all__ = [
     "GatewayConfig",
     "KVStoreConfig",
     "OptionSpec",
+    "check_secrets",
+    "listens_beyond_loopback",
     "load_config",
     "option_specs",
     "options_for",
@@ -80,14 +83,18 @@ def parse_endpoint(raw: object) -> str:
     return text
 
 
+def _endpoint_args(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """An endpoint string's kind, positional and named arguments (``\\:`` unescaped)."""
+    kind, _, rest = description.partition(":")
+    args = [re.sub(r"\\(.)", r"\1", a) for a in re.split(r"(?<!\\):", rest)]
+    return kind, [a for a in args if "=" not in a], dict(a.split("=", 1) for a in args if "=" in a)
+
+
 def endpoint_port(description: str) -> int | None:
     """The TCP port of a server endpoint string (``tcp:8000:interface=::1`` gives 8000), else None."""
-    kind, _, rest = description.partition(":")
+    kind, positional, named = _endpoint_args(description)
     if kind not in ("tcp", "tcp6", "ssl"):
         return None
-    args = re.split(r"(?<!\\):", rest)
-    named = dict(a.split("=", 1) for a in args if "=" in a)
-    positional = [a for a in args if "=" not in a]
     port = named.get("port", positional[0] if positional else "")
     return int(port) if port.isdigit() else None
 
@@ -189,6 +196,14 @@ def parse_choice(*choices: str) -> Callable[[object], str]:
 def parse_text(raw: object) -> str:
     """Any text."""
     return str(raw)
+
+
+def parse_secret(raw: object) -> str:
+    """A secret (a password or a token): any text but blanks, never repeated in an error."""
+    text = str(raw).strip()
+    if not text:
+        raise ValueError("the secret is empty")
+    return text
 
 
 def parse_path(raw: object) -> str:
@@ -309,7 +324,10 @@ class KVStoreConfig:
         _bounded(int, 0, 64 * 1024 * 1024 * 1024),
     )
     weight: int = opt("share of the ring relative to other nodes", 100, _bounded(int, 1, 1_000_000))
-    token: str | None = opt("shared token sent to the gateways on register and drain", None, secret=True)
+    token: str | None = opt(
+        "cluster token: guards writes and internal commands (SECURITY.md)", None, parse_secret, secret=True
+    )
+    token_file: str | None = opt("file holding --token (its first line)", None, parse_path)
     register_interval: float = opt("seconds between re-registrations", 30.0, _bounded(float, 0.1))
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
     max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
@@ -350,9 +368,12 @@ class GatewayConfig:
     )
     advertise_host: str = opt("host or address the other gateways reach this one at", "127.0.0.1", parse_host)
     data_dir: str | None = opt("directory for the Raft journal and snapshot (none: memory only)", None, parse_path)
-    raft_password: str | None = opt("encrypts Raft traffic; needed when peers are not on loopback", None, secret=True)
-    insecure_raft: bool = opt("allow Raft without a password on non-loopback peers", False, parse_bool, flag=True)
-    token: str | None = opt("shared token required for register, drain and remove", None, secret=True)
+    raft_password: str | None = opt(
+        "authenticates and encrypts Raft traffic; required (loopback too)", None, parse_secret, secret=True
+    )
+    raft_password_file: str | None = opt("file holding --raft-password (its first line)", None, parse_path)
+    token: str | None = opt("cluster token: guards the admin routes (SECURITY.md)", None, parse_secret, secret=True)
+    token_file: str | None = opt("file holding --token (its first line)", None, parse_path)
     replicas: int = opt("replication factor N (capped at the number of nodes)", 3, _bounded(int, 1, 16))
     write_quorum: int = opt("write quorum W", 2, _bounded(int, 1, 16))
     read_quorum: int = opt("read quorum R", 2, _bounded(int, 1, 16))
@@ -418,7 +439,12 @@ def load_config(
     cli: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> C:
-    """Build a config: command line (``cli``: option name to the raw value), environment, YAML, defaults."""
+    """Build a config: command line (``cli``: option name to the raw value), environment, YAML, defaults.
+
+    A secret (``--token``) may also come from a file (``--token-file``): the two count as one option, so
+    the one from the first place wins (``--token-file`` on the command line over ``$CHASHD_TOKEN``), and
+    both from the same place is an error.
+    """
     cli = dict(cli or {})
     environ = os.environ if environ is None else environ
     specs = {spec.name: spec for spec in option_specs(config_class)}
@@ -426,29 +452,33 @@ def load_config(
     if unknown:
         raise ConfigError(f"unknown option {sorted(unknown)[0]!r}")
 
-    raw: dict[str, tuple[object, str]] = {}
+    raw: dict[str, tuple[object, str, int]] = {}  # name: (value, where it came from, rank of that place)
     for spec in specs.values():
         if spec.name in cli and cli[spec.name] is not None:
-            raw[spec.name] = (cli[spec.name], f"command line {spec.cli}")
+            raw[spec.name] = (cli[spec.name], f"command line {spec.cli}", 0)
             continue
         for var in spec.env:
             if var in environ and environ[var] != "":
-                raw[spec.name] = (environ[var], f"environment variable {var}")
+                raw[spec.name] = (environ[var], f"environment variable {var}", 1)
                 break
 
     if "config" in raw:
-        path_raw, path_source = raw["config"]
+        path_raw, path_source, _ = raw["config"]
         path = _parse_one(specs["config"], path_raw, path_source)
         for key, value in _read_yaml(path, path_source).items():
             name = str(key).replace("-", "_")
             if name not in specs or name == "config":
                 raise ConfigError(f"unknown option {key!r} in config file {path!r}")
-            raw.setdefault(name, (value, f"config file {path!r}, key {key!r}"))
+            raw.setdefault(name, (value, f"config file {path!r}, key {key!r}", 2))
+
+    for spec in specs.values():
+        if spec.secret and spec.name + "_file" in specs:
+            _secret_from_file(spec, specs[spec.name + "_file"], raw)
 
     values: dict[str, Any] = {}
     for spec in specs.values():
         if spec.name in raw:
-            value, source = raw[spec.name]
+            value, source, _ = raw[spec.name]
             if value is None:
                 continue
             values[spec.name] = _parse_one(spec, value, source)
@@ -463,11 +493,94 @@ def load_config(
         raise ConfigError(str(e)) from None
 
 
+def _secret_from_file(spec: OptionSpec, file_spec: OptionSpec, raw: dict[str, tuple[object, str, int]]) -> None:
+    """Put the secret of ``spec`` read from the file of ``file_spec`` into ``raw``, when the file is the
+    secret's first place (see ``load_config``)."""
+    if file_spec.name not in raw:
+        return
+    path_raw, path_source, path_rank = raw[file_spec.name]
+    if spec.name in raw:
+        _, source, rank = raw[spec.name]
+        if rank == path_rank:
+            raise ConfigError(
+                f"option {spec.cli} ({source}) and {file_spec.cli} ({path_source}) are both given; give one"
+            )
+        if rank < path_rank:
+            return
+    path = _parse_one(file_spec, path_raw, path_source)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(f"option {file_spec.cli}: cannot read {path!r} (from {path_source}): {reason}") from None
+    if not text:
+        raise ConfigError(f"option {file_spec.cli}: {path!r} (from {path_source}) is empty")
+    raw[spec.name] = (text, f"file {path!r} of {file_spec.cli}", path_rank)
+
+
 def _parse_one(spec: OptionSpec, value: object, source: str) -> Any:
     try:
         return spec.parse(value)
     except ValueError as e:
         raise ConfigError(f"option {spec.cli}: {e} (from {source})") from None
+
+
+# -- who may reach what -------------------------------------------------------------------------------
+
+
+def listens_beyond_loopback(description: str) -> bool:
+    """True unless a server endpoint string listens on a loopback address only, or on a UNIX socket.
+
+    A bare port (``tcp:8000``) listens on every interface; ``tcp:8000:interface=127.0.0.1`` (or ``::1``,
+    ``localhost``) on loopback only; a ``systemd:`` socket is taken as reachable from anywhere.
+    """
+    kind, positional, named = _endpoint_args(description)
+    if kind == "unix":
+        return False
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return True
+    interface = named.get("interface", positional[1] if kind != "ssl" and len(positional) > 1 else "")
+    return not _is_loopback_host(interface)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_secrets(config: GatewayConfig | KVStoreConfig) -> None:
+    """Refuse, with one line, a daemon that would run without the secret one of its surfaces needs.
+
+    A gateway always needs a Raft password: pysyncobj unpickles what reaches its Raft port unless a
+    password authenticates each message first, and a local user can reach a loopback port too. The cluster
+    token guards the internal surfaces: a gateway's admin routes (on ``--port``), a kvstore's writes and
+    internal commands (on ``--port`` and ``--line-port``); a daemon whose such port listens beyond loopback
+    needs one.
+    """
+    if isinstance(config, GatewayConfig):
+        if not config.raft_password:
+            raise ConfigError(
+                "option --raft-password is required: without it anyone who reaches the Raft port (loopback "
+                "included) can run code in the gateway; give --raft-password-file, --raft-password or "
+                "$CHASHD_RAFT_PASSWORD (e.g. openssl rand -hex 32, the same on every gateway)"
+            )
+        internal = [("--port", config.port, "the admin routes")]
+    else:
+        internal = [("--port", config.port, "writes"), ("--line-port", config.line_port, "internal commands")]
+    if config.token:
+        return
+    for flag, description, what in internal:
+        if listens_beyond_loopback(description):
+            raise ConfigError(
+                f"option --token is required: {flag} {description} listens beyond loopback and serves {what}; "
+                "give --token-file, --token or $CHASHD_TOKEN (the cluster's token), or listen on loopback "
+                "(interface=127.0.0.1)"
+            )
 
 
 def describe(config: object) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,10 +17,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Daemon", "DaemonError", "LocalCluster", "free_ports", "twistd_command"]
+__all__ = ["ClusterSecrets", "Daemon", "DaemonError", "LocalCluster", "free_ports", "twistd_command"]
 
 
 class DaemonError(Exception):
@@ -40,6 +42,43 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+@dataclass(frozen=True)
+class ClusterSecrets:
+    """A cluster's two secrets: the gateways' Raft password and the cluster token (see SECURITY.md).
+
+    ``generate()`` makes random ones (never fixed values: each cluster, each test its own); ``write(directory)``
+    puts them in files only their owner can read, which the daemons read with ``--raft-password-file`` and
+    ``--token-file`` (a command line is visible to every local user, a file is not).
+    """
+
+    raft_password: str
+    token: str
+
+    @classmethod
+    def generate(cls) -> ClusterSecrets:
+        """Random secrets (32 random bytes each, hex)."""
+        return cls(secrets.token_hex(32), secrets.token_hex(32))
+
+    def write(self, directory: Path) -> dict[str, Path]:
+        """Write ``raft-password`` and ``token`` into ``directory`` (mode 0700, files 0600); their paths."""
+        directory = Path(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        paths = {}
+        for name, value in (("raft-password", self.raft_password), ("token", self.token)):
+            path = directory / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(value + "\n")
+            path.chmod(0o600)
+            paths[name] = path
+        return paths
+
+    def environ(self) -> dict[str, str]:
+        """The secrets as the daemons' environment variables."""
+        return {"CHASHD_RAFT_PASSWORD": self.raft_password, "CHASHD_TOKEN": self.token}
+
+
 def twistd_command(role: str, args: Sequence[str], twistd_options: Sequence[str] = ()) -> list[str]:
     """The command line that runs ``role`` (``chash-gateway``/``chash-kvstore``) in the foreground;
     ``twistd_options`` go to twistd itself (``--logger=chashd.logs.json_stdout``)."""
@@ -50,12 +89,17 @@ def twistd_command(role: str, args: Sequence[str], twistd_options: Sequence[str]
     return [*prefix, "--nodaemon", "--pidfile=", *twistd_options, role, *args]
 
 
-def http_json(url: str, timeout: float = 2.0, method: str = "GET", body: Any = None) -> tuple[int, Any]:
-    """A blocking JSON request: ``(status, parsed body or None)``; raises OSError when unreachable."""
+def http_json(
+    url: str, timeout: float = 2.0, method: str = "GET", body: Any = None, token: str | None = None
+) -> tuple[int, Any]:
+    """A blocking JSON request (with ``Authorization: Bearer <token>`` when given): ``(status, parsed body
+    or None)``; raises OSError when unreachable."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
@@ -190,6 +234,8 @@ class LocalCluster:
 
     ``start()`` waits until a Raft leader is known and every kvstore is up in the ring. Every process
     is stopped by ``stop()`` (also usable as a context manager). Logs and data live under ``workdir``.
+    The cluster's secrets (``secrets``: random unless given) are written to ``workdir/secrets`` and read from
+    there by every daemon; ``token`` is what admin requests (drain, remove) and internal clients need.
     """
 
     def __init__(
@@ -202,10 +248,13 @@ class LocalCluster:
         kvstore_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
+        secrets: ClusterSecrets | None = None,
     ) -> None:
         if gateways < 1:
             raise ValueError("a cluster needs at least one gateway")
         self.workdir = Path(workdir)
+        self.secrets = secrets or ClusterSecrets.generate()
+        self._secret_files: dict[str, Path] = {}
         self.engine = engine
         self.host = host
         self.env = dict(os.environ if env is None else env)
@@ -226,6 +275,21 @@ class LocalCluster:
         self.stop()
 
     @property
+    def token(self) -> str:
+        """The cluster token (for admin requests: ``Authorization: Bearer <token>``)."""
+        return self.secrets.token
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where the secrets' files are."""
+        return self.workdir / "secrets"
+
+    def _secret_args(self, *names: str) -> list[str]:
+        if not self._secret_files:
+            self._secret_files = self.secrets.write(self.secrets_dir)
+        return [arg for name in names for arg in (f"--{name}-file", str(self._secret_files[name]))]
+
+    @property
     def gateway_urls(self) -> list[str]:
         """The HTTP base URLs of the gateways."""
         return [g.url for g in self.gateways]
@@ -240,6 +304,7 @@ class LocalCluster:
             "--advertise-host", self.host,
             "--peers", ",".join(peers),
             "--data-dir", str(self.workdir / name),
+            *self._secret_args("raft-password", "token"),
             *self.gateway_args,
         ]  # fmt: skip
         self.line_ports[name] = line
@@ -279,6 +344,7 @@ class LocalCluster:
             "--line-port", f"tcp:{line}:interface={self.host}",
             "--advertise-host", self.host,
             "--gateway", ",".join(self.gateway_urls),
+            *self._secret_args("token"),
             *self.kvstore_args,
         ]  # fmt: skip
         if self.engine == "sqlite":

@@ -17,13 +17,12 @@ Contracts:
   ``ReactorBridge`` hands each report to the reactor thread with ``callFromThread``. The reactor thread only
   calls ``submit`` (with pysyncobj's ``callback=``, never ``sync=True``: a sync call blocks on an event),
   ``destroy``, ``alive`` and ``broken``.
-- ``raft_settings`` refuses (``ConfigError``) a gateway whose Raft addresses are not all on loopback and
-  that has no Raft password: without one, the Raft port unpickles whatever reaches it.
+- Raft never runs without a password: without one, the Raft port unpickles whatever reaches it. A gateway
+  without one stops before it binds (``chashd.config.check_secrets``), and ``ClusterRaft`` refuses to be built.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,23 +116,12 @@ def _normalize_peer(peer: str) -> str:
     return raft_address(host, int(port))
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rpartition(":")[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def raft_settings(config: GatewayConfig) -> RaftSettings:
     """The Raft settings of a gateway; raises ``ConfigError`` before anything binds.
 
     ``--peers`` entries equal to this gateway's own Raft address are dropped (listing every gateway on
-    each of them is harmless). Without ``--raft-password``, the Raft port unpickles whatever reaches it,
-    so a gateway whose Raft addresses (its own and its peers') are not all on loopback refuses to start,
-    unless ``--insecure-raft`` says so on purpose.
+    each of them is harmless). The password is required where a gateway starts (``check_secrets``) and by
+    ``ClusterRaft`` itself: without one, the Raft port unpickles whatever reaches it.
     """
     self_address = raft_address(config.advertise_host, config.raft_port)
     peers = tuple(dict.fromkeys(p for p in map(_normalize_peer, config.peers) if p != self_address))
@@ -142,13 +130,6 @@ def raft_settings(config: GatewayConfig) -> RaftSettings:
             import cryptography  # noqa: F401
         except ImportError:  # pragma: no cover - cryptography is a dependency of our dependencies
             raise ConfigError("option --raft-password: the Python package 'cryptography' is not installed") from None
-    elif not config.insecure_raft:
-        exposed = [a for a in (self_address, *peers) if not _is_loopback(a)]
-        if exposed:
-            raise ConfigError(
-                f"option --raft-password is required: Raft address {exposed[0]} is not on loopback, and without "
-                "a password anyone who reaches a Raft port can rewrite the cluster map (--insecure-raft overrides)"
-            )
     journal = dump = None
     if config.data_dir:
         journal = os.path.join(config.data_dir, "raft.journal")
@@ -282,6 +263,8 @@ class ClusterRaft(SyncObj):  # type: ignore[misc]  # pysyncobj has no type hints
     del _op
 
     def __init__(self, settings: RaftSettings, listener: RaftListener) -> None:
+        if not settings.password:  # pysyncobj would unpickle whatever reaches the Raft port
+            raise ConfigError("option --raft-password is required: Raft never runs without a password")
         self._holder = _MapHolder()
         self._listener = listener
         self._reported_epoch = -1

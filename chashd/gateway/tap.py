@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 
-from chashd.config import ConfigOptions, GatewayConfig, options_for
+from chashd.config import ConfigOptions, GatewayConfig, check_secrets, options_for
 from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
@@ -21,12 +21,17 @@ __all__ = ["Options", "makeService"]
 
 
 class Options(options_for(GatewayConfig, "chash-gateway")):  # type: ignore[misc]
-    """``twistd chash-gateway`` options; the Raft settings are checked here too, so a gateway that would
-    expose an unencrypted Raft port stops with one line before it binds anything."""
+    """``twistd chash-gateway`` options; the secrets and the Raft settings are checked here too, so a gateway
+    without its Raft password (or exposing its admin routes without a token) stops with one line before it
+    binds anything."""
 
     def postOptions(self) -> None:
         super().postOptions()
-        raft_settings(self.config)
+        try:
+            check_secrets(self.config)
+            raft_settings(self.config)
+        except ConfigError as e:
+            raise SystemExit(f"chash-gateway: error: {e}") from None
 
 
 class _CloseOnStop(Service):
@@ -49,14 +54,15 @@ def makeService(
     """Build the gateway: the gateway service (Raft membership, health checks, router) and its HTTP and
     line-protocol listeners.
 
-    Raises ``ConfigError`` for Raft settings that must not run (see ``raft_settings``). Tests pass a
-    memory reactor, a ``LocalRaft`` factory and a probe of their own.
+    Raises ``ConfigError`` for a missing secret (``check_secrets``) or Raft settings that must not run
+    (``raft_settings``). Tests pass a memory reactor, a ``LocalRaft`` factory and a probe of their own.
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
     config: GatewayConfig = options.config
+    check_secrets(config)
     raft_settings(config)
     if config.data_dir:
         try:

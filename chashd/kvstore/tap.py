@@ -8,7 +8,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
-from chashd.config import ConfigOptions, KVStoreConfig, options_for
+from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir
 from chashd.errors import ConfigError, StorageError
 from chashd.kvstore.service import KVStoreRoot, KVStoreService, open_engine
@@ -18,7 +18,17 @@ from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
 
-Options = options_for(KVStoreConfig, "chash-kvstore")
+
+class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc]
+    """``twistd chash-kvstore`` options; a node whose ports listen beyond loopback without the cluster token
+    stops here with one line, before it binds anything."""
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        try:
+            check_secrets(self.config)
+        except ConfigError as e:
+            raise SystemExit(f"chash-kvstore: error: {e}") from None
 
 
 def makeService(
@@ -30,6 +40,7 @@ def makeService(
     stops the daemon with one line and a non-zero status. Tests pass a memory reactor and a synchronous
     ``run_in_thread``. The root stops its children only after the node's drain (``KVStoreRoot``); the
     daemon (the global reactor) also takes a second SIGTERM during a drain as the order to give up.
+    Raises ``ConfigError`` for a missing token (``check_secrets``).
     """
     handle_signals = reactor is None
     if reactor is None:
@@ -38,6 +49,7 @@ def makeService(
         reactor = _reactor
         freeze_startup_objects(reactor)  # the daemon's process: short full garbage collections
     config: KVStoreConfig = options.config
+    check_secrets(config)
     try:
         if config.data_dir:
             lock_data_dir(config.data_dir)

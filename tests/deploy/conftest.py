@@ -94,7 +94,7 @@ if name == "kubectl" and "get" in argv and "namespace" in argv:
 class StandIns:
     """A directory of stand-in commands on a PATH that holds nothing else but the basic tools a script needs."""
 
-    BASIC = ("bash", "sh", "dirname", "tr", "od", "mktemp", "rm", "cat", "id", "sed", "env")
+    BASIC = ("bash", "sh", "dirname", "tr", "od", "mktemp", "mkdir", "rm", "cat", "id", "sed", "env")
 
     def __init__(self, base: Path) -> None:
         self.bin = base / "bin"

@@ -16,7 +16,9 @@ BUILD = ROOT / "build.sh"
 
 
 def run(standins: StandIns, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run build.sh with only the stand-ins (and basic tools) on PATH."""
+    """Run build.sh with only the stand-ins (and basic tools) on PATH; the Compose secrets go to the
+    stand-ins' directory unless SECRETS_DIR says otherwise (never into the repository)."""
+    env.setdefault("SECRETS_DIR", str(standins.bin.parent / "secrets"))
     return subprocess.run(
         [str(BUILD)], cwd="/", env=standins.environ(**env), capture_output=True, text=True, timeout=120
     )
@@ -38,6 +40,34 @@ def commands(standins: StandIns, tool_name: str) -> list[list[str]]:
 def tags(build_argv: list[str]) -> list[str]:
     """The --tag values of a build command."""
     return [build_argv[i + 1] for i, a in enumerate(build_argv) if a == "--tag"]
+
+
+class ComposeSecretsTests:
+    """The secrets docker-compose.yml reads: made once, random, private to their owner's directory."""
+
+    def test_made_once(self, standins: StandIns, tmp_path: Path) -> None:
+        """Two random 64-hex secrets in a 0700 directory (readable files, for the containers' user); never
+        printed; a second run keeps them; the compose file names exactly these files."""
+        secrets = tmp_path / "compose-secrets"
+        result = run(standins, SECRETS_DIR=str(secrets))
+        assert result.returncode == 0, result.stderr
+        assert secrets.stat().st_mode & 0o777 == 0o700
+        values = {}
+        for name in ("raft-password", "token"):
+            path = secrets / name
+            assert path.stat().st_mode & 0o777 == 0o644
+            values[name] = path.read_text().strip()
+            assert re.fullmatch(r"[0-9a-f]{64}", values[name])
+            assert values[name] not in result.stdout + result.stderr
+        assert values["raft-password"] != values["token"]
+        assert run(standins, SECRETS_DIR=str(secrets)).returncode == 0
+        assert {name: (secrets / name).read_text().strip() for name in values} == values
+        compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+        assert {k: v["file"] for k, v in compose["secrets"].items()} == {
+            "raft-password": ".secrets/raft-password",
+            "token": ".secrets/token",
+        }
+        assert "/.secrets/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 class BuildTests:

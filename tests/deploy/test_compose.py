@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from chashd.config import ConfigError, GatewayConfig, KVStoreConfig, load_config, option_specs
+from chashd.config import ConfigError, GatewayConfig, KVStoreConfig, check_secrets, load_config, option_specs
 from tests.deploy.conftest import ROOT
 
 GATEWAYS = ("gateway-1", "gateway-2", "gateway-3")
 KVSTORES = ("kvstore-a", "kvstore-b", "kvstore-c")
-SECRETS = {"CHASHD_RAFT_PASSWORD": "raft-secret", "CHASHD_TOKEN": "token-secret"}
+#: What the test puts in the Compose secrets' files (the real ones are random, made by build.sh).
+SECRETS = {"raft-password": "raft-secret", "token": "token-secret"}
 
 
 def interpolate(value: Any, environ: dict[str, str]) -> Any:
@@ -46,9 +48,18 @@ def raw() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def services(raw: dict[str, Any]) -> dict[str, Any]:
-    """The services, interpolated with the secrets set."""
-    result: dict[str, Any] = interpolate(raw["services"], SECRETS)
+    """The services, interpolated."""
+    result: dict[str, Any] = interpolate(raw["services"], {})
     return result
+
+
+@pytest.fixture(scope="module")
+def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stand-ins for /run/secrets: a file per secret, holding SECRETS."""
+    directory: Path = tmp_path_factory.mktemp("run-secrets")
+    for name, value in SECRETS.items():
+        (directory / name).write_text(value + "\n")
+    return directory
 
 
 def role(service: dict[str, Any]) -> str:
@@ -58,9 +69,14 @@ def role(service: dict[str, Any]) -> str:
     return str(command[3])
 
 
-def config_of(service: dict[str, Any]) -> Any:
-    """The service's configuration as its daemon's own loader reads it from the environment."""
+def config_of(service: dict[str, Any], secrets_dir: Path | None = None) -> Any:
+    """The service's configuration as its daemon's own loader reads it from the environment: the Compose
+    secrets read from ``secrets_dir`` in place of /run/secrets, or left out without one."""
     environ = {k: str(v) for k, v in service["environment"].items()}
+    if secrets_dir is None:
+        environ = {k: v for k, v in environ.items() if not v.startswith("/run/secrets/")}
+    else:
+        environ = {k: v.replace("/run/secrets/", f"{secrets_dir}/") for k, v in environ.items()}
     config_class = GatewayConfig if role(service) == "chash-gateway" else KVStoreConfig
     return load_config(config_class, environ=environ)
 
@@ -80,7 +96,7 @@ class ServiceTests:
         """Every service runs the same image (chashd:latest unless CHASHD_IMAGE says otherwise), built from the root."""
         assert {s["image"] for s in services.values()} == {"chashd:latest"}
         assert {s["build"]["context"] for s in services.values()} == {"."}
-        other = interpolate(raw["services"], {**SECRETS, "CHASHD_IMAGE": "registry.example.com/chashd:v1"})
+        other = interpolate(raw["services"], {"CHASHD_IMAGE": "registry.example.com/chashd:v1"})
         assert {s["image"] for s in other.values()} == {"registry.example.com/chashd:v1"}
 
     def test_hardened(self, services: dict[str, Any]) -> None:
@@ -95,24 +111,28 @@ class ServiceTests:
 class EnvironmentTests:
     """The environment each daemon gets, read by its own config loader."""
 
-    def test_gateways(self, services: dict[str, Any]) -> None:
-        """Each gateway is named after its service, advertises that name and has the two others as Raft peers."""
+    def test_gateways(self, services: dict[str, Any], secrets_dir: Path) -> None:
+        """Each gateway is named after its service, advertises that name and has the two others as Raft peers;
+        it reads the Raft password and the token from the Compose secrets, and would start (check_secrets)."""
         for name in GATEWAYS:
-            config = config_of(services[name])
+            config = config_of(services[name], secrets_dir)
             assert config.gateway_id == name and config.advertise_host == name
             others = {f"{g}:{config_of(services[g]).raft_port}" for g in GATEWAYS if g != name}
             assert set(config.peers) == others
             assert config.raft_password == "raft-secret" and config.token == "token-secret"
             assert config.port == "tcp:8000" and config.line_port == "tcp:11211"
+            check_secrets(config)
 
-    def test_kvstores(self, services: dict[str, Any]) -> None:
-        """Each kvstore is named after its service, advertises it, and registers with every gateway's HTTP port."""
+    def test_kvstores(self, services: dict[str, Any], secrets_dir: Path) -> None:
+        """Each kvstore is named after its service, advertises it, and registers with every gateway's HTTP port;
+        it reads the token from the Compose secret, and would start (check_secrets)."""
         gateways = {f"http://{g}:{config_of(services[g]).port.split(':')[1]}" for g in GATEWAYS}
         for name in KVSTORES:
-            config = config_of(services[name])
+            config = config_of(services[name], secrets_dir)
             assert config.node_id == name and config.advertise_host == name
             assert set(config.gateway) == gateways
             assert config.token == "token-secret" and config.engine == "sqlite"
+            check_secrets(config)
 
     def test_seed_variables(self, services: dict[str, Any]) -> None:
         """The seed's variable names are used (GATEWAY_ID, LISTEN_PORT, RAFT_PORT, PEER_GATEWAYS, NODE_ID, ...)."""
@@ -128,11 +148,19 @@ class EnvironmentTests:
             known = {var for spec in option_specs(config_class) for var in spec.env}
             assert set(service["environment"]) <= known
 
-    def test_secrets_required(self, raw: dict[str, Any]) -> None:
-        """Without CHASHD_RAFT_PASSWORD or CHASHD_TOKEN, compose refuses to start (no default secret)."""
-        for missing in SECRETS:
-            with pytest.raises(LookupError, match=missing):
-                interpolate(raw["services"], {k: v for k, v in SECRETS.items() if k != missing})
+    def test_secrets_from_files(self, raw: dict[str, Any], services: dict[str, Any]) -> None:
+        """No secret is written in the file: each service mounts the Compose secrets its *_FILE variables
+        name, and those are files under .secrets/ (random, made by build.sh, git-ignored)."""
+        assert {k: v["file"] for k, v in raw["secrets"].items()} == {
+            "raft-password": ".secrets/raft-password",
+            "token": ".secrets/token",
+        }
+        for service in services.values():
+            environment = service["environment"]
+            assert not {"CHASHD_RAFT_PASSWORD", "CHASHD_TOKEN"} & set(environment)
+            named = {v.removeprefix("/run/secrets/") for k, v in environment.items() if k.endswith("_FILE")}
+            assert named == set(service["secrets"])
+            assert ("raft-password" in named) == (role(service) == "chash-gateway") and "token" in named
 
     def test_loader_rejects_bad_value(self, services: dict[str, Any]) -> None:
         """The loader used above does check values (so the environment tests can fail)."""

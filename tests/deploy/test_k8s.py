@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from chashd.config import GatewayConfig, KVStoreConfig, load_config, option_specs
+from chashd.config import GatewayConfig, KVStoreConfig, check_secrets, load_config, option_specs
 from tests.deploy.conftest import ROOT, tool
 
 NAMESPACE = "consistent-hashing"
@@ -322,6 +322,7 @@ class GatewayPeerTests:
         assert config.peers == tuple(others)
         assert config.raft_port == 8001 and config.port == "tcp:8000" and config.line_port == "tcp:11211"
         assert config.raft_password == "secret-raft-password" and config.token == "secret-token"
+        check_secrets(config)  # it would start: both secrets come from the Secret
         assert config.data_dir == "/var/lib/chashd"
 
     def test_five_replicas(self, docs: list[Doc], tmp_path: Path) -> None:
@@ -354,8 +355,10 @@ class KVStoreTests:
         assert matches({"matchLabels": service["spec"]["selector"]}, pod_labels(docs, "gateway"))
         assert container["command"] == ["twistd", "--nodaemon", "--pidfile=", "chash-kvstore"]
         environ = {k: e["value"] for k, e in env.items() if "value" in e}
+        assert env["CHASHD_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "chashd-secrets", "key": "token"}
         environ.update(NODE_ID="kvstore-5d8f7-abcde", CHASHD_ADVERTISE_HOST="1.2.3.4", CHASHD_TOKEN="t")
         config = load_config(KVStoreConfig, environ=environ)
+        check_secrets(config)  # it would start: the token comes from the Secret
         assert config.port == "tcp:8080" and config.line_port == "tcp:11212" and config.engine == "sqlite"
         assert config.gateway == ("http://gateway-service:8000",)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from chashd.launcher import Daemon, free_ports
+from chashd.launcher import ClusterSecrets, Daemon, free_ports
 from tests.deploy.conftest import ROOT
 from tests.integration.conftest import clean_environ
 
@@ -104,7 +104,7 @@ def start(role: str, args: list[str], http: int, notify: NotifySocket, tmp_path:
         ["--port", f"tcp:{http}:interface=127.0.0.1", *args],
         http,
         tmp_path / f"{role}.log",
-        env=clean_environ(NOTIFY_SOCKET=notify.address),
+        env=clean_environ(NOTIFY_SOCKET=notify.address, **ClusterSecrets.generate().environ()),
     )
     daemons.append(daemon.start())
     return daemon

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from chashd.launcher import Daemon, free_ports
+from chashd.launcher import ClusterSecrets, Daemon, free_ports
 
 SEED_VARIABLES = ("GATEWAY_ID", "LISTEN_PORT", "RAFT_PORT", "PEER_GATEWAYS", "NODE_ID", "GATEWAY_ADDRESS")
 
@@ -59,8 +59,17 @@ class StartDaemon(Protocol):
 
 
 @pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
-    """Start a role on a free loopback HTTP port; every daemon is stopped at teardown, even on failure."""
+def cluster_secrets() -> ClusterSecrets:
+    """A Raft password and a cluster token of the test's own (random, never fixed values)."""
+    return ClusterSecrets.generate()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, cluster_secrets: ClusterSecrets) -> Iterator[StartDaemon]:
+    """Start a role on a free loopback HTTP port; every daemon is stopped at teardown, even on failure.
+
+    Every daemon gets the test's ``cluster_secrets`` in its environment (``env`` may override them).
+    """
     started: list[Daemon] = []
 
     def start(role: str, *args: str, env: dict[str, str] | None = None, wait: bool = True, **kw: Any) -> Daemon:
@@ -76,7 +85,7 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
             ["--port", f"tcp:{port}:interface=127.0.0.1", *extra, *args],
             port,
             tmp_path / f"{name}.log",
-            env=clean_environ(**(env or {})),
+            env=clean_environ(**{**cluster_secrets.environ(), **(env or {})}),
         )
         started.append(daemon.start())
         if wait:

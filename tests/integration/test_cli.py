@@ -28,13 +28,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def chash(
-    *argv: str, gateway: str | None = None, stdin: bytes = b"", timeout: float = 60
+    *argv: str, gateway: str | None = None, stdin: bytes = b"", timeout: float = 60, token: str | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``chash`` with ``CHASH_GATEWAY`` set to ``gateway``."""
+    """Run ``chash`` with ``CHASH_GATEWAY`` set to ``gateway`` (and ``CHASH_TOKEN`` to ``token``)."""
     env = clean_environ()
     env.pop("CHASH_TOKEN", None)
     if gateway is not None:
         env["CHASH_GATEWAY"] = gateway
+    if token is not None:
+        env["CHASH_TOKEN"] = token
     return subprocess.run(
         [sys.executable, "-m", "chashd.cli", *argv], input=stdin, capture_output=True, env=env, timeout=timeout
     )
@@ -143,9 +145,17 @@ class ClusterCommandTests:
     def test_unknown_node(self, cluster: LocalCluster) -> None:
         """drain and remove of an unknown node exit 1 with the gateway's words."""
         for action in ("drain", "remove"):
-            result = chash("nodes", action, "nobody", gateway=cluster.gateway_urls[0])
+            result = chash("nodes", action, "nobody", gateway=cluster.gateway_urls[0], token=cluster.token)
             assert result.returncode == 1
             assert one_line(result) == "chash: no node 'nobody' in the ring"
+
+    def test_admin_needs_the_token(self, cluster: LocalCluster) -> None:
+        """The cluster has a token of its own: drain without it (or with another) is refused, exit 3."""
+        for token in (None, "not-the-token"):
+            result = chash("nodes", "drain", "kvstore-A", gateway=cluster.gateway_urls[0], token=token)
+            assert result.returncode == 3 and "token" in one_line(result).lower()
+        listed = json.loads(chash("nodes", "--json", gateway=cluster.gateway_urls[0]).stdout)
+        assert {n["id"]: n["state"] for n in listed}["kvstore-A"] == "up"
 
 
 class LoadTests:
@@ -224,12 +234,12 @@ class NodeAdminTests:
         """drain marks a node leaving; remove takes it out of the map; --json may follow the action."""
         gw = cluster.gateway_urls[0]
         extra = cluster.add_kvstore(name="kvstore-X")
-        drained = chash("nodes", "drain", "kvstore-X", "--json", gateway=gw)
+        drained = chash("nodes", "drain", "kvstore-X", "--json", gateway=gw, token=cluster.token)
         assert drained.returncode == 0, drained.stderr
         answer = json.loads(drained.stdout)
         assert answer["result"] == "updated" and answer["node"]["state"] == "leaving"
         extra.kill()  # so that it cannot register again once removed
-        removed = chash("nodes", "remove", "kvstore-X", gateway=gw)
+        removed = chash("nodes", "remove", "kvstore-X", gateway=gw, token=cluster.token)
         assert removed.returncode == 0, removed.stderr
         assert removed.stdout.decode().startswith("kvstore-X is removed from the ring (removed, epoch ")
         listed = json.loads(chash("nodes", "--json", gateway=gw).stdout)
@@ -253,6 +263,7 @@ class ClusterUpTests:
         try:
             assert process.stdout is not None
             gateway = None
+            token_line = ""
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 line = process.stdout.readline().decode()
@@ -260,8 +271,14 @@ class ClusterUpTests:
                     break
                 if line.startswith("export CHASH_GATEWAY="):
                     gateway = line.strip().split("=", 1)[1]
+                    token_line = process.stdout.readline().decode()
                     break
             assert gateway, "cluster up printed no CHASH_GATEWAY line"
+            # The cluster's own random token, in a file only this user can read, named by an export line.
+            token_file = tmp_path / "secrets" / "token"
+            assert token_line.strip() == f"export CHASH_TOKEN=$(cat {token_file})"
+            assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text().strip()) == 64
+            assert (tmp_path / "secrets" / "raft-password").stat().st_mode & 0o777 == 0o600
             assert chash("put", "up:1", "one", gateway=gateway).returncode == 0
             assert chash("get", "up:1", gateway=gateway).stdout == b"one"
             process.send_signal(signal.SIGTERM)

@@ -18,9 +18,10 @@ from chashd.client import (
     PreconditionFailed,
     Rejected,
     ServerError,
+    Unauthorized,
     Unreachable,
 )
-from chashd.launcher import Daemon, LocalCluster, free_ports
+from chashd.launcher import ClusterSecrets, Daemon, LocalCluster, free_ports
 from tests.integration.conftest import clean_environ
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,8 @@ def lonely(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--line-port", f"tcp:{line}:interface=127.0.0.1",
         "--raft-port", str(raft),
     ]  # fmt: skip
-    daemon = Daemon("chash-gateway", "lonely", args, http, workdir / "lonely.log", env=clean_environ())
+    env = clean_environ(**ClusterSecrets.generate().environ())
+    daemon = Daemon("chash-gateway", "lonely", args, http, workdir / "lonely.log", env=env)
     try:
         daemon.start().wait_healthy(30)
         yield daemon.url
@@ -107,8 +109,9 @@ class BlockingClientTests:
             client.put("client:cas", b"3", cas=item.cas)
 
     def test_ring_lookup_status(self, cluster: LocalCluster) -> None:
-        """lookup agrees with the ring rebuilt locally; status names the leader and the three nodes."""
-        client = KVStoreClient(cluster.gateway_urls, timeout=10)
+        """lookup agrees with the ring rebuilt locally; status names the leader and the three nodes; drain
+        needs the cluster's token (Unauthorized without it)."""
+        client = KVStoreClient(cluster.gateway_urls, timeout=10, token=cluster.token)
         ring = client.hash_ring()
         found = client.lookup("user:42")
         assert [n["id"] for n in found["nodes"]] == list(ring.preference_list("user:42", 3))
@@ -118,6 +121,8 @@ class BlockingClientTests:
         assert client.node(found["nodes"][0]["id"])["state"] == "up"
         with pytest.raises(NotFound, match="no node 'nobody'"):
             client.drain("nobody")
+        with pytest.raises(Unauthorized):
+            KVStoreClient(cluster.gateway_urls, timeout=10).drain("nobody")
         assert abs(sum(ring.shares().values()) - 1.0) < 1e-9
 
     def test_failover_refused(self, cluster: LocalCluster) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chashd.launcher import Daemon, free_ports, twistd_command
+from chashd.launcher import ClusterSecrets, Daemon, free_ports, twistd_command
 from tests.integration.conftest import StartDaemon, clean_environ
 
 pytestmark = pytest.mark.slow
@@ -75,6 +75,8 @@ class BadConfigTests:
             ("chash-kvstore", [], {}, "--node-id"),
             ("chash-kvstore", ["--node-id", "a", "--frobnicate"], {}, "--frobnicate"),
             ("chash-gateway", ["--gateway-id", "g"], {"RAFT_PORT": "70000"}, "RAFT_PORT"),
+            ("chash-kvstore", ["--node-id", "a"], {}, "option --token is required: --port tcp:"),
+            ("chash-gateway", ["--gateway-id", "g"], {"CHASHD_TOKEN": "t"}, "option --raft-password is required"),
         ],
     )
     def test_refused(self, role: str, args: list[str], env: dict[str, str], expected: str) -> None:
@@ -105,7 +107,7 @@ class BadConfigTests:
         assert result.returncode != 0
         assert "kv.yaml" in result.stderr.decode() and "YAML" in result.stderr.decode()
 
-    def test_port_in_use(self, start_daemon: StartDaemon) -> None:
+    def test_port_in_use(self, start_daemon: StartDaemon, cluster_secrets: ClusterSecrets) -> None:
         """A port already taken stops the daemon with status 1 and says so."""
         first = start_daemon("chash-kvstore", "--node-id", "a")
         result = subprocess.run(
@@ -113,7 +115,7 @@ class BadConfigTests:
                 "chash-kvstore",
                 ["--node-id", "b", "--port", f"tcp:{first.http_port}:interface=127.0.0.1", "--line-port", "0"],
             ),
-            env=clean_environ(),
+            env=clean_environ(**cluster_secrets.environ()),
             capture_output=True,
             timeout=60,
         )
@@ -135,7 +137,8 @@ class JsonLogTests:
         http, line = free_ports(2)
         args = ["--node-id", "json", "--port", f"tcp:{http}:interface=127.0.0.1", "--line-port", str(line), *args]
         daemon = Daemon(
-            "chash-kvstore", "json", args, http, tmp_path / "json.log", env=clean_environ(),
+            "chash-kvstore", "json", args, http, tmp_path / "json.log",
+            env=clean_environ(**ClusterSecrets.generate().environ()),
             twistd_options=twistd_options,
         )  # fmt: skip
         try:
@@ -174,7 +177,9 @@ class DataDirLockTests:
     """Two daemons never share a data directory."""
 
     @pytest.mark.parametrize(("role", "id_flag"), [("chash-kvstore", "--node-id"), ("chash-gateway", "--gateway-id")])
-    def test_second_daemon_refused(self, start_daemon: StartDaemon, tmp_path: Path, role: str, id_flag: str) -> None:
+    def test_second_daemon_refused(
+        self, start_daemon: StartDaemon, cluster_secrets: ClusterSecrets, tmp_path: Path, role: str, id_flag: str
+    ) -> None:
         """The second daemon on a data dir stops with one line naming the holder's pid; the first goes on."""
         data = tmp_path / "shared"
         extra = ["--line-port", f"tcp:{free_ports(1)[0]}:interface=127.0.0.1"]
@@ -184,7 +189,7 @@ class DataDirLockTests:
         (port,) = free_ports(1)
         result = subprocess.run(
             twistd_command(role, [id_flag, "two", "--port", str(port), "--data-dir", str(data)]),
-            env=clean_environ(),
+            env=clean_environ(**cluster_secrets.environ()),
             capture_output=True,
             timeout=60,
         )

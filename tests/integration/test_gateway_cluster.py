@@ -4,15 +4,21 @@ health-check real kvstores."""
 
 from __future__ import annotations
 
+import pickle
+import socket
+import struct
+import subprocess
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pysyncobj import SyncObj, SyncObjConf
 
-from chashd.launcher import Daemon, free_ports, http_json
+from chashd.launcher import ClusterSecrets, Daemon, free_ports, http_json, twistd_command
 from tests.integration.conftest import StartDaemon, clean_environ, wait_until
 
 pytestmark = pytest.mark.slow
@@ -36,6 +42,7 @@ class Gateways:
         self.line = ports[2::3]
         self.peers = ",".join(f"{HOST}:{p}" for p in self.raft)
         self.extra = extra
+        self.secrets = ClusterSecrets.generate()
         self.daemons: list[Daemon] = [self._daemon(i) for i in range(count)]
 
     def _daemon(self, i: int) -> Daemon:
@@ -49,7 +56,8 @@ class Gateways:
             "--data-dir", str(self.workdir / name),
             *self.extra,
         ]  # fmt: skip
-        return Daemon("chash-gateway", name, args, self.http[i], self.workdir / f"{name}.log", env=clean_environ())
+        env = clean_environ(CHASHD_RAFT_PASSWORD=self.secrets.raft_password)
+        return Daemon("chash-gateway", name, args, self.http[i], self.workdir / f"{name}.log", env=env)
 
     def start(self, i: int | None = None) -> None:
         """Start one gateway (or all) and wait for /health."""
@@ -129,16 +137,14 @@ def gateways(tmp_path: Path) -> Iterator[Callable[..., Gateways]]:
 
 
 class ThreeGatewayTests:
-    """Three gateways on loopback (Raft traffic encrypted with a password)."""
-
-    EXTRA = ("--raft-password", "integration-secret")
+    """Three gateways on loopback (Raft traffic authenticated and encrypted with a random password)."""
 
     def test_leader_and_replicated_registration(self, gateways: Callable[..., Gateways]) -> None:
         """A leader is elected; a registration POSTed to a follower reaches every gateway's /ring;
         the same registration again changes nothing (same epoch)."""
         # No kvstore answers at kv-a's address: the health checker must not mark it down (a new epoch) while
         # the test runs, however slow the machine.
-        group = gateways(3, (*self.EXTRA, "--down-after", "1000"))
+        group = gateways(3, ("--down-after", "1000"))
         leader = group.wait_leader()
         follower = next(i for i in range(3) if f"g{i + 1}" != leader)
         code, body = group.post(follower, "/ring/nodes", announcement("kv-a"))
@@ -156,7 +162,7 @@ class ThreeGatewayTests:
 
     def test_bad_admin_input(self, gateways: Callable[..., Gateways]) -> None:
         """Unknown node, duplicate id with another address, weight 0 or negative: 4xx problem+json."""
-        group = gateways(3, self.EXTRA)
+        group = gateways(3)
         group.wait_leader()
         assert group.post(0, "/ring/nodes", announcement("kv-a"))[0] == 201
         cases = [
@@ -175,7 +181,7 @@ class ThreeGatewayTests:
     def test_restarted_gateway_rejoins_with_its_state(self, gateways: Callable[..., Gateways]) -> None:
         """A gateway stopped and started again (same --data-dir) has its map back from its journal and
         catches up with what changed while it was away."""
-        group = gateways(3, self.EXTRA)
+        group = gateways(3)
         leader = group.wait_leader()
         victim = next(i for i in range(3) if f"g{i + 1}" != leader)
         assert group.post(group.index_of(leader), "/ring/nodes", announcement("kv-a"))[0] == 201
@@ -196,7 +202,7 @@ class ThreeGatewayTests:
 
     def test_leader_kill_and_failover(self, gateways: Callable[..., Gateways]) -> None:
         """kill -9 of the leader: the other two elect a new leader that accepts a change within 5 s."""
-        group = gateways(3, self.EXTRA)
+        group = gateways(3)
         leader = group.wait_leader()
         old = group.index_of(leader)
         survivors = [i for i in range(3) if i != old]
@@ -228,8 +234,6 @@ class ThreeGatewayTests:
 
     def test_systemd_ready_after_raft(self, gateways: Callable[..., Gateways], tmp_path: Path) -> None:
         """READY=1 reaches $NOTIFY_SOCKET once the Raft state is loaded (a single gateway on its own)."""
-        import socket
-
         path = str(tmp_path / "notify.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(path)
@@ -241,7 +245,7 @@ class ThreeGatewayTests:
                 ["--gateway-id", "solo", "--port", f"tcp:{http}:interface={HOST}", "--raft-port", str(raft)],
                 http,
                 tmp_path / "solo.log",
-                env=clean_environ(NOTIFY_SOCKET=path),
+                env=clean_environ(NOTIFY_SOCKET=path, **ClusterSecrets.generate().environ()),
             )
             try:
                 daemon.start()
@@ -287,24 +291,64 @@ class HealthTests:
 
 
 class BadRaftConfigTests:
-    """A gateway that would expose an unencrypted Raft port refuses to start, with one line."""
+    """A gateway without its Raft password refuses to start, with one line; a passworded one ignores pickles."""
 
     def test_refused_before_binding(self, tmp_path: Path) -> None:
-        """Peers off loopback without --raft-password: exit status 1, one line on stderr, port free."""
-        import subprocess
-
-        from chashd.launcher import twistd_command
-
-        (port,) = free_ports(1)
+        """Everything on loopback and no --raft-password: exit status 1, one line on stderr, ports free."""
+        http, raft = free_ports(2)
+        args = ["--gateway-id", "g", "--port", f"tcp:{http}:interface={HOST}", "--raft-port", str(raft)]
         result = subprocess.run(
-            twistd_command("chash-gateway", ["--gateway-id", "g", "--port", str(port), "--peers", "10.1.1.1:8001"]),
+            twistd_command("chash-gateway", [*args, "--peers", f"{HOST}:{raft + 1}"]),
             env=clean_environ(),
             capture_output=True,
             timeout=60,
         )
         assert result.returncode != 0
         lines = result.stderr.decode().strip().splitlines()
-        assert len(lines) == 1 and "--raft-password" in lines[0], result.stderr
+        assert len(lines) == 1 and "option --raft-password is required" in lines[0], result.stderr
+        for port in (http, raft):  # nothing was bound: both ports are free again at once
+            with socket.socket() as s:
+                s.bind((HOST, port))
+
+    def test_pickle_payload_is_not_run(self, start_daemon: StartDaemon, tmp_path: Path) -> None:
+        """The payload that runs code in a Raft process without a password (shown first on a bare pysyncobj
+        SyncObj in this process, the control) does nothing to a passworded gateway, which keeps serving."""
+        control, target = tmp_path / "control-ran", tmp_path / "gateway-ran"
+        (port,) = free_ports(1)
+        bare = SyncObj(f"{HOST}:{port}", [], SyncObjConf(useFork=False, dynamicMembershipChange=False))
+        try:
+            send_raft_pickle(port, control)
+            wait_until("the payload to run in the password-less SyncObj", control.exists, 15)
+        finally:
+            bare.destroy()
+        (raft,) = free_ports(1)
+        gateway = start_daemon("chash-gateway", "--gateway-id", "g1", "--raft-port", str(raft))
+        wait_until("a leader", lambda: http_json(gateway.url + "/ring/status")[1]["leader"] == "g1")
+        for _ in range(3):  # the gateway read each one: it dropped the connection when the message failed to decrypt
+            assert send_raft_pickle(raft, target) == b""
+        assert not target.exists()
+        assert gateway.running() and gateway.health() is not None
+        code, body = http_json(gateway.url + "/ring/status")
+        assert code == 200 and body["leader"] == "g1"
+
+
+def send_raft_pickle(port: int, path: Path) -> bytes | None:
+    """Send pysyncobj's wire format (a native-endian int32 length, then a zlib-compressed pickle) holding an
+    object whose unpickling opens ``path`` for writing, i.e. creates it. Returns what the peer sent back
+    within 10 s (b"" once it closed the connection), None if it kept it open and silent."""
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+            return (open, (str(path), "w"))
+
+    data = zlib.compress(pickle.dumps(Payload()), 3)
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        s.sendall(struct.pack("i", len(data)) + data)
+        s.settimeout(10)
+        try:
+            return s.recv(100)
+        except OSError:
+            return None
 
     def test_raft_port_in_use_stops_the_daemon(self, start_daemon: StartDaemon) -> None:
         """A second gateway on the same Raft port exits with status 1 and says why."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pymemcache.client.base import Client
 
-from chashd.launcher import free_ports, twistd_command
+from chashd.launcher import ClusterSecrets, free_ports, twistd_command
 from tests.integration.conftest import StartDaemon, clean_environ
 
 pytestmark = pytest.mark.slow
@@ -136,7 +136,7 @@ class DurabilityTests:
                 "chash-kvstore",
                 ["--node-id", "a", "--port", str(http), "--line-port", str(line), "--data-dir", str(data)],
             ),
-            env=clean_environ(),
+            env=clean_environ(**ClusterSecrets.generate().environ()),
             capture_output=True,
             timeout=60,
         )

@@ -7,6 +7,7 @@ import gzip
 import io
 import pickle
 import queue
+import secrets
 import shutil
 import socket
 import time
@@ -110,6 +111,7 @@ class ClusterRaftTests:
         settings = RaftSettings(
             f"{HOST}:{port}",
             (),
+            password=secrets.token_hex(16),
             journal_file=str(tmp_path / "raft.journal"),
             dump_file=str(tmp_path / "raft.dump"),
             log_compaction_min_entries=compaction,

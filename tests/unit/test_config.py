@@ -10,7 +10,10 @@ from chashd.config import (
     ConfigError,
     GatewayConfig,
     KVStoreConfig,
+    check_secrets,
+    describe,
     endpoint_port,
+    listens_beyond_loopback,
     load_config,
     option_specs,
     options_for,
@@ -106,6 +109,115 @@ class EndpointTests:
         """Anything else is refused."""
         with pytest.raises(ValueError):
             parse_endpoint(bad)
+
+
+class SecretTests:
+    """--raft-password and --token, or a file holding each (--raft-password-file, --token-file)."""
+
+    def _secret(self, tmp_path: Path, text: str, name: str = "secret") -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        path.chmod(0o600)
+        return str(path)
+
+    def test_from_file(self, tmp_path: Path) -> None:
+        """The file's first line, without blanks around it, is the secret; the file option keeps its path."""
+        path = self._secret(tmp_path, "  s3cret-raft \nignored\n")
+        config = load_config(GatewayConfig, {"gateway_id": "g", "raft_password_file": path}, environ={})
+        assert config.raft_password == "s3cret-raft" and config.raft_password_file == path
+
+    def test_file_from_environment_and_yaml(self, tmp_path: Path) -> None:
+        """CHASHD_TOKEN_FILE and the YAML key token-file work like the flag."""
+        path = self._secret(tmp_path, "tok-1\n")
+        env = {"CHASHD_TOKEN_FILE": path}
+        assert load_config(KVStoreConfig, {"node_id": "a"}, environ=env).token == "tok-1"
+        yaml_path = _yaml(tmp_path, f"token-file: {path}\n")
+        assert load_config(KVStoreConfig, {"node_id": "a", "config": yaml_path}, environ={}).token == "tok-1"
+
+    def test_first_place_wins(self, tmp_path: Path) -> None:
+        """A secret and its file are one option: the command line wins over the environment either way round."""
+        path = self._secret(tmp_path, "from-file\n")
+        config = load_config(KVStoreConfig, {"node_id": "a", "token_file": path}, environ={"CHASHD_TOKEN": "env"})
+        assert config.token == "from-file"
+        config = load_config(KVStoreConfig, {"node_id": "a", "token": "cli"}, environ={"CHASHD_TOKEN_FILE": path})
+        assert config.token == "cli"
+
+    def test_both_in_one_place(self, tmp_path: Path) -> None:
+        """--token and --token-file on one command line: one line naming both, never the secret."""
+        path = self._secret(tmp_path, "from-file\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(KVStoreConfig, {"node_id": "a", "token_file": path, "token": "hunter2"}, environ={})
+        message = str(info.value)
+        assert "--token " in message and "--token-file" in message and "hunter2" not in message
+
+    @pytest.mark.parametrize(("text", "problem"), [("", "is empty"), ("\n\n", "is empty"), (None, "cannot read")])
+    def test_bad_file(self, tmp_path: Path, text: str | None, problem: str) -> None:
+        """An empty or missing file is refused by the file option's name."""
+        path = self._secret(tmp_path, text) if text is not None else str(tmp_path / "missing")
+        with pytest.raises(ConfigError, match=f"--raft-password-file: .*{problem}"):
+            load_config(GatewayConfig, {"gateway_id": "g", "raft_password_file": path}, environ={})
+
+    def test_blank_secret_refused(self) -> None:
+        """A blank secret is no secret."""
+        with pytest.raises(ConfigError, match="--token: the secret is empty"):
+            load_config(KVStoreConfig, {"node_id": "a"}, environ={"CHASHD_TOKEN": "   "})
+
+    def test_hidden_in_logs(self) -> None:
+        """describe() shows *** for the secrets."""
+        config = load_config(GatewayConfig, {"gateway_id": "g", "raft_password": "pw", "token": "tk"}, environ={})
+        shown = describe(config)
+        assert shown["raft_password"] == shown["token"] == "***"
+
+
+class ExposureTests:
+    """check_secrets: what a daemon refuses to start without."""
+
+    @pytest.mark.parametrize(
+        ("description", "beyond"),
+        [
+            ("tcp:8000", True),
+            ("tcp:8000:interface=0.0.0.0", True),
+            ("tcp6:8000:interface=\\:\\:", True),
+            ("tcp:8000:interface=10.1.2.3", True),
+            ("ssl:8443:privateKey=k.pem", True),
+            ("systemd:domain=INET:index=0", True),
+            ("tcp:8000:interface=127.0.0.1", False),
+            ("tcp:8000:127.0.0.2", False),
+            ("tcp6:port=8000:interface=\\:\\:1", False),
+            ("ssl:8443:privateKey=k.pem:interface=localhost", False),
+            ("unix:/run/chashd/kv.sock", False),
+        ],
+    )
+    def test_listens_beyond_loopback(self, description: str, beyond: bool) -> None:
+        """A bare port listens everywhere; an interface on loopback, or a UNIX socket, does not."""
+        assert listens_beyond_loopback(description) is beyond
+
+    def _gateway(self, **cli: str) -> GatewayConfig:
+        return load_config(GatewayConfig, {"gateway_id": "g", **cli}, environ={})
+
+    def test_raft_password_always(self) -> None:
+        """A gateway needs a Raft password even with everything on loopback."""
+        loopback = {"port": "tcp:8000:interface=127.0.0.1", "peers": "127.0.0.1:8002"}
+        with pytest.raises(ConfigError, match="^option --raft-password is required: .*loopback included"):
+            check_secrets(self._gateway(**loopback))
+        check_secrets(self._gateway(**loopback, raft_password="pw"))
+
+    def test_gateway_admin_routes(self) -> None:
+        """A gateway's HTTP port (its admin routes) beyond loopback needs the token; the line port does not."""
+        with pytest.raises(ConfigError, match="^option --token is required: --port tcp:8000 listens beyond"):
+            check_secrets(self._gateway(raft_password="pw"))
+        check_secrets(self._gateway(raft_password="pw", token="tk"))
+        check_secrets(self._gateway(raft_password="pw", port="tcp6:8000:interface=\\:\\:1", line_port="11211"))
+
+    @pytest.mark.parametrize("flag", ["port", "line_port"])
+    def test_kvstore_ports(self, flag: str) -> None:
+        """Either kvstore port beyond loopback needs the token."""
+        loopback = {"port": "tcp:8080:interface=127.0.0.1", "line_port": "tcp:11212:interface=127.0.0.1"}
+        config = load_config(KVStoreConfig, {"node_id": "a", **loopback, flag: "9000"}, environ={})
+        with pytest.raises(ConfigError, match=f"--token is required: --{flag.replace('_', '-')} tcp:9000"):
+            check_secrets(config)
+        check_secrets(load_config(KVStoreConfig, {"node_id": "a", **loopback}, environ={}))
+        check_secrets(load_config(KVStoreConfig, {"node_id": "a", flag: "9000", "token": "tk"}, environ={}))
 
 
 class ErrorTests:

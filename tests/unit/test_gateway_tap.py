@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 import pytest
@@ -66,7 +67,8 @@ class GatewayWiringTests(SynchronousTestCase):
     def build(self, *args: str) -> IService:
         """Parse the options and build the gateway."""
         options = tap.Options()
-        options.parseOptions(["--gateway-id", "g1", "--port", "tcp:18000:interface=127.0.0.1", *args])
+        password = ["--raft-password", secrets.token_hex(16)]
+        options.parseOptions(["--gateway-id", "g1", "--port", "tcp:18000:interface=127.0.0.1", *password, *args])
         return tap.makeService(options, reactor=self.reactor, raft_factory=self._factory, probe=self._probe)
 
     def stub(self) -> Any:
@@ -164,14 +166,15 @@ class GatewayWiringTests(SynchronousTestCase):
 
 
 class GatewayConfigCheckTests:
-    """The Raft password rule is checked before anything binds."""
+    """The secrets are checked before anything binds: a Raft password always, the token beyond loopback."""
 
-    def test_make_service_refuses_exposed_raft(self) -> None:
-        """makeService raises ConfigError for non-loopback peers without a password."""
+    LOOPBACK = ("--gateway-id", "g1", "--port", "tcp:18000:interface=127.0.0.1")
+
+    def test_refuses_without_raft_password(self) -> None:
+        """On loopback too, a gateway without a Raft password stops with one line naming the option."""
         options = tap.Options()
-        options.config = None
         with pytest.raises(SystemExit) as raised:
-            options.parseOptions(["--gateway-id", "g1", "--peers", "10.9.9.9:8001"])
+            options.parseOptions([*self.LOOPBACK, "--peers", "127.0.0.1:8002"])
         message = str(raised.value.code)
         assert message.startswith("chash-gateway: error: option --raft-password is required")
         assert "\n" not in message
@@ -181,14 +184,21 @@ class GatewayConfigCheckTests:
         from chashd.config import GatewayConfig, load_config
 
         options = tap.Options()
-        options.config = load_config(GatewayConfig, {"gateway_id": "g1", "peers": "10.9.9.9:8001"}, environ={})
+        options.config = load_config(
+            GatewayConfig, {"gateway_id": "g1", "port": "tcp:1:interface=127.0.0.1"}, environ={}
+        )
         with pytest.raises(ConfigError, match="--raft-password"):
             tap.makeService(options, reactor=ThreadlessReactor(), raft_factory=LocalRaft)
 
-    def test_insecure_flag(self) -> None:
-        """--insecure-raft lets it through; --raft-password too."""
+    def test_admin_routes_beyond_loopback_need_the_token(self) -> None:
+        """--port on every interface serves the admin routes: without --token the gateway stops; with it, it runs."""
+        password = ["--raft-password", secrets.token_hex(16)]
         options = tap.Options()
-        options.parseOptions(["--gateway-id", "g1", "--peers", "10.9.9.9:8001", "--insecure-raft"])
+        with pytest.raises(SystemExit) as raised:
+            options.parseOptions(["--gateway-id", "g1", "--port", "18000", *password])
+        assert str(raised.value.code).startswith("chash-gateway: error: option --token is required: --port tcp:18000")
         options = tap.Options()
-        options.parseOptions(["--gateway-id", "g1", "--peers", "10.9.9.9:8001", "--raft-password", "pw"])
-        assert options.config.raft_password == "pw"
+        options.parseOptions(["--gateway-id", "g1", "--port", "18000", *password, "--token", secrets.token_hex(16)])
+        options = tap.Options()
+        options.parseOptions([*self.LOOPBACK, *password])
+        assert options.config.token is None and options.config.raft_password == password[1]

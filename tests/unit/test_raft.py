@@ -18,6 +18,7 @@ from chashd.gateway.clustermap import ClusterSnapshot, ClusterState, NodeInfo, N
 from chashd.gateway.raft import (
     SUCCESS,
     ClusterRaft,
+    RaftSettings,
     RaftStatus,
     ReactorBridge,
     _MapHolder,
@@ -51,25 +52,18 @@ class RaftSettingsTests:
         settings = raft_settings(config)
         assert settings.self_address == "::1:8001" and settings.peers == ("::1:8002",)
 
-    def test_non_loopback_peers_need_a_password(self) -> None:
-        """A peer off loopback without --raft-password is refused with a line naming the option."""
-        config = gateway_config(peers="10.1.2.3:8001")
-        with pytest.raises(ConfigError, match="--raft-password.*10.1.2.3:8001"):
-            raft_settings(config)
-
-    def test_non_loopback_own_address_needs_a_password(self) -> None:
-        """A Raft port advertised off loopback is exposed too."""
-        with pytest.raises(ConfigError, match="--raft-password"):
-            raft_settings(gateway_config(advertise_host="gw-0.gw.svc"))
-
-    def test_password_or_insecure_flag_allows_it(self) -> None:
-        """With a password (or --insecure-raft on purpose) the same config is accepted."""
+    def test_password_passed_on(self) -> None:
+        """The Raft password reaches the settings (check_secrets requires it where a gateway starts)."""
         settings = raft_settings(gateway_config(peers="10.1.2.3:8001", raft_password="s3cret"))
         assert settings.password == "s3cret"
-        assert raft_settings(gateway_config(peers="10.1.2.3:8001", insecure_raft=True)).password is None
 
-    def test_loopback_needs_nothing(self) -> None:
-        """Every address on loopback (or localhost): no password needed."""
+    def test_cluster_raft_refuses_no_password(self) -> None:
+        """ClusterRaft (the real pysyncobj object) is never built without a password, whatever the addresses."""
+        with pytest.raises(ConfigError, match="--raft-password"):
+            ClusterRaft(RaftSettings("127.0.0.1:1", ()), None)  # type: ignore[arg-type]
+
+    def test_peer_spellings_kept(self) -> None:
+        """Host names and addresses are kept as written."""
         settings = raft_settings(gateway_config(peers="localhost:8002,127.0.0.2:8003"))
         assert settings.peers == ("localhost:8002", "127.0.0.2:8003")
 

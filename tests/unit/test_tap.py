@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
@@ -14,6 +16,9 @@ from chashd.kvstore import tap as kvstore_tap
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("LISTEN_PORT", "GATEWAY_ADDRESS", "NODE_ID", "GATEWAY_ID", "RAFT_PORT", "PEER_GATEWAYS"):
         monkeypatch.delenv(name, raising=False)
+    # Both roles refuse to start without their secrets (tests/unit/test_config.py SecretTests): random ones.
+    monkeypatch.setenv("CHASHD_RAFT_PASSWORD", secrets.token_hex(16))
+    monkeypatch.setenv("CHASHD_TOKEN", secrets.token_hex(16))
 
 
 class WiringTests:
