@@ -335,6 +335,11 @@ class KVStoreConfig:
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
     drain_timeout: float = opt("longest a drain on SIGTERM may take, in seconds", 120.0, _bounded(float, 1))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
+    max_clock_skew: float = opt(
+        "refuse a version from the wire whose clock is more than this many seconds ahead of this node's",
+        300.0,
+        _bounded(float, 1, 86400),
+    )
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 
     @property

@@ -27,6 +27,7 @@ __all__ = [
     "UnknownCommand",
     "UnknownNode",
     "ValueTooLarge",
+    "VersionTooNew",
 ]
 
 
@@ -41,8 +42,13 @@ class ConfigError(ChashdError):
 class StorageError(ChashdError):
     """The storage engine cannot use its files: unreadable, corrupt, of an unknown schema, or failing writes.
 
-    The message names the file and the problem. At start it stops the daemon; the file is never replaced.
+    The message names the problem; ``detail`` (for the logs, never for clients) also names the file. At
+    start the detail stops the daemon; the file is never replaced.
     """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 # -- the client's fault ----------------------------------------------------------------------------
@@ -95,6 +101,14 @@ class NonNumericValue(RequestError):
 
     def __init__(self, message: str = "cannot increment or decrement non-numeric value") -> None:
         super().__init__(message)
+
+
+class VersionTooNew(RequestError):
+    """A version from the wire whose clock is further ahead of this node's than the allowed skew: a
+    forgery or a broken clock, refused rather than stored (it would win over every later write)."""
+
+    def __init__(self, version: object, skew_ms: int) -> None:
+        super().__init__(f"version {version} is more than {skew_ms / 1000:g}s ahead of this node's clock")
 
 
 class UnknownNode(RequestError):
@@ -159,8 +173,10 @@ class StorageFull(ServiceUnavailable):
     HTTP answers 507. Nothing was stored.
     """
 
-    def __init__(self, message: str = "out of memory storing object") -> None:
+    def __init__(self, message: str = "out of memory storing object", detail: str | None = None) -> None:
         super().__init__(message)
+        #: More for the logs (the file whose disk is full), never for clients; None when there is nothing more.
+        self.detail = detail
 
 
 class ClusterMapUnavailable(ServiceUnavailable):

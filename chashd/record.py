@@ -19,6 +19,7 @@ from chashd.errors import BadKey
 from chashd.versions import ZERO, Version
 
 __all__ = [
+    "MAX_EXPIRES_AT",
     "MAX_FLAGS",
     "MAX_KEY_LENGTH",
     "RELATIVE_EXPIRY_LIMIT",
@@ -32,6 +33,8 @@ __all__ = [
 
 MAX_KEY_LENGTH = 250
 MAX_FLAGS = (1 << 32) - 1
+#: The latest expiry time a record may carry from the wire (an unsigned 32-bit Unix time, as memcached's).
+MAX_EXPIRES_AT = (1 << 32) - 1
 #: memcached's rule: an exptime above 30 days is an absolute Unix time.
 RELATIVE_EXPIRY_LIMIT = 60 * 60 * 24 * 30
 #: Seconds a tombstone is kept before it may be purged (default 24 h).

@@ -9,6 +9,8 @@ Writes get a version from a hybrid logical clock (``HybridClock(node_id)``) tick
 clock's time in milliseconds; the clock first observes the stored record's version, so a write always
 wins over what it replaces even when another node's clock is ahead. The versioned extension stores what
 it is given (``XPut``, keeping the newer version) or runs a write with the caller's version (``XApply``).
+A version from the wire more than ``max_clock_skew`` seconds ahead of this node's clock is refused
+(``VersionTooNew``, counted in ``versions_refused_total``): never stored, never observed by the clock.
 While ``leaving`` is set (the node drains), every write but ``XPut`` raises ``NodeLeaving``.
 
 A bounded memory engine (``--memory-limit``) evicts or refuses at its limit (``StorageFull``, memcached's
@@ -18,6 +20,9 @@ leaves a stale value. ``stats()`` speaks memcached's names for what the engine h
 counts against the limit (``used_bytes`` of a memory engine: keys, values and per-item overhead),
 ``limit_maxbytes`` the limit (0: none), ``evictions``; ``reset_stats()`` zeroes the counters ``stats
 reset`` names.
+
+A storage failure reaches the client as the engine's public words (no path); its detail is logged here
+and counted in ``storage_errors_total``.
 
 This is the hot path of the kvstore: one dict dispatch per command, one engine read and at most one
 engine write, counters in a plain dict.
@@ -51,11 +56,19 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import ChashdError, NodeLeaving, StaleVersion, StorageError, StorageFull, ValueTooLarge
+from chashd.errors import (
+    ChashdError,
+    NodeLeaving,
+    StaleVersion,
+    StorageError,
+    StorageFull,
+    ValueTooLarge,
+    VersionTooNew,
+)
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IStorageEngine
 from chashd.record import Record, expires_at_from_exptime
 from chashd.semantics import apply_write
-from chashd.versions import HybridClock, Version
+from chashd.versions import DEFAULT_MAX_SKEW_MS, HybridClock, Version
 
 __all__ = ["COUNTERS", "LocalBackend"]
 
@@ -86,6 +99,8 @@ COUNTERS = (
     "cmd_xapply",
     "xapply_stale",
     "handoff_records_received_total",
+    "versions_refused_total",
+    "storage_errors_total",
 )
 
 
@@ -96,12 +111,20 @@ class LocalBackend:
     It also offers the line protocol's two shortcuts: ``get_one`` (``IPlainGet``) and ``execute_puts``
     (``IGroupedPuts``).
 
-    ``clock`` gives the time (``seconds()``) for versions and expiry, and runs a delayed ``flush_all``.
+    ``clock`` gives the time (``seconds()``) for versions and expiry, and runs a delayed ``flush_all``;
+    ``max_clock_skew`` (seconds) bounds the versions the extension accepts.
     """
 
     _log = Logger()
 
-    def __init__(self, engine: IStorageEngine, node_id: str, clock: IReactorTime, max_value_size: int) -> None:
+    def __init__(
+        self,
+        engine: IStorageEngine,
+        node_id: str,
+        clock: IReactorTime,
+        max_value_size: int,
+        max_clock_skew: float = DEFAULT_MAX_SKEW_MS / 1000,
+    ) -> None:
         self.name = f"kvstore {node_id}"
         self.engine = engine
         self.node_id = node_id
@@ -110,7 +133,7 @@ class LocalBackend:
         self.leaving = False
         self._clock = clock
         self._seconds = clock.seconds
-        self._hlc = HybridClock(node_id)
+        self._hlc = HybridClock(node_id, int(max_clock_skew * 1000))
         self._started = clock.seconds()
         self._flush_call: IDelayedCall | None = None
         self._counts = dict.fromkeys(COUNTERS, 0)
@@ -135,12 +158,25 @@ class LocalBackend:
     def execute(self, command: Command) -> Result:
         """Run ``command``; raises the errors of ``chashd.errors`` (and TypeError for a command that is
         not a key-value command, such as ``stats``, which the adapters answer themselves)."""
-        if type(command) is Get:  # the most common command, without the table lookup
-            return self._get(command)
-        handler = self._dispatch.get(type(command))
-        if handler is None:
-            raise TypeError(f"{type(command).__name__} is not run by a backend")
-        return handler(command)
+        try:
+            if type(command) is Get:  # the most common command, without the table lookup
+                return self._get(command)
+            handler = self._dispatch.get(type(command))
+            if handler is None:
+                raise TypeError(f"{type(command).__name__} is not run by a backend")
+            return handler(command)
+        except StorageError as e:
+            self._storage_failed(e, type(command).__name__)
+            raise
+        except StorageFull as e:
+            if e.detail is not None:  # a full disk (a memory engine at its limit is no failure to log)
+                self._storage_failed(e, type(command).__name__)
+            raise
+
+    def _storage_failed(self, error: StorageError | StorageFull, what: str) -> None:
+        """Log a storage failure with its detail (the client gets the public words only)."""
+        self._counts["storage_errors_total"] += 1
+        self._log.error("storage failed on {command}: {detail}", command=what, detail=error.detail)
 
     def stats(self) -> dict[str, Any]:
         """What the engine holds (``keys``; ``curr_items``, ``bytes``, ``limit_maxbytes``, ``evictions`` as
@@ -184,7 +220,11 @@ class LocalBackend:
         """``IPlainGet``: the flags and value of ``key`` when a read sees the record, else None; counted like
         ``execute(Get((key,)))``, without the command and the result."""
         now = self._seconds()
-        found: tuple[int, bytes] | None = self._engine_get_live(key, now)
+        try:
+            found: tuple[int, bytes] | None = self._engine_get_live(key, now)
+        except StorageError as e:
+            self._storage_failed(e, "Get")
+            raise
         if found is None:
             self._missed(key, now)
         else:
@@ -260,9 +300,17 @@ class LocalBackend:
     # -- writes --------------------------------------------------------------------------------------
 
     def _version(self, current: Record | None, now: float) -> Version:
+        now_ms = int(now * 1000)
         if current is not None:
-            self._hlc.observe(current.version)
-        return self._hlc.tick(int(now * 1000))
+            self._hlc.observe(current.version, now_ms)  # a stored version too far ahead is not followed
+        return self._hlc.tick(now_ms)
+
+    def _admit(self, version: Version, now_ms: int) -> VersionTooNew | None:
+        """None when the clock admits ``version`` (and has observed it); else the error, counted."""
+        if self._hlc.observe(version, now_ms):
+            return None
+        self._counts["versions_refused_total"] += 1
+        return VersionTooNew(version, self._hlc.max_skew_ms)
 
     def _write(self, command: WriteCommand) -> Status | Number:
         if self.leaving:
@@ -366,7 +414,8 @@ class LocalBackend:
         results: list[Status | ChashdError] = []
         items: list[tuple[bytes, Record]] = []
         places: list[int] = []  # where each of items answers in results
-        observe = self._hlc.observe
+        admit = self._admit
+        now_ms = int(self._seconds() * 1000)
         for command in commands:
             counts["cmd_xput"] += 1
             if command.handoff:
@@ -375,7 +424,10 @@ class LocalBackend:
             if len(record.value) > self.max_value_size:
                 results.append(ValueTooLarge(len(record.value), self.max_value_size))
                 continue
-            observe(record.version)
+            refused = admit(record.version, now_ms)
+            if refused is not None:
+                results.append(refused)
+                continue
             places.append(len(results))
             results.append(Status.STORED)
             items.append((command.key, record))
@@ -383,10 +435,14 @@ class LocalBackend:
             return results
         stored: list[bool | ChashdError]
         try:
-            stored = list(self.engine.apply_many(items))
-        except StorageError:  # a record it cannot store: find which, one by one, in one transaction
-            with self.engine.batch():
-                stored = [self._apply_one(key, record) for key, record in items]
+            try:
+                stored = list(self.engine.apply_many(items))
+            except StorageError:  # a record it cannot store: find which, one by one, in one transaction
+                with self.engine.batch():
+                    stored = [self._apply_one(key, record) for key, record in items]
+        except StorageError as e:
+            self._storage_failed(e, "XPut")
+            raise
         for place, outcome, (_key, record) in zip(places, stored, items):
             if outcome is False:
                 results[place] = Status.EXISTS
@@ -400,6 +456,7 @@ class LocalBackend:
         try:
             return bool(self.engine.apply(key, record))
         except StorageError as e:
+            self._storage_failed(e, "XPut")
             return e
 
     def _xput(self, command: XPut) -> Status:
@@ -409,7 +466,9 @@ class LocalBackend:
         record = command.record
         if len(record.value) > self.max_value_size:
             raise ValueTooLarge(len(record.value), self.max_value_size)
-        self._hlc.observe(record.version)
+        refused = self._admit(record.version, int(self._seconds() * 1000))
+        if refused is not None:
+            raise refused
         if not self.engine.apply(command.key, record):
             return Status.EXISTS
         if not record.tombstone:
@@ -424,14 +483,19 @@ class LocalBackend:
         if self.leaving:
             raise NodeLeaving()
         self._counts["cmd_xapply"] += 1
+        now = self._seconds()
+        now_ms = int(now * 1000)
+        version = command.version
+        refused = self._admit(version, now_ms)
+        if refused is not None:
+            raise refused
         write = command.command
         current = self.engine.get(write.key)
-        version = command.version
         if current is not None and current.version >= version:
             self._counts["xapply_stale"] += 1
             raise StaleVersion(current.version)
-        self._hlc.observe(version)
-        record, result = apply_write(current, write, version, self._seconds(), self.max_value_size)
+        self._hlc.observe(version, now_ms)
+        record, result = apply_write(current, write, version, now, self.max_value_size)
         self._count(write, result)
         if record is not None:
             self.engine.put(write.key, record)

@@ -82,7 +82,9 @@ class KVStoreService(MultiService):
         self._reactor: IReactorTime = reactor
         self._started = reactor.seconds()
         self.engine = engine if engine is not None else open_engine(config)
-        self.backend = LocalBackend(self.engine, config.node_id, reactor, config.max_value_size)
+        self.backend = LocalBackend(
+            self.engine, config.node_id, reactor, config.max_value_size, max_clock_skew=config.max_clock_skew
+        )
         self._pool: ThreadPool | None = None
         if run_in_thread is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=2, name=f"kvstore-{config.node_id}")

@@ -38,7 +38,9 @@
 #
 # The versioned extension (between gateways, the handoff and kvstores; no memcached command starts with
 # ``x``). ``<version>`` is ``str(Version)``: ``<clock>`` or ``<clock>-<writer>``; ``<expires_at>`` is a Unix
-# time (0: never); ``<tombstone>`` is 0 or 1. The numbers here are plain decimal digits.
+# time (0: never); ``<tombstone>`` is 0 or 1. The numbers here are plain decimal digits, bounded: ``<flags>``
+# and ``<expires_at>`` 32 bits, ``<clock>`` 63 bits, ``<writer>`` an id (else ``CLIENT_ERROR bad command line
+# format``). A kvstore also refuses a version further ahead of its clock than ``--max-clock-skew``.
 #
 #     xget <key>+                                -> (XVALUE <key> <flags> <expires_at> <version> <tombstone> <bytes>\r\n
 #                                                    <data>\r\n)* END        every stored record, tombstones included

@@ -55,7 +55,7 @@ from chashd.errors import (
     UnknownCommand,
     ValueTooLarge,
 )
-from chashd.record import MAX_KEY_LENGTH, Record
+from chashd.record import MAX_EXPIRES_AT, MAX_FLAGS, MAX_KEY_LENGTH, Record
 from chashd.versions import Version
 
 __all__ = [
@@ -631,7 +631,7 @@ class RequestParser:
             flags = _digits(tokens[2])
             expires_at = _digits(tokens[3])
             version = _version_token(tokens[4])
-            if tokens[5] not in (b"0", b"1") or flags > 0xFFFFFFFF:
+            if tokens[5] not in (b"0", b"1") or flags > MAX_FLAGS or expires_at > MAX_EXPIRES_AT:
                 raise BadCommand()
             tombstone = tokens[5] == b"1"
             size = _digits(tokens[6])

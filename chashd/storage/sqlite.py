@@ -314,13 +314,16 @@ class SQLiteEngine:
         reader: sqlite3.Connection | None = getattr(self._local, "reader", None)
         if reader is None:
             if self._closed:
-                raise StorageError(f"the database {self._path} is closed")
+                raise StorageError("the database is closed", f"the database {self._path} is closed")
             try:
                 reader = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
                 reader.execute("PRAGMA query_only = 1")
                 reader.execute("PRAGMA cache_size = -8192")
             except sqlite3.Error as e:
-                raise StorageError(f"cannot open the database {self._path} for reading: {e}") from e
+                raise StorageError(
+                    f"cannot open the database for reading: {self._public(e)}",
+                    f"cannot open the database {self._path} for reading: {e}",
+                ) from e
             with self._readers_lock:
                 # Close the connections of threads that have ended (a pool may replace its threads).
                 for thread, connection in self._readers:
@@ -332,12 +335,23 @@ class SQLiteEngine:
         return reader
 
     def _failed(self, e: sqlite3.Error) -> StorageError | StorageFull:
+        """The error of a failed statement: SQLite's words (or memcached's, for a full disk) for clients, the
+        file's path only in the detail that goes to the logs (an answer names the problem, not the host's
+        layout)."""
         if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
             if self._disk_limit:
                 limit = f"{self._disk_limit / 1048576:g} MiB"
                 return StorageFull(f"out of disk space storing object: the database reached its limit of {limit}")
-            return StorageFull(f"out of disk space storing object: the disk holding {self._path} is full")
-        return StorageError(f"the database {self._path} failed: {e}")
+            return StorageFull(
+                "out of disk space storing object: the disk is full",
+                detail=f"out of disk space storing object: the disk holding {self._path} is full",
+            )
+        return StorageError(f"the database failed: {self._public(e)}", f"the database {self._path} failed: {e}")
+
+    def _public(self, e: sqlite3.Error) -> str:
+        path = str(self._path)
+        directory = os.path.dirname(os.path.abspath(path))
+        return str(e).replace(path, "the database file").replace(directory, "the data directory")
 
     # -- points -----------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import NodeLeaving, NonNumericValue, StaleVersion, StorageFull, ValueTooLarge
+from chashd.errors import NodeLeaving, NonNumericValue, StaleVersion, StorageFull, ValueTooLarge, VersionTooNew
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.record import Record
@@ -48,6 +48,75 @@ def make(max_value_size: int = 1000) -> tuple[LocalBackend, MemoryEngine, Clock]
 
 def set_(key: bytes, value: bytes, flags: int = 0, exptime: int = 0) -> Store:
     return Store("set", key, flags, exptime, value)
+
+
+class VersionBoundTests:
+    """Versions from the wire more than max_clock_skew ahead are refused, never stored nor observed (issue 10:
+    ``xput victim 0 0 18446744073709551615-x 0 4`` pinned a value forever and overflowed the clock)."""
+
+    def _far(self, seconds_ahead: float) -> Version:
+        return Version((int((T0 + seconds_ahead) * 1000)) << 16, "gw")
+
+    @pytest.mark.parametrize("handoff", [False, True])
+    def test_forged_xput_refused(self, handoff: bool) -> None:
+        """An xput (or xmove) 301 s ahead with the default 300 s skew: VersionTooNew, nothing stored, the
+        clock untouched, counted; later plain writes and reads behave."""
+        backend, engine, clock = make()
+        backend.execute(set_(b"victim", b"old"))
+        before = engine.get(b"victim")
+        with pytest.raises(VersionTooNew, match="more than 300s ahead"):
+            backend.execute(XPut(b"victim", Record(b"pin!", 0, 0, self._far(301)), handoff=handoff))
+        assert engine.get(b"victim") == before
+        assert backend.stats()["versions_refused_total"] == 1
+        assert backend.execute(set_(b"victim", b"new")) is Status.STORED
+        stored = engine.get(b"victim")
+        assert stored is not None and stored.value == b"new" and stored.version.millis == int(T0 * 1000)
+
+    def test_group_refuses_only_the_forged(self) -> None:
+        """In a group of xputs (execute_puts) only the forged one is refused; the others are stored."""
+        backend, engine, _ = make()
+        good = Record(b"ok", 0, 0, self._far(10))
+        results = backend.execute_puts(
+            [XPut(b"a", good), XPut(b"b", Record(b"x", 0, 0, self._far(3600))), XPut(b"c", good)]
+        )
+        assert results[0] is Status.STORED and results[2] is Status.STORED
+        assert isinstance(results[1], VersionTooNew)
+        assert engine.get(b"b") is None and engine.get(b"a") == good
+        assert backend.execute(set_(b"d", b"v")) is Status.STORED
+        stored = engine.get(b"d")
+        assert stored is not None and stored.version < self._far(3600)
+
+    def test_forged_xapply_refused(self) -> None:
+        """xapply with a far-future version is refused before anything runs."""
+        backend, engine, _ = make()
+        backend.execute(set_(b"n", b"1"))
+        with pytest.raises(VersionTooNew):
+            backend.execute(XApply(Version(2**63 - 1, "gw"), Arith(b"n", 5)))
+        stored = engine.get(b"n")
+        assert stored is not None and stored.value == b"1"
+        assert backend.execute(Arith(b"n", 1)) == Number(2)
+
+    def test_skew_is_configurable(self) -> None:
+        """max_clock_skew widens or narrows the bound; the clock follows admitted versions only."""
+        clock = Clock()
+        clock.advance(T0)
+        backend = LocalBackend(MemoryEngine(), "kv-1", clock, 1000, max_clock_skew=3600)
+        assert backend.execute(XPut(b"k", Record(b"v", 0, 0, self._far(3000)))) is Status.STORED
+        strict = LocalBackend(MemoryEngine(), "kv-2", clock, 1000, max_clock_skew=1)
+        with pytest.raises(VersionTooNew):
+            strict.execute(XPut(b"k", Record(b"v", 0, 0, self._far(2))))
+
+    def test_forged_version_already_stored(self) -> None:
+        """A far-future record stored before this bound existed is not followed by the clock: a write
+        replaces it with a version of now, and the clock stays sane."""
+        backend, engine, _ = make()
+        engine.put(b"k", Record(b"pinned", 0, 0, Version(2**63 - 1, "x")))
+        assert backend.execute(Touch(b"k", 0)) is Status.TOUCHED
+        touched = engine.get(b"k")
+        assert touched is not None and touched.value == b"pinned" and touched.version.millis == int(T0 * 1000)
+        assert backend.execute(set_(b"k", b"free")) is Status.STORED
+        stored = engine.get(b"k")
+        assert stored is not None and stored.value == b"free" and stored.version.millis == int(T0 * 1000)
 
 
 class LocalBackendTests:
@@ -161,9 +230,10 @@ class LocalBackendTests:
         assert engine.get(b"k") == newer
 
     def test_xput_moves_the_clock(self) -> None:
-        """After XPut of a version from the future, local writes still get higher versions."""
+        """After XPut of a version from the near future (within --max-clock-skew), local writes still get
+        higher versions."""
         backend, engine, _ = make()
-        future = Version((int(T0 * 1000) + 10**6) << 16, "gw")
+        future = Version((int(T0 * 1000) + 100_000) << 16, "gw")
         backend.execute(XPut(b"other", Record(b"x", 0, 0, future)))
         backend.execute(set_(b"k", b"v"))
         stored = engine.get(b"k")

@@ -368,6 +368,18 @@ class RejectionTests:
         assert replies(b"xput k 0 0 bad 0 1\r\nx\r\n")[0] == b"CLIENT_ERROR bad version\r\n"
         assert replies(b"xput k 0 0 1 2 1\r\nx\r\n")[0] == b"CLIENT_ERROR bad command line format\r\n"
         assert replies(b"xput k 0 0 1 0\r\n") == [b"CLIENT_ERROR bad command line format\r\n"]
+        # Bounded numbers (issue 10): a clock past 63 bits, a writer that is not an id, flags or expires_at
+        # past 32 bits.
+        for line in (
+            b"xput k 0 0 18446744073709551615-x 0 1",
+            b"xput k 0 0 9223372036854775808 0 1",
+            b"xput k 0 0 1-a/b 0 1",
+            b"xput k 4294967296 0 1 0 1",
+            b"xput k 0 4294967296 1 0 1",
+        ):
+            assert replies(line + b"\r\nx\r\n")[0].startswith(b"CLIENT_ERROR bad "), line
+        largest = Record(b"x", 2**32 - 1, 2**32 - 1, Version(2**63 - 1, "x"))
+        assert events(b"xput k 4294967295 4294967295 9223372036854775807-x 0 1\r\nx\r\n") == [XPut(b"k", largest)]
         assert replies(b"xapply 1 get k\r\n") == [b"ERROR\r\n"]
         assert replies(b"xapply 1 incr k x noreply\r\n") == [b"CLIENT_ERROR invalid numeric delta argument\r\n"]
         got = events(b"xput k 0 0 1 0 20\r\n" + b"x" * 20 + b"\r\nxget k\r\n", max_value_size=10)
@@ -430,7 +442,7 @@ values = st.binary(max_size=300)
 u32 = st.integers(0, 2**32 - 1)
 i32 = st.integers(-(2**31), 2**31 - 1)
 u64 = st.integers(0, 2**64 - 1)
-versions = st.builds(Version, st.integers(0, 2**64 - 1), st.sampled_from(["", "gw-1", "a"]))
+versions = st.builds(Version, st.integers(0, 2**63 - 1), st.sampled_from(["", "gw-1", "a"]))
 stores = st.one_of(
     st.builds(Store, st.sampled_from(["set", "add", "replace", "append", "prepend"]), keys, u32, i32, values,
               st.none(), st.booleans()),
@@ -442,7 +454,7 @@ writes = st.one_of(
     st.builds(Arith, keys, u64, st.booleans(), st.booleans()),
     st.builds(Touch, keys, i32, st.booleans()),
 )
-records = st.builds(Record, values, u32, st.integers(0, 2**40), versions, st.booleans())
+records = st.builds(Record, values, u32, st.integers(0, 2**32 - 1), versions, st.booleans())
 commands = st.one_of(
     writes,
     st.builds(Get, st.lists(keys, min_size=1, max_size=5).map(tuple), st.booleans(), st.none() | i32),
@@ -597,7 +609,7 @@ records = st.builds(
     st.binary(max_size=30) | st.sampled_from([b"\r\nEND\r\n", b"END\r\n", b"XVALUE k 0 0 1 0 1\r\n"]),
     st.integers(0, 2**32 - 1),
     st.integers(0, 2**40),
-    st.builds(Version, st.integers(0, 2**64 - 1), st.sampled_from(["", "gw-1", "g"])),
+    st.builds(Version, st.integers(0, 2**63 - 1), st.sampled_from(["", "gw-1", "g"])),
     st.booleans(),
 )
 

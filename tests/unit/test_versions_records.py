@@ -15,9 +15,9 @@ from chashd.record import (
     purgeable,
     resolve,
 )
-from chashd.versions import ZERO, HybridClock, Version
+from chashd.versions import MAX_CLOCK, ZERO, HybridClock, Version
 
-versions = st.builds(Version, st.integers(0, 2**64 - 1), st.text("abc-", max_size=3))
+versions = st.builds(Version, st.integers(0, 2**63 - 1), st.text("abc-", max_size=3))
 records = st.builds(
     Record, st.binary(max_size=4), st.integers(0, 2**32 - 1), st.integers(0, 10), versions, st.booleans()
 )
@@ -38,11 +38,20 @@ class VersionTests:
         """str() and parse() are inverse, writer ids with dashes included."""
         assert Version.parse(str(Version(v.clock, "gw-1" + v.writer))) == Version(v.clock, "gw-1" + v.writer)
 
-    @pytest.mark.parametrize("bad", ["", "x-1", "-a", "1.5-a", str(2**64) + "-a"])
+    @pytest.mark.parametrize(
+        "bad",
+        ["", "x-1", "-a", "1.5-a", str(2**64) + "-a", str(2**64 - 1) + "-x", str(2**63), "1-a b", "1-" + "w" * 65,
+         "1--a", "1-\x00", "٣-a", "0" * 4000],
+    )  # fmt: skip
     def test_parse_rejects(self, bad: str) -> None:
-        """Malformed text is refused."""
+        """Malformed text is refused, and so is a clock past 63 bits (SQLite's INTEGER) or a writer that is
+        not an id."""
         with pytest.raises(ValueError):
             Version.parse(bad)
+
+    def test_parse_bounds(self) -> None:
+        """The largest clock and the longest writer are read."""
+        assert Version.parse(f"{2**63 - 1}-{'w' * 64}") == Version(2**63 - 1, "w" * 64)
 
     def test_zero_is_oldest(self) -> None:
         """ZERO is below every issued version."""
@@ -63,8 +72,25 @@ class HybridClockTests:
         """After observing another writer's version, the next tick is later."""
         mine, theirs = HybridClock("a"), HybridClock("b")
         seen = theirs.tick(5000)
-        mine.observe(seen)
+        assert mine.observe(seen, 10)
         assert mine.tick(10) > seen
+
+    def test_far_future_not_observed(self) -> None:
+        """A version more than max_skew_ms ahead of now is not admitted, and observing it moves nothing."""
+        clock = HybridClock("a", max_skew_ms=1000)
+        now = 1_700_000_000_000
+        near, far = Version((now + 1000) << 16, "b"), Version((now + 1001) << 16, "b")
+        assert clock.admits(near, now) and not clock.admits(far, now)
+        assert clock.observe(far, now) is False and clock.last == 0
+        assert clock.observe(near, now) is True and clock.last == near.clock
+        assert clock.tick(now) > near
+
+    def test_no_overflow(self) -> None:
+        """The limit never passes MAX_CLOCK, and nothing a peer sends can push the clock past it."""
+        clock = HybridClock("a")
+        assert clock.limit(2**62) == MAX_CLOCK
+        assert clock.observe(Version(MAX_CLOCK, "x"), 1_700_000_000_000) is False
+        assert clock.tick(1_700_000_000_000).clock < MAX_CLOCK
 
     def test_cas_is_clock(self) -> None:
         """The cas unique is the clock part, a 64-bit number."""

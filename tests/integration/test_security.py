@@ -1,0 +1,126 @@
+"""The attacks of issue 10 against real daemons on loopback: each one is refused, and the cluster keeps
+serving plain memcached clients as before. (The Raft pickle is in test_gateway_cluster.py, BadRaftConfigTests.)"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pymemcache.client.base import Client
+
+from chashd.launcher import LocalCluster
+from tests.integration.conftest import clean_environ, wait_until
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One gateway (N=3, W=2, R=2) over three kvstores, with the cluster's random secrets."""
+    workdir: Path = tmp_path_factory.mktemp("security")
+    with LocalCluster(workdir, gateways=1, kvstores=3, env=clean_environ()) as running:
+        yield running
+
+
+class Line:
+    """A raw line-protocol connection: what an attacker types."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=10)
+        self.file = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.file.close()
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        """Send raw bytes."""
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        """One reply line, without its CRLF."""
+        line = self.file.readline()
+        assert line.endswith(b"\r\n"), f"connection closed or cut: {line!r}"
+        return line[:-2]
+
+    def command(self, line: bytes, data: bytes | None = None) -> bytes:
+        """A command (and its data block); its one-line reply."""
+        self.send(line + b"\r\n" + (data + b"\r\n" if data is not None else b""))
+        return self.line()
+
+    def xget(self, key: bytes) -> list[bytes]:
+        """The XVALUE header of ``key`` (split), or [] when the node has nothing."""
+        self.send(b"xget " + key + b"\r\n")
+        header = self.line()
+        if header == b"END":
+            return []
+        value = self.file.read(int(header.split()[6]) + 2)
+        assert value.endswith(b"\r\n") and self.line() == b"END"
+        return header.split()[1:6] + [value[:-2]]
+
+
+def kvstore_lines(cluster: LocalCluster) -> list[Line]:
+    """A raw connection to every kvstore's line port."""
+    return [Line(cluster.line_ports[k.name]) for k in cluster.kvstores]
+
+
+def gateway_client(cluster: LocalCluster) -> Client:
+    """A plain memcached client of the gateway."""
+    port = cluster.line_ports[cluster.gateways[0].name]
+    return Client((HOST, port), connect_timeout=5, timeout=10, default_noreply=False)
+
+
+def refused(line: Line, command: bytes, data: bytes) -> None:
+    """``command`` is answered with a CLIENT_ERROR. A command line refused as malformed leaves its data block
+    unread, which is then read as a command and answered ERROR, as memcached does for a bad ``set`` line."""
+    reply = line.command(command, data)
+    assert reply.startswith(b"CLIENT_ERROR "), reply
+    if reply.startswith(b"CLIENT_ERROR bad "):  # bad version, bad command line format
+        assert line.line() == b"ERROR"
+
+
+class ForgedVersionTests:
+    """``xput victim 0 0 18446744073709551615-x 0 4`` pinned a value forever: refused now, at every kvstore."""
+
+    @pytest.mark.parametrize(
+        "version",
+        [
+            b"18446744073709551615-x",  # 64 bits: past the engines' columns
+            b"9223372036854775807-x",  # 63 bits: the largest SQLite integer, centuries ahead
+            b"%d-x" % (((int(__import__("time").time()) + 3600) * 1000) << 16),  # one hour ahead
+        ],
+    )
+    def test_far_future_xput(self, cluster: LocalCluster, version: bytes) -> None:
+        """Each kvstore refuses the forged xput and the forged tombstone with CLIENT_ERROR and keeps what it
+        had; later sets through the gateway win and read back; the replicas agree; direct writes work."""
+        mc = gateway_client(cluster)
+        key = b"victim-" + version[:6]
+        assert mc.set(key, b"before")
+        lines = kvstore_lines(cluster)
+        try:
+            before = [line.xget(key) for line in lines]
+            for line in lines:
+                refused(line, b"xput %s 0 0 %s 0 4" % (key, version), b"pin!")
+                refused(line, b"xput %s 0 0 %s 1 0" % (key, version), b"")
+            assert [line.xget(key) for line in lines] == before
+            assert mc.set(key, b"after")
+            assert mc.get(key) == b"after"
+            # N=3 over three kvstores: each one ends with the same record (the third may take a moment).
+            wait_until(
+                "the three replicas to hold the same record",
+                lambda: (
+                    len({tuple(line.xget(key)) for line in lines} - {()}) == 1
+                    and all(line.xget(key)[-1:] == [b"after"] for line in lines)
+                ),
+            )
+            # The kvstore's own clock was not dragged along: a direct write still works.
+            assert lines[0].command(b"set direct-" + key + b" 0 0 2", b"ok") == b"STORED"
+        finally:
+            for line in lines:
+                line.close()
+            mc.close()
