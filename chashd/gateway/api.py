@@ -25,7 +25,6 @@ it, 403 with another). Every error is ``application/problem+json``; a change tha
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from chashd.gateway.clustermap import MAX_SEQ, MAX_WEIGHT, ClusterView, NodeInfo
 from chashd.gateway.raft import RaftStatus
 from chashd.record import check_key
 from chashd.ring import key_hash
-from chashd.web import error_problem, json_response, routing_problem
+from chashd.web import Forbidden, Unauthorized, check_bearer, error_problem, json_response, routing_problem
 
 __all__ = ["RingAPI", "RingRoot"]
 
@@ -79,22 +78,14 @@ class _Membership(Protocol):
         """Remove a node."""
 
 
-class _Unauthorized(RequestError):
-    """No usable ``Authorization: Bearer`` header."""
-
-
-class _Forbidden(RequestError):
-    """A token, but not the right one."""
-
-
 class _TooLarge(RequestError):
     """A body over the API's cap."""
 
 
 #: Domain errors to (HTTP status, title): the one table of this adapter, first match wins.
 _ERRORS: list[tuple[type[Exception], int, str]] = [
-    (_Unauthorized, 401, "Unauthorized"),
-    (_Forbidden, 403, "Forbidden"),
+    (Unauthorized, 401, "Unauthorized"),
+    (Forbidden, 403, "Forbidden"),
     (_TooLarge, 413, "Payload Too Large"),
     (UnknownNode, 404, "Not Found"),
     (NodeConflict, 409, "Conflict"),
@@ -334,14 +325,7 @@ class RingAPI:
         return json_response(request, body, 201 if outcome.code == OutcomeCode.REGISTERED else 200)
 
     def _authorize(self, request: IRequest) -> None:
-        if self._token is None:
-            return
-        header = request.getHeader(b"Authorization")
-        scheme, _, value = (header or b"").strip().partition(b" ")
-        if scheme.lower() != b"bearer" or not value.strip():
-            raise _Unauthorized("this request needs the header Authorization: Bearer <token>")
-        if not hmac.compare_digest(value.strip(), self._token):
-            raise _Forbidden("the token is not the one this gateway was given")
+        check_bearer(request, self._token)
 
     def _json_body(self, request: IRequest) -> dict[str, Any]:
         length = request.getHeader(b"Content-Length")

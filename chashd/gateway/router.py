@@ -1062,7 +1062,7 @@ class _ReadModifyWrite:
                 newest = record
         self.newest = newest
         if newest is not None:
-            router._hlc.observe(newest.version)
+            router._hlc.observe(newest.version, int(router._now() * 1000))
         primary = self.candidates[self.primary]
         apply = XApply(router._version_now(), self.command)
         if (
@@ -1118,7 +1118,7 @@ class _ReadModifyWrite:
             if self.retries > self.max_retries:
                 self._fail(Failure(ServiceUnavailable(f"{self.retries} concurrent writes overtook the command")))
             elif isinstance(stored, Version):
-                router._hlc.observe(stored)
+                router._hlc.observe(stored, int(router._now() * 1000))
                 self._apply(catch_up=False)
             else:
                 self._read()

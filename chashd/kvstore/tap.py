@@ -60,8 +60,14 @@ def makeService(
     root = KVStoreRoot(node)
     node.setServiceParent(root)
     http = KeyValueHTTP(
-        node.backend, health=node.health, ready=node.ready, max_value_size=config.max_value_size, role="kvstore"
+        node.backend,
+        health=node.health,
+        ready=node.ready,
+        max_value_size=config.max_value_size,
+        role="kvstore",
+        write_token=config.token,
     )
+    node.backend.stats_sources.append(http.auth_stats)
     line = MemcacheServerFactory(
         node.backend,
         reactor,

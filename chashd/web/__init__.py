@@ -1,6 +1,25 @@
 """The HTTP surface both roles serve (Klein): /kv, /health, /ready, /stats, /metrics, problem+json errors."""
 
 from chashd.web._client import http_client
-from chashd.web._http import KeyValueHTTP, error_problem, json_response, problem, routing_problem
+from chashd.web._http import (
+    Forbidden,
+    KeyValueHTTP,
+    Unauthorized,
+    check_bearer,
+    error_problem,
+    json_response,
+    problem,
+    routing_problem,
+)
 
-__all__ = ["KeyValueHTTP", "error_problem", "http_client", "json_response", "problem", "routing_problem"]
+__all__ = [
+    "Forbidden",
+    "KeyValueHTTP",
+    "Unauthorized",
+    "check_bearer",
+    "error_problem",
+    "http_client",
+    "json_response",
+    "problem",
+    "routing_problem",
+]

@@ -16,10 +16,14 @@ Routes::
 
 Keys are the URL path after /kv/, percent-decoded, as UTF-8: 1-250 bytes without spaces or control
 characters (memcached's rule). Every error is ``application/problem+json`` with a ``detail``.
+
+With a ``write_token`` (a kvstore given the cluster token), PUT and DELETE need ``Authorization: Bearer
+<token>``: 401 without it, 403 with another, counted in ``http_writes_refused_total``. Reads stay open.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from functools import cache
@@ -44,13 +48,14 @@ from chashd.errors import (
     NonNumericValue,
     RequestError,
     ServiceUnavailable,
+    StorageError,
     StorageFull,
     ValueTooLarge,
 )
 from chashd.interfaces import IKeyValue
 from chashd.record import MAX_FLAGS, check_key
 
-__all__ = ["KeyValueHTTP", "json_response", "openapi_document", "problem"]
+__all__ = ["Forbidden", "KeyValueHTTP", "Unauthorized", "check_bearer", "json_response", "openapi_document", "problem"]
 
 TTL_HEADER = "X-Chash-TTL"
 FLAGS_HEADER = "X-Chash-Flags"
@@ -89,14 +94,38 @@ def problem(request: IRequest, code: int, title: str, detail: str, **extra: Any)
     return _problem_body(code, title, detail, **extra)
 
 
+class Unauthorized(RequestError):
+    """No usable ``Authorization: Bearer`` header (HTTP 401)."""
+
+
+class Forbidden(RequestError):
+    """A bearer token, but not the cluster's (HTTP 403)."""
+
+
+def check_bearer(request: IRequest, token: bytes | None) -> None:
+    """Refuse ``request`` unless it carries ``Authorization: Bearer <token>`` (compared in constant time);
+    anything goes when ``token`` is None. Raises ``Unauthorized`` or ``Forbidden``."""
+    if token is None:
+        return
+    header = request.getHeader(b"Authorization")
+    scheme, _, value = (header or b"").strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not value.strip():
+        raise Unauthorized("this request needs the header Authorization: Bearer <token>")
+    if not hmac.compare_digest(value.strip(), token):
+        raise Forbidden("the token is not this cluster's")
+
+
 #: Domain errors to (HTTP status, title): the one table of this adapter.
 _ERRORS: list[tuple[type[Exception], int, str]] = [
+    (Unauthorized, 401, "Unauthorized"),
+    (Forbidden, 403, "Forbidden"),
     (ValueTooLarge, 413, "Payload Too Large"),
     (NonNumericValue, 409, "Conflict"),
     (RequestError, 400, "Bad Request"),
     (NodeLeaving, 503, "Service Unavailable"),
     (StorageFull, 507, "Insufficient Storage"),
     (ServiceUnavailable, 503, "Service Unavailable"),
+    (StorageError, 503, "Service Unavailable"),  # its message names the problem, never a path (the logs do)
 ]
 
 
@@ -200,7 +229,8 @@ class KeyValueHTTP:
 
     ``health`` returns the JSON body of ``GET /health``; ``ready`` returns ``(ready, reason)`` for
     ``GET /ready``; ``metrics`` is a Prometheus registry holding the role's own collectors (the backend's
-    stats are added to it here).
+    stats are added to it here). ``write_token``: PUT and DELETE need it (see the module docstring);
+    ``auth_stats()`` counts the refusals.
     """
 
     app = Klein()
@@ -214,8 +244,11 @@ class KeyValueHTTP:
         max_value_size: int = DEFAULT_MAX_BODY,
         metrics: CollectorRegistry | None = None,
         role: str = "chashd",
+        write_token: str | None = None,
     ) -> None:
         self._backend = backend
+        self._write_token = write_token.encode() if write_token else None
+        self._refused = 0
         self._health = health
         self._ready = ready or (lambda: (True, "serving"))
         self._max_value_size = max_value_size
@@ -227,6 +260,17 @@ class KeyValueHTTP:
     def resource(self) -> IResource:
         """The twisted.web resource to serve."""
         return self.app.resource()
+
+    def auth_stats(self) -> dict[str, int]:
+        """Writes refused for want of the token."""
+        return {"http_writes_refused_total": self._refused}
+
+    def _authorize_write(self, request: IRequest) -> None:
+        try:
+            check_bearer(request, self._write_token)
+        except RequestError:
+            self._refused += 1
+            raise
 
     def site(self, resource: IResource | None = None) -> Site:
         """A ``Site`` serving ``resource`` (default: this surface) with the body capped at the value limit."""
@@ -269,6 +313,7 @@ class KeyValueHTTP:
     @app.route("/kv/<path:key>", methods=["PUT"])
     def put(self, request: IRequest, key: str) -> Any:
         """Store a value (set, or cas / add with If-Match / If-None-Match)."""
+        self._authorize_write(request)
         k = self._key(key)
         ttl = _header_int(request, TTL_HEADER, -1, 2**31 - 1) or 0
         flags = _header_int(request, FLAGS_HEADER, 0, MAX_FLAGS) or 0
@@ -304,6 +349,7 @@ class KeyValueHTTP:
     @app.route("/kv/<path:key>", methods=["DELETE"])
     def delete(self, request: IRequest, key: str) -> Any:
         """Delete a value."""
+        self._authorize_write(request)
         k = self._key(key)
         return self._execute(Delete(k)).addCallback(self._deleted, request, k)
 

@@ -29,8 +29,12 @@ def _request(url: str, method: str = "GET", body: bytes | None = None, headers: 
 
 
 def _kvstore(start_daemon: StartDaemon, *args: str):  # type: ignore[no-untyped-def]
+    """A kvstore on loopback without a cluster token: both surfaces open to plain clients (SECURITY.md)."""
     (line,) = free_ports(1)
-    daemon = start_daemon("chash-kvstore", "--node-id", "kv-1", "--line-port", f"tcp:{line}:interface=127.0.0.1", *args)
+    daemon = start_daemon(
+        "chash-kvstore", "--node-id", "kv-1", "--line-port", f"tcp:{line}:interface=127.0.0.1", *args,
+        env={"CHASHD_TOKEN": ""},
+    )  # fmt: skip
     return daemon, Client(("127.0.0.1", line), connect_timeout=5, timeout=5, default_noreply=False)
 
 
