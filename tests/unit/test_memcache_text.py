@@ -377,7 +377,8 @@ class RejectionTests:
             b"xput k 4294967296 0 1 0 1",
             b"xput k 0 4294967296 1 0 1",
         ):
-            assert replies(line + b"\r\nx\r\n")[0].startswith(b"CLIENT_ERROR bad "), line
+            first = replies(line + b"\r\nx\r\n")[0]
+            assert isinstance(first, bytes) and first.startswith(b"CLIENT_ERROR bad "), line
         largest = Record(b"x", 2**32 - 1, 2**32 - 1, Version(2**63 - 1, "x"))
         assert events(b"xput k 4294967295 4294967295 9223372036854775807-x 0 1\r\nx\r\n") == [XPut(b"k", largest)]
         assert replies(b"xapply 1 get k\r\n") == [b"ERROR\r\n"]
