@@ -21,7 +21,8 @@ Every failure raises (or fails the Deferred with) a ``ChashError``, carrying the
       Rejected             the server refused the request (HTTP 4xx), or the client did before sending it
         NotFound           404: no such node, no such route (a missing key is ``None``/``False`` instead)
         PreconditionFailed 412: ``cas=`` that is not the stored version, ``only_if_absent`` over a value
-        Unauthorized       401/403: the gateway wants ``Authorization: Bearer <token>`` (``token=``)
+        Unauthorized       401/403: node admin, or a write to a kvstore directly, wants the cluster's token
+                           (``token=``: sent as ``Authorization: Bearer <token>``)
       ServerError          5xx after every gateway was tried, or an answer that is not what the API says
       Unreachable          no gateway could be reached (connection refused, reset, timed out)
 """
@@ -301,7 +302,7 @@ class _Operations:
         data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
         if not 0 <= flags <= MAX_FLAGS:
             raise Rejected(f"flags {flags} is not an unsigned 32-bit integer")
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream", **self._auth}  # a kvstore's writes need it
         if ttl:
             headers[TTL_HEADER] = str(int(ttl))
         if flags:
@@ -317,7 +318,7 @@ class _Operations:
         return _Call("GET", _key_path(key), _item(shown))
 
     def delete(self, key: str | bytes) -> _Call[bool]:
-        return _Call("DELETE", _key_path(key), _deleted)
+        return _Call("DELETE", _key_path(key), _deleted, None, self._auth)
 
     def lookup(self, key: str | bytes) -> _Call[dict[str, Any]]:
         return _Call("GET", "/ring/lookup/" + _key_path(key).removeprefix("/kv/"), _json_object)

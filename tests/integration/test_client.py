@@ -167,8 +167,11 @@ class BlockingClientTests:
         assert caught.value.status == 413
 
     def test_kvstore_url(self, cluster: LocalCluster) -> None:
-        """A kvstore's own URL serves the key-value calls; its missing /ring is NotFound."""
-        client = KVStoreClient(cluster.kvstores[0].url, timeout=10)
+        """A kvstore's own URL serves the key-value calls (writes with the cluster's token: Unauthorized
+        without it); its missing /ring is NotFound."""
+        with pytest.raises(Unauthorized):
+            KVStoreClient(cluster.kvstores[0].url, timeout=10).put("client:direct", b"forged")
+        client = KVStoreClient(cluster.kvstores[0].url, timeout=10, token=cluster.token)
         client.put("client:direct", b"d")
         assert client.get("client:direct") == b"d"
         with pytest.raises(NotFound, match="no such resource"):

@@ -167,6 +167,8 @@ class ClusterRaftTests:
             raft.submit("mark_down", ("kv-0",), 1)
             assert listener.wait("done")[1] == Outcome(OutcomeCode.UPDATED, 16)
             wait_until("a dump of epoch 16", lambda: (dumped_map(tmp_path) or (0,))[0] == 16, 15)
+            # The dump can be written in the tick that applied the command, before that tick's report.
+            wait_until("the report of epoch 16", lambda: listener.latest is not None and listener.latest.epoch == 16)
             after = listener.latest
         finally:
             self._stop(raft)
