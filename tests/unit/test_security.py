@@ -16,7 +16,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.kvstore.backend import LocalBackend
-from chashd.memcache.protocol import MemcacheServerFactory
+from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage.memory import MemoryEngine
 from chashd.storage.sqlite import SQLiteEngine
 from chashd.web import KeyValueHTTP
@@ -62,14 +62,27 @@ class DiskFullTests(SynchronousTestCase):
 
         with capturedLogs() as events:
             reply = self._fill(send)
-        assert reply == b"SERVER_ERROR the database failed: database or disk is full\r\n"
+        assert reply == b"SERVER_ERROR out of disk space storing object: the disk is full\r\n"
         assert str(self.directory).encode() not in reply and b"/" not in reply
         (event,) = [e for e in events if e.get("detail")]
-        assert str(self.directory / "kvstore.db") in event["detail"] and "disk is full" in event["detail"]
+        assert str(self.directory / "kvstore.db") in event["detail"] and "is full" in event["detail"]
         assert self.backend.stats()["storage_errors_total"] == 1
 
+    def test_other_failures(self) -> None:
+        """Any other failure of the database (here: used after it was closed) is SQLite's words, no path."""
+        factory = MemcacheServerFactory(self.backend, Clock(), max_value_size=1 << 20)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.engine.close()
+        with capturedLogs() as events:
+            protocol.dataReceived(b"set k 0 0 1\r\nv\r\n")
+        reply = transport.value()
+        assert reply.startswith(b"SERVER_ERROR the database failed: ") and b"/" not in reply, reply
+        assert any(str(self.directory) in e.get("detail", "") for e in events)
+
     def test_http(self) -> None:
-        """PUT /kv answers 503 problem+json naming the problem, without the path or a traceback."""
+        """PUT /kv answers 507 problem+json naming the problem, without the path or a traceback."""
         stub: Any = StubTreq(KeyValueHTTP(self.backend, max_value_size=1 << 20).resource())
         value = b"v" * 65536
 
@@ -81,7 +94,7 @@ class DiskFullTests(SynchronousTestCase):
         with capturedLogs():
             code, body = self._fill(send)
         problem = json.loads(body)
-        assert code == 503 and problem["detail"] == "the database failed: database or disk is full"
+        assert code == 507 and problem["detail"] == "out of disk space storing object: the disk is full"
         assert str(self.directory).encode() not in body and b"Traceback" not in body
 
 
