@@ -28,7 +28,11 @@ RSS_SLACK = 8 * MIB
 
 def _kvstore(start_daemon: StartDaemon, *args: str) -> tuple[Any, Client, int]:
     (line,) = free_ports(1)
-    daemon = start_daemon("chash-kvstore", "--node-id", "kv-1", "--line-port", f"tcp:{line}:interface=127.0.0.1", *args)
+    # On loopback without a cluster token: both surfaces open to plain clients (SECURITY.md).
+    daemon = start_daemon(
+        "chash-kvstore", "--node-id", "kv-1", "--line-port", f"tcp:{line}:interface=127.0.0.1", *args,
+        env={"CHASHD_TOKEN": ""},
+    )  # fmt: skip
     return daemon, Client(("127.0.0.1", line), connect_timeout=5, timeout=10, default_noreply=False), line
 
 
