@@ -84,10 +84,15 @@ run_tests() {
     # checked strictly.
     local strict=(chashd/ring.py chashd/errors.py chashd/versions.py chashd/record.py chashd/commands.py
                   chashd/semantics.py chashd/storage chashd/interfaces.py chashd/memcache chashd/kvstore/backend.py
-                  chashd/gateway/clustermap.py)
+                  chashd/gateway/clustermap.py chashd/kvstore/placement.py chashd/kvstore/plan.py)
     local existing=()
     for path in "${strict[@]}"; do [ -e "$path" ] && existing+=("$path"); done
     "$VENV/bin/mypy" --strict "${existing[@]}" || die "mypy --strict failed on the strictly typed modules"
+    # The handoff's modules too, but for calls of functions without annotations (super() calls of Twisted's
+    # services, which untyped_calls_exclude does not cover); the modules they import are checked below.
+    local handoff=(chashd/kvstore/pacing.py chashd/kvstore/handoff.py chashd/kvstore/drain.py)
+    "$VENV/bin/mypy" --strict --allow-untyped-calls --follow-imports=silent "${handoff[@]}" \
+        || die "mypy --strict failed on ${handoff[*]}"
     "$VENV/bin/mypy" chashd tests bench || die "mypy failed"
     echo "== pytest" >&2
     local status=0

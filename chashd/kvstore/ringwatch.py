@@ -2,21 +2,19 @@
 
 The node asks one gateway ``GET {gateway}/ring?after=<the last epoch it knows>&timeout=25``; the gateway
 answers at once when its epoch is newer, else when the next epoch comes (or after 25 s, with the same
-ring). Each answer with a newer epoch goes to ``on_ring`` as a ``RingUpdate``, and the next poll leaves at
-once, so a new epoch reaches the node within the gateway's own delay (Raft's commit, milliseconds). One
-poll is in flight at a time. When a gateway fails (refused, timeout, a non-200 answer, a body that does
-not parse) the next one of the list is asked after a backoff (0.25 s doubling to ``max_backoff``, with
-jitter); an answer that comes quickly without a newer epoch (a gateway that does not wait) is followed by
-a pause of ``min_interval``, so the watch never spins.
+ring). Each answer with a newer epoch goes to ``on_ring`` as a ``RingUpdate`` (``chashd.kvstore.placement``),
+and the next poll leaves at once, so a new epoch reaches the node within the gateway's own delay (Raft's
+commit). One poll is in flight at a time. When a gateway fails (refused, timeout, a non-200 answer, a body
+that does not parse) the next one of the list is asked after a backoff (0.25 s doubling to ``max_backoff``,
+with jitter); an answer that comes quickly without a newer epoch (a gateway that does not wait) is followed
+by a pause of ``min_interval``, so the watch never spins.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -24,72 +22,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from chashd.kvstore.placement import RingUpdate
 from chashd.kvstore.registration import backoff_delay
-from chashd.ring import HashRing
 
-__all__ = ["NodeAddress", "RingUpdate", "RingWatch", "treq_get"]
-
-
-@dataclass(frozen=True)
-class NodeAddress:
-    """Where a kvstore node of the map listens, and its state (``up``, ``down``, ``leaving``)."""
-
-    id: str
-    host: str
-    line_port: int
-    state: str = "up"
-
-
-@dataclass(frozen=True)
-class RingUpdate:
-    """One epoch of the cluster map as a kvstore needs it.
-
-    ``ring`` holds the nodes that own arcs (``up`` and ``down``); ``replicas`` is the replication factor N
-    of that ring (the gateway's ``--replicas`` capped at the ring's size); ``nodes`` gives the address of
-    every node of the ring, ``leaving`` that of the nodes being drained.
-    """
-
-    ring: HashRing
-    replicas: int
-    nodes: Mapping[str, NodeAddress] = field(default_factory=dict)
-    leaving: Mapping[str, NodeAddress] = field(default_factory=dict)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch of the cluster map."""
-        return self.ring.epoch
-
-    def same_placement(self, other: RingUpdate) -> bool:
-        """True when both place every replica of every key on the same nodes."""
-        return self.replicas == other.replicas and self.ring.same_placement(other.ring)
-
-    @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> RingUpdate:
-        """Read the body of ``GET /ring``; ``ValueError`` for one that does not make a ring."""
-        ring = HashRing.from_dict(body)
-        replicas = body.get("replicas", 1)
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-            raise ValueError(f"malformed ring: replicas {replicas!r}")
-        return cls(
-            ring,
-            replicas,
-            MappingProxyType(_addresses(body.get("nodes", []))),
-            MappingProxyType(_addresses(body.get("leaving", []))),
-        )
-
-
-def _addresses(items: object) -> dict[str, NodeAddress]:
-    if not isinstance(items, list):
-        raise ValueError("malformed ring: a node list is not a list")
-    found = {}
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise ValueError(f"malformed ring: node {item!r}")
-        host, port = item.get("host"), item.get("line_port")
-        if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
-            continue  # a node without an address: nothing can be sent to it
-        found[item["id"]] = NodeAddress(item["id"], host, port, str(item.get("state", "up")))
-    return found
+__all__ = ["RingWatch", "treq_get"]
 
 
 #: ``get(url, timeout)`` fires with ``(HTTP status, body)``.

@@ -1,18 +1,17 @@
 """The kvstore node: its engine, its local backend, its thread pool, its registration with the gateways,
-and its rebalancing (the ring watch, the handoff, the drain on SIGTERM: ``chashd.kvstore.handoff``)."""
+and its rebalancing (the ring watch, ``chashd.kvstore.ringwatch``, feeding the handoff,
+``chashd.kvstore.handoff``). The drain that ends a node is ``chashd.kvstore.drain``'s."""
 
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -22,17 +21,17 @@ from chashd.config import KVStoreConfig, endpoint_port
 from chashd.errors import ConfigError
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
-from chashd.kvstore.handoff import Drain, Handoff, treq_request
+from chashd.kvstore.handoff import Handoff
 from chashd.kvstore.registration import Registrar
 from chashd.kvstore.ringwatch import RingWatch, treq_get
 from chashd.memcache.client import KVClientPool
 from chashd.record import TOMBSTONE_GRACE
 
-__all__ = ["KVStoreRoot", "KVStoreService", "open_engine"]
+__all__ = ["KVStoreService", "open_engine"]
 
 DATABASE_NAME = "kvstore.db"
 MIB = 1024 * 1024
-#: The ring the data conforms to, saved next to the database (``chashd.kvstore.handoff``).
+#: The ring the data conforms to, saved next to the database (``chashd.kvstore.placement.save_synced``).
 HANDOFF_STATE_NAME = "handoff-ring.json"
 
 
@@ -57,8 +56,8 @@ def open_engine(config: KVStoreConfig) -> IStorageEngine:
 
 class KVStoreService(MultiService):
     """Owns what a kvstore node is: its engine and backend, a thread pool for work that may block (range
-    scans, purges, checkpoints: ``run_in_pool(fn, *args)``; tests pass a synchronous runner), and its
-    registration with the gateways.
+    scans, purges, checkpoints: ``run_in_pool(fn, *args)``; tests pass a synchronous runner), its
+    registration with the gateways, and the handoff that the ring watch feeds.
 
     Point reads and writes stay on the reactor thread: they cost microseconds, less than a hop to a
     thread and back (measured in bench/kvstore.py).
@@ -75,7 +74,6 @@ class KVStoreService(MultiService):
         engine: IStorageEngine | None = None,
         http_client: Any = None,
         run_in_thread: Callable[..., Deferred[Any]] | None = None,
-        handle_signals: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -120,21 +118,13 @@ class KVStoreService(MultiService):
         self.handoff.setServiceParent(self)
         self.backend.stats_sources.append(self.handoff.stats)
         self.ring_watch: RingWatch | None = None
-        self._http_client = http_client
+        #: The client of the gateways' HTTP API (registration, the ring watch, the drain).
+        self.http_client = http_client
         if config.gateway:
             self.ring_watch = RingWatch(
                 config.gateway, treq_get(http_client, reactor), reactor, self.handoff.ring_changed
             )
             self.ring_watch.setServiceParent(self)
-        #: Called when a drain starts (tap.py sets it to the systemd notifier's ``stopping``).
-        self.notify_stopping: Callable[[], None] = lambda: None
-        #: Ends the process with a status once the reactor has stopped (tests replace it).
-        self.exit_status: Callable[[int], None] = self._exit_after_shutdown
-        self._handle_signals = handle_signals
-        self._trigger: Any = None
-        self.drainer: Drain | None = None
-        self._drain_done: bool | None = None  # None: not started, False: under way, True: over
-        self._drain_waiters: list[Deferred[None]] = []
 
     def _connect(self, host: str, port: int) -> KVClientPool:
         """A connection to a handoff target: one pipelined line-protocol connection."""
@@ -160,8 +150,6 @@ class KVStoreService(MultiService):
         if self._pool is not None:
             self._pool.start()
         super().startService()
-        if hasattr(self._reactor, "addSystemEventTrigger"):
-            self._trigger = self._reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
         self._log.info(
             "kvstore {node_id} serving with the {engine} engine",
             node_id=self.config.node_id,
@@ -169,10 +157,7 @@ class KVStoreService(MultiService):
         )
 
     def stopService(self) -> Deferred[None]:
-        if self._trigger is not None:  # stopped without a reactor shutdown
-            self._reactor.removeSystemEventTrigger(self._trigger)  # type: ignore[attr-defined]
-            self._trigger = None
-        stopped: Deferred[None] = super().stopService()  # type: ignore[assignment]
+        stopped: Deferred[None] = super().stopService()
         self.backend.stop()
         if self._pool is not None:
             self._pool.stop()  # waits for a job under way: purges and checkpoints are short
@@ -204,107 +189,8 @@ class KVStoreService(MultiService):
             "handoff": handoff,
         }
 
-    # -- the drain --------------------------------------------------------------------------------
-
-    def _shutting_down(self) -> Deferred[None]:
-        """The 'before shutdown' trigger: the reactor waits for the drain."""
-        self._trigger = None
-        return self.drain()
-
-    def drain(self) -> Deferred[None]:
-        """Hand everything off before stopping (``chashd.kvstore.handoff.Drain``) when the node is registered
-        with gateways; fires once that is over. Idempotent: the shutdown trigger and ``KVStoreRoot`` both
-        wait for the same drain. A drain that failed (timeout, second SIGTERM) sets the exit status 1."""
-        if self._drain_done is None:
-            self._drain_done = False
-            try:
-                started = self._start_drain()
-            except Exception:
-                self._log.failure("cannot start the drain")
-                started = succeed(None)
-            started.addErrback(lambda f: self._log.failure("the drain failed", f)).addBoth(self._drained)
-        if self._drain_done:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._drain_waiters.append(waiter)
-        return waiter
-
-    def _drained(self, _: object) -> None:
-        self._drain_done = True
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def _known_to_gateways(self) -> bool:
-        latest = self.ring_watch.latest if self.ring_watch is not None else None
-        if latest is not None and (self.config.node_id in latest.nodes or self.config.node_id in latest.leaving):
-            return True
-        return self.registrar is not None and self.registrar.registered_with is not None
-
-    def _start_drain(self) -> Deferred[None]:
-        if self.registrar is None or not self._known_to_gateways():
-            self._log.info("stopping without a drain: {node_id} is not registered", node_id=self.config.node_id)
-            return succeed(None)
-        registrar = self.registrar
-        self.drainer = Drain(
-            self.config.node_id,
-            self.config.gateway,
-            treq_request(self._http_client, self._reactor),
-            self.handoff,
-            self._reactor,
-            self.config.drain_timeout,
-            stop_registering=registrar.stopService,
-            leaving=self._leaving,
-            token=self.config.token,
-        )
-        if self._handle_signals:
-            signal.signal(signal.SIGTERM, self._second_signal)
-        return self.drainer.start().addCallback(self._drain_result)
-
-    def _leaving(self) -> None:
-        self.backend.leaving = True
-        self.notify_stopping()
-
-    def _drain_result(self, ok: bool) -> None:
-        if not ok:
-            self.exit_status(1)
-
-    def _second_signal(self, signum: int, frame: Any) -> None:
-        if self.drainer is not None:
-            self._reactor.callFromThread(self.drainer.abort, "a second SIGTERM")  # type: ignore[attr-defined]
-
-    def _exit_after_shutdown(self, status: int) -> None:
-        """End the process with ``status`` once the reactor has stopped (the services closed their files)."""
-
-        def _exit() -> None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-
-        self._reactor.addSystemEventTrigger("after", "shutdown", _exit)  # type: ignore[attr-defined]
-
     def ready(self) -> tuple[bool, str]:
         """``GET /ready``: serving, unless the node is leaving the ring."""
         if self.backend.leaving:
             return False, "the node is leaving the ring"
         return True, "serving"
-
-
-class KVStoreRoot(MultiService):
-    """The kvstore daemon's top service: when it stops, ``node.drain()`` runs first while every child keeps
-    running (the listeners included: a leaving node is still read during its handoff), then the children stop.
-
-    twistd calls every 'before shutdown' trigger at once, the application's ``stopService`` along with the
-    node's drain trigger, so without this the listeners and the engine would close under the drain.
-    """
-
-    def __init__(self, node: KVStoreService | None = None) -> None:
-        super().__init__()
-        self.node = node
-
-    def stopService(self) -> Deferred[None]:
-        if self.node is None:
-            return super().stopService()  # type: ignore[return-value]
-        drained = self.node.drain()
-        drained.addBoth(lambda _: MultiService.stopService(self))
-        return drained

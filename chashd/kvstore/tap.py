@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred
 from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir
 from chashd.errors import ConfigError, StorageError
-from chashd.kvstore.service import KVStoreRoot, KVStoreService, open_engine
+from chashd.kvstore.drain import KVStoreRoot
+from chashd.kvstore.service import KVStoreService, open_engine
 from chashd.logs import with_log_format
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
@@ -56,9 +57,9 @@ def makeService(
         engine = open_engine(config)
     except (ConfigError, StorageError) as e:
         raise SystemExit(f"chash-kvstore: error: {e}") from None
-    node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread, handle_signals=handle_signals)
-    root = KVStoreRoot(node)
-    node.setServiceParent(root)
+    node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread)
+    notifier = SystemdNotifier()
+    root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
     http = KeyValueHTTP(
         node.backend,
         health=node.health,
@@ -76,8 +77,6 @@ def makeService(
         max_keys=config.max_keys,
         idle_timeout=config.idle_timeout,
     )
-    notifier = SystemdNotifier()
-    node.notify_stopping = notifier.stopping
     for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)
         listener.setServiceParent(root)

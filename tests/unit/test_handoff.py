@@ -6,31 +6,29 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
-from twisted.python.failure import Failure
-from twisted.test.iosim import ConnectionCompleter, IOPump
 
-from chashd.commands import Get, Status, Store, Values, XPut
+from chashd.commands import Command, Get, Status, Store, Values, XPut
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
-from chashd.kvstore.handoff import Handoff, _Sizer, _Turns, load_synced
-from chashd.kvstore.ringwatch import NodeAddress, RingUpdate
+from chashd.kvstore.handoff import Handoff
+from chashd.kvstore.pacing import Sizer
+from chashd.kvstore.placement import NodeAddress, RingUpdate, load_synced
 from chashd.memcache.client import KVClientPool, KVConnectionLost
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.record import Record
 from chashd.ring import HashRing
 from chashd.storage import MemoryEngine, SQLiteEngine
 from chashd.versions import HybridClock
+from tests.unit.memory_network import MemoryNetwork
 
 T0 = 1_700_000_000.0
 POINTS = 16
@@ -82,8 +80,9 @@ class Cluster:
     def __init__(self, page_size: int = 4) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(T0)
-        self.completer = ConnectionCompleter(self.reactor)
-        self.pumps: list[IOPump] = []
+        self.network = MemoryNetwork(self.reactor)
+        self.connect = self.network.connect
+        self.pump = self.network.pump
         self.nodes: dict[str, Node] = {}
         self.page_size = page_size
         self.hlc = HybridClock("writer")
@@ -92,11 +91,6 @@ class Cluster:
         node = Node(self, node_id, 20000 + len(self.nodes), engine or MemoryEngine(), state_path)
         self.nodes[node_id] = node
         return node
-
-    def connect(self, host: str, port: int) -> KVClientPool:
-        """What the kvstore service gives the handoff: a KVClientPool (here over the memory reactor)."""
-        endpoint = TCP4ClientEndpoint(self.reactor, host, port)
-        return KVClientPool(self.reactor, host, port, size=1, timeout=30.0, endpoint=endpoint)
 
     def ring(self, epoch: int, *node_ids: str, replicas: int = 1) -> RingUpdate:
         """The ring the gateways would publish (every node up, at its memory port)."""
@@ -124,20 +118,6 @@ class Cluster:
                 self.nodes[node_id].engine.put(key, record)
             written[key] = record
         return written
-
-    def pump(self) -> bool:
-        """Complete pending connections and move bytes; True if anything happened."""
-        moved = False
-        for index in reversed(range(len(self.reactor.connectors))):  # attempts given up (a pool stopped)
-            if self.reactor.connectors[index].stoppedConnecting:  # type: ignore[attr-defined]
-                del self.reactor.connectors[index]
-                del self.reactor.tcpClients[index]
-        while (pump := self.completer.succeedOnce()) is not None:
-            self.pumps.append(pump)
-            moved = True
-        for pump in self.pumps:
-            moved = pump.flush() or moved
-        return moved
 
     def settle(self, limit: int = 2000) -> None:
         """Run until no handoff is under way, advancing the clock to the next timer when nothing moves."""
@@ -312,7 +292,7 @@ class ConcurrencyTests:
                     raced.append(a.backend.execute(Store("set", key, 0, 0, b"newer")))
                 return d
 
-            pool.send_many = send_and_race  # type: ignore[method-assign,assignment]
+            pool.send_many = send_and_race  # type: ignore[method-assign,assignment]  # the test wraps the method
             return pool
 
         a.handoff.connect = racing_connect
@@ -395,11 +375,12 @@ class BackPressureTests:
             self.sent: list[tuple[XPut, Deferred[Any]]] = []
             self.groups: list[list[XPut]] = []
 
-        def send_many(self, commands: list[XPut]) -> Deferred[list[Any]]:
+        def send_many(self, commands: Sequence[Command]) -> Deferred[list[Any]]:
             """One Deferred per command for the test to fire; the group's answers once all have fired."""
             answers = []
-            self.groups.append(list(commands))
+            self.groups.append([c for c in commands if isinstance(c, XPut)])
             for command in commands:
+                assert isinstance(command, XPut)
                 d: Deferred[Any] = Deferred()
                 self.sent.append((command, d))
                 answers.append(d)
@@ -483,55 +464,6 @@ class BackPressureTests:
 class PacingTests:
     """The handoff's work on the reactor thread comes in small units, one per reactor iteration."""
 
-    class IterationClock(Clock):
-        """A Clock that, as the reactor does, runs in one iteration only the calls that were due when the
-        iteration began (a call made meanwhile waits for the next one; ``Clock.advance`` runs it too)."""
-
-        def iterate(self) -> None:
-            for call in [c for c in self.calls if c.getTime() <= self.seconds()]:
-                if call.active():
-                    self.calls.remove(call)
-                    call.called = 1
-                    call.func(*call.args, **call.kw)
-
-    def test_turns_release_one_waiter_per_iteration(self) -> None:
-        """However many units wait, each iteration of the reactor releases one, in order; cancelling
-        fails the waiters and leaves no timer."""
-        clock = self.IterationClock()
-        turns = _Turns(clock)
-        released: list[int] = []
-        for i in range(3):
-            turns.next().addCallback(lambda _, number: released.append(number), i)
-        assert released == []
-        clock.iterate()
-        assert released == [0]
-        clock.iterate()
-        assert released == [0, 1]
-        waiter = turns.next()
-        failures: list[Failure] = []
-        waiter.addErrback(failures.append)
-        turns.cancel_all()
-        assert failures and failures[0].check(CancelledError)
-        clock.iterate()
-        assert released == [0, 1] and clock.getDelayedCalls() == []
-
-    def test_sizer_follows_the_budget(self) -> None:
-        """A unit's size moves halfway toward what the budget allows, within 1 and the maximum; a unit
-        timed at nothing doubles it; a short tail changes nothing."""
-        sizer = _Sizer(100, 400, 0.001)
-        sizer.took(100, 0.004)  # 40 us a record: 25 fit in the budget
-        assert sizer.size == 62
-        sizer.took(10, 1.0)
-        assert sizer.size == 62
-        sizer.took(62, 0.0)
-        assert sizer.size == 93
-        for _ in range(10):
-            sizer.took(sizer.size, 0.0)
-        assert sizer.size == 400
-        for _ in range(20):
-            sizer.took(sizer.size, 10.0)
-        assert sizer.size == 1
-
     def test_a_page_is_pushed_in_slices_and_dropped_in_chunks(self) -> None:
         """A page leaves in slices of ``push_slice`` records (one send_many each) and is dropped in chunks of
         ``drop_chunk`` records (one engine call each), each in a turn of its own."""
@@ -555,8 +487,8 @@ class PacingTests:
         """Slices of 3 records, chunks of 2, whatever the time they take."""
         handoff.push_slice = handoff.push_slice_max = 3
         handoff.drop_chunk = handoff.drop_chunk_max = 2
-        handoff._push_size = _Sizer(3, 3, 1.0)
-        handoff._drop_size = _Sizer(2, 2, 1.0)
+        handoff._push_size = Sizer(3, 3, 1.0)
+        handoff._drop_size = Sizer(2, 2, 1.0)
 
 
 class PersistenceTests:

@@ -10,7 +10,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import capturedLogs
 
-from chashd.kvstore.ringwatch import RingUpdate, RingWatch, treq_get
+from chashd.kvstore.placement import RingUpdate
+from chashd.kvstore.ringwatch import RingWatch, treq_get
 from tests.unit.test_ring_api import BASE, RingAPITestsBase
 
 

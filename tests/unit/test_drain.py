@@ -1,6 +1,7 @@
-"""The drain on SIGTERM, through the real kvstore service: its registrar, ring watch, handoff and drain talk
-to a real gateway RingAPI (real Membership over the in-memory Raft) through StubTreq, and the kvstores push
-to each other over KVClientPools carried in memory by twisted.test.iosim. One MemoryReactorClock, no socket."""
+"""The drain (chashd.kvstore.drain), through the real kvstore service under its KVStoreRoot: the registrar,
+ring watch, handoff and drain talk to a real gateway RingAPI (real Membership over the in-memory Raft) through
+StubTreq, and the kvstores push to each other over KVClientPools carried in memory by twisted.test.iosim.
+One MemoryReactorClock, no socket."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ from prometheus_client import generate_latest
 from treq.testing import StubTreq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
-from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.commands import Store
@@ -24,11 +23,12 @@ from chashd.gateway.api import RingAPI
 from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.testing import LocalRaft
-from chashd.kvstore.service import KVStoreRoot, KVStoreService
-from chashd.memcache.client import KVClientPool
+from chashd.kvstore.drain import KVStoreRoot
+from chashd.kvstore.service import KVStoreService
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage import MemoryEngine
 from chashd.web import KeyValueHTTP
+from tests.unit.memory_network import MemoryNetwork
 
 BASE = "http://gateway:8000"
 T0 = 1_700_000_000.0
@@ -60,9 +60,9 @@ class DrainTests(SynchronousTestCase):
         self.reactor.advance(0.5)
         self.api = RingAPI(self.membership, config, self.reactor)
         self.stub: Any = StubTreq(self.api.resource())
-        self.completer = ConnectionCompleter(self.reactor)
-        self.pumps: list[IOPump] = []
+        self.network = MemoryNetwork(self.reactor)
         self.nodes: dict[str, KVStoreService] = {}
+        self.roots: dict[str, KVStoreRoot] = {}
         self.exits: dict[str, list[int]] = {}
         self.stopping: list[str] = []
 
@@ -78,7 +78,8 @@ class DrainTests(SynchronousTestCase):
         self.settle(lambda: True)
 
     def kvstore(self, node_id: str, listen: bool = True, start: bool = True, **options: str) -> KVStoreService:
-        """A kvstore service registered with the gateway, its line port listening on the memory reactor."""
+        """A kvstore service under its root (``self.roots``), registered with the gateway, its line port
+        listening on the memory reactor."""
         line_port = 21000 + len(self.nodes)
         config = load_config(
             KVStoreConfig,
@@ -86,9 +87,13 @@ class DrainTests(SynchronousTestCase):
             environ={},
         )
         node = KVStoreService(config, self.reactor, engine=MemoryEngine(), http_client=self.stub, run_in_thread=run_now)
-        node.handoff.connect = self.connect
-        node.exit_status = self.exits.setdefault(node_id, []).append
-        node.notify_stopping = lambda: self.stopping.append(node_id)
+        node.handoff.connect = self.network.connect
+        self.roots[node_id] = KVStoreRoot(
+            node,
+            self.reactor,
+            notify_stopping=lambda: self.stopping.append(node_id),
+            exit_status=self.exits.setdefault(node_id, []).append,
+        )
         if listen:
             self.reactor.listenTCP(line_port, MemcacheServerFactory(node.backend, self.reactor))
         if start:
@@ -96,30 +101,13 @@ class DrainTests(SynchronousTestCase):
         self.nodes[node_id] = node
         return node
 
-    def connect(self, host: str, port: int) -> KVClientPool:
-        endpoint = TCP4ClientEndpoint(self.reactor, host, port)
-        return KVClientPool(self.reactor, host, port, size=1, timeout=30.0, endpoint=endpoint)
-
-    def pump(self) -> bool:
-        moved = False
-        for index in reversed(range(len(self.reactor.connectors))):
-            if self.reactor.connectors[index].stoppedConnecting:  # type: ignore[attr-defined]
-                del self.reactor.connectors[index]
-                del self.reactor.tcpClients[index]
-        while (pump := self.completer.succeedOnce()) is not None:
-            self.pumps.append(pump)
-            moved = True
-        for pump in self.pumps:
-            moved = pump.flush() or moved
-        return moved
-
     def settle(self, done: Callable[[], bool], seconds: float = 60.0) -> None:
         """Move bytes and time (at most ``seconds``) until ``done()``."""
         deadline = self.reactor.seconds() + seconds
         while self.reactor.seconds() <= deadline:
             self.reactor.advance(0)
             self.stub.flush()
-            if self.pump():
+            if self.network.pump():
                 continue
             if done():
                 return
@@ -144,13 +132,13 @@ class DrainTests(SynchronousTestCase):
             owner.backend.execute(Store("set", key, 0, 0, b"v%d" % i))
         held_by_a = a.engine.stats()["keys"]
         assert 0 < held_by_a < 100
-        drained = a.drain()
+        drained = self.roots["kv-a"].drain()
         self.settle(lambda: drained.called)
         assert a.backend.leaving and self.stopping == ["kv-a"]
         assert a.engine.stats()["keys"] == 0 and b.engine.stats()["keys"] == 100
         assert self.membership.view.node("kv-a") is None
         assert self.exits["kv-a"] == []
-        assert a.drain().called  # idempotent: the shutdown trigger and KVStoreRoot wait for the same drain
+        assert self.roots["kv-a"].drain().called  # idempotent: every caller waits for the same drain
         assert b.health()["handoff"]["records_received"] == held_by_a
         assert a.health()["handoff"]["records_sent"] == held_by_a
 
@@ -163,7 +151,7 @@ class DrainTests(SynchronousTestCase):
         for i in range(50):
             a.backend.execute(Store("set", b"key-%d" % i, 0, 0, b"v"))
         with capturedLogs() as events:
-            drained = a.drain()
+            drained = self.roots["kv-a"].drain()
             self.settle(lambda: drained.called, seconds=10)
         assert self.exits["kv-a"] == [1]
         (gave_up,) = [e for e in events if "gave up" in e.get("log_format", "")]
@@ -176,29 +164,29 @@ class DrainTests(SynchronousTestCase):
         self.settle(lambda: self.in_ring("kv-a", "kv-b"))
         for i in range(50):
             a.backend.execute(Store("set", b"key-%d" % i, 0, 0, b"v"))
-        drained = a.drain()
+        drained = self.roots["kv-a"].drain()
         self.settle(lambda: a.backend.leaving)
         assert not drained.called
         with capturedLogs() as events:
-            a._second_signal(signal.SIGTERM, None)
+            self.roots["kv-a"]._second_signal(signal.SIGTERM, None)
         assert drained.called and self.exits["kv-a"] == [1]
         assert any(e.get("reason") == "a second SIGTERM" for e in events)
 
     def test_not_registered_just_stops(self) -> None:
         """A node that never got into the map (no gateway answered) stops without a drain."""
         node = self.kvstore("kv-a")
-        node.registrar.registered_with = None  # type: ignore[union-attr]
+        assert node.registrar is not None
+        node.registrar.registered_with = None
         assert node.ring_watch is not None
         node.ring_watch.latest = None
-        assert node.drain().called and not node.backend.leaving and self.exits["kv-a"] == []
+        assert self.roots["kv-a"].drain().called and not node.backend.leaving and self.exits["kv-a"] == []
 
     def test_the_root_stops_its_children_after_the_drain(self) -> None:
         """KVStoreRoot keeps every child (the listeners too) running until the drain is over."""
         a = self.kvstore("kv-a", start=False)
         self.kvstore("kv-b")
         listener = Service()
-        root = KVStoreRoot(a)
-        a.setServiceParent(root)
+        root = self.roots["kv-a"]
         listener.setServiceParent(root)
         root.startService()
         self.settle(lambda: self.in_ring("kv-a", "kv-b"))
@@ -219,8 +207,9 @@ class NoGatewayTests(SynchronousTestCase):
         reactor = Reactor()
         config = load_config(KVStoreConfig, {"node_id": "solo"}, environ={})
         node = KVStoreService(config, reactor, engine=MemoryEngine(), run_in_thread=run_now)
+        root = KVStoreRoot(node, reactor)
         node.startService()
-        assert node.drain().called and not node.backend.leaving
+        assert root.drain().called and not node.backend.leaving
         health = node.health()["handoff"]
         assert health["synced_epoch"] is None and health["running"] is False and health["records_received"] == 0
         node.stopService()

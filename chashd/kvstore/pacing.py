@@ -1,0 +1,97 @@
+"""How the handoff shares the reactor thread with the requests a kvstore serves.
+
+The handoff's work on the reactor thread (serializing the records it pushes, dropping the ones it handed
+off) is cut into units: each unit is a step of an iterator (``next()`` does the work up to its next
+``yield``). ``Pacer.run(units)`` runs them on a ``twisted.internet.task.Cooperator`` that runs one unit per
+iteration of the reactor, whatever the number of iterators under way, so that between two units the reactor
+serves the I/O that came in: a client request waits for one unit at most.
+
+A unit's size follows a time budget: ``Sizer`` gives the number of records a unit takes so that it lasts
+about ``budget`` seconds, from the time the last full units took. The budget per reactor iteration is thus
+one unit of about ``budget`` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import CooperativeTask, Cooperator, TaskStopped
+from twisted.python.failure import Failure
+
+__all__ = ["Pacer", "Sizer"]
+
+#: A unit of work is one step of such an iterator.
+Units = Iterator[None]
+
+
+def _after_one_unit() -> Callable[[], bool]:
+    """The Cooperator's termination predicate: every reactor iteration ends its tick after one unit."""
+    return lambda: True
+
+
+class Pacer:
+    """Runs iterators of units of work, one unit per reactor iteration in all, taking turns.
+
+    ``run(units)`` fires once ``units`` is exhausted, or fails with what a unit raised; ``stop_all()`` ends
+    every iterator under way, whose ``run`` then fails with ``CancelledError``.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        def next_iteration(tick: Callable[[], None]) -> IDelayedCall:
+            return clock.callLater(0, tick)
+
+        self._cooperator = Cooperator(terminationPredicateFactory=_after_one_unit, scheduler=next_iteration)
+        self._tasks: set[CooperativeTask[Units]] = set()
+
+    def run(self, units: Units, first_now: bool = False) -> Deferred[None]:
+        """Run ``units``, a unit per turn; ``first_now``: the first unit runs at once, in the caller's turn."""
+        if first_now:
+            try:
+                next(units)
+            except StopIteration:
+                return succeed(None)
+            except BaseException:
+                return fail(Failure())
+        task = self._cooperator.cooperate(units)
+        self._tasks.add(task)
+        done: Deferred[None] = Deferred()
+
+        def finished(result: Units | Failure) -> None:
+            self._tasks.discard(task)
+            if not isinstance(result, Failure):
+                done.callback(None)
+            elif result.check(TaskStopped):
+                done.errback(CancelledError())
+            else:
+                done.errback(result)
+
+        task.whenDone().addBoth(finished)
+        return done
+
+    def stop_all(self) -> None:
+        """End every iterator under way (their ``run`` fails with ``CancelledError``); none is left scheduled.
+
+        Each task is stopped on its own: ``Cooperator.stop()`` removes the tasks from the list it walks, so
+        it leaves every other task neither run nor ended (Twisted 26.10)."""
+        for task in list(self._tasks):
+            task.stop()
+
+
+class Sizer:
+    """How many records a unit of work takes so that it lasts about ``budget`` seconds: ``size`` starts at
+    ``initial`` and moves halfway toward what the last unit's time per record allows, between 1 and
+    ``maximum``. A unit measured as taking no time (a test's clock) doubles it."""
+
+    def __init__(self, initial: int, maximum: int, budget: float) -> None:
+        self.size = max(1, min(initial, maximum))
+        self._maximum = maximum
+        self._budget = budget
+
+    def took(self, count: int, seconds: float) -> None:
+        """A unit of ``count`` records took ``seconds``."""
+        if count < self.size:  # a short tail says little
+            return
+        ideal = 2.0 * self.size if seconds <= 0 else self._budget * count / seconds
+        self.size = max(1, min(self._maximum, round((self.size + ideal) / 2)))
