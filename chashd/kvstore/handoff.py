@@ -46,6 +46,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.application.service import IServiceCollection, MultiService
@@ -58,7 +59,7 @@ from twisted.python.failure import Failure
 from chashd.commands import Command, Result, XPut
 from chashd.errors import RequestError
 from chashd.interfaces import IStorageEngine
-from chashd.kvstore.pacing import Pacer, Sizer
+from chashd.kvstore.pacing import Pacer, Sizer, sized_units
 from chashd.kvstore.placement import NodeAddress, RingUpdate, load_synced, save_synced
 from chashd.kvstore.plan import ArcWork, plan
 from chashd.kvstore.registration import backoff_delay
@@ -90,12 +91,6 @@ RunInPool = Callable[..., Deferred[Any]]
 
 class _Restart(Exception):
     """The plan under way is obsolete (a newer placement came) or the service stopped."""
-
-
-def _drop_unchanged(engine: IStorageEngine, records: Sequence[tuple[bytes, Record]]) -> int:
-    """Remove, as one group (``engine.remove_many_if``), each record whose stored version is still the one
-    pushed; the number removed (compare-and-remove: a record rewritten since it was pushed stays)."""
-    return sum(engine.remove_many_if([(key, record.version) for key, record in records]))
 
 
 class Handoff(MultiService):
@@ -312,10 +307,10 @@ class Handoff(MultiService):
             sleep.cancel()
         self._pacer.stop_all()
 
-    async def _paced(self, units: Iterator[None], first_now: bool = False) -> None:
+    async def _paced(self, units: Iterator[None]) -> None:
         """Run ``units`` a unit per turn of the handoff (``Pacer``); ``_Restart`` when woken up."""
         try:
-            await self._pacer.run(units, first_now)
+            await self._pacer.run(units)
         except CancelledError:
             raise _Restart() from None
 
@@ -429,7 +424,9 @@ class Handoff(MultiService):
             self._check()
             acknowledged = [item for item in page if item[0] not in refused] if w.drop else []
             if acknowledged:
-                await self._paced(self._drop_units(acknowledged, arc))
+                await self._paced(
+                    sized_units(acknowledged, self._drop_size, self._clock, partial(self._drop_chunk, arc))
+                )
             if last_page and arc.found:
                 self._arc_done(None, w, arc, new, sweep)
         finally:
@@ -454,42 +451,26 @@ class Handoff(MultiService):
     def _scan(self, arc: Arc, after: tuple[int, bytes] | None) -> Deferred[list[tuple[bytes, Record]]]:
         return self._run_in_pool(self._engine.scan, arc.start, arc.end, after, self.page_size)
 
-    def _drop_units(self, records: list[tuple[bytes, Record]], arc: _ArcProgress) -> Iterator[None]:
-        """Compare-and-remove ``records``, a chunk a unit (``_drop_size`` records: about ``unit_budget`` of
-        work); counts what went."""
-        done = 0
-        while done < len(records):
-            self._check()
-            chunk = records[done : done + self._drop_size.size]
-            began = self._clock.seconds()
-            removed = _drop_unchanged(self._engine, chunk)
-            self._drop_size.took(len(chunk), self._clock.seconds() - began)
-            done += len(chunk)
-            self.records_dropped += removed
-            arc.dropped += removed
-            arc.kept += len(chunk) - removed
-            if done < len(records):
-                yield None
+    def _drop_chunk(self, arc: _ArcProgress, chunk: Sequence[tuple[bytes, Record]]) -> None:
+        """Remove, as one group (``engine.remove_many_if``), each acknowledged record of ``chunk`` whose stored
+        version is still the one pushed (compare-and-remove: a record rewritten since it was pushed stays);
+        a unit of the handoff. Counts what went."""
+        self._check()
+        removed = sum(self._engine.remove_many_if([(key, record.version) for key, record in chunk]))
+        self.records_dropped += removed
+        arc.dropped += removed
+        arc.kept += len(chunk) - removed
 
-    def _push_units(
+    def _send_slice(
         self,
         target: PushTarget,
-        records: Sequence[tuple[bytes, Record]],
         answers: list[Deferred[list[Result | Failure]]],
-    ) -> Iterator[None]:
-        """Send ``records`` to ``target``, a slice a unit (``_push_size`` records: about ``unit_budget`` of
-        serializing), each slice's answer appended to ``answers``."""
-        sent = 0
-        while sent < len(records):
-            if sent:
-                self._check()
-            part = records[sent : sent + self._push_size.size]
-            began = self._clock.seconds()
-            answers.append(target.send_many([XPut(key, record, handoff=True) for key, record in part]))
-            self._push_size.took(len(part), self._clock.seconds() - began)
-            sent += len(part)
-            if sent < len(records):
-                yield None
+        part: Sequence[tuple[bytes, Record]],
+    ) -> None:
+        """Send a slice of a page to a target in one ``send_many`` (a unit of the handoff); its answer goes to
+        ``answers``."""
+        self._check()
+        answers.append(target.send_many([XPut(key, record, handoff=True) for key, record in part]))
 
     async def _push(self, node_id: str, page: Sequence[tuple[bytes, Record]]) -> set[bytes]:
         """Push ``page`` to one target until it acknowledged every record; the keys it refused for good
@@ -505,7 +486,9 @@ class Handoff(MultiService):
                 return refused
             connection = self._connection(address)
             answers: list[Deferred[list[Result | Failure]]] = []
-            await self._paced(self._push_units(connection.service, todo, answers), first_now=True)
+
+            send = partial(self._send_slice, connection.service, answers)
+            await self._paced(sized_units(todo, self._push_size, self._clock, send))
             results: list[Result | Failure] = []
             for answer in answers:
                 results.extend(await answer)

@@ -13,17 +13,19 @@ one unit of about ``budget`` seconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import CooperativeTask, Cooperator, TaskStopped
 from twisted.python.failure import Failure
 
-__all__ = ["Pacer", "Sizer"]
+__all__ = ["Pacer", "Sizer", "Units", "sized_units"]
 
 #: A unit of work is one step of such an iterator.
 Units = Iterator[None]
+_T = TypeVar("_T")
 
 
 def _after_one_unit() -> Callable[[], bool]:
@@ -45,15 +47,8 @@ class Pacer:
         self._cooperator = Cooperator(terminationPredicateFactory=_after_one_unit, scheduler=next_iteration)
         self._tasks: set[CooperativeTask[Units]] = set()
 
-    def run(self, units: Units, first_now: bool = False) -> Deferred[None]:
-        """Run ``units``, a unit per turn; ``first_now``: the first unit runs at once, in the caller's turn."""
-        if first_now:
-            try:
-                next(units)
-            except StopIteration:
-                return succeed(None)
-            except BaseException:
-                return fail(Failure())
+    def run(self, units: Units) -> Deferred[None]:
+        """Run ``units``, a unit per turn, the first in the next iteration of the reactor."""
         task = self._cooperator.cooperate(units)
         self._tasks.add(task)
         done: Deferred[None] = Deferred()
@@ -95,3 +90,17 @@ class Sizer:
             return
         ideal = 2.0 * self.size if seconds <= 0 else self._budget * count / seconds
         self.size = max(1, min(self._maximum, round((self.size + ideal) / 2)))
+
+
+def sized_units(items: Sequence[_T], sizer: Sizer, clock: IReactorTime, work: Callable[[Sequence[_T]], None]) -> Units:
+    """The units of ``work`` on ``items``: each unit calls ``work`` on the next ``sizer.size`` items, and the
+    time it took on ``clock`` sizes the next one."""
+    done = 0
+    while done < len(items):
+        chunk = items[done : done + sizer.size]
+        began = clock.seconds()
+        work(chunk)
+        sizer.took(len(chunk), clock.seconds() - began)
+        done += len(chunk)
+        if done < len(items):
+            yield None

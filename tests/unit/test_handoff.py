@@ -29,6 +29,7 @@ from chashd.ring import HashRing
 from chashd.storage import MemoryEngine, SQLiteEngine
 from chashd.versions import HybridClock
 from tests.unit.memory_network import MemoryNetwork
+from tests.unit.test_pacing import iterate
 
 T0 = 1_700_000_000.0
 POINTS = 16
@@ -436,6 +437,7 @@ class BackPressureTests:
     def test_failed_pushes_are_retried_with_backoff(self) -> None:
         """A page the target did not acknowledge is sent again after a backoff, and only then dropped."""
         cluster, a, target, _ = self.setup_handoff(page_size=4, count=2)
+        cluster.reactor.advance(0)  # the push's first unit
         first = list(target.sent)
         assert len(first) == 2
         for _, d in first:
@@ -453,6 +455,8 @@ class BackPressureTests:
     def test_a_target_that_left_the_map_is_skipped(self) -> None:
         """While retrying, a newer ring without the target stops the pushes to it and plans anew."""
         cluster, a, target, _ = self.setup_handoff(page_size=4, count=2)
+        cluster.reactor.advance(0)  # the push's first unit
+        assert len(target.sent) == 2
         for _, d in target.sent:
             d.errback(KVConnectionLost("gone"))
         three = cluster.ring(3, "A")  # B is gone again: A owns everything
@@ -481,6 +485,55 @@ class PacingTests:
             d.callback(Status.STORED)
         cluster.reactor.advance(0)
         assert chunks == [2] * 5 and a.records() == {}
+
+    def test_one_unit_per_reactor_iteration_whatever_the_targets(self) -> None:
+        """A node hands every page to two targets and drops it: each iteration of the reactor runs one unit
+        of that work at most (a slice sent or a chunk dropped), with the units of several pages and both
+        targets under way, and none runs in the callbacks of the acknowledgements."""
+        units: list[str] = []
+
+        class Recording(MemoryEngine):
+            def remove_many_if(self, items: Any) -> list[bool]:
+                units.append("drop")
+                return super().remove_many_if(items)
+
+        class Target(BackPressureTests.ManualTarget):
+            def send_many(self, commands: Sequence[Command]) -> Deferred[list[Any]]:
+                units.append("push")
+                return super().send_many(commands)
+
+        cluster = Cluster(page_size=6)
+        a = cluster.add("A", Recording())
+        self.small_units(a.handoff)
+        for node_id in "BC":
+            cluster.add(node_id)
+        cluster.announce(cluster.ring(1, "A"), ["A"])
+        for i in range(24):
+            a.engine.put(b"k-%d" % i, cluster.record(b"v"))
+        targets: list[Target] = []
+
+        def connect(host: str, port: int) -> Target:
+            targets.append(Target())
+            return targets[-1]
+
+        a.handoff.connect = connect
+        a.handoff.ring_changed(cluster.ring(2, "B", "C", replicas=2))  # A leaves: every page goes to B and C
+        most = 0
+        for _ in range(500):
+            if not a.handoff.running_handoff:
+                break
+            before = len(units)
+            iterate(cluster.reactor)
+            most = max(most, len(units) - before)
+            before = len(units)
+            for target in targets:
+                for _, d in target.sent:
+                    if not d.called:
+                        d.callback(Status.STORED)
+            assert len(units) == before
+        assert not a.handoff.running_handoff and a.records() == {} and len(targets) == 2
+        assert most == 1 and [len(t.sent) for t in targets] == [24, 24] and a.handoff.records_dropped == 24
+        assert units.count("push") >= 2 * 24 // 3 and units.count("drop") >= 24 // 2  # slices of 3, chunks of 2
 
     @staticmethod
     def small_units(handoff: Handoff) -> None:

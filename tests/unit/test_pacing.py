@@ -11,17 +11,15 @@ from twisted.python.failure import Failure
 from chashd.kvstore.pacing import Pacer, Sizer
 
 
-class IterationClock(Clock):
-    """A Clock that, as the reactor does, runs in one iteration only the calls that were due when the
-    iteration began (a call made meanwhile waits for the next one; ``Clock.advance`` runs it too)."""
-
-    def iterate(self) -> None:
-        """One iteration of the reactor's timed calls."""
-        for call in [c for c in self.calls if c.getTime() <= self.seconds()]:
-            if call.active():
-                self.calls.remove(call)
-                call.called = 1
-                call.func(*call.args, **call.kw)
+def iterate(clock: Clock) -> None:
+    """One iteration of the reactor's timed calls on ``clock``: as the reactor does, only the calls that were
+    due when the iteration began run (a call made meanwhile waits for the next one; ``Clock.advance`` would
+    run it too)."""
+    for call in [c for c in clock.calls if c.getTime() <= clock.seconds()]:
+        if call.active():
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
 
 
 def units(name: str, count: int, log: list[str]) -> Iterator[None]:
@@ -45,36 +43,23 @@ class PacerTests:
     def test_one_unit_per_iteration_whatever_the_iterators(self) -> None:
         """Three iterators under way: each iteration of the reactor runs one unit of one of them, in turn;
         each ``run`` fires once its iterator is exhausted, and no timer is left."""
-        clock = IterationClock()
+        clock = Clock()
         pacer = Pacer(clock)
         log: list[str] = []
         done = [outcome(pacer.run(units(name, count, log))) for name, count in (("a", 2), ("b", 3), ("c", 1))]
         assert log == []
         for expected in (["a0"], ["a0", "b0"], ["a0", "b0", "c0"], ["a0", "b0", "c0", "a1"]):
-            clock.iterate()
+            iterate(clock)
             assert log == expected
         assert done == [[None], [], [None]]
-        clock.iterate()
-        clock.iterate()
+        iterate(clock)
+        iterate(clock)
         assert log[4:] == ["b1", "b2"] and done[1] == [None]
         assert clock.getDelayedCalls() == []
 
-    def test_first_now(self) -> None:
-        """``first_now`` runs the first unit at once, in the caller's turn; the others one per iteration.
-        An iterator of one unit is then done at once, with nothing scheduled."""
-        clock = IterationClock()
-        pacer = Pacer(clock)
-        log: list[str] = []
-        done = outcome(pacer.run(units("a", 2, log), first_now=True))
-        assert log == ["a0"] and done == []
-        clock.iterate()
-        assert log == ["a0", "a1"] and done == [None]
-        single = outcome(pacer.run(units("b", 1, log), first_now=True))
-        assert single == [None] and clock.getDelayedCalls() == []
-
     def test_a_unit_that_raises_fails_its_run_only(self) -> None:
         """The error of a unit fails its own ``run``; the other iterators go on."""
-        clock = IterationClock()
+        clock = Clock()
         pacer = Pacer(clock)
         log: list[str] = []
 
@@ -85,7 +70,7 @@ class PacerTests:
         failed = outcome(pacer.run(broken()))
         done = outcome(pacer.run(units("a", 2, log)))
         for _ in range(4):
-            clock.iterate()
+            iterate(clock)
         assert isinstance(failed[0], Failure) and failed[0].check(ValueError)
         assert log == ["a0", "a1"] and done == [None]
 
@@ -93,18 +78,18 @@ class PacerTests:
         """``stop_all`` fails every ``run`` under way with CancelledError (all of them: Twisted's
         ``Cooperator.stop`` would skip every other one), runs no further unit and leaves no timer; the
         pacer takes new iterators afterwards."""
-        clock = IterationClock()
+        clock = Clock()
         pacer = Pacer(clock)
         log: list[str] = []
         runs = [outcome(pacer.run(units(name, 5, log))) for name in "abcd"]
-        clock.iterate()
+        iterate(clock)
         pacer.stop_all()
         assert all(len(seen) == 1 and isinstance(seen[0], Failure) and seen[0].check(CancelledError) for seen in runs)
         assert clock.getDelayedCalls() == []
-        clock.iterate()
+        iterate(clock)
         assert log == ["a0"]
         later = outcome(pacer.run(units("e", 1, log)))
-        clock.iterate()
+        iterate(clock)
         assert later == [None] and log == ["a0", "e0"]
 
 
