@@ -494,6 +494,17 @@ class SerializeCommandTests:
         with pytest.raises(TypeError):
             serialize_command(object())  # type: ignore[arg-type]
 
+    def test_xmove_round_trip(self) -> None:
+        """``xmove`` is an xput with ``handoff`` set: serialized and parsed back equal."""
+        command = XPut(b"k", Record(b"v", 0, 0, Version(7, "w")), handoff=True)
+        wire = serialize_command(command)
+        assert wire.startswith(b"xmove k 0 0 7-w 0 1\r\n")
+        parser = RequestParser()
+        parser.feed(wire + serialize_command(XPut(b"k", Record(b"v", 0, 0, Version(8, "w")))))
+        assert parser.next() == command
+        plain = parser.next()
+        assert isinstance(plain, XPut) and not plain.handoff
+
 
 def read_replies(data: bytes, sent: list[Command], chunk: int | None = None) -> list[object]:
     """Feed reply bytes to a ReplyParser for the commands ``sent``; the results in order."""
