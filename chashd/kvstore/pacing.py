@@ -7,8 +7,11 @@ iteration of the reactor, whatever the number of iterators under way, so that be
 serves the I/O that came in: a client request waits for one unit at most.
 
 A unit's size follows a time budget: ``Sizer`` gives the number of records a unit takes so that it lasts
-about ``budget`` seconds, from the time the last full units took. The budget per reactor iteration is thus
-one unit of about ``budget`` seconds.
+about ``budget`` seconds, from the time the last full units took, and ``sized_units`` cuts work on a
+sequence of records into such units. The budget per reactor iteration is thus one unit of about ``budget``
+seconds. The Cooperator ends each tick after one unit rather than after a time budget of its own: the units
+are sized to the budget already, as large as it allows, since each one costs a fixed part too (a drop's
+statement and commit, a push's write).
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class Sizer:
 
 def sized_units(items: Sequence[_T], sizer: Sizer, clock: IReactorTime, work: Callable[[Sequence[_T]], None]) -> Units:
     """The units of ``work`` on ``items``: each unit calls ``work`` on the next ``sizer.size`` items, and the
-    time it took on ``clock`` sizes the next one."""
+    time it took on ``clock`` sizes the next one. The unit of the last items ends the iterator."""
     done = 0
     while done < len(items):
         chunk = items[done : done + sizer.size]
