@@ -8,7 +8,10 @@ connection, not one per request: replies come in order, so only the oldest pendi
 expire; the timer is due at its deadline and, when it fires, moves on to the next oldest (a timer that finds
 nothing pending just ends). A lost connection fails every pending request with ``KVConnectionLost``, a timeout
 with ``KVTimeout``; a kvstore's error reply fails its request with the domain error of ``chashd.errors``.
-``noreply`` is never sent: every request gets its reply, so the pipeline cannot lose step.
+``noreply`` is never sent: every request gets its reply, so the pipeline cannot lose step. An ``XGet`` whose
+line would pass ``XGET_LINE`` bytes (or hold more than ``XGET_KEYS`` keys) goes out as several ``xget`` lines in
+one write, and its Deferred fires with their records joined: memcached's framing closes a connection on a line
+past 16 KiB unless it is a get, which is what a kvstore of an earlier version does to a long ``xget``.
 
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
@@ -29,12 +32,16 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result
+from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result, Values, XGet
 from chashd.errors import ChashdError, ServiceUnavailable
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import BadReply, ReplyParser, serialize_command
 
-__all__ = ["KVClientPool", "KVClientProtocol", "KVConnectionLost", "KVTimeout"]
+__all__ = ["XGET_KEYS", "XGET_LINE", "KVClientPool", "KVClientProtocol", "KVConnectionLost", "KVTimeout"]
+
+#: The longest ``xget`` line sent (under memcached's 16 KiB read buffer), and the most keys on one.
+XGET_LINE = 16000
+XGET_KEYS = 512
 
 
 class KVConnectionLost(ServiceUnavailable):
@@ -148,6 +155,10 @@ class KVClientProtocol(Protocol):
         """Send ``command``; the Deferred fires with its result or fails with a ``chashd.errors`` error."""
         if not self._connected:
             return fail(self._not_connected())
+        if type(command) is XGet:
+            keys = command.keys
+            if len(keys) > 1 and (len(keys) > XGET_KEYS or sum(map(len, keys)) + len(keys) > XGET_LINE - 7):
+                return self._send_split(keys)
         command = _as_request(command)
         deferred: Deferred[Result] = Deferred()
         seconds = self._seconds
@@ -182,6 +193,20 @@ class KVClientProtocol(Protocol):
             self._timer = self._clock.callLater(self._timeout, self._check_deadline)
         self._tr.write(wire)
         return group.done
+
+    def _send_split(self, keys: tuple[bytes, ...]) -> Deferred[Result]:
+        """An ``XGet`` of ``keys`` as several ``xget`` lines of at most ``XGET_LINE`` bytes and ``XGET_KEYS``
+        keys, sent in one write; fires with every record they found, or fails with the first error."""
+        chunks: list[XGet] = []
+        start = 0
+        size = 0
+        for index, key in enumerate(keys):
+            if index > start and (size + len(key) + 1 > XGET_LINE - 7 or index - start >= XGET_KEYS):
+                chunks.append(XGet(keys[start:index]))
+                start, size = index, 0
+            size += len(key) + 1
+        chunks.append(XGet(keys[start:]))
+        return self.send_many(chunks).addCallback(_joined)
 
     def _not_connected(self) -> KVConnectionLost:
         return KVConnectionLost(f"not connected to {self.peer}: {self._lost_reason or 'not yet'}")
@@ -253,6 +278,16 @@ class KVClientProtocol(Protocol):
         self._fail_all(KVConnectionLost(f"connection to {self.peer} lost: {self._lost_reason}"))
         if was_connected and self._on_lost is not None:
             self._on_lost(self)
+
+
+def _joined(results: list[Result | Failure]) -> Result | Failure:
+    """The records of the answers to a split ``XGet``, or the first failure among them."""
+    items: list[Any] = []
+    for result in results:
+        if isinstance(result, Failure):
+            return result
+        items.extend(cast(Values, result).items)
+    return Values(tuple(items))
 
 
 class _PoolFactory(Factory):

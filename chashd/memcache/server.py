@@ -31,7 +31,7 @@
 # for cache`` (``<bytes>`` over the value limit: the data block is skipped unread, and a ``set`` deletes the
 # key's old value, as memcached does so that a failed set never leaves a stale value). A line over 2048
 # bytes without its newline closes the connection silently (so does a line over 16 KiB, memcached's read
-# buffer), except a ``get``/``gets`` line, which may grow to ``max_keys`` keys; past that the server answers
+# buffer), except a ``get``/``gets`` (or ``xget``) line, which may grow to ``max_keys`` keys; past that the server answers
 # ``SERVER_ERROR out of memory reading request`` and closes, as memcached does when it cannot grow its
 # buffer. A line whose last token starts with ``HTTP/`` is an HTTP request: the connection closes silently.
 # ``noreply`` silences every reply of its command, errors included, as in memcached.

@@ -396,10 +396,11 @@ class RequestParser:
         return rejected
 
     def _multiget(self, pos: int) -> bool:
-        """memcached lets a line grow past the limit when it is a get/gets after at most 100 spaces."""
+        """memcached lets a line grow past the limit when it is a get/gets after at most 100 spaces; so do
+        we for the extension's ``xget`` (a gateway's read of many keys), under the same ``max_keys``."""
         head = self._buf[pos : pos + 106]
         stripped = head.lstrip(b" ")
-        return len(head) - len(stripped) <= 100 and (stripped.startswith((b"get ", b"gets ")))
+        return len(head) - len(stripped) <= 100 and (stripped.startswith((b"get ", b"gets ", b"xget ")))
 
     def _no_newline(self) -> Rejected | None:
         pending = len(self._buf) - self._pos

@@ -33,7 +33,7 @@ from chashd.commands import (
 )
 from chashd.errors import NonNumericValue, ValueTooLarge
 from chashd.kvstore.backend import LocalBackend
-from chashd.memcache.client import KVClientPool, KVClientProtocol, KVConnectionLost, KVTimeout
+from chashd.memcache.client import XGET_KEYS, XGET_LINE, KVClientPool, KVClientProtocol, KVConnectionLost, KVTimeout
 from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
@@ -116,6 +116,34 @@ class ClientServerTests(SynchronousTestCase):
         """Bytes the client never asked for mean the pipeline lost step: the connection is dropped."""
         self.client.dataReceived(b"STORED\r\n")
         assert self.client.transport.disconnecting  # type: ignore[union-attr]
+
+    def test_long_reads_go_out_in_several_lines(self) -> None:
+        """An XGet of 2,048 keys of 250 bytes leaves as xget lines under XGET_LINE bytes and XGET_KEYS keys,
+        in one write, and its Deferred fires with every record found, in request order."""
+        keys = tuple(b"%0250d" % i for i in range(2048))
+        for key in keys[::3]:
+            self.send(Store("set", key, 0, 0, key[-4:]))
+        d = self.client.send(XGet(keys))
+        wire = b"".join(self.client.transport.stream)  # type: ignore[union-attr]
+        lines = wire.split(b"\r\n")[:-1]
+        assert len(lines) > 1 and all(line.startswith(b"xget ") for line in lines)
+        assert max(len(line) + 2 for line in lines) <= XGET_LINE
+        assert b" ".join(line[5:] for line in lines) == b" ".join(keys)
+        self.pump.flush()
+        found = self.successResultOf(d)
+        assert [key for key, _ in found.items] == list(keys[::3])
+        assert all(record.value == key[-4:] for key, record in found.items)
+        many = tuple(b"k%d" % i for i in range(XGET_KEYS + 1))
+        d = self.client.send(XGet(many))
+        assert self.client.pending == 2
+        self.pump.flush()
+        assert self.successResultOf(d) == Values(())
+
+    def test_a_failed_part_fails_the_read(self) -> None:
+        """When the connection drops under a split read, its Deferred fails (once)."""
+        d = self.client.send(XGet(tuple(b"%0250d" % i for i in range(200))))
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, KVConnectionLost)
 
     def test_quit_is_not_a_request(self) -> None:
         """quit cannot be sent as a request."""

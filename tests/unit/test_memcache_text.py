@@ -341,6 +341,10 @@ class RejectionTests:
         assert replies(b"get " + b"k " * 3000) == []
         assert events(b"get " + b"k " * 3000 + b"\r\n", chunk=1000, max_keys=5000) == [Get((b"k",) * 3000)]
         assert replies(b" " * 101 + b"get " + b"k" * 2000) == ["SILENT", "CLOSE"]
+        # The extension's xget is read like a get: a gateway's read of many keys is one line.
+        long_keys = [b"%0250d" % i for i in range(2048)]
+        got = events(b"xget " + b" ".join(long_keys) + b"\r\n", chunk=4096)
+        assert got == [XGet(tuple(long_keys))]
 
     def test_get_line_limits(self) -> None:
         """A get line past max_keys keys is refused; one past the byte bound closes."""

@@ -1,0 +1,100 @@
+"""memcached parity through real gateways (issue 11): multi-key gets of any size up to --max-keys.
+
+Two clusters of real processes: one gateway over three kvstores with N=3/W=2/R=2 (the defaults), and one
+gateway over two kvstores with N=1. Raw sockets, so that what is on the wire is what memcached clients see.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from chashd.launcher import LocalCluster
+from tests.integration.conftest import clean_environ
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One gateway (N=3, W=2, R=2) and three kvstores."""
+    with LocalCluster(
+        tmp_path_factory.mktemp("parity-n3"), gateways=1, kvstores=3, gateway_args=["--probe-interval", "0.3"],
+        env=clean_environ(),
+    ) as running:  # fmt: skip
+        yield running
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One gateway with N=1 (W=1, R=1) and two kvstores."""
+    args = ["--probe-interval", "0.3", "--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"]
+    with LocalCluster(
+        tmp_path_factory.mktemp("parity-n1"), gateways=1, kvstores=2, gateway_args=args, env=clean_environ()
+    ) as running:
+        yield running
+
+
+def line_port(cluster: LocalCluster) -> int:
+    """The gateway's line port."""
+    return cluster.line_ports[cluster.gateways[0].name]
+
+
+def exchange(port: int, request: bytes, done: Callable[[bytes], bool], timeout: float = TIMEOUT) -> bytes:
+    """Send ``request`` on a fresh connection and read until ``done(reply so far)``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not done(data):
+            assert time.monotonic() < deadline, f"no complete reply within {timeout}s: {data[-200:]!r}"
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {len(data)} bytes: {data[-200:]!r}"
+            data += chunk
+    return data
+
+
+def ends(suffix: bytes) -> Callable[[bytes], bool]:
+    """A ``done`` for ``exchange``: the reply ends with ``suffix``."""
+    return lambda data: data.endswith(suffix)
+
+
+def multi_get(cluster: LocalCluster, tag: bytes) -> None:
+    """Set 2,048 keys of 250 bytes through the gateway, then get them all in one line, and a mix of hits and
+    misses: every hit comes back, in request order, with its value and flags."""
+    port = line_port(cluster)
+    keys = [(tag + b"%06d" % i).ljust(250, b"k") for i in range(2048)]
+    values = [b"v%d" % i for i in range(len(keys))]
+    sets = b"".join(b"set %s %d 0 %d\r\n%s\r\n" % (k, i, len(v), v) for i, (k, v) in enumerate(zip(keys, values)))
+    reply = exchange(port, sets, lambda data: data.count(b"\r\n") == len(keys))
+    assert reply == b"STORED\r\n" * len(keys)
+    reply = exchange(port, b"get " + b" ".join(keys) + b"\r\n", ends(b"END\r\n"))
+    expected = b"".join(b"VALUE %s %d %d\r\n%s\r\n" % (k, i, len(v), v) for i, (k, v) in enumerate(zip(keys, values)))
+    assert reply == expected + b"END\r\n"
+    mixed = [key if i % 2 else key.replace(tag, b"~" * len(tag), 1) for i, key in enumerate(keys)]
+    reply = exchange(port, b"gets " + b" ".join(mixed) + b"\r\n", ends(b"END\r\n"))
+    assert reply.count(b"VALUE ") == len(keys) // 2
+    assert reply.startswith(b"VALUE %s 1 2 " % keys[1])
+
+
+class MultiGetTests:
+    """A get of 2,048 keys of 250 bytes (the default --max-keys) through a gateway."""
+
+    def test_replicated(self, replicated: LocalCluster) -> None:
+        """With N=3 and R=2: every kvstore is asked for about two thirds of the keys, in lines it accepts."""
+        multi_get(replicated, b"n3-")
+
+    def test_single_replica(self, single: LocalCluster) -> None:
+        """With N=1: each kvstore is asked for its half of the keys."""
+        multi_get(single, b"n1-")
+
+    def test_past_max_keys(self, single: LocalCluster) -> None:
+        """A get of more keys than --max-keys answers memcached-style CLIENT_ERROR and the connection goes on."""
+        keys = b" ".join(b"k%d" % i for i in range(2049))
+        reply = exchange(line_port(single), b"get " + keys + b"\r\nversion\r\n", lambda d: d.count(b"\r\n") >= 2)
+        assert reply.startswith(b"CLIENT_ERROR too many keys in one request (the limit is 2048)\r\nVERSION ")
