@@ -37,7 +37,7 @@ from chashd.errors import ChashdError, ServiceUnavailable
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import BadReply, ReplyParser, serialize_command
 
-__all__ = ["XGET_KEYS", "XGET_LINE", "KVClientPool", "KVClientProtocol", "KVConnectionLost", "KVTimeout"]
+__all__ = ["KVClientPool", "KVClientProtocol", "KVConnectionLost", "KVTimeout"]
 
 #: The longest ``xget`` line sent (under memcached's 16 KiB read buffer), and the most keys on one.
 XGET_LINE = 16000

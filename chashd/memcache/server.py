@@ -31,9 +31,10 @@
 # for cache`` (``<bytes>`` over the value limit: the data block is skipped unread, and a ``set`` deletes the
 # key's old value, as memcached does so that a failed set never leaves a stale value). A line over 2048
 # bytes without its newline closes the connection silently (so does a line over 16 KiB, memcached's read
-# buffer), except a ``get``/``gets`` (or ``xget``) line, which may grow to ``max_keys`` keys; past that the server answers
-# ``SERVER_ERROR out of memory reading request`` and closes, as memcached does when it cannot grow its
-# buffer. A line whose last token starts with ``HTTP/`` is an HTTP request: the connection closes silently.
+# buffer), except a ``get``/``gets`` (or ``xget``) line, which may grow to ``max_keys`` keys; past that the
+# server answers ``SERVER_ERROR out of memory reading request`` and closes, as memcached does when it cannot
+# grow its buffer. A line whose last token starts with ``HTTP/`` is an HTTP request: the connection closes
+# silently.
 # ``noreply`` silences every reply of its command, errors included, as in memcached.
 #
 # The versioned extension (between gateways, the handoff and kvstores; no memcached command starts with
@@ -83,6 +84,9 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   ``stats()`` with this listener's counters (``curr_connections``, ``total_connections``, ...).
 - Past ``max_connections`` a new connection gets ``ERROR Too many open connections`` and is closed, as
   memcached does; a connection idle for ``idle_timeout`` seconds is closed (0: never).
+- Half-close (``IHalfCloseableProtocol``): a client that shuts its write side after its requests still gets
+  a reply to every one of them, in order (a gateway's included, when they come later), then the connection
+  closes, as memcached does.
 
 Two shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
 answer exactly as the general path (``execute``) would:
@@ -102,7 +106,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -229,7 +233,7 @@ class MemcacheServerFactory(Factory):
         ]
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class MemcacheServerProtocol(Protocol):
     """One client connection of the line protocol (see the module docstring).
 
@@ -268,6 +272,7 @@ class MemcacheServerProtocol(Protocol):
         self._writes_blocked = False  # the transport's write buffer is full
         self._closing = False
         self._lost = False
+        self._read_closed = False  # the client shut its write side: close once every reply is out
         self._counted = False
         self._idle_call: IDelayedCall | None = None
         self._last_seen = 0.0
@@ -309,6 +314,20 @@ class MemcacheServerProtocol(Protocol):
             self._idle_call.cancel()
         self._idle_call = None
         self._queue.clear()
+
+    def readConnectionLost(self) -> None:
+        """The client shut its write side: run what it sent (what a pause held back too, once it ends), write
+        every reply, then close."""
+        if self._read_closed:
+            return
+        self._read_closed = True
+        if not self._paused and not self._closing:
+            self._process()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side is shut (we never do that ourselves): nothing more can be answered."""
+        self._closing = True
+        self._tr.loseConnection()
 
     def _idle_check(self) -> None:
         self._idle_call = None
@@ -375,6 +394,8 @@ class MemcacheServerProtocol(Protocol):
             if puts:
                 self._run_puts(puts)
             self._flush_out()
+        if self._read_closed and not self._paused and not self._closing:
+            self._close_after_replies()  # all the half-closed client sent was run: close behind its replies
 
     def _flush_out(self) -> None:
         out = self._out
@@ -589,6 +610,10 @@ class MemcacheServerProtocol(Protocol):
         if paused == self._paused or self._lost:
             return
         self._paused = paused
+        if self._read_closed:  # nothing more to read: only the parsing pauses and resumes
+            if not paused:
+                self._process()
+            return
         if paused:
             self._tr.pauseProducing()
         else:

@@ -6,6 +6,7 @@ gateway over two kvstores with N=1. Raw sockets, so that what is on the wire is 
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -98,3 +99,39 @@ class MultiGetTests:
         keys = b" ".join(b"k%d" % i for i in range(2049))
         reply = exchange(line_port(single), b"get " + keys + b"\r\nversion\r\n", lambda d: d.count(b"\r\n") >= 2)
         assert reply.startswith(b"CLIENT_ERROR too many keys in one request (the limit is 2048)\r\nVERSION ")
+
+
+def half_closed(port: int, request: bytes) -> bytes:
+    """Send ``request``, shut the write side, and read until the server closes; everything it wrote."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert time.monotonic() < deadline, f"not closed within {TIMEOUT}s: {data[-200:]!r}"
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return data
+            data += chunk
+
+
+class HalfCloseTests:
+    """A client that shuts its write side gets every reply, then the server closes (raw sockets)."""
+
+    REQUEST = b"set hc 0 0 2\r\nhi\r\nget hc\r\nget nothing\r\ngets hc nothing\r\nversion\r\n"
+
+    def test_gateway(self, replicated: LocalCluster) -> None:
+        """Through a gateway: the replies of a pipeline, all of them, in order, then the close."""
+        reply = half_closed(line_port(replicated), self.REQUEST)
+        reply = re.sub(rb"VERSION [^\r]*", b"VERSION <v>", re.sub(rb"(VALUE hc 0 2) \d+", rb"\1 <cas>", reply))
+        assert reply == (
+            b"STORED\r\nVALUE hc 0 2\r\nhi\r\nEND\r\nEND\r\nVALUE hc 0 2 <cas>\r\nhi\r\nEND\r\nVERSION <v>\r\n"
+        )
+
+    def test_kvstore(self, replicated: LocalCluster) -> None:
+        """On a kvstore's own port: the same, one get per read or many."""
+        port = replicated.line_ports[replicated.kvstores[0].name]
+        reply = half_closed(port, b"set own 0 0 1\r\nx\r\nget own\r\nget b\r\n")
+        assert reply == b"STORED\r\nVALUE own 0 1\r\nx\r\nEND\r\nEND\r\n"
+        assert half_closed(port, b"get own\r\n") == b"VALUE own 0 1\r\nx\r\nEND\r\n"

@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 import chashd.memcache
 from chashd.commands import Command, Result, Status, XPut
@@ -632,6 +634,59 @@ class DeferredBackendTests:
         protocol.connectionLost(Failure(ConnectionDone()))
         backend.fire(0)
         assert transport.value() == b""
+
+
+class HalfCloseTests:
+    """A client that shuts its write side gets every reply to what it sent, then the connection closes."""
+
+    def test_kvstore_answers_then_closes(self) -> None:
+        """Replies written at once: all of them, then the close; an unfinished command is dropped."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\nset c 0 0 5\r\nab")
+        assert not transport.disconnecting
+        protocol.readConnectionLost()
+        assert transport.value() == b"STORED\r\nVALUE a 0 1\r\n1\r\nEND\r\nEND\r\n"
+        assert transport.disconnecting
+        protocol.readConnectionLost()  # Twisted may tell twice: nothing more happens
+        assert verifyObject(IHalfCloseableProtocol, protocol)
+
+    def test_deferred_replies_come_first(self) -> None:
+        """A gateway's replies that come later are all written, in order, before the close."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"get a\r\nget b\r\n")
+        protocol.readConnectionLost()
+        assert not transport.disconnecting
+        backend.fire(1)
+        assert transport.value() == b"" and not transport.disconnecting
+        backend.fire(0)
+        assert transport.value() == b"END\r\nEND\r\n"
+        assert transport.disconnecting
+
+    def test_what_a_pause_held_back_is_answered(self) -> None:
+        """Requests still buffered behind a full queue when the client half-closes are parsed and answered
+        once the queue drains, and only then does the connection close."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend, max_pending=2)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"get a\r\n" * 5)
+        protocol.readConnectionLost()
+        for index in range(5):
+            assert not transport.disconnecting
+            backend.fire(index)
+        assert transport.value() == b"END\r\n" * 5
+        assert transport.disconnecting
+
+    def test_write_side_lost(self) -> None:
+        """When our own write side goes, the connection closes."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        protocol.writeConnectionLost()
+        assert transport.disconnecting
 
 
 class ServerFuzzTests:
