@@ -28,16 +28,19 @@ setup_deploy_tools() {
         || die "kubectl is missing: install kubectl 1.27 or newer (tests/deploy renders k8s/ with kubectl kustomize)"
 }
 
-setup_memcached() {
-    # tests/integration/test_memcache_compat.py compares our line protocol with a real memcached.
-    command -v memcached >/dev/null && return 0
+# apt_install PACKAGE BINARY WHY: install the Debian package PACKAGE (as root, or with passwordless sudo) unless
+# BINARY is already on the PATH; returns non-zero, with apt's last lines on stderr, when it cannot.
+apt_install() {
+    local package=$1 binary=$2 why=$3
+    command -v "$binary" >/dev/null && return 0
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
-        sudo -n true 2>/dev/null || die "memcached is missing and we are not root: apt-get install -y memcached"
+        sudo -n true 2>/dev/null || { echo "dev.sh: $binary is missing and we are not root: apt-get install -y $package" >&2; return 1; }
         sudo="sudo -n"
     fi
-    echo "dev.sh: installing memcached (Debian package) for the differential test" >&2
-    # Keep apt from starting the memcached service (it would hold 127.0.0.1:11211).
+    command -v apt-get >/dev/null || { echo "dev.sh: $binary is missing and there is no apt-get to install $package" >&2; return 1; }
+    echo "dev.sh: installing $package (Debian package) for $why" >&2
+    # Keep apt from starting a service of the package (memcached would hold 127.0.0.1:11211).
     local policy=/usr/sbin/policy-rc.d made_policy=""
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy" && made_policy=1
@@ -46,14 +49,23 @@ setup_memcached() {
     { [ -n "$(find /var/lib/apt/lists -name '*Packages*' -print -quit 2>/dev/null)" ] || $sudo apt-get update; } \
         >"$log" 2>&1 || status=$?
     if [ "$status" -eq 0 ]; then
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y memcached >>"$log" 2>&1 \
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "$package" >>"$log" 2>&1 \
             || { $sudo apt-get update >>"$log" 2>&1 \
-                 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y memcached >>"$log" 2>&1; } \
+                 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "$package" >>"$log" 2>&1; } \
             || status=$?
     fi
     [ -n "$made_policy" ] && $sudo rm -f "$policy"
-    [ "$status" -eq 0 ] && command -v memcached >/dev/null \
-        || { tail -n 20 "$log" >&2; die "cannot install memcached; the apt output is in $log"; }
+    [ "$status" -eq 0 ] && command -v "$binary" >/dev/null \
+        || { tail -n 20 "$log" >&2; echo "dev.sh: cannot install $package; the apt output is in $log" >&2; return 1; }
+}
+
+setup_memcached() {
+    # tests/integration/test_memcache_compat.py compares our line protocol with a real memcached: required.
+    apt_install memcached memcached "the differential test" || die "memcached is needed by the tests"
+    # tests/integration/test_libmemcached_tools.py runs libmemcached's command-line tools against both roles;
+    # where the package cannot be installed, those tests are skipped and say why.
+    apt_install libmemcached-tools memcstat "the libmemcached tools' tests" \
+        || echo "dev.sh: going on without libmemcached-tools (its tests will be skipped)" >&2
 }
 
 setup_venv() {

@@ -32,6 +32,7 @@ from chashd.versions import Version
 __all__ = [
     "NOREPLY_COMMANDS",
     "Arith",
+    "CacheMemlimit",
     "Command",
     "Delete",
     "FlushAll",
@@ -40,6 +41,7 @@ __all__ = [
     "Number",
     "Quit",
     "Result",
+    "Shutdown",
     "StatsCommand",
     "StatsResult",
     "Status",
@@ -144,6 +146,24 @@ class Quit:
     """``quit``: the server closes the connection."""
 
 
+@dataclass(frozen=True, slots=True)
+class CacheMemlimit:
+    """``cache_memlimit <MiB> [noreply]``: change the memory engine's limit at run time."""
+
+    mib: int
+    noreply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """``shutdown [graceful]``: stop the daemon, when it was started with ``--enable-shutdown``.
+
+    ``mode`` is ``""``, ``"graceful"``, or ``"invalid"`` (another argument: memcached's ``CLIENT_ERROR
+    invalid shutdown mode`` once shutdown is enabled)."""
+
+    mode: str = ""
+
+
 # -- the versioned extension -----------------------------------------------------------------------
 
 
@@ -190,13 +210,15 @@ Command: TypeAlias = (
     | VersionCommand
     | Verbosity
     | Quit
+    | CacheMemlimit
+    | Shutdown
     | XGet
     | XPut
     | XApply
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.
-NoreplyCommand: TypeAlias = Store | Delete | Arith | Touch | FlushAll | Verbosity | XPut
+NoreplyCommand: TypeAlias = Store | Delete | Arith | Touch | FlushAll | Verbosity | CacheMemlimit | XPut
 #: The types of ``NoreplyCommand``, for a test at run time (``type(command) in NOREPLY_COMMANDS``).
 NOREPLY_COMMANDS: frozenset[type[NoreplyCommand]] = frozenset(get_args(NoreplyCommand))
 

@@ -333,6 +333,9 @@ class KVStoreConfig:
     max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
     max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    enable_shutdown: bool = opt(
+        "let the line protocol's shutdown command stop the node (memcached's -A)", False, parse_bool, flag=True
+    )
     drain_timeout: float = opt("longest a drain on SIGTERM may take, in seconds", 120.0, _bounded(float, 1))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
     max_clock_skew: float = opt(
@@ -391,6 +394,9 @@ class GatewayConfig:
     max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
     max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    enable_shutdown: bool = opt(
+        "let the line protocol's shutdown command stop the gateway (memcached's -A)", False, parse_bool, flag=True
+    )
     request_timeout: float = opt("seconds a gateway waits for a kvstore's answer", 5.0, _bounded(float, 0.01))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
     hedge_after: float = opt(

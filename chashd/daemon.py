@@ -15,7 +15,7 @@ import gc
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from twisted.application.service import Service
@@ -34,6 +34,7 @@ __all__ = [
     "freeze_startup_objects",
     "lock_data_dir",
     "notify_systemd",
+    "shutdown_command",
 ]
 
 _log = Logger()
@@ -204,3 +205,11 @@ class SystemdNotifier(Service):
     def stopService(self) -> None:
         self.stopping()
         super().stopService()
+
+
+def shutdown_command(reactor: Any, enabled: bool) -> Callable[[], object] | None:
+    """What the line protocol's ``shutdown`` calls with ``--enable-shutdown``: stop the reactor on its next
+    turn, as SIGTERM does (a kvstore drains first); None, so that the command is refused, without it."""
+    if not enabled:
+        return None
+    return lambda: reactor.callLater(0, reactor.stop)

@@ -5,6 +5,9 @@
 - ``IPlainGet``, ``IGroupedPuts``: what a backend may offer besides ``IKeyValue`` for the line protocol's
   busiest requests (the kvstore's does; the gateway's router does not). The line protocol asks
   ``providedBy`` once, when its factory is built, and takes the general path without them.
+- ``IServerAdmin``: what a role says and does for memcached's admin commands (``stats`` groups, ``stats
+  reset``, ``cache_memlimit``, ``stats cachedump``): the kvstore's local backend provides it, and the gateway
+  an adapter over its router and the cluster's figures. The line protocol asks once, as for the two above.
 - ``IKVClient``: the gateway's (and the handoff's) way to send commands to one kvstore.
 """
 
@@ -18,7 +21,7 @@ from zope.interface import Attribute, Interface
 from chashd.commands import Status, XPut
 from chashd.errors import ChashdError
 
-__all__ = ["IGroupedPuts", "IKVClient", "IKeyValue", "IPlainGet", "IStorageEngine"]
+__all__ = ["IGroupedPuts", "IKVClient", "IKeyValue", "IPlainGet", "IServerAdmin", "IStorageEngine"]
 
 
 class IStorageEngine(Interface):
@@ -122,6 +125,25 @@ class IGroupedPuts(Interface):
         """The result (``Status``) or the domain error (a ``ChashdError``, returned, not raised) of each
         ``XPut`` in ``commands``, in order. Raises a ``ChashdError`` when the group as a whole failed:
         then none of it may be taken as stored."""
+
+
+class IServerAdmin(Interface):
+    """A role's side of memcached's admin commands, which the line protocol answers."""
+
+    def stats_extra() -> dict[str, Any]:
+        """More ``stats`` figures beyond the backend's (a gateway: the cluster's totals)."""
+
+    def settings() -> dict[str, Any]:
+        """``stats settings`` figures of the role, memcached's names where memcached has them."""
+
+    def reset_stats() -> None:
+        """``stats reset``: zero the counters memcached resets (what is held stays)."""
+
+    def set_memory_limit(limit_bytes: int) -> None:
+        """``cache_memlimit``: change the memory limit, or raise ``ValueError`` saying why it cannot."""
+
+    def dump_items(limit: int) -> list[tuple[bytes, int, int]]:
+        """``stats cachedump``: up to ``limit`` live items as ``(key, value size, expires_at)``."""
 
 
 class IKVClient(Interface):

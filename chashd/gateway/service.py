@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from chashd.config import GatewayConfig
 from chashd.gateway.clustermap import ClusterView, NodeState
@@ -15,8 +16,68 @@ from chashd.gateway.membership import Membership, MembershipReactor
 from chashd.gateway.raft import RaftFactory
 from chashd.gateway.rebalance import Fetch, Rebalance, http_report
 from chashd.gateway.router import Router
+from chashd.interfaces import IServerAdmin
 
-__all__ = ["GatewayService"]
+__all__ = ["CLUSTER_TOTALS", "GatewayAdmin", "GatewayService"]
+
+#: The cluster totals a gateway's ``stats`` adds: ``cluster_<name>``, summed over the kvstores' last reports.
+CLUSTER_TOTALS = ("curr_items", "bytes", "limit_maxbytes", "evictions", "total_items", "get_hits", "get_misses")
+
+
+@implementer(IServerAdmin)
+class GatewayAdmin:
+    """The gateway's side of memcached's admin commands (``IServerAdmin``): its routing settings, its
+    router's counters (``stats reset``), and the cluster's totals, summed from the reports every kvstore
+    gives in ``GET /health`` (read each probe interval by ``Rebalance``): ``cluster_nodes_reporting`` and
+    ``cluster_<name>`` for each name of ``CLUSTER_TOTALS``. A gateway holds no items: ``cache_memlimit`` is
+    refused (send it to each kvstore) and ``stats cachedump`` is empty."""
+
+    def __init__(self, router: Router, rebalance: Rebalance, config: GatewayConfig) -> None:
+        self._router = router
+        self._rebalance = rebalance
+        self._config = config
+
+    def stats_extra(self) -> dict[str, Any]:
+        """The cluster totals."""
+        totals = dict.fromkeys(CLUSTER_TOTALS, 0)
+        reporting = 0
+        for report in self._rebalance.reports.values():
+            figures = report.get("stats")
+            if not isinstance(figures, dict):
+                continue
+            reporting += 1
+            for name in CLUSTER_TOTALS:
+                value = figures.get(name)
+                if isinstance(value, int):
+                    totals[name] += value
+        return {"cluster_nodes_reporting": reporting, **{f"cluster_{name}": v for name, v in totals.items()}}
+
+    def settings(self) -> dict[str, Any]:
+        """N, W, R and whether flush_all may reach the kvstores."""
+        config = self._config
+        return {
+            "maxbytes": 0,
+            "evictions": "on",
+            "flush_enabled": "yes" if config.allow_flush_all else "no",
+            "replicas": config.replicas,
+            "write_quorum": config.write_quorum,
+            "read_quorum": config.read_quorum,
+            "gateway_id": config.gateway_id,
+        }
+
+    def reset_stats(self) -> None:
+        """Zero the router's counters."""
+        counters = self._router.counters
+        for name in counters:
+            counters[name] = 0
+
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        """Refused: the kvstores hold the items."""
+        raise ValueError("a gateway holds no items: send cache_memlimit to each kvstore")
+
+    def dump_items(self, limit: int) -> list[tuple[bytes, int, int]]:
+        """None: the kvstores hold the items."""
+        return []
 
 
 class GatewayService(MultiService):
@@ -77,6 +138,7 @@ class GatewayService(MultiService):
         )
         self.rebalance = Rebalance(self.membership, fetch, reactor, config.probe_interval, self._route)  # type: ignore[arg-type]
         self.rebalance.setServiceParent(self)
+        self.admin = GatewayAdmin(self.router, self.rebalance, config)
         self.membership.subscribe(self._new_view)
 
     def stopService(self) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService, Service
 
 from chashd.config import ConfigOptions, GatewayConfig, check_secrets, options_for
-from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir
+from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.health import Probe
@@ -89,6 +89,8 @@ def makeService(
         max_connections=config.max_connections,
         max_keys=config.max_keys,
         idle_timeout=config.idle_timeout,
+        admin=gateway.admin,
+        shutdown=shutdown_command(reactor, config.enable_shutdown),
     )
     notifier = SystemdNotifier()
     for description, factory, what in ((config.port, site, "HTTP"), (config.line_port, line, "line protocol")):

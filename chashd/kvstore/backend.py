@@ -65,8 +65,9 @@ from chashd.errors import (
     ValueTooLarge,
     VersionTooNew,
 )
-from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IStorageEngine
+from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IServerAdmin, IStorageEngine
 from chashd.record import Record, expires_at_from_exptime
+from chashd.ring import HASH_SPACE, key_hash
 from chashd.semantics import apply_write
 from chashd.versions import DEFAULT_MAX_SKEW_MS, HybridClock, Version
 
@@ -94,6 +95,7 @@ COUNTERS = (
     "cas_misses",
     "cas_badval",
     "cmd_flush",
+    "outofmemory",
     "cmd_xget",
     "cmd_xput",
     "cmd_xapply",
@@ -104,7 +106,7 @@ COUNTERS = (
 )
 
 
-@implementer(IKeyValue, IPlainGet, IGroupedPuts)
+@implementer(IKeyValue, IPlainGet, IGroupedPuts, IServerAdmin)
 class LocalBackend:
     """A kvstore's ``IKeyValue`` over its ``IStorageEngine``; every result is returned at once.
 
@@ -169,6 +171,7 @@ class LocalBackend:
             self._storage_failed(e, type(command).__name__)
             raise
         except StorageFull as e:
+            self._counts["outofmemory"] += 1
             if e.detail is not None:  # a full disk (a memory engine at its limit is no failure to log)
                 self._storage_failed(e, type(command).__name__)
             raise
@@ -212,7 +215,43 @@ class LocalBackend:
         set_limit = getattr(self.engine, "set_limit", None)
         if set_limit is None:
             raise ValueError(f"the {type(self.engine).__name__} has no memory limit")
-        set_limit(limit_bytes)
+        try:
+            set_limit(limit_bytes)
+        except ValueError as e:
+            raise ValueError(f"{e}: start the node with --memory-limit") from None
+
+    def stats_extra(self) -> dict[str, Any]:
+        """``IServerAdmin``: nothing beyond ``stats()``."""
+        return {}
+
+    def settings(self) -> dict[str, Any]:
+        """``IServerAdmin``: the engine and its limits, by memcached's names (``maxbytes`` 0: no limit)."""
+        engine = self.engine.stats()
+        evicts = getattr(self.engine, "evicts", None)
+        settings: dict[str, Any] = {
+            "maxbytes": engine.get("limit_bytes", 0),
+            "evictions": "off" if evicts is False else "on",
+            "engine": type(self.engine).__name__,
+            "node_id": self.node_id,
+        }
+        if "disk_limit_bytes" in engine:
+            settings["disk_limit_bytes"] = engine["disk_limit_bytes"]
+        return settings
+
+    def dump_items(self, limit: int) -> list[tuple[bytes, int, int]]:
+        """``IServerAdmin``: up to ``limit`` live items, in ring order (a scan of the first records held)."""
+        now = self._seconds()
+        items: list[tuple[bytes, int, int]] = []
+        after = None
+        while len(items) < limit:
+            page = self.engine.scan(0, HASH_SPACE - 1, after, min(limit * 2, 1000))
+            for key, record in page:
+                if record.live(now):
+                    items.append((key, len(record.value), record.expires_at))
+            if len(page) < min(limit * 2, 1000):
+                break
+            after = (key_hash(page[-1][0]), page[-1][0])
+        return items[:limit]
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -440,6 +479,9 @@ class LocalBackend:
             except StorageError:  # a record it cannot store: find which, one by one, in one transaction
                 with self.engine.batch():
                     stored = [self._apply_one(key, record) for key, record in items]
+        except StorageFull:
+            counts["outofmemory"] += 1
+            raise
         except StorageError as e:
             self._storage_failed(e, "XPut")
             raise

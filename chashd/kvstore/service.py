@@ -27,7 +27,10 @@ from chashd.kvstore.ringwatch import RingWatch, treq_get
 from chashd.memcache.client import KVClientPool
 from chashd.record import TOMBSTONE_GRACE
 
-__all__ = ["KVStoreService", "open_engine"]
+__all__ = ["CLUSTER_FIGURES", "KVStoreService", "open_engine"]
+
+#: The figures a kvstore reports in ``GET /health`` for the gateways' cluster totals.
+CLUSTER_FIGURES = ("curr_items", "bytes", "limit_maxbytes", "evictions", "total_items", "get_hits", "get_misses")
 
 DATABASE_NAME = "kvstore.db"
 MIB = 1024 * 1024
@@ -180,13 +183,16 @@ class KVStoreService(MultiService):
     def health(self) -> dict[str, Any]:
         """The body of ``GET /health``; ``handoff`` is the rebalancing progress the gateways read."""
         handoff = self.handoff.status()
-        handoff["records_received"] = self.backend.stats()["handoff_records_received_total"]
+        stats = self.backend.stats()
+        handoff["records_received"] = stats["handoff_records_received_total"]
         return {
             "role": "kvstore",
             "id": self.config.node_id,
             "registered": self.registrar.registered_with is not None if self.registrar else None,
             "keys": self.engine.stats()["keys"],
             "handoff": handoff,
+            # What a gateway sums into the cluster totals of its stats (chashd.gateway.service.GatewayAdmin).
+            "stats": {name: stats.get(name, 0) for name in CLUSTER_FIGURES},
         }
 
     def ready(self) -> tuple[bool, str]:

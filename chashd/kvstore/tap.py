@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
 from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, options_for
-from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir
+from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError, StorageError
 from chashd.kvstore.drain import KVStoreRoot
 from chashd.kvstore.service import KVStoreService, open_engine
@@ -76,6 +76,7 @@ def makeService(
         max_connections=config.max_connections,
         max_keys=config.max_keys,
         idle_timeout=config.idle_timeout,
+        shutdown=shutdown_command(reactor, config.enable_shutdown),
     )
     for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)

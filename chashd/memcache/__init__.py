@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chashd.memcache.client import KVClientPool, KVClientProtocol, KVConnectionLost, KVTimeout
-    from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
+    from chashd.memcache.server import SERVER_VERSION, MemcacheServerFactory, MemcacheServerProtocol
 
 __all__ = [
     "KVClientPool",
@@ -26,6 +26,7 @@ __all__ = [
     "KVTimeout",
     "MemcacheServerFactory",
     "MemcacheServerProtocol",
+    "SERVER_VERSION",
 ]
 
 _HOMES = {
@@ -35,6 +36,7 @@ _HOMES = {
     "KVTimeout": "chashd.memcache.client",
     "MemcacheServerFactory": "chashd.memcache.server",
     "MemcacheServerProtocol": "chashd.memcache.server",
+    "SERVER_VERSION": "chashd.memcache.server",
 }
 
 

@@ -18,8 +18,13 @@
 #     incr|decr <key> <delta> [noreply]          -> <new value> | NOT_FOUND
 #     touch <key> <exptime> [noreply]            -> TOUCHED | NOT_FOUND
 #     flush_all [<delay>] [noreply]              -> OK
-#     stats [<group> ...]                        -> (STAT <name> <value>)* END | RESET | ERROR
-#     version                                    -> VERSION <version>
+#     stats [settings|items|slabs|sizes|conns]   -> (STAT <name> <value>)* END
+#     stats cachedump <class> <limit>            -> (ITEM <key> [<bytes> b; <expires_at> s])* END
+#     stats reset                                -> RESET          (stats detail on|off|dump as memcached)
+#     cache_memlimit <MiB> [noreply]             -> OK | MEMLIMIT_TOO_SMALL ... | MEMLIMIT_ADJUST_FAILED ...
+#     shutdown [graceful]                        -> (with --enable-shutdown: closes, the daemon stops)
+#                                                   | ERROR: shutdown not enabled
+#     version                                    -> VERSION 1.6.18-chashd-<chashd's version>
 #     verbosity <level> [noreply]                -> OK
 #     quit                                       -> (the server closes the connection)
 #
@@ -80,8 +85,14 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
 - Errors are mapped to the wire in one place (``text.error_reply``): a domain error becomes memcached's
   line; any other exception becomes ``SERVER_ERROR internal error`` and a logged failure. Nothing a
   client sends can stop the daemon or touch another connection.
-- ``stats``, ``version``, ``verbosity`` and ``quit`` are answered here; ``stats`` merges the backend's
-  ``stats()`` with this listener's counters (``curr_connections``, ``total_connections``, ...).
+- ``stats`` (and its groups), ``version``, ``verbosity``, ``quit``, ``cache_memlimit`` and ``shutdown`` are
+  answered here; ``stats`` merges the backend's ``stats()`` and the role's ``IServerAdmin.stats_extra()``
+  with this listener's counters (``curr_connections``, ``total_connections``, ...). The groups answer as
+  memcached 1.6 does, with what a role has: ``settings`` (memcached's names where they apply), ``items`` and
+  ``slabs`` (one pseudo slab class, 1, holding every item: no slabs here), ``sizes`` (disabled), ``conns``
+  (this listener's connections), ``cachedump`` (the first items of the kvstore's ring order). ``version``
+  says ``1.6.18-chashd-<version>``: clients read it as memcached's (libmemcached refuses a major version 0).
+  ``shutdown`` stops the daemon only with ``--enable-shutdown`` (memcached's ``-A``).
 - Past ``max_connections`` a new connection gets ``ERROR Too many open connections`` and is closed, as
   memcached does; a connection idle for ``idle_timeout`` seconds is closed (0: never).
 - Half-close (``IHalfCloseableProtocol``): a client that shuts its write side after its requests still gets
@@ -115,11 +126,13 @@ from zope.interface import implementer
 import chashd
 from chashd.commands import (
     NOREPLY_COMMANDS,
+    CacheMemlimit,
     Command,
     Get,
     Number,
     Quit,
     Result,
+    Shutdown,
     StatsCommand,
     StatsResult,
     Status,
@@ -130,7 +143,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import ChashdError
-from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
+from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IServerAdmin
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import (
     DEFAULT_MAX_KEYS,
@@ -145,24 +158,42 @@ from chashd.memcache.text import (
     version_reply,
 )
 
-__all__ = ["MemcacheServerFactory", "MemcacheServerProtocol"]
+__all__ = ["SERVER_VERSION", "MemcacheServerFactory", "MemcacheServerProtocol"]
+
+#: What ``version`` answers: the memcached release whose replies this protocol matches (tested against it),
+#: then chashd's own version. Clients parse it as memcached's ``major.minor.micro``.
+SERVER_VERSION = f"1.6.18-chashd-{chashd.__version__}"
 
 _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
-_LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit})  # not for the backend
+_LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown})
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
-_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit
+_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown
+#: memcached's highest slab class id + 1: ``stats cachedump`` refuses ids from here on.
+_SLAB_CLASSES = 64
+#: Most items ``stats cachedump`` lists (memcached caps its answer at 2 MB).
+_DUMP_LIMIT = 1000
+
+
+def _address(address: Any) -> str:
+    """``tcp:<host>:<port>`` (or ``unix:<path>``), as ``stats conns`` names an address."""
+    port = getattr(address, "port", None)
+    if port is None:
+        return f"unix:{getattr(address, 'name', address)}"
+    return f"tcp:{address.host}:{port}"
 
 
 class MemcacheServerFactory(Factory):
-    """Builds server connections over ``backend``; holds the listener's limits and counters.
+    """Builds server connections over ``backend``; holds the listener's limits, counters and connections.
 
     ``plain_get`` and ``grouped_puts`` are the backend as ``IPlainGet`` and ``IGroupedPuts`` when it
-    provides them, else None: asked once, here, so that no request pays for the question.
+    provides them, else None: asked once, here, so that no request pays for the question. ``admin`` answers
+    the admin commands (default: the backend, when it provides ``IServerAdmin``); ``shutdown``, when given,
+    is what the ``shutdown`` command calls (``--enable-shutdown``), else the command is refused.
     """
 
     _log = Logger()
@@ -177,9 +208,18 @@ class MemcacheServerFactory(Factory):
         max_line: int = DEFAULT_MAX_LINE,
         max_keys: int = DEFAULT_MAX_KEYS,
         max_pending: int = 256,
-        version: str = chashd.__version__,
+        version: str = SERVER_VERSION,
+        admin: IServerAdmin | None = None,
+        shutdown: Callable[[], object] | None = None,
     ) -> None:
         self.backend = backend
+        if admin is None and IServerAdmin.providedBy(backend):
+            admin = cast(IServerAdmin, backend)
+        self.admin = admin
+        self.shutdown = shutdown
+        #: The open connections by id (``stats conns``); ids count up from 1 per listener.
+        self.connections: dict[int, MemcacheServerProtocol] = {}
+        self._next_id = 0
         self.plain_get = cast(IPlainGet, backend) if IPlainGet.providedBy(backend) else None
         self.grouped_puts = cast(IGroupedPuts, backend) if IGroupedPuts.providedBy(backend) else None
         self.clock = clock
@@ -200,8 +240,14 @@ class MemcacheServerFactory(Factory):
         """A new server connection."""
         return MemcacheServerProtocol(self)
 
+    def register(self, protocol: MemcacheServerProtocol) -> int:
+        """Count a new connection in ``connections``; its id."""
+        self._next_id += 1
+        self.connections[self._next_id] = protocol
+        return self._next_id
+
     def stats(self) -> list[tuple[str, str]]:
-        """The ``stats`` lines: this listener's counters, then the backend's."""
+        """The ``stats`` lines: this listener's counters, then the backend's and the role's extra ones."""
         now = self.clock.seconds()
         items = [
             ("pid", str(os.getpid())),
@@ -215,22 +261,85 @@ class MemcacheServerFactory(Factory):
             ("max_connections", str(self.max_connections)),
         ]
         seen = {name for name, _ in items}
-        for name, value in self.backend.stats().items():
+        extra = self.admin.stats_extra() if self.admin is not None else {}
+        for name, value in [*self.backend.stats().items(), *extra.items()]:
             if name not in seen:
+                seen.add(name)
                 items.append((name, str(value)))
         return items
 
     def settings(self) -> list[tuple[str, str]]:
-        """The ``stats settings`` lines."""
-        return [
+        """The ``stats settings`` lines: memcached's names where they apply, then the role's."""
+        items = [
             ("maxconns", str(self.max_connections)),
+            ("verbosity", "0"),
+            ("shutdown_command", "yes" if self.shutdown is not None else "no"),
+            ("num_threads", "1"),
+            ("cas_enabled", "yes"),
+            ("binding_protocol", "ascii"),
             ("item_size_max", str(self.max_value_size)),
             ("idle_timeout", str(int(self.idle_timeout))),
+            ("dump_enabled", "yes"),
             ("max_line", str(self.max_line)),
             ("max_keys_per_get", str(self.max_keys)),
             ("max_pending_replies", str(self.max_pending)),
             ("backend", self.backend.name),
         ]
+        if self.admin is not None:
+            items += [(name, str(value)) for name, value in self.admin.settings().items()]
+        return items
+
+    def reset(self) -> None:
+        """``stats reset``: this listener's counters (not ``curr_connections``) and the role's."""
+        self.total_connections = 0
+        self.rejected_connections = 0
+        self.idle_closed = 0
+        if self.admin is not None:
+            self.admin.reset_stats()
+
+    def items(self) -> list[tuple[str, str]]:
+        """``stats items``: one pseudo slab class holding every item, as memcached names its figures."""
+        stats = self.backend.stats()
+        count = stats.get("curr_items", 0)
+        if not count:
+            return []
+        figures = {
+            "number": count,
+            "age": 0,
+            "mem_requested": stats.get("bytes", 0),
+            "evicted": stats.get("evictions", 0),
+            "evicted_nonzero": 0,
+            "evicted_time": 0,
+            "outofmemory": stats.get("outofmemory", 0),
+            "reclaimed": stats.get("reclaimed", 0),
+            "expired_unfetched": 0,
+            "evicted_unfetched": 0,
+        }
+        return [(f"items:1:{name}", str(value)) for name, value in figures.items()]
+
+    def slabs(self) -> list[tuple[str, str]]:
+        """``stats slabs``: the pseudo slab class 1 and memcached's two totals."""
+        stats = self.backend.stats()
+        count = stats.get("curr_items", 0)
+        used = stats.get("bytes", 0)
+        lines = []
+        if count:
+            lines = [("1:used_chunks", str(count)), ("1:mem_requested", str(used))]
+        return [*lines, ("active_slabs", "1" if count else "0"), ("total_malloced", str(used))]
+
+    def conns(self, asking: MemcacheServerProtocol) -> list[tuple[str, str]]:
+        """``stats conns``: each open connection's address, state and idle seconds."""
+        now = self.clock.seconds()
+        lines = []
+        for number, protocol in sorted(self.connections.items()):
+            prefix = f"{number}:"
+            lines += [
+                (prefix + "addr", protocol.peer),
+                (prefix + "listen_addr", protocol.host),
+                (prefix + "state", "conn_parse_cmd" if protocol is asking else "conn_waiting"),
+                (prefix + "secs_since_last_cmd", str(int(now - protocol.last_seen))),
+            ]
+        return lines
 
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
@@ -275,7 +384,11 @@ class MemcacheServerProtocol(Protocol):
         self._read_closed = False  # the client shut its write side: close once every reply is out
         self._counted = False
         self._idle_call: IDelayedCall | None = None
-        self._last_seen = 0.0
+        #: When the client last sent something (the clock's seconds); its address and ours (``stats conns``).
+        self.last_seen = 0.0
+        self.peer = ""
+        self.host = ""
+        self._id = 0
         self._tr: Any = None  # the transport, typed loosely: TCP transports pause, resume and abort
 
     # -- connection ------------------------------------------------------------------------------------
@@ -296,12 +409,15 @@ class MemcacheServerProtocol(Protocol):
         self._counted = True
         factory.curr_connections += 1
         factory.total_connections += 1
+        self._id = factory.register(self)
+        self.peer = _address(self._tr.getPeer())
+        self.host = _address(self._tr.getHost())
+        self.last_seen = self._seconds()
         set_nodelay(self.transport)
         register = getattr(self._tr, "registerProducer", None)  # every TCP/TLS/UNIX transport has it
         if register is not None:
             register(self, True)  # told to pause when replies pile up unread
         if factory.idle_timeout > 0:
-            self._last_seen = self._seconds()
             self._idle_call = self.callLater(factory.idle_timeout, self._idle_check)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -310,6 +426,7 @@ class MemcacheServerProtocol(Protocol):
         if self._counted:
             self._counted = False
             self.factory.curr_connections -= 1
+            self.factory.connections.pop(self._id, None)
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
@@ -334,7 +451,7 @@ class MemcacheServerProtocol(Protocol):
         if self._closing:
             return
         timeout = self.factory.idle_timeout
-        idle = self._seconds() - self._last_seen
+        idle = self._seconds() - self.last_seen
         if self._queue or idle < timeout:  # busy, or active since the check was set
             self._idle_call = self.callLater(timeout - idle if not self._queue else timeout, self._idle_check)
             return
@@ -352,8 +469,7 @@ class MemcacheServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._idle_call is not None:
-            self._last_seen = self._seconds()
+        self.last_seen = self._seconds()
         if self._plain_gets and not self._queue and not self._paused:
             key = self._parser.plain_get(data)
             if key is not None:  # the read is one plain get: no parsing loop, no reply list
@@ -518,28 +634,88 @@ class MemcacheServerProtocol(Protocol):
             if not command.noreply:
                 self._reply(_OK)
         elif type(command) is StatsCommand:
-            self._reply(self._stats(command.group))
+            try:
+                self._reply(self._stats(command.group))
+            except Exception:
+                self._log.failure("stats failed")
+                self._reply(error_reply(RuntimeError()))
+        elif type(command) is CacheMemlimit:
+            reply = self._memlimit(command.mib)
+            if not command.noreply:
+                self._reply(reply)
+        elif type(command) is Shutdown:
+            self._shutdown(command.mode)
 
     def _stats(self, group: str) -> bytes:
         name, _, argument = group.partition(" ")
-        try:
-            if name == "":
-                return stats_reply(self.factory.stats())
-            if name == "settings":
-                return stats_reply(self.factory.settings())
-        except Exception:
-            self._log.failure("stats failed")
-            return error_reply(RuntimeError())
+        factory = self.factory
+        if name == "":
+            return stats_reply(factory.stats())
+        if name == "settings":
+            return stats_reply(factory.settings())
+        if name == "items":
+            return stats_reply(factory.items())
+        if name == "slabs":
+            return stats_reply(factory.slabs())
+        if name == "sizes":
+            return stats_reply([("sizes_status", "disabled")])
+        if name == "conns":
+            return stats_reply(factory.conns(self))
+        if name == "cachedump":
+            return self._cachedump(argument.split())
         if name == "reset":
-            return b"RESET\r\n"  # counters here are cumulative (Prometheus reads them), so nothing resets
+            factory.reset()
+            return b"RESET\r\n"
         if name == "detail":
             argument = argument.split(" ")[0]
             if argument in ("on", "off"):
                 return _OK
             return b"END\r\n" if argument == "dump" else _STATS_USAGE
-        if name in ("items", "slabs", "sizes", "conns"):
-            return b"END\r\n"
         return b"ERROR\r\n"
+
+    def _cachedump(self, arguments: list[str]) -> bytes:
+        """``stats cachedump <class> <limit>``: the items of pseudo class 1 (0 for the limit: as many as
+        ``_DUMP_LIMIT``), memcached's errors for bad arguments."""
+        if len(arguments) < 2:
+            return b"CLIENT_ERROR bad command line\r\n"
+        if not (arguments[0].isdigit() and arguments[1].isdigit()):
+            return b"CLIENT_ERROR bad command line format\r\n"
+        number, limit = int(arguments[0]), int(arguments[1])
+        if number >= _SLAB_CLASSES:
+            return b"CLIENT_ERROR Illegal slab id\r\n"
+        admin = self.factory.admin
+        if number != 1 or admin is None:
+            return b"END\r\n"
+        items = admin.dump_items(min(limit, _DUMP_LIMIT) if limit else _DUMP_LIMIT)
+        return b"".join([*(b"ITEM %s [%d b; %d s]\r\n" % item for item in items), b"END\r\n"])
+
+    def _memlimit(self, mib: int) -> bytes:
+        """``cache_memlimit``: memcached's bounds and answers; the role changes the limit."""
+        if mib < 8:
+            return b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n"
+        if mib > 1_000_000_000:
+            return b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n"
+        admin = self.factory.admin
+        try:
+            if admin is None:
+                raise ValueError("this server has no memory limit")
+            admin.set_memory_limit(mib * 1024 * 1024)
+        except ValueError as e:
+            return b"MEMLIMIT_ADJUST_FAILED " + str(e).encode("utf-8", "replace") + b"\r\n"
+        self._log.info("memory limit set to {mib} MiB by cache_memlimit", mib=mib)
+        return _OK
+
+    def _shutdown(self, mode: str) -> None:
+        """``shutdown``: refused unless enabled; else close this connection and stop the daemon."""
+        stop = self.factory.shutdown
+        if stop is None:
+            self._reply(b"ERROR: shutdown not enabled\r\n")
+        elif mode == "invalid":
+            self._reply(b"CLIENT_ERROR invalid shutdown mode\r\n")
+        else:
+            self._log.info("shutdown asked by {peer}", peer=self.peer)
+            self._close_now()
+            stop()
 
     # -- replies that come later (a Deferred backend) ----------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import final
 
 from chashd.commands import (
     Arith,
+    CacheMemlimit,
     Command,
     Delete,
     FlushAll,
@@ -28,6 +29,7 @@ from chashd.commands import (
     Number,
     Quit,
     Result,
+    Shutdown,
     StatsCommand,
     StatsResult,
     Status,
@@ -277,6 +279,8 @@ class RequestParser:
             b"version": self._version,
             b"verbosity": self._verbosity,
             b"quit": self._quit,
+            b"cache_memlimit": self._cache_memlimit,
+            b"shutdown": self._shutdown,
             b"xget": self._xget,
             b"xput": self._xput,
             b"xmove": self._xput,
@@ -611,6 +615,19 @@ class RequestParser:
 
     def _quit(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         return Quit()
+
+    def _cache_memlimit(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens not in (3, 4):
+            return _UNKNOWN
+        mib = _strtoul32(tokens[1])
+        if mib is None:
+            return _UNKNOWN  # memcached answers ERROR to a limit it cannot read
+        return CacheMemlimit(mib, tokens[ntokens - 2] == b"noreply")
+
+    def _shutdown(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens == 2:
+            return Shutdown()
+        return Shutdown("graceful" if ntokens == 3 and tokens[1] == b"graceful" else "invalid")
 
     # -- the versioned extension ------------------------------------------------------------------
 

@@ -398,6 +398,11 @@ class MemoryEngine:
         """The limit in bytes, 0 for none."""
         return self._limit
 
+    @property
+    def evicts(self) -> bool:
+        """True when a write at the limit evicts, False when it is refused (``evict=False``)."""
+        return self._evict
+
     def remove(self, key: bytes) -> None:
         """Forget ``key`` entirely."""
         with self._lock:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -95,3 +98,35 @@ def start_daemon(tmp_path: Path, cluster_secrets: ClusterSecrets) -> Iterator[St
     yield start
     for daemon in started:
         daemon.stop(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def memcached_port() -> Iterator[int]:
+    """A real memcached on a free loopback port, stopped by its pid at the end."""
+    binary = shutil.which("memcached")
+    if binary is None:
+        pytest.fail("memcached is not installed: run ./dev.sh test, or apt-get install -y memcached")
+    (port,) = free_ports(1)
+    command = [binary, "-U", "0", "-t", "1", "-l", "127.0.0.1", "-p", str(port), "-m", "64"]
+    if os.geteuid() == 0:  # memcached refuses to run as root
+        command += ["-u", "nobody"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    err = process.stderr.read().decode() if process.stderr else ""
+                    pytest.fail(f"memcached did not start on port {port}: {err}")
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

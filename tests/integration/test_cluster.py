@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from pymemcache.client.base import Client
+from pymemcache.client.hash import HashClient
 
 from chashd.launcher import LocalCluster
 from tests.integration.conftest import clean_environ, http
@@ -54,6 +55,24 @@ class RoutingTests:
             assert http(f"{cluster.gateway_urls[1]}/kv/cross:{i}") == (200, f"value {i}\r\n".encode())
         assert http(f"{cluster.gateway_urls[2]}/kv/from-http", "PUT", b"\x00\xffbinary")[0] == 204
         assert line_client(cluster, 0).get(b"from-http") == b"\x00\xffbinary"
+
+    def test_pymemcache_hash_client(self, cluster: LocalCluster) -> None:
+        """pymemcache's HashClient spread over the three gateways works as over three memcacheds: what it
+        writes (each key through the gateway it hashes to) reads back through any one gateway."""
+        servers = [("127.0.0.1", cluster.line_ports[g.name]) for g in cluster.gateways]
+        client = HashClient(servers, connect_timeout=5, timeout=10, default_noreply=False)
+        try:
+            many = {f"hash:{i}": b"%d" % i for i in range(60)}
+            assert client.set_many(many) == []
+            assert client.get_many(list(many)) == many
+            assert client.incr("hash:7", 3) == 10
+            assert client.delete_many(["hash:1", "hash:2"])
+            assert client.get("hash:1") is None
+        finally:
+            client.close()
+        one = line_client(cluster, 2)
+        assert one.get_many([f"hash:{i}" for i in range(3, 10)])["hash:7"] == b"10"
+        assert one.get("hash:2") is None
 
     def test_replicated_on_at_least_w(self, cluster: LocalCluster) -> None:
         """Each acknowledged key is held by at least W=2 kvstores, and the lookup names its holders."""

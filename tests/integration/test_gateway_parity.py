@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from chashd.launcher import LocalCluster
-from tests.integration.conftest import clean_environ
+from tests.integration.conftest import clean_environ, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +135,49 @@ class HalfCloseTests:
         reply = half_closed(port, b"set own 0 0 1\r\nx\r\nget own\r\nget b\r\n")
         assert reply == b"STORED\r\nVALUE own 0 1\r\nx\r\nEND\r\nEND\r\n"
         assert half_closed(port, b"get own\r\n") == b"VALUE own 0 1\r\nx\r\nEND\r\n"
+
+
+def stats(port: int, group: bytes = b"") -> dict[str, str]:
+    """The ``stats`` (or ``stats <group>``) lines of the server at ``port``."""
+    request = b"stats " + group + b"\r\n" if group else b"stats\r\n"
+    reply = exchange(port, request, ends(b"END\r\n"))
+    return {
+        line.split(b" ")[1].decode(): line.split(b" ", 2)[2].decode()
+        for line in reply.split(b"\r\n")
+        if line.startswith(b"STAT ")
+    }
+
+
+class StatsTests:
+    """stats groups and admin commands on a gateway and a kvstore."""
+
+    def test_gateway_cluster_totals(self, replicated: LocalCluster) -> None:
+        """A gateway's stats add the cluster's totals, summed from every kvstore's last report."""
+        port = line_port(replicated)
+        exchange(
+            port, b"".join(b"set total:%d 0 0 1\r\nx\r\n" % i for i in range(30)), lambda d: d.count(b"\r\n") == 30
+        )
+
+        def reported() -> dict[str, str] | None:
+            figures = stats(port)
+            return figures if int(figures["cluster_curr_items"]) >= 90 else None  # 30 keys, 3 replicas each
+
+        figures = wait_until("the kvstores' reports of the 30 keys", reported)
+        assert figures["cluster_nodes_reporting"] == "3"
+        assert int(figures["cluster_bytes"]) > 0 and figures["cluster_limit_maxbytes"] == "0"
+        assert int(figures["cmd_set"]) >= 30 and "curr_connections" in figures
+        settings = stats(port, b"settings")
+        assert (settings["replicas"], settings["write_quorum"], settings["read_quorum"]) == ("3", "2", "2")
+        assert exchange(port, b"cache_memlimit 64\r\n", ends(b"\r\n")).startswith(b"MEMLIMIT_ADJUST_FAILED a gateway")
+        assert exchange(port, b"shutdown\r\n", ends(b"\r\n")) == b"ERROR: shutdown not enabled\r\n"
+
+    def test_kvstore_groups(self, replicated: LocalCluster) -> None:
+        """A kvstore answers items, slabs, conns and cachedump with what it holds."""
+        port = replicated.line_ports[replicated.kvstores[1].name]
+        exchange(port, b"set own:dump 0 0 3\r\nabc\r\n", ends(b"STORED\r\n"))
+        assert int(stats(port, b"items")["items:1:number"]) >= 1
+        assert stats(port, b"slabs")["active_slabs"] == "1"
+        conns = stats(port, b"conns")
+        assert any(name.endswith(":state") and value == "conn_parse_cmd" for name, value in conns.items())
+        dump = exchange(port, b"stats cachedump 1 0\r\n", ends(b"END\r\n"))
+        assert re.search(rb"^ITEM own:dump \[3 b; 0 s\]\r\n", dump, re.M)

@@ -2,7 +2,8 @@
 
 A differential test: every case sends the same byte sequence, on a fresh connection, to memcached 1.6
 (Debian's package, started here on a free loopback port with ``-U 0 -t 1``) and to the kvstore's line
-protocol (``MemcacheServerFactory`` over ``LocalBackend`` and ``MemoryEngine``, served in this process
+protocol (``MemcacheServerFactory`` over ``LocalBackend`` and a ``MemoryEngine`` bounded at 64 MiB as memcached's
+``-m 64`` is, served in this process
 by the real reactor on a real loopback socket), then compares the replies byte for byte. Only what
 differs by nature is normalised: cas uniques (memcached counts, we use versions) and the version string.
 Each case starts from an empty store (``flush_all`` on both first).
@@ -17,11 +18,8 @@ Then pymemcache, a real memcached client, runs the common operations against the
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +31,6 @@ from pymemcache.client.base import Client
 from twisted.internet.threads import deferToThread
 
 from chashd.kvstore.backend import LocalBackend
-from chashd.launcher import free_ports
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage.memory import MemoryEngine
 
@@ -48,44 +45,12 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture(scope="module")
-def memcached_port() -> Iterator[int]:
-    """A real memcached on a free loopback port, stopped by its pid at the end."""
-    binary = shutil.which("memcached")
-    if binary is None:
-        pytest.fail("memcached is not installed: run ./dev.sh test, or apt-get install -y memcached")
-    (port,) = free_ports(1)
-    command = [binary, "-U", "0", "-t", "1", "-l", "127.0.0.1", "-p", str(port), "-m", "64"]
-    if os.geteuid() == 0:  # memcached refuses to run as root
-        command += ["-u", "nobody"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    err = process.stderr.read().decode() if process.stderr else ""
-                    pytest.fail(f"memcached did not start on port {port}: {err}")
-                time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture(scope="module")
 def kvstore_port() -> Iterator[int]:
     """The kvstore's line protocol over the memory engine, served by the real reactor on loopback."""
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
-    backend = LocalBackend(MemoryEngine(), "kv-compat", reactor, MAX_VALUE)
+    backend = LocalBackend(MemoryEngine(limit_bytes=64 * 1024 * 1024), "kv-compat", reactor, MAX_VALUE)
     factory = MemcacheServerFactory(backend, reactor, max_value_size=MAX_VALUE, idle_timeout=0)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     yield port.getHost().port
@@ -227,6 +192,20 @@ CASES = [
     Case("gat gats", [b"gat 100 k x\r\ngats 100 k\r\ngat abc k\r\ngat 10\r\n"], setup=[b"set k 3 0 1\r\nx\r\n"]),
     Case("gat with a past exptime", [b"gat -1 k\r\n", b"get k\r\n"], pause=0.02, setup=[b"set k 0 0 1\r\nx\r\n"]),
     Case("stats errors", [b"stats nonsense\r\nstats detail\r\n"]),
+    Case(
+        "stats groups and admin",
+        [
+            b"stats sizes\r\nstats cachedump\r\nstats cachedump 1\r\nstats cachedump x y\r\n"
+            b"stats cachedump 99 1\r\nstats reset\r\nshutdown\r\nshutdown graceful\r\nshutdown now\r\n"
+        ],
+    ),  # fmt: skip
+    Case(
+        "cache_memlimit",
+        [
+            b"cache_memlimit\r\ncache_memlimit 50\r\ncache_memlimit 5\r\ncache_memlimit abc\r\n"
+            b"cache_memlimit 2000000000\r\ncache_memlimit 60 noreply\r\ncache_memlimit 64 x\r\n"
+        ],
+    ),  # fmt: skip
     Case("expired at once", [b"set k 0 -1 1\r\nx\r\nget k\r\nadd k 0 0 1\r\ny\r\nget k\r\n"]),
     Case("absolute past expiry", [b"set k 0 1000000000 1\r\nx\r\nget k\r\n"]),
     Case("flush_all", [b"set k 0 0 1\r\nx\r\nflush_all\r\nget k\r\nflush_all 0\r\nflush_all noreply\r\n"]),

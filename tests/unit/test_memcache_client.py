@@ -131,6 +131,7 @@ class ClientServerTests(SynchronousTestCase):
         assert b" ".join(line[5:] for line in lines) == b" ".join(keys)
         self.pump.flush()
         found = self.successResultOf(d)
+        assert isinstance(found, Values)
         assert [key for key, _ in found.items] == list(keys[::3])
         assert all(record.value == key[-4:] for key, record in found.items)
         many = tuple(b"k%d" % i for i in range(XGET_KEYS + 1))

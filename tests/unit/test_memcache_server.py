@@ -25,7 +25,7 @@ from chashd.errors import ChashdError, NodeLeaving
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache import client, server
-from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
+from chashd.memcache.server import SERVER_VERSION, MemcacheServerFactory, MemcacheServerProtocol
 from chashd.storage.memory import MemoryEngine
 
 T0 = 1_700_000_000.0
@@ -248,7 +248,9 @@ class ServerTests:
         assert transport.producerState == "producing"
 
     def test_version_verbosity(self) -> None:
-        """version answers chashd's version; verbosity answers OK."""
+        """version answers the version given (by default memcached's release, then chashd's, which
+        libmemcached parses); verbosity answers OK."""
+        assert "1.6.18-chashd-" + chashd.__version__ == SERVER_VERSION
         factory, _ = make_factory(version="9.9")
         protocol, transport = connect(factory)
         protocol.dataReceived(b"version\r\nverbosity 1\r\nverbosity 1 noreply\r\n")
@@ -276,19 +278,78 @@ class ServerTests:
             b"1",
         )
         for group, reply in [
-            (b"reset", b"RESET\r\n"),
             (b"detail on", b"OK\r\n"),
             (b"detail dump", b"END\r\n"),
             (b"detail", b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"),
-            (b"items", b"END\r\n"),
+            (b"sizes", b"STAT sizes_status disabled\r\nEND\r\n"),
+            (b"cachedump", b"CLIENT_ERROR bad command line\r\n"),
+            (b"cachedump 1", b"CLIENT_ERROR bad command line\r\n"),
+            (b"cachedump x 1", b"CLIENT_ERROR bad command line format\r\n"),
+            (b"cachedump 64 1", b"CLIENT_ERROR Illegal slab id\r\n"),
+            (b"cachedump 2 1", b"END\r\n"),
+            (b"cachedump 1 5", b"ITEM k [2 b; 0 s]\r\nEND\r\n"),
+            (b"items", b"STAT items:1:number 1\r\n"),
+            (b"slabs", b"STAT 1:used_chunks 1\r\n"),
             (b"nonsense", b"ERROR\r\n"),
         ]:
             transport.clear()
             protocol.dataReceived(b"stats " + group + b"\r\n")
-            assert transport.value() == reply, group
+            assert transport.value().startswith(reply), group
         transport.clear()
         protocol.dataReceived(b"stats settings\r\n")
-        assert b"STAT item_size_max 1024\r\n" in transport.value()
+        settings = transport.value()
+        for line in (b"item_size_max 1024", b"maxbytes 0", b"evictions on", b"shutdown_command no", b"maxconns 1024"):
+            assert b"STAT " + line + b"\r\n" in settings, line
+        transport.clear()
+        protocol.dataReceived(b"stats conns\r\n")
+        conns = transport.value()
+        assert conns.count(b":addr tcp:") == 2 and b":state conn_parse_cmd" in conns and conns.endswith(b"END\r\n")
+
+    def test_stats_reset(self) -> None:
+        """stats reset zeroes what memcached resets: the listener's totals and the backend's counters."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 2\r\nab\r\nget k\r\nstats reset\r\nstats\r\n")
+        assert b"RESET\r\n" in transport.value()
+        stats = dict(line.split(b" ", 2)[1:] for line in transport.value().split(b"\r\n") if line.startswith(b"STAT"))
+        assert (stats[b"cmd_set"], stats[b"get_hits"], stats[b"total_connections"]) == (b"0", b"0", b"0")
+        assert (stats[b"curr_items"], stats[b"curr_connections"]) == (b"1", b"1")
+
+    def test_cache_memlimit(self) -> None:
+        """cache_memlimit changes a bounded memory engine's limit, with memcached's bounds and words."""
+        clock = Clock()
+        engine = MemoryEngine(limit_bytes=64 << 20)
+        factory, _ = make_factory(LocalBackend(engine, "kv-1", clock, 1024))
+        protocol, transport = connect(factory)
+        protocol.dataReceived(
+            b"cache_memlimit 50\r\ncache_memlimit 5\r\ncache_memlimit 2000000000\r\ncache_memlimit\r\n"
+            b"cache_memlimit abc\r\ncache_memlimit 40 noreply\r\ncache_memlimit 30 x\r\n"
+        )
+        assert transport.value() == (
+            b"OK\r\nMEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n"
+            b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\nERROR\r\nERROR\r\nOK\r\n"
+        )
+        assert engine.limit_bytes == 30 << 20
+        unbounded, _ = make_factory()
+        protocol, transport = connect(unbounded)
+        protocol.dataReceived(b"cache_memlimit 50\r\n")
+        assert transport.value().startswith(
+            b"MEMLIMIT_ADJUST_FAILED the engine was made without a limit: start the node with --memory-limit\r\n"
+        )
+
+    def test_shutdown(self) -> None:
+        """shutdown is refused unless enabled; enabled, it closes the connection and calls the stopper once."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"shutdown\r\nshutdown graceful\r\nshutdown now\r\n")
+        assert transport.value() == b"ERROR: shutdown not enabled\r\n" * 3
+        stopped: list[bool] = []
+        factory, _ = make_factory(shutdown=lambda: stopped.append(True))
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"shutdown now\r\n")
+        assert transport.value() == b"CLIENT_ERROR invalid shutdown mode\r\n" and not stopped
+        protocol.dataReceived(b"shutdown graceful\r\nget k\r\n")
+        assert stopped == [True] and transport.disconnecting
 
     def test_backend_bug_is_server_error_and_logged(self) -> None:
         """An unexpected backend exception answers SERVER_ERROR, is logged, and the connection stays."""
@@ -551,7 +612,7 @@ class PackageTests:
     """``chashd.memcache`` exports the server's and the client's public names."""
 
     def test_exports(self) -> None:
-        """Every name of ``__all__`` is the class of its module."""
+        """Every name of ``__all__`` is the one of its module (the classes and the server's version)."""
         homes = {name: getattr(server, name, None) or getattr(client, name) for name in chashd.memcache.__all__}
         assert {name: getattr(chashd.memcache, name) for name in chashd.memcache.__all__} == homes
         assert sorted(chashd.memcache.__all__) == sorted([*server.__all__, *client.__all__])

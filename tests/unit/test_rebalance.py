@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
@@ -13,6 +14,8 @@ from chashd.gateway.clustermap import NodeInfo
 from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.rebalance import Rebalance
+from chashd.gateway.router import Router
+from chashd.gateway.service import GatewayAdmin
 from chashd.gateway.testing import LocalRaft
 from tests.unit.test_health import ClockWithThreads
 
@@ -30,7 +33,8 @@ class Reports:
         if node.id in self.down:
             return fail(ConnectionRefusedError())
         epoch = self.synced.get(node.id)
-        return succeed({"keys": 7, "handoff": {"synced_epoch": epoch, "records_sent": 1}})
+        figures = {"curr_items": 3, "bytes": 300, "limit_maxbytes": 1000, "evictions": ord(node.id) - ord("a")}
+        return succeed({"keys": 7, "handoff": {"synced_epoch": epoch, "records_sent": 1}, "stats": figures})
 
 
 class RebalanceTests(SynchronousTestCase):
@@ -151,3 +155,31 @@ class RebalanceTests(SynchronousTestCase):
         assert len(held) == 2
         rebalance.stopService()
         assert held[1].called
+
+    def test_cluster_totals_and_admin(self) -> None:
+        """GatewayAdmin sums the figures the kvstores reported into the gateway's stats (cluster_*), says the
+        gateway's N/W/R in stats settings, zeroes the router's counters on stats reset, and refuses
+        cache_memlimit with the reason."""
+        config = load_config(GatewayConfig, {"gateway_id": "g1", "replicas": "2", "write_quorum": "1"}, environ={})
+        router = Router("g1", self.clock, lambda node: None)  # type: ignore[arg-type,return-value]
+        admin = GatewayAdmin(router, self.rebalance, config)
+        assert admin.stats_extra()["cluster_nodes_reporting"] == 0
+        self.register("a")
+        self.register("b")
+        self.rebalance.startService()
+        totals = admin.stats_extra()
+        assert totals["cluster_nodes_reporting"] == 2
+        assert (totals["cluster_curr_items"], totals["cluster_bytes"], totals["cluster_limit_maxbytes"]) == (
+            6,
+            600,
+            2000,
+        )
+        assert (totals["cluster_evictions"], totals["cluster_total_items"]) == (1, 0)
+        settings = admin.settings()
+        assert (settings["replicas"], settings["write_quorum"], settings["read_quorum"]) == (2, 1, 2)
+        router.counters["cmd_get"] = 5
+        admin.reset_stats()
+        assert set(router.counters.values()) == {0}
+        with pytest.raises(ValueError, match="send cache_memlimit to each kvstore"):
+            admin.set_memory_limit(64 << 20)
+        assert admin.dump_items(10) == []
