@@ -66,6 +66,16 @@ def run(name: str, server: str, *args: str, cwd: Path | None = None) -> subproce
     return subprocess.run(command, capture_output=True, timeout=120, cwd=cwd, check=False)
 
 
+def copied(server: str, directory: Path, prefix: str, body: bytes) -> str:
+    """Write ``body`` to a file named after ``prefix`` and the server's port in ``directory``, memccp it there
+    (asserting it worked, silently); the file's name, which is the key."""
+    name = f"{prefix}-{server.rsplit(':', 1)[1]}"
+    (directory / name).write_bytes(body)
+    done = run("memccp", server, name, cwd=directory)
+    assert (done.returncode, done.stdout) == (0, b""), done.stderr
+    return name
+
+
 class ToolTests:
     """Each tool against a gateway, a kvstore and memcached: the same exit status and output."""
 
@@ -89,19 +99,14 @@ class ToolTests:
 
     def test_memccp(self, server: str, tmp_path: Path) -> None:
         """memccp stores a file under its name (exit 0, silent), which a get then reads byte for byte."""
-        name = f"cp-{server.rsplit(':', 1)[1]}.bin"
         body = bytes(range(256)) * 10
-        (tmp_path / name).write_bytes(body)
-        done = run("memccp", server, name, cwd=tmp_path)
-        assert (done.returncode, done.stdout) == (0, b""), done.stderr
+        name = copied(server, tmp_path, "cp", body)
         done = run("memccat", server, name)
         assert (done.returncode, done.stdout) == (0, body + b"\n")  # memccat ends each value with a newline
 
     def test_memccat(self, server: str, tmp_path: Path) -> None:
         """memccat prints what memccp stored (and a newline), and exits 1 silently for a key that is not there."""
-        name = f"cat-{server.rsplit(':', 1)[1]}.txt"
-        (tmp_path / name).write_text("hello from libmemcached\n")
-        assert run("memccp", server, name, cwd=tmp_path).returncode == 0
+        name = copied(server, tmp_path, "cat", b"hello from libmemcached\n")
         done = run("memccat", server, name)
         assert (done.returncode, done.stdout) == (0, b"hello from libmemcached\n\n"), done.stderr
         done = run("memccat", server, "no-such-key")
@@ -109,9 +114,7 @@ class ToolTests:
 
     def test_memcrm(self, server: str, tmp_path: Path) -> None:
         """memcrm deletes a key (exit 0), after which memccat finds nothing; a second memcrm exits 1."""
-        name = f"rm-{server.rsplit(':', 1)[1]}.txt"
-        (tmp_path / name).write_text("to be removed\n")
-        assert run("memccp", server, name, cwd=tmp_path).returncode == 0
+        name = copied(server, tmp_path, "rm", b"to be removed\n")
         done = run("memcrm", server, name)
         assert (done.returncode, done.stdout) == (0, b""), done.stderr
         assert run("memccat", server, name).returncode == 1
