@@ -24,7 +24,8 @@
 A slow replica does not slow the cluster:
 
 - Hedging: a read that an asked replica has not answered within ``hedge_after`` seconds also asks the
-  next up replica (the one answer needed with R=1, or the ones still missing of R); the replica that kept
+  next up replica (for the ones still missing of R; with R=1 the request is cancelled and the next
+  replica asked in its place, so that the common read needs no object of its own); the replica that kept
   it waiting is *slow*: reads ask it last until it answers something (or ``suspect_for`` seconds pass).
   One timer serves every pending read (``_hedge_later``): a read is a deque entry, not a delayed call.
 - Failover of the primary: a read-modify-write whose primary has not answered (its read, or the command)
@@ -39,8 +40,9 @@ A slow replica does not slow the cluster:
 N, W and R are capped at the number of nodes in the ring, so a one-node ring works.
 
 The common cases take short paths that do the same thing with fewer objects per request: a single-key
-``get`` with R=1 is one ``_OneRead`` (the first answer is the client's); any other single-key ``get`` is
-one ``_KeyRead`` whose Deferred is the answer; a ``set`` to a single replica needs no quorum object.
+``get`` with R=1 is one ``XGet`` whose Deferred the client protocol gets back (a failure, or the hedging
+timer, which cancels it, moves on to the next up replica); any other single-key ``get`` is one ``_KeyRead``
+whose Deferred is the answer; a ``set`` to a single replica needs no quorum object.
 Preference lists are memoized per placement (the ring is immutable, so a key's list only changes with a
 new placement), and which nodes are down is worked out once per placement rather than per request.
 Callbacks are bound methods with arguments, not closures.
@@ -200,7 +202,8 @@ class Router:
         # either. Both end when the node answers a request sent while it was suspect.
         self._slow: dict[str, float] = {}
         self._stalled: dict[str, float] = {}
-        self._hedges: deque[tuple[float, _Hedged]] = deque()
+        # (due, read, None, 0) or, for a get of one key with R=1, (due, its XGet Deferred, up, index).
+        self._hedges: deque[tuple[float, Any, Sequence[str] | None, int]] = deque()
         self._hedge_call: IDelayedCall | None = None
         self.placement = Placement(HashRing({}))
         # Worked out once per placement and N: see replicas_for.
@@ -318,11 +321,12 @@ class Router:
 
     # -- hedging ----------------------------------------------------------------------------------
 
-    def _hedge_later(self, read: _Hedged) -> None:
-        """Look at ``read`` again in ``hedge_after`` seconds (one timer for every read pending)."""
+    def _hedge_later(self, read: Any, up: Sequence[str] | None = None, index: int = 0) -> None:
+        """Look at ``read`` again in ``hedge_after`` seconds (one timer for every read pending); ``read`` is
+        a ``_Hedged``, or the Deferred of the XGet to ``up[index]`` of a get of one key with R=1."""
         if self.hedge_after <= 0:
             return
-        self._hedges.append((self._now() + self.hedge_after, read))
+        self._hedges.append((self._now() + self.hedge_after, read, up, index))
         if self._hedge_call is None:
             self._hedge_call = self._clock.callLater(self.hedge_after, self._hedge_due)
 
@@ -336,7 +340,13 @@ class Router:
         hedges = self._hedges
         asks: dict[str, list[_Hedged]] = {}
         while hedges and hedges[0][0] <= now:
-            read = hedges.popleft()[1]
+            _, read, up, index = hedges.popleft()
+            if up is not None:  # the XGet of a get with R=1: cancelled, _one_failed asks the next replica
+                if not read.called and index + 1 < len(up):
+                    self._mark_slow(up[index])
+                    self.counters["hedged_reads_total"] += 1
+                    read.cancel()
+                continue
             node = read.hedge()
             if node is not None:
                 asks.setdefault(node, []).append(read)
@@ -479,8 +489,8 @@ class Router:
     # -- reads ----------------------------------------------------------------------------------
 
     def _get_one(self, key: bytes) -> Deferred[Any]:
-        """A get of one key: with R=1 and no move under way, one ``_OneRead`` (the first answer is the
-        client's); otherwise one ``_KeyRead`` that answers with the final ``Values``."""
+        """A get of one key: with R=1 and no move under way, one XGet (and the next replica on a failure or
+        after ``hedge_after``); otherwise one ``_KeyRead`` that answers with the final ``Values``."""
         self.counters["cmd_get"] += 1
         replicas = self.replicas_for(key)
         if (self.read_quorum == 1 or len(replicas) == 1) and (
@@ -490,12 +500,17 @@ class Router:
             if not up:
                 self.counters["quorum_failures"] += 1
                 return _fail(QuorumNotReached(1, 0, "read"))
-            one = _OneRead(self, key, up)
-            one.start()
-            return one.done
+            return self._ask_one(key, up, 0)
         read = _KeyRead(self, key, replicas, single=True)
         read.start()
         return read.done
+
+    def _ask_one(self, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
+        d = self._send(up[index], XGet((key,)))
+        d.addCallbacks(self._one_answered, self._one_failed, callbackArgs=(key,), errbackArgs=(key, up, index))
+        if not d.called and index + 1 < len(up):
+            self._hedge_later(d, up, index)
+        return d
 
     def _one_answered(self, answer: Values, key: bytes) -> Values:
         items = answer.items
@@ -519,6 +534,13 @@ class Router:
             return Values(((key, record),))
         self.counters["get_misses"] += 1
         return _NO_VALUES
+
+    def _one_failed(self, failure: Failure, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
+        """The XGet of a get with R=1 failed, or was cancelled by the hedging timer: the next up replica."""
+        if index + 1 < len(up):
+            return self._ask_one(key, up, index + 1)
+        self.counters["quorum_failures"] += 1
+        return _fail(QuorumNotReached(1, 0, "read"))
 
     def _get(self, command: Get) -> Deferred[Any]:
         self.counters["cmd_get"] += 1
@@ -754,71 +776,6 @@ class _KeyRead:
         self.router._log.info(
             "read repair of {key!r} on {node} failed: {error}", key=self.key, node=node, error=failure.getErrorMessage()
         )
-
-
-class _OneRead:
-    """A get of one key with R=1: the first up replica (slow ones last), the next one on a failure or once
-    the read waited ``hedge_after``; the first answer is the client's."""
-
-    __slots__ = ("done", "key", "next", "outstanding", "router", "up")
-
-    def __init__(self, router: Router, key: bytes, up: Sequence[str]) -> None:
-        self.router = router
-        self.key = key
-        self.up = up
-        self.next = 0  # the index in ``up`` of the next replica to ask
-        self.outstanding = 0
-        self.done: Deferred[Any] = Deferred()
-
-    def start(self) -> None:
-        self._ask()
-        if not self.done.called:
-            self.router._hedge_later(self)
-
-    def _ask(self) -> None:
-        node = self.up[self.next]
-        self.next += 1
-        self.outstanding += 1
-        self.router._send(node, XGet((self.key,))).addCallbacks(
-            self._answered, self.failed_on_with, callbackArgs=(node,), errbackArgs=(node,)
-        )
-
-    def _answered(self, answer: Values, node: str) -> None:
-        self.outstanding -= 1
-        if not self.done.called:
-            self.done.callback(self.router._one_answered(answer, self.key))
-
-    def answered(self, node: str, record: Record | None) -> None:
-        self.outstanding -= 1
-        if not self.done.called:
-            self.done.callback(self.router._client_values(self.key, record))
-
-    def failed_on_with(self, failure: Failure, node: str) -> None:
-        """``failed_on`` as an errback."""
-        self.failed_on(node)
-
-    def failed_on(self, node: str) -> None:
-        self.outstanding -= 1
-        if self.done.called:
-            return
-        if self.next < len(self.up):
-            self._ask()
-        elif not self.outstanding:
-            self.router.counters["quorum_failures"] += 1
-            self.done.errback(Failure(QuorumNotReached(1, 0, "read")))
-
-    def hedge(self) -> str | None:
-        """Not answered after ``hedge_after``: the replicas asked are slow; ask the next one."""
-        if self.done.called or self.next >= len(self.up):
-            return None
-        router = self.router
-        for node in self.up[: self.next]:
-            router._mark_slow(node)
-        node = self.up[self.next]
-        self.next += 1
-        self.outstanding += 1
-        router._hedge_later(self)
-        return node
 
 
 _READING, _APPLYING, _REPLICATING, _OVER = range(4)

@@ -60,7 +60,9 @@ class Link:
         held = list(zip(self.held, self.held_commands))
         self.held, self.held_commands = [], []
         for d, command in reversed(held) if reverse else held:
-            self._run(command).addBoth(d.callback)
+            answer = self._run(command)
+            if not d.called:  # else cancelled by the router: the connection drops the late answer
+                answer.addBoth(d.callback)
 
 
 class Cluster:
