@@ -115,8 +115,6 @@ def test_rmw_after_the_primary_missed_writes(cluster: LocalCluster) -> None:
     for i, key in enumerate(deleted):
         assert line_client(cluster, i % 3).incr(key, 1) is None, key
         assert line_client(cluster, i % 3).get(key) is None, key
-    # The restarted node holds the results of the commands that changed something (copied to every replica).
-    assert all(stored_on(victim, key) == b"42" for key in counters)
 
 
 def test_a_paused_kvstore_costs_the_primary_timeout(cluster: LocalCluster) -> None:
