@@ -11,9 +11,9 @@ __all__ = [
     "BadCommand",
     "BadDataChunk",
     "BadKey",
-    "ChashdError",
     "ClusterMapUnavailable",
     "ConfigError",
+    "DomainError",
     "NoNodes",
     "NodeConflict",
     "NodeLeaving",
@@ -31,15 +31,18 @@ __all__ = [
 ]
 
 
-class ChashdError(Exception):
-    """Base of every error chashd raises on purpose."""
+class DomainError(Exception):
+    """Base of every error the daemons' code raises on purpose; each adapter maps it to its wire.
+
+    Not to be confused with ``chashd.client.ChashError``, the failures the HTTP API's clients report.
+    """
 
 
-class ConfigError(ChashdError):
+class ConfigError(DomainError):
     """A configuration value is missing or wrong. The message is one line naming the option."""
 
 
-class StorageError(ChashdError):
+class StorageError(DomainError):
     """The storage engine cannot use its files: unreadable, corrupt, of an unknown schema, or failing writes.
 
     The message names the problem; ``detail`` (for the logs, never for clients) also names the file. At
@@ -54,7 +57,7 @@ class StorageError(ChashdError):
 # -- the client's fault ----------------------------------------------------------------------------
 
 
-class RequestError(ChashdError):
+class RequestError(DomainError):
     """The request is malformed or not allowed (memcached ``CLIENT_ERROR``, HTTP 4xx)."""
 
 
@@ -122,7 +125,7 @@ class NodeConflict(RequestError):
 # -- the cluster's state ---------------------------------------------------------------------------
 
 
-class ServiceUnavailable(ChashdError):
+class ServiceUnavailable(DomainError):
     """The request was valid but cannot be served now (memcached ``SERVER_ERROR``, HTTP 503)."""
 
 

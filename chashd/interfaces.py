@@ -19,7 +19,7 @@ from typing import Any
 from zope.interface import Attribute, Interface
 
 from chashd.commands import Status, XPut
-from chashd.errors import ChashdError
+from chashd.errors import DomainError
 
 __all__ = ["IGroupedPuts", "IKVClient", "IKeyValue", "IPlainGet", "IServerAdmin", "IStorageEngine"]
 
@@ -121,9 +121,9 @@ class IGroupedPuts(Interface):
     hundreds).
     """
 
-    def execute_puts(commands: Sequence[XPut]) -> list[Status | ChashdError]:
-        """The result (``Status``) or the domain error (a ``ChashdError``, returned, not raised) of each
-        ``XPut`` in ``commands``, in order. Raises a ``ChashdError`` when the group as a whole failed:
+    def execute_puts(commands: Sequence[XPut]) -> list[Status | DomainError]:
+        """The result (``Status``) or the domain error (a ``DomainError``, returned, not raised) of each
+        ``XPut`` in ``commands``, in order. Raises a ``DomainError`` when the group as a whole failed:
         then none of it may be taken as stored."""
 
 

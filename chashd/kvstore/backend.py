@@ -57,7 +57,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import (
-    ChashdError,
+    DomainError,
     NodeLeaving,
     StaleVersion,
     StorageError,
@@ -440,7 +440,7 @@ class LocalBackend:
 
     # -- the versioned extension ---------------------------------------------------------------------
 
-    def execute_puts(self, commands: Sequence[XPut]) -> list[Status | ChashdError]:
+    def execute_puts(self, commands: Sequence[XPut]) -> list[Status | DomainError]:
         """``IGroupedPuts``: run several ``XPut`` as one group (``engine.apply_many``: one transaction, a few
         statements): a result or the domain error for each, in order. The line protocol groups the XPuts a
         connection has ready (a handoff pipelines hundreds): one SQLite commit for all of them instead of one
@@ -450,7 +450,7 @@ class LocalBackend:
         through ``apply`` one by one, so that only that command gets the error.
         """
         counts = self._counts
-        results: list[Status | ChashdError] = []
+        results: list[Status | DomainError] = []
         items: list[tuple[bytes, Record]] = []
         places: list[int] = []  # where each of items answers in results
         admit = self._admit
@@ -472,7 +472,7 @@ class LocalBackend:
             items.append((command.key, record))
         if not items:
             return results
-        stored: list[bool | ChashdError]
+        stored: list[bool | DomainError]
         try:
             try:
                 stored = list(self.engine.apply_many(items))
@@ -494,7 +494,7 @@ class LocalBackend:
                 counts["total_items"] += 1
         return results
 
-    def _apply_one(self, key: bytes, record: Record) -> bool | ChashdError:
+    def _apply_one(self, key: bytes, record: Record) -> bool | DomainError:
         try:
             return bool(self.engine.apply(key, record))
         except StorageError as e:

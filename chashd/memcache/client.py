@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result, Values, XGet
-from chashd.errors import ChashdError, ServiceUnavailable
+from chashd.errors import DomainError, ServiceUnavailable
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import BadReply, ReplyParser, serialize_command
 
@@ -229,7 +229,7 @@ class KVClientProtocol(Protocol):
             deferred = pending.popleft()[1]
             if deferred.called:  # cancelled by its caller
                 continue
-            if isinstance(result, ChashdError):
+            if isinstance(result, DomainError):
                 deferred.errback(result)
             else:
                 deferred.callback(result)
@@ -258,7 +258,7 @@ class KVClientProtocol(Protocol):
         self._fail_all(KVTimeout(f"{self.peer} did not answer within {self._timeout}s"), first=oldest)
         self._tr.abortConnection()
 
-    def _fail_all(self, error: ChashdError, first: _Request | None = None) -> None:
+    def _fail_all(self, error: DomainError, first: _Request | None = None) -> None:
         self._connected = False
         if self._timer is not None:
             if self._timer.active():
@@ -369,7 +369,7 @@ class KVClientPool(MultiService):
             return protocol.send(command)
 
         def unreachable(failure: Failure) -> Failure:
-            if failure.check(ChashdError):
+            if failure.check(DomainError):
                 return failure
             return Failure(KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"))
 

@@ -142,7 +142,7 @@ from chashd.commands import (
     XApplied,
     XPut,
 )
-from chashd.errors import ChashdError
+from chashd.errors import DomainError
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IServerAdmin
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import (
@@ -355,7 +355,7 @@ class MemcacheServerProtocol(Protocol):
     #: ``IPlainGet.get_one`` of the backend, set when ``_plain_gets`` (only then does the parser hand keys over).
     _get_one: Callable[[bytes], tuple[int, bytes] | None]
     #: ``IGroupedPuts.execute_puts`` of the backend, set when ``_group_puts``.
-    _execute_puts: Callable[[list[XPut]], list[Status | ChashdError]]
+    _execute_puts: Callable[[list[XPut]], list[Status | DomainError]]
 
     def __init__(self, factory: MemcacheServerFactory) -> None:
         self.factory = factory
@@ -542,7 +542,7 @@ class MemcacheServerProtocol(Protocol):
         command = cast(Command, command)
         try:
             result = self._execute(command)
-        except ChashdError as e:
+        except DomainError as e:
             reply = error_reply(e)
         except Exception:
             self._log.failure("the backend failed on {command}", command=type(command).__name__)
@@ -569,7 +569,7 @@ class MemcacheServerProtocol(Protocol):
         results: Sequence[Status | Exception]
         try:
             results = self._execute_puts(puts)
-        except ChashdError as e:  # the transaction failed: none of them is stored
+        except DomainError as e:  # the transaction failed: none of them is stored
             results = [e] * len(puts)
         except Exception:
             self._log.failure("the backend failed on {count} grouped xput", count=len(puts))
@@ -604,7 +604,7 @@ class MemcacheServerProtocol(Protocol):
         """Run a command nobody waits for (a failed set's delete); its errors are only logged."""
         try:
             result = self._execute(command)
-        except ChashdError:
+        except DomainError:
             return
         except Exception:
             self._log.failure("the backend failed on {command}", command=type(command).__name__)
@@ -612,7 +612,7 @@ class MemcacheServerProtocol(Protocol):
         if isinstance(result, Deferred):
 
             def failed(failure: Failure) -> None:
-                if not failure.check(ChashdError):
+                if not failure.check(DomainError):
                     self._log.failure("background write", failure)
 
             result.addErrback(failed)
@@ -733,7 +733,7 @@ class MemcacheServerProtocol(Protocol):
             self._drain()
 
         def failed(failure: Failure) -> None:
-            if not failure.check(ChashdError):
+            if not failure.check(DomainError):
                 self._log.failure("the backend failed on {command}", failure, command=type(command).__name__)
             cell[0] = b"" if noreply else error_reply(failure.value or RuntimeError())
             self._drain()

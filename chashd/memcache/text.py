@@ -48,7 +48,7 @@ from chashd.commands import (
 from chashd.errors import (
     BadCommand,
     BadDataChunk,
-    ChashdError,
+    DomainError,
     NodeLeaving,
     NonNumericValue,
     RequestError,
@@ -111,7 +111,7 @@ class Rejected:
     ``set`` whose value is too large deletes the key's stale value, as memcached does).
     """
 
-    error: ChashdError
+    error: DomainError
     reply: bool = True
     close: bool = False
     then: Command | None = None
@@ -728,7 +728,7 @@ def error_reply(error: BaseException) -> bytes:
     text = str(error).replace("\r", " ").replace("\n", " ").encode("utf-8", "replace")
     if isinstance(error, RequestError):
         return b"CLIENT_ERROR " + text + b"\r\n"
-    if isinstance(error, ChashdError):
+    if isinstance(error, DomainError):
         return b"SERVER_ERROR " + text + b"\r\n"
     return b"SERVER_ERROR internal error\r\n"
 
@@ -898,7 +898,7 @@ _SERVER_ERRORS: dict[str, type[ServiceUnavailable]] = {str(NodeLeaving()): NodeL
 _STALE = StaleVersion.MESSAGE + ": "
 
 
-def error_from_reply(line: bytes) -> ChashdError | None:
+def error_from_reply(line: bytes) -> DomainError | None:
     """The domain error an error line stands for (the inverse of ``error_reply``), or None."""
     if line == b"ERROR":
         return UnknownCommand()
@@ -922,7 +922,7 @@ class ReplyParser:
     """Turns a server's reply bytes into results, given the command each reply answers.
 
     ``feed(data)``, then ``next(command)`` for the oldest command waiting: its result (a ``Result``, or a
-    ``ChashdError`` the server answered with, returned, not raised), or None until more bytes come.
+    ``DomainError`` the server answered with, returned, not raised), or None until more bytes come.
     A reply that does not parse raises ``BadReply``: the connection must be dropped. A line is bounded
     by ``max_line`` and a value by ``max_value_size``.
     """
@@ -973,7 +973,7 @@ class ReplyParser:
         self._pos = end + 2
         return value
 
-    def next(self, command: Command) -> Result | ChashdError | None:
+    def next(self, command: Command) -> Result | DomainError | None:
         """The reply to ``command`` once it is complete, else None."""
         kind = type(command)
         if kind is XGet and not self._items:
@@ -1044,7 +1044,7 @@ class ReplyParser:
             return XApplied(result, items[0][1] if items else None)
         return Values(items)
 
-    def _single(self, command: Command, line: bytes) -> Result | ChashdError | None:
+    def _single(self, command: Command, line: bytes) -> Result | DomainError | None:
         kind = type(command)
         if kind is XApply:
             if line.startswith(b"XAPPLIED "):
@@ -1067,7 +1067,7 @@ class ReplyParser:
             return self._error(line)
         return self._status_or_number(line, kind)
 
-    def _status_or_number(self, line: bytes, kind: type) -> Status | Number | ChashdError:
+    def _status_or_number(self, line: bytes, kind: type) -> Status | Number | DomainError:
         status = _STATUS_BY_LINE.get(line)
         if status is not None:
             return status
@@ -1090,7 +1090,7 @@ class ReplyParser:
             name, _, value = line[5:].decode("utf-8", "replace").partition(" ")
             items.append((name, value))
 
-    def _error(self, line: bytes) -> ChashdError:
+    def _error(self, line: bytes) -> DomainError:
         error = error_from_reply(line)
         if error is None:
             raise BadReply(f"unexpected reply line {line[:60]!r}")

@@ -21,7 +21,7 @@ from zope.interface.verify import verifyObject
 
 import chashd.memcache
 from chashd.commands import Command, Result, Status, XPut
-from chashd.errors import ChashdError, NodeLeaving
+from chashd.errors import DomainError, NodeLeaving
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache import client, server
@@ -559,7 +559,7 @@ class Undeclared:
         self.calls.append("get_one")
         return self.local.get_one(key)
 
-    def execute_puts(self, commands: Sequence[XPut]) -> list[Status | ChashdError]:
+    def execute_puts(self, commands: Sequence[XPut]) -> list[Status | DomainError]:
         self.calls.append("execute_puts")
         return self.local.execute_puts(commands)
 
