@@ -149,7 +149,7 @@ from chashd.memcache.text import (
     DEFAULT_MAX_KEYS,
     DEFAULT_MAX_LINE,
     DEFAULT_MAX_VALUE_SIZE,
-    Rejected,
+    FailedRequest,
     RequestParser,
     error_reply,
     plain_get_reply,
@@ -167,7 +167,7 @@ SERVER_VERSION = f"1.6.18-chashd-{chashd.__version__}"
 _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
-_LOCAL = frozenset({Rejected, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown})
+_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown})
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
@@ -532,10 +532,10 @@ class MemcacheServerProtocol(Protocol):
             return
         send(plain_get_reply(key, found))
 
-    def _handle(self, command: Command | Rejected) -> None:
+    def _handle(self, command: Command | FailedRequest) -> None:
         if type(command) in _LOCAL:
-            if isinstance(command, Rejected):
-                self._rejected(command)
+            if isinstance(command, FailedRequest):
+                self._failed_request(command)
             else:
                 self._local(cast(_LocalCommand, command))
             return
@@ -592,12 +592,12 @@ class MemcacheServerProtocol(Protocol):
             if self._out_size >= _FLUSH_AT:
                 self._flush_out()  # big replies leave now, so that a full transport can pause us
 
-    def _rejected(self, rejected: Rejected) -> None:
-        if rejected.then is not None:
-            self._run_silently(rejected.then)
-        if rejected.reply:
-            self._reply(error_reply(rejected.error))
-        if rejected.close:
+    def _failed_request(self, failed: FailedRequest) -> None:
+        if failed.then is not None:
+            self._run_silently(failed.then)
+        if failed.reply:
+            self._reply(error_reply(failed.error))
+        if failed.close:
             self._close_after_replies()
 
     def _run_silently(self, command: Command) -> None:

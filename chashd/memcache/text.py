@@ -3,7 +3,7 @@
 The grammar (memcached's commands, their faults, and the versioned extension chashd's daemons use between
 themselves) is the block comment that opens ``chashd/memcache/server.py``, the adapter that serves it.
 
-Server side: ``RequestParser`` is fed bytes and yields ``chashd.commands`` commands or ``Rejected``
+Server side: ``RequestParser`` is fed bytes and yields ``chashd.commands`` commands or ``FailedRequest``
 (a domain error of ``chashd.errors`` with memcached's text, whether to reply, whether to close);
 ``serialize_result`` and ``error_reply`` turn results and errors into reply bytes. Client side (the
 gateway and the handoff): ``serialize_command`` is the inverse of parsing, and ``ReplyParser`` turns reply
@@ -65,7 +65,7 @@ __all__ = [
     "DEFAULT_MAX_LINE",
     "DEFAULT_MAX_VALUE_SIZE",
     "BadReply",
-    "Rejected",
+    "FailedRequest",
     "ReplyParser",
     "RequestParser",
     "error_from_reply",
@@ -103,7 +103,7 @@ class BadReply(ServiceUnavailable):
 
 @final
 @dataclass(frozen=True, slots=True)
-class Rejected:
+class FailedRequest:
     """A request that failed: the error (its memcached text via ``error_reply``), and what comes next.
 
     ``reply``: write the error (False when the command said ``noreply``, or memcached closes silently).
@@ -117,8 +117,8 @@ class Rejected:
     then: Command | None = None
 
 
-_UNKNOWN = Rejected(UnknownCommand())
-_SILENT_CLOSE = Rejected(BadCommand("line too long or not memcached"), reply=False, close=True)
+_UNKNOWN = FailedRequest(UnknownCommand())
+_SILENT_CLOSE = FailedRequest(BadCommand("line too long or not memcached"), reply=False, close=True)
 
 
 # -- numbers, read as memcached's C parsers read them ----------------------------------------------
@@ -192,7 +192,7 @@ _LINE, _DATA, _SWALLOW, _DEAD, _BINARY = range(5)
 
 _Build = Callable[[bytes], Command]
 #: What a line parser returns: a command, a rejection, or a data block to read (bytes, noreply, build).
-_Parsed = Command | Rejected | tuple[int, bool, _Build]
+_Parsed = Command | FailedRequest | tuple[int, bool, _Build]
 
 
 def _plain_get_key(buf: bytes, start: int, end: int) -> bytes | None:
@@ -208,7 +208,7 @@ def _plain_get_key(buf: bytes, start: int, end: int) -> bytes | None:
 class RequestParser:
     """memcached's request framing and parsing, fed bytes: ``feed(data)``, then ``next()`` until None.
 
-    ``next()`` returns a command, a ``Rejected``, or None when it needs more bytes. After a ``Rejected``
+    ``next()`` returns a command, a ``FailedRequest``, or None when it needs more bytes. After a ``FailedRequest``
     with ``close`` (and after ``Quit``) it returns None for ever. Memory is bounded: a line by
     ``max_line`` (or the longest get line of ``max_keys`` keys), a data block by ``max_value_size`` + 2
     (a larger one is skipped as it arrives, never held).
@@ -329,7 +329,7 @@ class RequestParser:
         """Bytes received and not parsed yet."""
         return len(self._buf) - self._pos + self._more_len
 
-    def next(self) -> Command | Rejected | bytes | None:
+    def next(self) -> Command | FailedRequest | bytes | None:
         """The next command or rejection (or, with ``plain_gets``, the key of a plain get), or None until
         more bytes are fed."""
         if self._pos >= len(self._buf):  # all consumed: nothing to do in any state
@@ -355,7 +355,7 @@ class RequestParser:
                     self._need, self._noreply, self._build = parsed
                     self._state = _DATA
                     continue
-                if type(parsed) is Rejected and parsed.close or type(parsed) is Quit:
+                if type(parsed) is FailedRequest and parsed.close or type(parsed) is Quit:
                     self._state = _DEAD
                 return parsed  # type: ignore[return-value]  # not a tuple (``type() is tuple`` does not narrow)
             if state == _DATA:
@@ -374,11 +374,11 @@ class RequestParser:
                 build = self._build
                 self._build = None
                 if buf[pos + need - 2 : pos + need] != b"\r\n":
-                    return Rejected(BadDataChunk(), reply=not self._noreply)
+                    return FailedRequest(BadDataChunk(), reply=not self._noreply)
                 assert build is not None
                 return build(buf[pos : pos + need - 2])
             if state == _BINARY:
-                return self._close(Rejected(UnknownCommand(), close=True))
+                return self._close(FailedRequest(UnknownCommand(), close=True))
             if state == _SWALLOW:
                 available = len(self._buf) - self._pos
                 if available >= self._need:
@@ -393,11 +393,11 @@ class RequestParser:
 
     # -- framing --------------------------------------------------------------------------------
 
-    def _close(self, rejected: Rejected) -> Rejected:
+    def _close(self, failed: FailedRequest) -> FailedRequest:
         self._state = _DEAD
         self._buf = b""
         self._pos = 0
-        return rejected
+        return failed
 
     def _multiget(self, pos: int) -> bool:
         """memcached lets a line grow past the limit when it is a get/gets after at most 100 spaces; so do
@@ -406,13 +406,13 @@ class RequestParser:
         stripped = head.lstrip(b" ")
         return len(head) - len(stripped) <= 100 and (stripped.startswith((b"get ", b"gets ", b"xget ")))
 
-    def _no_newline(self) -> Rejected | None:
+    def _no_newline(self) -> FailedRequest | None:
         pending = len(self._buf) - self._pos
         if pending > self.max_line:
             if not self._multiget(self._pos):
                 return self._close(_SILENT_CLOSE)
             if pending > self.max_get_line:
-                return self._close(Rejected(ServiceUnavailable(_OUT_OF_MEMORY), close=True))
+                return self._close(FailedRequest(ServiceUnavailable(_OUT_OF_MEMORY), close=True))
         return None
 
     def _line(self, line: bytes) -> _Parsed:
@@ -437,34 +437,34 @@ class RequestParser:
 
     # -- retrieval -------------------------------------------------------------------------------
 
-    def _keys(self, keys: list[bytes]) -> tuple[bytes, ...] | Rejected:
+    def _keys(self, keys: list[bytes]) -> tuple[bytes, ...] | FailedRequest:
         for key in keys:
             if len(key) > MAX_KEY_LENGTH:
-                return Rejected(BadCommand())
+                return FailedRequest(BadCommand())
         if len(keys) > self.max_keys:
-            return Rejected(BadCommand(f"too many keys in one request (the limit is {self.max_keys})"))
+            return FailedRequest(BadCommand(f"too many keys in one request (the limit is {self.max_keys})"))
         return tuple(keys)
 
     def _get(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if ntokens < 3:
             return _UNKNOWN
         keys = self._keys(tokens[1:])
-        return keys if type(keys) is Rejected else Get(keys)
+        return keys if type(keys) is FailedRequest else Get(keys)
 
     def _gets(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if ntokens < 3:
             return _UNKNOWN
         keys = self._keys(tokens[1:])
-        return keys if type(keys) is Rejected else Get(keys, True)
+        return keys if type(keys) is FailedRequest else Get(keys, True)
 
     def _touching(self, tokens: list[bytes], ntokens: int, cas: bool) -> _Parsed:
         if ntokens < 3:
             return _UNKNOWN
         exptime = _strtol32(tokens[1])
         if exptime is None:
-            return Rejected(BadCommand(_BAD_EXPTIME))
+            return FailedRequest(BadCommand(_BAD_EXPTIME))
         keys = self._keys(tokens[2:])
-        return keys if type(keys) is Rejected else Get(keys, cas, exptime)
+        return keys if type(keys) is FailedRequest else Get(keys, cas, exptime)
 
     def _gat(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         return self._touching(tokens, ntokens, False)
@@ -484,19 +484,19 @@ class RequestParser:
         noreply = tokens[ntokens - 2] == b"noreply"
         key = tokens[1]
         if len(key) > MAX_KEY_LENGTH:
-            return Rejected(BadCommand(), reply=not noreply)
+            return FailedRequest(BadCommand(), reply=not noreply)
         flags = _strtoul32(tokens[2])
         exptime = _strtol32(tokens[3])
         size = _strtol32(tokens[4])
         if flags is None or exptime is None or size is None:
-            return Rejected(BadCommand(), reply=not noreply)
+            return FailedRequest(BadCommand(), reply=not noreply)
         cas: int | None = None
         if mode == "cas":
             cas = _strtoull(tokens[5])
             if cas is None:
-                return Rejected(BadCommand(), reply=not noreply)
+                return FailedRequest(BadCommand(), reply=not noreply)
         if size < 0 or size > _INT_MAX - 2:
-            return Rejected(BadCommand(), reply=not noreply)
+            return FailedRequest(BadCommand(), reply=not noreply)
         if size > self.max_value_size:
             return self._too_large(size, noreply, Delete(key, True) if mode == "set" else None)
 
@@ -505,10 +505,10 @@ class RequestParser:
 
         return size + 2, noreply, build
 
-    def _too_large(self, size: int, noreply: bool, then: Command | None = None) -> Rejected:
+    def _too_large(self, size: int, noreply: bool, then: Command | None = None) -> FailedRequest:
         self._state = _SWALLOW
         self._need = size + 2
-        return Rejected(ValueTooLarge(size, self.max_value_size), reply=not noreply, then=then)
+        return FailedRequest(ValueTooLarge(size, self.max_value_size), reply=not noreply, then=then)
 
     def _set(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if ntokens == 6 and len(tokens[1]) <= MAX_KEY_LENGTH:  # the hot path: plain numbers
@@ -551,9 +551,9 @@ class RequestParser:
             hold_is_zero = tokens[2] == b"0"
             noreply = tokens[ntokens - 2] == b"noreply"
             if not (ntokens == 4 and (hold_is_zero or noreply) or ntokens == 5 and hold_is_zero and noreply):
-                return Rejected(BadCommand(_BAD_DELETE), reply=not noreply)
+                return FailedRequest(BadCommand(_BAD_DELETE), reply=not noreply)
         if len(tokens[1]) > MAX_KEY_LENGTH:
-            return Rejected(BadCommand(), reply=not noreply)
+            return FailedRequest(BadCommand(), reply=not noreply)
         return Delete(tokens[1], noreply)
 
     def _arith(self, tokens: list[bytes], ntokens: int, incr: bool) -> _Parsed:
@@ -561,10 +561,10 @@ class RequestParser:
             return _UNKNOWN
         noreply = tokens[ntokens - 2] == b"noreply"
         if len(tokens[1]) > MAX_KEY_LENGTH:
-            return Rejected(BadCommand(), reply=not noreply)
+            return FailedRequest(BadCommand(), reply=not noreply)
         delta = _strtoull(tokens[2])
         if delta is None:
-            return Rejected(BadCommand(_BAD_DELTA), reply=not noreply)
+            return FailedRequest(BadCommand(_BAD_DELTA), reply=not noreply)
         return Arith(tokens[1], delta, incr, noreply)
 
     def _incr(self, tokens: list[bytes], ntokens: int) -> _Parsed:
@@ -578,10 +578,10 @@ class RequestParser:
             return _UNKNOWN
         noreply = tokens[ntokens - 2] == b"noreply"
         if len(tokens[1]) > MAX_KEY_LENGTH:
-            return Rejected(BadCommand(), reply=not noreply)
+            return FailedRequest(BadCommand(), reply=not noreply)
         exptime = _strtol32(tokens[2])
         if exptime is None:
-            return Rejected(BadCommand(_BAD_EXPTIME), reply=not noreply)
+            return FailedRequest(BadCommand(_BAD_EXPTIME), reply=not noreply)
         return Touch(tokens[1], exptime, noreply)
 
     # -- the rest ---------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ class RequestParser:
         if ntokens != (3 if noreply else 2):
             parsed = _strtol32(tokens[1])
             if parsed is None:
-                return Rejected(BadCommand(_BAD_EXPTIME), reply=not noreply)
+                return FailedRequest(BadCommand(_BAD_EXPTIME), reply=not noreply)
             delay = parsed
         return FlushAll(delay, noreply)
 
@@ -610,7 +610,7 @@ class RequestParser:
         noreply = tokens[ntokens - 2] == b"noreply"
         level = _strtoul32(tokens[1])
         if level is None:
-            return Rejected(BadCommand(), reply=not noreply)
+            return FailedRequest(BadCommand(), reply=not noreply)
         return Verbosity(level, noreply)
 
     def _quit(self, tokens: list[bytes], ntokens: int) -> _Parsed:
@@ -635,11 +635,11 @@ class RequestParser:
         if ntokens < 3:
             return _UNKNOWN
         keys = self._keys(tokens[1:])
-        return keys if type(keys) is Rejected else XGet(keys)
+        return keys if type(keys) is FailedRequest else XGet(keys)
 
     def _xput(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) not in (7, 8) or len(tokens) == 8 and tokens[7] != b"noreply":
-            return Rejected(BadCommand())
+            return FailedRequest(BadCommand())
         noreply = len(tokens) == 8
         handoff = tokens[0] == b"xmove"
         key = tokens[1]
@@ -654,7 +654,7 @@ class RequestParser:
             tombstone = tokens[5] == b"1"
             size = _digits(tokens[6])
         except BadCommand as e:
-            return Rejected(e, reply=not noreply)
+            return FailedRequest(e, reply=not noreply)
         if size > self.max_value_size:
             return self._too_large(size, noreply)
 
@@ -665,17 +665,17 @@ class RequestParser:
 
     def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) < 3:
-            return Rejected(BadCommand())
+            return FailedRequest(BadCommand())
         try:
             version = _version_token(tokens[1])
         except BadCommand as e:
-            return Rejected(e)
+            return FailedRequest(e)
         inner = tokens[2:]
         handler = self._writes.get(inner[0])
         if handler is None:
             return _UNKNOWN
         parsed = handler(self, inner, len(inner) + 1 if len(inner) < _MAX_TOKENS - 1 else _MAX_TOKENS)
-        if type(parsed) is Rejected:
+        if type(parsed) is FailedRequest:
             return replace(parsed, reply=True, then=None)
         if type(parsed) is tuple:
             size, _, build = parsed

@@ -44,7 +44,7 @@ from chashd.memcache.text import (
     DEFAULT_MAX_LINE,
     DEFAULT_MAX_VALUE_SIZE,
     BadReply,
-    Rejected,
+    FailedRequest,
     ReplyParser,
     RequestParser,
     error_from_reply,
@@ -60,11 +60,11 @@ from chashd.versions import Version
 
 
 def rej(error: Exception, reply: bool = True, close: bool = False, then: Command | None = None) -> tuple[object, ...]:
-    """A Rejected in a form that compares by value (exceptions compare by identity)."""
+    """A FailedRequest in a form that compares by value (exceptions compare by identity)."""
     return (type(error), str(error), reply, close, then)
 
 
-def raw_events(data: bytes, chunk: int | None = None, **limits: int) -> list[Command | Rejected]:
+def raw_events(data: bytes, chunk: int | None = None, **limits: int) -> list[Command | FailedRequest]:
     """Every event the parser yields for ``data``, fed whole or ``chunk`` bytes at a time."""
     assert set(limits) <= {"max_value_size", "max_line", "max_keys"}, limits
     parser = RequestParser(
@@ -72,7 +72,7 @@ def raw_events(data: bytes, chunk: int | None = None, **limits: int) -> list[Com
         limits.get("max_line", DEFAULT_MAX_LINE),
         limits.get("max_keys", DEFAULT_MAX_KEYS),
     )
-    out: list[Command | Rejected] = []
+    out: list[Command | FailedRequest] = []
     pieces = [data] if chunk is None else [data[i : i + chunk] for i in range(0, len(data), chunk)]
     for piece in pieces:
         parser.feed(piece)
@@ -83,9 +83,9 @@ def raw_events(data: bytes, chunk: int | None = None, **limits: int) -> list[Com
 
 
 def events(data: bytes, chunk: int | None = None, **limits: int) -> list[object]:
-    """``raw_events``, with each Rejected as ``rej()`` gives it."""
+    """``raw_events``, with each FailedRequest as ``rej()`` gives it."""
     return [
-        rej(e.error, e.reply, e.close, e.then) if isinstance(e, Rejected) else e
+        rej(e.error, e.reply, e.close, e.then) if isinstance(e, FailedRequest) else e
         for e in raw_events(data, chunk, **limits)
     ]
 
@@ -102,7 +102,7 @@ def replies(data: bytes, chunk: int | None = None, **limits: int) -> list[bytes 
     """What a server would answer to each event: an error line, 'CLOSE', 'SILENT' or the command."""
     out: list[bytes | str] = []
     for event in raw_events(data, chunk, **limits):
-        if isinstance(event, Rejected):
+        if isinstance(event, FailedRequest):
             out.append(error_reply(event.error) if event.reply else "SILENT")
             if event.close:
                 out.append("CLOSE")
@@ -134,8 +134,8 @@ class CommandParsingTests:
             plain.append(event)
         assert plain[0] == b"k" and plain[-1] == b"k"
         as_commands = [Get((e,)) if isinstance(e, bytes) else e for e in plain]
-        assert [rej(e.error, e.reply) if isinstance(e, Rejected) else e for e in as_commands] == events(data)
-        assert [type(e) for e in raw_events(data)] == [Get, Get, Get, Get, Rejected, Store, Get]
+        assert [rej(e.error, e.reply) if isinstance(e, FailedRequest) else e for e in as_commands] == events(data)
+        assert [type(e) for e in raw_events(data)] == [Get, Get, Get, Get, FailedRequest, Store, Get]
 
     def test_plain_get_of_a_whole_read(self) -> None:
         """``plain_get(data)`` takes a read that is exactly one plain get line, and nothing else."""
@@ -159,7 +159,9 @@ class CommandParsingTests:
         for parser in (taken, fed):
             parser.feed(b"\x80\r\n")
         results = [taken.next(), fed.next()]
-        assert all(isinstance(r, Rejected) and not r.close and isinstance(r.error, UnknownCommand) for r in results)
+        assert all(
+            isinstance(r, FailedRequest) and not r.close and isinstance(r.error, UnknownCommand) for r in results
+        )
 
     def test_storage(self) -> None:
         """The six storage commands with their data block, noreply included."""
@@ -699,7 +701,7 @@ class FuzzTests:
     @settings(max_examples=500)
     @given(fragments, st.integers(1, 16))
     def test_any_bytes(self, parts: list[bytes], chunk: int) -> None:
-        """Arbitrary input, fed in arbitrary pieces, yields only commands and Rejected, and stays bounded."""
+        """Arbitrary input, fed in arbitrary pieces, yields only commands and FailedRequest, and stays bounded."""
         data = b"".join(parts)
         parser = RequestParser(max_value_size=64, max_line=128, max_keys=8)
         for i in range(0, len(data), chunk):
@@ -708,7 +710,7 @@ class FuzzTests:
                 event = parser.next()
                 if event is None:
                     break
-                assert isinstance(event, Rejected) or type(event).__module__ == "chashd.commands"
+                assert isinstance(event, FailedRequest) or type(event).__module__ == "chashd.commands"
             else:
                 raise AssertionError("the parser did not stop")
             assert parser.buffered <= max(parser.max_get_line, 64 + 2) + chunk
