@@ -40,7 +40,7 @@ apt_install() {
     fi
     command -v apt-get >/dev/null || { echo "dev.sh: $binary is missing and there is no apt-get to install $package" >&2; return 1; }
     echo "dev.sh: installing $package (Debian package) for $why" >&2
-    # Keep apt from starting a service of the package (memcached would hold 127.0.0.1:11211).
+    # Keep apt from starting a service of the package (memcached would hold 127.0.0.1:11211, prometheus :9090).
     local policy=/usr/sbin/policy-rc.d made_policy=""
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod +x "$policy" && made_policy=1
@@ -59,13 +59,19 @@ apt_install() {
         || { tail -n 20 "$log" >&2; echo "dev.sh: cannot install $package; the apt output is in $log" >&2; return 1; }
 }
 
-setup_memcached() {
+setup_test_tools() {
     # tests/integration/test_memcache_compat.py compares our line protocol with a real memcached: required.
     apt_install memcached memcached "the differential test" || die "memcached is needed by the tests"
     # tests/integration/test_libmemcached_tools.py runs libmemcached's command-line tools against both roles;
     # where the package cannot be installed, those tests are skipped and say why.
     apt_install libmemcached-tools memcstat "the libmemcached tools' tests" \
         || echo "dev.sh: going on without libmemcached-tools (its tests will be skipped)" >&2
+    # tests/deploy/test_monitoring.py checks and unit-tests the alert rules with promtool: required.
+    apt_install prometheus promtool "promtool (the alert rules' tests)" || die "promtool is needed by the tests"
+    # tests/integration/test_status_page.py loads the status page in headless Chromium; where it cannot be
+    # installed, that test is skipped and says why.
+    apt_install chromium chromium "the status page's browser test" \
+        || echo "dev.sh: going on without Chromium (the status page's browser test will be skipped)" >&2
 }
 
 setup_venv() {
@@ -117,6 +123,6 @@ run_tests() {
 
 case "${1:-}" in
     demo) shift; setup_venv; exec "$VENV/bin/python" example_demo.py "$@" ;;
-    test) shift; setup_venv; setup_deploy_tools; setup_memcached; run_tests "$@" ;;
+    test) shift; setup_venv; setup_deploy_tools; setup_test_tools; run_tests "$@" ;;
     *) echo "usage: ./dev.sh demo|test [options]" >&2; exit 2 ;;
 esac

@@ -5,7 +5,7 @@
       get KEY [--json]                        the value's raw bytes on stdout
       delete KEY                              delete a value
       lookup KEY [--json]                     the key's preference list (primary first)
-      ring [--json]                           node, state, weight, share of the ring, keys
+      ring [--json] [--svg FILE|-]            node, state, weight, share of the ring, keys; --svg draws it
       status [--json]                         gateways, leader, epoch, quorums, rebalancing progress
       nodes [--json] | nodes drain ID | nodes remove ID
       load FILE|- [--format text|jsonl] | load --count N [--size B] [--prefix P]
@@ -96,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     lookup = reading("lookup", "the nodes that hold a key, primary first")
     lookup.add_argument("key", metavar="KEY")
 
-    reading("ring", "the ring: node, state, weight, share of the ring, keys")
+    ring = reading("ring", "the ring: node, state, weight, share of the ring, keys")
+    ring.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="also draw the ring as an SVG picture into FILE (- for stdout instead of the table), "
+        "the same picture as the gateway's status page",
+    )
     reading("status", "gateways, leader, epoch, quorums and rebalancing progress")
 
     nodes = reading("nodes", "list the nodes, or drain or remove one")
@@ -296,6 +302,18 @@ def cmd_ring(args: argparse.Namespace) -> int:
     ring = client.ring()
     status = client.status()
     rows = _ring_rows(ring, status)
+    if args.svg:
+        from chashd.ring import HashRing
+        from chashd.ringsvg import ring_svg
+
+        svg = ring_svg(HashRing.from_dict(ring), {r["id"]: r["state"] for r in rows if r["state"]})
+        if args.svg == "-":
+            sys.stdout.write(svg)
+            return EXIT_OK
+        try:
+            Path(args.svg).write_text(svg, encoding="utf-8")
+        except OSError as e:
+            raise _Usage(f"--svg: cannot write {args.svg}: {e.strerror}") from None
     if args.json:
         _print_json({"epoch": ring.get("epoch"), "points_per_node": ring.get("points_per_node"), "nodes": rows})
         return EXIT_OK

@@ -234,6 +234,10 @@ class RingAPI:
     @app.route("/ring/status", methods=["GET", "HEAD"])
     def status(self, request: IRequest) -> bytes:
         """The gateway's view of the cluster."""
+        return json_response(request, self.status_body())
+
+    def status_body(self) -> dict[str, Any]:
+        """The body of ``GET /ring/status`` (the status page shows the same)."""
         view = self._membership.view
         raft = self._membership.status
         body: dict[str, Any] = {
@@ -252,7 +256,7 @@ class RingAPI:
             "rebalancing": False,
         }
         body.update(self._status_extra())
-        return json_response(request, body)
+        return body
 
     @app.route("/ring/lookup/<path:key>", methods=["GET", "HEAD"])
     def lookup(self, request: IRequest, key: str) -> bytes:
@@ -386,19 +390,27 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int, default: int 
 
 
 class RingRoot(Resource):
-    """The gateway's HTTP root: ``/ring`` and below go to ``ring``, everything else to ``other``.
+    """The gateway's HTTP root: ``/ring`` and below go to ``ring``, ``/`` and ``/status/...`` to ``page``
+    (the status page) when there is one, everything else to ``other``.
 
     A leaf, so each Klein resource sees the whole path and routes it as if it were the root.
     """
 
     isLeaf = True
 
-    def __init__(self, ring: IResource, other: IResource) -> None:
+    def __init__(self, ring: IResource, other: IResource, page: IResource | None = None) -> None:
         super().__init__()
         self._ring = ring
         self._other = other
+        self._page = page or other
 
     def render(self, request: IRequest) -> Any:
-        first = request.postpath[0] if request.postpath else b""  # type: ignore[attr-defined]
-        target = self._ring if first == b"ring" else self._other
+        postpath = request.postpath  # type: ignore[attr-defined]
+        first = postpath[0] if postpath else b""
+        if first == b"ring":
+            target = self._ring
+        elif (first == b"" and len(postpath) <= 1) or first == b"status":
+            target = self._page
+        else:
+            target = self._other
         return target.render(request)

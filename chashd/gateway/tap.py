@@ -13,6 +13,7 @@ from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.health import Probe
 from chashd.gateway.raft import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
+from chashd.gateway.statuspage import StatusPage
 from chashd.logs import with_log_format
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
@@ -81,7 +82,8 @@ def makeService(
         max_value_size=config.max_value_size,
         role="gateway",
     )
-    site = http.site(RingRoot(ring_api.resource(), http.resource()))
+    page = StatusPage(ring_api.status_body, lambda: gateway.membership.view.ring, gateway.router.stats, reactor)
+    site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()))
     line = MemcacheServerFactory(
         gateway.router,
         reactor,

@@ -126,6 +126,26 @@ class ClusterCommandTests:
         shares = [float(line.split()[3].rstrip("%")) for line in lines[2:]]
         assert len(shares) == 3 and abs(sum(shares) - 100) < 0.2
 
+    def test_ring_svg(self, cluster: LocalCluster, tmp_path: Path) -> None:
+        """ring --svg FILE writes the gateway's status-page picture of the ring (the table still printed);
+        --svg - writes it to stdout; a file that cannot be written is one line and exit 2."""
+        import urllib.request
+        import xml.etree.ElementTree as ET
+
+        gw = cluster.gateway_urls[0]
+        target = tmp_path / "ring.svg"
+        result = chash("ring", "--svg", str(target), gateway=gw)
+        assert result.returncode == 0 and b"NODE" in result.stdout
+        root = ET.fromstring(target.read_text())
+        arcs = {p.get("data-node") for p in root.iter("{http://www.w3.org/2000/svg}path") if p.get("data-node")}
+        assert arcs == {k.name for k in cluster.kvstores}
+        with urllib.request.urlopen(gw + "/status/ring.svg", timeout=10) as response:
+            assert response.read().decode() == target.read_text()
+        to_stdout = chash("ring", "--svg", "-", gateway=gw)
+        assert to_stdout.stdout.decode() == target.read_text()
+        failed = chash("ring", "--svg", str(tmp_path / "missing" / "ring.svg"), gateway=gw)
+        assert failed.returncode == 2 and "--svg: cannot write" in one_line(failed)
+
     def test_status(self, cluster: LocalCluster) -> None:
         """status names the gateway, the leader, the epoch and rebalancing; --json is the gateway's JSON."""
         gw = cluster.gateway_urls[0]

@@ -26,6 +26,7 @@ from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.clustermap import NodeState, Outcome, OutcomeCode
 from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
+from chashd.gateway.statuspage import StatusPage
 from chashd.gateway.testing import LocalRaft
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.text import RequestParser
@@ -132,7 +133,7 @@ def _openapi_path(rule: str) -> str:
 def klein_routes(*apps: Any) -> set[tuple[str, str]]:
     """``(path, method)`` of every route of the Klein apps (default: both roles' surfaces)."""
     routes = set()
-    for app in apps or (KeyValueHTTP.app, RingAPI.app):
+    for app in apps or (KeyValueHTTP.app, RingAPI.app, StatusPage.app):
         for rule in app.url_map.iter_rules():
             for method in rule.methods or ():
                 routes.add((_openapi_path(rule.rule), method.lower()))
@@ -175,7 +176,8 @@ class OpenAPITests(SynchronousTestCase):
         self.api = RingAPI(self.membership, self.config, self.clock, status_extra=lambda: {"rebalancing": False})
         self.backend = LocalBackend(MemoryEngine(), "kv-a", self.clock, 1024)
         gateway_surface = KeyValueHTTP(self.backend, role="gateway")
-        self.gateway: Any = StubTreq(RingRoot(self.api.resource(), gateway_surface.resource()))
+        page = StatusPage(self.api.status_body, lambda: self.membership.view.ring, self.backend.stats, self.clock)
+        self.gateway: Any = StubTreq(RingRoot(self.api.resource(), gateway_surface.resource(), page.resource()))
         self.kvstore: Any = StubTreq(KeyValueHTTP(self.backend, role="kvstore").resource())
         registry: Registry[Any] = Registry().with_resource(
             "urn:chashd", Resource.from_contents(self.document, default_specification=DRAFT202012)
@@ -211,7 +213,7 @@ class OpenAPITests(SynchronousTestCase):
     def test_roles(self) -> None:
         """The gateway-only paths are exactly the ring API's; each role serves its part, valid on its own."""
         gateway_only = {p for p, item in self.document["paths"].items() if item.get("x-chashd-roles") == ["gateway"]}
-        assert gateway_only == {p for p, _ in klein_routes(RingAPI.app)}
+        assert gateway_only == {p for p, _ in klein_routes(RingAPI.app, StatusPage.app)}
         _covers(klein_routes(KeyValueHTTP.app), openapi_document("kvstore"))
         validate(openapi_document("kvstore"))
         _covers(klein_routes(), openapi_document("gateway"))
@@ -278,6 +280,11 @@ class OpenAPITests(SynchronousTestCase):
             (self.gateway, "GET", "/ring/lookup/a", "/ring/lookup/{key}", {}),
             (self.gateway, "GET", "/ring/nodes", "/ring/nodes", {}),
             (self.gateway, "GET", "/ring/nodes/kv-a", "/ring/nodes/{node_id}", {}),
+            (self.gateway, "GET", "/", "/", {}),
+            (self.gateway, "GET", "/status/main", "/status/main", {}),
+            (self.gateway, "GET", "/status/ring.svg", "/status/ring.svg", {}),
+            (self.gateway, "GET", "/status/style.css", "/status/style.css", {}),
+            (self.gateway, "GET", "/status/refresh.js", "/status/refresh.js", {}),
             (self.gateway, "GET", "/ring/nodes/nobody", "/ring/nodes/{node_id}", {}),
             (self.gateway, "POST", "/ring/nodes", "/ring/nodes", {"data": registration}),
             (self.gateway, "POST", "/ring/nodes", "/ring/nodes", {"data": registration, "headers": auth}),
