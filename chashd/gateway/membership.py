@@ -105,6 +105,8 @@ class Membership(Service):
         self.view = ClusterView.empty(config.points_per_node)
         self._history: collections.deque[ClusterView] = collections.deque([self.view], maxlen=self.history_size)
         self.status = RaftStatus()
+        #: Times the leader this gateway knows changed (None included), for /metrics.
+        self.leader_changes = 0
         self.ready: Deferred[None] = Deferred()
         self._raft: RaftHandle | None = None
         self._tokens = itertools.count(1)
@@ -324,6 +326,7 @@ class Membership(Service):
         """A new leader, role or quorum."""
         previous, self.status = self.status, status
         if status.leader != previous.leader:
+            self.leader_changes += 1
             self._log.info(
                 "Raft leader: {leader}{me}",
                 leader=status.leader or "none",

@@ -11,12 +11,14 @@ from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir, shutdow
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.health import Probe
+from chashd.gateway.metrics import GatewayCollector
 from chashd.gateway.raft import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
 from chashd.gateway.statuspage import StatusPage
 from chashd.logs import with_log_format
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
+from chashd.web._metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 
 __all__ = ["Options", "makeService"]
 
@@ -75,15 +77,6 @@ def makeService(
     gateway.setServiceParent(root)
     ring_api = RingAPI(gateway.membership, config, reactor, status_extra=gateway.status_extra)
     _CloseOnStop(ring_api).setServiceParent(root)
-    http = KeyValueHTTP(
-        gateway.router,
-        health=gateway.health,
-        ready=gateway.ready,
-        max_value_size=config.max_value_size,
-        role="gateway",
-    )
-    page = StatusPage(ring_api.status_body, lambda: gateway.membership.view.ring, gateway.router.stats, reactor)
-    site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()))
     line = MemcacheServerFactory(
         gateway.router,
         reactor,
@@ -94,6 +87,19 @@ def makeService(
         admin=gateway.admin,
         shutdown=shutdown_command(reactor, config.enable_shutdown),
     )
+    requests = RequestMetrics()
+    collectors = (requests, GatewayCollector(gateway.membership), ConnectionsCollector(line))
+    http = KeyValueHTTP(
+        gateway.router,
+        health=gateway.health,
+        ready=gateway.ready,
+        max_value_size=config.max_value_size,
+        metrics=daemon_registry("gateway", config.gateway_id, *collectors),
+        role="gateway",
+        requests=requests,
+    )
+    page = StatusPage(ring_api.status_body, lambda: gateway.membership.view.ring, gateway.router.stats, reactor)
+    site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()))
     notifier = SystemdNotifier()
     for description, factory, what in ((config.port, site, "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)

@@ -92,7 +92,9 @@ class KVStoreService(MultiService):
             pool = self._pool
             run_in_thread = partial(deferToThreadPool, reactor, pool)
         self.run_in_pool = run_in_thread
-        TimerService(self.purge_interval, self._in_pool, "purge", self._purge).setServiceParent(self)
+        #: Records the periodic purge forgot (expired, tombstones past their grace): ``purged_total`` in stats.
+        self.purged = 0
+        TimerService(self.purge_interval, self._purge_in_pool).setServiceParent(self)
         if hasattr(self.engine, "checkpoint"):
             TimerService(
                 self.checkpoint_interval, self._in_pool, "checkpoint", self.engine.checkpoint
@@ -120,6 +122,7 @@ class KVStoreService(MultiService):
         self.handoff = Handoff(config.node_id, self.engine, self.run_in_pool, reactor, self._connect, state_path)
         self.handoff.setServiceParent(self)
         self.backend.stats_sources.append(self.handoff.stats)
+        self.backend.stats_sources.append(lambda: {"purged_total": self.purged})
         self.ring_watch: RingWatch | None = None
         #: The client of the gateways' HTTP API (registration, the ring watch, the drain).
         self.http_client = http_client
@@ -142,6 +145,12 @@ class KVStoreService(MultiService):
         d = self.run_in_pool(fn, *args)
         d.addErrback(lambda f: self._log.failure("{what} failed", f, what=what))
         return d
+
+    def _purge_in_pool(self) -> Deferred[Any]:
+        return self._in_pool("purge", self._purge).addCallback(self._purged)
+
+    def _purged(self, forgotten: int | None) -> None:
+        self.purged += forgotten or 0
 
     def _purge(self) -> int:
         forgotten = self.engine.purge(self._reactor.seconds(), TOMBSTONE_GRACE)

@@ -16,6 +16,7 @@ from chashd.kvstore.service import KVStoreService, open_engine
 from chashd.logs import with_log_format
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.web import KeyValueHTTP
+from chashd.web._metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 
 __all__ = ["Options", "makeService"]
 
@@ -60,15 +61,6 @@ def makeService(
     node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread)
     notifier = SystemdNotifier()
     root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
-    http = KeyValueHTTP(
-        node.backend,
-        health=node.health,
-        ready=node.ready,
-        max_value_size=config.max_value_size,
-        role="kvstore",
-        write_token=config.token,
-    )
-    node.backend.stats_sources.append(http.auth_stats)
     line = MemcacheServerFactory(
         node.backend,
         reactor,
@@ -78,6 +70,21 @@ def makeService(
         idle_timeout=config.idle_timeout,
         shutdown=shutdown_command(reactor, config.enable_shutdown),
     )
+    requests = RequestMetrics()
+    metrics = daemon_registry(
+        "kvstore", config.node_id, requests, ConnectionsCollector(line), data_dir=config.data_dir
+    )  # fmt: skip
+    http = KeyValueHTTP(
+        node.backend,
+        health=node.health,
+        ready=node.ready,
+        max_value_size=config.max_value_size,
+        metrics=metrics,
+        role="kvstore",
+        write_token=config.token,
+        requests=requests,
+    )
+    node.backend.stats_sources.append(http.auth_stats)
     for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)
         listener.setServiceParent(root)

@@ -10,7 +10,8 @@ Routes::
     GET    /health       liveness: 200 while the process serves
     GET    /ready        readiness: 200 when the role can serve requests, else 503
     GET    /stats        JSON counters (keys, bytes, operations ...)
-    GET    /metrics      Prometheus text format
+    GET    /metrics      Prometheus text format: the backend's stats, and what the role's registry holds
+                         (chashd/web/_metrics.py: request latency per surface and command family, errors ...)
     GET    /openapi.json the OpenAPI 3.1 document of this role's HTTP API (chashd/openapi.json; a kvstore's
                          leaves out the paths marked ``x-chashd-roles: [gateway]``)
 
@@ -28,6 +29,7 @@ import json
 from collections.abc import Callable
 from functools import cache
 from importlib.resources import files
+from time import perf_counter
 from typing import Any
 
 from klein import Klein
@@ -54,6 +56,7 @@ from chashd.errors import (
 )
 from chashd.interfaces import IKeyValue
 from chashd.record import MAX_FLAGS, check_key
+from chashd.web._metrics import LatencyHistogram, RequestMetrics
 
 __all__ = ["Forbidden", "KeyValueHTTP", "Unauthorized", "check_bearer", "json_response", "openapi_document", "problem"]
 
@@ -181,8 +184,10 @@ class _QuietSite(Site):
         pass
 
 
-#: ``stats()`` names that are counters though their names do not say so (memcached's names).
-_COUNTER_NAMES = frozenset({"evictions", "reclaimed", "total_items", "get_expired"})
+#: ``stats()`` names that are counters though their names do not say so (memcached's and the router's names).
+_COUNTER_NAMES = frozenset(
+    {"evictions", "reclaimed", "total_items", "get_expired", "quorum_failures", "read_repairs", "cas_badval"}
+)
 
 
 class _StatsCollector(Collector):
@@ -230,7 +235,8 @@ class KeyValueHTTP:
     ``health`` returns the JSON body of ``GET /health``; ``ready`` returns ``(ready, reason)`` for
     ``GET /ready``; ``metrics`` is a Prometheus registry holding the role's own collectors (the backend's
     stats are added to it here). ``write_token``: PUT and DELETE need it (see the module docstring);
-    ``auth_stats()`` counts the refusals.
+    ``auth_stats()`` counts the refusals. ``requests``, when given, times each /kv request (surface
+    ``http``) and counts the error answers.
     """
 
     app = Klein()
@@ -245,6 +251,7 @@ class KeyValueHTTP:
         metrics: CollectorRegistry | None = None,
         role: str = "chashd",
         write_token: str | None = None,
+        requests: RequestMetrics | None = None,
     ) -> None:
         self._backend = backend
         self._write_token = write_token.encode() if write_token else None
@@ -253,6 +260,7 @@ class KeyValueHTTP:
         self._ready = ready or (lambda: (True, "serving"))
         self._max_value_size = max_value_size
         self._role = role
+        self._requests = requests
         self.metrics = metrics or CollectorRegistry(auto_describe=True)
         if backend is not None:
             self.metrics.register(_StatsCollector(backend.stats, role))
@@ -282,22 +290,23 @@ class KeyValueHTTP:
     def _key(self, key: str) -> bytes:
         return check_key(key.encode("utf-8"))
 
-    def _execute(self, command: Any) -> Deferred[Any]:
+    def _execute(self, command: Any, family: str) -> Deferred[Any]:
         if self._backend is None:
             raise ServiceUnavailable("this server has no key-value backend")
         try:
             result = self._backend.execute(command)
         except Exception:
             return fail()
-        if isinstance(result, Deferred):
-            return result
-        return succeed(result)
+        d = result if isinstance(result, Deferred) else succeed(result)
+        if self._requests is not None:
+            d.addBoth(_observe, self._requests.histogram("http", family), perf_counter())
+        return d
 
     @app.route("/kv/<path:key>", methods=["GET", "HEAD"])
     def get(self, request: IRequest, key: str) -> Any:
         """Read a value."""
         k = self._key(key)
-        return self._execute(Get((k,), cas=True)).addCallback(self._got, request, k)
+        return self._execute(Get((k,), cas=True), "get").addCallback(self._got, request, k)
 
     def _got(self, result: Values, request: IRequest, key: bytes) -> bytes:
         for item_key, record in result.items:
@@ -331,7 +340,7 @@ class KeyValueHTTP:
         elif (request.getHeader("If-None-Match") or "").strip() == "*":
             mode = "add"
         command = Store(mode, k, flags, ttl, value, cas_unique)
-        return self._execute(command).addCallback(self._stored, request, k, mode)
+        return self._execute(command, "store").addCallback(self._stored, request, k, mode)
 
     def _stored(self, result: Status, request: IRequest, key: bytes, mode: str) -> bytes:
         if result is Status.STORED:
@@ -351,7 +360,7 @@ class KeyValueHTTP:
         """Delete a value."""
         self._authorize_write(request)
         k = self._key(key)
-        return self._execute(Delete(k)).addCallback(self._deleted, request, k)
+        return self._execute(Delete(k), "delete").addCallback(self._deleted, request, k)
 
     def _deleted(self, result: Status, request: IRequest, key: bytes) -> bytes:
         if result is Status.DELETED:
@@ -394,11 +403,21 @@ class KeyValueHTTP:
 
     @app.handle_errors(HTTPException)
     def _routing_error(self, request: IRequest, failure: Failure) -> bytes:
-        return routing_problem(request, failure)
+        return self._count_error(request, routing_problem(request, failure))
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
-        return error_problem(request, failure, _ERRORS, self._log)
+        return self._count_error(request, error_problem(request, failure, _ERRORS, self._log))
+
+    def _count_error(self, request: IRequest, body: bytes) -> bytes:
+        if self._requests is not None:
+            self._requests.error("http", "server" if request.code >= 500 else "client")  # type: ignore[attr-defined]
+        return body
+
+
+def _observe(result: Any, histogram: LatencyHistogram, start: float) -> Any:
+    histogram.observe(perf_counter() - start)
+    return result
 
 
 def routing_problem(request: IRequest, failure: Failure) -> bytes:
