@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +163,21 @@ def drive(loadgen: Path, port: int, core: int, pids: dict[str, int], args: argpa
     return figures
 
 
-def measure(name: str, loadgen: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Start one server on core 1, drive it from core 0, stop it; the generator's figures and the
-    server's CPU per request (``cpu_us_per_op``, from /proc over the measured window)."""
+def measure(
+    name: str, loadgen: Path, args: argparse.Namespace, work: Path, extra_args: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Start one server on core 1 (``extra_args`` appended to a kvstore's options), drive it from core 0,
+    stop it; the generator's figures and the server's CPU per request (``cpu_us_per_op``, from /proc over
+    the measured window)."""
     (port,) = free_ports(1)
     log = work / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_")}
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            pinned(server_commands(name, port, work), 1), stdout=out, stderr=subprocess.STDOUT, env=env
+            pinned(server_commands(name, port, work) + list(extra_args), 1),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         wait_port(port, process, log)

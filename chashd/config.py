@@ -343,6 +343,11 @@ class KVStoreConfig:
         300.0,
         _bounded(float, 1, 86400),
     )
+    latency_histograms: bool = opt(
+        "time every request into /metrics' latency histograms and count error replies (off: neither)",
+        True,
+        parse_bool,
+    )
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 
     @property
@@ -399,6 +404,11 @@ class GatewayConfig:
     )
     request_timeout: float = opt("seconds a gateway waits for a kvstore's answer", 5.0, _bounded(float, 0.01))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
+    latency_histograms: bool = opt(
+        "time every request into /metrics' latency histograms and count error replies (off: neither)",
+        True,
+        parse_bool,
+    )
     hedge_after: float = opt(
         "seconds a read waits for a kvstore before it also asks the next replica (0: never)", 0.05, _bounded(float, 0)
     )

@@ -38,7 +38,8 @@ from chashd.ringsvg import node_colours, ring_svg
 
 __all__ = ["COUNTERS", "StatusPage"]
 
-#: The router's counters shown, with their labels: requests first, then what went wrong or was mended.
+#: The counters shown, with their labels: the router's requests first, then what went wrong or was mended
+#: (the error replies of each surface, as chashd_request_errors_total counts them).
 COUNTERS = (
     ("cmd_get", "get (keys read)"),
     ("get_hits", "get hits"),
@@ -48,6 +49,10 @@ COUNTERS = (
     ("cmd_rmw", "read-modify-write (add, cas, incr ...)"),
     ("quorum_failures", "quorum failures (errors)"),
     ("read_repairs", "read repairs"),
+    ("line_client_errors", "line protocol: client errors"),
+    ("line_server_errors", "line protocol: server errors"),
+    ("http_client_errors", "HTTP: client errors (4xx)"),
+    ("http_server_errors", "HTTP: server errors (5xx)"),
 )
 
 _SECURITY_HEADERS = {

@@ -17,8 +17,8 @@ from chashd.gateway.service import GatewayService
 from chashd.gateway.statuspage import StatusPage
 from chashd.logs import with_log_format
 from chashd.memcache.server import MemcacheServerFactory
+from chashd.metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 from chashd.web import KeyValueHTTP
-from chashd.web._metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 
 __all__ = ["Options", "makeService"]
 
@@ -77,6 +77,7 @@ def makeService(
     gateway.setServiceParent(root)
     ring_api = RingAPI(gateway.membership, config, reactor, status_extra=gateway.status_extra)
     _CloseOnStop(ring_api).setServiceParent(root)
+    requests = RequestMetrics() if config.latency_histograms else None
     line = MemcacheServerFactory(
         gateway.router,
         reactor,
@@ -86,8 +87,8 @@ def makeService(
         idle_timeout=config.idle_timeout,
         admin=gateway.admin,
         shutdown=shutdown_command(reactor, config.enable_shutdown),
+        requests=requests,
     )
-    requests = RequestMetrics()
     collectors = (requests, GatewayCollector(gateway.membership), ConnectionsCollector(line))
     http = KeyValueHTTP(
         gateway.router,
@@ -98,7 +99,15 @@ def makeService(
         role="gateway",
         requests=requests,
     )
-    page = StatusPage(ring_api.status_body, lambda: gateway.membership.view.ring, gateway.router.stats, reactor)
+
+    def page_figures() -> dict[str, Any]:
+        figures = gateway.router.stats()
+        if requests is not None:
+            for surface, kind in (("line", "client"), ("line", "server"), ("http", "client"), ("http", "server")):
+                figures[f"{surface}_{kind}_errors"] = requests.errors(surface, kind)
+        return figures
+
+    page = StatusPage(ring_api.status_body, lambda: gateway.membership.view.ring, page_figures, reactor)
     site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()))
     notifier = SystemdNotifier()
     for description, factory, what in ((config.port, site, "HTTP"), (config.line_port, line, "line protocol")):

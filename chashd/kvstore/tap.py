@@ -15,8 +15,8 @@ from chashd.kvstore.drain import KVStoreRoot
 from chashd.kvstore.service import KVStoreService, open_engine
 from chashd.logs import with_log_format
 from chashd.memcache.server import MemcacheServerFactory
+from chashd.metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 from chashd.web import KeyValueHTTP
-from chashd.web._metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 
 __all__ = ["Options", "makeService"]
 
@@ -61,6 +61,7 @@ def makeService(
     node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread)
     notifier = SystemdNotifier()
     root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
+    requests = RequestMetrics() if config.latency_histograms else None
     line = MemcacheServerFactory(
         node.backend,
         reactor,
@@ -69,8 +70,8 @@ def makeService(
         max_keys=config.max_keys,
         idle_timeout=config.idle_timeout,
         shutdown=shutdown_command(reactor, config.enable_shutdown),
+        requests=requests,
     )
-    requests = RequestMetrics()
     metrics = daemon_registry(
         "kvstore", config.node_id, requests, ConnectionsCollector(line), data_dir=config.data_dir
     )  # fmt: skip

@@ -114,6 +114,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -126,8 +127,11 @@ from zope.interface import implementer
 import chashd
 from chashd.commands import (
     NOREPLY_COMMANDS,
+    Arith,
     CacheMemlimit,
     Command,
+    Delete,
+    FlushAll,
     Get,
     Number,
     Quit,
@@ -136,10 +140,14 @@ from chashd.commands import (
     StatsCommand,
     StatsResult,
     Status,
+    Store,
+    Touch,
     Values,
     Verbosity,
     VersionCommand,
     XApplied,
+    XApply,
+    XGet,
     XPut,
 )
 from chashd.errors import DomainError
@@ -157,6 +165,7 @@ from chashd.memcache.text import (
     stats_reply,
     version_reply,
 )
+from chashd.metrics import LatencyHistogram, RequestMetrics
 
 __all__ = ["SERVER_VERSION", "MemcacheServerFactory", "MemcacheServerProtocol"]
 
@@ -187,13 +196,25 @@ def _address(address: Any) -> str:
     return f"tcp:{address.host}:{port}"
 
 
+#: The command family of each command, for the latency histograms (chashd.metrics.FAMILIES).
+_FAMILIES: dict[type, str] = {
+    Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
+    XGet: "internal", XPut: "internal", XApply: "internal",
+    FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
+    CacheMemlimit: "other", Shutdown: "other",
+}  # fmt: skip
+
+
 class MemcacheServerFactory(Factory):
     """Builds server connections over ``backend``; holds the listener's limits, counters and connections.
 
     ``plain_get`` and ``grouped_puts`` are the backend as ``IPlainGet`` and ``IGroupedPuts`` when it
     provides them, else None: asked once, here, so that no request pays for the question. ``admin`` answers
     the admin commands (default: the backend, when it provides ``IServerAdmin``); ``shutdown``, when given,
-    is what the ``shutdown`` command calls (``--enable-shutdown``), else the command is refused.
+    is what the ``shutdown`` command calls (``--enable-shutdown``), else the command is refused. With
+    ``requests``, every command is timed into its family's histogram (surface ``line``) from the moment
+    it is parsed to the moment its reply is queued, and every error reply is counted; ``latency`` maps
+    each command class to its histogram.
     """
 
     _log = Logger()
@@ -211,6 +232,7 @@ class MemcacheServerFactory(Factory):
         version: str = SERVER_VERSION,
         admin: IServerAdmin | None = None,
         shutdown: Callable[[], object] | None = None,
+        requests: RequestMetrics | None = None,
     ) -> None:
         self.backend = backend
         if admin is None and IServerAdmin.providedBy(backend):
@@ -220,6 +242,10 @@ class MemcacheServerFactory(Factory):
         #: The open connections by id (``stats conns``); ids count up from 1 per listener.
         self.connections: dict[int, MemcacheServerProtocol] = {}
         self._next_id = 0
+        self.requests = requests
+        self.latency: dict[type, LatencyHistogram] | None = None
+        if requests is not None:
+            self.latency = {kind: requests.histogram("line", family) for kind, family in _FAMILIES.items()}
         self.plain_get = cast(IPlainGet, backend) if IPlainGet.providedBy(backend) else None
         self.grouped_puts = cast(IGroupedPuts, backend) if IGroupedPuts.providedBy(backend) else None
         self.clock = clock
@@ -373,6 +399,9 @@ class MemcacheServerProtocol(Protocol):
             factory.max_value_size, factory.max_line, factory.max_keys, plain_gets=self._plain_gets
         )
         self._execute = factory.backend.execute
+        self._requests = factory.requests
+        self._latency = factory.latency
+        self._get_latency = factory.latency[Get] if factory.latency is not None else None
         self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
         self._out: list[bytes] = []  # replies to the current read, written together
         self._out_size = 0
@@ -524,6 +553,8 @@ class MemcacheServerProtocol(Protocol):
     def _plain_get(self, key: bytes, send: Callable[[bytes], object]) -> None:
         """Answer ``get <key>`` with ``IPlainGet.get_one``; ``send`` takes the reply (the transport's
         ``write`` for a read that held only this get, else ``_reply``)."""
+        histogram = self._get_latency
+        start = perf_counter() if histogram is not None else 0.0
         try:
             found = self._get_one(key)
         except Exception:  # the engine failed: the general path words the error and logs it
@@ -531,31 +562,39 @@ class MemcacheServerProtocol(Protocol):
             self._flush_out()
             return
         send(plain_get_reply(key, found))
+        if histogram is not None:
+            histogram.observe(perf_counter() - start)
 
     def _handle(self, command: Command | FailedRequest) -> None:
+        latency = self._latency
+        start = perf_counter() if latency is not None else 0.0
         if type(command) in _LOCAL:
             if isinstance(command, FailedRequest):
                 self._failed_request(command)
-            else:
-                self._local(cast(_LocalCommand, command))
+                return
+            self._local(cast(_LocalCommand, command))
+            if latency is not None:
+                latency[type(command)].observe(perf_counter() - start)
             return
         command = cast(Command, command)
         try:
             result = self._execute(command)
         except DomainError as e:
-            reply = error_reply(e)
+            reply = self._error(error_reply(e))
         except Exception:
             self._log.failure("the backend failed on {command}", command=type(command).__name__)
-            reply = error_reply(RuntimeError())
+            reply = self._error(error_reply(RuntimeError()))
         else:
             if type(result) not in _RESULTS and isinstance(result, Deferred):
-                self._pending(command, result)
+                self._pending(command, result, start)
                 return
             try:
                 reply = serialize_result(command, result)
             except Exception:
                 self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
-                reply = error_reply(RuntimeError())
+                reply = self._error(error_reply(RuntimeError()))
+        if latency is not None:
+            latency[type(command)].observe(perf_counter() - start)
         # NOREPLY_COMMANDS have a noreply field (mypy cannot narrow a union by a set of types)
         if type(command) in NOREPLY_COMMANDS and command.noreply:  # type: ignore[union-attr]
             return
@@ -566,6 +605,7 @@ class MemcacheServerProtocol(Protocol):
         if len(puts) == 1:
             self._handle(puts[0])
             return
+        start = perf_counter() if self._latency is not None else 0.0
         results: Sequence[Status | Exception]
         try:
             results = self._execute_puts(puts)
@@ -574,13 +614,17 @@ class MemcacheServerProtocol(Protocol):
         except Exception:
             self._log.failure("the backend failed on {count} grouped xput", count=len(puts))
             results = [RuntimeError()] * len(puts)
+        if self._latency is not None:  # each waited for the whole group
+            histogram, elapsed = self._latency[XPut], perf_counter() - start
+            for _ in puts:
+                histogram.observe(elapsed)
         for put, result in zip(puts, results):
-            if put.noreply:
-                continue
             if isinstance(result, BaseException):
-                self._reply(error_reply(result))
+                reply = self._error(error_reply(result))
             else:
-                self._reply(serialize_result(put, result))
+                reply = serialize_result(put, result)
+            if not put.noreply:
+                self._reply(reply)
 
     def _reply(self, reply: bytes) -> None:
         """Queue ``reply`` behind the pending ones, or add it to this read's replies."""
@@ -592,11 +636,18 @@ class MemcacheServerProtocol(Protocol):
             if self._out_size >= _FLUSH_AT:
                 self._flush_out()  # big replies leave now, so that a full transport can pause us
 
+    def _error(self, reply: bytes) -> bytes:
+        """Count the error ``reply`` (``SERVER_ERROR`` a server error, the others a client's) and return it."""
+        if self._requests is not None:
+            self._requests.error("line", "server" if reply.startswith(b"SERVER_ERROR") else "client")
+        return reply
+
     def _failed_request(self, failed: FailedRequest) -> None:
         if failed.then is not None:
             self._run_silently(failed.then)
+        reply = self._error(error_reply(failed.error))
         if failed.reply:
-            self._reply(error_reply(failed.error))
+            self._reply(reply)
         if failed.close:
             self._close_after_replies()
 
@@ -719,23 +770,29 @@ class MemcacheServerProtocol(Protocol):
 
     # -- replies that come later (a Deferred backend) ----------------------------------------------------
 
-    def _pending(self, command: Command, result: Deferred[Result]) -> None:
+    def _pending(self, command: Command, result: Deferred[Result], start: float) -> None:
         cell: list[bytes | None] = [None]
         self._queue.append(cell)
         noreply = getattr(command, "noreply", False)
+        histogram = self._latency[type(command)] if self._latency is not None else None
 
         def done(value: Result) -> None:
             try:
                 cell[0] = b"" if noreply else serialize_result(command, value)
             except Exception:
                 self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
-                cell[0] = error_reply(RuntimeError())
+                cell[0] = self._error(error_reply(RuntimeError()))
+            if histogram is not None:
+                histogram.observe(perf_counter() - start)
             self._drain()
 
         def failed(failure: Failure) -> None:
             if not failure.check(DomainError):
                 self._log.failure("the backend failed on {command}", failure, command=type(command).__name__)
-            cell[0] = b"" if noreply else error_reply(failure.value or RuntimeError())
+            reply = self._error(error_reply(failure.value or RuntimeError()))
+            cell[0] = b"" if noreply else reply
+            if histogram is not None:
+                histogram.observe(perf_counter() - start)
             self._drain()
 
         result.addCallbacks(done, failed)

@@ -55,8 +55,8 @@ from chashd.errors import (
     ValueTooLarge,
 )
 from chashd.interfaces import IKeyValue
+from chashd.metrics import LatencyHistogram, RequestMetrics
 from chashd.record import MAX_FLAGS, check_key
-from chashd.web._metrics import LatencyHistogram, RequestMetrics
 
 __all__ = ["Forbidden", "KeyValueHTTP", "Unauthorized", "check_bearer", "json_response", "openapi_document", "problem"]
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheClientError
 
 from chashd.client import KVStoreClient
 from chashd.launcher import LocalCluster
@@ -116,14 +117,31 @@ def _version(samples: Samples) -> str:
     return labels["version"]
 
 
-def test_line_connections(cluster: LocalCluster) -> None:
-    """An open memcached client connection to the gateway shows in chashd_connections."""
+def test_line_protocol(cluster: LocalCluster) -> None:
+    """memcached commands land in the gateway's line histograms by family, a bad one in its client errors;
+    the kvstores time the versioned commands the gateway sent them (internal); an open connection shows in
+    chashd_connections."""
     gateway = cluster.gateways[0]
+    count = "chashd_request_duration_seconds_count"
+    before = scrape(gateway.url)
+    kv_before = sum(value(scrape(k.url), count, surface="line", command="internal") for k in cluster.kvstores)
     memcached = Client(("127.0.0.1", cluster.line_ports[gateway.name]), connect_timeout=5, timeout=5)
     try:
         memcached.set("metrics:line", b"1")
+        assert memcached.get("metrics:line") == b"1"
+        assert memcached.incr("metrics:line", 2) == 3
         samples = scrape(gateway.url)
         assert value(samples, "chashd_connections", surface="line") >= 1
         assert value(samples, "chashd_connections_accepted_total", surface="line") >= 1
+        with pytest.raises(MemcacheClientError):  # the server's CLIENT_ERROR (pymemcache then closes)
+            memcached.incr("metrics:line", -1)  # type: ignore[arg-type]
     finally:
         memcached.close()
+    samples = scrape(gateway.url)
+    for family in ("store", "get", "arith"):
+        line = {"surface": "line", "command": family}
+        assert value(samples, count, **line) - value(before, count, **line) == 1, family
+    errors = ("chashd_request_errors_total", (("error", "client"), ("surface", "line")))
+    assert samples[errors] - before[errors] == 1
+    kv_after = sum(value(scrape(k.url), count, surface="line", command="internal") for k in cluster.kvstores)
+    assert kv_after - kv_before >= 3

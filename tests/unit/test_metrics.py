@@ -1,4 +1,4 @@
-"""The Prometheus figures of both roles (chashd.web._metrics, chashd.gateway.metrics) in the exposition format
+"""The Prometheus figures of both roles (chashd.metrics, chashd.gateway.metrics) in the exposition format
 prometheus-client writes, and the HTTP surface's request timing and error counts through StubTreq."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from chashd.errors import NodeLeaving
 from chashd.gateway.metrics import GatewayCollector
 from chashd.gateway.raft import RaftStatus
 from chashd.kvstore.backend import LocalBackend
-from chashd.storage.memory import MemoryEngine
-from chashd.web import KeyValueHTTP
-from chashd.web._metrics import (
+from chashd.metrics import (
     BUCKETS,
     ConnectionsCollector,
     DiskCollector,
@@ -28,6 +28,9 @@ from chashd.web._metrics import (
     daemon_registry,
     memory_limit,
 )
+from chashd.storage.memory import MemoryEngine
+from chashd.web import KeyValueHTTP
+from tests.unit.test_memcache_server import LaterBackend, connect, make_factory
 from tests.unit.test_ring_api import RingAPITestsBase
 
 
@@ -205,3 +208,60 @@ class HTTPRequestMetricsTests(SynchronousTestCase):
         self.stub = StubTreq(KeyValueHTTP(None, role="kvstore", requests=self.requests).resource())
         assert self.ask("GET", "/kv/a") == 503
         assert self.requests.errors("http", "server") == 1 and self.requests.errors("http", "client") == 0
+
+
+class LineRequestMetricsTests(SynchronousTestCase):
+    """The line protocol's server times each command into its family's histogram and counts error replies
+    (chashd.memcache.server with ``requests``), over a real LocalBackend on StringTransport."""
+
+    def setUp(self) -> None:
+        self.requests = RequestMetrics()
+
+    def count(self, family: str) -> int:
+        """Observations of ``family`` on the line surface."""
+        return int(self.requests.histogram("line", family).cumulative()[-1][1])
+
+    def test_families(self) -> None:
+        """A plain get read alone, then a pipelined read of every family: each counted once in its own;
+        grouped xputs each in internal."""
+        factory, _ = make_factory(requests=self.requests)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"get a\r\n")
+        assert transport.value() == b"END\r\n" and self.count("get") == 1
+        protocol.dataReceived(
+            b"set k 0 0 1\r\n5\r\nget k\r\ngets k\r\nincr k 2\r\ntouch k 10\r\ndelete k\r\nversion\r\nstats\r\n"
+            b"xput a 0 0 5-w 0 1\r\nx\r\nxput b 0 0 5-w 0 1\r\ny\r\n"
+        )
+        assert (self.count("store"), self.count("get"), self.count("arith")) == (1, 3, 1)
+        assert (self.count("touch"), self.count("delete"), self.count("other"), self.count("internal")) == (1, 1, 2, 2)
+        assert self.requests.errors("line", "client") == 0 and self.requests.errors("line", "server") == 0
+
+    def test_errors(self) -> None:
+        """ERROR and CLIENT_ERROR are client errors, SERVER_ERROR a server error, also under noreply."""
+        factory, _ = make_factory(requests=self.requests)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"bogus\r\nincr k abc\r\nset big 0 0 5000 noreply\r\n")
+        assert transport.value().startswith(b"ERROR\r\nCLIENT_ERROR ")
+        assert self.requests.errors("line", "client") == 2 and self.requests.errors("line", "server") == 1
+
+    def test_later_replies(self) -> None:
+        """A reply that comes later (a gateway's) is timed when it comes; a failed one is also an error."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend, requests=self.requests)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 1\r\nx\r\nget k\r\n")
+        assert self.count("store") == 0 and self.count("get") == 0
+        backend.fire(0)
+        assert self.count("store") == 1 and self.count("get") == 0
+        backend.waiting[1][0].errback(Failure(NodeLeaving("leaving")))
+        assert self.count("get") == 1 and self.requests.errors("line", "server") == 1
+        assert transport.value() == b"STORED\r\nSERVER_ERROR leaving\r\n"
+
+    def test_off(self) -> None:
+        """Without ``requests`` the server answers the same and keeps no figures."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 1\r\nx\r\nget k\r\nbogus\r\n")
+        assert transport.value() == b"STORED\r\nVALUE k 0 1\r\nx\r\nEND\r\nERROR\r\n"
+        assert factory.latency is None

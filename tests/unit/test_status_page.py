@@ -38,7 +38,7 @@ class StatusPageTests(RingAPITestsBase):
                 for i, n in enumerate(self.membership.view.nodes)
             ],
         }  # fmt: skip
-        self.counters: dict[str, Any] = {"cmd_get": 100, "cmd_set": 20, "quorum_failures": 1}
+        self.counters: dict[str, Any] = {"cmd_get": 100, "cmd_set": 20, "quorum_failures": 1, "http_client_errors": 4}
         self.page = StatusPage(
             self.api.status_body, lambda: self.membership.view.ring, lambda: self.counters, self.clock
         )
@@ -130,7 +130,9 @@ class StatusPageTests(RingAPITestsBase):
         assert '<td class="number rate">10.0</td>' in rows["cmd_get"]
         assert '<td class="number rate">1.0</td>' in rows["quorum_failures"]
         assert '<td class="number rate">0.0</td>' in rows["cmd_set"]
+        assert '<td class="number total">4</td>' in rows["http_client_errors"]
         assert "over the last 5 s" in html
+        assert '<td class="number total">—</td>' in rows["line_client_errors"]  # not given: shown as unknown
 
     def test_rate_window(self) -> None:
         """Samples older than the window are dropped, and a sample is kept at most once a second."""

@@ -218,9 +218,11 @@ class _Info(Collector):
         yield info
 
 
-def daemon_registry(role: str, node_id: str, *collectors: Collector, data_dir: str | None = None) -> CollectorRegistry:
+def daemon_registry(
+    role: str, node_id: str, *collectors: Collector | None, data_dir: str | None = None
+) -> CollectorRegistry:
     """A registry with the figures every daemon exports (info, process, memory limit, the data directory's
-    disk when there is one) and ``collectors``."""
+    disk when there is one) and ``collectors`` (None ones left out)."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Info(role, node_id))
     ProcessCollector(registry=registry)
@@ -230,5 +232,6 @@ def daemon_registry(role: str, node_id: str, *collectors: Collector, data_dir: s
     if data_dir:
         registry.register(DiskCollector(data_dir))
     for collector in collectors:
-        registry.register(collector)
+        if collector is not None:
+            registry.register(collector)
     return registry
