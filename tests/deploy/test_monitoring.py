@@ -118,7 +118,7 @@ class DashboardTests:
 
     def test_what_it_shows(self) -> None:
         """Panels for request rate, errors and latency per command and surface, quorum failures, read repairs,
-        keys and bytes per node, handoff, Raft leader changes and epoch, purges, connections."""
+        keys and bytes per node, handoff, Raft leader changes and epoch, evictions and purges, connections."""
         exprs = "\n".join(dashboard_exprs())
         for name in (
             "chashd_request_duration_seconds_count",
@@ -132,6 +132,7 @@ class DashboardTests:
             "chashd_raft_leader_changes_total",
             "chashd_epoch",
             "chashd_purged_total",
+            "chashd_evictions_total",
             "chashd_connections",
         ):
             assert name in metric_names(exprs), name
