@@ -16,12 +16,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ClusterSecrets", "Daemon", "DaemonError", "LocalCluster", "free_ports", "twistd_command"]
+__all__ = ["ClusterSecrets", "Daemon", "DaemonError", "LocalCluster", "free_ports", "twistd_command", "wait_for"]
 
 
 class DaemonError(Exception):
@@ -79,6 +79,24 @@ class ClusterSecrets:
         return {"CHASHD_RAFT_PASSWORD": self.raft_password, "CHASHD_TOKEN": self.token}
 
 
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Call ``check`` until it returns something truthy (an OSError or ValueError counts as not yet) and
+    return that; ``TimeoutError`` naming ``what`` and the last answer after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except (OSError, ValueError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
 def twistd_command(role: str, args: Sequence[str], twistd_options: Sequence[str] = ()) -> list[str]:
     """The command line that runs ``role`` (``chash-gateway``/``chash-kvstore``) in the foreground;
     ``twistd_options`` go to twistd itself (``--logger=chashd.logs.json_stdout``)."""
@@ -126,8 +144,12 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         twistd_options: Sequence[str] = (),
+        group: int | None = None,
     ) -> None:
         self.role = role
+        #: The group id the process runs with (None: this process's); a fault-injection run tells the
+        #: daemons' connections apart by it.
+        self.group = group
         self.twistd_options = list(twistd_options)
         self.name = name
         self.args = list(args)
@@ -158,6 +180,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 start_new_session=True,
+                group=self.group,
             )
         return self
 
@@ -218,6 +241,7 @@ class Daemon:
             return None
         if self.running():
             self.signal(signal.SIGTERM)
+            self.signal(signal.SIGCONT)  # a paused process would not see the SIGTERM
             if self.wait(timeout) is None:
                 self.kill()
         return self.process.wait()
@@ -236,6 +260,8 @@ class LocalCluster:
     is stopped by ``stop()`` (also usable as a context manager). Logs and data live under ``workdir``.
     The cluster's secrets (``secrets``: random unless given) are written to ``workdir/secrets`` and read from
     there by every daemon; ``token`` is what admin requests (drain, remove) and internal clients need.
+    Every daemon listens on ``host``; a subclass may place each on an address of its own (``host_of``)
+    and give its processes more (``make_daemon``).
     """
 
     def __init__(
@@ -294,14 +320,27 @@ class LocalCluster:
         """The HTTP base URLs of the gateways."""
         return [g.url for g in self.gateways]
 
+    def host_of(self, name: str) -> str:
+        """The address the daemon ``name`` listens on and advertises: ``host`` unless a subclass says."""
+        return self.host
+
+    def make_daemon(self, role: str, name: str, args: Sequence[str], http_port: int) -> Daemon:
+        """The ``Daemon`` (not started) of one process, logging to ``workdir/<name>.log``."""
+        log = self.workdir / f"{name}.log"
+        return Daemon(role, name, args, http_port, log, env=self.env, host=self.host_of(name))
+
+    def _gateway_name(self, index: int) -> str:
+        return f"gateway-{index + 1}"
+
     def _gateway(self, index: int, http: int, raft: int, line: int, peers: list[str]) -> Daemon:
-        name = f"gateway-{index + 1}"
+        name = self._gateway_name(index)
+        host = self.host_of(name)
         args = [
             "--gateway-id", name,
-            "--port", f"tcp:{http}:interface={self.host}",
-            "--line-port", f"tcp:{line}:interface={self.host}",
+            "--port", f"tcp:{http}:interface={host}",
+            "--line-port", f"tcp:{line}:interface={host}",
             "--raft-port", str(raft),
-            "--advertise-host", self.host,
+            "--advertise-host", host,
             "--peers", ",".join(peers),
             "--data-dir", str(self.workdir / name),
             *self._secret_args("raft-password", "token"),
@@ -309,16 +348,17 @@ class LocalCluster:
         ]  # fmt: skip
         self.line_ports[name] = line
         self.raft_ports[name] = raft
-        return Daemon("chash-gateway", name, args, http, self.workdir / f"{name}.log", env=self.env, host=self.host)
+        return self.make_daemon("chash-gateway", name, args, http)
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         """Start every process and wait until the ring is ready; on failure stop what started and raise."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            ports = free_ports(3 * self._gateway_count, self.host)
-            raft_addresses = [f"{self.host}:{ports[3 * i + 1]}" for i in range(self._gateway_count)]
-            for i in range(self._gateway_count):
-                http, raft, line = ports[3 * i : 3 * i + 3]
+            hosts = [self.host_of(self._gateway_name(i)) for i in range(self._gateway_count)]
+            free = {host: iter(free_ports(3 * hosts.count(host), host)) for host in hosts}
+            ports = [(next(free[host]), next(free[host]), next(free[host])) for host in hosts]
+            raft_addresses = [f"{host}:{raft}" for host, (_, raft, _) in zip(hosts, ports)]
+            for i, (http, raft, line) in enumerate(ports):
                 self.gateways.append(self._gateway(i, http, raft, line, raft_addresses).start())
             for gateway in self.gateways:
                 gateway.wait_healthy(timeout)
@@ -331,19 +371,23 @@ class LocalCluster:
             raise
         return self
 
-    def add_kvstore(self, name: str | None = None, wait: bool = True, timeout: float = 60.0) -> Daemon:
-        """Start one more kvstore registered with every gateway."""
+    def add_kvstore(
+        self, name: str | None = None, wait: bool = True, timeout: float = 60.0, gateways: Sequence[str] = ()
+    ) -> Daemon:
+        """Start one more kvstore registered with every gateway (or with ``gateways``, URLs in the order
+        it tries them)."""
         self._next_kvstore += 1
         if name is None:
             n = self._next_kvstore
             name = f"kvstore-{chr(ord('A') + n - 1)}" if n <= 26 else f"kvstore-{n}"
-        http, line = free_ports(2, self.host)
+        host = self.host_of(name)
+        http, line = free_ports(2, host)
         args = [
             "--node-id", name,
-            "--port", f"tcp:{http}:interface={self.host}",
-            "--line-port", f"tcp:{line}:interface={self.host}",
-            "--advertise-host", self.host,
-            "--gateway", ",".join(self.gateway_urls),
+            "--port", f"tcp:{http}:interface={host}",
+            "--line-port", f"tcp:{line}:interface={host}",
+            "--advertise-host", host,
+            "--gateway", ",".join(gateways or self.gateway_urls),
             *self._secret_args("token"),
             *self.kvstore_args,
         ]  # fmt: skip
@@ -351,7 +395,7 @@ class LocalCluster:
             args += ["--data-dir", str(self.workdir / name)]
         else:
             args += ["--engine", "memory"]
-        daemon = Daemon("chash-kvstore", name, args, http, self.workdir / f"{name}.log", env=self.env, host=self.host)
+        daemon = self.make_daemon("chash-kvstore", name, args, http)
         self.line_ports[name] = line
         self.kvstores.append(daemon.start())
         if wait:
@@ -422,8 +466,9 @@ class LocalCluster:
         lines = []
         for daemon in self.gateways + self.kvstores:
             line = self.line_ports.get(daemon.name)
-            extra = f"  raft {self.host}:{self.raft_ports[daemon.name]}" if daemon.name in self.raft_ports else ""
+            raft = self.raft_ports.get(daemon.name)
+            extra = f"  raft {daemon.host}:{raft}" if raft is not None else ""
             lines.append(
-                f"{daemon.name:12s} http {daemon.url}  memcached {self.host}:{line}{extra}  log {daemon.log_path}"
+                f"{daemon.name:12s} http {daemon.url}  memcached {daemon.host}:{line}{extra}  log {daemon.log_path}"
             )
         return "\n".join(lines)

@@ -9,13 +9,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
-from chashd.launcher import ClusterSecrets, Daemon, free_ports
+from chashd.launcher import ClusterSecrets, Daemon, free_ports, wait_for
+
+#: Poll a condition, failing the test after a timeout (``chashd.launcher.wait_for``).
+wait_until = wait_for
 
 SEED_VARIABLES = ("GATEWAY_ID", "LISTEN_PORT", "RAFT_PORT", "PEER_GATEWAYS", "NODE_ID", "GATEWAY_ADDRESS")
 
@@ -26,23 +29,6 @@ def clean_environ(**extra: str) -> dict[str, str]:
     env.pop("NOTIFY_SOCKET", None)
     env.update(extra)
     return env
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy (an OSError or ValueError counts as not yet); fail
-    the test after ``timeout`` seconds, naming ``what`` and the last answer."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, ValueError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def http(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
