@@ -1,0 +1,140 @@
+"""The two ways to lose or corrupt data that issue 12 describes, as deterministic runs of the harness.
+
+``rmw-stale-primary`` (issue 12, scenario 1): a kvstore killed long enough to be marked down misses writes
+to keys whose primary it is; once it is back and marked up, the read-modify-write commands go to it and it
+applies them to what it alone holds. Checked: the ``rmw`` answers (``delete``, ``add``, ``incr``) against
+the acknowledged history. Replication is only reported here (catching the node up is anti-entropy's part).
+
+``removed-restart`` (issue 12, scenario 2): a kvstore killed until ``--dead-after`` removes it from the ring
+restarts while its ring watch polls a gateway that cannot reach the other gateways (so it learns the ring
+without itself, and not the newer one its registration makes) for ~20 s, while its peers push its arcs
+back to it for that newer ring. Checked: every key is on N replicas once the cluster settles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from chashd.launcher import Daemon
+from tests.faults.checker import Report
+from tests.faults.cluster import FaultCluster, poll_until
+from tests.faults.runner import Run
+
+__all__ = ["SCENARIOS"]
+
+
+def _keys_with_primary(cluster: FaultCluster, node: str, count: int, prefix: str) -> list[str]:
+    view = cluster.ring_view()
+    keys = []
+    for i in range(100 * count):
+        key = f"{prefix}{i}"
+        if view.preference(key)[0] == node:
+            keys.append(key)
+            if len(keys) == count:
+                return keys
+    raise RuntimeError(f"fewer than {count} keys of {prefix}* have {node} as primary")
+
+
+def _state_everywhere(cluster: FaultCluster, node: str, state: str | None) -> bool:
+    """True when every gateway's map gives ``node`` the state ``state`` (None: not in the map)."""
+    for gateway in cluster.gateways:
+        nodes = cluster.ring_nodes(gateway)
+        if nodes is None or nodes.get(node) != state:
+            return False
+    return True
+
+
+def _until(run: Run, what: str, check: Callable[[], object], timeout: float = 90.0) -> None:
+    poll_until(what, check, timeout, 0.3)
+    run.log(f"{run.recorder.now():7.1f}s {what}")
+
+
+def _write_acknowledged(run: Run, items: Sequence[tuple[str, str]], tries: int = 20) -> None:
+    """Set each key to its value through the gateways in turn until one set of it is acknowledged."""
+    sessions = [run.session("w0", i) for i in range(3)]
+    try:
+        for i, (key, value) in enumerate(items):
+            for attempt in range(tries):
+                if sessions[(i + attempt) % 3].run("set", key, value).result == "STORED":
+                    break
+            else:
+                raise RuntimeError(f"no set of {key} was acknowledged in {tries} tries")
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def rmw_at_stale_primary(run: Run) -> Report:
+    """Scenario 1: read-modify-write commands at a primary that missed writes."""
+    run.args.report = "under-replicated"
+    cluster = run.start_cluster(kvstores=4, gateway_args=run.gateway_args(dead_after=3600.0))
+    victim = cluster.daemon("kvstore-A")
+    missed = _keys_with_primary(cluster, victim.name, 60, "m")  # written while the victim is down
+    behind = _keys_with_primary(cluster, victim.name, 10, "b")  # counters it holds at 0, then misses increments
+    _write_acknowledged(run, [(key, "0") for key in behind])
+    victim.kill()
+    _until(run, f"{victim.name} marked down", lambda: _state_everywhere(cluster, victim.name, "down"))
+    _write_acknowledged(run, [(key, f"v-{key}" if i < 40 else "0") for i, key in enumerate(missed)])
+    sessions = [run.session(f"w{i}", i) for i in range(3)]
+    for i, key in enumerate(behind):
+        for _ in range(3):
+            sessions[i % 3].run("incr", key, "1")
+    victim.start()
+    victim.wait_healthy(60.0)
+    _until(run, f"{victim.name} marked up again", lambda: _state_everywhere(cluster, victim.name, "up"))
+    deletes, adds, counters = missed[:20], missed[20:40], missed[40:]
+    for i, key in enumerate(deletes):
+        sessions[i % 3].run("delete", key)
+    for i, key in enumerate(adds):
+        sessions[i % 3].run("add", key, f"added-{i}")
+    for i, key in enumerate([*counters, *behind]):
+        sessions[i % 3].run("incr", key, "1")
+    for session in sessions:
+        session.close()
+    run.heal_time = run.recorder.now()
+    return run.finish()
+
+
+def removed_kvstore_restart(run: Run, watch_cut: float = 30.0, peer_cut: float = 10.0) -> Report:
+    """Scenario 2: a removed kvstore restarts while its ring watch sees only the ring without it.
+
+    Its ring watch polls a gateway cut from the other gateways for ``watch_cut`` seconds, so it hands
+    everything off for the ring without itself; its link to one peer is cut for the first ``peer_cut``
+    seconds, so that handoff is still under way when the other peers push its arcs back to it for the
+    ring its registration (through another gateway) made.
+    """
+    cluster = run.start_cluster(kvstores=3, gateway_args=run.gateway_args(dead_after=5.0))
+    leader = poll_until("a Raft leader", cluster.leader, 30.0)
+    assert isinstance(leader, Daemon)
+    # The kvstores A-C poll gateway-1 first; the returning one polls a follower that is not gateway-1.
+    polled = next(g for g in cluster.gateways if g is not leader and g.name != "gateway-1")
+    rest = [g for g in cluster.gateways if g is not polled]
+    victim = cluster.add_kvstore("kvstore-D", wait=False, gateways=[polled.url, *(g.url for g in rest)])
+    victim.wait_healthy(60.0)
+    _until(run, "the cluster settled with kvstore-D", lambda: cluster.unsettled() is None)
+    _write_acknowledged(run, [(f"k{i}", f"v{i}") for i in range(2000)])
+    _until(run, "the cluster settled after the writes", lambda: cluster.unsettled() is None)
+    victim.kill()
+    _until(run, f"{victim.name} removed", lambda: _state_everywhere(cluster, victim.name, None))
+    _until(run, "the peers handed its arcs off", lambda: cluster.unsettled() is None, 180.0)
+    peer = cluster.daemon("kvstore-A")
+    run.firewall.isolate(cluster.member(polled), [cluster.member(g) for g in rest])
+    run.firewall.cut(cluster.member(victim), cluster.member(peer))
+    run.log(f"{run.recorder.now():7.1f}s cut {polled.name} from the other gateways, {victim.name} from {peer.name}")
+    victim.start()
+    victim.wait_healthy(60.0)
+    run.log(f"{run.recorder.now():7.1f}s restarted {victim.name}")
+    run.stop.wait(peer_cut)
+    run.firewall.uncut(cluster.member(victim), cluster.member(peer))
+    run.log(f"{run.recorder.now():7.1f}s reconnected {victim.name} and {peer.name}")
+    run.stop.wait(max(0.0, watch_cut - peer_cut))
+    run.firewall.heal()
+    run.heal_time = run.recorder.now()
+    run.log(f"{run.heal_time:7.1f}s reconnected {polled.name}")
+    return run.finish()
+
+
+SCENARIOS: dict[str, Callable[[Run], Report]] = {
+    "rmw-stale-primary": rmw_at_stale_primary,
+    "removed-restart": removed_kvstore_restart,
+}

@@ -1,0 +1,63 @@
+"""Figures of a fault-injection run: availability during each fault, latency of the acknowledged operations.
+
+Pure: reads ``Op`` and ``Event`` records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tests.faults.history import OK, Event, Op
+
+__all__ = ["Window", "availability", "percentile"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """The client operations invoked between ``start`` and ``end`` and how many of them did not succeed
+    (failed or indeterminate)."""
+
+    label: str
+    start: float
+    end: float
+    ops: int
+    failed: int
+
+    @property
+    def failed_share(self) -> float:
+        """The share of operations that did not succeed (0 when there were none)."""
+        return self.failed / self.ops if self.ops else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict for ``json.dumps``."""
+        return {**asdict(self), "failed_share": round(self.failed_share, 4)}
+
+
+def _window(label: str, start: float, end: float, ops: Sequence[Op]) -> Window:
+    inside = [op for op in ops if start <= op.invoke < end]
+    return Window(label, start, end, len(inside), sum(1 for op in inside if op.outcome != OK))
+
+
+def availability(ops: Sequence[Op], events: Sequence[Event]) -> list[Window]:
+    """One window per fault (from its start to its heal), then ``no fault`` (the operations invoked
+    outside every fault) and ``all``. Only the clients' operations count (not the final reads)."""
+    ops = [op for op in ops if op.client not in ("final", "setup")]
+    windows = [_window(f"{e.fault} {e.target}", e.start, e.end, ops) for e in events]
+    calm = [op for op in ops if not any(e.start <= op.invoke < e.end for e in events)]
+    if ops:
+        first, last = min(op.invoke for op in ops), max(op.invoke for op in ops)
+        windows.append(Window("no fault", first, last, len(calm), sum(1 for op in calm if op.outcome != OK)))
+        windows.append(_window("all", first, last + 1.0, ops))
+    return windows
+
+
+def percentile(values: Sequence[float], share: float) -> float | None:
+    """The ``share`` (0-1) percentile of ``values`` (nearest rank), None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1))
+    return ordered[rank]

@@ -1,0 +1,170 @@
+"""The pure parts of the fault-injection harness: firewall rules, schedules, the clients' choices, figures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.faults.clients import Endpoint, Session, Worker, Workload, parse_mix
+from tests.faults.history import FAIL, INFO, OK, Event, Op, Recorder
+from tests.faults.nemesis import FAULTS, make_schedule
+from tests.faults.netns import Firewall, Member, cut_rules, group_of, mark_rules, namespace_id
+from tests.faults.stats import availability, percentile
+
+A = Member("gateway-1", "127.0.0.11")
+B = Member("kvstore-A", "127.0.0.21")
+C = Member("kvstore-B", "127.0.0.22")
+
+
+class FirewallTests:
+    """The iptables rules that mark connections and cut links."""
+
+    def test_group_of_address(self) -> None:
+        """Each daemon's group id (and connection mark) is 40000 plus the last byte of its address."""
+        assert group_of("127.0.0.21") == 40021
+        assert B.group == 40021
+        for bad in ("10.0.0.21", "127.0.1.21", "localhost", "127.0.0.x"):
+            with pytest.raises(ValueError):
+                group_of(bad)
+
+    def test_mark_rules(self) -> None:
+        """A chain for the cuts, jumped to from INPUT, and one CONNMARK rule per member for new connections."""
+        rules = mark_rules([B, A, B])
+        assert rules[:2] == [["-N", "chashd-cuts"], ["-A", "INPUT", "-j", "chashd-cuts"]]
+        marks = [r for r in rules if "CONNMARK" in r]
+        assert [r[r.index("--gid-owner") + 1] for r in marks] == ["40011", "40021"]
+        assert all(r[r.index("--set-mark") + 1] == r[r.index("--gid-owner") + 1] for r in marks)
+        assert all(r[2:6] == ["-m", "conntrack", "--ctstate", "NEW"] for r in marks)
+
+    def test_cut_rules_both_ways(self) -> None:
+        """Cutting A from B drops the connections A opened towards B and those B opened towards A."""
+        rules = cut_rules(A, B)
+        assert [(r[r.index("--mark") + 1], r[r.index("--ctorigdst") + 1], r[-1]) for r in rules] == [
+            ("40011", "127.0.0.21", "DROP"),
+            ("40021", "127.0.0.11", "DROP"),
+        ]
+
+    def test_refuses_the_host_namespace(self) -> None:
+        """A firewall made in the namespace the run started from changes nothing."""
+        with pytest.raises(RuntimeError):
+            Firewall(namespace_id(), run=lambda args: None)
+        with pytest.raises(RuntimeError):
+            Firewall("", run=lambda args: None)
+
+    def test_cut_uncut_heal(self) -> None:
+        """Each link is cut once, restored by deleting its rules, and heal flushes the chain."""
+        calls: list[list[str]] = []
+        firewall = Firewall("net:[1]", run=lambda args: calls.append(list(args)))
+        firewall.cut(A, B)
+        firewall.cut(B, A)
+        firewall.cut(A, A)
+        assert calls == cut_rules(A, B)
+        firewall.isolate(A, [B, C])
+        assert len(calls) == 4
+        calls.clear()
+        firewall.uncut(B, A)
+        assert calls == [["-D", *rule[1:]] for rule in cut_rules(A, B)]
+        firewall.uncut(B, A)
+        assert len(calls) == 2
+        calls.clear()
+        firewall.heal()
+        firewall.heal()
+        assert calls == [["-F", "chashd-cuts"]]
+
+
+class ScheduleTests:
+    """Seeded schedules of faults."""
+
+    def test_same_seed_same_schedule(self) -> None:
+        """A seed gives one schedule; another seed gives another."""
+        assert make_schedule(5, FAULTS, 300) == make_schedule(5, FAULTS, 300)
+        assert make_schedule(5, FAULTS, 300) != make_schedule(6, FAULTS, 300)
+
+    def test_schedule_covers_its_length(self) -> None:
+        """Steps are drawn until their durations, rests and removals reach the length asked for."""
+        steps = make_schedule(1, ["kill", "remove"], 120, dead_after=15)
+        spent = sum(s.duration + s.rest + (15 if s.fault == "remove" else 0) + 2 for s in steps)
+        assert 120 <= spent < 120 + 40
+        assert {s.fault for s in steps} <= {"kill", "remove"}
+        assert all(2.0 <= s.duration <= 8.0 for s in steps if s.fault == "kill")
+
+    def test_joins_only_while_a_slot_is_free(self) -> None:
+        """With 4 kvstores and 5 slots, one join at most."""
+        steps = make_schedule(1, ["join", "pause"], 200, kvstores=4, slots=5)
+        assert sum(1 for s in steps if s.fault == "join") <= 1
+        assert make_schedule(1, ["join"], 200, kvstores=4, slots=5) == make_schedule(1, ["join"], 10)
+        assert len(make_schedule(1, ["join"], 200, kvstores=4, slots=5)) == 1
+
+    def test_unknown_fault(self) -> None:
+        """A fault the nemesis does not know is refused."""
+        with pytest.raises(ValueError, match="unknown faults"):
+            make_schedule(1, ["kill", "meteor"], 60)
+
+
+class WorkloadTests:
+    """The clients' choices, without a network."""
+
+    def worker(self, seed: int, writer: bool = True, mix: dict[str, float] | None = None) -> Worker:
+        session = Session("w0", [Endpoint("gateway-1", "127.0.0.11", 1)], Recorder(), 1.0)
+        workload = Workload(registers=5, counters=2, mix=mix or Workload().mix)
+        return Worker("w0", writer, session, workload, seed, threading.Event())
+
+    def test_choices_follow_the_seed(self) -> None:
+        """Two workers with one seed draw the same operations; values are unique per client."""
+        a, b = self.worker(3), self.worker(3)
+        ops = [a.next_operation() for _ in range(200)]
+        assert ops == [b.next_operation() for _ in range(200)]
+        assert {kind for kind, _, _ in ops} == {"set", "add", "delete", "incr", "get"}
+        values = [value for kind, _, value in ops if kind in ("set", "add")]
+        assert len(values) == len(set(values))
+        assert all(key.startswith("c") for kind, key, _ in ops if kind == "incr")
+        assert any(key.startswith("f") for kind, key, _ in ops if kind == "set")
+
+    def test_readers_only_read(self) -> None:
+        """A reader gets registers and counters and nothing else."""
+        reader = self.worker(3, writer=False)
+        assert {reader.next_operation()[0] for _ in range(100)} == {"get"}
+
+    def test_mix(self) -> None:
+        """A mix names operations and weights; unknown ones are refused."""
+        assert parse_mix("set=45,delete=15,get=40") == {"set": 45.0, "delete": 15.0, "get": 40.0}
+        only_sets = self.worker(1, mix=parse_mix("set=1"))
+        assert {only_sets.next_operation()[0] for _ in range(50)} == {"set"}
+        for bad in ("set=1,cas=2", "set=-1", "set=0", "set=x"):
+            with pytest.raises(ValueError):
+                parse_mix(bad)
+
+
+class StatsTests:
+    """Availability windows and percentiles."""
+
+    def test_availability_per_fault(self) -> None:
+        """Each fault's window counts the operations invoked in it and those that did not succeed."""
+
+        def op(i: int, invoke: float, outcome: str, client: str = "w0") -> Op:
+            return Op(i, client, "gateway-1", "get", "k", None, invoke, invoke + 0.1, outcome)
+
+        ops = [
+            op(0, 1.0, OK),
+            op(1, 2.0, FAIL),
+            op(2, 2.5, INFO),
+            op(3, 3.0, OK),
+            op(4, 6.0, OK),
+            op(5, 7, FAIL, "final"),
+        ]
+        windows = availability(ops, [Event("kill", "kvstore-A", 2.0, 4.0)])
+        assert [(w.label, w.ops, w.failed) for w in windows] == [
+            ("kill kvstore-A", 3, 2),
+            ("no fault", 2, 0),
+            ("all", 5, 2),
+        ]
+        assert windows[0].failed_share == pytest.approx(2 / 3)
+
+    def test_percentile(self) -> None:
+        """Nearest-rank percentiles."""
+        values = [float(v) for v in range(1, 101)]
+        assert percentile(values, 0.99) == 99.0
+        assert percentile(values, 0.5) == 50.0
+        assert percentile([], 0.5) is None
+        assert percentile([7.0], 0.99) == 7.0
