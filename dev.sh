@@ -72,6 +72,10 @@ setup_test_tools() {
     # installed, that test is skipped and says why.
     apt_install chromium chromium "the status page's browser test" \
         || echo "dev.sh: going on without Chromium (the status page's browser test will be skipped)" >&2
+    # tests/integration/test_faults.py cuts links with iptables inside a private network namespace (tests/faults);
+    # without it (or without root) those tests are skipped and say why. iptables lives in sbin.
+    PATH="$PATH:/usr/sbin:/sbin" apt_install iptables iptables "the fault-injection tests" \
+        || echo "dev.sh: going on without iptables (the fault-injection tests will be skipped)" >&2
 }
 
 setup_venv() {

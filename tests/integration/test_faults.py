@@ -1,0 +1,109 @@
+"""Fault injection with real processes (issue 12): a short seeded schedule of the faults today's code
+survives, and the two ways to lose or corrupt data the issue describes, as regression scenarios.
+
+Each test runs ``python -m tests.faults.runner`` in a private network and PID namespace (tests/faults:
+3 gateways and 4-5 SQLite kvstores, each on its own 127.0.0.x, links cut with iptables in that namespace
+only). They skip, saying why, where the machine cannot do that (not root, no unshare, no iptables).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.netns import SKIP_STATUS, preflight, run_in_namespace
+from tests.faults.runner import ROOT
+
+pytestmark = pytest.mark.slow
+
+#: What the CI schedule runs, restricted to what today's code survives (issue 12; widen as fixes land):
+#: every fault but ``remove`` (a removed kvstore that returns can lose its peers' pushes: scenario 2), writers
+#: that set, add and delete but do not increment (two gateways whose maps differ for a moment after a node is
+#: marked up pick different primaries, and two concurrent ``incr`` can then answer the same number: an
+#: acknowledged increment is lost), and keys on fewer than N replicas only reported (no anti-entropy yet).
+CI_FAULTS = ("kill-leader", "partition-gateway", "kill", "pause", "partition-kvstore", "join", "drain")
+CI_MIX = "set=40,fresh=15,add=10,delete=10,get=25"
+CI_REPORTED = "under-replicated"
+
+
+class FaultViolations(AssertionError):
+    """The checker found violations (the message is its summary)."""
+
+
+def run_faults(tmp_path: Path, *args: str, timeout: float = 600.0) -> dict[str, Any]:
+    """Run the runner with ``args``; its ``result.json``. Skips when the machine cannot run it; fails
+    (not with ``FaultViolations``) when the run itself broke."""
+    reason = preflight()
+    if reason is not None:
+        pytest.skip(reason)
+    workdir = tmp_path / "run"
+    result = run_in_namespace([*args, "--workdir", str(workdir), "--timeout", str(timeout)], ROOT, timeout)
+    if result.returncode == SKIP_STATUS:
+        pytest.skip(result.stdout.strip().splitlines()[-1])
+    path = workdir / "result.json"
+    if result.returncode not in (0, 1) or not path.exists():
+        pytest.fail(f"the fault-injection run failed (status {result.returncode}):\n{result.stdout[-6000:]}")
+    body: dict[str, Any] = json.loads(path.read_text())
+    body["output"] = result.stdout
+    return body
+
+
+def assert_no_violations(result: dict[str, Any]) -> None:
+    """Raise ``FaultViolations`` with the run's summary when the checker found anything."""
+    if not result["ok"]:
+        raise FaultViolations(
+            f"violations {result['categories']} (history and logs in the run's directory):\n{result['output'][-6000:]}"
+        )
+
+
+def test_short_schedule(tmp_path: Path) -> None:
+    """A seeded schedule (seed 82: each fault of ``CI_FAULTS`` once) with writers and readers through every
+    gateway: every step is injected and healed, most operations are acknowledged, and the checker finds no
+    lost write, undone delete, stale read, contradicting ``add``/``delete`` answer or phantom (keys on fewer
+    than N replicas are only reported)."""
+    result = run_faults(
+        tmp_path,
+        "--seed", "82",
+        "--length", "70",
+        "--faults", ",".join(CI_FAULTS),
+        "--mix", CI_MIX,
+        "--counters", "0",
+        "--report", CI_REPORTED,
+    )  # fmt: skip
+    assert {e["fault"] for e in result["events"]} == set(CI_FAULTS)
+    assert len(result["events"]) == len(result["schedule"])
+    counts = result["counts"]
+    acknowledged = sum(c.get("ok", 0) for c in counts.values())
+    assert acknowledged > 2000, counts
+    assert counts["set"]["ok"] and counts["add"]["ok"] and counts["delete"]["ok"] and counts["get"]["ok"], counts
+    assert result["replicas_checked"] > 200
+    assert_no_violations(result)
+
+
+def test_rmw_at_stale_primary(tmp_path: Path) -> None:
+    """Issue 12, scenario 1 (failed until the router read the key from the replicas before a read-modify-write):
+    a kvstore killed until marked down misses writes of keys whose primary it is; once it is up again,
+    ``delete``, ``add`` and ``incr`` of those keys answer as a single memcached would for the acknowledged
+    history (DELETED, NOT_STORED, the next number), and the counters keep every acknowledged increment."""
+    result = run_faults(tmp_path, "--scenario", "rmw-stale-primary", timeout=300.0)
+    assert sum(c.get("ok", 0) for c in result["counts"].values()) >= 170, result["counts"]
+    assert_no_violations(result)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=FaultViolations,
+    reason="issue 12 scenario 2: a removed kvstore that restarts while its ring watch sees only the ring "
+    "without it drops what its peers push back for the newer ring, then reports itself synced (handoff)",
+)
+def test_removed_kvstore_restart(tmp_path: Path) -> None:
+    """A kvstore removed by --dead-after restarts while the gateway its ring watch polls is cut from the
+    others (~30 s) and its link to one peer is cut for the first 10 s; once the cluster settles, every
+    key is on N replicas."""
+    result = run_faults(tmp_path, "--scenario", "removed-restart", timeout=400.0)
+    assert result["counts"]["set"]["ok"] >= 2000, result["counts"]
+    assert result["replicas_checked"] == 2000
+    assert_no_violations(result)
