@@ -35,6 +35,7 @@ __all__ = [
     "SKIP_STATUS",
     "Firewall",
     "Member",
+    "block_rule",
     "bring_loopback_up",
     "cut_rules",
     "group_of",
@@ -87,14 +88,17 @@ def mark_rules(members: Iterable[Member]) -> list[list[str]]:
     return rules
 
 
+def block_rule(a: Member, b: Member) -> list[str]:
+    """The iptables arguments that drop every packet, either way, of the connections ``a`` opened towards
+    ``b`` (those ``b`` opened towards ``a`` still work). Pure."""
+    match = ["-m", "connmark", "--mark", str(a.group), "-m", "conntrack", "--ctorigdst", b.address]
+    return ["-A", _CHAIN, *match, "-j", "DROP"]
+
+
 def cut_rules(a: Member, b: Member) -> list[list[str]]:
     """The iptables arguments that cut the link between ``a`` and ``b``: every packet, either way, of the
     connections either opened towards the other. Pure."""
-    return [
-        ["-A", _CHAIN, "-m", "connmark", "--mark", str(x.group), "-m", "conntrack", "--ctorigdst", y.address]
-        + ["-j", "DROP"]
-        for x, y in ((a, b), (b, a))
-    ]
+    return [block_rule(a, b), block_rule(b, a)]
 
 
 def namespace_id() -> str:
@@ -125,28 +129,42 @@ class Firewall:
         if not host_namespace or namespace_id() == host_namespace:
             raise RuntimeError("refusing to change firewall rules outside a private network namespace")
         self._run = run
-        #: The rules of each cut link.
-        self.cuts: dict[frozenset[Member], list[list[str]]] = {}
+        #: The rules of each cut link (a frozenset of both ends) or blocked direction (a pair).
+        self.cuts: dict[frozenset[Member] | tuple[Member, Member], list[list[str]]] = {}
 
     def setup(self, members: Iterable[Member]) -> None:
         """Mark the connections of ``members`` (call before any of them starts)."""
         for rule in mark_rules(members):
             self._run(rule)
 
-    def cut(self, a: Member, b: Member) -> None:
-        """Cut the link between ``a`` and ``b`` (already open connections included)."""
-        pair = frozenset((a, b))
-        if a == b or pair in self.cuts:
+    def _add(self, key: frozenset[Member] | tuple[Member, Member], rules: list[list[str]]) -> None:
+        if key in self.cuts:
             return
-        rules = cut_rules(a, b)
         for rule in rules:
             self._run(rule)
-        self.cuts[pair] = rules
+        self.cuts[key] = rules
+
+    def _remove(self, key: frozenset[Member] | tuple[Member, Member]) -> None:
+        for rule in self.cuts.pop(key, []):
+            self._run(["-D", *rule[1:]])
+
+    def cut(self, a: Member, b: Member) -> None:
+        """Cut the link between ``a`` and ``b`` (already open connections included)."""
+        if a != b:
+            self._add(frozenset((a, b)), cut_rules(a, b))
 
     def uncut(self, a: Member, b: Member) -> None:
         """Restore the link between ``a`` and ``b``."""
-        for rule in self.cuts.pop(frozenset((a, b)), []):
-            self._run(["-D", *rule[1:]])
+        self._remove(frozenset((a, b)))
+
+    def block(self, a: Member, b: Member) -> None:
+        """Cut the connections ``a`` opens towards ``b`` only (a one-way fault: ``b`` still reaches ``a``)."""
+        if a != b:
+            self._add((a, b), [block_rule(a, b)])
+
+    def unblock(self, a: Member, b: Member) -> None:
+        """Undo ``block(a, b)``."""
+        self._remove((a, b))
 
     def isolate(self, member: Member, others: Iterable[Member]) -> None:
         """Cut every link between ``member`` and ``others``."""

@@ -272,7 +272,9 @@ def run_schedule(run: Run) -> Report:
     """The seeded schedule with clients running throughout."""
     a = run.args
     faults = a.faults.split(",") if a.faults else list(FAULTS)
-    run.schedule = make_schedule(a.seed, faults, a.length, dead_after=a.dead_after)
+    low, _, high = a.rest.partition(",")
+    rest = (float(low), float(high or low))
+    run.schedule = make_schedule(a.seed, faults, a.length, rest=rest, dead_after=a.dead_after)
     run.log(
         f"seed {a.seed}: {len(run.schedule)} steps: " + ", ".join(f"{s.fault}({s.duration:g}s)" for s in run.schedule)
     )
@@ -336,6 +338,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--registers", type=int, default=200, help="keys that are set, added, deleted and read")
     p.add_argument("--counters", type=int, default=10, help="keys that are incremented and read")
     p.add_argument("--op-timeout", type=float, default=8.0, help="a client operation's timeout (default 8 s)")
+    p.add_argument("--rest", default="3,8", help="the calm after each heal: MIN,MAX seconds (default 3,8)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the first fault")
     p.add_argument("--cooldown", type=float, default=5.0, help="seconds of load after the last heal")
     p.add_argument("--probe-interval", type=float, default=0.5, help="the gateways' --probe-interval")

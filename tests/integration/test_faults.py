@@ -60,14 +60,15 @@ def assert_no_violations(result: dict[str, Any]) -> None:
 
 
 def test_short_schedule(tmp_path: Path) -> None:
-    """A seeded schedule (seed 82: each fault of ``CI_FAULTS`` once) with writers and readers through every
-    gateway: every step is injected and healed, most operations are acknowledged, and the checker finds no
-    lost write, undone delete, stale read, contradicting ``add``/``delete`` answer or phantom (keys on fewer
-    than N replicas are only reported)."""
+    """A seeded schedule (seed 201: each fault of ``CI_FAULTS`` once, 1-3 s of calm after each) with
+    writers and readers through every gateway: every step is injected and healed, most operations are
+    acknowledged, and the checker finds no lost write, undone delete, stale read, contradicting
+    ``add``/``delete`` answer or phantom (keys on fewer than N replicas are only reported)."""
     result = run_faults(
         tmp_path,
-        "--seed", "82",
-        "--length", "70",
+        "--seed", "201",
+        "--length", "50",
+        "--rest", "1,3",
         "--faults", ",".join(CI_FAULTS),
         "--mix", CI_MIX,
         "--counters", "0",
@@ -101,9 +102,10 @@ def test_rmw_at_stale_primary(tmp_path: Path) -> None:
 )
 def test_removed_kvstore_restart(tmp_path: Path) -> None:
     """A kvstore removed by --dead-after restarts while the gateway its ring watch polls is cut from the
-    others (~30 s) and its link to one peer is cut for the first 10 s; once the cluster settles, every
-    key is on N replicas."""
+    others (~30 s) and its own connections to one peer are cut for the first 10 s (so its handoff for the
+    ring without itself is still under way when its peers push its arcs back); once the cluster settles,
+    every key is on N replicas."""
     result = run_faults(tmp_path, "--scenario", "removed-restart", timeout=400.0)
-    assert result["counts"]["set"]["ok"] >= 2000, result["counts"]
-    assert result["replicas_checked"] == 2000
+    assert result["counts"]["set"]["ok"] >= 1000, result["counts"]
+    assert result["replicas_checked"] == 1000
     assert_no_violations(result)

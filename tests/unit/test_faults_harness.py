@@ -9,7 +9,7 @@ import pytest
 from tests.faults.clients import Endpoint, Session, Worker, Workload, parse_mix
 from tests.faults.history import FAIL, INFO, OK, Event, Op, Recorder
 from tests.faults.nemesis import FAULTS, make_schedule
-from tests.faults.netns import Firewall, Member, cut_rules, group_of, mark_rules, namespace_id
+from tests.faults.netns import Firewall, Member, block_rule, cut_rules, group_of, mark_rules, namespace_id
 from tests.faults.stats import availability, percentile
 
 A = Member("gateway-1", "127.0.0.11")
@@ -71,6 +71,19 @@ class FirewallTests:
         firewall.heal()
         firewall.heal()
         assert calls == [["-F", "chashd-cuts"]]
+
+    def test_block_one_way(self) -> None:
+        """Blocking A towards B drops only the connections A opens towards B; unblocking deletes that rule."""
+        calls: list[list[str]] = []
+        firewall = Firewall("net:[1]", run=lambda args: calls.append(list(args)))
+        firewall.block(B, A)
+        firewall.block(B, A)
+        assert calls == [block_rule(B, A)] == [cut_rules(B, A)[0]]
+        firewall.cut(A, B)  # a cut is a link of its own
+        assert len(calls) == 3
+        firewall.unblock(B, A)
+        assert calls[-1] == ["-D", *block_rule(B, A)[1:]]
+        assert list(firewall.cuts) == [frozenset((A, B))]
 
 
 class ScheduleTests:
