@@ -105,9 +105,9 @@ run_tests() {
     # The pure core, the interfaces, the line protocol, the kvstore's backend and the cluster map are
     # checked strictly.
     local strict=(chashd/ring.py chashd/errors.py chashd/versions.py chashd/record.py chashd/commands.py
-                  chashd/semantics.py chashd/storage chashd/interfaces.py chashd/memcache chashd/kvstore/backend.py
-                  chashd/gateway/clustermap.py chashd/kvstore/placement.py chashd/kvstore/plan.py chashd/metrics.py
-                  chashd/ringsvg.py)
+                  chashd/semantics.py chashd/node.py chashd/storage chashd/interfaces.py chashd/memcache
+                  chashd/kvstore/backend.py chashd/gateway/clustermap.py chashd/kvstore/placement.py chashd/kvstore/plan.py
+                  chashd/metrics.py chashd/ringsvg.py)
     local existing=()
     for path in "${strict[@]}"; do [ -e "$path" ] && existing+=("$path"); done
     "$VENV/bin/mypy" --strict "${existing[@]}" || die "mypy --strict failed on the strictly typed modules"

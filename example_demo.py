@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from chashd.client import ChashError, KVStoreClient, gateway_urls
 from chashd.launcher import DaemonError, LocalCluster
+from chashd.node import NodeState
 from chashd.ring import HashRing
 
 
@@ -234,7 +235,7 @@ def settled(count: int) -> Callable[[dict[str, Any]], bool]:
     """The status shows no move under way and every up node reported its keys."""
 
     def done(status: dict[str, Any]) -> bool:
-        nodes = [n for n in status.get("nodes", []) if n.get("state") == "up"]
+        nodes = [n for n in status.get("nodes", []) if n.get("state") == NodeState.UP]
         return not status.get("rebalancing") and len(nodes) == count and all(n.get("keys") is not None for n in nodes)
 
     return done

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chashd.node import NodeState
+
 __all__ = ["ClusterSecrets", "Daemon", "DaemonError", "LocalCluster", "free_ports", "twistd_command", "wait_for"]
 
 
@@ -446,7 +448,7 @@ class LocalCluster:
                 if not gateway.running():
                     continue
                 status = self.status(i)
-                up = {n["id"] for n in status.get("nodes", []) if n.get("state") == "up"}
+                up = {n["id"] for n in status.get("nodes", []) if n.get("state") == NodeState.UP}
                 if not wanted <= up:
                     return None
             return status

@@ -42,8 +42,9 @@ from werkzeug.exceptions import HTTPException
 
 from chashd.config import GatewayConfig, parse_host, parse_node_id
 from chashd.errors import NodeConflict, RequestError, ServiceUnavailable, UnknownNode
-from chashd.gateway.clustermap import MAX_SEQ, MAX_WEIGHT, ClusterView, NodeInfo, NodeState, Outcome, OutcomeCode
+from chashd.gateway.clustermap import MAX_SEQ, MAX_WEIGHT, ClusterView, Outcome, OutcomeCode
 from chashd.gateway.raft import RaftStatus
+from chashd.node import NodeInfo, NodeState
 from chashd.record import check_key
 from chashd.ring import key_hash
 from chashd.web import Forbidden, Unauthorized, check_bearer, error_problem, json_response, routing_problem

@@ -32,6 +32,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from chashd.node import NodeInfo, NodeState
 from chashd.ring import HashRing
 
 __all__ = [
@@ -43,8 +44,6 @@ __all__ = [
     "ClusterState",
     "ClusterView",
     "GatewayInfo",
-    "NodeInfo",
-    "NodeState",
     "Operation",
     "Outcome",
     "OutcomeCode",
@@ -56,17 +55,6 @@ __all__ = [
 MAX_NODES = 4096
 MAX_WEIGHT = 1_000_000
 MAX_SEQ = 2**63 - 1
-
-
-class NodeState(StrEnum):
-    """A kvstore node's state in the map (its JSON form is the value)."""
-
-    #: Serves its share of the ring.
-    UP = "up"
-    #: Stopped answering: keeps its arcs, routing skips it for reads, writes go to the other replicas.
-    DOWN = "down"
-    #: Draining: owns nothing new, still readable until its handoff finished, then removed.
-    LEAVING = "leaving"
 
 
 class OutcomeCode(StrEnum):
@@ -85,31 +73,6 @@ class OutcomeCode(StrEnum):
 
 #: The codes of operations that changed the map (and bumped the epoch).
 _CHANGED = frozenset({OutcomeCode.REGISTERED, OutcomeCode.UPDATED, OutcomeCode.REMOVED})
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """A kvstore node as the map knows it: where it listens, its weight, its state, its announcement seq."""
-
-    id: str
-    host: str
-    port: int
-    line_port: int
-    weight: int
-    state: NodeState = NodeState.UP
-    seq: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form."""
-        return {
-            "id": self.id,
-            "host": self.host,
-            "port": self.port,
-            "line_port": self.line_port,
-            "weight": self.weight,
-            "state": self.state.value,
-            "seq": self.seq,
-        }
 
 
 @dataclass(frozen=True)

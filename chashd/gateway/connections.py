@@ -8,7 +8,7 @@ client request of every client connection over these pools (multiplexing), never
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
@@ -16,17 +16,9 @@ from twisted.logger import Logger
 from chashd.errors import ServiceUnavailable
 from chashd.interfaces import IKVClient
 from chashd.memcache.client import KVClientPool
+from chashd.node import NodeInfo
 
 __all__ = ["Connections"]
-
-
-class _Node(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def host(self) -> str: ...
-    @property
-    def line_port(self) -> int: ...
 
 
 class Connections(MultiService):
@@ -45,7 +37,7 @@ class Connections(MultiService):
         self._max_value_size = max_value_size + 4096
         self._pools: dict[str, KVClientPool] = {}
 
-    def update(self, nodes: Iterable[_Node]) -> None:
+    def update(self, nodes: Iterable[NodeInfo]) -> None:
         """Keep a pool for exactly these nodes, at their current addresses."""
         wanted = {node.id: (node.host, node.line_port) for node in nodes}
         for node_id in list(self._pools):

@@ -24,7 +24,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.gateway.clustermap import ClusterView, NodeInfo, NodeState, Outcome
+from chashd.gateway.clustermap import ClusterView, Outcome
+from chashd.node import NodeInfo, NodeState
 
 __all__ = ["HealthChecker", "http_probe"]
 

@@ -41,7 +41,6 @@ from chashd.gateway.clustermap import (
     ClusterState,  # noqa: F401
     ClusterView,
     GatewayInfo,
-    NodeInfo,  # noqa: F401
     Outcome,
 )
 from chashd.gateway.raft import (
@@ -55,6 +54,7 @@ from chashd.gateway.raft import (
     describe_failure,
     raft_settings,
 )
+from chashd.node import NodeInfo  # noqa: F401
 
 __all__ = ["Membership", "MembershipReactor"]
 

@@ -20,9 +20,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from chashd.gateway.clustermap import ClusterView, NodeInfo, NodeState
+from chashd.gateway.clustermap import ClusterView
 from chashd.gateway.membership import Membership
 from chashd.gateway.router import Placement
+from chashd.node import NodeInfo, NodeState
 from chashd.ring import HashRing
 
 __all__ = ["Rebalance", "http_report"]

@@ -76,8 +76,8 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import NoNodes, QuorumNotReached, RequestError, ServiceUnavailable, StaleVersion
-from chashd.gateway.clustermap import NodeState
 from chashd.interfaces import IKeyValue, IKVClient
+from chashd.node import NodeState
 from chashd.record import Record, expires_at_from_exptime
 from chashd.ring import HashRing
 from chashd.versions import HybridClock, Version

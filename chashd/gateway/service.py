@@ -9,7 +9,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chashd.config import GatewayConfig
-from chashd.gateway.clustermap import ClusterView, NodeState
+from chashd.gateway.clustermap import ClusterView
 from chashd.gateway.connections import Connections
 from chashd.gateway.health import HealthChecker, Probe, http_probe
 from chashd.gateway.membership import Membership, MembershipReactor
@@ -17,6 +17,7 @@ from chashd.gateway.raft import RaftFactory
 from chashd.gateway.rebalance import Fetch, Rebalance, http_report
 from chashd.gateway.router import Router
 from chashd.interfaces import IServerAdmin
+from chashd.node import NodeState
 
 __all__ = ["CLUSTER_TOTALS", "GatewayAdmin", "GatewayService"]
 

@@ -60,9 +60,10 @@ from chashd.commands import Command, Result, XPut
 from chashd.errors import RequestError
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.pacing import Pacer, Sizer, sized_units
-from chashd.kvstore.placement import NodeAddress, RingUpdate, load_synced, save_synced
+from chashd.kvstore.placement import RingUpdate, load_synced, save_synced
 from chashd.kvstore.plan import ArcWork, plan
 from chashd.kvstore.registration import backoff_delay
+from chashd.node import NodeInfo
 from chashd.record import Record
 from chashd.ring import Arc, HashRing, key_hash
 
@@ -533,7 +534,7 @@ class Handoff(MultiService):
             todo = retry
         return refused
 
-    def _connection(self, address: NodeAddress) -> _Connection:
+    def _connection(self, address: NodeInfo) -> _Connection:
         connection = self._targets.get(address.id)
         if connection is None:
             service = self.connect(address.host, address.line_port)

@@ -1,7 +1,7 @@
 """The ring as a kvstore knows it, and the saved copy of the ring its data conforms to.
 
 ``RingUpdate`` is one epoch of the cluster map as a kvstore needs it: the ring of the nodes that own arcs,
-the replication factor N of that ring, and where each node listens (``NodeAddress``). The ring watch
+the replication factor N of that ring, and where each node listens (``chashd.node.NodeInfo``). The ring watch
 (``chashd.kvstore.ringwatch``) reads one from each answer of ``GET /ring`` (``RingUpdate.from_json``); the
 handoff (``chashd.kvstore.handoff``) moves data from one to another.
 
@@ -21,22 +21,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from chashd.node import NodeInfo
 from chashd.ring import HashRing
 
-__all__ = ["NodeAddress", "RingUpdate", "load_synced", "save_synced"]
+__all__ = ["RingUpdate", "load_synced", "save_synced"]
 
 #: The format of the saved ring; a file of another version is not read.
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class NodeAddress:
-    """Where a kvstore node of the map listens, and its state (``up``, ``down``, ``leaving``)."""
-
-    id: str
-    host: str
-    line_port: int
-    state: str = "up"
 
 
 @dataclass(frozen=True)
@@ -50,8 +41,8 @@ class RingUpdate:
 
     ring: HashRing
     replicas: int
-    nodes: Mapping[str, NodeAddress] = field(default_factory=dict)
-    leaving: Mapping[str, NodeAddress] = field(default_factory=dict)
+    nodes: Mapping[str, NodeInfo] = field(default_factory=dict)
+    leaving: Mapping[str, NodeInfo] = field(default_factory=dict)
 
     @property
     def epoch(self) -> int:
@@ -82,17 +73,19 @@ def _replicas(value: object, context: str) -> int:
     return value
 
 
-def _addresses(items: object) -> dict[str, NodeAddress]:
+def _addresses(items: object) -> dict[str, NodeInfo]:
     if not isinstance(items, list):
         raise ValueError("malformed ring: a node list is not a list")
     found = {}
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             raise ValueError(f"malformed ring: node {item!r}")
-        host, port = item.get("host"), item.get("line_port")
-        if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+        if "host" not in item or "line_port" not in item:
             continue  # a node without an address: nothing can be sent to it
-        found[item["id"]] = NodeAddress(item["id"], host, port, str(item.get("state", "up")))
+        try:
+            found[item["id"]] = NodeInfo.from_dict(item)
+        except ValueError as e:
+            raise ValueError(f"malformed ring: {e}") from None
     return found
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from chashd.gateway.clustermap import ClusterSnapshot, GatewayInfo, NodeInfo, NodeState, Outcome, OutcomeCode
+from chashd.gateway.clustermap import ClusterSnapshot, GatewayInfo, Outcome, OutcomeCode
 from chashd.gateway.raft import ClusterRaft, RaftSettings, RaftStatus
 from chashd.launcher import free_ports
+from chashd.node import NodeInfo, NodeState
 from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.slow

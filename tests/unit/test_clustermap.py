@@ -17,12 +17,11 @@ from chashd.gateway.clustermap import (
     ClusterState,
     ClusterView,
     GatewayInfo,
-    NodeInfo,
-    NodeState,
     Outcome,
     OutcomeCode,
     apply_operation,
 )
+from chashd.node import NodeInfo, NodeState
 from chashd.ring import HashRing
 
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from chashd.errors import ServiceUnavailable
 from chashd.gateway.connections import Connections
+from chashd.node import NodeInfo
 
 
-@dataclass
-class Node:
-    id: str
-    host: str
-    line_port: int
+def node(node_id: str, host: str, line_port: int) -> NodeInfo:
+    """A node of the map at ``host:line_port`` (its HTTP port and weight do not matter here)."""
+    return NodeInfo(node_id, host, 8080, line_port, 1)
 
 
 def _targets(reactor: MemoryReactorClock) -> list[tuple[str, int]]:
@@ -30,7 +27,7 @@ class ConnectionsTests:
         reactor = MemoryReactorClock()
         connections = Connections(reactor, pool_size=2)
         connections.startService()
-        connections.update([Node("a", "127.0.0.1", 7001), Node("b", "127.0.0.1", 7002)])
+        connections.update([node("a", "127.0.0.1", 7001), node("b", "127.0.0.1", 7002)])
         reactor.advance(0)
         assert connections.nodes() == ["a", "b"]
         assert sorted(_targets(reactor)) == [("127.0.0.1", 7001)] * 2 + [("127.0.0.1", 7002)] * 2
@@ -41,9 +38,9 @@ class ConnectionsTests:
         reactor = MemoryReactorClock()
         connections = Connections(reactor, pool_size=1)
         connections.startService()
-        connections.update([Node("a", "127.0.0.1", 7001), Node("b", "127.0.0.1", 7002)])
+        connections.update([node("a", "127.0.0.1", 7001), node("b", "127.0.0.1", 7002)])
         first = connections.client("a")
-        connections.update([Node("a", "127.0.0.2", 7001)])
+        connections.update([node("a", "127.0.0.2", 7001)])
         assert connections.nodes() == ["a"]
         assert connections.client("a") is not first
         with pytest.raises(ServiceUnavailable):
@@ -55,8 +52,8 @@ class ConnectionsTests:
         reactor = MemoryReactorClock()
         connections = Connections(reactor)
         connections.startService()
-        connections.update([Node("a", "h", 1)])
+        connections.update([node("a", "h", 1)])
         pool = connections.client("a")
-        connections.update([Node("a", "h", 1), Node("c", "h", 2)])
+        connections.update([node("a", "h", 1), node("c", "h", 2)])
         assert connections.client("a") is pool
         connections.stopService()

@@ -23,13 +23,14 @@ from twisted.trial.unittest import SynchronousTestCase
 import chashd
 from chashd.config import GatewayConfig, KVStoreConfig, OptionSpec, load_config, option_specs
 from chashd.gateway.api import RingAPI, RingRoot
-from chashd.gateway.clustermap import NodeState, Outcome, OutcomeCode
+from chashd.gateway.clustermap import Outcome, OutcomeCode
 from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.statuspage import StatusPage
 from chashd.gateway.testing import LocalRaft
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.text import RequestParser
+from chashd.node import NodeState
 from chashd.storage.memory import MemoryEngine
 from chashd.web import KeyValueHTTP
 from chashd.web._http import openapi_document

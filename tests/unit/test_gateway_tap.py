@@ -16,10 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from chashd.config import ConfigError
 from chashd.daemon import SystemdNotifier
 from chashd.gateway import tap
-from chashd.gateway.clustermap import NodeInfo
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.service import GatewayService
 from chashd.gateway.testing import LocalRaft
+from chashd.node import NodeInfo
 
 
 class ThreadlessReactor(MemoryReactorClock):

@@ -21,9 +21,10 @@ from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.handoff import Handoff
 from chashd.kvstore.pacing import Sizer
-from chashd.kvstore.placement import NodeAddress, RingUpdate, load_synced
+from chashd.kvstore.placement import RingUpdate, load_synced
 from chashd.memcache.client import KVClientPool, KVConnectionLost
 from chashd.memcache.server import MemcacheServerFactory
+from chashd.node import NodeInfo
 from chashd.record import Record
 from chashd.ring import HashRing
 from chashd.storage import MemoryEngine, SQLiteEngine
@@ -96,7 +97,7 @@ class Cluster:
     def ring(self, epoch: int, *node_ids: str, replicas: int = 1) -> RingUpdate:
         """The ring the gateways would publish (every node up, at its memory port)."""
         ring = HashRing(dict.fromkeys(node_ids, 1), epoch=epoch, points_per_node=POINTS)
-        nodes = {n: NodeAddress(n, "127.0.0.1", self.nodes[n].port) for n in node_ids}
+        nodes = {n: NodeInfo(n, "127.0.0.1", 0, self.nodes[n].port, 1) for n in node_ids}
         return RingUpdate(ring, max(1, min(replicas, len(node_ids))), nodes)
 
     def announce(self, update: RingUpdate, node_ids: Iterable[str] | None = None) -> None:
@@ -567,7 +568,7 @@ class PersistenceTests:
         cluster.announce(cluster.ring(4, "A"), ["A"])  # same placement, newer epoch
         assert not a.handoff.running_handoff and a.handoff.records_sent == 0
         two = cluster.ring(5, "A", "B")
-        two = RingUpdate(two.ring, 1, {"A": NodeAddress("A", "127.0.0.1", 20100), **dict(two.nodes)})
+        two = RingUpdate(two.ring, 1, {"A": NodeInfo("A", "127.0.0.1", 0, 20100, 1), **dict(two.nodes)})
         cluster.announce(two)
         cluster.settle()
         assert a.handoff.records_sent == len([k for k in written if two.ring.node_for(k) == "B"]) > 0

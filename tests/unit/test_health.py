@@ -11,11 +11,11 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.config import GatewayConfig, load_config
-from chashd.gateway.clustermap import NodeInfo, NodeState
 from chashd.gateway.health import HealthChecker, http_probe
 from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.testing import LocalRaft
+from chashd.node import NodeInfo, NodeState
 
 
 class ClockWithThreads(Clock):

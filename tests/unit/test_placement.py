@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from chashd.kvstore.placement import NodeAddress, RingUpdate, load_synced, save_synced
+from chashd.kvstore.placement import RingUpdate, load_synced, save_synced
+from chashd.node import NodeInfo, NodeState
 from chashd.ring import HashRing
 
 
@@ -16,8 +17,8 @@ def ring_body(**extra: object) -> dict[str, object]:
     body: dict[str, object] = HashRing({"a": 1, "b": 2}, epoch=7, points_per_node=16).to_dict()
     body["replicas"] = 2
     body["nodes"] = [
-        {"id": "a", "weight": 1, "host": "127.0.0.1", "line_port": 11212, "state": "up"},
-        {"id": "b", "weight": 2, "host": "127.0.0.2", "line_port": 11213, "state": "down"},
+        {"id": "a", "weight": 1, "host": "127.0.0.1", "port": 8080, "line_port": 11212, "state": "up"},
+        {"id": "b", "weight": 2, "host": "127.0.0.2", "port": 8081, "line_port": 11213, "state": "down"},
     ]
     body.update(extra)
     return body
@@ -28,11 +29,11 @@ class RingUpdateTests:
 
     def test_reads_the_ring_and_the_addresses(self) -> None:
         """The ring, N, each node's address and state, and the leaving nodes."""
-        leaving = [{"id": "c", "host": "127.0.0.3", "line_port": 11214, "state": "leaving"}]
+        leaving = [NodeInfo("c", "127.0.0.3", 8082, 11214, 1, NodeState.LEAVING, 5).to_dict()]
         update = RingUpdate.from_json(ring_body(leaving=leaving))
         assert update.epoch == 7 and update.replicas == 2 and set(update.ring.nodes) == {"a", "b"}
-        assert update.nodes["b"] == NodeAddress("b", "127.0.0.2", 11213, "down")
-        assert update.leaving["c"].state == "leaving"
+        assert update.nodes["b"] == NodeInfo("b", "127.0.0.2", 8081, 11213, 2, NodeState.DOWN)
+        assert update.leaving["c"] == NodeInfo("c", "127.0.0.3", 8082, 11214, 1, NodeState.LEAVING, 5)
 
     def test_a_node_without_an_address_is_left_out(self) -> None:
         """A node without host or line port cannot be pushed to: it is not in ``nodes``."""
@@ -42,7 +43,15 @@ class RingUpdateTests:
 
     @pytest.mark.parametrize(
         "extra",
-        [{"replicas": 0}, {"replicas": True}, {"replicas": "2"}, {"leaving": {}}, {"leaving": [{"host": "h"}]}],
+        [
+            {"replicas": 0},
+            {"replicas": True},
+            {"replicas": "2"},
+            {"leaving": {}},
+            {"leaving": [{"host": "h"}]},
+            {"leaving": [{"id": "c", "host": "h", "port": 1, "line_port": 2, "weight": 1, "state": "gone"}]},
+            {"leaving": [{"id": "c", "host": "h", "port": "1", "line_port": 2, "weight": 1}]},
+        ],
     )
     def test_a_malformed_body_is_a_value_error(self, extra: dict[str, object]) -> None:
         """A bad N or node list raises ValueError."""

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 
 from chashd.config import GatewayConfig, load_config
 from chashd.errors import ConfigError
-from chashd.gateway.clustermap import ClusterSnapshot, ClusterState, NodeInfo, NodeState, Outcome, OutcomeCode
+from chashd.gateway.clustermap import ClusterSnapshot, ClusterState, Outcome, OutcomeCode
 from chashd.gateway.raft import (
     SUCCESS,
     ClusterRaft,
@@ -25,6 +25,7 @@ from chashd.gateway.raft import (
     describe_failure,
     raft_settings,
 )
+from chashd.node import NodeInfo, NodeState
 
 #: A Raft dump and journal written by the code before the cluster map had a module of its own (commit
 #: 8f3fb5c), see tests/integration/test_raft.py.

@@ -10,13 +10,13 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.config import GatewayConfig, load_config
-from chashd.gateway.clustermap import NodeInfo
 from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.rebalance import Rebalance
 from chashd.gateway.router import Router
 from chashd.gateway.service import GatewayAdmin
 from chashd.gateway.testing import LocalRaft
+from chashd.node import NodeInfo
 from tests.unit.test_health import ClockWithThreads
 
 

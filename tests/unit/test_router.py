@@ -13,10 +13,10 @@ from zope.interface import implementer
 
 from chashd.commands import Arith, Delete, FlushAll, Get, Number, Status, Store, Touch, Values, XGet
 from chashd.errors import QuorumNotReached, RequestError
-from chashd.gateway.clustermap import NodeState
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IKVClient
 from chashd.kvstore.backend import LocalBackend
+from chashd.node import NodeState
 from chashd.record import Record
 from chashd.ring import HashRing
 from chashd.storage import MemoryEngine
