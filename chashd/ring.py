@@ -318,12 +318,6 @@ class HashRing:
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed ring: {e!r}") from e
 
-    # -- arcs -------------------------------------------------------------------------------------
-
-    def boundaries(self) -> list[int]:
-        """The sorted distinct points of this ring."""
-        return sorted(set(self._points))
-
 
 def moved_arcs(old: HashRing, new: HashRing, n: int) -> list[Arc]:
     """The hash ranges whose preference list of length ``n`` differs between ``old`` and ``new``.

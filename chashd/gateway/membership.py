@@ -113,7 +113,6 @@ class Membership(Service):
         self._pending: dict[int, _Pending] = {}
         self._registering = False
         self._register_call: IDelayedCall | None = None
-        self._stop_poll: IDelayedCall | None = None
         self._bind_check: IDelayedCall | None = None
         self._on_fatal = on_fatal or self._exit
         port = endpoint_port(config.port)
@@ -168,11 +167,10 @@ class Membership(Service):
         deadline = self._reactor.seconds() + 3.0
 
         def poll() -> None:
-            self._stop_poll = None
             if not raft.alive() or self._reactor.seconds() >= deadline:
                 done.callback(None)
             else:
-                self._stop_poll = self._reactor.callLater(0.05, poll)
+                self._reactor.callLater(0.05, poll)
 
         poll()
         return done

@@ -68,11 +68,6 @@ class Registrar(Service):
         if self._inflight is not None:
             self._inflight.cancel()
 
-    def register_now(self) -> None:
-        """Announce at once (for example after a change of weight)."""
-        if self.running and self._gateways:
-            self._schedule(0)
-
     def _schedule(self, delay: float) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()

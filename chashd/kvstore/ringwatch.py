@@ -64,8 +64,6 @@ class RingWatch(Service):
         self._inflight: Deferred[tuple[int, bytes]] | None = None
         #: The newest ring learned, None before the first.
         self.latest: RingUpdate | None = None
-        #: Polls answered, for tests and stats.
-        self.polls = 0
 
     def startService(self) -> None:
         super().startService()
@@ -113,7 +111,6 @@ class RingWatch(Service):
         if update is None:
             self._failed(url, error)
             return
-        self.polls += 1
         if self._failures:
             self._log.info("ring watch: {url} answers again", url=url)
         self._failures = 0
