@@ -3,7 +3,7 @@
     python bench/gateway.py [--seconds 10] [--warmup 3] [--rounds 3] [--targets gateway-n1,gateway-n3,...]
     python bench/gateway.py --inprocess      # only the in-process hot-path check (no sockets)
 
-Load (issue 3's, bench/kvstore.py's generator bench/loadgen.c): 50 connections, each with one request in
+Load (bench/kvstore.py's, with its generator bench/loadgen.c): 50 connections, each with one request in
 flight, 90% get / 10% set, 32-byte keys drawn from 10,000 (all set first), 100-byte values, measured for
 ``--seconds`` after ``--warmup``; p50/p99 latency and the generator's own CPU.
 

@@ -3,7 +3,7 @@
     python bench/kvstore.py [--seconds 10] [--warmup 3] [--rounds 2] [--servers memory,sqlite,baseline,memcached]
     python bench/kvstore.py --inprocess      # only the in-process hot-path check
 
-Load (issue 3): 50 connections, each with one request in flight, 90% get / 10% set, 32-byte keys drawn from
+Load: 50 connections, each with one request in flight, 90% get / 10% set, 32-byte keys drawn from
 10,000 (all set first), 100-byte values, measured for ``--seconds`` after ``--warmup``. The generator is
 bench/loadgen.c, built here with the system's C compiler (a Python generator would be the bottleneck);
 it reports ops/s, p50/p99 latency and its own CPU. On a machine with two cores the generator runs on core 0

@@ -2,7 +2,7 @@
 
     python bench/kvstore_http.py [--seconds 10] [--rounds 3] [--connections 50]
 
-Load (issue 3): wrk with 50 connections GETs keys drawn at random from 10,000 (all PUT first), 100-byte
+Load: wrk with 50 connections GETs keys drawn at random from 10,000 (all PUT first), 100-byte
 values, for ``--seconds`` after a 2 s warm-up. wrk runs on core 0 and the server on core 1 (taskset). Servers
 run in interleaved rounds; the best round of each counts. Printed: requests/s, p50 and p99, and the ratio
 kvstore / Klein baseline against the target (>= 0.8x).

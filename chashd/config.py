@@ -4,7 +4,7 @@ Every option is a field of ``GatewayConfig`` or ``KVStoreConfig`` with its flag,
 YAML key and default in the field's metadata. A value is taken from the first place that has it:
 
 1. the command line (``--raft-port 8001``);
-2. the environment: the seed's names (``GATEWAY_ID``, ``LISTEN_PORT``, ``RAFT_PORT``, ``PEER_GATEWAYS``,
+2. the environment: the short names (``GATEWAY_ID``, ``LISTEN_PORT``, ``RAFT_PORT``, ``PEER_GATEWAYS``,
    ``NODE_ID``, ``GATEWAY_ADDRESS``) and ``CHASHD_<OPTION>`` for every option (``CHASHD_RAFT_PORT``);
 3. the YAML file named by ``--config`` (or ``CHASHD_CONFIG``): a mapping whose keys are the option
    names (``raft-port`` or ``raft_port``);

@@ -8,7 +8,7 @@ gateway or kvstore that accepted the write) breaks ties between writers whose cl
 Versions that come from the wire are bounded: ``Version.parse`` refuses a clock part past ``MAX_CLOCK``
 (the engines keep it in a signed 64-bit integer column) or a writer that is not an id, and a
 ``HybridClock`` admits (``admits``, ``observe``) only versions at most ``max_skew_ms`` ahead of the time it
-is given, so a forged far-future version can neither be stored nor drag the clock along (issue 10).
+is given, so a forged far-future version can neither be stored nor drag the clock along (SECURITY.md).
 
 Pure: time comes in as an argument.
 """

@@ -4,7 +4,7 @@
 - ``SQLiteEngine``: one WAL-mode SQLite file, durable across a process crash.
 
 Both keep records ordered by ``(key_hash(key), key)``, so that the keys of a ring arc are one range scan.
-They are pure (L0): no Twisted and no clock; anything that may block for long (scans, purges,
+They are pure: no Twisted and no clock; anything that may block for long (scans, purges,
 checkpoints) is run by the kvstore service in its thread pool.
 """
 

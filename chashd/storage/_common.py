@@ -1,6 +1,6 @@
 """What both engines share: the rules of a scan range.
 
-Pure (L0).
+Pure: no Twisted, no clock.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ generation (``{key: generation}``; None for a tombstone). Tombstones are never e
 so a store full of tombstones refuses writes. An expired record taken by eviction counts as
 ``reclaimed``, not as an eviction.
 
-Pure (L0): no Twisted, no clock; time comes in as ``now``.
+Pure: no Twisted, no clock; time comes in as ``now``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ own transaction, committed to the WAL (with ``write()``, no fsync) before the me
 process crash (kill -9) loses nothing that was acknowledged; only a power loss could lose the last
 transactions, which replication covers.
 
-Pure (L0): no Twisted, no clock; the caller decides which thread runs what (see the class docstring).
+Pure: no Twisted, no clock; the caller decides which thread runs what (see the class docstring).
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class EnvironmentTests:
             check_secrets(config)
 
     def test_seed_variables(self, services: dict[str, Any]) -> None:
-        """The seed's variable names are used (GATEWAY_ID, LISTEN_PORT, RAFT_PORT, PEER_GATEWAYS, NODE_ID, ...)."""
+        """The short variable names are used (GATEWAY_ID, LISTEN_PORT, RAFT_PORT, PEER_GATEWAYS, NODE_ID, ...)."""
         gateway_env = set(services["gateway-1"]["environment"])
         kvstore_env = set(services["kvstore-a"]["environment"])
         assert {"GATEWAY_ID", "LISTEN_PORT", "RAFT_PORT", "PEER_GATEWAYS"} <= gateway_env

@@ -125,7 +125,7 @@ class ImageTests:
         assert json.loads(cmd)[:4] == ["twistd", "--nodaemon", "--pidfile=", "chash-gateway"]
 
     def test_seed_variables_left_to_the_roles(self, dockerfile: str) -> None:
-        """No ENV sets a seed variable: LISTEN_PORT in the image would move one role off its default port."""
+        """No ENV sets a short-named variable: LISTEN_PORT in the image would move one role off its default port."""
         env = " ".join(rest for keyword, rest in instructions(dockerfile) if keyword == "ENV")
         for name in SEED_VARIABLES:
             assert name not in env

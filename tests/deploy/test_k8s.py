@@ -184,7 +184,7 @@ class ContainerTests:
             assert env_of(container)["CHASHD_DATA_DIR"]["value"] in mounts, workload["metadata"]["name"]
 
     def test_known_options(self, docs: list[Doc]) -> None:
-        """Every CHASHD_* or seed variable a container sets is an option of its role (no misspelled name)."""
+        """Every CHASHD_* or short-named variable a container sets is an option of its role (no misspelled name)."""
         roles = {"gateway": GatewayConfig, "kvstore": KVStoreConfig}
         for workload, container in containers(docs):
             known = {var for spec in option_specs(roles[workload["metadata"]["name"]]) for var in spec.env}
@@ -496,7 +496,7 @@ class NetworkPolicyTests:
 
 
 def test_readme_mentions_kind_and_minikube() -> None:
-    """k8s/README.md says how to try it on kind or minikube, and keeps the seed's troubleshooting steps."""
+    """k8s/README.md says how to try it on kind or minikube, and keeps its troubleshooting steps."""
     text = (ROOT / "k8s" / "README.md").read_text()
     for needle in (
         "kind load docker-image",

@@ -1,4 +1,4 @@
-"""Three gateways and three kvstores as real processes: routing, replication, failures (issue 4)."""
+"""Three gateways and three kvstores as real processes: routing, replication, failures."""
 
 from __future__ import annotations
 

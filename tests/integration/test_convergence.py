@@ -1,4 +1,4 @@
-"""Replicas that missed writes, and slow replicas, with real processes (issue 12).
+"""Replicas that missed writes, and slow replicas, with real processes.
 
 Three gateways and three SQLite kvstores. A kvstore is killed (or paused) while keys whose primary it is
 are written; read-modify-write commands through the gateways then answer as one memcached would for the

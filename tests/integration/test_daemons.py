@@ -48,7 +48,7 @@ class StartStopTests:
         assert gateway.stop() in CLEAN_EXIT
 
     def test_seed_variables(self, start_daemon: StartDaemon) -> None:
-        """The seed's environment variables configure a kvstore."""
+        """The short environment variable names configure a kvstore."""
         node = start_daemon("chash-kvstore", env={"NODE_ID": "kvstore-A"})
         body = node.health()
         assert body is not None and body["id"] == "kvstore-A"

@@ -1,4 +1,4 @@
-"""memcached parity through real gateways (issue 11): multi-key gets of any size up to --max-keys.
+"""memcached parity through real gateways: multi-key gets of any size up to --max-keys.
 
 Two clusters of real processes: one gateway over three kvstores with N=3/W=2/R=2 (the defaults), and one
 gateway over two kvstores with N=1. Raw sockets, so that what is on the wire is what memcached clients see.

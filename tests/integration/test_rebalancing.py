@@ -1,4 +1,4 @@
-"""Rebalancing with real processes (issue 5): join, drain and failure move the data, and nothing
+"""Rebalancing with real processes: join, drain and failure move the data, and nothing
 acknowledged is lost."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The attacks of issue 10 against real daemons on loopback: each one is refused, and the cluster keeps
+"""The attacks SECURITY.md lists, against real daemons on loopback: each one is refused, and the cluster keeps
 serving plain memcached clients as before. (The Raft pickle is in test_gateway_cluster.py, BadRaftConfigTests.)"""
 
 from __future__ import annotations

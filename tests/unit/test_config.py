@@ -39,7 +39,7 @@ class PrecedenceTests:
         assert (kv.port, kv.line_port, kv.gateway) == ("tcp:8080", "tcp:11212", ())
 
     def test_seed_environment(self) -> None:
-        """The seed's variables work as written."""
+        """The short variable names (GATEWAY_ID, ...) work as written."""
         env = {
             "GATEWAY_ID": "gateway-1",
             "LISTEN_PORT": "9000",

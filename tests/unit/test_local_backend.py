@@ -67,8 +67,8 @@ def set_(key: bytes, value: bytes, flags: int = 0, exptime: int = 0) -> Store:
 
 
 class VersionBoundTests:
-    """Versions from the wire more than max_clock_skew ahead are refused, never stored nor observed (issue 10:
-    ``xput victim 0 0 18446744073709551615-x 0 4`` pinned a value forever and overflowed the clock)."""
+    """Versions from the wire more than max_clock_skew ahead are refused, never stored nor observed (without the
+    bound, ``xput victim 0 0 18446744073709551615-x 0 4`` pinned a value forever and overflowed the clock)."""
 
     def _far(self, seconds_ahead: float) -> Version:
         return Version((int((T0 + seconds_ahead) * 1000)) << 16, "gw")

@@ -374,7 +374,7 @@ class RejectionTests:
         assert replies(b"xput k 0 0 bad 0 1\r\nx\r\n")[0] == b"CLIENT_ERROR bad version\r\n"
         assert replies(b"xput k 0 0 1 2 1\r\nx\r\n")[0] == b"CLIENT_ERROR bad command line format\r\n"
         assert replies(b"xput k 0 0 1 0\r\n") == [b"CLIENT_ERROR bad command line format\r\n"]
-        # Bounded numbers (issue 10): a clock past 63 bits, a writer that is not an id, flags or expires_at
+        # Bounded numbers: a clock past 63 bits, a writer that is not an id, flags or expires_at
         # past 32 bits.
         for line in (
             b"xput k 0 0 18446744073709551615-x 0 1",

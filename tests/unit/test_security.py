@@ -1,4 +1,4 @@
-"""What answers to clients never carry (issue 10): absolute paths, stack traces, secrets. The logs keep
+"""What answers to clients never carry: absolute paths, stack traces, secrets. The logs keep
 the detail."""
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class DiskFullTests(SynchronousTestCase):
 
 
 class KVStoreHTTPAuthTests(SynchronousTestCase):
-    """A kvstore's HTTP writes need the cluster token (issue 10: anyone could write to a kvstore directly)."""
+    """A kvstore's HTTP writes need the cluster token (else anyone could write to a kvstore directly)."""
 
     def setUp(self) -> None:
         clock = Clock()
