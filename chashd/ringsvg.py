@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Mapping
 from html import escape
 
+from chashd.node import NodeState
 from chashd.ring import HASH_SPACE, HashRing
 
 __all__ = ["PALETTE", "node_colours", "ring_svg"]
@@ -102,13 +103,13 @@ def ring_svg(
         d = "".join(_arc(cx, cy, r, start, end) for start, end in arcs[node])
         if not d:
             continue
-        state = states.get(node, "up")
-        opacity = ' stroke-opacity="0.3"' if state == "down" else ""
+        state = states.get(node, NodeState.UP)
+        opacity = ' stroke-opacity="0.3"' if state == NodeState.DOWN else ""
         parts.append(
             f'<path class="arc state-{escape(state)}" data-node="{escape(node)}" d="{d}" fill="none" '
             f'stroke="{colours[node]}" stroke-width="28"{opacity}/>'
         )
-        if state == "leaving":
+        if state == NodeState.LEAVING:
             parts.append(f'<path d="{d}" fill="none" stroke="url(#leaving)" stroke-width="28" opacity="0.6"/>')
     parts.append(f'<text x="{cx}" y="{cy - 4}" text-anchor="middle" font-size="20">epoch {ring.epoch}</text>')
     parts.append(
@@ -116,9 +117,9 @@ def ring_svg(
     )
     for i, node in enumerate(listed):
         y = 24 + i * _LEGEND_ROW
-        state = states.get(node, "up")
+        state = states.get(node, NodeState.UP)
         share = f"{100 * shares[node]:.1f}%" if node in shares else "not in ring"
-        faded = ' fill-opacity="0.3"' if state == "down" else ""
+        faded = ' fill-opacity="0.3"' if state == NodeState.DOWN else ""
         parts.append(
             f'<g class="legend" data-node="{escape(node)}" data-state="{escape(state)}">'
             f'<rect x="{legend_x}" y="{y - 12}" width="14" height="14" fill="{colours[node]}"'
