@@ -15,9 +15,9 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["GatewayCollector"]
+from chashd.node import NodeState
 
-STATES = ("up", "down", "leaving")
+__all__ = ["GatewayCollector"]
 
 
 class GatewayCollector(Collector):
@@ -40,9 +40,9 @@ class GatewayCollector(Collector):
             "Times the Raft leader this gateway knows changed",
             value=membership.leader_changes,
         )
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(NodeState, 0)
         for node in membership.view.nodes:
-            counts[str(node.state)] = counts.get(str(node.state), 0) + 1
+            counts[node.state] += 1
         nodes = GaugeMetricFamily("chashd_ring_nodes", "Nodes of the cluster map by state", labels=["state"])
         for state, count in sorted(counts.items()):
             nodes.add_metric([state], count)

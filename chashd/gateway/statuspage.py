@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from chashd.node import NodeState
 from chashd.ring import HashRing
 from chashd.ringsvg import node_colours, ring_svg
 
@@ -167,7 +168,7 @@ class StatusPage:
     # -- rendering --------------------------------------------------------------------------------
 
     def _ring_svg(self, status: dict[str, Any]) -> str:
-        states = {node["id"]: node.get("state", "up") for node in status.get("nodes", [])}
+        states = {node["id"]: node.get("state", NodeState.UP) for node in status.get("nodes", [])}
         return ring_svg(self._ring(), states)
 
     def render_main(self, status: dict[str, Any]) -> str:
