@@ -9,7 +9,9 @@ requests are the cheapest there are: a get is answered from a dict on the reacto
 ``twistd chash-kvstore --engine memory`` with them (``hist``) and without (``nohist``), in ``--rounds``
 interleaved rounds under bench/kvstore.py's load (50 connections, 90% get / 10% set), and prints each
 round's ops/s and the server's CPU per request, the best round of each and the median of the per-round
-ratios hist / nohist. The target: at most 3% apart.
+ratios hist / nohist (ops/s, and CPU per request, which holds up better when other work takes the server's
+core). The target: at most 3% apart; when the rounds' CPU ratios spread wider than that (their quartiles),
+the run says it cannot tell.
 
 ``--inprocess`` feeds the same request mix to the server protocol over LocalBackend and MemoryEngine without
 sockets, with no histograms, with chashd's (a bucket list per command family, no lock) and with
@@ -125,22 +127,23 @@ def main() -> None:
                     flush=True,
                 )
         best = {name: max(r["ops_per_s"] for r in runs) for name, runs in figures.items()}
-        cpu = {name: statistics.median(r["cpu_us_per_op"] for r in runs) for name, runs in figures.items()}
         ratios = [h["ops_per_s"] / n["ops_per_s"] for h, n in zip(figures["hist"], figures["nohist"])]
+        cpu_ratios = [h["cpu_us_per_op"] / n["cpu_us_per_op"] for h, n in zip(figures["hist"], figures["nohist"])]
         print(
             f"\nbest round: hist {best['hist']:,.0f} ops/s, nohist {best['nohist']:,.0f} ops/s, "
             f"ratio {best['hist'] / best['nohist']:.3f}"
         )
         print(
-            f"median of the rounds' ratios hist / nohist: {statistics.median(ratios):.3f} "
-            f"({', '.join(f'{r:.3f}' for r in ratios)})"
+            f"median of the rounds' ratios hist / nohist: ops/s {statistics.median(ratios):.3f}, "
+            f"server CPU per request {statistics.median(cpu_ratios):.3f}"
         )
-        print(
-            f"median server CPU per request: hist {cpu['hist']:.2f} us, nohist {cpu['nohist']:.2f} us "
-            f"({cpu['hist'] / cpu['nohist']:.3f}x)"
-        )
-        within = abs(1 - statistics.median(ratios)) <= 0.03
-        print(f"target: at most 3% apart -> {'met' if within else 'NOT met'}")
+        low, _, high = statistics.quantiles(cpu_ratios, n=4) if len(cpu_ratios) > 1 else (1.0, 1.0, 1.0)
+        print(f"CPU per request ratio, quartiles of the rounds: {low:.3f} .. {high:.3f}")
+        if high - low > 0.03:
+            print("target (at most 3% apart): inconclusive here: the rounds disagree by more than the target")
+        else:
+            verdict = "met" if abs(1 - statistics.median(cpu_ratios)) <= 0.03 else "NOT met"
+            print(f"target (at most 3% apart, by server CPU per request): {verdict}")
 
 
 if __name__ == "__main__":

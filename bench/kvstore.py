@@ -214,6 +214,9 @@ class _Sink:
     def getPeer(self) -> None:
         return None
 
+    def getHost(self) -> None:
+        return None
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         pass
 

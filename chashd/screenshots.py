@@ -89,7 +89,7 @@ def dump_dom(url: str, budget_ms: int = 5000, timeout: float = 90.0) -> str:
     return _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout)
 
 
-def screenshot(url: str, path: Path, size: tuple[int, int] = (1100, 1000), budget_ms: int = 3000) -> Path:
+def screenshot(url: str, path: Path, size: tuple[int, int] = (1100, 1300), budget_ms: int = 3000) -> Path:
     """A PNG screenshot of ``url`` at ``size`` into ``path``."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ COUNTERS = (
 
 _SECURITY_HEADERS = {
     b"Content-Security-Policy": b"default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; "
-    b"img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     b"X-Content-Type-Options": b"nosniff",
     b"Cache-Control": b"no-store",
 }

@@ -73,8 +73,9 @@ class StatusPageTests(RingAPITestsBase):
         gateways = _rows(html, "gateways")
         assert set(gateways) == {"g1"} and 'data-role="leader"' in gateways["g1"] and "★ leader" in gateways["g1"]
         assert "leader-lost" not in html
-        # Its own files only: every src/href is a path on this gateway or a gateway's URL in the table.
-        assert not re.search(r'(?:src|href)="(?!/|http://127\.0\.0\.1:)', html)
+        # Its own files only: every src/href is a path on this gateway, a gateway's URL in the table, or the
+        # empty data: icon (so that the browser asks for no /favicon.ico).
+        assert not re.search(r'(?:src|href)="(?!/|http://127\.0\.0\.1:|data:,")', html)
         assert '<script src="/status/refresh.js" defer></script>' in html
 
     def test_shares_and_colours_match_the_ring(self) -> None:
