@@ -133,6 +133,18 @@ def parse_gateways(raw: object) -> tuple[str, ...]:
     return tuple(result)
 
 
+def parse_workers(raw: object) -> int:
+    """A number of worker processes from 1 to 256, or ``auto``: the CPUs this process may run on."""
+    if str(raw).strip().lower() == "auto":
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except OSError:  # a seccomp filter that refuses the call
+            cpus = os.cpu_count() or 1
+        return max(1, min(256, cpus))
+    value: int = _bounded(int, 1, 256)(raw)
+    return value
+
+
 def parse_bool(raw: object) -> bool:
     """true/false, yes/no, on/off, 1/0."""
     if isinstance(raw, bool):
@@ -418,6 +430,17 @@ class GatewayConfig:
         0.5,
         _bounded(float, 0),
     )
+    workers: int = opt(
+        "worker processes serving the line and HTTP ports (auto: one per CPU this process may use;"
+        " 1: the main process serves them)",
+        1,
+        parse_workers,
+    )
+    follow: tuple[str, ...] = opt(
+        "run no Raft: follow the cluster map of these gateways (URLs or host:port, comma-separated) and serve keys",
+        (),
+        parse_gateways,
+    )
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 
     def __post_init__(self) -> None:
@@ -428,6 +451,13 @@ class GatewayConfig:
                 f"option --primary-timeout: {self.primary_timeout:g} is not shorter than"
                 f" --request-timeout {self.request_timeout:g}"
             )
+        if self.workers > 1:
+            for flag, description in (("--port", self.port), ("--line-port", self.line_port)):
+                if description.partition(":")[0] not in ("tcp", "tcp6", "unix"):
+                    raise ConfigError(
+                        f"option --workers: {flag} {description} is not a tcp:, tcp6: or unix: endpoint, and only"
+                        " those are handed over to workers (terminate TLS in front of the gateway, or run one process)"
+                    )
         for name in ("write_quorum", "read_quorum"):
             if getattr(self, name) > self.replicas:
                 flag = "--" + name.replace("_", "-")
@@ -579,11 +609,14 @@ def check_secrets(config: GatewayConfig | KVStoreConfig) -> None:
 
     A gateway always needs a Raft password: pysyncobj unpickles what reaches its Raft port unless a
     password authenticates each message first, and a local user can reach a loopback port too. The cluster
-    token guards the internal surfaces: a gateway's admin routes (on ``--port``), a kvstore's writes and
+    token guards the internal surfaces: a gateway's admin routes (a gateway that follows another's map with
+    ``--follow`` has neither Raft nor admin routes) (on ``--port``), a kvstore's writes and
     internal commands (on ``--port`` and ``--line-port``); a daemon whose such port listens beyond loopback
     needs one.
     """
     if isinstance(config, GatewayConfig):
+        if config.follow:
+            return  # no Raft port, no admin routes; the token, when the cluster has one, reads the routing
         if not config.raft_password:
             raise ConfigError(
                 "option --raft-password is required: without it anyone who reaches the Raft port (loopback "

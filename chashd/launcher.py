@@ -290,6 +290,7 @@ class LocalCluster:
         self.kvstore_args = list(kvstore_args)
         self.gateways: list[Daemon] = []
         self.kvstores: list[Daemon] = []
+        self.followers: list[Daemon] = []
         self.line_ports: dict[str, int] = {}
         self.raft_ports: dict[str, int] = {}
         self._gateway_count = gateways
@@ -405,6 +406,27 @@ class LocalCluster:
             self.wait_for_nodes(timeout)
         return daemon
 
+    def add_follower(self, args: Sequence[str] = (), wait: bool = True, timeout: float = 60.0) -> Daemon:
+        """Start a gateway without Raft that follows the cluster's gateways (``--follow``) and serves keys."""
+        name = f"follower-{len(self.followers) + 1}"
+        http, line = free_ports(2, self.host)
+        daemon_args = [
+            "--gateway-id", name,
+            "--port", f"tcp:{http}:interface={self.host}",
+            "--line-port", f"tcp:{line}:interface={self.host}",
+            "--follow", ",".join(self.gateway_urls),
+            *self._secret_args("token"),
+            *args,
+        ]  # fmt: skip
+        daemon = Daemon(
+            "chash-gateway", name, daemon_args, http, self.workdir / f"{name}.log", env=self.env, host=self.host
+        )
+        self.line_ports[name] = line
+        self.followers.append(daemon.start())
+        if wait:
+            daemon.wait_healthy(timeout)
+        return daemon
+
     def status(self, gateway: int = 0, timeout: float = 2.0) -> dict[str, Any]:
         """``GET /ring/status`` of one gateway."""
         status, body = http_json(self.gateways[gateway].url + "/ring/status", timeout=timeout)
@@ -456,8 +478,8 @@ class LocalCluster:
         return dict(self._poll(f"kvstores {sorted(wanted)} to be up", check, timeout))
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop every process this cluster started, kvstores first."""
-        for daemon in [*reversed(self.kvstores), *reversed(self.gateways)]:
+        """Stop every process this cluster started, followers and kvstores first."""
+        for daemon in [*reversed(self.followers), *reversed(self.kvstores), *reversed(self.gateways)]:
             try:
                 daemon.stop(timeout)
             except Exception:  # keep stopping the others

@@ -7,6 +7,9 @@ Routes::
                                       the ring's size);
                                       ?after=<epoch>&timeout=<s> waits until the epoch exceeds <epoch> or the
                                       timeout passes (at most 60 s), then answers the current ring
+    GET    /ring/placement            the routing the gateway's own router follows (chashd.gateway.follow), for
+                                      its workers and the gateways that follow it; ?known=<tag>&timeout=<s>
+                                      waits for another; needs the token when one is configured
     GET    /ring/status               gateway_id, leader (id or null), epoch, replicas, write_quorum,
                                       read_quorum, nodes, gateways, rebalancing, and what status_extra() adds
     GET    /ring/lookup/{key}         the key's preference list: N nodes, primary first, with address and state
@@ -50,6 +53,12 @@ from chashd.ring import key_hash
 from chashd.web import Forbidden, Unauthorized, check_bearer, error_problem, json_response, routing_problem
 
 __all__ = ["RingAPI", "RingRoot"]
+
+
+class _RoutingFeed(Protocol):
+    """What the API needs of ``chashd.gateway.follow.RoutingFeed``."""
+
+    def render(self, request: IRequest, known: str | None, timeout: float | None) -> Any: ...
 
 
 class _Membership(Protocol):
@@ -138,8 +147,10 @@ class RingAPI:
         config: GatewayConfig,
         clock: IReactorTime,
         status_extra: Callable[[], dict[str, Any]] | None = None,
+        routing: _RoutingFeed | None = None,
     ) -> None:
         self._membership = membership
+        self._routing = routing
         self._config = config
         self._clock = clock
         self._token = config.token.encode() if config.token else None
@@ -231,6 +242,15 @@ class RingAPI:
             self._wake(waiter)
 
     # -- status and lookups ------------------------------------------------------------------------
+
+    @app.route("/ring/placement", methods=["GET", "HEAD"])
+    def placement(self, request: IRequest) -> Any:
+        """The routing this gateway follows; with ``known``, a long poll for another."""
+        if self._routing is None:
+            raise ServiceUnavailable("this gateway publishes no routing")
+        values = (request.args or {}).get(b"known")
+        known = values[0].decode("ascii", "replace") if values else None
+        return self._routing.render(request, known, _query_number(request, "timeout", float))
 
     @app.route("/ring/status", methods=["GET", "HEAD"])
     def status(self, request: IRequest) -> bytes:

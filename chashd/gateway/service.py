@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -10,7 +11,7 @@ from zope.interface import implementer
 
 from chashd.config import GatewayConfig
 from chashd.gateway.clustermap import ClusterView
-from chashd.gateway.connections import Connections
+from chashd.gateway.dataplane import DataPlane, Routing
 from chashd.gateway.health import HealthChecker, Probe, http_probe
 from chashd.gateway.membership import Membership, MembershipReactor
 from chashd.gateway.raft import RaftFactory
@@ -87,7 +88,8 @@ class GatewayService(MultiService):
     the ``connections`` to every kvstore, both following each new view of the cluster map.
 
     ``raft_factory`` builds the Raft object in ``Membership.startService`` (tests pass ``LocalRaft``);
-    ``probe`` checks one kvstore (default: ``GET /health`` with treq).
+    ``probe`` checks one kvstore (default: ``GET /health`` with treq). ``serves_keys`` False leaves the data
+    plane unconnected: the gateway's workers serve keys (``--workers``), fed through ``on_routing``.
     """
 
     _log = Logger()
@@ -100,6 +102,7 @@ class GatewayService(MultiService):
         probe: Probe | None = None,
         http_client: Any = None,
         fetch: Fetch | None = None,
+        serves_keys: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
@@ -124,35 +127,28 @@ class GatewayService(MultiService):
             dead_after=config.dead_after,
         )
         self.health_checker.setServiceParent(self)
-        self.connections = Connections(reactor, timeout=config.request_timeout, max_value_size=config.max_value_size)
-        self.connections.setServiceParent(self)
-        self.router = Router(
-            config.gateway_id,
-            reactor,  # type: ignore[arg-type]
-            self.connections.client,
-            replicas=config.replicas,
-            write_quorum=config.write_quorum,
-            read_quorum=config.read_quorum,
-            allow_flush_all=config.allow_flush_all,
-            hedge_after=config.hedge_after,
-            primary_timeout=config.primary_timeout,
-        )
+        self.data_plane = DataPlane(config, reactor)
+        self.data_plane.setServiceParent(self)
+        self.connections = self.data_plane.connections
+        self.router = self.data_plane.router
+        self._serves_keys = serves_keys
+        #: Called with each new ``Routing`` (the workers' and followers' feed).
+        self.on_routing: Callable[[Routing], None] | None = None
         self.rebalance = Rebalance(self.membership, fetch, reactor, config.probe_interval, self._route)  # type: ignore[arg-type]
         self.rebalance.setServiceParent(self)
         self.admin = GatewayAdmin(self.router, self.rebalance, config)
         self.membership.subscribe(self._new_view)
 
-    def stopService(self) -> Any:
-        self.router.stop()
-        return super().stopService()
-
     def _new_view(self, view: ClusterView) -> None:
         """Route by the new view: connect to its nodes, place keys on its ring."""
-        self.connections.update(view.nodes)
         self._route()
 
     def _route(self) -> None:
-        self.router.update(self.rebalance.placement())
+        routing = Routing.of(self.rebalance.placement(), self.membership.view.nodes)
+        if self._serves_keys:
+            self.data_plane.follow(routing)
+        if self.on_routing is not None:
+            self.on_routing(routing)
 
     def health(self) -> dict[str, Any]:
         """The body of ``GET /health``."""

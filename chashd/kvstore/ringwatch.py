@@ -33,9 +33,15 @@ Getter = Callable[[str, float], Deferred[tuple[int, bytes]]]
 
 
 class RingWatch(Service):
-    """Follows the ring of the gateways ``gateways`` (base URLs) and hands each newer epoch to ``on_ring``."""
+    """Follows the ring of the gateways ``gateways`` (base URLs) and hands each newer epoch to ``on_ring``.
+
+    A subclass follows another long-polled document of the gateways with ``_url``, ``_parse`` and ``_newer``
+    (the gateways' own data planes follow their routing so: ``chashd.gateway.follow.RoutingWatch``).
+    """
 
     _log = Logger()
+    #: What the log lines call this watch.
+    what = "ring watch"
 
     def __init__(
         self,
@@ -63,7 +69,7 @@ class RingWatch(Service):
         self._call: IDelayedCall | None = None
         self._inflight: Deferred[tuple[int, bytes]] | None = None
         #: The newest ring learned, None before the first.
-        self.latest: RingUpdate | None = None
+        self.latest: Any = None  # a RingUpdate here, what _parse returns in a subclass
 
     def startService(self) -> None:
         super().startService()
@@ -81,6 +87,14 @@ class RingWatch(Service):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = self._clock.callLater(delay, self._poll)
+
+    def _parse(self, body: Any) -> Any:
+        """The update in an answer's JSON body; ``ValueError`` for one that is not."""
+        return RingUpdate.from_json(body)
+
+    def _newer(self, update: Any, latest: Any) -> bool:
+        """Whether ``update`` is to be followed after ``latest``."""
+        return bool(update.epoch > latest.epoch)
 
     def _url(self) -> str:
         base = self._gateways[self._next % len(self._gateways)] + "/ring"
@@ -101,7 +115,7 @@ class RingWatch(Service):
             if code != 200:
                 error = f"HTTP {code}"
             else:
-                update = RingUpdate.from_json(json.loads(body))
+                update = self._parse(json.loads(body))
         except Exception as e:  # network errors, timeouts, a bad body, cancellation on stop
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -112,15 +126,15 @@ class RingWatch(Service):
             self._failed(url, error)
             return
         if self._failures:
-            self._log.info("ring watch: {url} answers again", url=url)
+            self._log.info("{what}: {url} answers again", what=self.what, url=url)
         self._failures = 0
-        newer = self.latest is None or update.epoch > self.latest.epoch
+        newer = self.latest is None or self._newer(update, self.latest)
         if newer:
             self.latest = update
             try:
                 self._on_ring(update)
             except Exception:
-                self._log.failure("ring watch: handling epoch {epoch} failed", epoch=update.epoch)
+                self._log.failure("{what}: handling epoch {epoch} failed", what=self.what, epoch=update.epoch)
         quick = self._clock.seconds() - started < self.min_interval
         self._schedule(0 if newer or not quick else self.min_interval)
 
@@ -129,7 +143,8 @@ class RingWatch(Service):
         self._next += 1
         delay = backoff_delay(self._failures, 0.25, self.max_backoff, self._rng)
         self._log.warn(
-            "ring watch: cannot poll {url} ({error}); trying the next gateway in {delay:.2f}s",
+            "{what}: cannot poll {url} ({error}); trying the next gateway in {delay:.2f}s",
+            what=self.what,
             url=url,
             error=error,
             delay=delay,
@@ -137,12 +152,14 @@ class RingWatch(Service):
         self._schedule(delay)
 
 
-def treq_get(client: Any, clock: IReactorTime | None = None) -> Getter:
-    """A ``get`` for ``RingWatch`` over a ``treq.client.HTTPClient`` (its timeout runs on ``clock``)."""
+def treq_get(client: Any, clock: IReactorTime | None = None, token: str | None = None) -> Getter:
+    """A ``get`` for ``RingWatch`` over a ``treq.client.HTTPClient`` (its timeout runs on ``clock``), sending
+    ``Authorization: Bearer <token>`` when there is a token."""
+    headers = {b"Authorization": [b"Bearer " + token.encode()]} if token else None
 
     @inlineCallbacks
     def get(url: str, timeout: float) -> Any:
-        response = yield client.get(url, timeout=timeout, reactor=clock)
+        response = yield client.get(url, timeout=timeout, reactor=clock, headers=headers)
         content = yield response.content()
         return response.code, content
 

@@ -147,6 +147,32 @@ class NotifyTests:
         )  # fmt: skip
         check_lifecycle(daemon, notify_socket)
 
+    def test_gateway_workers(self, notify_socket: NotifySocket, tmp_path: Path, daemons: list[Daemon]) -> None:
+        """With --workers 2, READY=1 comes once both workers serve; SIGTERM stops the workers too."""
+        http, raft, line = free_ports(3)
+        daemon = start(
+            "chash-gateway",
+            ["--gateway-id", "gw-workers", "--raft-port", str(raft), "--line-port",
+             f"tcp:{line}:interface=127.0.0.1", "--data-dir", str(tmp_path / "gw"), "--workers", "2"],
+            http, notify_socket, tmp_path, daemons,
+        )  # fmt: skip
+        notify_socket.wait_for("READY=1", timeout=60, daemon=daemon)
+        with socket.create_connection(("127.0.0.1", line), timeout=10) as client:
+            client.sendall(b"stats\r\n")
+            reply = b""
+            while not reply.endswith(b"END\r\n"):
+                chunk = client.recv(65536)
+                assert chunk, reply
+                reply += chunk
+        assert b"STAT workers 2\r\n" in reply
+        assert daemon.pid is not None
+        workers = subprocess.run(["pgrep", "-P", str(daemon.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        daemon.signal(signal.SIGTERM)
+        notify_socket.wait_for("STOPPING=1", timeout=30, daemon=daemon)
+        assert daemon.wait(30) in CLEAN_EXIT
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "a worker outlived its gateway"
+
 
 class HealthcheckScriptTests:
     """The image's health check script against a real daemon."""

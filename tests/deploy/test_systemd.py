@@ -171,6 +171,10 @@ class UnitSettingsTests:
             (start,) = values(parse_unit(unit_texts[name]), "Service", "ExecStart")
             assert shlex.split(start) == ["/opt/chashd/bin/twistd", "--nodaemon", "--pidfile=", role]
 
+    def test_gateway_stops_its_own_workers(self, unit_texts: dict[str, str]) -> None:
+        """SIGTERM goes to the gateway's main process only, which stops its workers (--workers) itself."""
+        assert values(parse_unit(unit_texts["chash-gateway.service"]), "Service", "KillMode") == ["mixed"]
+
     @pytest.mark.parametrize("name", ["chash-kvstore.service", "chash-kvstore@.service"])
     def test_stop_timeout_covers_drain(self, unit_texts: dict[str, str], name: str) -> None:
         """TimeoutStopSec is longer than the drain timeout the example configuration gives the daemon."""

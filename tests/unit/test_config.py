@@ -342,3 +342,33 @@ class OptionsTests:
         """--help shows each option with its environment variables."""
         text = str(options_for(KVStoreConfig, "chash-kvstore")())
         assert "--node-id" in text and "NODE_ID" in text and "GATEWAY_ADDRESS" in text
+
+
+class WorkersAndFollowTests:
+    """--workers and --follow."""
+
+    def _gateway(self, **cli: str) -> GatewayConfig:
+        return load_config(GatewayConfig, {"gateway_id": "g", **cli}, environ={})
+
+    def test_workers(self) -> None:
+        """A count from 1 to 256, or auto: the CPUs this process may run on."""
+        import os
+
+        assert self._gateway().workers == 1
+        assert self._gateway(workers="4").workers == 4
+        assert self._gateway(workers="auto").workers == len(os.sched_getaffinity(0))
+        for bad in ("0", "300", "many"):
+            with pytest.raises(ConfigError, match="^option --workers"):
+                self._gateway(workers=bad)
+
+    def test_workers_need_plain_endpoints(self) -> None:
+        """Connections are handed to workers as they are: a TLS endpoint with workers is refused."""
+        self._gateway(workers="2", port="unix:/run/chashd/gw.sock", line_port="tcp6:11211")
+        with pytest.raises(ConfigError, match="^option --workers: --port ssl:8443"):
+            self._gateway(workers="2", port="ssl:8443:privateKey=k.pem")
+
+    def test_follower_needs_no_raft_secret(self) -> None:
+        """A follower has no Raft port and no admin routes: neither secret is required; URLs are normalized."""
+        config = self._gateway(follow="gw1:8000, https://gw2:8443/")
+        assert config.follow == ("http://gw1:8000", "https://gw2:8443")
+        check_secrets(config)

@@ -202,3 +202,28 @@ class GatewayConfigCheckTests:
         options = tap.Options()
         options.parseOptions([*self.LOOPBACK, *password])
         assert options.config.token is None and options.config.raft_password == password[1]
+
+
+class FollowerWiringTests(SynchronousTestCase):
+    """makeService with --follow: no Raft, a data plane fed by the followed gateways' routing."""
+
+    def test_no_raft_and_not_ready_before_a_routing(self) -> None:
+        """A follower needs no Raft password, builds no Raft object, listens on its two ports and is not ready
+        before it has a routing; it serves no /ring routes."""
+        reactor = ThreadlessReactor()
+        rafts: list[Any] = []
+        options = tap.Options()
+        options.parseOptions(
+            ["--gateway-id", "f1", "--port", "tcp:18000:interface=127.0.0.1", "--follow", "http://127.0.0.1:8000",
+             "--line-port", "tcp:11299:interface=127.0.0.1"]
+        )  # fmt: skip
+        service = tap.makeService(options, reactor=reactor, raft_factory=lambda *a: rafts.append(a))
+        service.startService()
+        reactor.advance(0)
+        assert rafts == []
+        assert sorted(p for p, _, _, _ in reactor.tcpServers) == [11299, 18000]
+        factory: Any = reactor.tcpServers[0][1]
+        stub = StubTreq(factory.resource)
+        for path, code in (("/ready", 503), ("/ring/status", 404)):
+            assert self.successResultOf(stub.get("http://gateway" + path)).code == code
+        service.stopService()
