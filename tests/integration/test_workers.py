@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from chashd.launcher import LocalCluster
 from tests.integration.conftest import clean_environ, http, wait_until
@@ -34,13 +35,16 @@ class Client:
         self.buffer = b""
 
     def ask(self, request: bytes, end: bytes) -> bytes:
-        """Send ``request``; the reply up to and including ``end`` (``b""`` once the server closed)."""
-        self.sock.sendall(request)
-        while end not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return b""
-            self.buffer += chunk
+        """Send ``request``; the reply up to and including ``end`` (``b""`` once the server closed or reset)."""
+        try:
+            self.sock.sendall(request)
+            while end not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return b""
+                self.buffer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
         reply, _, self.buffer = self.buffer.partition(end)
         return reply + end
 
@@ -116,6 +120,9 @@ class WorkersTests:
         assert status == 200 and json.loads(body)["gateway_id"] == "gateway-1"
         status, body = http(url + "/metrics")
         assert status == 200 and b"chashd_workers 2.0" in body
+        names = [family.name for family in text_string_to_metric_families(body.decode())]
+        assert len(names) == len(set(names)), "one family per name: the workers' samples are merged in, labelled"
+        assert b'process_resident_memory_bytes{worker="1"}' in body and b'worker="2"' in body
         status, body = http(url + "/ring/placement")
         assert status == 401, "the routing tells where the kvstores listen: the token guards it"
 
