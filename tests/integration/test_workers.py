@@ -194,10 +194,12 @@ class FollowerTests:
                 epoch = int(clients[0].stats()["epoch"])
                 c.add_kvstore()
                 for client in clients:
-                    wait_until(
-                        "the follower to route by the new ring",
-                        lambda client=client: int(client.stats()["epoch"]) > epoch and client.stats()["nodes"] == "2",
-                    )
+
+                    def routes_by_the_new_ring(client: Client = client) -> bool:
+                        stats = client.stats()
+                        return int(stats["epoch"]) > epoch and stats["nodes"] == "2"
+
+                    wait_until("the follower to route by the new ring", routes_by_the_new_ring)
             finally:
                 raft_client.close()
                 for client in clients:

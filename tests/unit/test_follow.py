@@ -187,6 +187,7 @@ class RoutingFormTests(RingAPITestsBase):
     def test_malformed(self) -> None:
         """Another version, a missing ring or a bad node are ValueErrors."""
         good = routing(1).to_json()
+        bad: object
         for bad in ({**good, "version": 2}, {**good, "ring": None}, {**good, "nodes": [{"id": "x"}]}, [], None):
             with self.assertRaises(ValueError):
                 Routing.from_json(bad)

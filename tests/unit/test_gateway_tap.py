@@ -217,13 +217,13 @@ class FollowerWiringTests(SynchronousTestCase):
             ["--gateway-id", "f1", "--port", "tcp:18000:interface=127.0.0.1", "--follow", "http://127.0.0.1:8000",
              "--line-port", "tcp:11299:interface=127.0.0.1"]
         )  # fmt: skip
-        service = tap.makeService(options, reactor=reactor, raft_factory=lambda *a: rafts.append(a))
+        service = tap.makeService(options, reactor=reactor, raft_factory=lambda *a: rafts.append(a))  # type: ignore[arg-type,func-returns-value]
         service.startService()
         reactor.advance(0)
         assert rafts == []
         assert sorted(p for p, _, _, _ in reactor.tcpServers) == [11299, 18000]
         factory: Any = reactor.tcpServers[0][1]
-        stub = StubTreq(factory.resource)
+        stub: Any = StubTreq(factory.resource)
         for path, code in (("/ready", 503), ("/ring/status", 404)):
             assert self.successResultOf(stub.get("http://gateway" + path)).code == code
         service.stopService()

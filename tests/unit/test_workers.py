@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.proxy import ProxyClientFactory
 
 from chashd.gateway.worker import WorkerLineFactory, WorkerRoot
 from chashd.gateway.workers import CONTROL_IN, CONTROL_OUT, HANDOFF_FD, HTTP, LINE, Lines, WorkerSupervisor, sum_stats
@@ -284,7 +285,7 @@ class WorkerSurfaceTests(SynchronousTestCase):
         """``/kv`` is answered by the worker's own surface; any other path goes to the admin port."""
         reactor = MemoryReactor()
         http = KeyValueHTTP(None, health=lambda: {"here": True})
-        stub = StubTreq(WorkerRoot(http.resource(), ("127.0.0.1", 4321), reactor))
+        stub: Any = StubTreq(WorkerRoot(http.resource(), ("127.0.0.1", 4321), reactor))
         d = stub.get("http://worker/kv/some-key")
         stub.flush()
         assert self.successResultOf(d).code == 503  # no backend here: answered locally
@@ -292,4 +293,5 @@ class WorkerSurfaceTests(SynchronousTestCase):
         stub.get("http://worker/ring/status?x=1")
         stub.flush()
         host, port, factory, _, _ = reactor.tcpClients[0]
+        assert isinstance(factory, ProxyClientFactory)
         assert (host, port) == ("127.0.0.1", 4321) and factory.rest == b"/ring/status?x=1"
