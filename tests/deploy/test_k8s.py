@@ -98,6 +98,12 @@ class SchemaTests:
             ("NetworkPolicy", "default-deny-ingress"),
             ("NetworkPolicy", "gateway"),
             ("NetworkPolicy", "kvstore"),
+            ("ServiceAccount", "gateway-follower"),
+            ("Service", "gateway-follower"),
+            ("Deployment", "gateway-follower"),
+            ("HorizontalPodAutoscaler", "gateway-follower"),
+            ("PodDisruptionBudget", "gateway-follower"),
+            ("NetworkPolicy", "gateway-follower"),
         }
         for doc in docs:
             if doc["kind"] != "Namespace":
@@ -177,15 +183,19 @@ class ContainerTests:
             assert ctx["seccompProfile"] == {"type": "RuntimeDefault"} == pod["seccompProfile"]
 
     def test_writable_paths(self, docs: list[Doc]) -> None:
-        """With a read-only root, /tmp and the data directory (CHASHD_DATA_DIR) are volumes."""
+        """With a read-only root, /tmp and the data directory (CHASHD_DATA_DIR) are volumes; a follower keeps
+        no data."""
         for workload, container in containers(docs):
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             assert "/tmp" in mounts
+            if workload["metadata"]["name"] == "gateway-follower":
+                assert "CHASHD_DATA_DIR" not in env_of(container)
+                continue
             assert env_of(container)["CHASHD_DATA_DIR"]["value"] in mounts, workload["metadata"]["name"]
 
     def test_known_options(self, docs: list[Doc]) -> None:
         """Every CHASHD_* or short-named variable a container sets is an option of its role (no misspelled name)."""
-        roles = {"gateway": GatewayConfig, "kvstore": KVStoreConfig}
+        roles = {"gateway": GatewayConfig, "gateway-follower": GatewayConfig, "kvstore": KVStoreConfig}
         for workload, container in containers(docs):
             known = {var for spec in option_specs(roles[workload["metadata"]["name"]]) for var in spec.env}
             for name in env_of(container):
@@ -403,17 +413,75 @@ class KVStoreTests:
         assert {"cpu", "memory"} <= set(container["resources"]["requests"])
 
 
+class FollowerTests:
+    """The follower gateways: a Deployment without Raft, its Service and HPA."""
+
+    def _container(self, docs: list[Doc]) -> Doc:
+        (container,) = get(docs, "Deployment", "gateway-follower")["spec"]["template"]["spec"]["containers"]
+        return container
+
+    def test_follows_the_raft_gateways(self, docs: list[Doc]) -> None:
+        """It runs chash-gateway with --follow on the Raft gateways' Service, its pod name as its id, the token
+        from the Secret, and no Raft password; as configured it would start."""
+        container = self._container(docs)
+        assert container["command"] == ["twistd", "--nodaemon", "--pidfile=", "chash-gateway"]
+        env = env_of(container)
+        assert env["GATEWAY_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env["CHASHD_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "chashd-secrets", "key": "token"}
+        assert "CHASHD_RAFT_PASSWORD" not in env
+        environ = {k: e["value"] for k, e in env.items() if "value" in e}
+        environ.update(GATEWAY_ID="gateway-follower-5d8f7-abcde", CHASHD_TOKEN="t")
+        config = load_config(GatewayConfig, environ=environ)
+        check_secrets(config)
+        (url,) = config.follow
+        host, port = url.removeprefix("http://").split(":")
+        service = get(docs, "Service", host)
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+        assert matches({"matchLabels": service["spec"]["selector"]}, pod_labels(docs, "gateway"))
+        assert config.port == "tcp:8000" and config.line_port == "tcp:11211"
+
+    def test_workers_match_the_cpu_limit(self, docs: list[Doc]) -> None:
+        """One worker per CPU of the limit (a container sees all its node's cores, not its limit)."""
+        container = self._container(docs)
+        workers = int(env_of(container)["CHASHD_WORKERS"]["value"])
+        assert workers == int(ContainerTests._quantity(container["resources"]["limits"]["cpu"])) >= 2
+
+    def test_service_and_hpa(self, docs: list[Doc]) -> None:
+        """A Service on 8000 and 11211 for its pods only; an autoscaling/v2 HPA on CPU from 2 replicas."""
+        service = get(docs, "Service", "gateway-follower")
+        assert {p["port"] for p in service["spec"]["ports"]} == {8000, 11211}
+        assert matches({"matchLabels": service["spec"]["selector"]}, pod_labels(docs, "gateway-follower"))
+        assert not matches({"matchLabels": service["spec"]["selector"]}, pod_labels(docs, "gateway"))
+        hpa = get(docs, "HorizontalPodAutoscaler", "gateway-follower")
+        spec = hpa["spec"]
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway-follower"}
+        assert spec["minReplicas"] == get(docs, "Deployment", "gateway-follower")["spec"]["replicas"] >= 2
+        assert [m["resource"]["name"] for m in spec["metrics"]] == ["cpu"]
+
+    def test_network(self, docs: list[Doc]) -> None:
+        """Clients reach the followers' two ports; followers reach the kvstores and the gateways' HTTP port."""
+        follower, kvstore, gateway = (pod_labels(docs, n) for n in ("gateway-follower", "kvstore", "gateway"))
+        for port in (8000, 11211):
+            assert ingress_allowed(docs, None, follower, port)
+        assert not ingress_allowed(docs, None, follower, 8001)
+        for port in (8080, 11212):
+            assert ingress_allowed(docs, follower, kvstore, port)
+        assert ingress_allowed(docs, follower, gateway, 8000)
+        assert not ingress_allowed(docs, follower, gateway, 8001)
+
+
 class DisruptionBudgetTests:
     """PodDisruptionBudgets."""
 
-    @pytest.mark.parametrize("name", ["gateway", "kvstore"])
+    @pytest.mark.parametrize("name", ["gateway", "gateway-follower", "kvstore"])
     def test_one_at_a_time(self, docs: list[Doc], name: str) -> None:
-        """Each role's budget selects its pods and lets one go at a time (Raft keeps its majority)."""
+        """Each role's budget selects its pods only and lets one go at a time (Raft keeps its majority)."""
         pdb = get(docs, "PodDisruptionBudget", name)
         assert pdb["spec"]["maxUnavailable"] == 1
         assert matches(pdb["spec"]["selector"], pod_labels(docs, name))
-        other = "kvstore" if name == "gateway" else "gateway"
-        assert not matches(pdb["spec"]["selector"], pod_labels(docs, other))
+        for other in {"gateway", "gateway-follower", "kvstore"} - {name}:
+            assert not matches(pdb["spec"]["selector"], pod_labels(docs, other))
 
 
 def ingress_allowed(docs: list[Doc], source: dict[str, str] | None, target: dict[str, str], port: int) -> bool:
