@@ -73,9 +73,7 @@ class Routing:
             "tag": self.tag,
             "ring": self.placement.ring.to_dict(),
             "previous": previous.to_dict() if previous is not None else None,
-            "nodes": [
-                {"id": n.id, "host": n.host, "line_port": n.line_port, "state": n.state.value} for n in self.nodes
-            ],
+            "nodes": [node.to_dict() for node in self.nodes],
         }
 
     @classmethod
