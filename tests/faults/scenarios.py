@@ -1,4 +1,5 @@
-"""The two ways to lose or corrupt data that issue 12 describes, as deterministic runs of the harness.
+"""The ways to lose or corrupt data that issue 12 describes (and one this suite found), as deterministic
+runs of the harness.
 
 ``rmw-stale-primary`` (issue 12, scenario 1): a kvstore killed long enough to be marked down misses writes
 to keys whose primary it is; once it is back and marked up, the read-modify-write commands go to it and it
@@ -12,14 +13,21 @@ its own connections to one peer are cut for the first 10 s (so its handoff for t
 still under way when its peers push its arcs back to it for the newer ring). Checked: every key is on N
 replicas once the cluster settles. (The issue saw it with a slow watch alone; the cut peer makes the timing
 deterministic.)
+
+``split-primary`` (found by a seeded run: seed 5, 120 s of every fault, right after a killed kvstore was
+marked up again): gateways whose maps disagree for a moment on a node's state send a read-modify-write of one
+key to two different primaries; a gateway cut from the others makes the moment last. Checked: concurrent
+increments through both never answer the same number and none is lost.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 from chashd.launcher import Daemon
 from tests.faults.checker import Report
+from tests.faults.clients import Session
 from tests.faults.cluster import FaultCluster, poll_until
 from tests.faults.runner import Run
 
@@ -139,7 +147,62 @@ def removed_kvstore_restart(run: Run, watch_cut: float = 30.0, peer_cut: float =
     return run.finish()
 
 
+def split_primary(run: Run, rounds: int = 30) -> Report:
+    """Two gateways that disagree on a node's state pick different primaries for its keys.
+
+    A kvstore is killed until marked down; one gateway is cut from the other two (it keeps the map in
+    which the node is down, and still reaches every kvstore); the node comes back and is marked up on the
+    other two. Then each counter whose primary it is gets pairs of increments at the same moment, one
+    through a gateway that sees the node up (it is the primary there) and one through the cut gateway
+    (the next replica is). Checked: no two acknowledged increments answer the same number, none is lost.
+    """
+    run.args.report = "under-replicated"
+    cluster = run.start_cluster(kvstores=4, gateway_args=run.gateway_args(dead_after=3600.0))
+    leader = poll_until("a Raft leader", cluster.leader, 30.0)
+    assert isinstance(leader, Daemon)
+    stale = next(g for g in reversed(cluster.gateways) if g is not leader)
+    fresh = next(g for g in cluster.gateways if g is not stale)
+    victim = cluster.daemon("kvstore-A")
+    counters = _keys_with_primary(cluster, victim.name, 10, "split")
+    _write_acknowledged(run, [(key, "0") for key in counters])
+    victim.kill()
+    _until(run, f"{victim.name} marked down", lambda: _state_everywhere(cluster, victim.name, "down"))
+    run.firewall.isolate(cluster.member(stale), [cluster.member(g) for g in cluster.gateways if g is not stale])
+    run.log(f"{run.recorder.now():7.1f}s cut {stale.name} from the other gateways")
+    victim.start()
+    victim.wait_healthy(60.0)
+
+    def up_on_fresh() -> bool:
+        return (cluster.ring_nodes(fresh) or {}).get(victim.name) == "up"
+
+    _until(run, f"{victim.name} marked up on {fresh.name}", up_on_fresh)
+    if (cluster.ring_nodes(stale) or {}).get(victim.name) != "down":
+        raise RuntimeError(f"{stale.name} does not see {victim.name} down any more")
+    endpoints = {e.name: i for i, e in enumerate(run.endpoints())}
+    sessions = [run.session("w0", endpoints[fresh.name]), run.session("w1", endpoints[stale.name])]
+    barrier = threading.Barrier(2, timeout=30.0)
+
+    def increment(session: Session) -> None:
+        for _ in range(rounds):
+            for key in counters:
+                barrier.wait()
+                session.run("incr", key, "1")
+
+    threads = [threading.Thread(target=increment, args=(s,), daemon=True) for s in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(rounds * len(counters) * 20.0)
+    for session in sessions:
+        session.close()
+    run.firewall.heal()
+    run.heal_time = run.recorder.now()
+    run.log(f"{run.heal_time:7.1f}s reconnected {stale.name}")
+    return run.finish()
+
+
 SCENARIOS: dict[str, Callable[[Run], Report]] = {
     "rmw-stale-primary": rmw_at_stale_primary,
     "removed-restart": removed_kvstore_restart,
+    "split-primary": split_primary,
 }
