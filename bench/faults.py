@@ -14,8 +14,8 @@ the last heal for every key to be back on N replicas. Prints, from the run's his
 - the time from the heal to every key on N replicas (or how many keys were not, when the wait ran out);
 - the checker's verdict (the same run is a test: violations are listed).
 
-Anti-entropy's cost (CPU per key compared, foreground p99 with and without it) needs the anti-entropy of
-issue 12: pass its kvstore options with ``--kvstore-arg`` to compare two runs of the same seed.
+Anti-entropy's cost (CPU per key compared, foreground p99 with and without it) needs anti-entropy in the
+kvstores: pass its kvstore options with ``--kvstore-arg`` to compare two runs of the same seed.
 """
 
 from __future__ import annotations

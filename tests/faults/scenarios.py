@@ -1,17 +1,16 @@
-"""The ways to lose or corrupt data that issue 12 describes (and one this suite found), as deterministic
-runs of the harness.
+"""Known ways to lose or corrupt data, each a deterministic run of the harness (regression scenarios).
 
-``rmw-stale-primary`` (issue 12, scenario 1): a kvstore killed long enough to be marked down misses writes
+``rmw-stale-primary``: a kvstore killed long enough to be marked down misses writes
 to keys whose primary it is; once it is back and marked up, the read-modify-write commands go to it and it
 applies them to what it alone holds. Checked: the ``rmw`` answers (``delete``, ``add``, ``incr``) against
 the acknowledged history. Replication is only reported here (catching the node up is anti-entropy's part).
 
-``removed-restart`` (issue 12, scenario 2): a kvstore killed until ``--dead-after`` removes it from the ring
+``removed-restart``: a kvstore killed until ``--dead-after`` removes it from the ring
 restarts while its ring watch polls a gateway that cannot reach the other gateways (so it learns the ring
 without itself, and not the newer one its registration through another gateway makes) for ~30 s, and while
 its own connections to one peer are cut for the first 10 s (so its handoff for the ring without itself is
 still under way when its peers push its arcs back to it for the newer ring). Checked: every key is on N
-replicas once the cluster settles. (The issue saw it with a slow watch alone; the cut peer makes the timing
+replicas once the cluster settles. (A slow watch alone shows it in some runs; the cut peer makes the timing
 deterministic.)
 
 ``split-primary`` (found by a seeded run: seed 5, 120 s of every fault, right after a killed kvstore was

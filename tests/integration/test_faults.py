@@ -1,6 +1,5 @@
-"""Fault injection with real processes (issue 12): a short seeded schedule of the faults today's code
-survives, the two ways to lose or corrupt data the issue describes, and one this suite found, as regression
-scenarios.
+"""Fault injection with real processes: a short seeded schedule of the faults today's code survives, and
+the known ways to lose or corrupt data (tests/faults/scenarios.py) as regression scenarios.
 
 Each test runs ``python -m tests.faults.runner`` in a private network and PID namespace (tests/faults:
 3 gateways and 4-5 SQLite kvstores, each on its own 127.0.0.x, links cut with iptables in that namespace
@@ -20,7 +19,7 @@ from tests.faults.runner import ROOT
 
 pytestmark = pytest.mark.slow
 
-#: What the CI schedule runs, restricted to what today's code survives (issue 12; widen as fixes land):
+#: What the CI schedule runs, restricted to what today's code survives (widen it as fixes land):
 #: every fault but ``remove`` (a removed kvstore that returns can lose its peers' pushes: scenario 2), writers
 #: that set, add and delete but do not increment (two gateways whose maps differ for a moment after a node is
 #: marked up pick different primaries, and two concurrent ``incr`` can then answer the same number: an
@@ -86,7 +85,7 @@ def test_short_schedule(tmp_path: Path) -> None:
 
 
 def test_rmw_at_stale_primary(tmp_path: Path) -> None:
-    """Issue 12, scenario 1 (failed until the router read the key from the replicas before a read-modify-write):
+    """Failed until the router read the key from the replicas before a read-modify-write:
     a kvstore killed until marked down misses writes of keys whose primary it is; once it is up again,
     ``delete``, ``add`` and ``incr`` of those keys answer as a single memcached would for the acknowledged
     history (DELETED, NOT_STORED, the next number), and the counters keep every acknowledged increment."""
@@ -98,7 +97,7 @@ def test_rmw_at_stale_primary(tmp_path: Path) -> None:
 @pytest.mark.xfail(
     strict=True,
     raises=FaultViolations,
-    reason="issue 12 scenario 2: a removed kvstore that restarts while its ring watch sees only the ring "
+    reason="a removed kvstore that restarts while its ring watch sees only the ring "
     "without it drops what its peers push back for the newer ring, then reports itself synced (handoff)",
 )
 def test_removed_kvstore_restart(tmp_path: Path) -> None:
