@@ -15,7 +15,9 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
   with ``handoff=True``;
 - ``XApply(version, command)``: run a memcached write command (a read-modify-write such as ``incr``,
   ``cas``, ``append``, ``add``) here, stamping the result with ``version``, and return both the memcached
-  result and the record it left, so the caller can copy that record to the other replicas.
+  result and the record it left, so the caller can copy that record to the other replicas;
+- ``XAuth(token)``: prove the cluster token on this connection; a kvstore given a token takes the
+  extension, ``flush_all`` and writes only from a connection that did.
 
 Pure: no Twisted, no clock.
 """
@@ -54,6 +56,7 @@ __all__ = [
     "WriteCommand",
     "XApply",
     "XApplied",
+    "XAuth",
     "XGet",
     "XPut",
 ]
@@ -199,6 +202,16 @@ class XApply:
     command: WriteCommand
 
 
+@dataclass(frozen=True, slots=True)
+class XAuth:
+    """Prove the cluster token on this connection (never shown in a repr or a log)."""
+
+    token: bytes
+
+    def __repr__(self) -> str:
+        return "XAuth(token=***)"
+
+
 Command: TypeAlias = (
     Get
     | Store
@@ -215,6 +228,7 @@ Command: TypeAlias = (
     | XGet
     | XPut
     | XApply
+    | XAuth
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.

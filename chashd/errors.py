@@ -25,6 +25,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "UnknownCommand",
+    "Unauthenticated",
     "UnknownNode",
     "ValueTooLarge",
     "VersionTooNew",
@@ -103,6 +104,17 @@ class NonNumericValue(RequestError):
     """``incr``/``decr`` on a value that is not a decimal number."""
 
     def __init__(self, message: str = "cannot increment or decrement non-numeric value") -> None:
+        super().__init__(message)
+
+
+class Unauthenticated(RequestError):
+    """A command a kvstore's line port takes only from a connection that proved the cluster token
+    (``xauth <token>``: ``REQUIRED``), or a token that is not the cluster's (``FAILED``)."""
+
+    REQUIRED = "authentication required: send xauth <token> first"
+    FAILED = "authentication failed: that is not the cluster's token"
+
+    def __init__(self, message: str = REQUIRED) -> None:
         super().__init__(message)
 
 

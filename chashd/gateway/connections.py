@@ -22,14 +22,20 @@ __all__ = ["Connections"]
 
 
 class Connections(MultiService):
-    """One ``KVClientPool`` per kvstore node."""
+    """One ``KVClientPool`` per kvstore node; every connection proves ``token`` (the cluster token) first."""
 
     _log = Logger()
 
     def __init__(
-        self, reactor: Any, pool_size: int = 2, timeout: float = 5.0, max_value_size: int = 1024 * 1024
+        self,
+        reactor: Any,
+        pool_size: int = 2,
+        timeout: float = 5.0,
+        max_value_size: int = 1024 * 1024,
+        token: str | None = None,
     ) -> None:
         super().__init__()
+        self._token = token
         self._reactor = reactor
         self._pool_size = pool_size
         self._timeout = timeout
@@ -55,6 +61,7 @@ class Connections(MultiService):
                     size=self._pool_size,
                     timeout=self._timeout,
                     max_value_size=self._max_value_size,
+                    token=self._token,
                 )
                 self._pools[node_id] = pool
                 pool.setServiceParent(self)

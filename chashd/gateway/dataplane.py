@@ -112,7 +112,9 @@ class DataPlane(MultiService):
         super().__init__()
         self.config = config
         self._reactor = reactor
-        self.connections = Connections(reactor, timeout=config.request_timeout, max_value_size=config.max_value_size)
+        self.connections = Connections(
+            reactor, timeout=config.request_timeout, max_value_size=config.max_value_size, token=config.token
+        )
         self.connections.setServiceParent(self)
         self.router = Router(
             writer or config.gateway_id,

@@ -135,7 +135,13 @@ class KVStoreService(MultiService):
     def _connect(self, host: str, port: int) -> KVClientPool:
         """A connection to a handoff target: one pipelined line-protocol connection."""
         return KVClientPool(
-            self._reactor, host, port, size=1, timeout=30.0, max_value_size=self.config.max_value_size + 4096
+            self._reactor,
+            host,
+            port,
+            size=1,
+            timeout=30.0,
+            max_value_size=self.config.max_value_size + 4096,
+            token=self.config.token,
         )
 
     # -- the thread pool ------------------------------------------------------------------------

@@ -71,7 +71,9 @@ def makeService(
         idle_timeout=config.idle_timeout,
         shutdown=shutdown_command(reactor, config.enable_shutdown),
         requests=requests,
+        token=config.token,
     )
+    node.backend.stats_sources.append(line.auth_stats)
     metrics = daemon_registry(
         "kvstore", config.node_id, requests, ConnectionsCollector(line), data_dir=config.data_dir
     )  # fmt: skip

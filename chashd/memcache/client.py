@@ -13,6 +13,11 @@ line would pass ``XGET_LINE`` bytes (or hold more than ``XGET_KEYS`` keys) goes 
 one write, and its Deferred fires with their records joined: memcached's framing closes a connection on a line
 past 16 KiB unless it is a get, which is what a kvstore of an earlier version does to a long ``xget``.
 
+Given the cluster token, a connection proves it first (``xauth <token>``, the first request, pipelined with
+what follows): this is the one place where gateways and the handoff authenticate to kvstores, so every
+command they send, an internal verb added later included, goes over an authenticated connection. A kvstore
+that refuses the token gets the connection dropped (and a logged error).
+
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
 
@@ -32,7 +37,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result, Values, XGet
+from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result, Values, XAuth, XGet
 from chashd.errors import DomainError, ServiceUnavailable
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import BadReply, ReplyParser, serialize_command
@@ -104,7 +109,7 @@ class KVClientProtocol(Protocol):
 
     ``clock`` and ``timeout``: each request fails with ``KVTimeout`` after ``timeout`` seconds (None:
     never), checked by one timer per connection. ``on_connect``/``on_lost`` tell a pool when the
-    connection comes and goes.
+    connection comes and goes. ``token``: the cluster token, proved first on every connection.
     """
 
     _log = Logger()
@@ -116,6 +121,7 @@ class KVClientProtocol(Protocol):
         max_value_size: int = 128 * 1024 * 1024,
         on_connect: Callable[[KVClientProtocol], None] | None = None,
         on_lost: Callable[[KVClientProtocol], None] | None = None,
+        token: bytes | None = None,
     ) -> None:
         if timeout is not None and clock is None:
             raise ValueError("a timeout needs a clock")
@@ -129,6 +135,7 @@ class KVClientProtocol(Protocol):
         self._lost_reason: str | None = None
         self._on_connect = on_connect
         self._on_lost = on_lost
+        self._token = token
         self._tr: Any = None
         self.peer = "kvstore"
 
@@ -148,8 +155,19 @@ class KVClientProtocol(Protocol):
         peer = self._tr.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
         set_nodelay(self.transport)
+        if self._token is not None:  # first on the connection: whatever follows runs authenticated
+            self.send(XAuth(self._token)).addErrback(self._refused)
         if self._on_connect is not None:
             self._on_connect(self)
+
+    def _refused(self, failure: Failure) -> None:
+        """The kvstore did not take the token: nothing on this connection can work; drop it."""
+        if failure.check(KVConnectionLost, KVTimeout):
+            return  # the connection went away first; the pool reconnects
+        self._log.error("{peer} refused the cluster token: {error}", peer=self.peer, error=failure.getErrorMessage())
+        if self._connected:
+            self._fail_all(KVConnectionLost(f"{self.peer} refused the cluster token"))
+            self._tr.abortConnection()
 
     def send(self, command: Command) -> Deferred[Result]:
         """Send ``command``; the Deferred fires with its result or fails with a ``chashd.errors`` error."""
@@ -296,11 +314,14 @@ class _PoolFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> KVClientProtocol:
         pool = self.pool
-        return KVClientProtocol(pool.clock, pool.timeout, pool.max_value_size, pool._connected, pool._lost)
+        return KVClientProtocol(
+            pool.clock, pool.timeout, pool.max_value_size, pool._connected, pool._lost, token=pool.token
+        )
 
 
 class KVClientPool(MultiService):
-    """``size`` persistent connections to one kvstore, each reconnecting with backoff (``ClientService``).
+    """``size`` persistent connections to one kvstore, each reconnecting with backoff (``ClientService``),
+    each proving ``token`` (the cluster token) first when given.
 
     ``send`` goes over the connected connection with the fewest pending requests; when none is connected
     it waits for the next connection attempt and fails with ``KVConnectionLost`` if that fails.
@@ -320,6 +341,7 @@ class KVClientPool(MultiService):
         endpoint: IStreamClientEndpoint | None = None,
         max_backoff: float = 10.0,
         spill_at: int = 32,
+        token: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # MultiService.__init__ has no annotations
         self.clock: IReactorTime = reactor
@@ -328,6 +350,7 @@ class KVClientPool(MultiService):
         self.timeout = timeout
         self.max_value_size = max_value_size
         self.spill_at = spill_at
+        self.token = token.encode() if token else None
         self.connections: list[KVClientProtocol] = []
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)

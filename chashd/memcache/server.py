@@ -61,6 +61,12 @@
 #                                                   or SERVER_ERROR a newer version is stored than the version of
 #                                                   this write: <the stored version>, when the stored record is as
 #                                                   new as <version> or newer)
+#     xauth <token>                              -> OK | CLIENT_ERROR authentication failed: ... (then the server
+#                                                   closes the connection)
+#
+# A kvstore given the cluster token runs only plain reads (get, gets) and stats (but stats reset), version,
+# verbosity and quit on a connection that has not sent ``xauth <token>``; anything else is answered
+# ``CLIENT_ERROR authentication required: send xauth <token> first``.
 #
 # ``xapply`` always replies (a ``noreply`` inside it is ignored) and writes with ``<version>``. It is refused
 # (``StaleVersion``) rather than applied over a record it is not newer than: the gateway moves its clock past
@@ -98,6 +104,13 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
 - Half-close (``IHalfCloseableProtocol``): a client that shuts its write side after its requests still gets
   a reply to every one of them, in order (a gateway's included, when they come later), then the connection
   closes, as memcached does.
+- With a ``token`` (a kvstore given the cluster token), a connection runs plain reads (``get``, ``gets``)
+  and ``stats`` (but ``stats reset``), ``version``, ``verbosity``, ``quit`` until it proves the token with
+  ``xauth <token>`` (compared in constant time): everything else, the versioned extension, ``flush_all``,
+  memcached's writes, ``cache_memlimit``, ``shutdown``, ``stats reset`` and any command added later, is
+  refused (``CLIENT_ERROR authentication required``, counted in ``line_commands_refused_total``). That is an
+  allow-list: the connection's ``execute`` is a guard until the token is proved. A wrong token is answered
+  ``CLIENT_ERROR authentication failed`` and closes the connection (``line_auth_failures_total``).
 
 Two shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
 answer exactly as the general path (``execute``) would:
@@ -111,6 +124,7 @@ answer exactly as the general path (``execute``) would:
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -147,10 +161,11 @@ from chashd.commands import (
     VersionCommand,
     XApplied,
     XApply,
+    XAuth,
     XGet,
     XPut,
 )
-from chashd.errors import DomainError
+from chashd.errors import DomainError, Unauthenticated
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IServerAdmin
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import (
@@ -176,12 +191,16 @@ SERVER_VERSION = f"1.6.18-chashd-{chashd.__version__}"
 _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
-_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown})
+_LOCAL = frozenset(
+    {FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth}
+)
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
-_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown
+_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth
+#: The local commands a connection may send before it proved the token (``stats`` but ``stats reset``).
+_OPEN_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, XAuth})
 #: memcached's highest slab class id + 1: ``stats cachedump`` refuses ids from here on.
 _SLAB_CLASSES = 64
 #: Most items ``stats cachedump`` lists (memcached caps its answer at 2 MB).
@@ -214,7 +233,8 @@ class MemcacheServerFactory(Factory):
     is what the ``shutdown`` command calls (``--enable-shutdown``), else the command is refused. With
     ``requests``, every command is timed into its family's histogram (surface ``line``) from the moment
     it is parsed to the moment its reply is queued, and every error reply is counted; ``latency`` maps
-    each command class to its histogram.
+    each command class to its histogram. ``token``: the
+    cluster token connections must prove before anything but plain reads (None: nothing to prove).
     """
 
     _log = Logger()
@@ -233,8 +253,12 @@ class MemcacheServerFactory(Factory):
         admin: IServerAdmin | None = None,
         shutdown: Callable[[], object] | None = None,
         requests: RequestMetrics | None = None,
+        token: str | bytes | None = None,
     ) -> None:
         self.backend = backend
+        self.token = token.encode() if isinstance(token, str) else token
+        self.commands_refused = 0
+        self.auth_failures = 0
         if admin is None and IServerAdmin.providedBy(backend):
             admin = cast(IServerAdmin, backend)
         self.admin = admin
@@ -265,6 +289,10 @@ class MemcacheServerFactory(Factory):
     def buildProtocol(self, addr: IAddress | None) -> MemcacheServerProtocol:
         """A new server connection."""
         return MemcacheServerProtocol(self)
+
+    def auth_stats(self) -> dict[str, int]:
+        """Commands refused for want of the token, and wrong tokens (for the backend's ``stats``)."""
+        return {"line_commands_refused_total": self.commands_refused, "line_auth_failures_total": self.auth_failures}
 
     def register(self, protocol: MemcacheServerProtocol) -> int:
         """Count a new connection in ``connections``; its id."""
@@ -398,7 +426,11 @@ class MemcacheServerProtocol(Protocol):
         self._parser = RequestParser(
             factory.max_value_size, factory.max_line, factory.max_keys, plain_gets=self._plain_gets
         )
-        self._execute = factory.backend.execute
+        self._execute: Callable[[Command], Any] = factory.backend.execute
+        self._authenticated = factory.token is None
+        if not self._authenticated:  # until xauth proves the token: plain reads only
+            self._execute = self._unauthenticated
+            self._group_puts = False
         self._requests = factory.requests
         self._latency = factory.latency
         self._get_latency = factory.latency[Get] if factory.latency is not None else None
@@ -569,6 +601,11 @@ class MemcacheServerProtocol(Protocol):
         latency = self._latency
         start = perf_counter() if latency is not None else 0.0
         if type(command) in _LOCAL:
+            if not self._authenticated and not self._open_local(command):
+                self.factory.commands_refused += 1
+                if not getattr(command, "noreply", False):
+                    self._reply(error_reply(Unauthenticated()))
+                return
             if isinstance(command, FailedRequest):
                 self._failed_request(command)
                 return
@@ -675,9 +712,40 @@ class MemcacheServerProtocol(Protocol):
         else:
             self._close_now()
 
+    @staticmethod
+    def _open_local(command: Any) -> bool:
+        """True for a local command a connection may send before it proved the token."""
+        if type(command) is StatsCommand:
+            return not command.group.startswith("reset")
+        return type(command) in _OPEN_LOCAL
+
+    def _unauthenticated(self, command: Command) -> Any:
+        """The backend's ``execute`` for a connection that has not proved the token: plain reads run, every
+        other command is refused."""
+        if type(command) is Get and command.exptime is None:
+            return self.factory.backend.execute(command)
+        self.factory.commands_refused += 1
+        raise Unauthenticated()
+
+    def _authenticate(self, command: XAuth) -> None:
+        """``xauth <token>``: OK and the connection may run everything, or a refusal that closes it."""
+        factory = self.factory
+        if factory.token is None or hmac.compare_digest(command.token, factory.token):
+            self._authenticated = True
+            self._execute = factory.backend.execute
+            self._group_puts = factory.grouped_puts is not None
+            self._reply(_OK)
+            return
+        factory.auth_failures += 1
+        self._log.warn("wrong cluster token from {peer}; closing the connection", peer=self.peer)
+        self._reply(error_reply(Unauthenticated(Unauthenticated.FAILED)))
+        self._close_after_replies()
+
     def _local(self, command: _LocalCommand) -> None:
         """The commands this adapter answers itself."""
-        if type(command) is Quit:
+        if type(command) is XAuth:
+            self._authenticate(command)
+        elif type(command) is Quit:
             self._close_after_replies()
         elif type(command) is VersionCommand:
             self._reply(version_reply(self.factory.version))

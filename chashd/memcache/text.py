@@ -42,6 +42,7 @@ from chashd.commands import (
     WriteCommand,
     XApplied,
     XApply,
+    XAuth,
     XGet,
     XPut,
 )
@@ -54,6 +55,7 @@ from chashd.errors import (
     RequestError,
     ServiceUnavailable,
     StaleVersion,
+    Unauthenticated,
     UnknownCommand,
     ValueTooLarge,
 )
@@ -285,6 +287,7 @@ class RequestParser:
             b"xput": self._xput,
             b"xmove": self._xput,
             b"xapply": self._xapply,
+            b"xauth": self._xauth,
         }
 
     def feed(self, data: bytes) -> None:
@@ -663,6 +666,11 @@ class RequestParser:
 
         return size + 2, noreply, build
 
+    def _xauth(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens != 3:
+            return Rejected(BadCommand())
+        return XAuth(tokens[1])
+
     def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) < 3:
             return FailedRequest(BadCommand())
@@ -883,6 +891,8 @@ def serialize_command(command: Command) -> bytes:
         return b"verbosity %d%s\r\n" % (command.level, _noreply(command))
     if type(command) is Quit:
         return b"quit\r\n"
+    if type(command) is XAuth:
+        return b"xauth %s\r\n" % command.token
     raise TypeError(f"not a command: {command!r}")
 
 
@@ -893,6 +903,8 @@ _NO_VALUES = Values(())
 _CLIENT_ERRORS: dict[str, type[RequestError]] = {
     str(BadDataChunk()): BadDataChunk,
     str(NonNumericValue()): NonNumericValue,
+    Unauthenticated.REQUIRED: Unauthenticated,
+    Unauthenticated.FAILED: Unauthenticated,
 }
 _SERVER_ERRORS: dict[str, type[ServiceUnavailable]] = {str(NodeLeaving()): NodeLeaving}
 _STALE = StaleVersion.MESSAGE + ": "

@@ -4,6 +4,7 @@ serving plain memcached clients as before. (The Raft pickle is in test_gateway_c
 from __future__ import annotations
 
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,16 @@ class Line:
         self.send(line + b"\r\n" + (data + b"\r\n" if data is not None else b""))
         return self.line()
 
+    def get(self, key: bytes) -> bytes | None:
+        """A plain memcached ``get``: the value, or None."""
+        self.send(b"get " + key + b"\r\n")
+        header = self.line()
+        if header == b"END":
+            return None
+        value = self.file.read(int(header.split()[3]) + 2)
+        assert value.endswith(b"\r\n") and self.line() == b"END"
+        return value[:-2]
+
     def xget(self, key: bytes) -> list[bytes]:
         """The XVALUE header of ``key`` (split), or [] when the node has nothing."""
         self.send(b"xget " + key + b"\r\n")
@@ -64,9 +75,13 @@ class Line:
         return header.split()[1:6] + [value[:-2]]
 
 
-def kvstore_lines(cluster: LocalCluster) -> list[Line]:
-    """A raw connection to every kvstore's line port."""
-    return [Line(cluster.line_ports[k.name]) for k in cluster.kvstores]
+def kvstore_lines(cluster: LocalCluster, token: str | None = None) -> list[Line]:
+    """A raw connection to every kvstore's line port, authenticated with ``token`` when given."""
+    lines = [Line(cluster.line_ports[k.name]) for k in cluster.kvstores]
+    if token is not None:
+        for line in lines:
+            assert line.command(b"xauth " + token.encode()) == b"OK"
+    return lines
 
 
 def gateway_client(cluster: LocalCluster) -> Client:
@@ -84,8 +99,48 @@ def refused(line: Line, command: bytes, data: bytes) -> None:
         assert line.line() == b"ERROR"
 
 
+class KVStoreLineAuthTests:
+    """Anyone who reached a kvstore's line port could send the versioned extension and flush_all: now only a
+    connection that proved the cluster token can; plain memcached reads stay open."""
+
+    def test_without_the_token(self, cluster: LocalCluster) -> None:
+        """xput, xmove, xapply, xget, flush_all and plain writes are refused on every kvstore, nothing changes;
+        plain gets answer; a wrong token closes the connection; the refusals show in /metrics."""
+        mc = gateway_client(cluster)
+        assert mc.set(b"guarded", b"kept")
+        lines = kvstore_lines(cluster)
+        try:
+            for line in lines:
+                for command, data in [
+                    (b"xput guarded 0 0 1-x 0 4", b"pin!"),
+                    (b"xmove guarded 0 0 1-x 0 4", b"pin!"),
+                    (b"xapply 1-x set guarded 0 0 4", b"pin!"),
+                    (b"xget guarded", None),
+                    (b"flush_all", None),
+                    (b"set guarded 0 0 4", b"pin!"),
+                    (b"delete guarded", None),
+                ]:
+                    reply = line.command(command, data)
+                    assert reply == b"CLIENT_ERROR authentication required: send xauth <token> first", command
+            # Plain reads stay open (N=3 over three kvstores: each gets the value, the third maybe a moment later).
+            wait_until(
+                "every replica to answer a plain get", lambda: [ln.get(b"guarded") for ln in lines] == [b"kept"] * 3
+            )
+            assert lines[0].command(b"xauth not-the-token").startswith(b"CLIENT_ERROR authentication failed")
+            assert lines[0].file.read() == b""  # the kvstore closed the connection
+        finally:
+            for line in lines:
+                line.close()
+        assert mc.get(b"guarded") == b"kept"
+        metrics = urllib.request.urlopen(cluster.kvstores[0].url + "/metrics", timeout=10).read().decode()
+        assert "chashd_line_commands_refused_total 7.0" in metrics
+        assert "chashd_line_auth_failures_total 1.0" in metrics
+        mc.close()
+
+
 class ForgedVersionTests:
-    """``xput victim 0 0 18446744073709551615-x 0 4`` pinned a value forever: refused now, at every kvstore."""
+    """``xput victim 0 0 18446744073709551615-x 0 4`` pinned a value forever: refused now at every kvstore,
+    even from a connection that proved the token."""
 
     @pytest.mark.parametrize(
         "version",
@@ -101,7 +156,7 @@ class ForgedVersionTests:
         mc = gateway_client(cluster)
         key = b"victim-" + version[:6]
         assert mc.set(key, b"before")
-        lines = kvstore_lines(cluster)
+        lines = kvstore_lines(cluster, cluster.token)
         try:
             before = [line.xget(key) for line in lines]
             for line in lines:

@@ -9,17 +9,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
+from chashd.commands import Status, XGet, XPut
 from chashd.kvstore.backend import LocalBackend
-from chashd.memcache.server import MemcacheServerFactory
+from chashd.memcache.client import KVClientProtocol, KVConnectionLost
+from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
+from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
 from chashd.storage.sqlite import SQLiteEngine
+from chashd.versions import Version
 from chashd.web import KeyValueHTTP
+from tests.unit.test_memcache_server import connect, make_factory
 
 T0 = 1_700_000_000.0
 
@@ -151,3 +158,140 @@ class KVStoreHTTPAuthTests(SynchronousTestCase):
         assert stats["http_writes_refused_total"] == 1
         metrics = self.successResultOf(stub.content(self.successResultOf(stub.get("http://kv/metrics"))))
         assert b"chashd_http_writes_refused_total 1.0" in metrics
+
+
+TOKEN = b"cluster-token-of-this-test"
+
+
+class LineAuthTests:
+    """A kvstore's line port with the cluster token: plain reads open, the rest after ``xauth`` (issue 10:
+    anyone who reached a kvstore could send xput/xmove/xapply and flush_all)."""
+
+    def setup_method(self) -> None:
+        self.factory, _ = make_factory(token=TOKEN)
+        self.engine: Any = self.factory.backend.engine  # type: ignore[attr-defined]
+        self.engine.put(b"k", Record(b"v", 0, 0, Version(1 << 16, "gw")))
+
+    def session(self, *chunks: bytes) -> tuple[MemcacheServerProtocol, StringTransport]:
+        protocol, transport = connect(self.factory)
+        for chunk in chunks:
+            protocol.dataReceived(chunk)
+        return protocol, transport
+
+    @pytest.mark.parametrize(
+        "request_bytes",
+        [
+            b"xput k 0 0 99-gw 0 4\r\npin!\r\n",
+            b"xmove k 0 0 99-gw 0 4\r\npin!\r\n",
+            b"xapply 99-gw set k 0 0 4\r\npin!\r\n",
+            b"xget k\r\n",
+            b"flush_all\r\n",
+            b"set k 0 0 4\r\npin!\r\n",
+            b"add z 0 0 4\r\npin!\r\n",
+            b"cas k 0 0 4 1\r\npin!\r\n",
+            b"append k 0 0 1\r\n!\r\n",
+            b"delete k\r\n",
+            b"incr k 1\r\n",
+            b"touch k 10\r\n",
+            b"gat 10 k\r\n",
+            b"cache_memlimit 64\r\n",
+            b"shutdown\r\n",
+            b"stats reset\r\n",
+        ],
+    )
+    def test_refused_before_xauth(self, request_bytes: bytes) -> None:
+        """Every internal verb, flush_all, every memcached write and the admin commands that change something
+        are refused without the token, nothing changes, the refusal is counted."""
+        _, transport = self.session(request_bytes)
+        assert transport.value() == b"CLIENT_ERROR authentication required: send xauth <token> first\r\n"
+        assert self.engine.get(b"k") == Record(b"v", 0, 0, Version(1 << 16, "gw"))
+        assert self.engine.get(b"z") is None
+        assert self.factory.auth_stats()["line_commands_refused_total"] == 1
+
+    def test_refused_in_a_group_and_silently(self) -> None:
+        """Pipelined xputs (the grouped path) and the delete a too-large set makes are refused as well."""
+        puts = b"".join(b"xput g%d 0 0 9-gw 0 1\r\nx\r\n" % i for i in range(5))
+        _, transport = self.session(puts + b"set k 0 0 5000\r\n" + b"x" * 5000 + b"\r\n")
+        lines = transport.value().split(b"\r\n")[:-1]
+        assert lines[:5] == [b"CLIENT_ERROR authentication required: send xauth <token> first"] * 5
+        assert lines[5] == b"SERVER_ERROR object too large for cache"
+        assert self.engine.get(b"k") is not None and self.engine.get(b"g0") is None
+
+    def test_plain_reads_and_local_commands_open(self) -> None:
+        """get and gets answer without the token (for debugging; the gateways serve the same to anyone), and so
+        do stats, version and verbosity."""
+        _, transport = self.session(b"get k\r\n", b"gets k nope\r\nversion\r\nverbosity 1\r\nstats\r\n")
+        reply = transport.value()
+        assert reply.startswith(b"VALUE k 0 1\r\nv\r\nEND\r\nVALUE k 0 1 65536\r\nv\r\nEND\r\nVERSION ")
+        assert b"OK\r\nSTAT pid " in reply and b"STAT line_commands_refused_total" not in reply
+
+    def test_xauth_opens_the_connection(self) -> None:
+        """After xauth with the token: OK, and the connection runs everything (a new one still does not)."""
+        _, transport = self.session(b"xauth " + TOKEN + b"\r\nset k 0 0 3\r\nnew\r\nxget k\r\nflush_all\r\n")
+        reply = transport.value()
+        assert reply.startswith(b"OK\r\nSTORED\r\nXVALUE k 0 0 ") and reply.endswith(b"END\r\nOK\r\n")
+        _, other = self.session(b"set k 0 0 3\r\nold\r\n")
+        assert other.value().startswith(b"CLIENT_ERROR authentication required")
+
+    def test_wrong_token_closes(self) -> None:
+        """A wrong token is answered, counted and the connection closed; the commands behind it never run."""
+        protocol, transport = self.session(b"xauth not-the-token\r\nflush_all\r\n")
+        assert transport.value() == b"CLIENT_ERROR authentication failed: that is not the cluster's token\r\n"
+        assert transport.disconnecting and self.engine.get(b"k") is not None
+        assert self.factory.auth_stats() == {"line_commands_refused_total": 0, "line_auth_failures_total": 1}
+
+    def test_constant_time_compare(self) -> None:
+        """The token is compared with hmac.compare_digest (a prefix of the token is no token)."""
+        import inspect
+
+        from chashd.memcache.server import MemcacheServerProtocol as Server
+
+        assert "hmac.compare_digest(command.token, factory.token)" in inspect.getsource(Server._authenticate)
+        _, transport = self.session(b"xauth " + TOKEN[:-1] + b"\r\n")
+        assert transport.value().startswith(b"CLIENT_ERROR authentication failed")
+
+    def test_no_token_no_guard(self) -> None:
+        """Without a token (a kvstore on loopback only), everything runs and xauth is a harmless OK."""
+        factory, _ = make_factory()
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"xauth anything\r\nset k 0 0 1\r\nx\r\n")
+        assert transport.value() == b"OK\r\nSTORED\r\n"
+
+
+class ClientAuthTests(SynchronousTestCase):
+    """KVClientProtocol and KVClientPool prove the token once per connection, before anything else."""
+
+    def test_pooled_connection_authenticates(self) -> None:
+        """A client given the token sends xauth first; its commands then run, the internal verbs included."""
+        factory, clock = make_factory(token=TOKEN)
+        client, server, pump = connectedServerAndClient(
+            lambda: factory.buildProtocol(None), lambda: KVClientProtocol(clock, 5.0, token=TOKEN)
+        )
+        d = client.send(XPut(b"k", Record(b"v", 0, 0, Version(7 << 16, "gw"))))
+        pump.flush()
+        assert self.successResultOf(d) is Status.STORED
+        assert factory.auth_stats() == {"line_commands_refused_total": 0, "line_auth_failures_total": 0}
+
+    def test_refused_token_drops_the_connection(self) -> None:
+        """A kvstore that refuses the token: the connection is dropped, its requests fail, the error is logged."""
+        factory, clock = make_factory(token=TOKEN)
+        with capturedLogs() as events:
+            client, server, pump = connectedServerAndClient(
+                lambda: factory.buildProtocol(None), lambda: KVClientProtocol(clock, 5.0, token=b"another")
+            )
+            pump.flush()
+        self.failureResultOf(client.send(XGet((b"k",))), KVConnectionLost)
+        assert not client.usable
+        assert any("refused the cluster token" in str(e.get("log_format")) for e in events)
+
+    def test_without_token_nothing_is_sent_first(self) -> None:
+        """No token: the first bytes on the wire are the first command (plain memcached clients unchanged)."""
+        transport = StringTransport()
+        client = KVClientProtocol()
+        client.makeConnection(transport)
+        client.send(XGet((b"k",)))
+        assert transport.value() == b"xget k\r\n"
+        authed = KVClientProtocol(token=TOKEN)
+        authed_transport = StringTransport()
+        authed.makeConnection(authed_transport)
+        assert authed_transport.value() == b"xauth " + TOKEN + b"\r\n"
