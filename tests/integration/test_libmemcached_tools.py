@@ -1,5 +1,7 @@
 """Debian's libmemcached-tools (libmemcached 1.1, a C client) against a gateway and a kvstore, each run also
 against a real memcached, whose results are the reference: what a user of these tools sees must not change.
+The kvstore is one on loopback without a cluster token (its line port takes writes only from connections that
+proved the token otherwise, which these tools cannot: SECURITY.md).
 
 ``./dev.sh test`` installs the package with apt-get when it can; where it cannot, every test here is skipped
 and says so. One test per tool: ``memcping``, ``memcstat``, ``memccp``, ``memccat``, ``memcrm``, ``memcslap``.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chashd.launcher import LocalCluster
+from chashd.launcher import Daemon, LocalCluster, free_ports
 from tests.integration.conftest import clean_environ
 
 pytestmark = pytest.mark.slow
@@ -48,13 +50,28 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def kvstore_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The line port of a kvstore on loopback without a token (open to plain memcached writes)."""
+    http, line = free_ports(2)
+    args = ["--node-id", "kv-tools", "--port", f"tcp:{http}:interface=127.0.0.1"]
+    args += ["--line-port", f"tcp:{line}:interface=127.0.0.1", "--engine", "memory"]
+    workdir: Path = tmp_path_factory.mktemp("kv-tools")
+    daemon = Daemon("chash-kvstore", "kv-tools", args, http, workdir / "kv.log", env=clean_environ())
+    try:
+        daemon.start().wait_healthy(30)
+        yield line
+    finally:
+        daemon.stop(10)
+
+
 @pytest.fixture(params=TARGETS)
-def server(request: pytest.FixtureRequest, cluster: LocalCluster, memcached_port: int) -> str:
+def server(request: pytest.FixtureRequest, cluster: LocalCluster, memcached_port: int, kvstore_port: int) -> str:
     """``127.0.0.1:<port>`` of a gateway's line port, a kvstore's, or memcached's."""
     if request.param == "gateway":
         port = cluster.line_ports[cluster.gateways[0].name]
     elif request.param == "kvstore":
-        port = cluster.line_ports[cluster.kvstores[0].name]
+        port = kvstore_port
     else:
         port = memcached_port
     return f"127.0.0.1:{port}"
