@@ -130,10 +130,12 @@ class HalfCloseTests:
         )
 
     def test_kvstore(self, replicated: LocalCluster) -> None:
-        """On a kvstore's own port: the same, one get per read or many."""
+        """On a kvstore's own port (a write there needs the cluster token: xauth first): the same, one get per
+        read or many."""
         port = replicated.line_ports[replicated.kvstores[0].name]
-        reply = half_closed(port, b"set own 0 0 1\r\nx\r\nget own\r\nget b\r\n")
-        assert reply == b"STORED\r\nVALUE own 0 1\r\nx\r\nEND\r\nEND\r\n"
+        xauth = b"xauth %s\r\n" % replicated.token.encode()
+        reply = half_closed(port, xauth + b"set own 0 0 1\r\nx\r\nget own\r\nget b\r\n")
+        assert reply == b"OK\r\nSTORED\r\nVALUE own 0 1\r\nx\r\nEND\r\nEND\r\n"
         assert half_closed(port, b"get own\r\n") == b"VALUE own 0 1\r\nx\r\nEND\r\n"
 
 
@@ -174,7 +176,8 @@ class StatsTests:
     def test_kvstore_groups(self, replicated: LocalCluster) -> None:
         """A kvstore answers items, slabs, conns and cachedump with what it holds."""
         port = replicated.line_ports[replicated.kvstores[1].name]
-        exchange(port, b"set own:dump 0 0 3\r\nabc\r\n", ends(b"STORED\r\n"))
+        xauth = b"xauth %s\r\n" % replicated.token.encode()  # a write on a kvstore needs the cluster token
+        exchange(port, xauth + b"set own:dump 0 0 3\r\nabc\r\n", ends(b"STORED\r\n"))
         assert int(stats(port, b"items")["items:1:number"]) >= 1
         assert stats(port, b"slabs")["active_slabs"] == "1"
         conns = stats(port, b"conns")
