@@ -191,9 +191,7 @@ SERVER_VERSION = f"1.6.18-chashd-{chashd.__version__}"
 _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
-_LOCAL = frozenset(
-    {FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth}
-)
+_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth})
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call

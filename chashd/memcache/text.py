@@ -668,7 +668,7 @@ class RequestParser:
 
     def _xauth(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if ntokens != 3:
-            return Rejected(BadCommand())
+            return FailedRequest(BadCommand())
         return XAuth(tokens[1])
 
     def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
