@@ -216,7 +216,7 @@ def _address(address: Any) -> str:
 #: The command family of each command, for the latency histograms (chashd.metrics.FAMILIES).
 _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
-    XGet: "internal", XPut: "internal", XApply: "internal",
+    XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other",
 }  # fmt: skip

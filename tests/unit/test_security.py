@@ -295,3 +295,16 @@ class ClientAuthTests(SynchronousTestCase):
         authed_transport = StringTransport()
         authed.makeConnection(authed_transport)
         assert authed_transport.value() == b"xauth " + TOKEN + b"\r\n"
+
+
+class LineAuthTimedTests:
+    """xauth with the latency histograms on (every command is timed into its family's histogram)."""
+
+    def test_xauth_is_timed(self) -> None:
+        """xauth counts as an internal command; the connection then runs the extension."""
+        from chashd.metrics import RequestMetrics
+
+        factory, _ = make_factory(token=TOKEN, requests=RequestMetrics())
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"xauth " + TOKEN + b"\r\nxget k\r\n")
+        assert transport.value() == b"OK\r\nEND\r\n"
