@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chashd.commands import Values, XGet
+from chashd.commands import Values, XAuth, XGet
 from chashd.launcher import Daemon, LocalCluster
 from chashd.launcher import wait_for as poll_until
 from chashd.memcache.text import ReplyParser, serialize_command
@@ -49,11 +49,19 @@ def _get_json(url: str, timeout: float = 2.0) -> Any:
         raise OSError(f"{url} answered {e.code}") from None
 
 
-def read_records(host: str, port: int, keys: Sequence[str], timeout: float = 10.0) -> dict[str, Record]:
+def read_records(
+    host: str, port: int, keys: Sequence[str], timeout: float = 10.0, token: str | None = None
+) -> dict[str, Record]:
     """Every record (tombstones included) a kvstore holds for ``keys``, read with the versioned ``xget``
-    extension over its line port. Raises OSError when it cannot be read."""
+    extension over its line port, on a connection that proved the cluster ``token`` first (a kvstore given
+    one answers the extension only then). Raises OSError when it cannot be read."""
     found: dict[str, Record] = {}
     with socket.create_connection((host, port), timeout=timeout) as s:
+        if token is not None:
+            s.sendall(serialize_command(XAuth(token.encode())))
+            answer = s.recv(1 << 10)
+            if answer != b"OK\r\n":
+                raise OSError(f"{host}:{port} refused the cluster token: {answer[:100]!r}")
         for start in range(0, len(keys), _XGET_BATCH):
             command = XGet(tuple(k.encode() for k in keys[start : start + _XGET_BATCH]))
             s.sendall(serialize_command(command))
@@ -259,7 +267,7 @@ class FaultCluster(LocalCluster):
         found: dict[str, dict[str, Record]] = {}
         for kvstore in self.running_kvstores():
             try:
-                found[kvstore.name] = read_records(*self.line_address(kvstore), wanted, timeout)
+                found[kvstore.name] = read_records(*self.line_address(kvstore), wanted, timeout, self.token)
             except OSError:
                 continue
         return found
