@@ -40,6 +40,7 @@ __all__ = [
     "FlushAll",
     "Get",
     "NoreplyCommand",
+    "SplicedGet",
     "Number",
     "Quit",
     "Result",
@@ -210,6 +211,15 @@ class XAuth:
 
     def __repr__(self) -> str:
         return "XAuth(token=***)"
+
+
+@dataclass(frozen=True, slots=True)
+class SplicedGet:
+    """A plain ``get`` of one key sent by a gateway whose reply it takes as it came, ``END`` or one ``VALUE``
+    block and ``END`` (``bytes``), to hand it to its client unchanged: no record is built. Not a command a
+    server parses: on the wire it is ``get <key>``."""
+
+    key: bytes
 
 
 Command: TypeAlias = (

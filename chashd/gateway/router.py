@@ -66,6 +66,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    SplicedGet,
     Status,
     Store,
     Touch,
@@ -402,7 +403,7 @@ class Router:
         if command.exptime is not None:
             return self._gat(command)
         if len(command.keys) == 1:
-            return self._get_one(command.keys[0])
+            return self._get_one(command.keys[0], command.cas)
         return self._get(command)
 
     def _route_store(self, command: Store) -> Deferred[Any]:
@@ -488,9 +489,10 @@ class Router:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def _get_one(self, key: bytes) -> Deferred[Any]:
+    def _get_one(self, key: bytes, cas: bool = False) -> Deferred[Any]:
         """A get of one key: with R=1 and no move under way, one XGet (and the next replica on a failure or
-        after ``hedge_after``); otherwise one ``_KeyRead`` that answers with the final ``Values``."""
+        after ``hedge_after``); otherwise one ``_KeyRead`` that answers with the final ``Values``. With N=1 a
+        ``get`` is a ``SplicedGet``: the one replica's reply goes to the client as it came (``bytes``)."""
         self.counters["cmd_get"] += 1
         replicas = self.replicas_for(key)
         if (self.read_quorum == 1 or len(replicas) == 1) and (
@@ -500,6 +502,8 @@ class Router:
             if not up:
                 self.counters["quorum_failures"] += 1
                 return _fail(QuorumNotReached(1, 0, "read"))
+            if len(replicas) == 1 and not cas:
+                return self._send(up[0], SplicedGet(key)).addCallback(self._spliced)
             return self._ask_one(key, up, 0)
         read = _KeyRead(self, key, replicas, single=True)
         read.start()
@@ -511,6 +515,10 @@ class Router:
         if not d.called and index + 1 < len(up):
             self._hedge_later(d, up, index)
         return d
+
+    def _spliced(self, reply: bytes) -> bytes:
+        self.counters["get_hits" if reply[0] == 86 else "get_misses"] += 1  # V(ALUE) or E(ND)
+        return reply
 
     def _one_answered(self, answer: Values, key: bytes) -> Values:
         items = answer.items

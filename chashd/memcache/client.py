@@ -250,7 +250,7 @@ class KVClientProtocol(Protocol):
             if isinstance(result, DomainError):
                 deferred.errback(result)
             else:
-                deferred.callback(result)
+                deferred.callback(result)  # type: ignore[arg-type]  # bytes: a SplicedGet's reply
         if self._connected and parser.buffered:  # no request is waiting for these bytes
             self._log.error("{peer} sent bytes nobody asked for", peer=self.peer)
             self._tr.abortConnection()

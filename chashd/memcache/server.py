@@ -842,9 +842,9 @@ class MemcacheServerProtocol(Protocol):
         noreply = getattr(command, "noreply", False)
         histogram = self._latency[type(command)] if self._latency is not None else None
 
-        def done(value: Result) -> None:
-            try:
-                cell[0] = b"" if noreply else serialize_result(command, value)
+        def done(value: Result | bytes) -> None:
+            try:  # bytes: a reply spliced from a kvstore's (a gateway's get with N=1)
+                cell[0] = b"" if noreply else value if isinstance(value, bytes) else serialize_result(command, value)
             except Exception:
                 self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
                 cell[0] = self._error(error_reply(RuntimeError()))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import final
+from typing import cast, final
 
 from chashd.commands import (
     Arith,
@@ -30,6 +30,7 @@ from chashd.commands import (
     Quit,
     Result,
     Shutdown,
+    SplicedGet,
     StatsCommand,
     StatsResult,
     Status,
@@ -853,8 +854,10 @@ def _write_line(command: WriteCommand, noreply: bool) -> bytes:
     raise TypeError(f"not a write command: {command!r}")
 
 
-def serialize_command(command: Command) -> bytes:
+def serialize_command(command: Command | SplicedGet) -> bytes:
     """The request bytes for ``command``: what ``RequestParser`` parses back into an equal command."""
+    if type(command) is SplicedGet:  # the gateway's reads with N=1
+        return b"get %s\r\n" % command.key
     if type(command) is XGet:  # the gateway's reads
         keys = command.keys
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
@@ -985,8 +988,10 @@ class ReplyParser:
         self._pos = end + 2
         return value
 
-    def next(self, command: Command) -> Result | DomainError | None:
+    def next(self, command: Command | SplicedGet) -> Result | bytes | DomainError | None:
         """The reply to ``command`` once it is complete, else None."""
+        if isinstance(command, SplicedGet):
+            return self._spliced_get()
         kind = type(command)
         if kind is XGet and not self._items:
             whole = self._xget_reply()
@@ -1014,6 +1019,36 @@ class ReplyParser:
                 self._items.append(item)
                 continue
             return self._single(command, line)
+
+    def _spliced_get(self) -> bytes | DomainError | None:
+        """The reply to a ``SplicedGet`` as it came: ``END``, or one ``VALUE`` block and ``END``; an error line
+        as its error; None until it is all here."""
+        buf = self._buf
+        pos = self._pos
+        if buf.startswith(b"END\r\n", pos):
+            self._pos = pos + 5
+            return b"END\r\n"
+        if not buf.startswith(b"VALUE ", pos):
+            line = self._line()
+            return None if line is None else self._error(line)
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            if len(buf) - pos > self.max_line:
+                raise BadReply("reply line too long")
+            return None
+        parts = buf[pos + 6 : end].split(b" ")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise BadReply(f"unexpected reply line {buf[pos:end][:60]!r}")
+        size = int(parts[2])
+        if size > self.max_value_size:
+            raise BadReply(f"value of {size} bytes announced")
+        stop = end + 2 + size
+        if len(buf) < stop + 7:
+            return None
+        if buf[stop : stop + 7] != b"\r\nEND\r\n":
+            raise BadReply("a get's value not followed by END")
+        self._pos = stop + 7
+        return buf[pos : stop + 7]
 
     def _xget_reply(self) -> Values | None:
         """The common replies to an ``xget``, read in one go: ``END``, or one well-formed ``XVALUE``
@@ -1064,7 +1099,7 @@ class ReplyParser:
                 if not isinstance(result, (Status, Number)):
                     raise BadReply(f"unexpected reply line {line[:60]!r}")
                 self._result = result
-                return self.next(command)
+                return cast("Result | DomainError | None", self.next(command))  # an XApply's: no bytes
             return self._error(line)
         if kind is StatsCommand:
             if line == b"RESET":

@@ -640,6 +640,18 @@ class DeferredBackendTests:
         backend.fire(0)
         assert transport.value() == b"STORED\r\nEND\r\nVERSION %s\r\nERROR\r\n" % factory.version.encode()
 
+    def test_spliced_reply_written_as_it_is(self) -> None:
+        """A Deferred that fires with bytes (a gateway's reply spliced from a kvstore's) is written unchanged,
+        in its place."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"get a\r\nget b\r\n")
+        backend.waiting[1][0].callback(b"END\r\n")  # type: ignore[arg-type]
+        backend.waiting[0][0].callback(b"VALUE a 0 1\r\nx\r\nEND\r\n")  # type: ignore[arg-type]
+        assert transport.value() == b"VALUE a 0 1\r\nx\r\nEND\r\nEND\r\n"
+
     def test_errors_in_order(self) -> None:
         """A failed Deferred answers its error line in its place."""
         clock = Clock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from chashd.commands import (
     Get,
     Number,
     Quit,
+    SplicedGet,
     StatsCommand,
     StatsResult,
     Status,
@@ -32,6 +34,7 @@ from chashd.commands import (
 from chashd.errors import (
     BadCommand,
     BadDataChunk,
+    DomainError,
     NodeLeaving,
     NonNumericValue,
     ServiceUnavailable,
@@ -532,6 +535,33 @@ def read_replies(data: bytes, sent: list[Command], chunk: int | None = None) -> 
 
 class ReplyParserTests:
     """The client reads replies given the commands it sent."""
+
+    def test_spliced_get(self) -> None:
+        """A SplicedGet's reply comes back as its bytes (a miss, a value block with CRLFs in it), whole and byte
+        by byte; an error line is its error."""
+        data = b"VALUE k 3 5\r\na\r\nbc\r\nEND\r\nEND\r\nSERVER_ERROR out of memory\r\n"
+        sent: list[Any] = [SplicedGet(b"k"), SplicedGet(b"z"), SplicedGet(b"m")]
+        for chunk in (None, 1):
+            first, second, third = read_replies(data, sent, chunk)
+            assert (first, second) == (b"VALUE k 3 5\r\na\r\nbc\r\nEND\r\n", b"END\r\n")
+            assert isinstance(third, DomainError) and "out of memory" in str(third)
+        assert serialize_command(SplicedGet(b"k")) == b"get k\r\n"
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"VALUE k 0 1\r\nxEND\r\n",
+            b"VALUE k 0 x\r\n",
+            b"VALUE k 0 1 9\r\nx\r\nEND\r\n",
+            b"VALUE k 0 1\r\nx\r\nVALUE",
+        ],
+    )
+    def test_spliced_get_refuses_what_is_not_one_value(self, data: bytes) -> None:
+        """A block not followed by END, a bad length, a cas field or a second value is a BadReply."""
+        parser = ReplyParser(max_value_size=1000)
+        parser.feed(data + b"\r\n" * 8)
+        with pytest.raises(BadReply):
+            parser.next(SplicedGet(b"k"))
 
     def test_pipelined_replies(self) -> None:
         """Replies of every kind, in order, whole and byte by byte."""

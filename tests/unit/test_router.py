@@ -11,11 +11,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from chashd.commands import Arith, Delete, FlushAll, Get, Number, Status, Store, Touch, Values, XGet
+from chashd.commands import Arith, Delete, FlushAll, Get, Number, SplicedGet, Status, Store, Touch, Values, XGet
 from chashd.errors import QuorumNotReached, RequestError
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IKVClient
 from chashd.kvstore.backend import LocalBackend
+from chashd.memcache.text import serialize_result
 from chashd.node import NodeState
 from chashd.record import Record
 from chashd.ring import HashRing
@@ -49,6 +50,9 @@ class Link:
 
     def _run(self, command: Any) -> Deferred[Any]:
         try:
+            if type(command) is SplicedGet:  # on the wire a plain get, whose reply comes back as it is
+                get = Get((command.key,))
+                return succeed(serialize_result(get, self.backend.execute(get)))
             return succeed(self.backend.execute(command))
         except Exception as e:
             return fail(e)
@@ -121,6 +125,17 @@ class Cluster:
 
     def sends(self) -> int:
         return sum(len(link.sent) for link in self.links.values())
+
+
+def cluster_gaining_d() -> tuple[Cluster, HashRing, HashRing, bytes]:
+    """An N=1 cluster of a, b, c, d routing with the ring of a, b, c; that ring, the ring with d, and a key
+    d owns in the latter."""
+    c = Cluster(count=4, replicas=1, w=1, r=1)
+    old = HashRing({"a": 1, "b": 1, "c": 1}, epoch=1)
+    new = HashRing({"a": 1, "b": 1, "c": 1, "d": 1}, epoch=2)
+    c.router.update(Placement(old))
+    key = next(k for k in (b"m%d" % i for i in range(200)) if new.node_for(k) == "d")
+    return c, old, new, key
 
 
 class RouterTests(SynchronousTestCase):
@@ -587,6 +602,37 @@ class FastPathTests(SynchronousTestCase):
         stats = c.router.stats()
         assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"]) == (2, 1, 1)
 
+    def test_n1_get_is_spliced(self) -> None:
+        """With N=1 a get of one key is a SplicedGet: the kvstore's reply bytes are the answer (a tombstone or
+        an expired record is its miss); hits and misses are counted; gets (cas) and multi-key gets are not
+        spliced."""
+        c = Cluster(replicas=1, w=1, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 7, 0, b"v")))
+        self.successResultOf(c.router.execute(Store("set", b"gone", 0, 0, b"v")))
+        self.successResultOf(c.router.execute(Delete(b"gone")))
+        self.successResultOf(c.router.execute(Store("set", b"old", 0, 5, b"v")))
+        c.advance(6)
+        node = c.replicas(b"k")[0]
+        assert self.successResultOf(c.router.execute(Get((b"k",)))) == b"VALUE k 7 1\r\nv\r\nEND\r\n"
+        assert c.links[node].sent[-1] == SplicedGet(b"k")
+        for missing in (b"nothing", b"gone", b"old"):
+            assert self.successResultOf(c.router.execute(Get((missing,)))) == b"END\r\n"
+        stats = c.router.stats()
+        assert (stats["get_hits"], stats["get_misses"]) == (1, 3)
+        gets = self.successResultOf(c.router.execute(Get((b"k",), cas=True)))
+        assert isinstance(gets, Values) and gets.items[0][1].value == b"v"
+        both = self.successResultOf(c.router.execute(Get((b"k", b"nothing"))))
+        assert isinstance(both, Values) and [k for k, _ in both.items] == [b"k"]
+
+    def test_n1_get_during_a_move_is_not_spliced(self) -> None:
+        """A key whose owner changed while the move is handed off is read from both owners, not spliced."""
+        c, old, new, key = cluster_gaining_d()
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v")))
+        c.router.update(Placement(new, previous=old))
+        got = self.successResultOf(c.router.execute(Get((key,))))
+        assert isinstance(got, Values) and got.items[0][1].value == b"v"
+        assert not any(type(cmd) is SplicedGet for link in c.links.values() for cmd in link.sent)
+
     def test_single_key_get_with_r1_fails_over(self) -> None:
         """With R=1, a replica that fails is replaced by the next up one; when none is left the read fails."""
         c = Cluster(replicas=3, w=3, r=1)
@@ -651,11 +697,7 @@ class FastPathTests(SynchronousTestCase):
 
     def test_preference_lists_follow_a_new_ring(self) -> None:
         """Memoized preference lists are dropped when the placement changes, not when an equal one comes."""
-        c = Cluster(count=4, replicas=1, w=1, r=1)
-        old = HashRing({"a": 1, "b": 1, "c": 1}, epoch=1)
-        new = HashRing({"a": 1, "b": 1, "c": 1, "d": 1}, epoch=2)
-        c.router.update(Placement(old))
-        key = next(k for k in (b"p%d" % i for i in range(200)) if new.node_for(k) == "d")
+        c, old, new, key = cluster_gaining_d()
         assert c.router.replicas_for(key) == old.preference_list(key, 1)
         placement = c.router.placement
         c.router.update(Placement(old))
@@ -702,4 +744,7 @@ def test_small_rings_cap_quorums(count: int) -> None:
     d = c.router.execute(Store("set", b"k", 0, 0, b"v"))
     assert d.result is Status.STORED  # type: ignore[attr-defined]
     got = c.router.execute(Get((b"k",)))
-    assert isinstance(got.result, Values) and got.result.items[0][1].value == b"v"  # type: ignore[attr-defined]
+    if count == 1:  # N=1: the kvstore's reply, spliced
+        assert got.result == b"VALUE k 0 1\r\nv\r\nEND\r\n"  # type: ignore[attr-defined]
+    else:
+        assert isinstance(got.result, Values) and got.result.items[0][1].value == b"v"  # type: ignore[attr-defined]
