@@ -2,9 +2,9 @@
 
 - ``IStorageEngine``: a kvstore's synchronous store of records (``MemoryEngine``, ``SQLiteEngine``).
 - ``IKeyValue``: a role's backend behind both surfaces (the kvstore's local backend, the gateway's router).
-- ``IPlainGet``, ``IGroupedPuts``: what a backend may offer besides ``IKeyValue`` for the line protocol's
-  busiest requests (the kvstore's does; the gateway's router does not). The line protocol asks
-  ``providedBy`` once, when its factory is built, and takes the general path without them.
+- ``IPlainGet``, ``IGroupedPuts``, ``IForwardedGet``: what a backend may offer besides ``IKeyValue`` for the
+  line protocol's busiest requests (the kvstore's the first two, the gateway's router the third). The line
+  protocol asks ``providedBy`` once, when its factory is built, and takes the general path without them.
 - ``IServerAdmin``: what a role says and does for memcached's admin commands (``stats`` groups, ``stats
   reset``, ``cache_memlimit``, ``stats cachedump``): the kvstore's local backend provides it, and the gateway
   an adapter over its router and the cluster's figures. The line protocol asks once, as for the two above.
@@ -21,7 +21,16 @@ from zope.interface import Attribute, Interface
 from chashd.commands import Status, XPut
 from chashd.errors import DomainError
 
-__all__ = ["IGroupedPuts", "IKVClient", "IKeyValue", "IPlainGet", "IServerAdmin", "IStorageEngine"]
+__all__ = [
+    "IForwardedGet",
+    "IGroupedPuts",
+    "IKVClient",
+    "IKeyValue",
+    "IPlainGet",
+    "IReplySink",
+    "IServerAdmin",
+    "IStorageEngine",
+]
 
 
 class IStorageEngine(Interface):
@@ -113,6 +122,35 @@ class IPlainGet(Interface):
         """``(flags, value)`` of ``key`` when a read now sees it (not a tombstone, not expired), else None."""
 
 
+class IReplySink(Interface):
+    """Where the reply to a forwarded ``get`` goes, in place of a Deferred: one of the two methods is called,
+    once. A kvstore connection skips a sink whose ``called`` is set (its reader gave up on it)."""
+
+    called = Attribute("True once the sink took its reply, or when its reader no longer wants it.")
+
+    def callback(reply: bytes) -> None:
+        """The reply's bytes as memcached words them: ``END``, or one ``VALUE`` block and ``END``."""
+
+    def errback(error: Any) -> None:
+        """The request failed: ``error`` is an exception (a domain error) or a ``Failure`` of one."""
+
+
+class IForwardedGet(Interface):
+    """Optional beside ``IKeyValue``, for a backend that answers later (the gateway's router): a ``get`` of
+    one key whose reply comes as bytes to an ``IReplySink``, without command, result or Deferred.
+
+    The line protocol offers it every plain ``get <key>``. Counters, errors and the reply are those of
+    ``execute(Get((key,)))``; where the shortcut does not apply the backend declines and the protocol takes
+    the general path.
+    """
+
+    forwarding = Attribute("False while the backend declines every get (the line protocol does not ask).")
+
+    def forward_get(key: bytes, sink: IReplySink) -> bool:
+        """Take the get of ``key`` (True), its reply to come to ``sink``; or decline it (False) and do
+        nothing."""
+
+
 class IGroupedPuts(Interface):
     """Optional beside ``IKeyValue``: several ``XPut`` commands run as one group.
 
@@ -152,3 +190,7 @@ class IKVClient(Interface):
     def send(command: Any) -> Any:
         """A Deferred firing with the kvstore's result for ``command``, or failing with a domain error
         (the kvstore's own error) or a connection/timeout error."""
+
+    def forward_get(key: bytes, sink: IReplySink) -> bool:
+        """Send ``get <key>`` over a connection that is up now, its reply's bytes to go to ``sink`` (or the
+        error ``send`` would fail with); False, and nothing sent, when no connection is up."""

@@ -77,7 +77,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import NoNodes, QuorumNotReached, RequestError, ServiceUnavailable, StaleVersion
-from chashd.interfaces import IKeyValue, IKVClient
+from chashd.interfaces import IForwardedGet, IKeyValue, IKVClient, IReplySink
 from chashd.node import NodeState
 from chashd.record import Record, expires_at_from_exptime
 from chashd.ring import HashRing
@@ -165,7 +165,7 @@ def _fail(error: Exception) -> Deferred[Any]:
     return d
 
 
-@implementer(IKeyValue)
+@implementer(IKeyValue, IForwardedGet)
 class Router:
     """Routes ``chashd.commands`` to kvstores; the gateway's ``IKeyValue`` backend.
 
@@ -503,11 +503,35 @@ class Router:
                 self.counters["quorum_failures"] += 1
                 return _fail(QuorumNotReached(1, 0, "read"))
             if len(replicas) == 1 and not cas:
-                return self._send(up[0], SplicedGet(key)).addCallback(self._spliced)
+                d = self._send(up[0], SplicedGet(key))
+                return d.addCallbacks(self._spliced, self._one_failed, errbackArgs=(key, up, 0))
             return self._ask_one(key, up, 0)
         read = _KeyRead(self, key, replicas, single=True)
         read.start()
         return read.done
+
+    @property
+    def forwarding(self) -> bool:
+        """``IForwardedGet``: True when N is 1 (else ``forward_get`` declines every get)."""
+        return self.replicas == 1 or len(self.placement.ring) == 1
+
+    def forward_get(self, key: bytes, sink: IReplySink) -> bool:
+        """``IForwardedGet``: with N=1, a get of one key goes to its kvstore as ``get <key>`` and the reply's
+        bytes to ``sink`` (as ``SplicedGet``'s Deferred would give them, without the Deferred); declined
+        while a move is under way for the key, its node is down or suspect, or no connection to it is up."""
+        if self._slow:
+            return False
+        try:
+            replicas = self.replicas_for(key)
+        except NoNodes:
+            return False
+        if len(replicas) != 1 or self.placement.previous is not None and self._previous_owners(key, replicas):
+            return False
+        node = replicas[0]
+        if node in self._down or not self._clients(node).forward_get(key, _Spliced(self, sink)):
+            return False
+        self.counters["cmd_get"] += 1
+        return True
 
     def _ask_one(self, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
         d = self._send(up[index], XGet((key,)))
@@ -629,6 +653,32 @@ class Router:
         if not keys:
             done.callback(Values(()))
         return done
+
+
+@implementer(IReplySink)
+class _Spliced:
+    """The sink of a ``Router.forward_get``: counts the hit or miss, and words a failure as the unspliced read
+    would (``QuorumNotReached``, counted), before the reply goes on to the client's ``sink``."""
+
+    __slots__ = ("router", "sink")
+
+    def __init__(self, router: Router, sink: IReplySink) -> None:
+        self.router = router
+        self.sink = sink
+
+    @property
+    def called(self) -> bool:
+        """The client's sink took its reply or no longer wants it."""
+        return bool(self.sink.called)
+
+    def callback(self, reply: bytes) -> None:
+        self.sink.callback(self.router._spliced(reply))
+
+    def errback(self, error: Any) -> None:
+        self.router.counters["quorum_failures"] += 1
+        failed = QuorumNotReached(1, 0, "read")
+        failed.__cause__ = error.value if isinstance(error, Failure) else error
+        self.sink.errback(failed)
 
 
 class _KeyRead:

@@ -37,8 +37,9 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result, Values, XAuth, XGet
+from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result, SplicedGet, Values, XAuth, XGet
 from chashd.errors import DomainError, ServiceUnavailable
+from chashd.interfaces import IReplySink
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import BadReply, ReplyParser, serialize_command
 
@@ -99,9 +100,12 @@ def _as_request(command: Command) -> Command:
     return command
 
 
-#: A pending request: the command, its Deferred (or its ``send_many`` group), and when it was sent (the
-#: clock's seconds; 0 without a timeout).
-_Request = tuple[Command, "Deferred[Result] | _Group", float]
+#: What a pending ``forward_get`` waits for: a ``SplicedGet``'s reply (the key is not needed to read it).
+_FORWARDED = SplicedGet(b"")
+
+#: A pending request: the command, its Deferred (or its ``send_many`` group, or a ``forward_get``'s sink),
+#: and when it was sent (the clock's seconds; 0 without a timeout).
+_Request = tuple["Command | SplicedGet", "Deferred[Result] | _Group | IReplySink", float]
 
 
 class KVClientProtocol(Protocol):
@@ -179,16 +183,29 @@ class KVClientProtocol(Protocol):
                 return self._send_split(keys)
         command = _as_request(command)
         deferred: Deferred[Result] = Deferred()
+        self._enqueue(command, deferred, serialize_command(command))
+        return deferred
+
+    def forward_get(self, key: bytes, sink: IReplySink) -> bool:
+        """Send ``get <key>``; its reply's bytes (``END``, or one ``VALUE`` block and ``END``) go to
+        ``sink.callback``, an error to ``sink.errback`` as ``send``'s would fail. No Deferred, no command
+        object: the gateway's busiest request. False, and nothing sent, when not connected."""
+        if not self._connected:
+            return False
+        self._enqueue(_FORWARDED, sink, b"get " + key + b"\r\n")
+        return True
+
+    def _enqueue(self, request: Command | SplicedGet, waiter: Deferred[Result] | IReplySink, wire: bytes) -> None:
+        """Send ``wire``, the bytes of ``request``, whose answer goes to ``waiter``; its deadline starts now."""
         seconds = self._seconds
         if seconds is None:
-            self._pending.append((command, deferred, 0.0))
+            self._pending.append((request, waiter, 0.0))
         else:
-            self._pending.append((command, deferred, seconds()))
+            self._pending.append((request, waiter, seconds()))
             if self._timer is None:
                 assert self._clock is not None and self._timeout is not None
                 self._timer = self._clock.callLater(self._timeout, self._check_deadline)
-        self._tr.write(serialize_command(command))
-        return deferred
+        self._tr.write(wire)
 
     def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
         """Send ``commands`` in one write; the Deferred fires once each is answered, with a list of each
@@ -372,14 +389,7 @@ class KVClientPool(MultiService):
     def send(self, command: Command) -> Deferred[Result]:
         """Send ``command`` over the first usable connection, or the least busy one once that one has
         ``spill_at`` requests pending."""
-        best: KVClientProtocol | None = None
-        for connection in self.connections:
-            if connection._connected:
-                pending = len(connection._pending)
-                if pending < self.spill_at:
-                    return connection.send(command)
-                if best is None or pending < len(best._pending):
-                    best = connection
+        best = self._pick()
         if best is not None:
             return best.send(command)
         if not self.running:
@@ -397,6 +407,25 @@ class KVClientPool(MultiService):
             return Failure(KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}"))
 
         return waiting.addCallback(connected).addErrback(unreachable)
+
+    def forward_get(self, key: bytes, sink: IReplySink) -> bool:
+        """``KVClientProtocol.forward_get`` over the connection ``send`` would take; False, and nothing sent,
+        when none is connected (``send`` would wait for one)."""
+        best = self._pick()
+        return best is not None and best.forward_get(key, sink)
+
+    def _pick(self) -> KVClientProtocol | None:
+        """The first connected connection with fewer than ``spill_at`` requests pending, else the connected
+        one with the fewest; None when none is connected."""
+        best: KVClientProtocol | None = None
+        for connection in self.connections:
+            if connection._connected:
+                pending = len(connection._pending)
+                if pending < self.spill_at:
+                    return connection
+                if best is None or pending < len(best._pending):
+                    best = connection
+        return best
 
     def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
         """``KVClientProtocol.send_many`` over the connected connection with the fewest pending requests

@@ -112,12 +112,15 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   allow-list: the connection's ``execute`` is a guard until the token is proved. A wrong token is answered
   ``CLIENT_ERROR authentication failed`` and closes the connection (``line_auth_failures_total``).
 
-Two shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
+Three shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
 answer exactly as the general path (``execute``) would:
 
 - ``IPlainGet``: a ``get`` of one plain key is answered with the backend's ``get_one``, without command and
   result objects; a read that is exactly one such line (a client with one request in flight) is answered
   before the parser's loop, in one write of its own.
+- ``IForwardedGet`` (a gateway's router): a ``get`` of one plain key is offered to the backend's
+  ``forward_get``, whose reply (the bytes of a kvstore's) comes to a sink holding its place in the queue of
+  pending replies: no command, result or Deferred. A get the backend declines takes the general path.
 - ``IGroupedPuts``: consecutive ``XPut`` commands of one read (a handoff pipelines hundreds) go to the
   backend's ``execute_puts`` in one call, so that the kvstore stores them in one transaction.
 """
@@ -166,7 +169,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import DomainError, Unauthenticated
-from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IServerAdmin
+from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet, IReplySink, IServerAdmin
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import (
     DEFAULT_MAX_KEYS,
@@ -225,10 +228,11 @@ _FAMILIES: dict[type, str] = {
 class MemcacheServerFactory(Factory):
     """Builds server connections over ``backend``; holds the listener's limits, counters and connections.
 
-    ``plain_get`` and ``grouped_puts`` are the backend as ``IPlainGet`` and ``IGroupedPuts`` when it
-    provides them, else None: asked once, here, so that no request pays for the question. ``admin`` answers
-    the admin commands (default: the backend, when it provides ``IServerAdmin``); ``shutdown``, when given,
-    is what the ``shutdown`` command calls (``--enable-shutdown``), else the command is refused. With
+    ``plain_get``, ``grouped_puts`` and ``forwarded_get`` are the backend as ``IPlainGet``, ``IGroupedPuts``
+    and ``IForwardedGet`` when it provides them, else None: asked once, here, so that no request pays for
+    the question. ``admin`` answers the admin commands (default: the backend, when it provides
+    ``IServerAdmin``); ``shutdown``, when given, is what the ``shutdown`` command calls
+    (``--enable-shutdown``), else the command is refused. With
     ``requests``, every command is timed into its family's histogram (surface ``line``) from the moment
     it is parsed to the moment its reply is queued, and every error reply is counted; ``latency`` maps
     each command class to its histogram. ``token``: the
@@ -270,6 +274,7 @@ class MemcacheServerFactory(Factory):
             self.latency = {kind: requests.histogram("line", family) for kind, family in _FAMILIES.items()}
         self.plain_get = cast(IPlainGet, backend) if IPlainGet.providedBy(backend) else None
         self.grouped_puts = cast(IGroupedPuts, backend) if IGroupedPuts.providedBy(backend) else None
+        self.forwarded_get = cast(IForwardedGet, backend) if IForwardedGet.providedBy(backend) else None
         self.clock = clock
         self.max_value_size = max_value_size
         self.max_connections = max_connections
@@ -394,6 +399,42 @@ class MemcacheServerFactory(Factory):
         return lines
 
 
+@implementer(IReplySink)
+class _Forwarded:
+    """Where the reply to a forwarded get goes (``IForwardedGet``): its cell in the queue of pending replies;
+    timed into the get histogram from when it was asked."""
+
+    __slots__ = ("called", "cell", "protocol", "start")
+
+    def __init__(self, protocol: MemcacheServerProtocol, cell: list[bytes | None]) -> None:
+        self.protocol = protocol
+        self.cell = cell
+        self.called = False
+        self.start = perf_counter() if protocol._get_latency is not None else 0.0
+
+    def callback(self, reply: bytes) -> None:
+        self.called = True
+        self.cell[0] = reply
+        self._done()
+
+    def errback(self, error: Any) -> None:
+        self.called = True
+        if isinstance(error, Failure):
+            error = error.value
+        protocol = self.protocol
+        if not isinstance(error, DomainError):
+            protocol._log.failure("the backend failed on a get", Failure(error))
+        self.cell[0] = protocol._error(error_reply(error))
+        self._done()
+
+    def _done(self) -> None:
+        protocol = self.protocol
+        histogram = protocol._get_latency
+        if histogram is not None:
+            histogram.observe(perf_counter() - self.start)
+        protocol._drain()
+
+
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class MemcacheServerProtocol(Protocol):
     """One client connection of the line protocol (see the module docstring).
@@ -408,16 +449,19 @@ class MemcacheServerProtocol(Protocol):
     _get_one: Callable[[bytes], tuple[int, bytes] | None]
     #: ``IGroupedPuts.execute_puts`` of the backend, set when ``_group_puts``.
     _execute_puts: Callable[[list[XPut]], list[Status | DomainError]]
+    #: The backend as ``IForwardedGet``, or None.
+    _forwarder: IForwardedGet | None
 
     def __init__(self, factory: MemcacheServerFactory) -> None:
         self.factory = factory
         #: Schedules the idle check; tests replace it with a ``Clock``'s.
         self.callLater: Callable[..., IDelayedCall] = factory.clock.callLater
         self._seconds = factory.clock.seconds
-        plain_get, grouped_puts = factory.plain_get, factory.grouped_puts
-        self._plain_gets = plain_get is not None
+        plain_get, grouped_puts, forwarded = factory.plain_get, factory.grouped_puts, factory.forwarded_get
+        self._plain_gets = plain_get is not None or forwarded is not None
         if plain_get is not None:
             self._get_one = plain_get.get_one
+        self._forwarder = forwarded if plain_get is None else None
         self._group_puts = grouped_puts is not None
         if grouped_puts is not None:
             self._execute_puts = grouped_puts.execute_puts
@@ -532,7 +576,11 @@ class MemcacheServerProtocol(Protocol):
         if self._plain_gets and not self._queue and not self._paused:
             key = self._parser.plain_get(data)
             if key is not None:  # the read is one plain get: no parsing loop, no reply list
-                self._plain_get(key, self._tr.write)
+                if self._forwarder is None:
+                    self._plain_get(key, self._tr.write)
+                else:
+                    self._forwarded(key)
+                    self._flush_out()  # a declined get's reply, when it came at once
                 return
         self._parser.feed(data)
         self._process()
@@ -549,11 +597,14 @@ class MemcacheServerProtocol(Protocol):
                 event = next_event()
                 if event is None:
                     break
-                if isinstance(event, bytes):  # a plain get of this key (only with IPlainGet)
+                if isinstance(event, bytes):  # a plain get of this key (only with IPlainGet or IForwardedGet)
                     if puts:
                         self._run_puts(puts)
                         puts = []
-                    self._plain_get(event, self._reply)
+                    if self._forwarder is None:
+                        self._plain_get(event, self._reply)
+                    else:
+                        self._forwarded(event)
                     continue
                 if group_puts and type(event) is XPut:
                     puts.append(event)
@@ -594,6 +645,25 @@ class MemcacheServerProtocol(Protocol):
         send(plain_get_reply(key, found))
         if histogram is not None:
             histogram.observe(perf_counter() - start)
+
+    def _forwarded(self, key: bytes) -> None:
+        """Answer ``get <key>`` with ``IForwardedGet.forward_get``: its reply takes a place in the queue of
+        pending replies, as a Deferred's would; a declined get takes the general path."""
+        forwarder = self._forwarder
+        assert forwarder is not None
+        if not forwarder.forwarding:
+            self._handle(Get((key,)))
+            return
+        cell: list[bytes | None] = [None]
+        queue = self._queue
+        queue.append(cell)
+        if not forwarder.forward_get(key, _Forwarded(self, cell)):
+            queue.pop()  # the cell: nothing was queued behind it
+            self._handle(Get((key,)))
+            return
+        if len(queue) >= self.factory.max_pending and not self._queue_full:
+            self._queue_full = True
+            self._update_reading()
 
     def _handle(self, command: Command | FailedRequest) -> None:
         latency = self._latency

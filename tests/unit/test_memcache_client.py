@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from chashd.commands import (
     Arith,
@@ -32,6 +33,7 @@ from chashd.commands import (
     XPut,
 )
 from chashd.errors import NonNumericValue, ValueTooLarge
+from chashd.interfaces import IReplySink
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.client import XGET_KEYS, XGET_LINE, KVClientPool, KVClientProtocol, KVConnectionLost, KVTimeout
 from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
@@ -152,6 +154,64 @@ class ClientServerTests(SynchronousTestCase):
 
         with pytest.raises(ValueError):
             self.client.send(Quit())
+
+
+class ForwardGetTests(SynchronousTestCase):
+    """``forward_get``: a plain get whose reply bytes go to a sink, in step with the other requests."""
+
+    def test_replies_in_order_with_other_requests(self) -> None:
+        """The sink gets the reply's bytes (a hit, a miss) in their place among Deferred requests."""
+        factory, _ = make_factory()
+        client, _, pump = pair(factory)
+        sink = Sink()
+        stored = client.send(Store("set", b"k", 3, 0, b"a\r\nb"))
+        assert client.forward_get(b"k", sink)
+        got = client.send(Get((b"k",)))
+        assert client.forward_get(b"z", sink)
+        assert b"".join(client.transport.stream).endswith(b"get k\r\nget k\r\nget z\r\n")  # type: ignore[union-attr]
+        pump.flush()
+        assert self.successResultOf(stored) is Status.STORED
+        assert sink.replies == [b"VALUE k 3 4\r\na\r\nb\r\nEND\r\n", b"END\r\n"]
+        assert isinstance(self.successResultOf(got), Values)
+
+    def test_failures_reach_the_sink(self) -> None:
+        """A timeout, a lost connection and a closed one reach the sink as send's Deferred would fail."""
+        clock = Clock()
+        factory, _ = make_factory(LaterBackend(clock))
+        client, _, pump = pair(factory, clock=clock, timeout=5)
+        sink = Sink()
+        assert client.forward_get(b"a", sink) and client.forward_get(b"b", sink)
+        pump.flush()
+        clock.advance(5)
+        assert [type(e) for e in sink.errors] == [KVTimeout, KVConnectionLost]
+        assert not client.forward_get(b"c", sink)
+        assert len(sink.errors) == 2 and not sink.replies
+
+    def test_a_called_sink_is_skipped(self) -> None:
+        """A sink whose reader gave up (``called``) gets nothing; the replies behind it stay in step."""
+        factory, _ = make_factory()
+        client, _, pump = pair(factory)
+        gone, sink = Sink(), Sink()
+        assert client.forward_get(b"a", gone) and client.forward_get(b"b", sink)
+        gone.called = True
+        pump.flush()
+        assert gone.replies == [] and sink.replies == [b"END\r\n"]
+
+
+@implementer(IReplySink)
+class Sink:
+    """An ``IReplySink`` that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.called = False
+        self.replies: list[bytes] = []
+        self.errors: list[Any] = []
+
+    def callback(self, reply: bytes) -> None:
+        self.replies.append(reply)
+
+    def errback(self, error: Any) -> None:
+        self.errors.append(error)
 
 
 class ClientTimeoutTests(SynchronousTestCase):
@@ -331,6 +391,18 @@ class PoolTests(PoolHarness):
     def test_stopped(self) -> None:
         """A stopped pool refuses requests at once."""
         self.failureResultOf(self.pool.send(Get((b"k",))), KVConnectionLost)
+
+    def test_forward_get_needs_a_connection(self) -> None:
+        """``forward_get`` declines while no connection is up (``send`` would wait), and forwards over one."""
+        sink = Sink()
+        assert not self.pool.forward_get(b"k", sink)
+        self.pool.startService()
+        assert not self.pool.forward_get(b"k", sink)
+        pump = self.completer.succeedOnce()
+        assert pump is not None and self.pool.forward_get(b"k", sink)
+        pump.flush()
+        assert sink.replies == [b"END\r\n"]
+        self.pool.stopService()
 
 
 def xmove(key: bytes, clock: int, value: bytes = b"v") -> XPut:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
@@ -20,12 +21,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import chashd.memcache
-from chashd.commands import Command, Result, Status, XPut
+from chashd.commands import Command, Get, Result, Status, XPut
 from chashd.errors import DomainError, NodeLeaving
-from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet
+from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache import client, server
 from chashd.memcache.server import SERVER_VERSION, MemcacheServerFactory, MemcacheServerProtocol
+from chashd.metrics import RequestMetrics
 from chashd.storage.memory import MemoryEngine
 
 T0 = 1_700_000_000.0
@@ -538,6 +540,92 @@ class PlainGetTests:
         assert transport.value() == b""
         backend.fire(0)
         assert transport.value() == b"STORED\r\nEND\r\nEND\r\n"
+
+
+@implementer(IForwardedGet)
+class ForwardingBackend(LaterBackend):
+    """A backend that answers later and takes plain gets with ``forward_get`` (a gateway's shape): the test
+    answers each sink; with ``declining`` set it declines them."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.sinks: list[tuple[bytes, Any]] = []
+        self.declining = False
+        self.forwarding = True
+
+    def forward_get(self, key: bytes, sink: Any) -> bool:
+        if self.declining:
+            return False
+        self.sinks.append((key, sink))
+        return True
+
+
+class ForwardedGetTests:
+    """An ``IForwardedGet`` backend's ``forward_get`` takes plain gets; their replies keep their places."""
+
+    def setup_method(self) -> None:
+        self.backend = ForwardingBackend(Clock())
+        self.factory, _ = make_factory(self.backend, requests=RequestMetrics())
+        self.protocol, self.transport = connect(self.factory)
+
+    def test_replies_keep_their_places(self) -> None:
+        """Forwarded gets pipelined with other commands, in one read or one each, answer in request order;
+        only plain gets are forwarded (a gets, a multi-key get and a get with two spaces are not)."""
+        self.protocol.dataReceived(b"get a\r\nset b 0 0 1\r\nx\r\nget c\r\ngets a\r\nget a c\r\nget  a\r\n")
+        self.protocol.dataReceived(b"get d\r\n")
+        assert [key for key, _ in self.backend.sinks] == [b"a", b"c", b"d"]
+        assert [type(c).__name__ for _, c in self.backend.waiting] == ["Store", "Get", "Get", "Get"]
+        self.backend.sinks[2][1].callback(b"END\r\n")
+        self.backend.sinks[1][1].callback(b"VALUE c 0 1\r\ny\r\nEND\r\n")
+        for index in range(4):
+            self.backend.fire(index)
+        assert self.transport.value() == b""
+        self.backend.sinks[0][1].callback(b"VALUE a 1 1\r\nz\r\nEND\r\n")
+        assert self.transport.value() == (
+            b"VALUE a 1 1\r\nz\r\nEND\r\nSTORED\r\nVALUE c 0 1\r\ny\r\nEND\r\n"
+            + b"END\r\n" * 3 + b"END\r\n"
+        )  # fmt: skip
+        assert self.factory.latency is not None and sum(self.factory.latency[Get].counts) == 6  # every get timed
+
+    @pytest.mark.parametrize("attribute", ["declining", "not forwarding"])
+    def test_a_declined_get_takes_the_general_path(self, attribute: str) -> None:
+        """A get the backend declines, or does not want offered (``forwarding`` False), is executed as a Get,
+        alone in its read or among others."""
+        if attribute == "declining":
+            self.backend.declining = True
+        else:
+            self.backend.forwarding = False
+        self.protocol.dataReceived(b"get a\r\n")
+        self.protocol.dataReceived(b"get b\r\nget c\r\n")
+        assert [c for _, c in self.backend.waiting] == [Get((b"a",)), Get((b"b",)), Get((b"c",))]
+        for index in range(3):
+            self.backend.fire(index)
+        assert self.transport.value() == b"END\r\n" * 3
+
+    def test_errors(self) -> None:
+        """A domain error is its error line; any other error is SERVER_ERROR, logged; both counted."""
+        self.protocol.dataReceived(b"get a\r\nget b\r\n")
+        (_, first), (_, second) = self.backend.sinks
+        with capturedLogs() as events:
+            first.errback(Failure(NodeLeaving()))
+            second.errback(RuntimeError("bug"))
+        assert self.transport.value().startswith(b"SERVER_ERROR ") and self.transport.value().count(b"\r\n") == 2
+        assert self.transport.value().endswith(b"SERVER_ERROR internal error\r\n")
+        assert [e["log_level"] for e in events if e.get("log_failure")] == [LogLevel.critical]
+        assert first.called and second.called
+
+    def test_pending_forwarded_gets_pause_reading(self) -> None:
+        """``max_pending`` forwarded gets waiting stop the reading; it resumes once half have left."""
+        factory, _ = make_factory(self.backend, max_pending=4)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"get k\r\n" * 6)
+        assert len(self.backend.sinks) == 4 and transport.producerState == "paused"
+        for _, sink in self.backend.sinks[:2]:
+            sink.callback(b"END\r\n")
+        assert len(self.backend.sinks) == 6  # read again, and the last two were forwarded
+        for _, sink in self.backend.sinks[2:]:
+            sink.callback(b"END\r\n")
+        assert transport.producerState == "producing" and transport.value() == b"END\r\n" * 6
 
 
 @implementer(IKeyValue)

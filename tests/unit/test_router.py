@@ -22,6 +22,7 @@ from chashd.record import Record
 from chashd.ring import HashRing
 from chashd.storage import MemoryEngine
 from chashd.versions import Version
+from tests.unit.test_memcache_client import Sink
 
 NOW = 1_700_000_000.0
 
@@ -47,6 +48,13 @@ class Link:
             self.held_commands.append(command)
             return d
         return self._run(command)
+
+    def forward_get(self, key: bytes, sink: Any) -> bool:
+        """A connection that is up forwards the get (its reply or failure to ``sink``); a down one declines."""
+        if self.mode == "down":
+            return False
+        self.send(SplicedGet(key)).addCallbacks(sink.callback, sink.errback)
+        return True
 
     def _run(self, command: Any) -> Deferred[Any]:
         try:
@@ -623,6 +631,53 @@ class FastPathTests(SynchronousTestCase):
         assert isinstance(gets, Values) and gets.items[0][1].value == b"v"
         both = self.successResultOf(c.router.execute(Get((b"k", b"nothing"))))
         assert isinstance(both, Values) and [k for k, _ in both.items] == [b"k"]
+
+    def test_n1_spliced_get_that_fails(self) -> None:
+        """With N=1 a spliced get whose kvstore fails is a QuorumNotReached read, counted, as without the splice."""
+        c = Cluster(replicas=1, w=1, r=1)
+        c.links[c.replicas(b"k")[0]].mode = "down"
+        failure = self.failureResultOf(c.router.execute(Get((b"k",))), QuorumNotReached)
+        assert "read quorum not reached: 0 of 1" in str(failure.value)
+        assert c.router.stats()["quorum_failures"] == 1
+
+    def test_forward_get(self) -> None:
+        """``forward_get`` with N=1 sends the key's kvstore a SplicedGet whose reply bytes reach the sink, counted
+        as the general path counts them; a failure reaches it as the general path's QuorumNotReached."""
+        c = Cluster(replicas=1, w=1, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"k", 7, 0, b"v")))
+        sink = Sink()
+        assert c.router.forward_get(b"k", sink) and c.router.forward_get(b"none", sink)
+        assert sink.replies == [b"VALUE k 7 1\r\nv\r\nEND\r\n", b"END\r\n"]
+        assert c.links[c.replicas(b"k")[0]].sent[-2] == SplicedGet(b"k")
+        c.links[c.replicas(b"k")[0]].mode = "hang"
+        assert c.router.forward_get(b"k", sink)
+        c.links[c.replicas(b"k")[0]].held[0].errback(ConnectionLost("gone"))
+        (error,) = sink.errors
+        assert isinstance(error, QuorumNotReached) and isinstance(error.__cause__, ConnectionLost)
+        stats = c.router.stats()
+        assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"], stats["quorum_failures"]) == (3, 1, 1, 1)
+
+    def test_forward_get_declines(self) -> None:
+        """``forward_get`` declines (sends nothing, counts nothing) with N=3, during a move of the key, with the
+        node down or slow, and without a connection up: the general path answers those."""
+        sink = Sink()
+        assert not Cluster().router.forward_get(b"k", sink)
+        c, _, new, key = cluster_gaining_d()
+        c.router.update(Placement(new, previous=c.router.placement.ring))
+        assert not c.router.forward_get(key, sink)
+        c = Cluster(replicas=1, w=1, r=1)
+        node = c.replicas(b"k")[0]
+        c.mark(**{node: "down"})
+        assert not c.router.forward_get(b"k", sink)
+        c.mark()
+        c.router._mark_slow(node)
+        assert not c.router.forward_get(b"k", sink)
+        c.router._heard(None, node)
+        c.links[node].mode = "down"
+        assert not c.router.forward_get(b"k", sink)
+        assert not sink.replies and not sink.errors and c.sends() == 0 and c.router.stats()["cmd_get"] == 0
+        c.links[node].mode = "up"
+        assert c.router.forward_get(b"k", sink) and sink.replies == [b"END\r\n"]
 
     def test_n1_get_during_a_move_is_not_spliced(self) -> None:
         """A key whose owner changed while the move is handed off is read from both owners, not spliced."""
