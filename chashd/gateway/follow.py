@@ -7,31 +7,34 @@ at most 60 s, passes, then the same routing comes back), so a follower hears of 
 cluster token configured the route needs ``Authorization: Bearer <token>``: it tells where every kvstore
 listens.
 
-``RoutingWatch`` is the follower's side, the kvstores' ring watch on another route: one long poll at a time to
-one of the gateways (``--follow``), the next one after a failure (with a backoff), and every routing of a
-newer or equal epoch with another tag goes to ``on_routing``. Routings of an older epoch are skipped: gateways whose
-Raft logs lag may answer one after a newer one was seen. A gateway's workers follow their own gateway's
-feed this way, and so do the gateways started with ``--follow``.
+``RoutingWatch`` is the follower's side, the kvstores' ring watch on another route: one long poll at a time
+through the cluster client to the gateways (``--follow``), the next one after a failure (with a backoff),
+and every routing of a newer or equal epoch with another tag goes to ``on_routing``. Routings of an older
+epoch are skipped: gateways whose Raft logs lag may answer one after a newer one was seen. A gateway's
+workers follow their own gateway's feed this way, and so do the gateways started with ``--follow``.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.iweb import IRequest
 
+from chashd.client import AsyncKVStoreClient
 from chashd.errors import ServiceUnavailable
 from chashd.gateway.dataplane import Routing
-from chashd.kvstore.ringwatch import Getter, RingWatch
+from chashd.kvstore.ringwatch import RingWatch
 from chashd.web import check_bearer
 
-__all__ = ["RoutingFeed", "RoutingWatch"]
+__all__ = ["FOLLOW_TIMEOUT", "RoutingFeed", "RoutingWatch"]
+
+#: Seconds a request for the routing may take (a long poll waits its 25 s more on purpose).
+FOLLOW_TIMEOUT = 10.0
 
 
 class RoutingFeed:
@@ -98,29 +101,25 @@ class RoutingFeed:
 
 
 class RoutingWatch(RingWatch):
-    """Follows the routing of the gateways ``gateways`` (base URLs) and hands each new one to ``on_routing``
-    (the kvstores' ring watch, on ``GET /ring/placement``)."""
+    """Follows the routing of the gateways of ``client`` and hands each new one to ``on_routing`` (the
+    kvstores' ring watch, on ``GET /ring/placement``)."""
 
     what = "routing watch"
 
     def __init__(
         self,
-        gateways: Sequence[str],
-        get: Getter,
+        client: AsyncKVStoreClient,
         clock: IReactorTime,
         on_routing: Callable[[Routing], None],
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__(gateways, get, clock, on_routing, max_backoff=5.0, rng=rng)  # type: ignore[arg-type]
+        super().__init__(client, clock, on_routing, max_backoff=5.0, rng=rng)
 
-    def _parse(self, body: Any) -> Routing:
+    def _ask(self, latest: Any) -> Deferred[dict[str, Any]]:
+        return self._client.placement(known=None if latest is None else latest.tag, wait=self.poll_timeout)
+
+    def _parse(self, body: dict[str, Any]) -> Routing:
         return Routing.from_json(body)
 
     def _newer(self, update: Routing, latest: Routing) -> bool:
         return update.epoch > latest.epoch or (update.epoch == latest.epoch and update.tag != latest.tag)
-
-    def _url(self) -> str:
-        base = self._gateways[self._next % len(self._gateways)] + "/ring/placement"
-        if self.latest is None:
-            return base
-        return f"{base}?known={quote(self.latest.tag)}&timeout={self.poll_timeout:g}"

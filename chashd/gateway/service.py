@@ -110,7 +110,7 @@ class GatewayService(MultiService):
         self.membership = Membership(config, reactor, raft_factory)
         self.membership.setServiceParent(self)
         if http_client is None and (probe is None or fetch is None):
-            from chashd.web import http_client as make_client
+            from chashd.client._twisted import http_client as make_client
 
             http_client = make_client(reactor, connect_timeout=1.0)
         timeout = max(0.5, min(2.0, config.probe_interval))

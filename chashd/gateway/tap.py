@@ -12,22 +12,22 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 
+from chashd.client import AsyncKVStoreClient
 from chashd.config import ConfigOptions, GatewayConfig, check_secrets, options_for
 from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.dataplane import DataPlane, Routing
-from chashd.gateway.follow import RoutingFeed, RoutingWatch
+from chashd.gateway.follow import FOLLOW_TIMEOUT, RoutingFeed, RoutingWatch
 from chashd.gateway.health import Probe
 from chashd.gateway.metrics import GatewayCollector
 from chashd.gateway.raft import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
 from chashd.gateway.statuspage import StatusPage
 from chashd.gateway.workers import HTTP, LINE, WorkersMetrics, WorkerSupervisor
-from chashd.kvstore.ringwatch import treq_get
 from chashd.logs import with_log_format
 from chashd.metrics import ConnectionsCollector, daemon_registry
-from chashd.web import KeyValueHTTP, http_client
+from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
 
@@ -158,9 +158,8 @@ def _follower(config: GatewayConfig, reactor: Any, root: MultiService, notifier:
         if not routed.called:
             routed.callback(None)
 
-    watch = RoutingWatch(
-        config.follow, treq_get(http_client(reactor, connect_timeout=1.0), token=config.token), reactor, follow
-    )
+    gateways = AsyncKVStoreClient(reactor, config.follow, timeout=FOLLOW_TIMEOUT, token=config.token)
+    watch = RoutingWatch(gateways, reactor, follow)
     watch.setServiceParent(root)
     notifier.wait_for(routed)
     line = data.line_factory(shutdown=shutdown_command(reactor, config.enable_shutdown))

@@ -31,9 +31,10 @@ from twisted.web.proxy import ProxyClient, ProxyClientFactory, ReverseProxyResou
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
+from chashd.client import AsyncKVStoreClient
 from chashd.config import GatewayConfig
 from chashd.gateway.dataplane import DataPlane, Routing, worker_writer
-from chashd.gateway.follow import RoutingWatch
+from chashd.gateway.follow import FOLLOW_TIMEOUT, RoutingWatch
 from chashd.gateway.service import GatewayAdmin
 from chashd.gateway.workers import (
     CONTROL_IN,
@@ -47,7 +48,6 @@ from chashd.gateway.workers import (
     encode,
     sum_stats,
 )
-from chashd.kvstore.ringwatch import treq_get
 from chashd.logs import JSONLineObserver
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import ConnectionsCollector, daemon_registry
@@ -212,14 +212,8 @@ class Worker(Protocol):
         self._site = http.site(
             WorkerRoot(kv, (admin.hostname or "127.0.0.1", admin.port or 80) if admin else None, self._reactor)
         )
-        from chashd.web import http_client
-
-        watch = RoutingWatch(
-            message["follow"],
-            treq_get(http_client(self._reactor, connect_timeout=1.0), token=config.token),
-            self._reactor,
-            self._routed,
-        )
+        gateways = AsyncKVStoreClient(self._reactor, message["follow"], timeout=FOLLOW_TIMEOUT, token=config.token)
+        watch = RoutingWatch(gateways, self._reactor, self._routed)
         watch.setServiceParent(self._root)
         self._root.startService()
         self._reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)

@@ -9,9 +9,10 @@ The drain (``Drain``) runs for a node the gateways know (it is in the newest rin
 or a gateway accepted its registration); a node they do not know just stops. Its steps:
 
 1. stop the periodic registration (it would add the node back after its removal);
-2. ask a gateway to mark the node ``leaving`` (``POST /ring/nodes/{id}/drain``, which answers the epoch of
-   the map that has the node leaving), trying the gateways in turn with backoff until one answers 2xx (or
-   404: the map does not know the node; the handoff's newest ring then stands for that epoch);
+2. ask a gateway to mark the node ``leaving`` (``POST /ring/nodes/{id}/drain`` through the node's cluster
+   client, which answers the epoch of the map that has the node leaving), again with backoff until a gateway
+   takes it (or answers 404: the map does not know the node; the handoff's newest ring then stands for that
+   epoch);
 3. refuse writes (``LocalBackend.leaving``; ``GET /ready`` reports the node not ready) and tell systemd
    ``STOPPING=1``;
 4. wait until the handoff's ``synced`` ring is of that epoch or later and does not hold the node: the node
@@ -25,12 +26,11 @@ pushed, records held); the process then exits with status 1 once the reactor has
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -41,15 +41,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from chashd.client import AsyncKVStoreClient, ChashError, NotFound
 from chashd.kvstore.handoff import Handoff
 from chashd.kvstore.placement import RingUpdate
 from chashd.kvstore.registration import backoff_delay
 from chashd.kvstore.service import KVStoreService
 
-__all__ = ["Drain", "KVStoreRoot", "Requester", "treq_request"]
-
-#: ``request(method, url, headers)`` fires with ``(HTTP status, body)``.
-Requester = Callable[[str, str, dict[bytes, list[bytes]]], Deferred[tuple[int, bytes]]]
+__all__ = ["Drain", "KVStoreRoot"]
 
 
 class KVStoreRoot(MultiService):
@@ -125,16 +123,15 @@ class KVStoreRoot(MultiService):
         if node.registrar is None or not self._known_to_gateways():
             self._log.info("stopping without a drain: {node_id} is not registered", node_id=node.config.node_id)
             return succeed(None)
+        assert node.cluster is not None  # there is a registrar
         self.drainer = Drain(
             node.config.node_id,
-            node.config.gateway,
-            treq_request(node.http_client, self._reactor),
+            node.cluster,
             node.handoff,
             self._reactor,
             node.config.drain_timeout,
             stop_registering=node.registrar.stopService,
             leaving=self._leaving,
-            token=node.config.token,
         )
         if self._handle_signals:
             signal.signal(signal.SIGTERM, self._second_signal)
@@ -178,27 +175,22 @@ class Drain:
     def __init__(
         self,
         node_id: str,
-        gateways: Sequence[str],
-        request: Requester,
+        client: AsyncKVStoreClient,
         handoff: Handoff,
         clock: IReactorTime,
         timeout: float,
         stop_registering: Callable[[], object],
         leaving: Callable[[], None],
-        token: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.node_id = node_id
-        self._gateways = [g.rstrip("/") for g in gateways]
-        self._request = request
+        self._client = client
         self._handoff = handoff
         self._clock = clock
         self.timeout = timeout
         self._stop_registering = stop_registering
         self._leaving = leaving
-        self._token = token
         self._rng = rng or random.Random()
-        self._next = 0
         self._result: Deferred[bool] | None = None
         self._steps: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
@@ -222,7 +214,7 @@ class Drain:
     async def _run(self) -> None:
         self._stop_registering()
         self.step = "asking to be marked leaving"
-        answer = await self._ask("POST", f"/ring/nodes/{self.node_id}/drain")
+        answer = await self._ask("marking it leaving", self._client.drain)
         epoch = answer.get("epoch") if isinstance(answer, dict) else None
         if not isinstance(epoch, int):  # the map does not know the node: hand off to the newest ring
             target = self._handoff.target
@@ -237,40 +229,23 @@ class Drain:
 
         await self._handoff.when_synced(without_this_node)
         self.step = "deregistering"
-        await self._ask("DELETE", f"/ring/nodes/{self.node_id}")
+        await self._ask("deregistering it", self._client.remove)
 
-    async def _ask(self, method: str, path: str) -> Any:
-        """Send a control-plane request to a gateway until one answers 2xx (or 404: the node is not in the
-        map); the parsed JSON answer (None for a 404 or a body that is not JSON). Rotates through the
-        gateways with backoff."""
-        headers: dict[bytes, list[bytes]] = {b"Content-Type": [b"application/json"]}
-        if self._token:
-            headers[b"Authorization"] = [b"Bearer " + self._token.encode()]
+    async def _ask(self, what: str, send: Callable[[str], Deferred[dict[str, Any]]]) -> dict[str, Any] | None:
+        """``send(node_id)`` (a call of the cluster client) until a gateway takes it: its answer, or None
+        when the map does not know the node (404). Tries again with backoff after any other failure."""
         failures = 0
         while True:
-            url = self._gateways[self._next % len(self._gateways)] + path
             try:
-                code, body = await self._request(method, url, headers)
-            except CancelledError:
-                raise
-            except Exception as e:
-                code, body, error = 0, b"", f"{type(e).__name__}: {e}"
-            else:
-                error = f"HTTP {code}"
-            if 200 <= code < 300 or code == 404:
-                try:
-                    return json.loads(body) if 200 <= code < 300 else None
-                except ValueError:
-                    return None
+                return await send(self.node_id)
+            except NotFound:
+                return None
+            except ChashError as e:
+                error = str(e)
             failures += 1
-            self._next += 1
             delay = backoff_delay(failures, 0.25, self.max_backoff, self._rng)
             self._log.warn(
-                "drain: {method} {url} failed ({error}); trying the next gateway in {delay:.1f}s",
-                method=method,
-                url=url,
-                error=error,
-                delay=delay,
+                "drain: {what} failed ({error}); trying again in {delay:.1f}s", what=what, error=error, delay=delay
             )
             await deferLater(self._clock, delay)
 
@@ -312,17 +287,3 @@ class Drain:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-
-
-def treq_request(client: Any, clock: IReactorTime | None = None, timeout: float = 10.0) -> Requester:
-    """A ``request`` for ``Drain`` over a ``treq.client.HTTPClient`` (its timeout runs on ``clock``)."""
-
-    async def request(method: str, url: str, headers: dict[bytes, list[bytes]]) -> tuple[int, bytes]:
-        response = await client.request(method, url, headers=headers, timeout=timeout, reactor=clock)
-        content = await response.content()
-        return response.code, content
-
-    def send(method: str, url: str, headers: dict[bytes, list[bytes]]) -> Deferred[tuple[int, bytes]]:
-        return Deferred.fromCoroutine(request(method, url, headers))
-
-    return send

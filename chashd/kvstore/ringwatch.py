@@ -1,41 +1,39 @@
 """The kvstore's watch of the ring: a long poll of ``GET /ring`` on the gateways.
 
-The node asks one gateway ``GET {gateway}/ring?after=<the last epoch it knows>&timeout=25``; the gateway
-answers at once when its epoch is newer, else when the next epoch comes (or after 25 s, with the same
-ring). Each answer with a newer epoch goes to ``on_ring`` as a ``RingUpdate`` (``chashd.kvstore.placement``),
-and the next poll leaves at once, so a new epoch reaches the node within the gateway's own delay (Raft's
-commit). One poll is in flight at a time. When a gateway fails (refused, timeout, a non-200 answer, a body
-that does not parse) the next one of the list is asked after a backoff (0.25 s doubling to ``max_backoff``,
-with jitter); an answer that comes quickly without a newer epoch (a gateway that does not wait) is followed
-by a pause of ``min_interval``, so the watch never spins.
+The node asks ``GET /ring?after=<the last epoch it knows>&timeout=25`` through the cluster client (its
+``ring``), which asks the gateway that answered last first; the gateway answers at once when its epoch is
+newer, else when the next epoch comes (or after 25 s, with the same ring). Each answer with a newer epoch
+goes to ``on_ring`` as a ``RingUpdate`` (``chashd.kvstore.placement``), and the next poll leaves at once, so
+a new epoch reaches the node within the gateway's own delay (Raft's commit). One poll is in flight at a
+time. When a poll fails (no gateway answered, an error status, a body that does not make a ring) the next
+one leaves after a backoff (0.25 s doubling to ``max_backoff``, with jitter); an answer that comes quickly
+without a newer epoch (a gateway that does not wait) is followed by a pause of ``min_interval``, so the
+watch never spins.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from chashd.client import AsyncKVStoreClient, ChashError
 from chashd.kvstore.placement import RingUpdate
 from chashd.kvstore.registration import backoff_delay
 
-__all__ = ["RingWatch", "treq_get"]
-
-
-#: ``get(url, timeout)`` fires with ``(HTTP status, body)``.
-Getter = Callable[[str, float], Deferred[tuple[int, bytes]]]
+__all__ = ["RingWatch"]
 
 
 class RingWatch(Service):
-    """Follows the ring of the gateways ``gateways`` (base URLs) and hands each newer epoch to ``on_ring``.
+    """Follows the ring of the gateways of ``client`` and hands each newer epoch to ``on_ring``.
 
-    A subclass follows another long-polled document of the gateways with ``_url``, ``_parse`` and ``_newer``
+    A subclass follows another long-polled document of the gateways with ``_ask``, ``_parse`` and ``_newer``
     (the gateways' own data planes follow their routing so: ``chashd.gateway.follow.RoutingWatch``).
     """
 
@@ -45,29 +43,25 @@ class RingWatch(Service):
 
     def __init__(
         self,
-        gateways: Sequence[str],
-        get: Getter,
+        client: AsyncKVStoreClient,
         clock: IReactorTime,
-        on_ring: Callable[[RingUpdate], None],
+        on_ring: Callable[[Any], None],
         poll_timeout: float = 25.0,
         max_backoff: float = 10.0,
         min_interval: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
-        if not gateways:
-            raise ValueError("a ring watch needs at least one gateway")
-        self._gateways = [g.rstrip("/") for g in gateways]
-        self._get = get
+        self._client = client
         self._clock = clock
         self._on_ring = on_ring
         self.poll_timeout = poll_timeout
         self.max_backoff = max_backoff
         self.min_interval = min_interval
         self._rng = rng or random.Random()
-        self._next = 0
         self._failures = 0
         self._call: IDelayedCall | None = None
-        self._inflight: Deferred[tuple[int, bytes]] | None = None
+        self._inflight: Deferred[Any] | None = None
+        self._started = 0.0
         #: The newest ring learned, None before the first.
         self.latest: Any = None  # a RingUpdate here, what _parse returns in a subclass
 
@@ -84,11 +78,15 @@ class RingWatch(Service):
             self._inflight.cancel()
 
     def _schedule(self, delay: float) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
         self._call = self._clock.callLater(delay, self._poll)
 
-    def _parse(self, body: Any) -> Any:
+    def _ask(self, latest: Any) -> Deferred[dict[str, Any]]:
+        """The next poll: the ring, or (once there is one) a long poll for a newer one."""
+        if latest is None:
+            return self._client.ring()
+        return self._client.ring(after=latest.epoch, wait=self.poll_timeout)
+
+    def _parse(self, body: dict[str, Any]) -> Any:
         """The update in an answer's JSON body; ``ValueError`` for one that is not."""
         return RingUpdate.from_json(body)
 
@@ -96,37 +94,16 @@ class RingWatch(Service):
         """Whether ``update`` is to be followed after ``latest``."""
         return bool(update.epoch > latest.epoch)
 
-    def _url(self) -> str:
-        base = self._gateways[self._next % len(self._gateways)] + "/ring"
-        if self.latest is None:
-            return base
-        return f"{base}?after={self.latest.epoch}&timeout={self.poll_timeout:g}"
-
-    @inlineCallbacks
-    def _poll(self) -> Any:
+    def _poll(self) -> None:
         self._call = None
-        url = self._url()
-        started = self._clock.seconds()
-        update: RingUpdate | None = None
-        error = ""
-        try:
-            self._inflight = self._get(url, self.poll_timeout + 10.0)
-            code, body = yield self._inflight
-            if code != 200:
-                error = f"HTTP {code}"
-            else:
-                update = self._parse(json.loads(body))
-        except Exception as e:  # network errors, timeouts, a bad body, cancellation on stop
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            self._inflight = None
-        if not self.running:
-            return
-        if update is None:
-            self._failed(url, error)
-            return
+        self._started = self._clock.seconds()
+        self._inflight = maybeDeferred(self._ask, self.latest).addCallback(self._parse)
+        self._inflight.addCallbacks(self._answered, self._failed)
+
+    def _answered(self, update: Any) -> None:
+        self._inflight = None
         if self._failures:
-            self._log.info("{what}: {url} answers again", what=self.what, url=url)
+            self._log.info("{what}: {gateway} answers again", what=self.what, gateway=self._client.preferred_url)
         self._failures = 0
         newer = self.latest is None or self._newer(update, self.latest)
         if newer:
@@ -135,32 +112,24 @@ class RingWatch(Service):
                 self._on_ring(update)
             except Exception:
                 self._log.failure("{what}: handling epoch {epoch} failed", what=self.what, epoch=update.epoch)
-        quick = self._clock.seconds() - started < self.min_interval
+        quick = self._clock.seconds() - self._started < self.min_interval
         self._schedule(0 if newer or not quick else self.min_interval)
 
-    def _failed(self, url: str, error: str) -> None:
+    def _failed(self, failure: Failure) -> None:
+        self._inflight = None
+        if not self.running:
+            return  # cancelled by stopService
         self._failures += 1
-        self._next += 1
         delay = backoff_delay(self._failures, 0.25, self.max_backoff, self._rng)
-        self._log.warn(
-            "{what}: cannot poll {url} ({error}); trying the next gateway in {delay:.2f}s",
-            what=self.what,
-            url=url,
-            error=error,
-            delay=delay,
-        )
+        if failure.check(ChashError, ValueError):  # no gateway answered, an error status, not a ring
+            self._log.warn(
+                "{what}: cannot poll the gateways ({error}); trying again in {delay:.2f}s",
+                what=self.what,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+        else:
+            self._log.failure(
+                "{what}: the poll failed; trying again in {delay:.2f}s", failure, what=self.what, delay=delay
+            )
         self._schedule(delay)
-
-
-def treq_get(client: Any, clock: IReactorTime | None = None, token: str | None = None) -> Getter:
-    """A ``get`` for ``RingWatch`` over a ``treq.client.HTTPClient`` (its timeout runs on ``clock``), sending
-    ``Authorization: Bearer <token>`` when there is a token."""
-    headers = {b"Authorization": [b"Bearer " + token.encode()]} if token else None
-
-    @inlineCallbacks
-    def get(url: str, timeout: float) -> Any:
-        response = yield client.get(url, timeout=timeout, reactor=clock, headers=headers)
-        content = yield response.content()
-        return response.code, content
-
-    return get

@@ -17,14 +17,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from chashd.client import AsyncKVStoreClient
 from chashd.config import KVStoreConfig, endpoint_port
 from chashd.errors import ConfigError
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
-from chashd.kvstore.handoff import Handoff
+from chashd.kvstore.handoff import Connect, Handoff
 from chashd.kvstore.registration import Registrar
-from chashd.kvstore.ringwatch import RingWatch, treq_get
-from chashd.memcache.client import KVClientPool
+from chashd.kvstore.ringwatch import RingWatch
 from chashd.record import TOMBSTONE_GRACE
 
 __all__ = ["CLUSTER_FIGURES", "KVStoreService", "open_engine"]
@@ -62,6 +62,10 @@ class KVStoreService(MultiService):
     scans, purges, checkpoints: ``run_in_pool(fn, *args)``; tests pass a synchronous runner), its
     registration with the gateways, and the handoff that the ring watch feeds.
 
+    ``cluster`` is the client of the gateways (None: the node serves alone, with no registration and no
+    ring); ``connect(host, line_port)`` makes a connection to a handoff target. Both come from
+    ``chashd.kvstore.tap``, which makes every client of the role.
+
     Point reads and writes stay on the reactor thread: they cost microseconds, less than a hop to a
     thread and back (measured in bench/kvstore.py).
     """
@@ -74,15 +78,16 @@ class KVStoreService(MultiService):
         self,
         config: KVStoreConfig,
         reactor: Any,
-        engine: IStorageEngine | None = None,
-        http_client: Any = None,
+        engine: IStorageEngine,
+        cluster: AsyncKVStoreClient | None,
+        connect: Connect,
         run_in_thread: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self._reactor: IReactorTime = reactor
         self._started = reactor.seconds()
-        self.engine = engine if engine is not None else open_engine(config)
+        self.engine = engine
         self.backend = LocalBackend(
             self.engine, config.node_id, reactor, config.max_value_size, max_clock_skew=config.max_clock_skew
         )
@@ -99,50 +104,23 @@ class KVStoreService(MultiService):
             TimerService(
                 self.checkpoint_interval, self._in_pool, "checkpoint", self.engine.checkpoint
             ).setServiceParent(self)
-        self.registrar: Registrar | None = None
-        if config.gateway:
-            from chashd.kvstore.registration import treq_post
-
-            if http_client is None:
-                from chashd.web import http_client as make_client
-
-                http_client = make_client(reactor)
-            self.registrar = Registrar(
-                config.gateway,
-                self.announcement,
-                treq_post(http_client),
-                reactor,
-                interval=config.register_interval,
-                token=config.token,
-            )
-            self.registrar.setServiceParent(self)
         # Rebalancing: the handoff moves data when the ring watch brings a new placement.
         database = getattr(self.engine, "path", None)
         state_path = os.path.join(os.path.dirname(database), HANDOFF_STATE_NAME) if database is not None else None
-        self.handoff = Handoff(config.node_id, self.engine, self.run_in_pool, reactor, self._connect, state_path)
+        self.handoff = Handoff(config.node_id, self.engine, self.run_in_pool, reactor, connect, state_path)
         self.handoff.setServiceParent(self)
         self.backend.stats_sources.append(self.handoff.stats)
         self.backend.stats_sources.append(lambda: {"purged_total": self.purged})
+        #: The client of the gateways' HTTP API (registration, the ring watch, the drain); None for a node
+        #: given no gateway, which serves alone.
+        self.cluster = cluster
+        self.registrar: Registrar | None = None
         self.ring_watch: RingWatch | None = None
-        #: The client of the gateways' HTTP API (registration, the ring watch, the drain).
-        self.http_client = http_client
-        if config.gateway:
-            self.ring_watch = RingWatch(
-                config.gateway, treq_get(http_client, reactor), reactor, self.handoff.ring_changed
-            )
+        if cluster is not None:
+            self.registrar = Registrar(cluster, self.announcement, reactor, interval=config.register_interval)
+            self.registrar.setServiceParent(self)
+            self.ring_watch = RingWatch(cluster, reactor, self.handoff.ring_changed)
             self.ring_watch.setServiceParent(self)
-
-    def _connect(self, host: str, port: int) -> KVClientPool:
-        """A connection to a handoff target: one pipelined line-protocol connection."""
-        return KVClientPool(
-            self._reactor,
-            host,
-            port,
-            size=1,
-            timeout=30.0,
-            max_value_size=self.config.max_value_size + 4096,
-            token=self.config.token,
-        )
 
     # -- the thread pool ------------------------------------------------------------------------
 

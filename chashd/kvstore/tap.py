@@ -8,17 +8,24 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
+from chashd.client import AsyncKVStoreClient
 from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError, StorageError
 from chashd.kvstore.drain import KVStoreRoot
 from chashd.kvstore.service import KVStoreService, open_engine
 from chashd.logs import with_log_format
+from chashd.memcache.client import KVClientPool
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
+
+#: Seconds a request to a gateway may take (a long poll of the ring waits 25 s more on purpose).
+CLUSTER_TIMEOUT = 10.0
+#: Seconds a push of the handoff may wait for its answer.
+HANDOFF_TIMEOUT = 30.0
 
 
 class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc]
@@ -36,7 +43,9 @@ class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc
 def makeService(
     options: ConfigOptions, reactor: Any = None, run_in_thread: Callable[..., Deferred[Any]] | None = None
 ) -> IService:
-    """Build the kvstore: the node service, its HTTP and line-protocol listeners, the readiness notice.
+    """Build the kvstore: the clients it talks to the cluster with (the gateways' HTTP API, the handoff's
+    line-protocol connections), the node service over them, its HTTP and line-protocol listeners, the
+    readiness notice.
 
     The storage engine is opened here, before anything listens, so that a database that cannot be used
     stops the daemon with one line and a non-zero status. Tests pass a memory reactor and a synchronous
@@ -58,7 +67,19 @@ def makeService(
         engine = open_engine(config)
     except (ConfigError, StorageError) as e:
         raise SystemExit(f"chash-kvstore: error: {e}") from None
-    node = KVStoreService(config, reactor, engine=engine, run_in_thread=run_in_thread)
+    cluster = None
+    if config.gateway:
+        cluster = AsyncKVStoreClient(reactor, config.gateway, timeout=CLUSTER_TIMEOUT, token=config.token)
+
+    def connect(host: str, port: int) -> KVClientPool:
+        """A connection to a handoff target: one pipelined line-protocol connection, which proves the cluster
+        token first (xauth)."""
+        reply_room = config.max_value_size + 4096  # a value and its command line
+        return KVClientPool(
+            reactor, host, port, size=1, timeout=HANDOFF_TIMEOUT, max_value_size=reply_room, token=config.token
+        )
+
+    node = KVStoreService(config, reactor, engine, cluster, connect, run_in_thread=run_in_thread)
     notifier = SystemdNotifier()
     root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
     requests = RequestMetrics() if config.latency_histograms else None

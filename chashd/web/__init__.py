@@ -1,6 +1,5 @@
 """The HTTP surface both roles serve (Klein): /kv, /health, /ready, /stats, /metrics, problem+json errors."""
 
-from chashd.web._client import http_client
 from chashd.web._http import (
     Forbidden,
     KeyValueHTTP,
@@ -18,7 +17,6 @@ __all__ = [
     "Unauthorized",
     "check_bearer",
     "error_problem",
-    "http_client",
     "json_response",
     "problem",
     "routing_problem",

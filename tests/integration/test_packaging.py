@@ -88,6 +88,12 @@ class InstalledTests:
         assert result.returncode == 0, result.stderr
         assert option in result.stdout and "--line-port" in result.stdout
 
+    def test_every_package_is_installed(self, installed: Path) -> None:
+        """Every package of the source tree (setup.cfg lists them one by one) is in site-packages."""
+        site = next(installed.glob("lib/python*/site-packages"))
+        packages = sorted(p.parent.relative_to(ROOT) for p in (ROOT / "chashd").rglob("__init__.py"))
+        assert packages and [p for p in packages if not (site / p / "__init__.py").exists()] == []
+
     def test_imports_from_site_packages(self, installed: Path) -> None:
         """chashd comes from the venv's site-packages, and the chash script runs."""
         result = _run([str(installed / "bin" / "python"), "-c", "import chashd; print(chashd.__file__)"], cwd="/")

@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from chashd.client import (
     AsyncKVStoreClient,
@@ -25,10 +30,9 @@ from chashd.client import (
     ServerError,
     Unauthorized,
     Unreachable,
-    _error,
-    _Response,
     gateway_urls,
 )
+from chashd.client._api import Response, error_for
 from chashd.config import GatewayConfig, load_config
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.membership import Membership
@@ -38,6 +42,7 @@ from chashd.kvstore.backend import LocalBackend
 from chashd.ring import HashRing
 from chashd.storage.memory import MemoryEngine
 from chashd.web import KeyValueHTTP
+from tests.unit.memory_network import HTTPNetwork
 
 
 class GatewayURLTests:
@@ -67,14 +72,14 @@ class GatewayURLTests:
 class ErrorMappingTests:
     """HTTP answers to the ChashError family."""
 
-    def _response(self, status: int, body: Any) -> _Response:
+    def _response(self, status: int, body: Any) -> Response:
         raw = json.dumps(body).encode() if not isinstance(body, bytes) else body
-        return _Response("http://g/kv/k", status, {}, raw)
+        return Response("http://g/kv/k", status, {}, raw)
 
     def test_problem_detail(self) -> None:
         """The problem+json detail is the message; the status picks the class."""
         problem = {"title": "Not Found", "detail": "no node 'x' in the ring", "status": 404}
-        error = _error(self._response(404, problem))
+        error = error_for(self._response(404, problem))
         assert isinstance(error, NotFound)
         assert str(error) == "no node 'x' in the ring"
         assert (error.status, error.title, error.url) == (404, "Not Found", "http://g/kv/k")
@@ -83,13 +88,13 @@ class ErrorMappingTests:
         """401/403 Unauthorized, 412 PreconditionFailed, other 4xx Rejected, 5xx ServerError."""
         kinds = {401: Unauthorized, 403: Unauthorized, 412: PreconditionFailed, 400: Rejected, 413: Rejected}
         for status, kind in kinds.items():
-            assert type(_error(self._response(status, {"detail": "d"}))) is kind
-        assert type(_error(self._response(500, {"detail": "d"}))) is ServerError
+            assert type(error_for(self._response(status, {"detail": "d"}))) is kind
+        assert type(error_for(self._response(500, {"detail": "d"}))) is ServerError
         assert issubclass(Unreachable, ChashError) and issubclass(NotFound, Rejected)
 
     def test_not_json(self) -> None:
         """A body that is not problem+json (a proxy's page) still gives a one-line message with the status."""
-        error = _error(self._response(502, b"<html>Bad Gateway</html>"))
+        error = error_for(self._response(502, b"<html>Bad Gateway</html>"))
         assert isinstance(error, ServerError)
         assert str(error) == "HTTP 502: <html>Bad Gateway</html>"
 
@@ -99,26 +104,6 @@ class ClockWithThreads(Clock):
 
     def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
         f(*args, **kw)
-
-
-class _Network:
-    """Routes treq requests by host to StubTreq instances over real resources; other hosts refuse."""
-
-    def __init__(self, hosts: dict[str, StubTreq]) -> None:
-        self.hosts = hosts
-        self.asked: list[str] = []
-
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
-        host = url.split("/")[2]
-        self.asked.append(host)
-        stub = self.hosts.get(host)
-        if stub is None:
-            return fail(ConnectionRefusedError(f"{host} refuses"))
-        return stub.request(method, url, **kwargs)  # type: ignore[attr-defined,no-any-return]
-
-    def flush(self) -> None:
-        for stub in self.hosts.values():
-            stub.flush()
 
 
 class AsyncClientTests(SynchronousTestCase):
@@ -141,7 +126,7 @@ class AsyncClientTests(SynchronousTestCase):
         self.api = RingAPI(self.membership, self.config, self.clock, status_extra=lambda: {"rebalancing": False})
         self.backend = LocalBackend(MemoryEngine(), "kv-a", self.clock, 1024)
         surface = KeyValueHTTP(self.backend, role="gateway")
-        self.network = _Network(
+        self.network = HTTPNetwork(
             {
                 "gw": StubTreq(RingRoot(self.api.resource(), surface.resource())),
                 # A server whose /kv answers 503, as a gateway without quorum does.
@@ -263,6 +248,36 @@ class AsyncClientTests(SynchronousTestCase):
         assert set(error.errors) == {"http://down", "http://gone"}
         assert "connection refused" in str(error)
 
+    def test_register(self) -> None:
+        """register announces a node (201 the first time, 200 with a newer seq) and it joins the ring."""
+        client = self.client(token=self.token)
+        announcement = {"id": "kv-d", "host": "127.0.0.1", "port": 8083, "line_port": 11215, "weight": 100, "seq": 1}
+        answer = self.result(client.register(announcement))
+        assert answer["result"] == "registered" and answer["node"]["line_port"] == 11215
+        self.clock.advance(0.1)
+        assert "kv-d" in self.membership.view.ring
+        again = self.result(client.register({**announcement, "weight": 50, "seq": 2}))
+        assert again["result"] == "updated" and again["epoch"] > answer["epoch"]
+
+    def test_cancel_stops_the_request_and_the_failover(self) -> None:
+        """Cancelling a call cancels the request under way, asks no other server and leaves no timer."""
+        self.network.hosts["slow"] = StubTreq(_Silent())
+        d = self.client("slow", "gw").put("k", b"v")
+        self.network.flush()
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.network.flush()
+        assert self.network.asked == ["slow"]
+        assert self.clock.getDelayedCalls() == []
+
+    def test_preferred_url(self) -> None:
+        """The server that answered last is asked first next time."""
+        client = self.client("down", "gw")
+        assert client.preferred_url == "http://down"
+        self.result(client.health())
+        assert client.preferred_url == "http://gw"
+
     def test_timeout(self) -> None:
         """A gateway that does not answer within the timeout counts as unreachable: the next one is asked."""
         self.network.hosts["slow"] = StubTreq(_Silent())
@@ -286,6 +301,53 @@ class _Silent(Resource):
 
     def render(self, request: Any) -> Any:
         return NOT_DONE_YET
+
+
+@implementer(IPolicyForHTTPS)
+class _Policy:
+    """An ``IPolicyForHTTPS`` that records the servers it is asked about (and makes no TLS)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[bytes, int]] = []
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        self.asked.append((hostname, port))
+        return optionsForClientTLS(hostname.decode())
+
+
+class HTTPClientTests(SynchronousTestCase):
+    """http_client: the treq client the daemons make their requests with."""
+
+    def test_tls_policy_decides_https(self) -> None:
+        """An https request goes through the given TLS policy, on a persistent quiet pool."""
+        reactor = MemoryReactorClock()
+        policy = _Policy()
+        client = AsyncKVStoreClient(reactor, ["https://gateway.example:8443"], tls=policy)
+        client.health()
+        assert policy.asked == [(b"gateway.example", 8443)]
+        assert [port for _, port, *_ in reactor.tcpClients] == [8443]
+
+    def test_tls_is_for_a_client_made_here(self) -> None:
+        """A treq client brings its own TLS settings: passing both is refused."""
+        with pytest.raises(ValueError, match="tls"):
+            AsyncKVStoreClient(StubTreq(Resource()), ["https://g"], tls=_Policy())
+
+
+class ImportTests:
+    """What importing the client costs."""
+
+    def test_blocking_client_imports_no_twisted(self) -> None:
+        """``from chashd.client import KVStoreClient`` (the standard-library client) imports no Twisted;
+        ``AsyncKVStoreClient`` is imported when asked for."""
+        code = (
+            "import sys\n"
+            "from chashd.client import KVStoreClient, ChashError\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('twisted', 'treq')], 'twisted imported'\n"
+            "from chashd.client import AsyncKVStoreClient\n"
+            "assert 'treq' in sys.modules\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
 
 
 class AsyncClientTokenTests(AsyncClientTests):

@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from chashd.client import AsyncKVStoreClient
 from chashd.commands import Store
 from chashd.config import GatewayConfig, KVStoreConfig, load_config
 from chashd.gateway.api import RingAPI
@@ -86,8 +87,8 @@ class DrainTests(SynchronousTestCase):
             {"node_id": node_id, "gateway": BASE, "line_port": str(line_port), "port": str(line_port + 100), **options},
             environ={},
         )
-        node = KVStoreService(config, self.reactor, engine=MemoryEngine(), http_client=self.stub, run_in_thread=run_now)
-        node.handoff.connect = self.network.connect
+        cluster = AsyncKVStoreClient(self.stub, config.gateway, reactor=self.reactor)
+        node = KVStoreService(config, self.reactor, MemoryEngine(), cluster, self.network.connect, run_now)
         self.roots[node_id] = KVStoreRoot(
             node,
             self.reactor,
@@ -206,7 +207,7 @@ class NoGatewayTests(SynchronousTestCase):
         """No gateway: no drain, and health still reports the handoff state."""
         reactor = Reactor()
         config = load_config(KVStoreConfig, {"node_id": "solo"}, environ={})
-        node = KVStoreService(config, reactor, engine=MemoryEngine(), run_in_thread=run_now)
+        node = KVStoreService(config, reactor, MemoryEngine(), None, MemoryNetwork(reactor).connect, run_now)
         root = KVStoreRoot(node, reactor)
         node.startService()
         assert root.drain().called and not node.backend.leaving
@@ -219,7 +220,7 @@ class NoGatewayTests(SynchronousTestCase):
         """GET /stats and /metrics carry the handoff's counters."""
         reactor = Reactor()
         config = load_config(KVStoreConfig, {"node_id": "solo"}, environ={})
-        node = KVStoreService(config, reactor, engine=MemoryEngine(), run_in_thread=run_now)
+        node = KVStoreService(config, reactor, MemoryEngine(), None, MemoryNetwork(reactor).connect, run_now)
         stats = node.backend.stats()
         assert stats["handoff_records_sent_total"] == 0 and stats["handoff_records_pending"] == 0
         assert "handoff_records_received_total" in stats

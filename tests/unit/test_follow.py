@@ -8,16 +8,16 @@ import random
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
 
+from chashd.client import AsyncKVStoreClient
 from chashd.gateway.dataplane import Routing
 from chashd.gateway.follow import RoutingFeed, RoutingWatch
 from chashd.gateway.router import Placement
-from chashd.kvstore.ringwatch import treq_get
 from chashd.node import NodeInfo, NodeState
 from chashd.ring import HashRing
+from tests.unit.memory_network import HTTPNetwork
 from tests.unit.test_ring_api import BASE, RingAPITestsBase
 
 TOKEN = "feed-token-for-tests"
@@ -117,8 +117,7 @@ class RoutingWatchTests(FeedTestsBase):
     def setUp(self) -> None:
         super().setUp()
         self.routings: list[Routing] = []
-        self.urls: list[str] = []
-        self.stub_get = treq_get(self.stub, self.clock, TOKEN)
+        self.network = HTTPNetwork({"gateway": self.stub})
         self.watches: list[RoutingWatch] = []
 
     def tearDown(self) -> None:
@@ -126,19 +125,14 @@ class RoutingWatchTests(FeedTestsBase):
             watch.stopService()
         super().tearDown()
 
-    def get(self, url: str, timeout: float) -> Deferred[tuple[int, bytes]]:
-        """The gateway at BASE answers through StubTreq; any other one refuses connections."""
-        self.urls.append(url)
-        if not url.startswith(BASE):
-            return fail(ConnectionRefusedError())
-        return self.stub_get(url, timeout)
-
-    def watch(self, gateways: list[str] | None = None) -> RoutingWatch:
-        watch = RoutingWatch(gateways or [BASE], self.get, self.clock, self.routings.append, rng=random.Random(0))
+    def watch(self, gateways: list[str] | None = None, token: str = TOKEN) -> RoutingWatch:
+        """A watch of the gateway (BASE) through the cluster client; any other host refuses connections."""
+        client = AsyncKVStoreClient(self.network, gateways or [BASE], token=token, reactor=self.clock)
+        watch = RoutingWatch(client, self.clock, self.routings.append, rng=random.Random(0))
         watch.startService()
         self.watches.append(watch)
         self.clock.advance(0)
-        self.stub.flush()
+        self.network.flush()
         return watch
 
     def test_follows_each_change_at_once(self) -> None:
@@ -146,7 +140,7 @@ class RoutingWatchTests(FeedTestsBase):
         self.feed.publish(routing(5, previous=4))
         self.watch()
         assert [r.tag for r in self.routings] == ["5.4"]
-        assert self.urls[-1] == f"{BASE}/ring/placement?known=5.4&timeout=25"
+        assert self.network.urls[-1] == f"{BASE}/ring/placement?known=5.4&timeout=25"
         self.feed.publish(routing(5))
         self.stub.flush()
         self.clock.advance(0)
@@ -164,15 +158,19 @@ class RoutingWatchTests(FeedTestsBase):
         assert [r.tag for r in self.routings] == ["6.0"] and watch.latest == routing(6)
 
     def test_next_gateway_after_a_failure(self) -> None:
-        """A gateway that refuses is left for the next one after a backoff, with a warning."""
+        """A gateway that refuses is passed over for the next one in the same poll."""
+        self.feed.publish(routing(2))
+        self.watch(["http://down:1", BASE])
+        assert [r.tag for r in self.routings] == ["2.0"]
+        assert self.network.asked[:2] == ["down:1", "gateway"]
+
+    def test_backoff_and_the_token(self) -> None:
+        """A watch without the right token is refused (403) and tries again after a backoff, with a warning."""
         self.feed.publish(routing(2))
         with capturedLogs() as events:
-            self.watch(["http://down:1", BASE])
-            assert self.routings == []
-            self.clock.advance(1)
-            self.stub.flush()
-        assert [r.tag for r in self.routings] == ["2.0"]
-        assert any("cannot poll" in e.get("log_format", "") for e in events)
+            self.watch(token="another")
+        assert self.routings == [] and len(self.clock.getDelayedCalls()) == 1
+        assert any("cannot poll" in e.get("log_format", "") and "not this cluster's" in e["error"] for e in events)
 
 
 class RoutingFormTests(RingAPITestsBase):

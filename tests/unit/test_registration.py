@@ -1,129 +1,132 @@
-"""Registration with the gateways: idempotent announcements, retries with backoff."""
+"""Registration with the gateways (chashd.kvstore.registration): announcements through the cluster client to
+a real RingAPI (real Membership, in-memory Raft) over StubTreq, repeated every interval, retried with
+backoff."""
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock
+from treq.testing import StubTreq
 from twisted.logger import LogLevel, capturedLogs
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from chashd.client import AsyncKVStoreClient
 from chashd.kvstore.registration import Registrar
+from tests.unit.memory_network import HTTPNetwork
+from tests.unit.test_ring_api import BASE, RingAPITestsBase, announcement
 
 
-class FakeGateways:
-    """Records posts; answers from a script of results (a status code or an exception)."""
+class _Silent(Resource):
+    """A gateway that never answers."""
 
-    def __init__(self, *answers: Any) -> None:
-        self.answers = list(answers)
-        self.posts: list[tuple[str, dict[str, Any], dict[bytes, list[bytes]]]] = []
+    isLeaf = True
 
-    def post(self, url: str, body: bytes, headers: dict[bytes, list[bytes]]) -> Deferred[tuple[int, bytes]]:
-        self.posts.append((url, json.loads(body), headers))
-        answer = self.answers.pop(0) if self.answers else 200
-        if isinstance(answer, Exception):
-            return fail(answer)
-        if isinstance(answer, Deferred):
-            return answer
-        return succeed((answer, b'{"detail": "nope"}'))
+    def render(self, request: Any) -> Any:
+        return NOT_DONE_YET
 
 
-def _registrar(gateways: FakeGateways, clock: Clock, **kw: Any) -> Registrar:
-    return Registrar(
-        ["http://g1:8000", "http://g2:8000/"],
-        lambda: {"id": "a", "host": "h", "port": 1, "line_port": 2, "weight": 1, "seq": 5},
-        gateways.post,
-        clock,
-        interval=30,
-        rng=random.Random(1),
-        **kw,
-    )
+class RegistrarTests(RingAPITestsBase):
+    """The Registrar service against the gateway's ``POST /ring/nodes``."""
 
+    options = {"token": "s3cret"}
 
-class RegistrarTests:
-    """The Registrar service."""
+    def setUp(self) -> None:
+        super().setUp()
+        self.network = HTTPNetwork({"gateway": self.stub})
+        self.seq = 5
+        self.registrars: list[Registrar] = []
+
+    def tearDown(self) -> None:
+        for registrar in self.registrars:
+            registrar.stopService()
+        self.network.flush()
+        super().tearDown()
+
+    def registrar(self, gateways: list[str] | None = None, token: str | None = "s3cret") -> Registrar:
+        client = AsyncKVStoreClient(self.network, gateways or [BASE], token=token, reactor=self.clock)
+        registrar = Registrar(
+            client, lambda: announcement("kv-a", seq=self.seq), self.clock, interval=30, rng=random.Random(1)
+        )
+        registrar.startService()
+        self.registrars.append(registrar)
+        self.clock.advance(0)
+        self.network.flush()
+        return registrar
+
+    def posts(self) -> int:
+        """The announcements sent so far."""
+        return sum(1 for url in self.network.urls if url.endswith("/ring/nodes"))
+
+    def delays(self, registrar: Registrar, count: int) -> list[float]:
+        """Let ``count`` retries happen; their delays."""
+        delays = []
+        for _ in range(count):
+            (call,) = self.clock.getDelayedCalls()
+            delays.append(call.getTime() - self.clock.seconds())
+            self.clock.advance(delays[-1])
+            self.network.flush()
+        return delays
 
     def test_registers_at_start_and_periodically(self) -> None:
-        """The first announcement goes out at once, then every interval."""
-        clock, gateways = Clock(), FakeGateways()
-        registrar = _registrar(gateways, clock)
-        registrar.startService()
-        clock.advance(0)
-        assert [p[0] for p in gateways.posts] == ["http://g1:8000/ring/nodes"]
-        assert gateways.posts[0][1]["id"] == "a"
-        assert registrar.registered_with == "http://g1:8000/ring/nodes"
-        clock.advance(29)
-        assert len(gateways.posts) == 1
-        clock.advance(1)
-        assert len(gateways.posts) == 2
-        registrar.stopService()
-        assert clock.getDelayedCalls() == []
+        """The first announcement goes out at once and puts the node in the map, then one every interval."""
+        registrar = self.registrar()
+        assert self.posts() == 1 and registrar.registered_with == BASE
+        node = self.membership.view.node("kv-a")
+        assert node is not None and node.seq == 5 and "kv-a" in self.membership.view.ring
+        self.clock.advance(29)
+        self.network.flush()
+        assert self.posts() == 1
+        self.seq = 6
+        self.clock.advance(1)
+        self.network.flush()
+        assert self.posts() == 2
+        node = self.membership.view.node("kv-a")
+        assert node is not None and node.seq == 6
 
-    def test_retries_next_gateway_with_backoff(self) -> None:
-        """Failures rotate through the gateways with growing delays, and a success resets them."""
-        clock = Clock()
-        refused = ConnectionRefusedError()
-        gateways = FakeGateways(refused, 503, refused, refused, 200)
-        registrar = _registrar(gateways, clock)
+    def test_retries_with_backoff_until_a_gateway_answers(self) -> None:
+        """While no gateway answers, each try asks every gateway, and the delays grow; the first success
+        resets them and the next announcement comes an interval later."""
         with capturedLogs() as events:
-            registrar.startService()
-            clock.advance(0)
-            delays = []
-            while registrar.registered_with is None:
-                (call,) = clock.getDelayedCalls()
-                delays.append(call.getTime() - clock.seconds())
-                clock.advance(delays[-1])
-        urls = [p[0] for p in gateways.posts]
-        assert urls == ["http://g1:8000/ring/nodes", "http://g2:8000/ring/nodes"] * 2 + ["http://g1:8000/ring/nodes"]
+            registrar = self.registrar(["http://down:1", "http://down:2"])
+            delays = self.delays(registrar, 3)
+            self.network.hosts["down:2"] = self.stub
+            delays += self.delays(registrar, 1)
+        assert registrar.registered_with == "http://down:2"
+        assert self.network.asked == ["down:1", "down:2"] * 4 + ["down:1", "down:2"]
         assert delays == sorted(delays) and delays[-1] > delays[0]
         warnings = [e for e in events if e["log_level"] == LogLevel.warn]
-        assert len(warnings) == 4
-        assert "HTTP 503: nope" in warnings[1]["error"]
-        (call,) = clock.getDelayedCalls()
-        assert call.getTime() - clock.seconds() == 30
-        registrar.stopService()
+        assert len(warnings) == 4 and "connection refused" in warnings[0]["error"]
+        (call,) = self.clock.getDelayedCalls()
+        assert call.getTime() - self.clock.seconds() == 30
+
+    def test_a_refusal_is_retried_with_its_detail_logged(self) -> None:
+        """A gateway that refuses the announcement (another node holds the id) is asked again later."""
+        self.register(node_id="kv-a", host="127.0.0.9", headers={"Authorization": "Bearer s3cret"})
+        with capturedLogs() as events:
+            registrar = self.registrar()
+        assert registrar.registered_with is None
+        (warning,) = [e for e in events if e["log_level"] == LogLevel.warn]
+        assert "taken" in warning["error"]
+        assert len(self.clock.getDelayedCalls()) == 1
 
     def test_backoff_is_capped(self) -> None:
         """A gateway that never answers is retried at most every max_backoff seconds (with jitter)."""
-        clock = Clock()
-        gateways = FakeGateways(*[ConnectionRefusedError()] * 30)
-        registrar = _registrar(gateways, clock)
-        registrar.startService()
-        clock.advance(0)
-        for _ in range(25):
-            (call,) = clock.getDelayedCalls()
-            delay = call.getTime() - clock.seconds()
-            assert delay <= Registrar.max_backoff * 1.25
-            clock.advance(delay)
-        registrar.stopService()
+        registrar = self.registrar(["http://down:1"])
+        assert all(delay <= Registrar.max_backoff * 1.25 for delay in self.delays(registrar, 25))
 
-    def test_sends_token(self) -> None:
-        """With a token, the announcement carries it as a bearer token."""
-        clock, gateways = Clock(), FakeGateways()
-        registrar = _registrar(gateways, clock, token="s3cret")
-        registrar.startService()
-        clock.advance(0)
-        assert gateways.posts[0][2][b"Authorization"] == [b"Bearer s3cret"]
-        registrar.stopService()
+    def test_sends_the_token(self) -> None:
+        """The announcement carries the cluster's token; without it the gateway refuses (401)."""
+        registrar = self.registrar(token=None)
+        assert registrar.registered_with is None and self.membership.view.node("kv-a") is None
+        assert self.registrar().registered_with == BASE
 
-    def test_stop_cancels_request_in_flight(self) -> None:
+    def test_stop_cancels_the_request_in_flight(self) -> None:
         """Stopping cancels the pending request and leaves no timer."""
-        clock = Clock()
-        pending: Deferred[tuple[int, bytes]] = Deferred()
-        gateways = FakeGateways(pending)
-        registrar = _registrar(gateways, clock)
-        registrar.startService()
-        clock.advance(0)
+        self.network.hosts["silent"] = StubTreq(_Silent())
+        registrar = self.registrar(["http://silent"])
+        assert len(self.clock.getDelayedCalls()) == 1  # the request's timeout
         registrar.stopService()
-        assert pending.called
-        assert clock.getDelayedCalls() == []
-
-    def test_no_gateways_no_timer(self) -> None:
-        """A node with no gateways given runs standalone."""
-        clock = Clock()
-        registrar = Registrar([], dict, FakeGateways().post, clock)
-        registrar.startService()
-        assert clock.getDelayedCalls() == []
+        self.network.flush()
+        assert self.clock.getDelayedCalls() == []
