@@ -43,6 +43,11 @@ class NodeInfo:
     state: NodeState = NodeState.UP
     seq: int = 0
 
+    def url(self, scheme: str = "http") -> str:
+        """The base URL of the node's HTTP API (an IPv6 host in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
         return {

@@ -9,7 +9,8 @@
 
 ``KVStoreClient`` uses only the standard library (``http.client``): a persistent connection per gateway and
 per thread, so one client may be shared by threads; importing it imports no Twisted. ``AsyncKVStoreClient``
-(imported from ``chashd.client._twisted`` when first asked for) does the same on treq and returns Deferreds.
+(imported from ``chashd.client._twisted`` when first asked for, like ``http_client``, the treq client the
+daemons make) does the same on treq and returns Deferreds.
 Both take one or several gateway URLs (``host:port`` is read as ``http://host:port``) and
 try them in turn when one cannot be reached or answers 503 (no quorum, no leader, shutting down: the
 gateway says the request is safe to repeat); the gateway that last answered is tried first next time.
@@ -51,7 +52,7 @@ from chashd.client._api import (
 from chashd.client._blocking import KVStoreClient
 
 if TYPE_CHECKING:
-    from chashd.client._twisted import AsyncKVStoreClient
+    from chashd.client._twisted import AsyncKVStoreClient, http_client
 
 __all__ = [
     "DEFAULT_GATEWAY",
@@ -66,16 +67,18 @@ __all__ = [
     "Unauthorized",
     "Unreachable",
     "gateway_urls",
+    "http_client",
 ]
 
 
 if not TYPE_CHECKING:  # for a type checker, the import above says what the name is
 
     def __getattr__(name: str) -> Any:
-        """``AsyncKVStoreClient`` is imported (with Twisted and treq) when it is first asked for."""
-        if name != "AsyncKVStoreClient":
+        """``AsyncKVStoreClient`` and ``http_client`` are imported (with Twisted and treq) when first asked for."""
+        if name not in ("AsyncKVStoreClient", "http_client"):
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from chashd.client._twisted import AsyncKVStoreClient
+        from chashd.client import _twisted
 
-        globals()[name] = AsyncKVStoreClient
-        return AsyncKVStoreClient
+        value = getattr(_twisted, name)
+        globals()[name] = value
+        return value

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.internet.error import TimeoutError as Timeout
 from twisted.python.failure import Failure
@@ -242,7 +242,8 @@ class AsyncKVStoreClient:
             kwargs["data"] = call.body
         if self._reactor is not None:
             kwargs["reactor"] = self._reactor
-        d: Deferred[Any] = self._treq.request(call.method, url, **kwargs)
+        # maybeDeferred: treq raises at once for some URLs (an IPv6 literal: hyperlink's issue #188).
+        d: Deferred[Any] = maybeDeferred(self._treq.request, call.method, url, **kwargs)
 
         def read(response: Any) -> Deferred[Response]:
             headers = {

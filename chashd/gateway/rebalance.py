@@ -1,23 +1,19 @@
 """Rebalancing as a gateway sees it: which kvstores have handed off their data for the current ring.
 
-Every gateway (not only the leader) reads each up or leaving kvstore's ``GET /health`` every probe interval.
-A kvstore reports there the epoch of the ring its data conforms to (``handoff.synced_epoch``), its key
-count and its handoff progress. While some node's synced ring places keys differently from the current
-ring, a move is under way: ``Rebalance.placement()`` then gives the router the oldest such ring as
-``previous``, so reads (and read-modify-writes) also ask the nodes that owned a key before the move, and no
-acknowledged write is missed. When every node has caught up, ``previous`` is None again and reads cost
-what they cost before.
+Every gateway (not only the leader) reads each kvstore's ``GET /health`` every probe interval (the node
+monitor, ``chashd.gateway.monitor``, does the asking). A kvstore reports there the epoch of the ring its data
+conforms to (``handoff.synced_epoch``), its key count and its handoff progress. While some node's synced
+ring places keys differently from the current ring, a move is under way: ``Rebalance.placement()`` then
+gives the router the oldest such ring as ``previous``, so reads (and read-modify-writes) also ask the nodes
+that owned a key before the move, and no acknowledged write is missed. When every node has caught up,
+``previous`` is None again and reads cost what they cost before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from chashd.gateway.clustermap import ClusterView
@@ -26,102 +22,49 @@ from chashd.gateway.router import Placement
 from chashd.node import NodeInfo, NodeState
 from chashd.ring import HashRing
 
-__all__ = ["Rebalance", "http_report"]
-
-Fetch = Callable[[NodeInfo], Deferred[dict[str, Any]]]
+__all__ = ["Rebalance"]
 
 
-def http_report(client: Any, timeout: float = 1.0) -> Fetch:
-    """A ``fetch`` over a ``treq.client.HTTPClient``: the JSON body of ``GET http://host:port/health``."""
+class Rebalance:
+    """Follows the kvstores' handoff progress in the node monitor's reports (``reports``: node id to the last
+    ``/health`` report) and derives the router's ``Placement`` from it (a ``NodeObserver`` of
+    ``chashd.gateway.monitor.NodeMonitor``).
 
-    def fetch(node: NodeInfo) -> Deferred[dict[str, Any]]:
-        host = f"[{node.host}]" if ":" in node.host else node.host
-        d: Deferred[Any] = client.get(f"http://{host}:{node.port}/health", timeout=timeout)
-        return d.addCallback(lambda response: response.json())  # type: ignore[no-any-return]
-
-    return fetch
-
-
-class Rebalance(Service):
-    """Follows the kvstores' handoff progress and derives the router's ``Placement`` from it.
-
-    ``on_change()`` is called whenever the placement may have changed (a new view, a node caught up).
+    ``on_change()`` is called after each round of the monitor, when the placement may have changed.
     """
 
     _log = Logger()
 
     def __init__(
-        self,
-        membership: Membership,
-        fetch: Fetch,
-        clock: IReactorTime,
-        interval: float,
-        on_change: Callable[[], None],
+        self, membership: Membership, reports: Mapping[str, Mapping[str, Any]], on_change: Callable[[], None]
     ) -> None:
         self._membership = membership
-        self._fetch = fetch
-        self._clock = clock
-        self._interval = interval
+        self.reports = reports
         self._on_change = on_change
-        self.reports: dict[str, dict[str, Any]] = {}
-        self._loop: LoopingCall | None = None
-        self._polling: Deferred[Any] | None = None
         self._was_rebalancing = False
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._poll)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True).addErrback(
-            lambda f: self._log.failure("the progress poll stopped", f)
-        )
+    # -- the monitor's rounds -----------------------------------------------------------------------
 
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        if self._polling is not None:
-            self._polling.cancel()
+    def round_started(self, view: ClusterView, now: float) -> None:
+        """Nothing to do before a round."""
 
-    def _poll(self) -> Deferred[Any] | None:
-        """Ask every up or leaving node for its report (one round at a time; errors only logged)."""
-        if self._polling is not None:
-            return None
-        view = self._membership.view
-        nodes = view.nodes_in(NodeState.UP, NodeState.LEAVING)
-        for gone in set(self.reports) - {n.id for n in view.nodes}:
-            del self.reports[gone]
-        asks = [
-            self._fetch(node).addCallbacks(self._got, self._missed, callbackArgs=(node,), errbackArgs=(node,))
-            for node in nodes
-        ]
-        self._polling = DeferredList(asks, consumeErrors=True)
-        self._polling.addBoth(self._round_done)
-        return None
+    def reported(self, node: NodeInfo, report: Mapping[str, Any]) -> None:
+        """Nothing to do per report: the monitor keeps the reports, and the round's end reads them."""
 
-    def _got(self, body: Any, node: NodeInfo) -> None:
-        if isinstance(body, dict):
-            self.reports[node.id] = body
+    def unreachable(self, node: NodeInfo, reason: str) -> None:
+        """Health verdicts are ``HealthChecker``'s: here a miss only leaves the node's last report."""
 
-    def _missed(self, failure: Any, node: NodeInfo) -> None:
-        # Health verdicts are the leader's HealthChecker's job; here a miss only leaves the last report.
-        pass
-
-    def _round_done(self, _: Any) -> None:
-        self._polling = None
-        try:
-            rebalancing = self.rebalancing()
-            if rebalancing != self._was_rebalancing:
-                self._was_rebalancing = rebalancing
-                self._log.info(
-                    "rebalancing {state} at epoch {epoch}",
-                    state="started" if rebalancing else "finished",
-                    epoch=self._membership.view.epoch,
-                )
-            self._on_change()
-        except Exception:
-            self._log.failure("applying the kvstores' progress failed")
+    def round_done(self) -> None:
+        """Log when a move starts or ends, and let the router follow."""
+        rebalancing = self.rebalancing()
+        if rebalancing != self._was_rebalancing:
+            self._was_rebalancing = rebalancing
+            self._log.info(
+                "rebalancing {state} at epoch {epoch}",
+                state="started" if rebalancing else "finished",
+                epoch=self._membership.view.epoch,
+            )
+        self._on_change()
 
     # -- derived state --------------------------------------------------------------------------
 

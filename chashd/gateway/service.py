@@ -1,9 +1,10 @@
-"""The gateway: the Raft-replicated cluster map, the health checks over it, the router over it."""
+"""The gateway: the Raft-replicated cluster map, the node monitor with the health verdicts and the handoff
+progress it feeds, the router over them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
@@ -12,10 +13,11 @@ from zope.interface import implementer
 from chashd.config import GatewayConfig
 from chashd.gateway.clustermap import ClusterView
 from chashd.gateway.dataplane import DataPlane, Routing
-from chashd.gateway.health import HealthChecker, Probe, http_probe
+from chashd.gateway.health import HealthChecker
 from chashd.gateway.membership import Membership, MembershipReactor
+from chashd.gateway.monitor import NodeMonitor, Probe
 from chashd.gateway.raft import RaftFactory
-from chashd.gateway.rebalance import Fetch, Rebalance, http_report
+from chashd.gateway.rebalance import Rebalance
 from chashd.gateway.router import Router
 from chashd.interfaces import IServerAdmin
 from chashd.node import NodeState
@@ -26,24 +28,32 @@ __all__ = ["CLUSTER_TOTALS", "GatewayAdmin", "GatewayService"]
 CLUSTER_TOTALS = ("curr_items", "bytes", "limit_maxbytes", "evictions", "total_items", "get_hits", "get_misses")
 
 
+class _Reports(Protocol):
+    """Where the kvstores' last ``/health`` reports are (``NodeMonitor``)."""
+
+    @property
+    def reports(self) -> Mapping[str, Mapping[str, Any]]:
+        """Node id to its last report."""
+
+
 @implementer(IServerAdmin)
 class GatewayAdmin:
     """The gateway's side of memcached's admin commands (``IServerAdmin``): its routing settings, its
     router's counters (``stats reset``), and the cluster's totals, summed from the reports every kvstore
-    gives in ``GET /health`` (read each probe interval by ``Rebalance``): ``cluster_nodes_reporting`` and
-    ``cluster_<name>`` for each name of ``CLUSTER_TOTALS``. A gateway holds no items: ``cache_memlimit`` is
-    refused (send it to each kvstore) and ``stats cachedump`` is empty."""
+    gives in ``GET /health`` (read each probe interval by the node monitor, ``monitor``):
+    ``cluster_nodes_reporting`` and ``cluster_<name>`` for each name of ``CLUSTER_TOTALS``. A gateway holds
+    no items: ``cache_memlimit`` is refused (send it to each kvstore) and ``stats cachedump`` is empty."""
 
-    def __init__(self, router: Router, rebalance: Rebalance, config: GatewayConfig) -> None:
+    def __init__(self, router: Router, monitor: _Reports, config: GatewayConfig) -> None:
         self._router = router
-        self._rebalance = rebalance
+        self._monitor = monitor
         self._config = config
 
     def stats_extra(self) -> dict[str, Any]:
         """The cluster totals."""
         totals = dict.fromkeys(CLUSTER_TOTALS, 0)
         reporting = 0
-        for report in self._rebalance.reports.values():
+        for report in self._monitor.reports.values():
             figures = report.get("stats")
             if not isinstance(figures, dict):
                 continue
@@ -83,13 +93,16 @@ class GatewayAdmin:
 
 
 class GatewayService(MultiService):
-    """Owns what a gateway is: its identity, its membership in the Raft group (``membership``), the
-    health checks it runs while it leads (``health_checker``), and the data plane: the ``router`` over
-    the ``connections`` to every kvstore, both following each new view of the cluster map.
+    """Owns what a gateway is: its identity, its membership in the Raft group (``membership``), the node
+    monitor (``monitor``: every kvstore's ``/health`` each probe interval) and the two things it feeds, the
+    health verdicts the gateway gives while it leads (``health_checker``) and the handoff progress
+    (``rebalance``), and the data plane: the ``router`` over the ``connections`` to every kvstore, both
+    following each new view of the cluster map and each round of the monitor.
 
     ``raft_factory`` builds the Raft object in ``Membership.startService`` (tests pass ``LocalRaft``);
-    ``probe`` checks one kvstore (default: ``GET /health`` with treq). ``serves_keys`` False leaves the data
-    plane unconnected: the gateway's workers serve keys (``--workers``), fed through ``on_routing``.
+    ``probe`` asks one kvstore for its report (``chashd.gateway.monitor.health_probe``, made in
+    ``chashd.gateway.tap``). ``serves_keys`` False leaves the data plane unconnected: the gateway's workers
+    serve keys (``--workers``), fed through ``on_routing``.
     """
 
     _log = Logger()
@@ -98,10 +111,8 @@ class GatewayService(MultiService):
         self,
         config: GatewayConfig,
         reactor: MembershipReactor,
-        raft_factory: RaftFactory | None = None,
-        probe: Probe | None = None,
-        http_client: Any = None,
-        fetch: Fetch | None = None,
+        raft_factory: RaftFactory | None,
+        probe: Probe,
         serves_keys: bool = True,
     ) -> None:
         super().__init__()
@@ -109,24 +120,12 @@ class GatewayService(MultiService):
         self._reactor = reactor
         self.membership = Membership(config, reactor, raft_factory)
         self.membership.setServiceParent(self)
-        if http_client is None and (probe is None or fetch is None):
-            from chashd.client._twisted import http_client as make_client
-
-            http_client = make_client(reactor, connect_timeout=1.0)
-        timeout = max(0.5, min(2.0, config.probe_interval))
-        if probe is None:
-            probe = http_probe(http_client, timeout=timeout)
-        if fetch is None:
-            fetch = http_report(http_client, timeout=timeout)
+        self.monitor = NodeMonitor(self.membership, probe, reactor, config.probe_interval)
+        self.monitor.setServiceParent(self)
         self.health_checker = HealthChecker(
-            self.membership,
-            probe,
-            reactor,  # type: ignore[arg-type]
-            interval=config.probe_interval,
-            down_after=config.down_after,
-            dead_after=config.dead_after,
+            self.membership, reactor, down_after=config.down_after, dead_after=config.dead_after
         )
-        self.health_checker.setServiceParent(self)
+        self.monitor.subscribe(self.health_checker)
         self.data_plane = DataPlane(config, reactor)
         self.data_plane.setServiceParent(self)
         self.connections = self.data_plane.connections
@@ -134,9 +133,9 @@ class GatewayService(MultiService):
         self._serves_keys = serves_keys
         #: Called with each new ``Routing`` (the workers' and followers' feed).
         self.on_routing: Callable[[Routing], None] | None = None
-        self.rebalance = Rebalance(self.membership, fetch, reactor, config.probe_interval, self._route)  # type: ignore[arg-type]
-        self.rebalance.setServiceParent(self)
-        self.admin = GatewayAdmin(self.router, self.rebalance, config)
+        self.rebalance = Rebalance(self.membership, self.monitor.reports, self._route)
+        self.monitor.subscribe(self.rebalance)
+        self.admin = GatewayAdmin(self.router, self.monitor, config)
         self.membership.subscribe(self._new_view)
 
     def _new_view(self, view: ClusterView) -> None:

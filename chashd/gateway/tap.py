@@ -12,15 +12,15 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 
-from chashd.client import AsyncKVStoreClient
+from chashd.client import AsyncKVStoreClient, http_client
 from chashd.config import ConfigOptions, GatewayConfig, check_secrets, options_for
 from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.dataplane import DataPlane, Routing
 from chashd.gateway.follow import FOLLOW_TIMEOUT, RoutingFeed, RoutingWatch
-from chashd.gateway.health import Probe
 from chashd.gateway.metrics import GatewayCollector
+from chashd.gateway.monitor import Probe, health_probe
 from chashd.gateway.raft import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
 from chashd.gateway.statuspage import StatusPage
@@ -102,7 +102,10 @@ def _raft_gateway(
     notifier: SystemdNotifier,
 ) -> None:
     """A gateway of the Raft group: membership, health checks, the ring API, and the data plane."""
-    gateway = GatewayService(config, reactor, raft_factory=raft_factory, probe=probe, serves_keys=config.workers == 1)
+    if probe is None:
+        kvstores = http_client(reactor, connect_timeout=1.0)
+        probe = health_probe(kvstores, reactor, timeout=max(0.5, min(2.0, config.probe_interval)))
+    gateway = GatewayService(config, reactor, raft_factory, probe, serves_keys=config.workers == 1)
     gateway.setServiceParent(root)
     feed = RoutingFeed(reactor, config.token)
     gateway.on_routing = feed.publish

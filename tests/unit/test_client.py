@@ -31,6 +31,7 @@ from chashd.client import (
     Unauthorized,
     Unreachable,
     gateway_urls,
+    http_client,
 )
 from chashd.client._api import Response, error_for
 from chashd.config import GatewayConfig, load_config
@@ -277,6 +278,13 @@ class AsyncClientTests(SynchronousTestCase):
         assert client.preferred_url == "http://down"
         self.result(client.health())
         assert client.preferred_url == "http://gw"
+
+    def test_a_url_treq_cannot_send_fails_the_deferred(self) -> None:
+        """treq raises at once for an IPv6 literal (hyperlink's issue #188): the call fails with
+        Unreachable, it does not raise."""
+        client = AsyncKVStoreClient(http_client(MemoryReactorClock()), ["http://[::1]:8000"], reactor=self.clock)
+        error = self.failure(client.health(), Unreachable)
+        assert "[::1]" in str(error)
 
     def test_timeout(self) -> None:
         """A gateway that does not answer within the timeout counts as unreachable: the next one is asked."""

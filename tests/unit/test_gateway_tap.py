@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -60,9 +61,9 @@ class GatewayWiringTests(SynchronousTestCase):
         self.rafts.append(raft)
         return raft
 
-    def _probe(self, node: NodeInfo) -> Deferred[bool]:
+    def _probe(self, node: NodeInfo) -> Deferred[Mapping[str, Any]]:
         self.probed.append(node.id)
-        return succeed(True)
+        return succeed({"role": "kvstore", "id": node.id})
 
     def build(self, *args: str) -> IService:
         """Parse the options and build the gateway."""
@@ -140,8 +141,8 @@ class GatewayWiringTests(SynchronousTestCase):
         self.successResultOf(notifier.ready)
         service.stopService()
 
-    def test_health_checker_runs_as_leader(self) -> None:
-        """The leader probes the registered nodes with the injected probe."""
+    def test_node_monitor_runs(self) -> None:
+        """The node monitor asks the registered nodes with the injected probe."""
         service = self.build("--probe-interval", "0.5")
         service.startService()
         gateway = next(s for s in _services(service) if isinstance(s, GatewayService))

@@ -1,7 +1,9 @@
-"""Health checks: only the leader probes; down after N failures, up after a success, removed when dead."""
+"""Health verdicts (chashd.gateway.health) from the node monitor's rounds: only the leader judges; down after N
+failures, up after a success, removed when dead."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -11,8 +13,9 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.config import GatewayConfig, load_config
-from chashd.gateway.health import HealthChecker, http_probe
+from chashd.gateway.health import HealthChecker
 from chashd.gateway.membership import Membership
+from chashd.gateway.monitor import NodeMonitor
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.testing import LocalRaft
 from chashd.node import NodeInfo, NodeState
@@ -32,16 +35,16 @@ class Nodes:
         self.healthy: dict[str, bool] = {}
         self.hold: set[str] = set()
         self.probes: list[str] = []
-        self.pending: dict[str, Deferred[bool]] = {}
+        self.pending: dict[str, Deferred[Mapping[str, Any]]] = {}
 
-    def probe(self, node: NodeInfo) -> Deferred[bool]:
+    def probe(self, node: NodeInfo) -> Deferred[Mapping[str, Any]]:
         self.probes.append(node.id)
         if node.id in self.hold:
-            d: Deferred[bool] = Deferred()
+            d: Deferred[Mapping[str, Any]] = Deferred()
             self.pending[node.id] = d
             return d
         if self.healthy.get(node.id, True):
-            return succeed(True)
+            return succeed({"role": "kvstore", "id": node.id})
         return fail(ConnectionRefusedError("refused"))
 
 
@@ -59,9 +62,9 @@ class HealthCheckerTests(SynchronousTestCase):
         for name in ("a", "b"):
             self.successResultOf(self.membership.register_node(name, "h", ord(name), 2, 100, 1))
         self.nodes = Nodes()
-        self.checker = HealthChecker(
-            self.membership, self.nodes.probe, self.clock, interval=1.0, down_after=3, dead_after=10.0
-        )
+        self.monitor = NodeMonitor(self.membership, self.nodes.probe, self.clock, interval=1.0, timeout=2.0)
+        self.checker = HealthChecker(self.membership, self.clock, down_after=3, dead_after=10.0)
+        self.monitor.subscribe(self.checker)
 
     def _factory(self, settings: RaftSettings, listener: RaftListener) -> LocalRaft:
         raft = LocalRaft(settings, listener)
@@ -69,7 +72,7 @@ class HealthCheckerTests(SynchronousTestCase):
         return raft
 
     def tearDown(self) -> None:
-        self.checker.stopService()
+        self.monitor.stopService()
         self.membership.stopService()
         assert self.clock.getDelayedCalls() == []
 
@@ -80,7 +83,7 @@ class HealthCheckerTests(SynchronousTestCase):
 
     def test_probes_every_interval(self) -> None:
         """Each node is probed at start and then every interval."""
-        self.checker.startService()
+        self.monitor.startService()
         assert sorted(self.nodes.probes) == ["a", "b"]
         self.clock.advance(1.0)
         assert sorted(self.nodes.probes) == ["a", "a", "b", "b"]
@@ -88,7 +91,7 @@ class HealthCheckerTests(SynchronousTestCase):
     def test_down_after_consecutive_failures(self) -> None:
         """After down_after failed probes the node is marked down, not before; the other stays up."""
         self.nodes.healthy["a"] = False
-        self.checker.startService()
+        self.monitor.startService()
         self.clock.advance(1.0)
         assert self.state("a") == NodeState.UP and self.checker.failures["a"] == 2
         with capturedLogs() as events:
@@ -99,7 +102,7 @@ class HealthCheckerTests(SynchronousTestCase):
     def test_success_resets_the_count(self) -> None:
         """Failures must be consecutive."""
         self.nodes.healthy["a"] = False
-        self.checker.startService()
+        self.monitor.startService()
         self.clock.advance(1.0)
         self.nodes.healthy["a"] = True
         self.clock.advance(1.0)
@@ -111,7 +114,7 @@ class HealthCheckerTests(SynchronousTestCase):
     def test_up_again_after_success(self) -> None:
         """A down node that answers is marked up."""
         self.nodes.healthy["a"] = False
-        self.checker.startService()
+        self.monitor.startService()
         self.clock.pump([1.0, 1.0])
         assert self.state("a") == NodeState.DOWN
         self.nodes.healthy["a"] = True
@@ -121,7 +124,7 @@ class HealthCheckerTests(SynchronousTestCase):
     def test_removed_after_dead_after(self) -> None:
         """A node down for dead_after seconds is removed from the map, not earlier."""
         self.nodes.healthy["a"] = False
-        self.checker.startService()
+        self.monitor.startService()
         self.clock.pump([1.0, 1.0])
         assert self.state("a") == NodeState.DOWN
         self.clock.pump([1.0] * 9)
@@ -135,20 +138,22 @@ class HealthCheckerTests(SynchronousTestCase):
         """A draining node that stopped answering cannot finish: it is removed after dead_after too."""
         self.successResultOf(self.membership.start_leaving("a"))
         self.nodes.healthy["a"] = False
-        self.checker.startService()
+        self.monitor.startService()
         self.clock.pump([1.0] * 2)
         assert self.state("a") == NodeState.LEAVING  # not marked down: it already owns nothing new
         self.clock.pump([1.0] * 10)
         assert self.state("a") is None
 
-    def test_only_the_leader_probes(self) -> None:
-        """A follower does not probe; losing the leadership stops probing and forgets the counters."""
+    def test_only_the_leader_judges(self) -> None:
+        """A follower's monitor asks the nodes too (for the handoff progress), but only the leader counts
+        failures and changes states; losing the leadership forgets the counters."""
         self.raft.elect("127.0.0.1:9999")
-        self.checker.startService()
-        self.clock.advance(5.0)
-        assert self.nodes.probes == []
-        self.raft.elect(self.raft.settings.self_address)
         self.nodes.healthy["a"] = False
+        self.monitor.startService()
+        self.clock.pump([1.0] * 5)
+        assert self.nodes.probes.count("a") == 6 and self.checker.failures == {}
+        assert self.state("a") == NodeState.UP
+        self.raft.elect(self.raft.settings.self_address)
         self.clock.advance(1.0)
         self.clock.advance(1.0)
         assert self.checker.failures["a"] == 2
@@ -161,38 +166,30 @@ class HealthCheckerTests(SynchronousTestCase):
         self.clock.advance(1.0)
         assert self.state("a") == NodeState.DOWN
 
-    def test_leadership_loss_cancels_probes(self) -> None:
-        """In-flight probes are cancelled when the leadership is lost."""
-        self.nodes.hold = {"a"}
-        self.checker.startService()
-        pending = self.nodes.pending["a"]
-        self.raft.elect(None)
-        self.clock.advance(1.0)
-        assert pending.called  # cancelled
-
     def test_new_leader_removes_nodes_already_down(self) -> None:
         """A node down before this gateway led is removed dead_after seconds after it first saw it."""
         self.successResultOf(self.membership.mark_down("a"))
         self.nodes.healthy["a"] = False
-        self.checker.startService()
+        self.monitor.startService()
         self.clock.pump([1.0] * 9)
         assert self.state("a") == NodeState.DOWN
         self.clock.advance(1.0)
         assert self.state("a") is None
 
     def test_slow_probe_times_out(self) -> None:
-        """A probe that never answers counts as a failure after probe_timeout; one probe in flight per node."""
+        """A probe that never answers counts as a failure after the monitor's timeout; one probe in flight per
+        node."""
         self.nodes.hold = {"a"}
-        self.checker.startService()
+        self.monitor.startService()
         self.clock.advance(1.0)
         assert self.nodes.probes.count("a") == 1  # still in flight: not probed again
-        self.clock.advance(self.checker.probe_timeout)
+        self.clock.advance(self.monitor.timeout)
         assert self.checker.failures.get("a") == 1
 
     def test_failed_change_is_logged_and_retried(self) -> None:
         """A change that cannot be confirmed is logged, and tried again on a later round."""
         self.nodes.healthy["a"] = False
-        self.checker.startService()
+        self.monitor.startService()
         self.raft.hold()
         self.clock.pump([1.0, 1.0])
         assert self.raft.held and self.raft.held[-1][0] == "mark_down"
@@ -201,61 +198,3 @@ class HealthCheckerTests(SynchronousTestCase):
         assert any("cannot" in e.get("log_format", "") for e in events)
         self.clock.advance(1.0)
         assert self.state("a") == NodeState.DOWN
-
-    def test_round_errors_are_logged_and_the_loop_goes_on(self) -> None:
-        """A round that raises is logged; the next round still runs (STYLE habit 12)."""
-        membership = self.membership
-
-        class Flaky:
-            """Membership whose view fails once."""
-
-            calls = 0
-            is_leader = True
-
-            @property
-            def view(self) -> Any:
-                Flaky.calls += 1
-                if Flaky.calls == 1:
-                    raise RuntimeError("bug")
-                return membership.view
-
-        checker = HealthChecker(Flaky(), self.nodes.probe, self.clock, interval=1.0)  # type: ignore[arg-type]
-        with capturedLogs() as events:
-            checker.startService()
-        assert [e["log_failure"].value.args for e in events if "log_failure" in e] == [("bug",)]
-        self.flushLoggedErrors(RuntimeError)
-        assert self.nodes.probes == []
-        self.clock.advance(1.0)
-        assert sorted(self.nodes.probes) == ["a", "b"]
-        checker.stopService()
-
-    def test_stop_leaves_no_timer(self) -> None:
-        """stopService cancels the loop and in-flight probes."""
-        self.nodes.hold = {"a", "b"}
-        self.checker.startService()
-        self.checker.stopService()
-        assert self.clock.getDelayedCalls() == []
-        assert all(d.called for d in self.nodes.pending.values())
-
-
-class HttpProbeTests(SynchronousTestCase):
-    """http_probe: GET /health with treq."""
-
-    def test_probe_over_stub(self) -> None:
-        """200 is healthy; another status is not; the URL is the node's HTTP address."""
-        from klein import Klein
-        from treq.testing import StubTreq
-
-        app = Klein()
-        answers = {"code": 200}
-
-        @app.route("/health")
-        def health(request: Any) -> bytes:
-            request.setResponseCode(answers["code"])
-            return b"{}"
-
-        probe = http_probe(StubTreq(app.resource()), timeout=1.0)
-        node = NodeInfo("a", "127.0.0.1", 8080, 11212, 1)
-        assert self.successResultOf(probe(node)) is True
-        answers["code"] = 503
-        assert self.successResultOf(probe(node)) is False
