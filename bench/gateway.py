@@ -392,13 +392,13 @@ def inprocess(args: argparse.Namespace) -> None:
     for name, (n, w, r) in (("gateway N=1", (1, 1, 1)), ("gateway N=3/W=2/R=2", (3, 2, 2))):
         nodes = ["kv-a", "kv-b", "kv-c"]
         links = {
-            node: _Link(KVClientProtocol(reactor, 4.0, 2 * 1024 * 1024), _kvstore_server(reactor, node))  # type: ignore[arg-type]
+            node: _Link(KVClientProtocol(reactor, 4.0, 2 * 1024 * 1024), _kvstore_server(reactor, node))
             for node in nodes
         }
         clients = {node: link.client for node, link in links.items()}
-        router = Router("bench", reactor, clients.__getitem__, n, w, r)  # type: ignore[arg-type]
+        router = Router("bench", reactor, clients.__getitem__, n, w, r)
         router.update(Placement(HashRing(dict.fromkeys(nodes, 1), epoch=1)))
-        front = MemcacheServerFactory(router, reactor, idle_timeout=0)  # type: ignore[arg-type]
+        front = MemcacheServerFactory(router, reactor, idle_timeout=0)
         _run_inprocess(front, list(links.values()), preload, 100)
         best = min(_run_inprocess(front, list(links.values()), mix, args.connections) for _ in range(3))
         own[name] = _report(name, best, len(mix))

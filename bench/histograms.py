@@ -76,8 +76,8 @@ def inprocess(args: argparse.Namespace) -> None:
     preload = requests(args.keys, args.keys, 0, args.value_size)
     builds = {}
     for name, metrics in (("none", None), ("chashd", RequestMetrics()), ("prometheus-client", _client_metrics())):
-        backend = LocalBackend(MemoryEngine(), "bench", reactor, 1024 * 1024)  # type: ignore[arg-type]
-        factory = MemcacheServerFactory(backend, reactor, idle_timeout=0, requests=metrics)  # type: ignore[arg-type]
+        backend = LocalBackend(MemoryEngine(), "bench", reactor, 1024 * 1024)
+        factory = MemcacheServerFactory(backend, reactor, idle_timeout=0, requests=metrics)
         builds[name] = partial(factory.buildProtocol, None)
         inprocess_rate(builds[name], preload, 100)
     names = list(builds)

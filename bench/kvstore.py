@@ -255,8 +255,8 @@ def inprocess(args: argparse.Namespace) -> None:
     from twisted.internet import reactor
 
     engine = MemoryEngine()
-    backend = LocalBackend(engine, "bench", reactor, 1024 * 1024)  # type: ignore[arg-type]
-    factory = MemcacheServerFactory(backend, reactor, idle_timeout=0)  # type: ignore[arg-type]
+    backend = LocalBackend(engine, "bench", reactor, 1024 * 1024)
+    factory = MemcacheServerFactory(backend, reactor, idle_timeout=0)
     baseline = BaselineFactory()
     preload = requests(args.keys, args.keys, 0, args.value_size)
     inprocess_rate(lambda: factory.buildProtocol(None), preload, 100)

@@ -85,7 +85,7 @@ class BackendProtocol(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         from twisted.internet import reactor
 
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
 
 class ProxyProtocol(LineReceiver):

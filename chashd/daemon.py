@@ -160,7 +160,7 @@ class ListenService(Service):
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()  # type: ignore[no-any-return]
+            return port.stopListening()
         return None
 
 

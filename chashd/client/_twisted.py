@@ -48,7 +48,7 @@ def http_client(reactor: Any, connect_timeout: float = 5.0, tls: IPolicyForHTTPS
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     # Twisted has no public way to choose the pool's factory; without this, a line per connection is logged.
-    pool._factory = _QuietClientFactory  # type: ignore[misc]
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 4
     if tls is None:
         return HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))

@@ -426,7 +426,7 @@ class RingRoot(Resource):
         self._page = page or other
 
     def render(self, request: IRequest) -> Any:
-        postpath = request.postpath  # type: ignore[attr-defined]
+        postpath = request.postpath
         first = postpath[0] if postpath else b""
         if first == b"ring":
             target = self._ring

@@ -70,7 +70,7 @@ class Connections(MultiService):
     def client(self, node_id: str) -> IKVClient:
         """The client for ``node_id``; ``ServiceUnavailable`` for a node the map does not hold."""
         try:
-            return self._pools[node_id]  # type: ignore[return-value]
+            return self._pools[node_id]  # type: ignore[return-value]  # @implementer(IKVClient), mypy-zope misses it
         except KeyError:
             raise ServiceUnavailable(f"no connection to kvstore {node_id}") from None
 

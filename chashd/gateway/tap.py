@@ -32,7 +32,7 @@ from chashd.web import KeyValueHTTP
 __all__ = ["Options", "makeService"]
 
 
-class Options(options_for(GatewayConfig, "chash-gateway")):  # type: ignore[misc]
+class Options(options_for(GatewayConfig, "chash-gateway")):  # type: ignore[misc]  # a class made at run time
     """``twistd chash-gateway`` options; the secrets and the Raft settings are checked here too, so a gateway
     without its Raft password (or exposing its admin routes without a token) stops with one line before it
     binds anything."""
@@ -220,7 +220,8 @@ def _workers(
 
     def listening_socket(port: Any) -> socket.socket:
         port.stopReading()  # in the reactor turn that listened: nothing was accepted yet
-        return port.socket  # type: ignore[no-any-return]
+        sock: socket.socket = port.socket
+        return sock
 
     sockets = gatherResults([s.listening.addCallback(listening_socket) for s in shared], consumeErrors=True)
     start = {"config": dataclasses.asdict(config), "follow": follow}

@@ -98,7 +98,7 @@ class WorkerRoot(Resource):
         self._reactor = reactor
 
     def render(self, request: IRequest) -> Any:
-        postpath = request.postpath  # type: ignore[attr-defined]
+        postpath = request.postpath
         if self._admin is None or (postpath and postpath[0] == b"kv"):
             return self._kv.render(request)
         host, port = self._admin
@@ -114,7 +114,7 @@ class _ProxyClient(ProxyClient):
     def handleResponseEnd(self) -> None:
         if getattr(self.father, "_disconnected", False):
             self._finished = True
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]  # connected: it has a transport
             return
         super().handleResponseEnd()
 
@@ -197,7 +197,7 @@ class Worker(Protocol):
         self.data = DataPlane(config, self._reactor, writer=worker_writer(config.gateway_id, self.index))
         self.data.setServiceParent(self._root)
         shutdown = (lambda: self._send({"op": "shutdown"})) if config.enable_shutdown else None
-        admin_commands = _WorkerAdmin(self.data.router, _NoReports(), config)  # type: ignore[arg-type]
+        admin_commands = _WorkerAdmin(self.data.router, _NoReports(), config)
         line = self.line = cast(
             WorkerLineFactory, self.data.line_factory(WorkerLineFactory, admin=admin_commands, shutdown=shutdown)
         )
@@ -242,7 +242,7 @@ class Worker(Protocol):
             stats = {name: _plain(value) for name, value in self.line.stats_own()}
             stats["http_connections"] = self._http.open if self._http is not None else 0
             stats["received_total"] = self._receiver.received if self._receiver is not None else 0
-            self._send({"op": "report", "stats": stats, "metrics": generate_latest(self._metrics).decode()})  # type: ignore[arg-type]
+            self._send({"op": "report", "stats": stats, "metrics": generate_latest(self._metrics).decode()})
         except Exception:
             self._log.failure("reporting to the main process failed")
 
@@ -347,8 +347,8 @@ def main() -> None:
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
 
-    StandardIO(Worker(reactor), stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=reactor)  # type: ignore[call-arg]
-    reactor.run()  # type: ignore[attr-defined]
+    StandardIO(Worker(reactor), stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=reactor)  # type: ignore[call-arg]  # POSIX StandardIO takes stdin/stdout
+    reactor.run()
 
 
 if __name__ == "__main__":

@@ -159,13 +159,13 @@ class _Worker(ProcessProtocol):
         self.pid: int | None = None
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.pid = self.transport.pid  # type: ignore[union-attr]  # connected: it has a transport
         self.send(self.supervisor.start_message(self.index))
 
     def send(self, message: Mapping[str, Any]) -> None:
         """Write one control message to the worker."""
-        if self.transport is not None and self.transport.pid is not None:  # type: ignore[attr-defined]
-            self.transport.writeToChild(CONTROL_IN, encode(message))  # type: ignore[attr-defined]
+        if self.transport is not None and self.transport.pid is not None:
+            self.transport.writeToChild(CONTROL_IN, encode(message))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != CONTROL_OUT:
@@ -182,7 +182,7 @@ class _Worker(ProcessProtocol):
     def signal(self, name: str) -> None:
         """Send the worker signal ``name`` (nothing if it is gone)."""
         with contextlib.suppress(ProcessExitedAlready, OSError, AttributeError):
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            self.transport.signalProcess(name)  # type: ignore[union-attr]  # tested above
 
     def processEnded(self, reason: Failure) -> None:
         self.handoff.close()

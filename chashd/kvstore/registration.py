@@ -102,4 +102,4 @@ class Registrar(Service):
 def backoff_delay(failures: int, first: float, cap: float, rng: random.Random) -> float:
     """The wait after ``failures`` failures in a row: ``first`` doubling up to ``cap``, +-25% jitter so that
     many nodes restarted together do not retry in step."""
-    return min(cap, first * 2 ** min(failures - 1, 16)) * (0.75 + rng.random() / 2)
+    return min(cap, first * 2.0 ** min(failures - 1, 16)) * (0.75 + rng.random() / 2)

@@ -28,7 +28,7 @@ CLUSTER_TIMEOUT = 10.0
 HANDOFF_TIMEOUT = 30.0
 
 
-class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc]
+class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc]  # a class made at run time
     """``twistd chash-kvstore`` options; a node whose ports listen beyond loopback without the cluster token
     stops here with one line, before it binds anything."""
 

@@ -701,7 +701,7 @@ class MemcacheServerProtocol(Protocol):
         if latency is not None:
             latency[type(command)].observe(perf_counter() - start)
         # NOREPLY_COMMANDS have a noreply field (mypy cannot narrow a union by a set of types)
-        if type(command) in NOREPLY_COMMANDS and command.noreply:  # type: ignore[union-attr]
+        if type(command) in NOREPLY_COMMANDS and command.noreply:  # type: ignore[union-attr]  # as said above
             return
         self._reply(reply)
 

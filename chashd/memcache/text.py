@@ -691,7 +691,7 @@ class RequestParser:
 
             def build_applied(value: bytes) -> Command:
                 # the builders of self._writes make write commands only
-                return XApply(version, _replied(build(value)))  # type: ignore[arg-type]
+                return XApply(version, _replied(build(value)))  # type: ignore[arg-type]  # a write, as said above
 
             return size, False, build_applied
         return XApply(version, _replied(parsed))  # type: ignore[arg-type]  # a write command, as above
@@ -793,7 +793,7 @@ def serialize_result(command: Command, result: Result) -> bytes:
         if len(items) == 1:
             kind = type(command)
             # the hot path; ``kind`` holds type(command) once, which mypy does not narrow by
-            if kind is Get and not command.cas:  # type: ignore[union-attr]
+            if kind is Get and not command.cas:  # type: ignore[union-attr]  # a Get, as said above
                 key, r = items[0]
                 return plain_get_reply(key, (r.flags, r.value))
             if kind is XGet:  # a gateway's read

@@ -311,7 +311,7 @@ class MemoryEngine:
                 except StorageFull:
                     if current is not None and old_gen is not None:  # back where it was: still evictable
                         self._gens[self._gen][key] = None
-                        bucket[key] = self._gen  # type: ignore[index]
+                        bucket[key] = self._gen  # type: ignore[index]  # current is not None: it has a bucket
                     raise
             if not row[_TOMBSTONE_AT]:  # not a tombstone: evictable, in the newest generation
                 gen = self._gen
@@ -324,7 +324,7 @@ class MemoryEngine:
             self._bytes += size
         else:
             self._bytes += size - _value_size(current)
-        bucket[key] = gen  # type: ignore[index]
+        bucket[key] = gen  # type: ignore[index]  # made above when it was None
         self._used += cost - old_cost
         self._records[key] = row
         if gen is not None and self._gen_added >= self._gen_span:

@@ -359,7 +359,7 @@ class SQLiteEngine:
         """The stored record for ``key`` (tombstones and expired records included), or None."""
         cached = self._records.get(key, _UNKNOWN)
         if cached is not _UNKNOWN:
-            return None if cached is None else _record(*cached)  # type: ignore[misc]
+            return None if cached is None else _record(*cached)  # type: ignore[misc]  # a _Row: _UNKNOWN is tested above
         hash_value = key_hash(key)
         if self._batch_thread == threading.get_ident():  # only the write connection sees this batch's writes
             with self._lock:
@@ -395,7 +395,7 @@ class SQLiteEngine:
             return None if record is None or not record.live(now) else (record.flags, record.value)
         if cached is None:
             return None
-        row: _Row = cached  # type: ignore[assignment]
+        row: _Row = cached  # type: ignore[assignment]  # neither _UNKNOWN nor None, tested above
         value, flags, expires_at, _clock, _writer, tombstone = row
         if tombstone or (expires_at != 0 and expires_at <= now):
             return None
@@ -407,7 +407,7 @@ class SQLiteEngine:
         if cached is None:
             return None
         if cached is not _UNKNOWN:
-            row: _Row = cached  # type: ignore[assignment]
+            row: _Row = cached  # type: ignore[assignment]  # neither _UNKNOWN nor None, tested above
             return (row[3], row[4], len(row[0]))
         current: tuple[int, str, int] | None = self._db.execute(_CURRENT, (hash_value, key)).fetchone()
         return current
@@ -427,7 +427,7 @@ class SQLiteEngine:
             elif cached is None:
                 currents[key] = None
             else:
-                row: _Row = cached  # type: ignore[assignment]
+                row: _Row = cached  # type: ignore[assignment]  # neither _UNKNOWN nor None, tested above
                 currents[key] = (row[3], row[4], len(row[0]))
         if unknown:
             wanted = list(dict.fromkeys(unknown.values()))
@@ -530,7 +530,7 @@ class SQLiteEngine:
         size = _entry_size(key, row)
         old = records.pop(key, _UNKNOWN)
         if old is not _UNKNOWN:
-            self._records_bytes -= _entry_size(key, old)  # type: ignore[arg-type]
+            self._records_bytes -= _entry_size(key, old)  # type: ignore[arg-type]  # not _UNKNOWN, tested above
         records[key] = row
         self._records_bytes += size
         while self._records_bytes > limit and records:
@@ -541,7 +541,7 @@ class SQLiteEngine:
         """Drop ``key`` from the record cache; lock held."""
         old = self._records.pop(key, _UNKNOWN)
         if old is not _UNKNOWN:
-            self._records_bytes -= _entry_size(key, old)  # type: ignore[arg-type]
+            self._records_bytes -= _entry_size(key, old)  # type: ignore[arg-type]  # not _UNKNOWN, tested above
 
     def _forget_all(self) -> None:
         self._records.clear()

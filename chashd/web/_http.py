@@ -140,7 +140,7 @@ class _BoundedRequest(Request):
     """A request that refuses a body over the site's ``max_body`` before reading it all."""
 
     def gotLength(self, length: int | None) -> None:
-        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)  # type: ignore[attr-defined]
+        limit = getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)  # type: ignore[attr-defined]  # channel: Twisted types it as an interface without .site
         self._body_limit = limit
         self._body_seen = 0
         if length is not None and length > limit:
@@ -167,7 +167,7 @@ class _BoundedRequest(Request):
             + body
         )
         transport.loseConnection()
-        self.channel = None  # type: ignore[assignment]
+        self.channel = None  # type: ignore[assignment]  # as Request.finish does: the request is over
 
 
 class _QuietSite(Site):
@@ -411,7 +411,7 @@ class KeyValueHTTP:
 
     def _count_error(self, request: IRequest, body: bytes) -> bytes:
         if self._requests is not None:
-            self._requests.error("http", "server" if request.code >= 500 else "client")  # type: ignore[attr-defined]
+            self._requests.error("http", "server" if request.code >= 500 else "client")  # type: ignore[attr-defined]  # IRequest has no .code; a Request has
         return body
 
 

@@ -417,7 +417,8 @@ class FollowerTests:
     """The follower gateways: a Deployment without Raft, its Service and HPA."""
 
     def _container(self, docs: list[Doc]) -> Doc:
-        (container,) = get(docs, "Deployment", "gateway-follower")["spec"]["template"]["spec"]["containers"]
+        containers: list[Doc] = get(docs, "Deployment", "gateway-follower")["spec"]["template"]["spec"]["containers"]
+        (container,) = containers
         return container
 
     def test_follows_the_raft_gateways(self, docs: list[Doc]) -> None:

@@ -277,7 +277,8 @@ class WireNamesTests:
     def test_node_states(self) -> None:
         """up, down, leaving: equal to their strings, and their strings in JSON."""
         assert [s.value for s in NodeState] == ["up", "down", "leaving"]
-        assert NodeState.DOWN == "down" and NodeState("leaving") is NodeState.LEAVING
+        assert NodeState.DOWN == "down"  # type: ignore[comparison-overlap]  # the point: a StrEnum equals its string
+        assert NodeState("leaving") is NodeState.LEAVING
         node = NodeInfo("a", "h", 1, 2, 100, NodeState.DOWN, 3)
         assert json.dumps(node.to_dict()) == (
             '{"id": "a", "host": "h", "port": 1, "line_port": 2, "weight": 100, "state": "down", "seq": 3}'

@@ -82,7 +82,7 @@ class ClientServerTests(SynchronousTestCase):
         assert isinstance(stats, StatsResult) and dict(stats.items)["curr_connections"] == "1"
 
     def _stored(self, key: bytes) -> Record:
-        record = self.server.factory.backend.engine.get(key)  # type: ignore[attr-defined]
+        record = self.server.factory.backend.engine.get(key)
         assert record is not None
         return record  # type: ignore[no-any-return]
 
@@ -480,7 +480,7 @@ class SendManyTests(SynchronousTestCase):
             self.client.send_many([xmove(b"a", 1), Quit()])
         assert self.client.pending == 0
         self.pump.flush()
-        assert self.server.factory.backend.engine.get(b"a") is None  # type: ignore[attr-defined]
+        assert self.server.factory.backend.engine.get(b"a") is None
 
     def test_cancelled_group(self) -> None:
         """A group cancelled by its caller takes its answers without raising; later requests are answered."""

@@ -58,7 +58,8 @@ def exchange(data: bytes, byte_at_a_time: bool = False, **options: Any) -> bytes
             protocol.dataReceived(data[i : i + 1])
     else:
         protocol.dataReceived(data)
-    return transport.value()
+    replies: bytes = transport.value()
+    return replies
 
 
 @implementer(IKeyValue)

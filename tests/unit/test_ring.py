@@ -88,7 +88,7 @@ class PlacementTests:
         """Weights must be positive integers and ids non-empty strings."""
         for bad in ({"a": 0}, {"a": -1}, {"a": 1.5}, {"": 1}, {"a": True}):
             with pytest.raises(ValueError):
-                HashRing(bad)  # type: ignore[arg-type]
+                HashRing(bad)
         with pytest.raises(ValueError):
             HashRing({"a": 1}, points_per_node=10)
 
@@ -243,7 +243,7 @@ class ValueTests:
         """Attributes cannot be set and the weights view is a copy."""
         ring = HashRing({"a": 1})
         with pytest.raises(AttributeError):
-            ring._epoch = 3  # type: ignore[misc]
+            ring._epoch = 3
         ring.weights["b"] = 1
         assert ring.nodes == ("a",)
 

@@ -118,7 +118,8 @@ class Cluster:
         self.clock.advance(seconds)
 
     def record(self, node: str, key: bytes) -> Record | None:
-        return self.links[node].backend.engine.get(key)
+        record: Record | None = self.links[node].backend.engine.get(key)
+        return record
 
     def holders(self, key: bytes) -> set[str]:
         """The kvstores holding a live record for ``key``."""
@@ -797,9 +798,9 @@ def test_small_rings_cap_quorums(count: int) -> None:
     """With fewer nodes than N, W and R are capped at the node count."""
     c = Cluster(count=count)
     d = c.router.execute(Store("set", b"k", 0, 0, b"v"))
-    assert d.result is Status.STORED  # type: ignore[attr-defined]
+    assert d.result is Status.STORED
     got = c.router.execute(Get((b"k",)))
     if count == 1:  # N=1: the kvstore's reply, spliced
-        assert got.result == b"VALUE k 0 1\r\nv\r\nEND\r\n"  # type: ignore[attr-defined]
+        assert got.result == b"VALUE k 0 1\r\nv\r\nEND\r\n"
     else:
-        assert isinstance(got.result, Values) and got.result.items[0][1].value == b"v"  # type: ignore[attr-defined]
+        assert isinstance(got.result, Values) and got.result.items[0][1].value == b"v"
