@@ -82,17 +82,21 @@ setup_venv() {
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "Python 3.11 or newer is needed ($PYTHON is $("$PYTHON" --version 2>&1))"
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "cannot create the virtual environment $VENV"
-    # Reinstall only when the package's files or its metadata changed. The strict editable mode
-    # links every file into build/, where twistd's plugin scan finds twisted/plugins/.
+    # Reinstall only when the package's metadata or this script changed. The compat editable mode
+    # puts the clone itself on sys.path (one .pth file), which is where Twisted's plugin scan finds
+    # twisted/plugins/; the default (lenient) mode's import hook is invisible to that scan, and the strict mode
+    # left a copy of the package in build/ (removed here from clones set up before).
     local stamp
-    stamp=$( (cat setup.cfg pyproject.toml; find chashd twisted -name '*.py' | sort) | cksum)
+    stamp=$(cat setup.cfg pyproject.toml dev.sh | cksum)
     if [ "$(cat "$VENV/.chashd-stamp" 2>/dev/null)" != "$stamp" ]; then
         echo "dev.sh: installing chashd and its test tools into $VENV" >&2
         local log="$VENV/pip.log"
         { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip \
           && "$VENV/bin/python" -m pip install --disable-pip-version-check \
-                 -e '.[test]' --config-settings editable_mode=strict; } >"$log" 2>&1 \
+                 -e '.[test]' --config-settings editable_mode=compat; } >"$log" 2>&1 \
             || { tail -n 20 "$log" >&2; die "pip install failed; the whole output is in $log"; }
+        rm -rf build/__editable__.chashd-* build/lib build/bdist.*
+        rmdir build 2>/dev/null || true
         "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
         echo "$stamp" > "$VENV/.chashd-stamp"
     fi

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_memcache_text,tests.unit.test_semantics -*-
 """The key-value commands both surfaces speak, and their results.
 
 The line protocol parses bytes into these commands (``chashd.memcache.text``), the HTTP adapter builds

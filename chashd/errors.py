@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_memcache_server,tests.unit.test_client -*-
 """Domain errors. Core code raises these; each adapter maps them to its wire in one place.
 
 The message of a request error is the text memcached itself uses for the same fault where there is one

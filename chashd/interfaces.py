@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_storage,tests.unit.test_kvstore_backend -*-
 """The interfaces that keep the layers apart.
 
 - ``IStorageEngine``: a kvstore's synchronous store of records (``MemoryEngine``, ``SQLiteEngine``).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_daemons,tests.integration.test_cluster -*-
 """Start and stop real chashd daemons on this machine: ``chash cluster up``, the demo and the tests.
 
 Blocking code for scripts (subprocess and urllib), never imported by the daemons themselves. Every

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_versions_records -*-
 """Records: what a kvstore keeps for a key, and the rule that merges two of them.
 
 A record holds the value bytes, the memcached ``flags`` (unsigned 32-bit, opaque), ``expires_at`` (a Unix

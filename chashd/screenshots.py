@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_status_page -*-
 """Headless Chromium pointed at a gateway's status page: its rendered DOM and its screenshot.
 
 Used by the browser test (tests/integration/test_status_page.py) and to regenerate the README's pictures:

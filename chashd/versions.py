@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_versions_records -*-
 """Versions: a hybrid logical clock value plus the writer's id.
 
 A version orders writes to one key across every replica: the higher version wins, so applying the same

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_ring_api -*-
 """The gateway's ring routes (Klein): the cluster map for clients and kvstores, and node admin.
 
 Routes::

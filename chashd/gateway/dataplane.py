@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_follow,tests.unit.test_gateway_tap -*-
 """The gateway's data plane as one unit, and the routing it follows in a form that crosses processes.
 
 ``DataPlane`` is what serves keys: the connections to the kvstores, the router over them, and the two client

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_gateway_tap,tests.unit.test_rebalance -*-
 """The gateway: the Raft-replicated cluster map, the node monitor with the health verdicts and the handoff
 progress it feeds, the router over them."""
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_statuspage,tests.integration.test_status_page -*-
 """The gateway's status page (Klein): what an operator looks at first, with no build step and no external asset.
 
 Routes::

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_membership -*-
 """Test doubles for the gateway's control plane, as ``twisted.internet.testing`` holds Twisted's.
 
 ``LocalRaft`` stands in for ``chashd.gateway.raft.ClusterRaft`` under ``Membership``: the real

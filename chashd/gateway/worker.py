@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_workers,tests.integration.test_workers -*-
 """A gateway worker process: ``python -m chashd.gateway.worker``, started by ``chashd.gateway.workers``.
 
 It reads its start message on fd 0 (the control protocol is described in ``chashd.gateway.workers``), follows

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_drain,tests.unit.test_tap -*-
 """The kvstore node: its engine, its local backend, its thread pool, its registration with the gateways,
 and its rebalancing (the ring watch, ``chashd.kvstore.ringwatch``, feeding the handoff,
 ``chashd.kvstore.handoff``). The drain that ends a node is ``chashd.kvstore.drain``'s."""

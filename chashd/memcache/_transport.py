@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_memcache_server,tests.unit.test_memcache_client -*-
 """What the line protocol's server and client connections both do to their transport."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_client,tests.unit.test_security -*-
 """The Klein resource shared by the kvstore and the gateway: the same HTTP surface over either backend.
 
 Routes::

@@ -315,3 +315,58 @@ class OpenAPITests(SynchronousTestCase):
 if __name__ == "__main__":
     rewrite_usage()
     sys.exit(0)
+
+
+# -- layout -----------------------------------------------------------------------------------------------
+
+README = ROOT / "README.md"
+TESTS = ROOT / "tests"
+_TEST_CASE_NAME = re.compile(r"# -\*- test-case-name: ([\w.,]+) -\*-")
+
+
+def _modules() -> list[Path]:
+    """Every module of the package but the packages' ``__init__.py``."""
+    return sorted(p for p in (ROOT / "chashd").rglob("*.py") if p.name != "__init__.py")
+
+
+def _tests_by_name(module: Path) -> list[Path]:
+    """The test modules named after ``module``: ``test_<name>``, ``test_<package>_<name>`` (``test_kvstore_tap``)
+    or, for a private module of a subpackage, ``test_<subpackage>`` (``chashd/client/_api.py``: ``test_client``)."""
+    parts = module.relative_to(ROOT / "chashd").with_suffix("").parts
+    names = {f"test_{parts[-1]}", f"test_{'_'.join(parts)}"}
+    if len(parts) > 1:
+        names.add(f"test_{parts[0]}")
+    return [p for kind in ("unit", "integration") for p in (TESTS / kind).glob("test_*.py") if p.stem in names]
+
+
+class LayoutTests:
+    """Each module says where its tests are and README's Layout names it, so ``ls chashd/*/``, the module
+    docstrings and the Layout section show the structure."""
+
+    def test_every_module_has_tests(self) -> None:
+        """A module has a test module named after it, or opens with a ``test-case-name`` line (Twisted's
+        convention) naming test modules that exist."""
+        missing = []
+        for module in _modules():
+            header = _TEST_CASE_NAME.match(module.read_text().split("\n", 1)[0])
+            if header:
+                named = header.group(1).split(",")
+                absent = [n for n in named if not (ROOT / (n.replace(".", "/") + ".py")).is_file()]
+                assert not absent, f"{module.relative_to(ROOT)} names test modules that do not exist: {absent}"
+            elif not _tests_by_name(module):
+                missing.append(str(module.relative_to(ROOT)))
+        assert missing == []
+
+    def test_layout_names_every_module(self) -> None:
+        """README's Layout names every public module under its directory."""
+        block = README.read_text().split("## Layout", 1)[1].split("```")[1]
+        lines = block.splitlines()
+        unnamed = []
+        for module in _modules():
+            if module.name.startswith("_"):
+                continue  # described with its package
+            directory = f"{module.parent.relative_to(ROOT)}/"
+            named = (line.split("  ")[0].split() for line in lines if line.startswith(directory))
+            if not any(module.name in {Path(word).name for word in words} for words in named):
+                unnamed.append(str(module.relative_to(ROOT)))
+        assert unnamed == []
