@@ -186,7 +186,14 @@ class KVStoreClient:
                     connection.timeout = self.timeout + call.extra_time
                     if connection.sock is not None:
                         connection.sock.settimeout(connection.timeout)
-                connection.request(call.method, target, body=call.body, headers=dict(call.headers))
+                try:
+                    connection.request(call.method, target, body=call.body, headers=dict(call.headers))
+                except (BrokenPipeError, ConnectionResetError):
+                    if not call.body:
+                        raise
+                    # A server may answer before it has read the whole body (413 for a value over its
+                    # limit) and close; its answer is still readable here. If it is not, getresponse
+                    # raises and the request failed as before.
                 answer = connection.getresponse()
                 body = answer.read()
                 headers = {name.lower(): value for name, value in answer.getheaders()}

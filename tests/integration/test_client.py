@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import socket
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +66,46 @@ def silent() -> Iterator[str]:
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
     finally:
         s.close()
+
+
+@pytest.fixture
+def answers_early() -> Iterator[str]:
+    """A URL whose server reads a request's head, answers 413 at once (as a gateway does for a body over its
+    limit) and closes with unread bytes, so that the client, still sending, gets a reset."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(30)
+    body = b'{"status": 413, "title": "Payload Too Large", "detail": "the value is over the limit"}'
+    answer = (
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/problem+json\r\n"
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
+
+    def serve() -> None:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.settimeout(30)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            connection.sendall(answer)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        server.join(timeout=30)
 
 
 def dead_url() -> str:
@@ -156,6 +198,14 @@ class BlockingClientTests:
             KVStoreClient(urls, timeout=2).get("k")
         assert set(caught.value.errors) == set(urls)
         assert "connection refused" in str(caught.value)
+
+    def test_answer_before_the_body(self, answers_early: str) -> None:
+        """A server that answers before it has read the whole body and resets the connection: the client
+        reports that answer (Rejected, 413), not an unreachable gateway."""
+        client = KVStoreClient(answers_early, timeout=10)
+        with pytest.raises(Rejected) as refused:
+            client.put("client:big", b"x" * (8 * 1024 * 1024))
+        assert refused.value.status == 413 and "over the limit" in str(refused.value)
 
     def test_bad_requests(self, cluster: LocalCluster) -> None:
         """A bad key is refused before sending; a value over the server's limit is the server's 413 Rejected."""

@@ -238,11 +238,13 @@ class ThreeGatewayTests:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(path)
             sock.settimeout(30)
-            (http, raft) = free_ports(2)
+            (http, raft, line) = free_ports(3)
+            # Every port its own: the default line port (11211) may be held by another gateway or a memcached.
+            args = ["--port", f"tcp:{http}:interface={HOST}", "--line-port", f"tcp:{line}:interface={HOST}"]
             daemon = Daemon(
                 "chash-gateway",
                 "solo",
-                ["--gateway-id", "solo", "--port", f"tcp:{http}:interface={HOST}", "--raft-port", str(raft)],
+                ["--gateway-id", "solo", *args, "--raft-port", str(raft)],
                 http,
                 tmp_path / "solo.log",
                 env=clean_environ(NOTIFY_SOCKET=path, **ClusterSecrets.generate().environ()),
