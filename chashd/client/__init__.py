@@ -31,6 +31,9 @@ Every failure raises (or fails the Deferred with) a ``ChashError``, carrying the
                            (``token=``: sent as ``Authorization: Bearer <token>``)
       ServerError          5xx after every gateway was tried, or an answer that is not what the API says
       Unreachable          no gateway could be reached (connection refused, reset, timed out)
+
+``describe(error)`` is the one line a log gives such an error: its HTTP status, when a server answered, and
+the detail.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from chashd.client._api import (
     ServerError,
     Unauthorized,
     Unreachable,
+    describe,
     gateway_urls,
 )
 from chashd.client._blocking import KVStoreClient
@@ -66,6 +70,7 @@ __all__ = [
     "ServerError",
     "Unauthorized",
     "Unreachable",
+    "describe",
     "gateway_urls",
     "http_client",
 ]

@@ -87,6 +87,12 @@ class Unreachable(ChashError):
         super().__init__(f"no gateway could be reached ({tried})")
 
 
+def describe(error: object) -> str:
+    """One line for a log: the HTTP status, when a server answered, and what went wrong."""
+    status = getattr(error, "status", None)
+    return f"HTTP {status}: {error}" if isinstance(status, int) else str(error)
+
+
 _BY_STATUS: dict[int, type[Rejected]] = {
     401: Unauthorized,
     403: Unauthorized,

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.client import AsyncKVStoreClient, ChashError
+from chashd.client import AsyncKVStoreClient, ChashError, describe
 
 __all__ = ["Registrar", "backoff_delay"]
 
@@ -91,7 +91,7 @@ class Registrar(Service):
         if failure.check(ChashError):
             self._log.warn(
                 "cannot register with the gateways ({error}); retrying in {delay:.1f}s",
-                error=failure.getErrorMessage(),
+                error=describe(failure.value),
                 delay=delay,
             )
         else:

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.client import AsyncKVStoreClient, ChashError
+from chashd.client import AsyncKVStoreClient, ChashError, describe
 from chashd.kvstore.placement import RingUpdate
 from chashd.kvstore.registration import backoff_delay
 
@@ -125,7 +125,7 @@ class RingWatch(Service):
             self._log.warn(
                 "{what}: cannot poll the gateways ({error}); trying again in {delay:.2f}s",
                 what=self.what,
-                error=failure.getErrorMessage(),
+                error=describe(failure.value),
                 delay=delay,
             )
         else:

@@ -170,7 +170,8 @@ class RoutingWatchTests(FeedTestsBase):
         with capturedLogs() as events:
             self.watch(token="another")
         assert self.routings == [] and len(self.clock.getDelayedCalls()) == 1
-        assert any("cannot poll" in e.get("log_format", "") and "not this cluster's" in e["error"] for e in events)
+        errors = [e["error"] for e in events if "cannot poll" in e.get("log_format", "")]
+        assert "HTTP 403: the token is not this cluster's" in errors
 
 
 class RoutingFormTests(RingAPITestsBase):
