@@ -193,6 +193,8 @@ def _progress_text(handoff: Any) -> str:
             parts.append(f"{word} {handoff[name]}")
     if handoff.get("synced_epoch") is not None:
         parts.append(f"synced epoch {handoff['synced_epoch']}")
+    if handoff.get("rate_limit") not in (None, "unlimited"):
+        parts.append(f"limit {handoff['rate_limit']}")
     if not parts:  # a report of another shape: its scalar fields
         parts = [f"{k.replace('_', ' ')} {v}" for k, v in handoff.items() if not isinstance(v, (dict, list))]
     return ", ".join(parts) or "-"

@@ -18,7 +18,10 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
   ``cas``, ``append``, ``add``) here, stamping the result with ``version``, and return both the memcached
   result and the record it left, so the caller can copy that record to the other replicas;
 - ``XAuth(token)``: prove the cluster token on this connection; a kvstore given a token takes the
-  extension, ``flush_all`` and writes only from a connection that did.
+  extension, ``flush_all`` and writes only from a connection that did;
+- ``XBulk(count, block)``: keep each of ``count`` records of a page (``chashd.bulk``) that is newer than what
+  is stored, in one grouped write; the handoff's way of moving records (``BulkProbe`` asks whether a server
+  speaks it: one of an earlier version answers it ``ERROR``, as any unknown command).
 
 Pure: no Twisted, no clock.
 """
@@ -35,6 +38,9 @@ from chashd.versions import Version
 __all__ = [
     "NOREPLY_COMMANDS",
     "Arith",
+    "BulkFormat",
+    "BulkProbe",
+    "Bulked",
     "CacheMemlimit",
     "Command",
     "Delete",
@@ -59,6 +65,7 @@ __all__ = [
     "XApply",
     "XApplied",
     "XAuth",
+    "XBulk",
     "XGet",
     "XPut",
 ]
@@ -223,6 +230,20 @@ class SplicedGet:
     key: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class XBulk:
+    """Keep each record of a page (``chashd.bulk``: ``count`` rows in ``block``) that is newer than the stored
+    one, in one grouped write; answered once the write is committed."""
+
+    count: int
+    block: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BulkProbe:
+    """Does this server speak ``XBulk``? (A bare ``xbulk`` line, answered with the page format it reads.)"""
+
+
 Command: TypeAlias = (
     Get
     | Store
@@ -240,6 +261,8 @@ Command: TypeAlias = (
     | XPut
     | XApply
     | XAuth
+    | XBulk
+    | BulkProbe
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.
@@ -292,4 +315,20 @@ class XApplied:
     record: Record | None
 
 
-Result: TypeAlias = Status | Values | Number | StatsResult | XApplied
+@dataclass(frozen=True, slots=True)
+class Bulked:
+    """The answer to ``XBulk``: the records stored, and those kept out because an equal or newer version
+    was stored already."""
+
+    stored: int
+    kept: int
+
+
+@dataclass(frozen=True, slots=True)
+class BulkFormat:
+    """The answer to ``BulkProbe``: the page format (``chashd.bulk.BULK_FORMAT``) the server reads."""
+
+    version: int
+
+
+Result: TypeAlias = Status | Values | Number | StatsResult | XApplied | Bulked | BulkFormat

@@ -28,6 +28,7 @@ import yaml
 from twisted.python import usage
 
 from chashd.errors import ConfigError
+from chashd.kvstore.pacing import Rate
 from chashd.logs import LOG_FORMATS
 
 __all__ = [
@@ -359,6 +360,13 @@ class KVStoreConfig:
         "time every request into /metrics' latency histograms and count error replies (off: neither)",
         True,
         parse_bool,
+    )
+    handoff_rate: Rate = opt(
+        "most a handoff sends a second, over every target: records (5000), value bytes (20MiB), both (5000,20MiB),"
+        " or unlimited",
+        Rate(),
+        Rate.parse,
+        metavar="RATE",
     )
     config: str | None = opt("YAML file with options (keys as the long flags)", None, parse_path)
 

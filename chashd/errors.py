@@ -12,6 +12,7 @@ __all__ = [
     "BadCommand",
     "BadDataChunk",
     "BadKey",
+    "BulkUnsupported",
     "ClusterMapUnavailable",
     "ConfigError",
     "DomainError",
@@ -179,6 +180,14 @@ class StaleVersion(ServiceUnavailable):
     def __init__(self, stored: object = None) -> None:
         super().__init__(self.MESSAGE if stored is None else f"{self.MESSAGE}: {stored}")
         self.stored = stored
+
+
+class BulkUnsupported(ServiceUnavailable):
+    """A kvstore that does not read bulk pages (``xbulk``: a server of an earlier version); its records
+    go as ``xmove``, one each."""
+
+    def __init__(self, message: str = "the server does not read bulk pages") -> None:
+        super().__init__(message)
 
 
 class StorageFull(ServiceUnavailable):

@@ -73,6 +73,15 @@ class IStorageEngine(Interface):
         in (hash, key) order, starting after the ``(hash, key)`` position ``after`` (None: from the start).
         Callers page through a range with the position of the last pair they got."""
 
+    def scan_rows(first_hash: int, last_hash: int, after: Any = None, limit: int = 1000) -> list[Any]:
+        """``scan``, with each record as the ``chashd.bulk.BulkRow`` tuple ``(key, value, flags, expires_at,
+        clock, writer, tombstone)`` straight from the engine's rows: what the handoff encodes into a page."""
+
+    def apply_rows(rows: Any) -> list[bool]:
+        """``apply_many`` of ``chashd.bulk.BulkRow`` tuples (a page the handoff received), without making a
+        ``Record`` of each: one group, committed when this returns; True for each row stored (the others were
+        not newer than the stored record)."""
+
     def purge(now: float, tombstone_grace: float) -> int:
         """Forget expired records and tombstones older than the grace period; the number forgotten."""
 

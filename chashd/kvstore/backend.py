@@ -38,8 +38,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from chashd.bulk import BULK_FORMAT, BulkError, decode_rows
 from chashd.commands import (
     Arith,
+    Bulked,
+    BulkFormat,
+    BulkProbe,
     Command,
     Delete,
     FlushAll,
@@ -53,10 +57,12 @@ from chashd.commands import (
     WriteCommand,
     XApplied,
     XApply,
+    XBulk,
     XGet,
     XPut,
 )
 from chashd.errors import (
+    BadCommand,
     DomainError,
     NodeLeaving,
     StaleVersion,
@@ -99,6 +105,7 @@ COUNTERS = (
     "cmd_xget",
     "cmd_xput",
     "cmd_xapply",
+    "cmd_xbulk",
     "xapply_stale",
     "handoff_records_received_total",
     "versions_refused_total",
@@ -155,6 +162,8 @@ class LocalBackend:
             XGet: self._xget,
             XPut: self._xput,
             XApply: self._xapply,
+            XBulk: self._xbulk,
+            BulkProbe: self._bulk_probe,
         }
 
     def execute(self, command: Command) -> Result:
@@ -516,6 +525,41 @@ class LocalBackend:
         if not record.tombstone:
             self._counts["total_items"] += 1
         return Status.STORED
+
+    def _xbulk(self, command: XBulk) -> Bulked:
+        """A page of records (``chashd.bulk``) kept where newer than the stored ones, in one grouped write
+        (``engine.apply_rows``: one transaction, committed before the answer leaves, so that an answered page
+        is durable here). The whole page is refused (``CLIENT_ERROR``) when it does not decode, or when its
+        newest version is further ahead of this node's clock than the skew allows: the sender then pushes
+        it record by record (``xmove``), which tells the records refused from the others. Taken while the
+        node drains, as ``xmove`` is."""
+        counts = self._counts
+        counts["cmd_xbulk"] += 1
+        try:
+            rows = decode_rows(command.block, command.count, self.max_value_size)
+        except BulkError as e:
+            raise BadCommand(f"bad bulk page: {e}") from None
+        if not rows:
+            return Bulked(0, 0)
+        counts["handoff_records_received_total"] += len(rows)
+        newest = max(rows, key=lambda row: (row[4], row[5]))
+        refused = self._admit(Version(newest[4], newest[5]), int(self._seconds() * 1000))
+        if refused is not None:
+            raise refused
+        stored = self.engine.apply_rows(rows)
+        kept = 0
+        items = 0
+        for row, done in zip(rows, stored):
+            if not done:
+                kept += 1
+            elif not row[6]:
+                items += 1
+        counts["total_items"] += items
+        return Bulked(len(rows) - kept, kept)
+
+    def _bulk_probe(self, command: BulkProbe) -> BulkFormat:
+        """The bulk page format this node reads (a server of an earlier version answers ``ERROR``)."""
+        return BulkFormat(BULK_FORMAT)
 
     def _xapply(self, command: XApply) -> XApplied:
         """Run the write with the caller's version, on top of the stored record. A stored record as new as

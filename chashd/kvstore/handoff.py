@@ -56,16 +56,18 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from chashd.commands import Command, Result, XPut
-from chashd.errors import RequestError
+from chashd.bulk import BulkRow, encode_rows, split_rows
+from chashd.commands import Command, Result, XBulk, XPut
+from chashd.errors import BulkUnsupported, RequestError
 from chashd.interfaces import IStorageEngine
-from chashd.kvstore.pacing import Pacer, Sizer, sized_units
+from chashd.kvstore.pacing import Pacer, Rate, RateBucket, Sizer, sized_units
 from chashd.kvstore.placement import RingUpdate, load_synced, save_synced
 from chashd.kvstore.plan import ArcWork, plan
 from chashd.kvstore.registration import backoff_delay
 from chashd.node import NodeInfo
 from chashd.record import Record
 from chashd.ring import Arc, HashRing, key_hash
+from chashd.versions import Version
 
 __all__ = ["Connect", "Handoff", "PushTarget", "RunInPool"]
 
@@ -76,6 +78,10 @@ class PushTarget(Protocol):
 
     def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
         """Each command's result, or the ``Failure`` of its error, in order."""
+
+    # A target may also have ``send_bulk(pages: Sequence[XBulk]) -> Deferred[list[Result | Failure]]``
+    # (``KVClientPool.send_bulk``): then the pages go as bulk pages, else (or where it fails with
+    # ``BulkUnsupported``) as one ``xmove`` per record.
 
     def setServiceParent(self, parent: IServiceCollection) -> object:
         """Start with the handoff."""
@@ -118,6 +124,9 @@ class Handoff(MultiService):
     drop_chunk_max = 500
     max_backoff = 10.0
     max_sweeps = 5
+    #: A page goes to a target as bulk pages of at most these many rows and bytes (or one row).
+    bulk_rows = 250
+    bulk_bytes = 256 * 1024
 
     def __init__(
         self,
@@ -128,8 +137,12 @@ class Handoff(MultiService):
         connect: Connect,
         state_path: str | None = None,
         rng: random.Random | None = None,
+        rate: Rate | None = None,
     ) -> None:
         super().__init__()
+        #: The throttle (``--handoff-rate``): records and value bytes a second, over every target.
+        self.rate = rate or Rate()
+        self._bucket = RateBucket()
         self.node_id = node_id
         self._engine = engine
         self._run_in_pool = run_in_pool
@@ -355,7 +368,7 @@ class Handoff(MultiService):
         At most ``window`` + 1 pages in memory."""
         found = 0
         index = 0
-        scanning: Deferred[list[tuple[bytes, Record]]] | None = self._scan(work[0].arc, None) if work else None
+        scanning: Deferred[_Page] | None = self._scan(work[0].arc, None) if work else None
         flying: deque[Deferred[None]] = deque()  # the pages pushed (and being dropped), oldest first
         gate: Deferred[None] = succeed(None)  # fires once the page before may be dropped no more
         arc = _ArcProgress(self._clock.seconds())
@@ -365,11 +378,11 @@ class Handoff(MultiService):
                 scanning = None
                 self._check()
                 w = work[index]
-                arc.found += len(page)
-                found += len(page)
-                last_page = len(page) < self.page_size
+                arc.found += len(page.rows)
+                found += len(page.rows)
+                last_page = len(page.rows) < self.page_size
                 if not last_page:
-                    key = page[-1][0]
+                    key = page.rows[-1][0]
                     scanning = self._scan(w.arc, (key_hash(key), key))
                 elif index + 1 < len(work):
                     scanning = self._scan(work[index + 1].arc, None)
@@ -398,7 +411,7 @@ class Handoff(MultiService):
 
     async def _page(
         self,
-        page: list[tuple[bytes, Record]],
+        page: _Page,
         w: ArcWork,
         arc: _ArcProgress,
         last_page: bool,
@@ -411,7 +424,7 @@ class Handoff(MultiService):
         what they all acknowledged; fires ``following`` when done, whatever happened."""
         try:
             refused: set[bytes] = set()
-            if page and w.targets:
+            if page.rows and w.targets:
                 pushes = [Deferred.fromCoroutine(self._push(target, page)) for target in w.targets]
                 for ok, result in await DeferredList(pushes, consumeErrors=True):
                     if not ok:
@@ -423,7 +436,7 @@ class Handoff(MultiService):
                 self._sent_in_arc = 0
             await gate
             self._check()
-            acknowledged = [item for item in page if item[0] not in refused] if w.drop else []
+            acknowledged = [row for row in page.rows if row[0] not in refused] if w.drop else []
             if acknowledged:
                 await self._paced(
                     sized_units(acknowledged, self._drop_size, self._clock, partial(self._drop_chunk, arc))
@@ -449,15 +462,30 @@ class Handoff(MultiService):
             seconds=self._clock.seconds() - arc.started,
         )
 
-    def _scan(self, arc: Arc, after: tuple[int, bytes] | None) -> Deferred[list[tuple[bytes, Record]]]:
-        return self._run_in_pool(self._engine.scan, arc.start, arc.end, after, self.page_size)
+    def _scan(self, arc: Arc, after: tuple[int, bytes] | None) -> Deferred[_Page]:
+        return self._run_in_pool(self._read_page, arc, after)
 
-    def _drop_chunk(self, arc: _ArcProgress, chunk: Sequence[tuple[bytes, Record]]) -> None:
+    def _read_page(self, arc: Arc, after: tuple[int, bytes] | None) -> _Page:
+        """A page of ``arc`` after ``after``: the engine's rows and their bulk pages; in the thread pool."""
+        rows = self._engine.scan_rows(arc.start, arc.end, after, self.page_size)
+        return _Page(rows, self._frames(rows))
+
+    def _frames(self, rows: Sequence[BulkRow]) -> list[_Frame]:
+        """``rows`` as bulk pages of at most ``bulk_rows`` rows and ``bulk_bytes`` bytes each."""
+        frames = []
+        start = 0
+        for part in split_rows(rows, self.bulk_rows, self.bulk_bytes):
+            count, block = encode_rows(part)
+            frames.append(_Frame(start, start + count, XBulk(count, block)))
+            start += count
+        return frames
+
+    def _drop_chunk(self, arc: _ArcProgress, chunk: Sequence[BulkRow]) -> None:
         """Remove, as one group (``engine.remove_many_if``), each acknowledged record of ``chunk`` whose stored
         version is still the one pushed (compare-and-remove: a record rewritten since it was pushed stays);
         a unit of the handoff. Counts what went."""
         self._check()
-        removed = sum(self._engine.remove_many_if([(key, record.version) for key, record in chunk]))
+        removed = sum(self._engine.remove_many_if([(row[0], Version(row[4], row[5])) for row in chunk]))
         self.records_dropped += removed
         arc.dropped += removed
         arc.kept += len(chunk) - removed
@@ -466,17 +494,29 @@ class Handoff(MultiService):
         self,
         target: PushTarget,
         answers: list[Deferred[list[Result | Failure]]],
-        part: Sequence[tuple[bytes, Record]],
+        part: Sequence[BulkRow],
     ) -> None:
-        """Send a slice of a page to a target in one ``send_many`` (a unit of the handoff); its answer goes to
-        ``answers``."""
+        """Send a slice of a page to a target as ``xmove`` commands in one ``send_many`` (a unit of the
+        handoff); its answer goes to ``answers``."""
         self._check()
-        answers.append(target.send_many([XPut(key, record, handoff=True) for key, record in part]))
+        answers.append(
+            target.send_many(
+                [
+                    XPut(key, Record(value, flags, expires_at, Version(clock, writer), bool(tombstone)), handoff=True)
+                    for key, value, flags, expires_at, clock, writer, tombstone in part
+                ]
+            )
+        )
 
-    async def _push(self, node_id: str, page: Sequence[tuple[bytes, Record]]) -> set[bytes]:
+    async def _push(self, node_id: str, page: _Page) -> set[bytes]:
         """Push ``page`` to one target until it acknowledged every record; the keys it refused for good
-        (a ``CLIENT_ERROR``: never dropped here). Retries with backoff; a target that left the map is skipped."""
-        todo = list(page)
+        (a ``CLIENT_ERROR``: never dropped here). Retries with backoff; a target that left the map is skipped.
+
+        As bulk pages to a target that reads them (``send_bulk``); record by record (``xmove``) to one that
+        does not (a kvstore of an earlier version), and for a bulk page the target refused whole (which of
+        its records it refuses, if any, then shows)."""
+        todo: Sequence[BulkRow] = page.rows
+        frames = page.frames
         refused: set[bytes] = set()
         failures = 0
         while todo:
@@ -486,30 +526,34 @@ class Handoff(MultiService):
                 self._log.info("{node} left the map: skipping it", node=node_id)
                 return refused
             connection = self._connection(address)
-            answers: list[Deferred[list[Result | Failure]]] = []
-
-            send = partial(self._send_slice, connection.service, answers)
-            await self._paced(sized_units(todo, self._push_size, self._clock, send))
-            results: list[Result | Failure] = []
-            for answer in answers:
-                results.extend(await answer)
-            retry = []
+            await self._throttle(todo)
+            send_bulk = getattr(connection.service, "send_bulk", None)
+            retry: list[BulkRow] = []
             error = ""
-            for value, item in zip(results, todo):
-                if not isinstance(value, Failure):
-                    self.records_sent += 1
-                    self._sent_in_arc += 1
-                elif value.check(RequestError):
-                    refused.add(item[0])
-                    self._log.error(
-                        "{node} refuses the record of {key!r}: {error}",
-                        node=node_id,
-                        key=item[0][:60],
-                        error=value.getErrorMessage(),
-                    )
-                else:
-                    retry.append(item)
-                    error = error or value.getErrorMessage()
+            singles: Sequence[BulkRow] = todo
+            if send_bulk is not None and not connection.old:
+                singles = []
+                results = await send_bulk([frame.command for frame in frames])
+                self._check()
+                for frame, value in zip(frames, results):
+                    rows = todo[frame.start : frame.end]
+                    if not isinstance(value, Failure):
+                        self._sent(len(rows))
+                    elif value.check(BulkUnsupported):
+                        if not connection.old:
+                            connection.old = True
+                            self._log.info("{node} reads no bulk pages (an earlier version): pushing record by record",
+                                           node=node_id)  # fmt: skip
+                        singles.extend(rows)
+                    elif value.check(RequestError):
+                        self._log.warn("{node} refuses a bulk page ({error}); pushing its records one by one",
+                                       node=node_id, error=value.getErrorMessage())  # fmt: skip
+                        singles.extend(rows)
+                    else:
+                        retry.extend(rows)
+                        error = error or value.getErrorMessage()
+            if singles:
+                error = await self._push_records(node_id, connection, singles, refused, retry) or error
             if not retry:
                 return refused
             self._check()
@@ -522,17 +566,64 @@ class Handoff(MultiService):
                 error=error,
                 delay=delay,
             )
-            sleep: Deferred[None] = deferLater(self._clock, delay)
-            self._sleeps.add(sleep)
-            try:
-                await sleep
-            except CancelledError:
-                raise _Restart() from None
-            finally:
-                self._sleeps.discard(sleep)
+            await self._sleep(delay)
             self._check()
             todo = retry
+            frames = self._frames(retry)
         return refused
+
+    async def _push_records(
+        self, node_id: str, connection: _Connection, rows: Sequence[BulkRow], refused: set[bytes], retry: list[BulkRow]
+    ) -> str:
+        """Push ``rows`` as ``xmove`` commands, a paced slice per ``send_many``; adds the keys refused for good
+        to ``refused`` and the rows to send again to ``retry``; the first error of those."""
+        answers: list[Deferred[list[Result | Failure]]] = []
+        send = partial(self._send_slice, connection.service, answers)
+        await self._paced(sized_units(rows, self._push_size, self._clock, send))
+        results: list[Result | Failure] = []
+        for answer in answers:
+            results.extend(await answer)
+        error = ""
+        for value, row in zip(results, rows):
+            if not isinstance(value, Failure):
+                self._sent(1)
+            elif value.check(RequestError):
+                refused.add(row[0])
+                self._log.error(
+                    "{node} refuses the record of {key!r}: {error}",
+                    node=node_id,
+                    key=row[0][:60],
+                    error=value.getErrorMessage(),
+                )
+            else:
+                retry.append(row)
+                error = error or value.getErrorMessage()
+        return error
+
+    def _sent(self, count: int) -> None:
+        self.records_sent += count
+        self._sent_in_arc += count
+
+    async def _sleep(self, delay: float) -> None:
+        """Wait ``delay`` seconds; ``_Restart`` when woken up."""
+        sleep: Deferred[None] = deferLater(self._clock, delay)
+        self._sleeps.add(sleep)
+        try:
+            await sleep
+        except CancelledError:
+            raise _Restart() from None
+        finally:
+            self._sleeps.discard(sleep)
+
+    async def _throttle(self, rows: Sequence[BulkRow]) -> None:
+        """Wait for ``rows``' turn under ``rate`` (records and value bytes a second, over every target)."""
+        rate = self.rate
+        if rate.unlimited:
+            return
+        delay = self._bucket.take(rate, len(rows), sum(len(row[1]) for row in rows), self._clock.seconds())
+        if delay > 0:
+            await self._sleep(delay)
+            self._check()
 
     def _connection(self, address: NodeInfo) -> _Connection:
         connection = self._targets.get(address.id)
@@ -574,6 +665,7 @@ class Handoff(MultiService):
             "records_sent": self.records_sent,
             "records_dropped": self.records_dropped,
             "pending": self.pending,
+            "rate_limit": str(self.rate),
         }
 
     def stats(self) -> Mapping[str, Any]:
@@ -585,6 +677,8 @@ class Handoff(MultiService):
             "handoff_running": int(self._busy),
             "handoff_arcs_total": self.arcs_total,
             "handoff_arcs_done": self.arcs_done,
+            "handoff_rate_limit_records_per_second": self.rate.records,
+            "handoff_rate_limit_bytes_per_second": self.rate.bytes,
             "handoff_synced_epoch": self.synced.epoch if self.synced is not None else None,
             "handoff_target_epoch": self.target.epoch if self.target is not None else None,
         }
@@ -602,7 +696,26 @@ class _ArcProgress:
 
 @dataclass
 class _Connection:
-    """The connection to a target, and the address it goes to (a node that moves gets a new one)."""
+    """The connection to a target, and the address it goes to (a node that moves gets a new one); ``old``
+    once the target showed it reads no bulk pages."""
 
     address: tuple[str, int]
     service: PushTarget
+    old: bool = False
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A bulk page of a page: the rows ``start`` to ``end`` of it."""
+
+    start: int
+    end: int
+    command: XBulk
+
+
+@dataclass(frozen=True)
+class _Page:
+    """A page read from an arc: the engine's rows, and the bulk pages they go in."""
+
+    rows: list[BulkRow]
+    frames: list[_Frame]

@@ -12,11 +12,17 @@ sequence of records into such units. The budget per reactor iteration is thus on
 seconds. The Cooperator ends each tick after one unit rather than after a time budget of its own: the units
 are sized to the budget already, as large as it allows, since each one costs a fixed part too (a drop's
 statement and commit, a push's write).
+
+``Rate`` is the operator's throttle on the handoff (``--handoff-rate``: records or MiB a second, or both,
+default unlimited), and ``RateBucket`` spaces the pages out to it: each page's turn comes once the pages
+before it would have taken their time at that rate, so that the average never exceeds it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -24,7 +30,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import CooperativeTask, Cooperator, TaskStopped
 from twisted.python.failure import Failure
 
-__all__ = ["Pacer", "Sizer", "Units", "sized_units"]
+__all__ = ["Pacer", "Rate", "RateBucket", "Sizer", "Units", "sized_units"]
 
 #: A unit of work is one step of such an iterator.
 Units = Iterator[None]
@@ -107,3 +113,64 @@ def sized_units(items: Sequence[_T], sizer: Sizer, clock: IReactorTime, work: Ca
         done += len(chunk)
         if done < len(items):
             yield None
+
+
+_RATE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(records?|[kmg]i?b)?(?:/s)?", re.IGNORECASE)
+_UNITS = {"kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2, "gib": 1024**3, "gb": 1000**3}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """The most records and bytes (of values) a second the handoff sends, over every target; 0: no limit."""
+
+    records: float = 0.0
+    bytes: float = 0.0
+
+    @property
+    def unlimited(self) -> bool:
+        """True when neither is limited."""
+        return not self.records and not self.bytes
+
+    @classmethod
+    def parse(cls, raw: object) -> Rate:
+        """``unlimited`` (or 0), ``<n>`` / ``<n> records/s`` (records a second), ``<n>MiB/s`` (also KiB,
+        GiB, and the decimal kB, MB, GB), or both separated by a comma; raises ``ValueError``."""
+        text = str(raw).strip()
+        if text.lower() in ("", "0", "unlimited", "none"):
+            return cls()
+        records = size = 0.0
+        for part in text.split(","):
+            match = _RATE_PART.fullmatch(part.strip())
+            if match is None:
+                raise ValueError(f"{part.strip()!r} is not a rate: write records/s (5000) or bytes/s (20MiB/s)")
+            number, unit = float(match.group(1)), (match.group(2) or "records").lower()
+            if unit.startswith("record"):
+                records = number
+            else:
+                size = number * _UNITS[unit]
+        return cls(records, size)
+
+    def __str__(self) -> str:
+        if self.unlimited:
+            return "unlimited"
+        parts = []
+        if self.records:
+            parts.append(f"{self.records:g} records/s")
+        if self.bytes:
+            parts.append(f"{self.bytes / 1024**2:g} MiB/s")
+        return ", ".join(parts)
+
+
+class RateBucket:
+    """Spaces work out to a ``Rate``: ``take`` says how long to wait before sending ``records`` records of
+    ``size`` value bytes, counting the time the work before it takes at the rate."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def take(self, rate: Rate, records: int, size: int, now: float) -> float:
+        """Seconds to wait (0: now) before the work; books its time."""
+        cost = max(records / rate.records if rate.records else 0.0, size / rate.bytes if rate.bytes else 0.0)
+        start = max(now, self._next)
+        self._next = start + cost
+        return start - now

@@ -108,7 +108,9 @@ class KVStoreService(MultiService):
         # Rebalancing: the handoff moves data when the ring watch brings a new placement.
         database = getattr(self.engine, "path", None)
         state_path = os.path.join(os.path.dirname(database), HANDOFF_STATE_NAME) if database is not None else None
-        self.handoff = Handoff(config.node_id, self.engine, self.run_in_pool, reactor, connect, state_path)
+        self.handoff = Handoff(
+            config.node_id, self.engine, self.run_in_pool, reactor, connect, state_path, rate=config.handoff_rate
+        )
         self.handoff.setServiceParent(self)
         self.backend.stats_sources.append(self.handoff.stats)
         self.backend.stats_sources.append(lambda: {"purged_total": self.purged})

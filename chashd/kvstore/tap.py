@@ -73,10 +73,17 @@ def makeService(
 
     def connect(host: str, port: int) -> KVClientPool:
         """A connection to a handoff target: one pipelined line-protocol connection, which proves the cluster
-        token first (xauth)."""
+        token first (xauth), then asks whether the target reads bulk pages."""
         reply_room = config.max_value_size + 4096  # a value and its command line
         return KVClientPool(
-            reactor, host, port, size=1, timeout=HANDOFF_TIMEOUT, max_value_size=reply_room, token=config.token
+            reactor,
+            host,
+            port,
+            size=1,
+            timeout=HANDOFF_TIMEOUT,
+            max_value_size=reply_room,
+            token=config.token,
+            probe_bulk=True,
         )
 
     node = KVStoreService(config, reactor, engine, cluster, connect, run_in_thread=run_in_thread)

@@ -18,6 +18,13 @@ what follows): this is the one place where gateways and the handoff authenticate
 command they send, an internal verb added later included, goes over an authenticated connection. A kvstore
 that refuses the token gets the connection dropped (and a logged error).
 
+Bulk pages (``XBulk``, the handoff's): a connection made with ``probe_bulk`` asks the server first whether it
+reads them (``BulkProbe``, pipelined behind what the connection sends first), and ``send_bulk`` sends pages
+only on a connection whose server answered yes: a server of an earlier version answers the probe ``ERROR``,
+and would read a page's bytes as commands. There ``send_bulk`` fails each page with ``BulkUnsupported``
+without sending anything, and the sender falls back to ``xmove``. Each connection probes again, so a kvstore
+restarted with another version between two connections is asked again.
+
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
 
@@ -37,8 +44,22 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chashd.commands import NOREPLY_COMMANDS, Command, NoreplyCommand, Quit, Result, SplicedGet, Values, XAuth, XGet
-from chashd.errors import DomainError, ServiceUnavailable
+from chashd.bulk import BULK_FORMAT
+from chashd.commands import (
+    NOREPLY_COMMANDS,
+    BulkFormat,
+    BulkProbe,
+    Command,
+    NoreplyCommand,
+    Quit,
+    Result,
+    SplicedGet,
+    Values,
+    XAuth,
+    XBulk,
+    XGet,
+)
+from chashd.errors import BulkUnsupported, DomainError, ServiceUnavailable, UnknownCommand
 from chashd.interfaces import IReplySink
 from chashd.memcache._transport import set_nodelay
 from chashd.memcache.text import BadReply, ReplyParser, serialize_command
@@ -114,6 +135,7 @@ class KVClientProtocol(Protocol):
     ``clock`` and ``timeout``: each request fails with ``KVTimeout`` after ``timeout`` seconds (None:
     never), checked by one timer per connection. ``on_connect``/``on_lost`` tell a pool when the
     connection comes and goes. ``token``: the cluster token, proved first on every connection.
+    ``probe_bulk``: ask the server whether it reads bulk pages (``send_bulk``).
     """
 
     _log = Logger()
@@ -126,6 +148,7 @@ class KVClientProtocol(Protocol):
         on_connect: Callable[[KVClientProtocol], None] | None = None,
         on_lost: Callable[[KVClientProtocol], None] | None = None,
         token: bytes | None = None,
+        probe_bulk: bool = False,
     ) -> None:
         if timeout is not None and clock is None:
             raise ValueError("a timeout needs a clock")
@@ -140,6 +163,10 @@ class KVClientProtocol(Protocol):
         self._on_connect = on_connect
         self._on_lost = on_lost
         self._token = token
+        self._probe_bulk = probe_bulk
+        #: Whether the server reads bulk pages: None until the probe is answered (or the connection is lost).
+        self.bulk: bool | None = None if probe_bulk else False
+        self._bulk_waiters: list[Deferred[bool | None]] = []
         self._tr: Any = None
         self.peer = "kvstore"
 
@@ -161,6 +188,8 @@ class KVClientProtocol(Protocol):
         set_nodelay(self.transport)
         if self._token is not None:  # first on the connection: whatever follows runs authenticated
             self.send(XAuth(self._token)).addErrback(self._refused)
+        if self._probe_bulk:  # after the token: a kvstore answers the probe only on a proved connection
+            self.send(BulkProbe()).addCallbacks(self._bulk_answered, self._bulk_unanswered)
         if self._on_connect is not None:
             self._on_connect(self)
 
@@ -172,6 +201,38 @@ class KVClientProtocol(Protocol):
         if self._connected:
             self._fail_all(KVConnectionLost(f"{self.peer} refused the cluster token"))
             self._tr.abortConnection()
+
+    def _bulk_answered(self, result: Result) -> None:
+        self.bulk = isinstance(result, BulkFormat) and result.version == BULK_FORMAT
+        self._wake_bulk_waiters(self.bulk)
+
+    def _bulk_unanswered(self, failure: Failure) -> None:
+        """``ERROR`` (a server of an earlier version) or a refusal: no bulk pages here; a lost connection
+        leaves the question open."""
+        if failure.check(UnknownCommand) or failure.check(DomainError) and self._connected:
+            self.bulk = False
+        self._wake_bulk_waiters(self.bulk)
+
+    def _wake_bulk_waiters(self, answer: bool | None) -> None:
+        waiters, self._bulk_waiters = self._bulk_waiters, []
+        for waiter in waiters:
+            waiter.callback(answer)
+
+    def send_bulk(self, commands: Sequence[XBulk]) -> Deferred[list[Result | Failure]]:
+        """``send_many`` of bulk pages once the probe said the server reads them; else each page fails with
+        ``BulkUnsupported`` (or ``KVConnectionLost`` when the connection went before the answer), unsent."""
+
+        def answered(speaks: bool | None) -> Deferred[list[Result | Failure]]:
+            if speaks:
+                return self.send_many(commands)
+            error = self._not_connected() if speaks is None else BulkUnsupported(f"{self.peer} reads no bulk pages")
+            return succeed([Failure(error) for _ in commands])
+
+        if self.bulk is not None or not self._connected:
+            return answered(self.bulk)
+        waiter: Deferred[bool | None] = Deferred()
+        self._bulk_waiters.append(waiter)
+        return waiter.addCallback(answered)
 
     def send(self, command: Command) -> Deferred[Result]:
         """Send ``command``; the Deferred fires with its result or fails with a ``chashd.errors`` error."""
@@ -332,7 +393,13 @@ class _PoolFactory(Factory):
     def buildProtocol(self, addr: IAddress | None) -> KVClientProtocol:
         pool = self.pool
         return KVClientProtocol(
-            pool.clock, pool.timeout, pool.max_value_size, pool._connected, pool._lost, token=pool.token
+            pool.clock,
+            pool.timeout,
+            pool.max_value_size,
+            pool._connected,
+            pool._lost,
+            token=pool.token,
+            probe_bulk=pool.probe_bulk,
         )
 
 
@@ -342,6 +409,7 @@ class KVClientPool(MultiService):
 
     ``send`` goes over the connected connection with the fewest pending requests; when none is connected
     it waits for the next connection attempt and fails with ``KVConnectionLost`` if that fails.
+    ``probe_bulk``: each connection asks whether the server reads bulk pages (for ``send_bulk``).
     """
 
     _log = Logger()
@@ -359,8 +427,10 @@ class KVClientPool(MultiService):
         max_backoff: float = 10.0,
         spill_at: int = 32,
         token: str | None = None,
+        probe_bulk: bool = False,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # MultiService.__init__ has no annotations
+        self.probe_bulk = probe_bulk
         self.clock: IReactorTime = reactor
         self.host = host
         self.port = port
@@ -431,12 +501,24 @@ class KVClientPool(MultiService):
         """``KVClientProtocol.send_many`` over the connected connection with the fewest pending requests
         (waiting for the next connection attempt when none is connected): each command's result or the
         ``Failure`` of its error, in order."""
+        return self._send_group(commands, KVClientProtocol.send_many)
+
+    def send_bulk(self, commands: Sequence[XBulk]) -> Deferred[list[Result | Failure]]:
+        """``KVClientProtocol.send_bulk`` over a connection chosen as ``send_many`` chooses: each page's
+        ``Bulked``, or the ``Failure`` of its error (``BulkUnsupported`` from a server that reads none)."""
+        return self._send_group(commands, KVClientProtocol.send_bulk)  # type: ignore[arg-type]
+
+    def _send_group(
+        self,
+        commands: Sequence[Command],
+        send: Callable[[KVClientProtocol, Sequence[Command]], Deferred[list[Result | Failure]]],
+    ) -> Deferred[list[Result | Failure]]:
         best: KVClientProtocol | None = None
         for connection in self.connections:
             if connection._connected and (best is None or len(connection._pending) < len(best._pending)):
                 best = connection
         if best is not None:
-            return best.send_many(commands)
+            return send(best, commands)
         if not self.running:
             error = KVConnectionLost(f"the pool to {self.host}:{self.port} is stopped")
             return succeed([Failure(error) for _ in commands])
@@ -445,7 +527,7 @@ class KVClientPool(MultiService):
         waiting: Deferred[Any] = service.whenConnected(failAfterFailures=1)
 
         def connected(protocol: KVClientProtocol) -> Deferred[list[Result | Failure]]:
-            return protocol.send_many(commands)
+            return send(protocol, commands)
 
         def unreachable(failure: Failure) -> list[Result | Failure]:
             error = KVConnectionLost(f"cannot connect to {self.host}:{self.port}: {failure.getErrorMessage()}")

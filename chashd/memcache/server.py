@@ -53,6 +53,17 @@
 #     xput <key> <flags> <expires_at> <version> <tombstone> <bytes> [noreply]\r\n<data>\r\n
 #                                                -> STORED (kept) | EXISTS (an equal or newer version is stored)
 #     xmove <the same as xput>                   -> the same: an xput sent by a rebalancing handoff (XPut.handoff)
+#     xbulk <rows> <bytes>\r\n<page>\r\n          -> XBULKED <stored> <kept>   once the page's rows newer than the
+#                                                   stored ones are committed, in one grouped write; <kept>: the
+#                                                   rows not stored (an equal or newer version is). <page>: the
+#                                                   rows, length-prefixed (layout in chashd/bulk.py); a page that
+#                                                   does not decode, or whose newest version is too far ahead,
+#                                                   is refused whole: CLIENT_ERROR bad bulk page: ... (the sender
+#                                                   then sends its records as xmove); over 8 MiB plus one value:
+#                                                   CLIENT_ERROR bulk page of <bytes> bytes too large
+#     xbulk                                      -> XBULK <format>   (the page format read, 1). A server of an
+#                                                   earlier version answers ERROR: the sender uses xmove there,
+#                                                   and sends a page only on a connection that answered XBULK
 #     xapply <version> <a write command line: set|add|replace|append|prepend|cas|delete|incr|decr|touch ...>
 #            [\r\n<data>]\r\n
 #                                                -> XAPPLIED <the reply line of that command>\r\n
@@ -145,6 +156,9 @@ import chashd
 from chashd.commands import (
     NOREPLY_COMMANDS,
     Arith,
+    Bulked,
+    BulkFormat,
+    BulkProbe,
     CacheMemlimit,
     Command,
     Delete,
@@ -165,6 +179,7 @@ from chashd.commands import (
     XApplied,
     XApply,
     XAuth,
+    XBulk,
     XGet,
     XPut,
 )
@@ -195,7 +210,7 @@ _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
 _LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth})
-_RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied})  # answered at once, not a Deferred
+_RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied, Bulked, BulkFormat})  # answered at once
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
@@ -219,7 +234,8 @@ def _address(address: Any) -> str:
 #: The command family of each command, for the latency histograms (chashd.metrics.FAMILIES).
 _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
-    XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal",
+    XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
+    BulkProbe: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other",
 }  # fmt: skip

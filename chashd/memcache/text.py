@@ -20,6 +20,9 @@ from typing import cast, final
 
 from chashd.commands import (
     Arith,
+    Bulked,
+    BulkFormat,
+    BulkProbe,
     CacheMemlimit,
     Command,
     Delete,
@@ -44,6 +47,7 @@ from chashd.commands import (
     XApplied,
     XApply,
     XAuth,
+    XBulk,
     XGet,
     XPut,
 )
@@ -64,6 +68,7 @@ from chashd.record import MAX_EXPIRES_AT, MAX_FLAGS, MAX_KEY_LENGTH, Record
 from chashd.versions import Version
 
 __all__ = [
+    "BULK_PAGE_LIMIT",
     "DEFAULT_MAX_KEYS",
     "DEFAULT_MAX_LINE",
     "DEFAULT_MAX_VALUE_SIZE",
@@ -81,6 +86,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
+#: The largest ``xbulk`` page a server reads, past the room one record of the largest value takes; the
+#: handoff sends pages of at most 1 MiB (or one record).
+BULK_PAGE_LIMIT = 8 * 1024 * 1024
 #: memcached closes a connection that sends this many bytes without a newline (``try_read_command_ascii``).
 DEFAULT_MAX_LINE = 2048
 #: Keys in one get line; memcached has no limit, we bound the line to about 512 KiB.
@@ -289,6 +297,7 @@ class RequestParser:
             b"xmove": self._xput,
             b"xapply": self._xapply,
             b"xauth": self._xauth,
+            b"xbulk": self._xbulk,
         }
 
     def feed(self, data: bytes) -> None:
@@ -672,6 +681,29 @@ class RequestParser:
             return FailedRequest(BadCommand())
         return XAuth(tokens[1])
 
+    def _xbulk(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        """``xbulk`` (the probe) or ``xbulk <rows> <bytes>`` and its block: the rows are decoded by the
+        backend, which knows its limits. A block past ``BULK_PAGE_LIMIT`` (plus one record of the largest
+        value) is skipped unread and refused."""
+        if len(tokens) == 1:
+            return BulkProbe()
+        if len(tokens) != 3:
+            return FailedRequest(BadCommand())
+        try:
+            count = _digits(tokens[1])
+            size = _digits(tokens[2])
+        except BadCommand as e:
+            return FailedRequest(e)
+        if size > BULK_PAGE_LIMIT + self.max_value_size + 4096:
+            self._state = _SWALLOW
+            self._need = size + 2
+            return FailedRequest(BadCommand(f"bulk page of {size} bytes too large"))
+
+        def build(block: bytes) -> Command:
+            return XBulk(count, block)
+
+        return size + 2, False, build
+
     def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) < 3:
             return FailedRequest(BadCommand())
@@ -810,6 +842,10 @@ def serialize_result(command: Command, result: Result) -> bytes:
         return b"XAPPLIED " + _result_line(result.result) + block + _END
     if type(result) is StatsResult:
         return stats_reply(result.items)
+    if type(result) is Bulked:
+        return b"XBULKED %d %d\r\n" % (result.stored, result.kept)
+    if type(result) is BulkFormat:
+        return b"XBULK %d\r\n" % result.version
     raise TypeError(f"not a result: {result!r}")
 
 
@@ -883,6 +919,10 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         )
     if type(command) is XApply:
         return b"xapply %s %s" % (str(command.version).encode(), _write_line(command.command, False))
+    if type(command) is XBulk:
+        return b"".join((b"xbulk %d %d\r\n" % (command.count, len(command.block)), command.block, b"\r\n"))
+    if type(command) is BulkProbe:
+        return b"xbulk\r\n"
     if type(command) is FlushAll:
         return b"flush_all %d%s\r\n" % (command.delay, _noreply(command))
     if type(command) is StatsCommand:
@@ -1108,11 +1148,27 @@ class ReplyParser:
                 self._pos -= len(line) + 2
                 return self._stats()
             return self._error(line)
+        if kind is XBulk:
+            if line.startswith(b"XBULKED "):
+                return Bulked(*self._counts(line[8:], 2))
+            return self._error(line)
+        if kind is BulkProbe:
+            if line.startswith(b"XBULK "):
+                return BulkFormat(*self._counts(line[6:], 1))
+            return self._error(line)
         if kind is VersionCommand:
             if line.startswith(b"VERSION "):
                 return StatsResult((("version", line[8:].decode("utf-8", "replace")),))
             return self._error(line)
         return self._status_or_number(line, kind)
+
+    @staticmethod
+    def _counts(text: bytes, count: int) -> list[int]:
+        """The ``count`` numbers of a reply line's rest."""
+        numbers = text.split(b" ")
+        if len(numbers) != count or not all(number.isdigit() and len(number) < 20 for number in numbers):
+            raise BadReply(f"unexpected reply numbers {text[:60]!r}")
+        return [int(number) for number in numbers]
 
     def _status_or_number(self, line: bytes, kind: type) -> Status | Number | DomainError:
         status = _STATUS_BY_LINE.get(line)

@@ -50,6 +50,7 @@ from contextlib import contextmanager, suppress
 
 from zope.interface import implementer
 
+from chashd.bulk import BulkRow
 from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
@@ -285,6 +286,30 @@ class MemoryEngine:
                 results.append(True)
         return results
 
+    def apply_rows(self, rows: Sequence[BulkRow]) -> list[bool]:
+        """``apply_many`` of ``BulkRow`` tuples (a received bulk page), packed straight into rows."""
+        results: list[bool] = []
+        with self.batch():
+            records = self._records
+            for key, value, flags, expires_at, clock, writer, tombstone in rows:
+                current = records.get(key)
+                if current is None:
+                    hash_value = key_hash(key)
+                else:
+                    hash_value, _flags, _expires_at, stored_clock, _tombstone, writer_size = _unpack(current)
+                    if (clock, writer) <= (stored_clock, current[_HEADER_SIZE : _HEADER_SIZE + writer_size].decode()):
+                        results.append(False)
+                        continue
+                writer_bytes = writer.encode()
+                row = (
+                    _pack(hash_value, flags, expires_at, clock, bool(tombstone), len(writer_bytes))
+                    + writer_bytes
+                    + value
+                )
+                self._store(key, row, len(value), current)
+                results.append(True)
+        return results
+
     def _store(self, key: bytes, row: bytes, size: int, current: bytes | None) -> None:
         # Called with the lock held.
         cost = len(key) + len(row) + ITEM_OVERHEAD
@@ -483,6 +508,24 @@ class MemoryEngine:
         with self._lock:
             rows = self._rows(first_hash, last_hash, after, limit)
         return [(key, _decode(row)) for _hash, key, row in rows]
+
+    def scan_rows(
+        self,
+        first_hash: int,
+        last_hash: int,
+        after: tuple[int, bytes] | None = None,
+        limit: int = 1000,
+    ) -> list[BulkRow]:
+        """``scan`` as ``BulkRow`` tuples (the handoff's bulk pages)."""
+        check_range(first_hash, last_hash, limit)
+        with self._lock:
+            rows = self._rows(first_hash, last_hash, after, limit)
+        found: list[BulkRow] = []
+        for _hash, key, row in rows:
+            _h, flags, expires_at, clock, tombstone, writer_size = _unpack(row)
+            end = _HEADER_SIZE + writer_size
+            found.append((key, row[end:], flags, expires_at, clock, row[_HEADER_SIZE:end].decode(), int(tombstone)))
+        return found
 
     def purge(self, now: float, tombstone_grace: float) -> int:
         """Forget expired records and tombstones older than ``tombstone_grace`` seconds; the number forgotten.

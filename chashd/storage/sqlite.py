@@ -35,6 +35,7 @@ from typing import Any
 
 from zope.interface import implementer
 
+from chashd.bulk import BulkRow
 from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
@@ -75,6 +76,11 @@ _STORE = "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM records WHERE hash = ? AND key = ?"
 _SCAN_FROM = f"SELECT key, {_COLUMNS} FROM records WHERE hash >= ? AND hash <= ? ORDER BY hash, key LIMIT ?"
 _SCAN_AFTER = f"SELECT key, {_COLUMNS} FROM records WHERE (hash, key) > (?, ?) AND hash <= ? ORDER BY hash, key LIMIT ?"
+_ROW_COLUMNS = "key, value, flags, expires_at, clock, writer, tombstone"
+_SCAN_ROWS_FROM = f"SELECT {_ROW_COLUMNS} FROM records WHERE hash >= ? AND hash <= ? ORDER BY hash, key LIMIT ?"
+_SCAN_ROWS_AFTER = (
+    f"SELECT {_ROW_COLUMNS} FROM records WHERE (hash, key) > (?, ?) AND hash <= ? ORDER BY hash, key LIMIT ?"
+)
 _PURGE_CANDIDATES = (
     f"SELECT hash, key, {_COLUMNS} FROM records WHERE (hash, key) > (?, ?)"
     " AND ((tombstone = 0 AND expires_at != 0 AND expires_at <= ?) OR (tombstone != 0 AND clock < ?))"
@@ -521,6 +527,48 @@ class SQLiteEngine:
                         self._remember(row[1], row[2:])
         return results
 
+    def apply_rows(self, rows: Sequence[BulkRow]) -> list[bool]:
+        """``apply_many`` of ``BulkRow`` tuples (a received bulk page): the same three statements, and no
+        ``Record`` made; True for each row stored. The rows come checked (``chashd.bulk.decode_rows``)."""
+        keys = [row[0] for row in rows]
+        hashes = [key_hash(key) for key in keys]
+        results: list[bool] = []
+        stored = []
+        added_keys = added_bytes = 0
+        with self.batch():
+            try:
+                currents = self._currents(keys, hashes)
+            except sqlite3.Error as e:
+                raise self._failed(e) from e
+            for (key, value, flags, expires_at, clock, writer, tombstone), hash_value in zip(rows, hashes):
+                current = currents[key]
+                biased = clock - _CLOCK_BIAS
+                size = len(value)
+                if current is None:
+                    added_keys += 1
+                    added_bytes += size
+                elif (biased, writer) <= current[:2]:
+                    results.append(False)
+                    continue
+                else:
+                    added_bytes += size - current[2]
+                stored.append((hash_value, key, value, flags, expires_at, biased, writer, tombstone))
+                currents[key] = (biased, writer, size)
+                results.append(True)
+            if stored:
+                try:
+                    self._db.executemany(_STORE, stored)
+                except sqlite3.Error as e:
+                    raise self._failed(e) from e
+                self._keys += added_keys
+                self._bytes += added_bytes
+                self._generation += 1
+                records = self._records
+                for row in stored:
+                    if row[1] in records:
+                        self._remember(row[1], row[2:])
+        return results
+
     def _remember(self, key: bytes, row: _Row | None) -> None:
         """Put ``row`` in the record cache, evicting the oldest entries past the limit; lock held."""
         limit = self._records_limit
@@ -631,6 +679,26 @@ class SQLiteEngine:
         except sqlite3.Error as e:
             raise self._failed(e) from e
         return [(row[0], _record(*row[1:])) for row in rows]
+
+    def scan_rows(
+        self,
+        first_hash: int,
+        last_hash: int,
+        after: tuple[int, bytes] | None = None,
+        limit: int = 1000,
+    ) -> list[BulkRow]:
+        """``scan`` as ``BulkRow`` tuples, without making a ``Record`` of each (the handoff's bulk pages)."""
+        check_range(first_hash, last_hash, limit)
+        reader = self._reader()
+        try:
+            if after is None or after[0] < first_hash:
+                rows = reader.execute(_SCAN_ROWS_FROM, (first_hash, last_hash, limit)).fetchall()
+            else:
+                rows = reader.execute(_SCAN_ROWS_AFTER, (after[0], after[1], last_hash, limit)).fetchall()
+        except sqlite3.Error as e:
+            raise self._failed(e) from e
+        bias = _CLOCK_BIAS
+        return [(k, v, f, e, c + bias, w, t) for k, v, f, e, c, w, t in rows]
 
     def purge(self, now: float, tombstone_grace: float) -> int:
         """Forget expired records and tombstones older than ``tombstone_grace`` seconds; the number forgotten.

@@ -30,7 +30,7 @@ class MemoryNetwork:
     def connect(self, host: str, port: int) -> KVClientPool:
         """What the kvstore service gives the handoff: a KVClientPool, here over the memory reactor."""
         endpoint = TCP4ClientEndpoint(self.reactor, host, port)
-        return KVClientPool(self.reactor, host, port, size=1, timeout=30.0, endpoint=endpoint)
+        return KVClientPool(self.reactor, host, port, size=1, timeout=30.0, endpoint=endpoint, probe_bulk=True)
 
     def pump(self) -> bool:
         """Complete pending connections and move bytes; True if anything happened."""

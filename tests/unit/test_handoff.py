@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 
-from chashd.commands import Command, Get, Status, Store, Values, XPut
+from chashd.bulk import decode_rows
+from chashd.commands import Command, Get, Status, Store, Values, XBulk, XPut
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.handoff import Handoff
@@ -284,17 +286,23 @@ class ConcurrencyTests:
         real_connect = cluster.connect
         raced: list[Any] = []
 
+        def carries(command: Any) -> bool:
+            if isinstance(command, XBulk):
+                return any(row[0] == key for row in decode_rows(command.block, command.count, 1 << 20))
+            return isinstance(command, XPut) and command.key == key
+
         def racing_connect(host: str, port: int) -> KVClientPool:
             pool = real_connect(host, port)
-            send_many = pool.send_many
+            send_many, send_bulk = pool.send_many, pool.send_bulk
 
-            def send_and_race(commands: list[Any]) -> Deferred[Any]:
-                d = send_many(commands)
-                if any(isinstance(c, XPut) and c.key == key for c in commands) and not raced:
+            def send_and_race(send: Any, commands: list[Any]) -> Deferred[Any]:
+                d = send(commands)
+                if any(carries(c) for c in commands) and not raced:
                     raced.append(a.backend.execute(Store("set", key, 0, 0, b"newer")))
                 return d
 
-            pool.send_many = send_and_race  # type: ignore[method-assign,assignment]  # the test wraps the method
+            pool.send_many = partial(send_and_race, send_many)  # type: ignore[method-assign]  # the test wraps them
+            pool.send_bulk = partial(send_and_race, send_bulk)  # type: ignore[method-assign]
             return pool
 
         a.handoff.connect = racing_connect

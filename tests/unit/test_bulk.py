@@ -1,0 +1,384 @@
+"""Bulk pages: the page format (chashd.bulk), the xbulk command on the wire, the engines' row reads and grouped
+applies, the kvstore's answer, and a handoff that moves records as pages, or as xmove to a kvstore of an
+earlier version."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from chashd.bulk import ROW_HEAD_SIZE, BulkError, BulkRow, decode_rows, encode_rows, split_rows
+from chashd.commands import Bulked, BulkFormat, BulkProbe, XBulk
+from chashd.errors import BadCommand, BulkUnsupported, UnknownCommand
+from chashd.interfaces import IStorageEngine
+from chashd.kvstore.backend import LocalBackend
+from chashd.kvstore.pacing import Rate, RateBucket
+from chashd.memcache.client import KVClientProtocol
+from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
+from chashd.memcache.text import FailedRequest, ReplyParser, RequestParser, serialize_command, serialize_result
+from chashd.record import Record
+from chashd.storage import MemoryEngine, SQLiteEngine
+from chashd.versions import Version
+from tests.unit.test_handoff import Cluster, all_records
+
+T0 = 1_700_000_000.0
+CLOCK = int(T0 * 1000) << 16
+
+
+def rows(count: int, clock: int = CLOCK, prefix: bytes = b"k", value: bytes = b"v") -> list[BulkRow]:
+    """``count`` rows with increasing versions."""
+    return [(prefix + b"-%d" % i, value + b"%d" % i, i, 0, clock + i, "w1", 0) for i in range(count)]
+
+
+class FormatTests:
+    """The page layout: what encode_rows writes, decode_rows reads back, and nothing else."""
+
+    def test_round_trip(self) -> None:
+        """Every field of every row survives, tombstones, empty values and writers included."""
+        page = [
+            *rows(3),
+            (b"gone", b"", 0, 0, CLOCK, "", 1),
+            (b"big", b"x" * 70000, 2**32 - 1, 2**32 - 1, 2**63 - 1, "a.b-c", 0),
+        ]
+        count, block = encode_rows(page)
+        assert count == 5
+        assert decode_rows(block, count, 1 << 20) == page
+
+    def test_the_layout(self) -> None:
+        """Heads first (24 bytes each, little-endian), then key, writer and value of each row."""
+        count, block = encode_rows([(b"ab", b"xyz", 7, 9, 5, "w", 1)])
+        assert count == 1 and ROW_HEAD_SIZE == 24
+        assert block == struct.pack("<HBIIQBI", 2, 1, 7, 9, 5, 1, 3) + b"ab" + b"w" + b"xyz"
+
+    @pytest.mark.parametrize(
+        ("row", "words"),
+        [
+            ((b"", b"v", 0, 0, 1, "w", 0), "bad key"),
+            ((b"a b", b"v", 0, 0, 1, "w", 0), "bad key"),
+            ((b"a\r\nset", b"v", 0, 0, 1, "w", 0), "bad key"),
+            ((b"k" * 251, b"v", 0, 0, 1, "w", 0), "bad key"),
+            ((b"k", b"v", 0, 0, 2**63, "w", 0), "bad version"),
+            ((b"k", b"v", 0, 0, 1, "w", 2), "tombstone"),
+            ((b"k", b"v", 0, 0, 1, "-w", 0), "bad writer"),
+            ((b"k", b"v" * 11, 0, 0, 1, "w", 0), "over the limit of 10"),
+        ],
+    )
+    def test_bad_rows(self, row: BulkRow, words: str) -> None:
+        """A row the versioned extension would refuse makes the page undecodable, saying which and why."""
+        count, block = encode_rows([rows(1)[0], row])
+        with pytest.raises(BulkError, match=f"row 1: .*{words}"):
+            decode_rows(block, count, 10)
+
+    def test_lengths_must_add_up(self) -> None:
+        """A block shorter or longer than its rows, or with fewer heads than announced, is refused."""
+        count, block = encode_rows(rows(2))
+        for bad, announced in ((block[:-1], count), (block + b"x", count), (block, count + 1), (block, 1)):
+            with pytest.raises(BulkError):
+                decode_rows(bad, announced, 100)
+
+    def test_split_rows(self) -> None:
+        """Pages of at most max_rows rows and max_bytes bytes; a row larger than that alone."""
+        page = rows(5)
+        assert [len(p) for p in split_rows(page, 2, 1 << 20)] == [2, 2, 1]
+        big = [(b"a", b"x" * 100, 0, 0, 1, "w", 0), (b"b", b"y", 0, 0, 1, "w", 0), (b"c", b"z" * 100, 0, 0, 1, "w", 0)]
+        assert [len(p) for p in split_rows(big, 10, 60)] == [1, 1, 1]
+        assert split_rows([], 10, 60) == []
+
+
+class WireTests:
+    """``xbulk`` in the parser, the serializer and the client's reply parser."""
+
+    def test_parse_and_serialize(self) -> None:
+        """serialize_command(XBulk) parses back to the same command; a bare xbulk is the probe."""
+        count, block = encode_rows(rows(3))
+        parser = RequestParser(1 << 20)
+        parser.feed(serialize_command(XBulk(count, block)) + serialize_command(BulkProbe()))
+        assert parser.next() == XBulk(count, block)
+        assert parser.next() == BulkProbe()
+        assert parser.next() is None
+
+    def test_bad_lines(self) -> None:
+        """A bad count or size is a CLIENT_ERROR; a page over the limit is skipped unread and refused."""
+        parser = RequestParser(1024)
+        parser.feed(b"xbulk 1\r\nxbulk x 3\r\nxbulk 1 99999999999\r\n")
+        for _ in range(3):
+            failed = parser.next()
+            assert isinstance(failed, FailedRequest) and isinstance(failed.error, BadCommand)
+        assert "too large" in str(failed.error)  # type: ignore[union-attr]
+        parser.feed(b"x" * 1000 + b"\r\nversion\r\n")  # the rest of the huge page is swallowed
+        assert parser.next() is None
+
+    def test_replies(self) -> None:
+        """XBULKED and XBULK lines become Bulked and BulkFormat; ERROR (an older server) UnknownCommand."""
+        assert serialize_result(XBulk(0, b""), Bulked(3, 2)) == b"XBULKED 3 2\r\n"
+        assert serialize_result(BulkProbe(), BulkFormat(1)) == b"XBULK 1\r\n"
+        replies = ReplyParser()
+        replies.feed(b"XBULKED 3 2\r\nXBULK 1\r\nERROR\r\n")
+        assert replies.next(XBulk(0, b"")) == Bulked(3, 2)
+        assert replies.next(BulkProbe()) == BulkFormat(1)
+        assert isinstance(replies.next(BulkProbe()), UnknownCommand)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def engine(request: Any, tmp_path: Path) -> Any:
+    """Each engine."""
+    made: IStorageEngine = MemoryEngine() if request.param == "memory" else SQLiteEngine(tmp_path / "db.sqlite")
+    yield made
+    made.close()
+
+
+class EngineTests:
+    """``scan_rows`` and ``apply_rows``."""
+
+    def test_scan_rows_is_scan_as_rows(self, engine: Any) -> None:
+        """The same records in the same order as scan, as BulkRow tuples, paging by the same positions."""
+        for i in range(30):
+            engine.put(b"k-%d" % i, Record(b"v%d" % i, i, 5, Version(CLOCK + i, "w"), i % 7 == 0))
+        records = engine.scan(0, 2**32 - 1, None, 1000)
+        found = engine.scan_rows(0, 2**32 - 1, None, 1000)
+        assert [
+            (k, r.value, r.flags, r.expires_at, r.version.clock, r.version.writer, int(r.tombstone)) for k, r in records
+        ] == found
+        from chashd.ring import key_hash
+
+        after = (key_hash(found[9][0]), found[9][0])
+        assert engine.scan_rows(0, 2**32 - 1, after, 5) == found[10:15]
+
+    def test_apply_rows_keeps_the_newest(self, engine: Any) -> None:
+        """A row is stored only if newer than the stored record (clock, then writer); counts follow."""
+        engine.put(b"k-0", Record(b"newer", 0, 0, Version(CLOCK + 100, "w1")))
+        engine.put(b"k-1", Record(b"older", 0, 0, Version(CLOCK, "a")))
+        engine.put(b"k-2", Record(b"same", 0, 0, Version(CLOCK + 2, "w1")))
+        stored = engine.apply_rows(rows(4))
+        assert stored == [False, True, False, True]
+        assert engine.get(b"k-0").value == b"newer"
+        assert engine.get(b"k-1") == Record(b"v1", 1, 0, Version(CLOCK + 1, "w1"))
+        assert engine.get(b"k-2").value == b"same"
+        assert engine.get(b"k-3").value == b"v3"
+        assert engine.stats()["keys"] == 4
+        assert engine.stats()["bytes"] == len(b"newer") + 2 + len(b"same") + 2
+
+
+class BackendTests:
+    """A kvstore answers xbulk through its line protocol."""
+
+    def serve(self, engine: IStorageEngine | None = None) -> tuple[LocalBackend, Any, StringTransport]:
+        clock = Clock()
+        clock.advance(T0)
+        backend = LocalBackend(engine or MemoryEngine(), "n1", clock, 100)
+        protocol = MemcacheServerFactory(backend, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return backend, protocol, transport
+
+    def test_a_page_is_applied(self) -> None:
+        """The rows newer than the stored ones are kept; the answer counts stored and kept rows."""
+        backend, protocol, transport = self.serve()
+        backend.engine.put(b"k-1", Record(b"newest", 0, 0, Version(CLOCK + 50, "w1")))
+        count, block = encode_rows(rows(3))
+        protocol.dataReceived(serialize_command(XBulk(count, block)) + b"xbulk\r\n")
+        assert transport.value() == b"XBULKED 2 1\r\nXBULK 1\r\n"
+        assert backend.engine.get(b"k-1").value == b"newest"
+        assert backend.engine.get(b"k-2").value == b"v2"
+        stats = backend.stats()
+        assert stats["cmd_xbulk"] == 1 and stats["handoff_records_received_total"] == 3
+
+    def test_a_bad_page_is_refused_whole(self) -> None:
+        """A page that does not decode, or whose newest version is too far ahead, stores nothing."""
+        backend, protocol, transport = self.serve()
+        count, block = encode_rows(rows(2, value=b"v" * 200))  # over the 100-byte limit
+        protocol.dataReceived(serialize_command(XBulk(count, block)))
+        assert transport.value().startswith(b"CLIENT_ERROR bad bulk page: row 0")
+        transport.clear()
+        ahead = (int(T0 + 3600) * 1000) << 16
+        count, block = encode_rows([*rows(2), (b"future", b"x", 0, 0, ahead, "w1", 0)])
+        protocol.dataReceived(serialize_command(XBulk(count, block)))
+        assert transport.value().startswith(b"CLIENT_ERROR version")
+        assert backend.engine.stats()["keys"] == 0
+
+    def test_sqlite_page_is_durable_when_answered(self, tmp_path: Path) -> None:
+        """With SQLite, the answer leaves after the commit: another connection to the file sees the rows."""
+        engine = SQLiteEngine(tmp_path / "db.sqlite")
+        try:
+            _backend, protocol, transport = self.serve(engine)
+            count, block = encode_rows(rows(50))
+            protocol.dataReceived(serialize_command(XBulk(count, block)))
+            assert transport.value() == b"XBULKED 50 0\r\n"
+            other = SQLiteEngine(tmp_path / "db.sqlite", check=False)
+            assert other.stats()["keys"] == 50
+            other.close()
+        finally:
+            engine.close()
+
+
+class ClientTests:
+    """The client sends pages only on a connection whose server said it reads them."""
+
+    def connect(self) -> tuple[KVClientProtocol, StringTransport]:
+        client = KVClientProtocol(probe_bulk=True)
+        transport = StringTransport()
+        client.makeConnection(transport)
+        return client, transport
+
+    def test_pages_wait_for_the_probe(self) -> None:
+        """The probe goes first; pages leave once it is answered XBULK 1."""
+        client, transport = self.connect()
+        assert transport.value() == b"xbulk\r\n"
+        count, block = encode_rows(rows(2))
+        answered = client.send_bulk([XBulk(count, block)])
+        assert transport.value() == b"xbulk\r\n"  # nothing more before the answer
+        client.dataReceived(b"XBULK 1\r\n")
+        assert transport.value() == b"xbulk\r\n" + serialize_command(XBulk(count, block))
+        client.dataReceived(b"XBULKED 2 0\r\n")
+        assert answered.result == [Bulked(2, 0)]  # type: ignore[attr-defined]
+
+    def test_an_older_server_gets_no_page(self) -> None:
+        """A server that answers the probe ERROR (an earlier version) is sent no page bytes: each page
+        fails with BulkUnsupported, now and later."""
+        client, transport = self.connect()
+        waiting = client.send_bulk([XBulk(1, b"x" * 30)])
+        client.dataReceived(b"ERROR\r\n")
+        assert transport.value() == b"xbulk\r\n"
+        results: list[Any] = waiting.result  # type: ignore[attr-defined,assignment]
+        assert len(results) == 1 and results[0].check(BulkUnsupported)
+        later: list[Any] = client.send_bulk([XBulk(1, b"x" * 30)]).result  # type: ignore[attr-defined,assignment]
+        assert later[0].check(BulkUnsupported)
+        assert transport.value() == b"xbulk\r\n" and client.bulk is False
+
+
+class _OldServer(MemcacheServerFactory):
+    """A kvstore of the version before bulk pages: its parser knows no xbulk (it answers ERROR, and would
+    read a page's bytes as commands)."""
+
+    def buildProtocol(self, addr: Any) -> MemcacheServerProtocol:
+        protocol = super().buildProtocol(addr)
+        del protocol._parser._dispatch[b"xbulk"]  # type: ignore[attr-defined]
+        return protocol
+
+
+class HandoffTests:
+    """A handoff moves records as bulk pages, or as xmove to a kvstore of an earlier version."""
+
+    def move(self, old_target: bool) -> tuple[Cluster, dict[bytes, Record]]:
+        cluster = Cluster(page_size=20)
+        a = cluster.add("A")
+        b = cluster.add("B")
+        if old_target:
+            for index, (port, factory, backlog, interface) in enumerate(cluster.reactor.tcpServers):
+                if port == b.port:
+                    old = _OldServer(factory.backend, cluster.reactor)  # type: ignore[attr-defined]
+                    cluster.reactor.tcpServers[index] = (port, old, backlog, interface)
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 200)
+        a.handoff.bulk_rows = 7  # several pages per scan page
+        two = cluster.ring(2, "B")
+        cluster.announce(two)
+        cluster.settle()
+        assert all_records(b.engine) == written
+        assert all_records(a.engine) == {}
+        return cluster, written
+
+    def test_records_move_as_bulk_pages(self) -> None:
+        """To a kvstore that reads pages, every record goes in a page (no xmove), and is dropped after."""
+        cluster, written = self.move(old_target=False)
+        stats = cluster.nodes["B"].backend.stats()
+        assert stats["cmd_xput"] == 0
+        assert stats["cmd_xbulk"] >= len(written) // 7
+        assert stats["handoff_records_received_total"] == len(written)
+        assert cluster.nodes["A"].handoff.records_sent == len(written)
+        cluster.stop()
+
+    def test_an_older_target_gets_xmove(self) -> None:
+        """A kvstore of an earlier version (xbulk unknown) gets one xmove per record and no page."""
+        cluster, written = self.move(old_target=True)
+        stats = cluster.nodes["B"].backend.stats()
+        assert stats["cmd_xbulk"] == 0
+        assert stats["cmd_xput"] == len(written)
+        assert stats["handoff_records_received_total"] == len(written)
+        cluster.stop()
+
+    def test_a_refused_page_goes_record_by_record(self) -> None:
+        """A page the target refuses (a record too far ahead of its clock) is pushed as xmove: the other
+        records move and are dropped, the refused one stays on the sender."""
+        cluster = Cluster(page_size=50)
+        a = cluster.add("A")
+        b = cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 30)
+        future = Record(b"f", 0, 0, Version((int(T0 + 3600) * 1000) << 16, "w"))
+        a.engine.put(b"future", future)
+        cluster.announce(cluster.ring(2, "B"))
+        cluster.settle()
+        assert all_records(b.engine) == written
+        assert all_records(a.engine) == {b"future": future}
+        stats = b.backend.stats()
+        # the first push: one page refused, then 31 xmove; each sweep finds the refused record again
+        assert stats["cmd_xbulk"] >= 1 and stats["cmd_xput"] >= 31 and stats["versions_refused_total"] >= 2
+        cluster.stop()
+
+
+class RateTests:
+    """``--handoff-rate``: its syntax and its pace."""
+
+    @pytest.mark.parametrize(
+        ("text", "rate"),
+        [
+            ("unlimited", Rate()),
+            ("0", Rate()),
+            ("5000", Rate(5000)),
+            ("5000 records/s", Rate(5000)),
+            ("20MiB/s", Rate(0, 20 * 1024**2)),
+            ("1.5GiB", Rate(0, 1.5 * 1024**3)),
+            ("5000,10MB", Rate(5000, 10e6)),
+        ],
+    )
+    def test_parse(self, text: str, rate: Rate) -> None:
+        """Records a second, bytes a second with a unit, or both."""
+        assert Rate.parse(text) == rate
+
+    @pytest.mark.parametrize("text", ["fast", "-3", "5 parsecs", "10 MiB/h"])
+    def test_parse_refuses(self, text: str) -> None:
+        """Anything else is a ValueError (the config names the option)."""
+        with pytest.raises(ValueError, match="not a rate"):
+            Rate.parse(text)
+
+    def test_str(self) -> None:
+        """What /health and chash status show."""
+        assert str(Rate()) == "unlimited"
+        assert str(Rate(5000, 20 * 1024**2)) == "5000 records/s, 20 MiB/s"
+
+    def test_bucket(self) -> None:
+        """Each piece of work waits for the time the work before it takes at the rate; the slower of the two
+        limits decides."""
+        bucket = RateBucket()
+        rate = Rate(100, 1000)
+        assert bucket.take(rate, 50, 0, 10.0) == 0.0
+        assert bucket.take(rate, 50, 0, 10.0) == pytest.approx(0.5)
+        assert bucket.take(rate, 10, 2000, 10.0) == pytest.approx(1.0)  # 2 s for the bytes
+        assert bucket.take(rate, 1, 0, 20.0) == 0.0  # idle time is not saved up
+
+    def test_a_throttled_handoff(self) -> None:
+        """With a limit of 100 records/s a move of 200 records takes about 2 s of the clock."""
+        cluster = Cluster(page_size=20)
+        a = cluster.add("A")
+        b = cluster.add("B")
+        a.handoff.rate = Rate(100)
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 200)
+        started = cluster.reactor.seconds()
+        cluster.announce(cluster.ring(2, "B"))
+        cluster.settle()
+        assert all_records(b.engine) == written
+        assert 1.7 <= cluster.reactor.seconds() - started <= 2.5
+        assert a.handoff.status()["rate_limit"] == "100 records/s"
+        assert a.handoff.stats()["handoff_rate_limit_records_per_second"] == 100
+        cluster.stop()
