@@ -12,6 +12,7 @@ from chashd.client import AsyncKVStoreClient
 from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError, StorageError
+from chashd.gcwatch import GCWatch
 from chashd.kvstore.drain import KVStoreRoot
 from chashd.kvstore.service import KVStoreService, open_engine
 from chashd.logs import with_log_format
@@ -116,6 +117,10 @@ def makeService(
         requests=requests,
     )
     node.backend.stats_sources.append(http.auth_stats)
+    gc_watch = GCWatch()  # full collections' pauses in /stats and /metrics
+    node.backend.stats_sources.append(gc_watch.stats)
+    if handle_signals:  # the daemon's process (a test's process keeps its collector as it is)
+        gc_watch.install()
     for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)
         listener.setServiceParent(root)

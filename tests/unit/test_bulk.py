@@ -4,6 +4,7 @@ earlier version."""
 
 from __future__ import annotations
 
+import gc
 import struct
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from twisted.internet.testing import StringTransport
 
 from chashd.bulk import ROW_HEAD_SIZE, BulkError, BulkRow, decode_rows, encode_rows, split_rows
 from chashd.commands import Bulked, BulkFormat, BulkProbe, XBulk
-from chashd.errors import BadCommand, BulkUnsupported, UnknownCommand
+from chashd.config import KVStoreConfig, load_config
+from chashd.errors import BadCommand, BulkUnsupported, ConfigError, UnknownCommand
+from chashd.gcwatch import GCWatch
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.pacing import Rate, RateBucket
@@ -382,3 +385,31 @@ class RateTests:
         assert a.handoff.status()["rate_limit"] == "100 records/s"
         assert a.handoff.stats()["handoff_rate_limit_records_per_second"] == 100
         cluster.stop()
+
+    def test_the_option(self) -> None:
+        """--handoff-rate reaches the config parsed; a bad one is a config error naming the option."""
+        config = load_config(KVStoreConfig, {"node_id": "a", "handoff_rate": "20MiB/s"}, environ={})
+        assert config.handoff_rate == Rate(0, 20 * 1024**2)
+        assert load_config(KVStoreConfig, {"node_id": "a"}, environ={}).handoff_rate == Rate()
+        with pytest.raises(ConfigError, match="handoff-rate"):
+            load_config(KVStoreConfig, {"node_id": "a", "handoff_rate": "fast"}, environ={})
+
+
+class GCWatchTests:
+    """Full garbage collections are timed through gc.callbacks."""
+
+    def test_full_collections_are_counted_and_timed(self) -> None:
+        """Each full collection adds one to the count and its pause to the total; younger ones do not."""
+        watch = GCWatch()
+        watch.install()
+        try:
+            gc.collect(0)
+            assert watch.stats()["gc_full_collections_total"] == 0
+            gc.collect()
+            gc.collect()
+        finally:
+            watch.uninstall()
+        gc.collect()  # no longer watched
+        stats = watch.stats()
+        assert stats["gc_full_collections_total"] == 2
+        assert 0 < stats["gc_full_pause_max_seconds"] <= stats["gc_full_pause_seconds_total"]
