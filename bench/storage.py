@@ -9,8 +9,11 @@ garbage collection takes with the engine filled (a pause of the reactor thread).
 
 SQLiteEngine (a file in ``--dir``, default a temporary directory, which must be on the disk the
 daemon would use): puts with one transaction each (rate, p50/p99/max latency), the same with
-``autocheckpoint=0`` and a thread calling ``checkpoint()`` every second (and the WAL file's size
-after the burst and once a checkpoint found the writers idle), applies in batches of 1000
+``autocheckpoint=0`` and a thread calling ``checkpoint()`` every second, as a kvstore runs it (the WAL
+file's largest size during the burst, sampled every 20 ms, against the bound the checkpoints keep it
+under; its size after the burst and once a checkpoint found the writers idle), a handoff receiver's burst
+(``apply_rows`` of pages of 250 records of 1 KiB, the same checkpoint thread, the WAL's largest size),
+applies in batches of 1000
 (new keys in ring order, as a handoff receiver gets them, and in any order), gets in random order, scan
 pages, and the time ``SQLiteEngine()`` takes to open the filled file with and
 without ``PRAGMA quick_check``.
@@ -91,6 +94,59 @@ def latencies(label: str, calls: list[float]) -> None:
     )
 
 
+class WalWatch(threading.Thread):
+    """Samples the size of a WAL file every 20 ms until stopped; keeps the largest."""
+
+    def __init__(self, wal: Path) -> None:
+        super().__init__(daemon=True)
+        self.wal = wal
+        self.largest = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            try:
+                self.largest = max(self.largest, self.wal.stat().st_size)
+            except FileNotFoundError:
+                continue
+
+    def stop(self) -> int:
+        """Stop sampling; the largest size seen, in bytes."""
+        self.done.set()
+        self.join()
+        return self.largest
+
+
+def checkpointing(engine: SQLiteEngine) -> Callable[[], None]:
+    """Call ``engine.checkpoint()`` every second in a thread, as a kvstore's pool does; returns the stopper."""
+    stop = threading.Event()
+
+    def checkpointer() -> None:
+        while not stop.wait(1.0):
+            engine.checkpoint()
+
+    thread = threading.Thread(target=checkpointer)
+    thread.start()
+
+    def stopper() -> None:
+        stop.set()
+        thread.join()
+
+    return stopper
+
+
+def print_wal(label: str, largest: int, written: int, seconds: float) -> None:
+    """The WAL's largest size against its bound: ``4 * restart_frames`` pages (a burst's checkpoints restart
+    the WAL past that) plus what the writers add in one checkpoint interval (1 s)."""
+    fixed = 4 * 4096 * 16384
+    per_second = written / seconds
+    bound = fixed + per_second
+    print(
+        f"  {label:44s} {largest / 2**20:12,.1f} MiB   bound {bound / 2**20:,.0f} MiB "
+        f"(256 MiB + 1 s of WAL writes, {per_second / 2**20:,.0f} MiB/s): {'under' if largest <= bound else 'OVER'}"
+    )
+
+
 def bench_memory(count: int) -> None:
     """MemoryEngine figures."""
     print(f"MemoryEngine, {count:,} keys of 16 bytes with {VALUE_SIZE}-byte values")
@@ -158,14 +214,10 @@ def bench_sqlite(count: int, directory: Path) -> None:
 
     engine.close()
     engine = SQLiteEngine(path, autocheckpoint=0)
-    stop = threading.Event()
-
-    def checkpointer() -> None:
-        while not stop.wait(1.0):
-            engine.checkpoint()
-
-    thread = threading.Thread(target=checkpointer)
-    thread.start()
+    wal = path.with_name(path.name + "-wal")
+    watch = WalWatch(wal)
+    watch.start()
+    stop = checkpointing(engine)
     calls = []
     try:
         for i in range(count):
@@ -174,15 +226,15 @@ def bench_sqlite(count: int, directory: Path) -> None:
             engine.put(key(i), record)
             calls.append(clock() - start)
     finally:
-        stop.set()
-        thread.join()
+        stop()
     latencies("put, a transaction each, checkpoint() thread", calls)
-    wal = path.with_name(path.name + "-wal")
+    print_wal("  WAL's largest size during the burst", watch.stop(), count * 16384, sum(calls))
     print(f"  {'  WAL size after that':44s} {wal.stat().st_size / 2**20:12,.1f} MiB")
     engine.checkpoint()
     engine.checkpoint()  # nothing written since the previous call: the writers are idle
     print(f"  {'  WAL size once the writers are idle':44s} {wal.stat().st_size / 2**20:12,.1f} MiB")
     engine.close()
+    bulk_burst(directory / "bulk.sqlite3", count)
     engine = SQLiteEngine(path)
 
     def apply_batched(keys: list[bytes]) -> None:
@@ -207,6 +259,29 @@ def bench_sqlite(count: int, directory: Path) -> None:
         SQLiteEngine(path, check=check).close()
         label = f"open {2 * count:,} keys ({size / 2**20:,.0f} MiB), " + ("quick_check" if check else "no check")
         print(f"  {label:44s} {time.perf_counter() - start:12.2f} s")
+
+
+def bulk_burst(path: Path, count: int) -> None:
+    """A handoff receiver's burst: ``apply_rows`` of pages of 250 new records of 1 KiB, the checkpoint
+    thread running; the rate and the WAL's largest size."""
+    engine = SQLiteEngine(path, autocheckpoint=0)
+    value = b"v" * 1024
+    rows = sorted(
+        ((key(i), value, 0, 0, BASE_CLOCK + i, "kvstore-A", 0) for i in range(count)), key=lambda r: key_hash(r[0])
+    )
+    watch = WalWatch(path.with_name(path.name + "-wal"))
+    watch.start()
+    stop = checkpointing(engine)
+    try:
+        start = time.perf_counter()
+        for first in range(0, count, 250):
+            engine.apply_rows(rows[first : first + 250])
+        elapsed = time.perf_counter() - start
+    finally:
+        stop()
+    print(f"  {'apply_rows, pages of 250 records of 1 KiB':44s} {count / elapsed:12,.0f} records/s")
+    print_wal("  WAL's largest size during the burst", watch.stop(), count * 1100, elapsed)
+    engine.close()
 
 
 def main() -> None:

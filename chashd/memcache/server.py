@@ -134,6 +134,10 @@ answer exactly as the general path (``execute``) would:
   pending replies: no command, result or Deferred. A get the backend declines takes the general path.
 - ``IGroupedPuts``: consecutive ``XPut`` commands of one read (a handoff pipelines hundreds) go to the
   backend's ``execute_puts`` in one call, so that the kvstore stores them in one transaction.
+
+A bulk page (``xbulk``: up to a few hundred records applied in one write, a few ms) is the most a connection
+runs in one turn of the reactor: after one, while more is buffered, the connection reads and parses nothing
+until the next turn, so that the requests of other connections (clients' reads) are served between two pages.
 """
 
 from __future__ import annotations
@@ -495,9 +499,10 @@ class MemcacheServerProtocol(Protocol):
         self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
         self._out: list[bytes] = []  # replies to the current read, written together
         self._out_size = 0
-        self._paused = False  # not reading nor parsing, because of one of the two below
+        self._paused = False  # not reading nor parsing, because of one of the three below
         self._queue_full = False  # max_pending replies are pending
         self._writes_blocked = False  # the transport's write buffer is full
+        self._turn_taken = False  # a bulk page ran: the rest waits for the reactor's next turn
         self._closing = False
         self._lost = False
         self._read_closed = False  # the client shut its write side: close once every reply is out
@@ -632,6 +637,8 @@ class MemcacheServerProtocol(Protocol):
                     self._run_puts(puts)
                     puts = []
                 handle(event)
+                if type(event) is XBulk and self._authenticated and self._parser.buffered:
+                    self._take_turn()
         finally:
             if puts:
                 self._run_puts(puts)
@@ -990,8 +997,19 @@ class MemcacheServerProtocol(Protocol):
         """The connection is going away."""
         self._closing = True
 
+    def _take_turn(self) -> None:
+        """After a bulk page (up to a few ms of work), read and parse no more until the reactor's next turn,
+        so that the other connections' requests are served between two pages."""
+        self._turn_taken = True
+        self._update_reading()
+        self.callLater(0, self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_taken = False
+        self._update_reading()
+
     def _update_reading(self) -> None:
-        paused = self._queue_full or self._writes_blocked
+        paused = self._queue_full or self._writes_blocked or self._turn_taken
         if paused == self._paused or self._lost:
             return
         self._paused = paused

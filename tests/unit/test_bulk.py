@@ -185,7 +185,8 @@ class BackendTests:
         backend, protocol, transport = self.serve()
         backend.engine.put(b"k-1", Record(b"newest", 0, 0, Version(CLOCK + 50, "w1")))
         count, block = encode_rows(rows(3))
-        protocol.dataReceived(serialize_command(XBulk(count, block)) + b"xbulk\r\n")
+        protocol.dataReceived(serialize_command(XBulk(count, block)))
+        protocol.dataReceived(b"xbulk\r\n")
         assert transport.value() == b"XBULKED 2 1\r\nXBULK 1\r\n"
         assert backend.engine.get(b"k-1").value == b"newest"
         assert backend.engine.get(b"k-2").value == b"v2"
@@ -413,3 +414,26 @@ class GCWatchTests:
         stats = watch.stats()
         assert stats["gc_full_collections_total"] == 2
         assert 0 < stats["gc_full_pause_max_seconds"] <= stats["gc_full_pause_seconds_total"]
+
+
+class TurnTests:
+    """A connection runs one bulk page per reactor turn."""
+
+    def test_one_page_per_turn(self) -> None:
+        """Two pages in one read: the first is applied and answered, the second waits for the next turn of
+        the reactor (the connection stops reading meanwhile), then runs."""
+        clock = Clock()
+        clock.advance(T0)
+        backend = LocalBackend(MemoryEngine(), "n1", clock, 100)
+        protocol = MemcacheServerFactory(backend, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        first, second = encode_rows(rows(2)), encode_rows(rows(3, prefix=b"j"))
+        protocol.dataReceived(serialize_command(XBulk(*first)) + serialize_command(XBulk(*second)) + b"version\r\n")
+        assert transport.value() == b"XBULKED 2 0\r\n"
+        assert transport.producerState == "paused"
+        clock.advance(0)
+        assert transport.value().startswith(b"XBULKED 2 0\r\nXBULKED 3 0\r\nVERSION ")
+        assert transport.producerState == "producing"
+        assert backend.engine.stats()["keys"] == 5
+        assert [call.func.__name__ for call in clock.getDelayedCalls()] == ["_idle_check"]  # type: ignore[attr-defined]
