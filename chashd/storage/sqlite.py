@@ -113,11 +113,15 @@ def _record(value: bytes, flags: int, expires_at: int, clock: int, writer: str, 
     return Record(value, flags, expires_at, Version(clock + _CLOCK_BIAS, writer), bool(tombstone))
 
 
-def _row(hash_value: int, key: bytes, record: Record) -> tuple[Any, ...]:
+def _check_integers(record: Record) -> None:
     if not (_INT64_MIN <= record.expires_at <= _INT64_MAX and _INT64_MIN <= record.flags <= _INT64_MAX):
         raise StorageError(
             f"cannot store flags {record.flags} and expires_at {record.expires_at}: SQLite integers have 64 bits"
         )
+
+
+def _row(hash_value: int, key: bytes, record: Record) -> tuple[Any, ...]:
+    _check_integers(record)
     version = record.version
     return (
         hash_value,
@@ -483,53 +487,23 @@ class SQLiteEngine:
         """``apply`` each ``(key, record)`` in order, in one transaction (committed when this returns, or
         joining the open ``batch()``); True for each record stored.
 
-        Three statements for the group instead of two per record: the stored versions of the keys the
-        record cache does not know in one query, the winners in one ``executemany``, the commit. Raises
-        ``StorageError`` before writing anything when a record cannot be stored (integers past 64 bits).
+        Three statements for the group instead of two per record (see ``apply_rows``, which does the work).
+        Raises ``StorageError`` before writing anything when a record cannot be stored (integers past 64 bits).
         """
-        keys = [key for key, _ in items]
-        hashes = [key_hash(key) for key in keys]
-        results: list[bool] = []
-        with self.batch():
-            try:
-                currents = self._currents(keys, hashes)
-            except sqlite3.Error as e:
-                raise self._failed(e) from e
-            rows = []
-            added_keys = added_bytes = 0
-            for (key, record), hash_value in zip(items, hashes):
-                version = record.version
-                current = currents[key]
-                if current is not None and (version.clock, version.writer) <= (current[0] + _CLOCK_BIAS, current[1]):
-                    results.append(False)
-                    continue
-                row = _row(hash_value, key, record)
-                rows.append(row)
-                size = len(record.value)
-                if current is None:
-                    added_keys += 1
-                    added_bytes += size
-                else:
-                    added_bytes += size - current[2]
-                currents[key] = (row[5], row[6], size)
-                results.append(True)
-            if rows:
-                try:
-                    self._db.executemany(_STORE, rows)
-                except sqlite3.Error as e:
-                    raise self._failed(e) from e
-                self._keys += added_keys
-                self._bytes += added_bytes
-                self._generation += 1
-                records = self._records
-                for row in rows:
-                    if row[1] in records:
-                        self._remember(row[1], row[2:])
-        return results
+        rows: list[BulkRow] = []
+        for key, record in items:
+            _check_integers(record)
+            version = record.version
+            rows.append(
+                (key, record.value, record.flags, record.expires_at, version.clock, version.writer, record.tombstone)
+            )
+        return self.apply_rows(rows)
 
     def apply_rows(self, rows: Sequence[BulkRow]) -> list[bool]:
-        """``apply_many`` of ``BulkRow`` tuples (a received bulk page): the same three statements, and no
-        ``Record`` made; True for each row stored. The rows come checked (``chashd.bulk.decode_rows``)."""
+        """``apply_many`` of ``BulkRow`` tuples (a received bulk page), without a ``Record`` each; True for
+        each row stored. The rows come checked (``chashd.bulk.decode_rows``). Three statements for the group:
+        the stored versions of the keys the record cache does not know in one query, the winners in one
+        ``executemany``, the commit."""
         keys = [row[0] for row in rows]
         hashes = [key_hash(key) for key in keys]
         results: list[bool] = []
