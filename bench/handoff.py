@@ -1,6 +1,7 @@
 """Handoff benchmark: a kvstore holding 200,000 records of 1 KiB joins a second, empty one (N=1, half move).
 
-    python bench/handoff.py [--records 200000] [--value-size 1024] [--read-seconds 10] [--workdir DIR]
+    python bench/handoff.py [--records 200000] [--value-size 1024] [--read-seconds 10] [--handoff-rate R]
+                            [--workdir DIR]
 
 Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite engine on loopback
 (``LocalCluster``), loads the kvstore through its line port (pipelined ``xput``, 1,000 in flight), then:
@@ -269,6 +270,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         kvstores=1,
         engine="sqlite",
         gateway_args=["--replicas", "1", "--write-quorum", "1", "--read-quorum", "1"],
+        kvstore_args=["--handoff-rate", args.handoff_rate],
         env=env,
     )
     sampler = RSSSampler()
@@ -412,6 +414,7 @@ def main() -> int:
     parser.add_argument("--read-seconds", type=float, default=10.0, help="reads without a move")
     parser.add_argument("--read-rate", type=float, default=200.0, help="gets a second of each reader")
     parser.add_argument("--timeout", type=float, default=600.0, help="longest wait for the move")
+    parser.add_argument("--handoff-rate", default="unlimited", help="the kvstores' --handoff-rate")
     parser.add_argument("--workdir", type=Path, help="keep the daemons' logs and data here")
     args = parser.parse_args()
     if args.workdir is not None:

@@ -380,7 +380,7 @@ class Handoff(MultiService):
                 w = work[index]
                 arc.found += len(page.rows)
                 found += len(page.rows)
-                last_page = len(page.rows) < self.page_size
+                last_page = len(page.rows) < self._page_rows
                 if not last_page:
                     key = page.rows[-1][0]
                     scanning = self._scan(w.arc, (key_hash(key), key))
@@ -465,9 +465,17 @@ class Handoff(MultiService):
     def _scan(self, arc: Arc, after: tuple[int, bytes] | None) -> Deferred[_Page]:
         return self._run_in_pool(self._read_page, arc, after)
 
+    @property
+    def _page_rows(self) -> int:
+        """Records per page: ``page_size``, or fewer under a records-a-second limit, so that the throttle
+        spaces out pieces of a tenth of a second at most."""
+        if self.rate.records:
+            return max(1, min(self.page_size, int(self.rate.records / 10)))
+        return self.page_size
+
     def _read_page(self, arc: Arc, after: tuple[int, bytes] | None) -> _Page:
         """A page of ``arc`` after ``after``: the engine's rows and their bulk pages; in the thread pool."""
-        rows = self._engine.scan_rows(arc.start, arc.end, after, self.page_size)
+        rows = self._engine.scan_rows(arc.start, arc.end, after, self._page_rows)
         return _Page(rows, self._frames(rows))
 
     def _frames(self, rows: Sequence[BulkRow]) -> list[_Frame]:

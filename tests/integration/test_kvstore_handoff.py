@@ -4,7 +4,10 @@ drains one (exit status 0 or -15) and its keys stay readable through the gateway
 
 from __future__ import annotations
 
+import re
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -94,6 +97,9 @@ class HandoffTests:
         with urllib.request.urlopen(first.url + "/metrics", timeout=5) as response:
             metrics = response.read()
         assert b"chashd_handoff_records_sent_total" in metrics
+        assert b"chashd_gc_full_collections_total" in metrics
+        received = http_json(second.url + "/stats")[1]
+        assert received["cmd_xbulk"] > 0 and received["cmd_xput"] == 0, received  # bulk pages, no xmove
 
         first.signal(signal.SIGTERM)
         status = first.wait(60)
@@ -106,3 +112,39 @@ class HandoffTests:
             assert get(gateway, key) == value, key
         code, body = http_json(gateway + "/ring/nodes/" + first.name)
         assert code == 404, body
+
+
+def test_a_throttled_join(tmp_path: Path) -> None:
+    """With --handoff-rate 300 (records a second) a join that moves about 300 records takes about a second;
+    the limit shows in /health, /metrics and chash status."""
+    with LocalCluster(
+        tmp_path,
+        gateways=1,
+        kvstores=1,
+        engine="sqlite",
+        gateway_args=N1,
+        kvstore_args=["--handoff-rate", "300"],
+        env=clean_environ(),
+    ) as cluster:
+        gateway = cluster.gateways[0].url
+        for i in range(KEYS):
+            assert put(gateway, f"key-{i}", b"value") == 204
+        first = cluster.kvstores[0]
+        assert health(first)["handoff"]["rate_limit"] == "300 records/s"
+        with urllib.request.urlopen(first.url + "/metrics", timeout=5) as response:
+            assert b"chashd_handoff_rate_limit_records_per_second 300.0" in response.read()
+        cluster.add_kvstore()
+        wait_until("the join's handoff", lambda: settled(cluster), timeout=60)
+        moved = health(first)["handoff"]["records_sent"]
+        assert moved > KEYS // 4
+        # pages of 30 records (a tenth of a second's worth), the first sent at once
+        done = re.search(r"done: (\d+) records pushed, \d+ dropped in ([\d.]+)s", first.log_path.read_text())
+        assert done is not None and int(done[1]) == moved
+        assert float(done[2]) >= 0.9 * (moved - 30) / 300, done[0]
+        status = subprocess.run(
+            [sys.executable, "-m", "chashd.cli", "status"],
+            capture_output=True,
+            env={**clean_environ(), "CHASH_GATEWAY": gateway},
+            timeout=60,
+        )
+        assert "limit 300 records/s" in status.stdout.decode(), status
