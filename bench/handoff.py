@@ -4,7 +4,8 @@
                             [--workdir DIR]
 
 Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite engine on loopback
-(``LocalCluster``), loads the kvstore through its line port (pipelined ``xput``, 1,000 in flight), then:
+(``LocalCluster``), loads the kvstore through its line port (``xauth`` with the cluster's token, then pipelined
+``xput``, 1,000 in flight), then:
 
 - reads through the gateway's line port for ``--read-seconds`` with no move (one connection, ``--read-rate``
   gets of random keys a second, one in flight, from a process of its own: the p99 without a move);
@@ -114,9 +115,12 @@ def key(i: int) -> bytes:
     return b"bench-%08d" % i
 
 
-def load(port: int, records: int, value_size: int) -> float:
-    """Write ``records`` records through pipelined xput; the rate in records/s."""
+def load(port: int, records: int, value_size: int, token: str) -> float:
+    """Write ``records`` records through pipelined xput, on a connection that proved the cluster ``token``;
+    the rate in records/s."""
     client = LineClient(port)
+    client.sock.sendall(b"xauth %s\r\n" % token.encode())
+    client.read_count(b"OK\r\n", 1)
     value = os.urandom(value_size // 2).hex().encode()[:value_size].ljust(value_size, b"x")
     clock = int(time.time() * 1000) << 16
     started = time.monotonic()
@@ -278,7 +282,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         first = cluster.kvstores[0]
         assert first.pid is not None
         print(f"loading {args.records:,} records of {args.value_size} bytes into {first.name} ...", flush=True)
-        rate = load(cluster.line_ports[first.name], args.records, args.value_size)
+        rate = load(cluster.line_ports[first.name], args.records, args.value_size, cluster.token)
         keys = first.health(timeout=5)["keys"]  # type: ignore[index]
         print(f"loaded at {rate:,.0f} records/s; {first.name} holds {keys:,} records", flush=True)
 

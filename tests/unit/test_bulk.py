@@ -206,6 +206,25 @@ class BackendTests:
         assert transport.value().startswith(b"CLIENT_ERROR version")
         assert backend.engine.stats()["keys"] == 0
 
+    def test_pages_need_the_token(self) -> None:
+        """A kvstore given the cluster token refuses pages and the probe until the connection proved it
+        (the page's bytes are read as its block, not as commands); after xauth they run."""
+        clock = Clock()
+        clock.advance(T0)
+        backend = LocalBackend(MemoryEngine(), "n1", clock, 100)
+        factory = MemcacheServerFactory(backend, clock, token="s3cret")
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        page = serialize_command(XBulk(*encode_rows(rows(2))))
+        protocol.dataReceived(page + b"xbulk\r\n")
+        refused = b"CLIENT_ERROR authentication required: send xauth <token> first\r\n"
+        assert transport.value() == refused * 2
+        assert backend.engine.stats()["keys"] == 0 and factory.commands_refused == 2
+        transport.clear()
+        protocol.dataReceived(b"xauth s3cret\r\n" + page)
+        assert transport.value() == b"OK\r\nXBULKED 2 0\r\n"
+
     def test_sqlite_page_is_durable_when_answered(self, tmp_path: Path) -> None:
         """With SQLite, the answer leaves after the commit: another connection to the file sees the rows."""
         engine = SQLiteEngine(tmp_path / "db.sqlite")
