@@ -6,15 +6,22 @@
 - plan (``chashd.kvstore.plan``, in the thread pool): the arcs this node held whose preference list changed
   between ``synced`` and ``T``, each with the nodes that entered its list (the targets) and whether this
   node drops it afterwards;
-- for each arc, page by page (``engine.scan`` in the thread pool, ``page_size`` records, the next page read
-  while the others are pushed): push the page as pipelined ``XPut(handoff=True)`` (wire verb ``xmove``) to
-  each target that has an address in the newest ring, over one persistent connection per target
-  (``connect(host, line_port)``, a ``KVClientPool``), a slice of records per ``send_many`` (one write and
-  one Deferred per slice). Back-pressure: at most ``window`` pages pushed and not wholly acknowledged per
-  target, so that the receiver always has the next page at hand and no arc is ever held in memory whole.
-  A target that fails is retried with backoff (``0.5 s`` doubling to ``max_backoff``, with jitter); one
-  that left the map is skipped (the newer map restarts the plan anyway); a record a target refuses for good
-  (``CLIENT_ERROR``) is logged and kept;
+- for each arc, page by page (``engine.scan_rows`` in the thread pool, ``page_size`` records as the engine's
+  rows, and their encoding into bulk pages of at most ``bulk_rows`` records and ``bulk_bytes`` bytes, the
+  next page read while the others are pushed): push the page to each target that has an address in the
+  newest ring, over one persistent connection per target (``connect(host, line_port)``, a ``KVClientPool``
+  that probes whether the target reads bulk pages): as ``xbulk`` pages (``chashd.bulk``; the target applies
+  each in one grouped write and answers once it is committed) in one ``send_bulk``; to a target of an
+  earlier version (the probe answered ``ERROR``; ``BulkUnsupported``), or for a page a target refused whole
+  (``CLIENT_ERROR``), as pipelined ``XPut(handoff=True)`` (wire verb ``xmove``), a slice of records per
+  ``send_many`` (one write and one Deferred per slice). Back-pressure: at most ``window`` pages pushed and not
+  wholly acknowledged per target, so that the receiver always has the next page at hand and no arc is ever
+  held in memory whole. A target that fails is retried with backoff (``0.5 s`` doubling to
+  ``max_backoff``, with jitter); one that left the map is skipped (the newer map restarts the plan anyway);
+  a record a target refuses for good (``CLIENT_ERROR`` to its ``xmove``) is logged and kept;
+- the throttle (``rate``, ``--handoff-rate``: records and value bytes a second over every target, default
+  unlimited): each push waits for its turn (``chashd.kvstore.pacing.RateBucket``), and under a records-a-second
+  limit a page holds a tenth of a second's records;
 - when the arc is dropped, each record every target acknowledged is removed if the stored version is still
   the pushed one (compare-and-remove, ``engine.remove_many_if``, a chunk of records per call), in page
   order: a write that raced in keeps its record, and sweeps of the dropped arcs (at most ``max_sweeps``)
@@ -22,12 +29,13 @@
 - then ``synced = T``, saved (``chashd.kvstore.placement.save_synced``, at ``state_path``, in the thread
   pool) so that a restart knows it; ``when_synced(predicate)`` fires once ``synced`` satisfies it.
 
-The reactor thread's share of the work (serializing pushes, dropping) comes in units sized to take about
-``unit_budget`` seconds, one unit per reactor iteration whatever the number of pages and targets under way
-(``chashd.kvstore.pacing``), so that a client request waits for one unit at most. The drops run on the
-reactor thread like the node's point writes, not in the thread pool: SQLite work in the pool competes for
-the GIL with a busy reactor thread and made the move slower (bench/README.md, bench/handoff.py). The scans
-run in the pool, a page at a time.
+The reactor thread's share of the work (dropping, serializing ``xmove`` pushes) comes in units sized to take
+about ``unit_budget`` seconds, one unit per reactor iteration whatever the number of pages and targets under
+way (``chashd.kvstore.pacing``), so that a client request waits for one unit at most; a bulk page, encoded in
+the pool with its scan, leaves in one write. The drops run on the reactor thread like the node's point
+writes, not in the thread pool: SQLite work in the pool competes for the GIL with a busy reactor thread and
+made the move slower (bench/README.md, bench/handoff.py). The receiver applies one bulk page per connection
+per reactor turn (``chashd.memcache.server``).
 
 A newer ring arriving mid-handoff restarts the planning from ``synced`` to the newest ring (pushing a record
 twice is harmless: versions decide); one with the same placement only moves the goal's epoch. Tombstones
