@@ -130,6 +130,9 @@ class Handoff(MultiService):
     push_slice_max = 500
     drop_chunk = 50
     drop_chunk_max = 500
+    #: Fewer records a drop never takes (a 16 KiB page holds ~14 records of 1 KiB: smaller drops rewrite
+    #: the same pages for every few records).
+    drop_chunk_min = 32
     max_backoff = 10.0
     max_sweeps = 5
     #: A page goes to a target as bulk pages of at most these many rows and bytes (or one row).
@@ -171,7 +174,7 @@ class Handoff(MultiService):
         self._sleeps: set[Deferred[Any]] = set()  # the backoffs under way (one per target at most)
         self._pacer = Pacer(clock)
         self._push_size = Sizer(self.push_slice, self.push_slice_max, self.unit_budget)
-        self._drop_size = Sizer(self.drop_chunk, self.drop_chunk_max, self.unit_budget)
+        self._drop_size = Sizer(self.drop_chunk, self.drop_chunk_max, self.unit_budget, self.drop_chunk_min)
         self._saving: Deferred[Any] = succeed(None)
         self._targets: dict[str, _Connection] = {}
         self._waiters: list[tuple[Callable[[RingUpdate], bool], Deferred[RingUpdate]]] = []

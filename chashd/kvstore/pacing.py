@@ -85,11 +85,16 @@ class Pacer:
 
 class Sizer:
     """How many records a unit of work takes so that it lasts about ``budget`` seconds: ``size`` starts at
-    ``initial`` and moves halfway toward what the last unit's time per record allows, between 1 and
-    ``maximum``. A unit measured as taking no time (a test's clock) doubles it."""
+    ``initial`` and moves halfway toward what the last unit's time per record allows, between ``minimum``
+    (at most ``initial``) and ``maximum``. A unit measured as taking no time (a test's clock) doubles it.
 
-    def __init__(self, initial: int, maximum: int, budget: float) -> None:
+    The time measured is the reactor's, which on a loaded machine includes the time the process waited for a
+    CPU: the ``minimum`` keeps units from shrinking to a few records there, where each unit's fixed cost (a
+    drop's transaction and commit, which rewrites whole pages) would then be paid for every few records."""
+
+    def __init__(self, initial: int, maximum: int, budget: float, minimum: int = 1) -> None:
         self.size = max(1, min(initial, maximum))
+        self._minimum = max(1, min(minimum, self.size))
         self._maximum = maximum
         self._budget = budget
 
@@ -98,7 +103,7 @@ class Sizer:
         if count < self.size:  # a short tail says little
             return
         ideal = 2.0 * self.size if seconds <= 0 else self._budget * count / seconds
-        self.size = max(1, min(self._maximum, round((self.size + ideal) / 2)))
+        self.size = max(self._minimum, min(self._maximum, round((self.size + ideal) / 2)))
 
 
 def sized_units(items: Sequence[_T], sizer: Sizer, clock: IReactorTime, work: Callable[[Sequence[_T]], None]) -> Units:

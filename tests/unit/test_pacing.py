@@ -112,3 +112,14 @@ class SizerTests:
         for _ in range(20):
             sizer.took(sizer.size, 10.0)
         assert sizer.size == 1
+
+    def test_sizer_minimum(self) -> None:
+        """With a minimum, slow units (a loaded machine's) shrink the size to the minimum, never below; a
+        minimum above the initial size is the initial size."""
+        sizer = Sizer(100, 400, 0.001, minimum=32)
+        for _ in range(20):
+            sizer.took(sizer.size, 10.0)
+        assert sizer.size == 32
+        small = Sizer(2, 400, 0.001, minimum=32)
+        small.took(2, 10.0)
+        assert small.size == 2
