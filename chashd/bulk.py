@@ -120,8 +120,9 @@ def split_rows(rows: Sequence[BulkRow], max_rows: int, max_bytes: int) -> list[S
     pages: list[Sequence[BulkRow]] = []
     start = 0
     size = 0
+    head = ROW_HEAD_SIZE
     for index, row in enumerate(rows):
-        row_size = page_size(row)
+        row_size = head + len(row[0]) + len(row[5]) + len(row[1])
         if index > start and (index - start >= max_rows or size + row_size > max_bytes):
             pages.append(rows[start:index])
             start, size = index, 0

@@ -68,6 +68,10 @@ class IStorageEngine(Interface):
         that version, as one group; True for each key forgotten. The handoff's drop of what it pushed: a
         record rewritten since it was pushed stays."""
 
+    def remove_rows_if(rows: Any) -> int:
+        """``remove_many_if`` of the records of ``chashd.bulk.BulkRow`` tuples (a page the handoff pushed),
+        as one group; the number forgotten."""
+
     def scan(first_hash: int, last_hash: int, after: Any = None, limit: int = 1000) -> list[Any]:
         """Up to ``limit`` ``(key, Record)`` pairs with ``first_hash <= key_hash(key) <= last_hash``,
         in (hash, key) order, starting after the ``(hash, key)`` position ``after`` (None: from the start).

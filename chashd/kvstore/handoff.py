@@ -23,7 +23,7 @@
   unlimited): each push waits for its turn (``chashd.kvstore.pacing.RateBucket``), and under a records-a-second
   limit a page holds a tenth of a second's records;
 - when the arc is dropped, each record every target acknowledged is removed if the stored version is still
-  the pushed one (compare-and-remove, ``engine.remove_many_if``, a chunk of records per call), in page
+  the pushed one (compare-and-remove, ``engine.remove_rows_if``, a chunk of records per call), in page
   order: a write that raced in keeps its record, and sweeps of the dropped arcs (at most ``max_sweeps``)
   push and drop what remains until a sweep finds nothing;
 - then ``synced = T``, saved (``chashd.kvstore.placement.save_synced``, at ``state_path``, in the thread
@@ -500,11 +500,11 @@ class Handoff(MultiService):
         return frames
 
     def _drop_chunk(self, arc: _ArcProgress, chunk: Sequence[BulkRow]) -> None:
-        """Remove, as one group (``engine.remove_many_if``), each acknowledged record of ``chunk`` whose stored
+        """Remove, as one group (``engine.remove_rows_if``), each acknowledged record of ``chunk`` whose stored
         version is still the one pushed (compare-and-remove: a record rewritten since it was pushed stays);
         a unit of the handoff. Counts what went."""
         self._check()
-        removed = sum(self._engine.remove_many_if([(row[0], Version(row[4], row[5])) for row in chunk]))
+        removed = self._engine.remove_rows_if(chunk)
         self.records_dropped += removed
         arc.dropped += removed
         arc.kept += len(chunk) - removed

@@ -435,6 +435,10 @@ class MemoryEngine:
             if current is not None:
                 self._forget(key, current)
 
+    def remove_rows_if(self, rows: Sequence[BulkRow]) -> int:
+        """``remove_many_if`` of the records of ``rows`` (a page the handoff pushed); the number forgotten."""
+        return sum(self.remove_many_if([(row[0], Version(row[4], row[5])) for row in rows]))
+
     def remove_many_if(self, items: Sequence[tuple[bytes, Version]]) -> list[bool]:
         """Compare-and-remove: forget each ``key`` of the ``(key, version)`` pairs whose stored version is
         still ``version``, in one ``batch()``; True for each key forgotten."""

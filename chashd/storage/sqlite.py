@@ -631,6 +631,37 @@ class SQLiteEngine:
                     self._forget(key)
         return results
 
+    def remove_rows_if(self, rows: Sequence[BulkRow]) -> int:
+        """``remove_many_if`` of the records of ``rows`` (a page the handoff pushed): forget each row's key
+        whose stored version is still the row's, in one transaction; the number forgotten.
+
+        One statement for the group when nothing raced (``DELETE ... AND clock = ? AND writer = ?`` for
+        every row, which removes them all): a record of the same version is the same record, so the rows
+        say what the removal frees. When fewer went (a record was rewritten since the push), the group is
+        undone (a savepoint) and ``remove_many_if`` finds which to remove.
+        """
+        if not rows:
+            return 0
+        params = [(key_hash(row[0]), row[0], row[4] - _CLOCK_BIAS, row[5]) for row in rows]
+        with self.batch():
+            db = self._db
+            try:
+                db.execute("SAVEPOINT drop_rows")
+                removed = db.executemany(_PURGE_DELETE, params).rowcount
+                if removed != len(rows):
+                    db.execute("ROLLBACK TO drop_rows")
+                db.execute("RELEASE drop_rows")
+            except sqlite3.Error as e:
+                raise self._failed(e) from e
+            if removed != len(rows):
+                return sum(self.remove_many_if([(row[0], Version(row[4], row[5])) for row in rows]))
+            self._keys -= removed
+            self._bytes -= sum(len(row[1]) for row in rows)
+            self._generation += 1
+            for row in rows:
+                self._forget(row[0])
+        return removed
+
     # -- ranges -----------------------------------------------------------------------------------
 
     def scan(
