@@ -295,7 +295,7 @@ class ConcurrencyTests:
             pool = real_connect(host, port)
             send_many, send_bulk = pool.send_many, pool.send_bulk
 
-            def send_and_race(send: Any, commands: list[Any]) -> Deferred[Any]:
+            def send_and_race(send: Callable[[list[Any]], Deferred[Any]], commands: list[Any]) -> Deferred[Any]:
                 d = send(commands)
                 if any(carries(c) for c in commands) and not raced:
                     raced.append(a.backend.execute(Store("set", key, 0, 0, b"newer")))
