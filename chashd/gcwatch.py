@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_bulk -*-
 """How long the garbage collector stops the process: full collections, measured with ``gc.callbacks``.
 
 A full (generation 2) collection visits every object the collector tracks, and stops every thread for it,
