@@ -15,9 +15,8 @@ from chashd.config import GatewayConfig
 from chashd.gateway.clustermap import ClusterView
 from chashd.gateway.dataplane import DataPlane, Routing
 from chashd.gateway.health import HealthChecker
-from chashd.gateway.membership import Membership, MembershipReactor
-from chashd.gateway.monitor import NodeMonitor, Probe
-from chashd.gateway.raft import RaftFactory
+from chashd.gateway.membership import Membership
+from chashd.gateway.monitor import NodeMonitor
 from chashd.gateway.rebalance import Rebalance
 from chashd.gateway.router import Router
 from chashd.interfaces import IServerAdmin
@@ -100,10 +99,10 @@ class GatewayService(MultiService):
     (``rebalance``), and the data plane: the ``router`` over the ``connections`` to every kvstore, both
     following each new view of the cluster map and each round of the monitor.
 
-    ``raft_factory`` builds the Raft object in ``Membership.startService`` (tests pass ``LocalRaft``);
-    ``probe`` asks one kvstore for its report (``chashd.gateway.monitor.health_probe``, made in
-    ``chashd.gateway.tap``). ``serves_keys`` False leaves the data plane unconnected: the gateway's workers
-    serve keys (``--workers``), fed through ``on_routing``.
+    Its parts come made, with their timers and clients, from ``chashd.gateway.tap``, the role's one wiring
+    module; the gateway ties them together (the monitor's rounds to the verdicts and the handoff progress,
+    each new view and each round to the routing). ``serves_keys`` False leaves the data plane unconnected: the
+    gateway's workers serve keys (``--workers``), fed through ``on_routing``.
     """
 
     _log = Logger()
@@ -111,23 +110,21 @@ class GatewayService(MultiService):
     def __init__(
         self,
         config: GatewayConfig,
-        reactor: MembershipReactor,
-        raft_factory: RaftFactory | None,
-        probe: Probe,
+        membership: Membership,
+        monitor: NodeMonitor,
+        health_checker: HealthChecker,
+        data_plane: DataPlane,
         serves_keys: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
-        self._reactor = reactor
-        self.membership = Membership(config, reactor, raft_factory)
+        self.membership = membership
         self.membership.setServiceParent(self)
-        self.monitor = NodeMonitor(self.membership, probe, reactor, config.probe_interval)
+        self.monitor = monitor
         self.monitor.setServiceParent(self)
-        self.health_checker = HealthChecker(
-            self.membership, reactor, down_after=config.down_after, dead_after=config.dead_after
-        )
+        self.health_checker = health_checker
         self.monitor.subscribe(self.health_checker)
-        self.data_plane = DataPlane(config, reactor)
+        self.data_plane = data_plane
         self.data_plane.setServiceParent(self)
         self.connections = self.data_plane.connections
         self.router = self.data_plane.router

@@ -19,8 +19,10 @@ from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.dataplane import DataPlane, Routing
 from chashd.gateway.follow import FOLLOW_TIMEOUT, RoutingFeed, RoutingWatch
+from chashd.gateway.health import HealthChecker
+from chashd.gateway.membership import Membership
 from chashd.gateway.metrics import GatewayCollector
-from chashd.gateway.monitor import Probe, health_probe
+from chashd.gateway.monitor import NodeMonitor, Probe, health_probe
 from chashd.gateway.raft import RaftFactory, raft_settings
 from chashd.gateway.service import GatewayService
 from chashd.gateway.statuspage import StatusPage
@@ -105,7 +107,15 @@ def _raft_gateway(
     if probe is None:
         kvstores = http_client(reactor, connect_timeout=1.0)
         probe = health_probe(kvstores, reactor, timeout=max(0.5, min(2.0, config.probe_interval)))
-    gateway = GatewayService(config, reactor, raft_factory, probe, serves_keys=config.workers == 1)
+    membership = Membership(config, reactor, raft_factory)
+    gateway = GatewayService(
+        config,
+        membership,
+        NodeMonitor(membership, probe, reactor, config.probe_interval),
+        HealthChecker(membership, reactor, down_after=config.down_after, dead_after=config.dead_after),
+        DataPlane(config, reactor),
+        serves_keys=config.workers == 1,
+    )
     gateway.setServiceParent(root)
     feed = RoutingFeed(reactor, config.token)
     gateway.on_routing = feed.publish
