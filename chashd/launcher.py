@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -24,15 +25,70 @@ from typing import Any
 
 from chashd.node import NodeState
 
-__all__ = ["ClusterSecrets", "Daemon", "DaemonError", "LocalCluster", "free_ports", "twistd_command", "wait_for"]
+__all__ = [
+    "LOWEST_FREE_PORT",
+    "ClusterSecrets",
+    "Daemon",
+    "DaemonError",
+    "LocalCluster",
+    "ephemeral_ports",
+    "free_ports",
+    "twistd_command",
+    "wait_for",
+]
 
 
 class DaemonError(Exception):
     """A daemon did not start, answer or stop as expected. The message quotes the end of its log."""
 
 
+#: The lowest port ``free_ports`` hands out.
+LOWEST_FREE_PORT = 10000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes the local ports of outgoing connections from (Linux's default when the
+    kernel does not say)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(word) for word in f.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports that were free on ``host`` a moment ago."""
+    """``count`` distinct TCP ports that were free on ``host`` a moment ago.
+
+    They are drawn at random below the kernel's ephemeral range: a port the kernel hands out (a bind to port
+    0) is one that any outgoing connection of the machine may take before the daemon listens on it, which
+    happens on a busy machine.
+    """
+    low = ephemeral_ports()[0]
+    if low - LOWEST_FREE_PORT < 4 * count:  # no room below it: let the kernel choose
+        return _kernel_ports(count, host)
+    rng = random.SystemRandom()
+    sockets: list[socket.socket] = []
+    try:
+        attempts = 100 * count
+        while len(sockets) < count:
+            if not attempts:
+                raise OSError(f"no {count} free ports on {host} below {low}")
+            attempts -= 1
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, rng.randrange(LOWEST_FREE_PORT, low)))
+            except OSError:  # taken (or in TIME_WAIT): another one
+                s.close()
+                continue
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _kernel_ports(count: int, host: str) -> list[int]:
     sockets = []
     try:
         for _ in range(count):

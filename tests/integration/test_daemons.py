@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chashd.launcher import ClusterSecrets, Daemon, free_ports, twistd_command
+from chashd.launcher import LOWEST_FREE_PORT, ClusterSecrets, Daemon, ephemeral_ports, free_ports, twistd_command
 from tests.integration.conftest import StartDaemon, clean_environ
 
 pytestmark = pytest.mark.slow
@@ -63,6 +63,20 @@ class StartStopTests:
         assert node.log_tail(200).count("cannot register") >= 2
         body = node.health()
         assert body is not None and body["registered"] is False
+
+
+class FreePortsTests:
+    """chashd.launcher.free_ports, which every test daemon's ports come from."""
+
+    def test_below_the_ephemeral_range(self) -> None:
+        """Distinct ports, each one bindable, none in the range outgoing connections take their ports from
+        (such a port could be taken before the daemon listens on it)."""
+        ports = free_ports(200)
+        assert len(set(ports)) == 200
+        assert all(LOWEST_FREE_PORT <= p < ephemeral_ports()[0] for p in ports)
+        for port in ports[:20]:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
 
 
 class BadConfigTests:
