@@ -46,6 +46,7 @@ __all__ = [
     "Delete",
     "FlushAll",
     "Get",
+    "MetaCommand",
     "NoreplyCommand",
     "SplicedGet",
     "Number",
@@ -100,20 +101,30 @@ class Store:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
-    """``delete <key>``."""
+    """``delete <key>``; with ``cas_unique`` (a meta ``md`` with ``C``) only while that is the item's cas."""
 
     key: bytes
     noreply: bool = False
+    cas_unique: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Arith:
-    """``incr``/``decr`` by an unsigned 64-bit ``delta``."""
+    """``incr``/``decr`` by an unsigned 64-bit ``delta``.
+
+    What a meta ``ma`` adds: ``cas_unique`` (only while that is the item's cas), ``exptime`` (the TTL the
+    item gets on success), ``vivify`` (on a miss, create the item with the number ``initial`` and this
+    exptime, and answer ``initial``).
+    """
 
     key: bytes
     delta: int
     incr: bool = True
     noreply: bool = False
+    cas_unique: int | None = None
+    exptime: int | None = None
+    vivify: int | None = None
+    initial: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +185,38 @@ class Shutdown:
     invalid shutdown mode`` once shutdown is enabled)."""
 
     mode: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MetaCommand:
+    """A meta command (``mg``, ``ms``, ``md``, ``ma``, ``mn``, ``me``; ``chashd.memcache.meta`` runs it as
+    classic commands): ``verb``, ``key``, the flag tokens as sent (``tokens``, for the order of the reply)
+    and what they say, already checked by the parser.
+
+    ``mode`` is the M token's character; ``ttl`` the T token, ``vivify`` N, ``recache`` R (memcached
+    exptimes); ``client_flags`` F; ``cas`` C; ``delta`` D, ``initial`` J; ``invalidate`` I; ``value`` the
+    data block of an ``ms``; ``noreply`` q.
+    """
+
+    verb: str
+    key: bytes = b""
+    tokens: tuple[bytes, ...] = ()
+    value: bytes = b""
+    noreply: bool = False
+    mode: str = ""
+    ttl: int | None = None
+    vivify: int | None = None
+    recache: int | None = None
+    client_flags: int = 0
+    cas: int | None = None
+    delta: int = 1
+    initial: int = 0
+    invalidate: bool = False
+
+    def has(self, flag: str) -> bool:
+        """True when a token starts with ``flag``."""
+        code = ord(flag)
+        return any(token[0] == code for token in self.tokens)
 
 
 # -- the versioned extension -----------------------------------------------------------------------
@@ -257,6 +300,7 @@ Command: TypeAlias = (
     | Quit
     | CacheMemlimit
     | Shutdown
+    | MetaCommand
     | XGet
     | XPut
     | XApply

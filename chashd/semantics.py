@@ -20,6 +20,11 @@ The rules are memcached 1.6's (``do_store_item``, ``do_add_delta`` and ``process
   memcached rewrites an item in place); flags and expiry are kept;
 - ``touch`` sets a new expiry (``TOUCHED``) or answers ``NOT_FOUND``.
 
+What the meta commands add (memcached's ``ms``/``md``/``ma``): an ``append``/``prepend`` or a ``delete``
+given a ``cas_unique`` is ``EXISTS`` unless it is the item's cas; an ``incr``/``decr`` given one likewise,
+given an ``exptime`` sets that expiry on success, and given ``vivify`` creates a missing item holding the
+number ``initial`` (answered as is) with that exptime.
+
 Unlike memcached, every change (a touch included) gets the new version, so the cas unique of a record
 (``version.cas``) changes on touch too: replicas need it to tell which write is the latest.
 
@@ -120,6 +125,8 @@ def _store(
     else:  # append, prepend
         if present is None:
             return None, Status.NOT_STORED
+        if command.cas_unique is not None and command.cas_unique != present.version.cas:
+            return None, Status.EXISTS
         value = present.value + command.value if mode == "append" else command.value + present.value
         if len(value) > limit:
             return None, Status.NOT_STORED
@@ -133,7 +140,12 @@ def _arith(
 ) -> tuple[Record | None, Status | Number]:
     present = live(current, now)
     if present is None:
-        return None, Status.NOT_FOUND
+        if command.vivify is None:
+            return None, Status.NOT_FOUND
+        expires_at = expires_at_from_exptime(command.vivify, now)
+        return Record(b"%d" % command.initial, 0, expires_at, version, False), Number(command.initial)
+    if command.cas_unique is not None and command.cas_unique != present.version.cas:
+        return None, Status.EXISTS
     number = parse_counter(present.value)
     if command.incr:
         number = (number + command.delta) & MAX_U64
@@ -142,7 +154,8 @@ def _arith(
     digits = b"%d" % number
     old_length = len(present.value)
     value = digits + b" " * (old_length - len(digits)) if len(digits) <= old_length else digits
-    return Record(value, present.flags, present.expires_at, version, False), Number(number)
+    expires_at = present.expires_at if command.exptime is None else expires_at_from_exptime(command.exptime, now)
+    return Record(value, present.flags, expires_at, version, False), Number(number)
 
 
 def apply_write(
@@ -159,8 +172,11 @@ def apply_write(
     if type(command) is Arith:
         return _arith(current, command, version, now)
     if type(command) is Delete:
-        if live(current, now) is None:
+        present = live(current, now)
+        if present is None:
             return None, Status.NOT_FOUND
+        if command.cas_unique is not None and command.cas_unique != present.version.cas:
+            return None, Status.EXISTS
         return Record.deleted(version), Status.DELETED
     if type(command) is Touch:
         present = live(current, now)

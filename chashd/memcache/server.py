@@ -24,14 +24,22 @@
 #     cache_memlimit <MiB> [noreply]             -> OK | MEMLIMIT_TOO_SMALL ... | MEMLIMIT_ADJUST_FAILED ...
 #     shutdown [graceful]                        -> (with --enable-shutdown: closes, the daemon stops)
 #                                                   | ERROR: shutdown not enabled
+#     mg <key> <flag>*                           -> VA <size> <flag>*\r\n<data>\r\n | HD <flag>* | EN
+#     ms <key> <datalen> <flag>*\r\n<data>\r\n    -> HD | NS | EX | NF, <flag>*
+#     md <key> <flag>*                           -> HD | NF | EX, <flag>*
+#     ma <key> <flag>*                           -> HD | VA <size> <flag>*\r\n<number>\r\n | NF | NS | EX
+#     mn                                         -> MN
+#     me <key>                                   -> ME <key> exp=.. la=.. cas=.. fetch=.. cls=.. size=.. | EN
+#                                                   (the meta commands of memcached 1.6: chashd/memcache/meta.py
+#                                                   lists their flags and how they run)
 #     version                                    -> VERSION 1.6.18-chashd-<chashd's version>
 #     verbosity <level> [noreply]                -> OK
 #     quit                                       -> (the server closes the connection)
 #
-# Faults answer as memcached 1.6 does: ``ERROR`` (unknown command, wrong number of tokens, the meta commands
-# ``mg``/``ms``/``md``/``ma``/``mn``/``me`` and the binary protocol, which we do not speak; a binary request
-# is answered ``ERROR`` and the connection closed), ``CLIENT_ERROR bad command line format`` (a key over 250
-# bytes, a bad number), ``CLIENT_ERROR bad data chunk`` (the ``<bytes>+2`` bytes after a storage command
+# Faults answer as memcached 1.6 does: ``ERROR`` (unknown command, wrong number of tokens, the binary
+# protocol, which we do not speak; a binary request is answered ``ERROR`` and the connection closed),
+# ``CLIENT_ERROR bad command line format`` (a key over 250 bytes, a bad number; the meta commands' own
+# words for their flags), ``CLIENT_ERROR bad data chunk`` (the ``<bytes>+2`` bytes after a storage command
 # do not end in ``\r\n``; what follows them is read as the next command), ``SERVER_ERROR object too large
 # for cache`` (``<bytes>`` over the value limit: the data block is skipped unread, and a ``set`` deletes the
 # key's old value, as memcached does so that a failed set never leaves a stale value). A line over 2048
@@ -75,8 +83,9 @@
 #     xauth <token>                              -> OK | CLIENT_ERROR authentication failed: ... (then the server
 #                                                   closes the connection)
 #
-# A kvstore given the cluster token runs only plain reads (get, gets) and stats (but stats reset), version,
-# verbosity and quit on a connection that has not sent ``xauth <token>``; anything else is answered
+# A kvstore given the cluster token runs only plain reads (get, gets, and the meta commands' reads: mg without
+# T or N, me, mn) and stats (but stats reset), version, verbosity and quit on a connection that has not sent
+# ``xauth <token>``; anything else (ms, md, ma, an mg that touches or creates included) is answered
 # ``CLIENT_ERROR authentication required: send xauth <token> first``.
 #
 # ``xapply`` always replies (a ``noreply`` inside it is ignored) and writes with ``<version>``. It is refused
@@ -112,6 +121,10 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   ``shutdown`` stops the daemon only with ``--enable-shutdown`` (memcached's ``-A``).
 - Past ``max_connections`` a new connection gets ``ERROR Too many open connections`` and is closed, as
   memcached does; a connection idle for ``idle_timeout`` seconds is closed (0: never).
+- Meta commands (``mg``, ``ms``, ``md``, ``ma``, ``mn``, ``me``) run as the steps ``chashd.memcache.meta``
+  plans: classic commands sent to the backend one after the other (each step's result, at once on a
+  kvstore or later on a gateway, decides the next), so that a gateway routes them with the N/W/R and
+  version rules of ``get``, ``set``, ``delete`` and ``incr``; their reply takes its place in the order.
 - Half-close (``IHalfCloseableProtocol``): a client that shuts its write side after its requests still gets
   a reply to every one of them, in order (a gateway's included, when they come later), then the connection
   closes, as memcached does.
@@ -119,7 +132,8 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   and ``stats`` (but ``stats reset``), ``version``, ``verbosity``, ``quit`` until it proves the token with
   ``xauth <token>`` (compared in constant time): everything else, the versioned extension, ``flush_all``,
   memcached's writes, ``cache_memlimit``, ``shutdown``, ``stats reset`` and any command added later, is
-  refused (``CLIENT_ERROR authentication required``, counted in ``line_commands_refused_total``). That is an
+  refused. A meta command runs its steps through the same guard, so ``mg``, ``me`` and ``mn`` answer while
+  ``ms``, ``md``, ``ma`` and an ``mg`` that touches (``T``) or creates (``N``) are refused (``CLIENT_ERROR authentication required``, counted in ``line_commands_refused_total``). That is an
   allow-list: the connection's ``execute`` is a guard until the token is proved. A wrong token is answered
   ``CLIENT_ERROR authentication failed`` and closes the connection (``line_auth_failures_total``).
 
@@ -168,6 +182,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    MetaCommand,
     Number,
     Quit,
     Result,
@@ -190,6 +205,7 @@ from chashd.commands import (
 from chashd.errors import DomainError, Unauthenticated
 from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet, IReplySink, IServerAdmin
 from chashd.memcache._transport import set_nodelay
+from chashd.memcache.meta import MetaState, MetaSteps, meta_steps
 from chashd.memcache.text import (
     DEFAULT_MAX_KEYS,
     DEFAULT_MAX_LINE,
@@ -213,14 +229,17 @@ SERVER_VERSION = f"1.6.18-chashd-{chashd.__version__}"
 _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
-_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth})
+_LOCAL = frozenset(
+    {FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth, MetaCommand}
+)
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied, Bulked, BulkFormat})  # answered at once
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
-_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth
-#: The local commands a connection may send before it proved the token (``stats`` but ``stats reset``).
-_OPEN_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, XAuth})
+_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth | MetaCommand
+#: The local commands a connection may send before it proved the token (``stats`` but ``stats reset``). A meta
+#: command is one of them: its steps go through the connection's ``execute``, which runs plain reads only.
+_OPEN_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, XAuth, MetaCommand})
 #: memcached's highest slab class id + 1: ``stats cachedump`` refuses ids from here on.
 _SLAB_CLASSES = 64
 #: Most items ``stats cachedump`` lists (memcached caps its answer at 2 MB).
@@ -241,7 +260,7 @@ _FAMILIES: dict[type, str] = {
     XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
     BulkProbe: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
-    CacheMemlimit: "other", Shutdown: "other",
+    CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other",
 }  # fmt: skip
 
 
@@ -285,6 +304,8 @@ class MemcacheServerFactory(Factory):
             admin = cast(IServerAdmin, backend)
         self.admin = admin
         self.shutdown = shutdown
+        #: The meta bits of items (recache token sent, stale) for the meta commands of every connection.
+        self.meta_state = MetaState()
         #: The open connections by id (``stats conns``); ids count up from 1 per listener.
         self.connections: dict[int, MemcacheServerProtocol] = {}
         self._next_id = 0
@@ -506,6 +527,11 @@ class MemcacheServerProtocol(Protocol):
         self._closing = False
         self._lost = False
         self._read_closed = False  # the client shut its write side: close once every reply is out
+        # A meta command in several steps runs alone: it waits for the replies before it (``_held``), and
+        # nothing after it runs until it is answered (``_barrier``), as memcached runs a connection's commands.
+        self._barrier = False
+        self._held: MetaCommand | None = None
+        self._in_process = False
         self._counted = False
         self._idle_call: IDelayedCall | None = None
         #: When the client last sent something (the clock's seconds); its address and ours (``stats conns``).
@@ -613,8 +639,9 @@ class MemcacheServerProtocol(Protocol):
         handle = self._handle
         group_puts = self._group_puts
         puts: list[XPut] = []
+        self._in_process = True
         try:
-            while not self._paused and not self._closing:
+            while not self._paused and not self._closing and not self._barrier:
                 event = next_event()
                 if event is None:
                     break
@@ -640,10 +667,11 @@ class MemcacheServerProtocol(Protocol):
                 if type(event) is XBulk and self._authenticated and self._parser.buffered:
                     self._take_turn()
         finally:
+            self._in_process = False
             if puts:
                 self._run_puts(puts)
             self._flush_out()
-        if self._read_closed and not self._paused and not self._closing:
+        if self._read_closed and not self._paused and not self._closing and not self._barrier:
             self._close_after_replies()  # all the half-closed client sent was run: close behind its replies
 
     def _flush_out(self) -> None:
@@ -855,6 +883,76 @@ class MemcacheServerProtocol(Protocol):
                 self._reply(reply)
         elif type(command) is Shutdown:
             self._shutdown(command.mode)
+        elif type(command) is MetaCommand:
+            self._meta(command)
+
+    # -- meta commands ---------------------------------------------------------------------------------
+
+    def _meta(self, command: MetaCommand) -> None:
+        """Run a meta command's steps through the backend; its reply takes its place in the order. Its steps
+        read what the commands before it wrote and those after it see what it wrote: with replies pending
+        (a gateway's), it waits for them, and holds the commands after it until its own reply is in."""
+        if self._queue:
+            self._held = command
+            self._barrier = True
+            return
+        reply = self._steps(meta_steps(command, self.factory.meta_state, self._seconds()), None)
+        if isinstance(reply, Deferred):
+            self._barrier = True
+            self._later(reply)
+            reply.addBoth(self._meta_answered)
+        elif reply:
+            self._reply(reply)
+
+    def _meta_answered(self, _: object) -> None:
+        """The meta command's reply is in: the commands behind it may run."""
+        self._barrier = False
+        if not self._in_process and not self._lost:
+            self._process()
+
+    def _run_held(self) -> None:
+        """The replies before a held meta command are written: run it now, then what follows it."""
+        command, self._held = self._held, None
+        assert command is not None
+        self._barrier = False
+        self._meta(command)
+        self._flush_out()
+        if not self._barrier and not self._in_process:
+            self._process()
+
+    def _steps(self, steps: MetaSteps, result: Result | None) -> bytes | Deferred[bytes]:
+        """Send ``result`` to the steps and run the commands they ask for until they give the reply; a
+        Deferred of it when a command answers later. A backend error ends them with its reply line."""
+        while True:
+            try:
+                command = steps.send(result)  # type: ignore[arg-type]  # None starts the generator
+            except StopIteration as done:
+                reply: bytes = done.value
+                return reply
+            except Exception:
+                self._log.failure("a meta command failed")
+                return self._error(error_reply(RuntimeError()))
+            try:
+                answer = self._execute(command)
+            except DomainError as e:
+                steps.close()
+                return self._error(error_reply(e))
+            except Exception:
+                self._log.failure("the backend failed on {command}", command=type(command).__name__)
+                steps.close()
+                return self._error(error_reply(RuntimeError()))
+            if type(answer) not in _RESULTS and isinstance(answer, Deferred):
+                return answer.addCallbacks(self._next_step, self._step_failed, (steps,), errbackArgs=(steps,))
+            result = answer
+
+    def _next_step(self, result: Result, steps: MetaSteps) -> bytes | Deferred[bytes]:
+        return self._steps(steps, result)
+
+    def _step_failed(self, failure: Failure, steps: MetaSteps) -> bytes:
+        steps.close()
+        if not failure.check(DomainError):
+            self._log.failure("the backend failed on a meta command", failure)
+        return self._error(error_reply(failure.value or RuntimeError()))
 
     def _stats(self, group: str) -> bytes:
         name, _, argument = group.partition(" ")
@@ -955,6 +1053,28 @@ class MemcacheServerProtocol(Protocol):
             self._drain()
 
         result.addCallbacks(done, failed)
+        self._cap_queue()
+
+    def _later(self, reply: Deferred[bytes]) -> None:
+        """Queue a reply that comes later (b"" for none): a meta command's, made of several steps; it is
+        written once it and those before it are."""
+        cell: list[bytes | None] = [None]
+        self._queue.append(cell)
+
+        def done(value: bytes) -> None:
+            cell[0] = value
+            self._drain()
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("a reply failed", failure)
+            cell[0] = self._error(error_reply(RuntimeError()))
+            self._drain()
+
+        reply.addCallbacks(done, failed)
+        self._cap_queue()
+
+    def _cap_queue(self) -> None:
+        """Stop reading once ``max_pending`` replies are pending."""
         if len(self._queue) >= self.factory.max_pending and not self._queue_full:
             self._queue_full = True
             self._update_reading()
@@ -977,6 +1097,8 @@ class MemcacheServerProtocol(Protocol):
                 if self._out_size >= _FLUSH_AT:
                     self._flush_out()
         self._flush_out()
+        if self._held is not None and not queue:
+            self._run_held()
         if self._queue_full and len(queue) <= self.factory.max_pending // 2:
             self._queue_full = False
             self._update_reading()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast, final
+from typing import Any, cast, final
 
 from chashd.commands import (
     Arith,
@@ -28,6 +28,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    MetaCommand,
     NoreplyCommand,
     Number,
     Quit,
@@ -64,6 +65,7 @@ from chashd.errors import (
     UnknownCommand,
     ValueTooLarge,
 )
+from chashd.memcache.meta import MAX_OPAQUE
 from chashd.record import MAX_EXPIRES_AT, MAX_FLAGS, MAX_KEY_LENGTH, Record
 from chashd.versions import Version
 
@@ -106,6 +108,15 @@ _BAD_DELETE = "bad command line format.  Usage: delete <key> [noreply]"
 _BAD_EXPTIME = "invalid exptime argument"
 _BAD_DELTA = "invalid numeric delta argument"
 _OUT_OF_MEMORY = "out of memory reading request"
+#: memcached's MFLAG_MAX_OPT_LENGTH: a meta command of more tokens is refused.
+_META_MAX_TOKENS = 20
+_MS_MODES = frozenset({"", "E", "A", "P", "R", "S"})
+_MA_MODES = frozenset({"", "I", "+", "D", "-"})
+_META_NUMBER_ERRORS = {
+    "C": "bad token in command line format",
+    "J": "invalid numeric initial value",
+    "D": "invalid numeric delta value",
+}
 
 
 class BadReply(ServiceUnavailable):
@@ -292,6 +303,12 @@ class RequestParser:
             b"quit": self._quit,
             b"cache_memlimit": self._cache_memlimit,
             b"shutdown": self._shutdown,
+            b"mg": self._mg,
+            b"ms": self._ms,
+            b"md": self._md,
+            b"ma": self._ma,
+            b"mn": self._mn,
+            b"me": self._me,
             b"xget": self._xget,
             b"xput": self._xput,
             b"xmove": self._xput,
@@ -519,9 +536,14 @@ class RequestParser:
         return size + 2, noreply, build
 
     def _too_large(self, size: int, noreply: bool, then: Command | None = None) -> FailedRequest:
+        failed = FailedRequest(ValueTooLarge(size, self.max_value_size), reply=not noreply, then=then)
+        return self._swallow(size, failed)
+
+    def _swallow(self, size: int, failed: FailedRequest) -> FailedRequest:
+        """Skip the ``size`` bytes (and CRLF) of a refused command's data block; ``failed`` says why."""
         self._state = _SWALLOW
         self._need = size + 2
-        return FailedRequest(ValueTooLarge(size, self.max_value_size), reply=not noreply, then=then)
+        return failed
 
     def _set(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if ntokens == 6 and len(tokens[1]) <= MAX_KEY_LENGTH:  # the hot path: plain numbers
@@ -642,6 +664,145 @@ class RequestParser:
             return Shutdown()
         return Shutdown("graceful" if ntokens == 3 and tokens[1] == b"graceful" else "invalid")
 
+    # -- meta commands (chashd.memcache.meta runs them) -------------------------------------------------
+
+    def _meta_options(self, tokens: list[bytes], start: int) -> tuple[dict[str, Any], str | None]:
+        """memcached's ``_meta_flag_preparse``: the options the flag tokens from ``start`` give, and the error
+        text when one is bad (a repeated or unknown flag ends the parse at once; a bad number is noted and
+        the parse goes on, the last message winning, as memcached does)."""
+        options: dict[str, Any] = {}
+        seen: set[int] = set()
+        error: str | None = None
+        failed = False
+        for token in tokens[start:]:
+            flag = token[0]
+            if flag >= 127 or flag in seen:
+                return options, "duplicate flag"
+            seen.add(flag)
+            name = chr(flag)
+            argument = token[1:]
+            if name in "NTR":
+                number = _strtol32(argument)
+                if number is None:
+                    error, failed = "bad token in command line format", True
+                else:
+                    options[name] = number
+            elif name == "F":
+                flags = _strtoul32(argument)
+                if flags is None:
+                    failed = True
+                else:
+                    options[name] = flags
+            elif name in "CJD":
+                big = _strtoull(argument)
+                if big is None:
+                    error, failed = _META_NUMBER_ERRORS[name], True
+                else:
+                    options[name] = big
+            elif name == "M":
+                if len(token) != 2:
+                    error, failed = "incorrect length for M token", True
+                else:
+                    options[name] = chr(token[1])
+            elif name == "b":
+                return options, "base64 keys (flag b) are not supported"
+            elif name in "lhOPLkstcfvuqI":
+                options[name] = True
+            else:
+                return options, "invalid flag"
+        return options, (error or "bad command line format") if failed else None
+
+    def _meta_head(self, tokens: list[bytes], ntokens: int, too_many: str) -> FailedRequest | None:
+        """The checks every meta command with a key makes first, in memcached's order."""
+        if ntokens < 3:
+            return _UNKNOWN
+        if len(tokens[1]) > MAX_KEY_LENGTH:
+            return FailedRequest(BadCommand())
+        if ntokens > _META_MAX_TOKENS:
+            return FailedRequest(BadCommand(too_many))
+        return None
+
+    def _mg(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        refused = self._meta_head(tokens, ntokens, "options flags are too long")
+        if refused is not None:
+            return refused
+        options, error = self._meta_options(tokens, 2)
+        if error is not None:
+            return FailedRequest(BadCommand(error))
+        if "h" in options or "l" in options:
+            return FailedRequest(BadCommand("flags h and l (hit before, last access) are not supported"))
+        return MetaCommand(
+            "mg", tokens[1], tuple(tokens[2:]), noreply="q" in options, ttl=options.get("T"),
+            vivify=options.get("N"), recache=options.get("R"),
+        )  # fmt: skip
+
+    def _ms(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        refused = self._meta_head(tokens, ntokens, "options flags too long")
+        if refused is None and ntokens == 3:
+            refused = FailedRequest(BadCommand())
+        if refused is not None:
+            return refused
+        size = _strtol32(tokens[2])
+        if size is None or size < 0 or size > _INT_MAX - 2:
+            return FailedRequest(BadCommand())
+        key = tokens[1]
+        options, error = self._meta_options(tokens, 3)
+        if error is None and any(t[0] == 0x4F and len(t) > MAX_OPAQUE for t in tokens[3:]):
+            error = "opaque token too long"
+        mode = options.get("M", "")
+        if error is None and mode not in _MS_MODES:
+            error = "invalid mode for ms M token"
+        if error is not None:  # the data block is skipped, as memcached does
+            return self._swallow(size, FailedRequest(BadCommand(error)))
+        if size > self.max_value_size:  # memcached drops the key's old value, whatever the mode
+            return self._too_large(size, False, Delete(key, True))
+        flags = tuple(tokens[3:])
+
+        def build(value: bytes) -> Command:
+            return MetaCommand(
+                "ms", key, flags, value, "q" in options, mode, options.get("T"), client_flags=options.get("F", 0),
+                cas=options.get("C"), invalidate="I" in options,
+            )  # fmt: skip
+
+        return size + 2, False, build
+
+    def _md(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        refused = self._meta_head(tokens, ntokens, "options flags too long")
+        if refused is not None:
+            return refused
+        options, error = self._meta_options(tokens, 2)
+        if error is not None:
+            return FailedRequest(BadCommand(error if error.startswith("base64") else "invalid or duplicate flag"))
+        return MetaCommand(
+            "md", tokens[1], tuple(tokens[2:]), noreply="q" in options, ttl=options.get("T"), cas=options.get("C"),
+            invalidate="I" in options,
+        )  # fmt: skip
+
+    def _ma(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        refused = self._meta_head(tokens, ntokens, "options flags too long")
+        if refused is not None:
+            return refused
+        options, error = self._meta_options(tokens, 2)
+        if error is not None:
+            return FailedRequest(BadCommand(error if error.startswith("base64") else "invalid or duplicate flag"))
+        mode = options.get("M", "")
+        if mode not in _MA_MODES:
+            return FailedRequest(BadCommand("invalid mode for ma M token"))
+        return MetaCommand(
+            "ma", tokens[1], tuple(tokens[2:]), noreply="q" in options, mode=mode, ttl=options.get("T"),
+            vivify=options.get("N"), cas=options.get("C"), delta=options.get("D", 1), initial=options.get("J", 0),
+        )  # fmt: skip
+
+    def _mn(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        return MetaCommand("mn")
+
+    def _me(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens < 3 or len(tokens[1]) > MAX_KEY_LENGTH:
+            return FailedRequest(BadCommand())
+        if ntokens >= 4 and tokens[2] == b"b":
+            return FailedRequest(BadCommand("base64 keys (flag b) are not supported"))
+        return MetaCommand("me", tokens[1])
+
     # -- the versioned extension ------------------------------------------------------------------
 
     def _xget(self, tokens: list[bytes], ntokens: int) -> _Parsed:
@@ -715,6 +876,12 @@ class RequestParser:
         handler = self._writes.get(inner[0])
         if handler is None:
             return _UNKNOWN
+        extension: dict[str, int] = {}
+        if len(inner) > 2 and inner[-1].startswith(b"~"):  # what a meta command adds (a compared cas, ...)
+            try:
+                extension = _extension(inner.pop())
+            except BadCommand as e:
+                return FailedRequest(e)
         parsed = handler(self, inner, len(inner) + 1 if len(inner) < _MAX_TOKENS - 1 else _MAX_TOKENS)
         if type(parsed) is FailedRequest:
             return replace(parsed, reply=True, then=None)
@@ -723,10 +890,10 @@ class RequestParser:
 
             def build_applied(value: bytes) -> Command:
                 # the builders of self._writes make write commands only
-                return XApply(version, _replied(build(value)))  # type: ignore[arg-type]  # a write, as said above
+                return XApply(version, _replied(build(value), extension))  # type: ignore[arg-type]  # a write, as said above
 
             return size, False, build_applied
-        return XApply(version, _replied(parsed))  # type: ignore[arg-type]  # a write command, as above
+        return XApply(version, _replied(parsed, extension))  # type: ignore[arg-type]  # a write command, as above
 
     _writes: dict[bytes, Callable[[RequestParser, list[bytes], int], _Parsed]] = {
         b"set": _set,
@@ -742,9 +909,43 @@ class RequestParser:
     }
 
 
-def _replied(command: WriteCommand) -> WriteCommand:
-    """The command with ``noreply`` cleared (an ``xapply`` always replies)."""
+def _replied(command: WriteCommand, extension: dict[str, int] | None = None) -> WriteCommand:
+    """The command with ``noreply`` cleared (an ``xapply`` always replies) and the extension's fields set."""
+    if extension:
+        command = replace(command, **extension)  # type: ignore[arg-type]
     return replace(command, noreply=False) if command.noreply else command
+
+
+#: The fields of the xapply extension token (``~C<cas>,T<exptime>,N<exptime>,J<initial>``), by letter.
+_EXTENSION_FIELDS = {"C": "cas_unique", "T": "exptime", "N": "vivify", "J": "initial"}
+
+
+def _extension(token: bytes) -> dict[str, int]:
+    """The fields of an xapply extension token; ``BadCommand`` for one that does not parse."""
+    fields: dict[str, int] = {}
+    for part in token[1:].split(b","):
+        name = _EXTENSION_FIELDS.get(part[:1].decode("latin-1"))
+        digits = part[1:]
+        if name is None or not digits.lstrip(b"-").isdigit() or len(digits) > 21:
+            raise BadCommand("bad xapply extension")
+        fields[name] = int(digits)
+    return fields
+
+
+def _extension_token(command: WriteCommand) -> bytes:
+    """`` ~C..,T..`` for what a meta command set on ``command`` (a compared cas, an incr's TTL or creation),
+    or b"" for a classic command."""
+    parts = []
+    cas = getattr(command, "cas_unique", None)
+    if cas is not None and (type(command) is not Store or command.mode in ("append", "prepend")):
+        parts.append(b"C%d" % cas)  # a cas store carries its cas in its own line
+    if type(command) is Arith:
+        if command.exptime is not None:
+            parts.append(b"T%d" % command.exptime)
+        if command.vivify is not None:
+            parts.append(b"N%d" % command.vivify)
+            parts.append(b"J%d" % command.initial)
+    return b" ~" + b",".join(parts) if parts else b""
 
 
 def _version_token(token: bytes) -> Version:
@@ -866,9 +1067,12 @@ def _noreply(command: NoreplyCommand) -> bytes:
     return b" noreply" if command.noreply else b""
 
 
-def _write_line(command: WriteCommand, noreply: bool) -> bytes:
-    """A write command's line (and data block), without the final ``\\r\\n`` of the line when it has none."""
+def _write_line(command: WriteCommand, noreply: bool, extended: bool = False) -> bytes:
+    """A write command's line (and data block), without the final ``\\r\\n`` of the line when it has none;
+    ``extended`` (inside an ``xapply``) adds the extension token of what a meta command set."""
     tail = b" noreply" if noreply else b""
+    if extended:
+        tail += _extension_token(command)
     if type(command) is Store:
         cas = b" %d" % (command.cas_unique or 0) if command.mode == "cas" else b""
         return b"%s %s %d %d %d%s%s\r\n%s\r\n" % (
@@ -918,7 +1122,7 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
             r.value,
         )
     if type(command) is XApply:
-        return b"xapply %s %s" % (str(command.version).encode(), _write_line(command.command, False))
+        return b"xapply %s %s" % (str(command.version).encode(), _write_line(command.command, False, True))
     if type(command) is XBulk:
         return b"".join((b"xbulk %d %d\r\n" % (command.count, len(command.block)), command.block, b"\r\n"))
     if type(command) is BulkProbe:

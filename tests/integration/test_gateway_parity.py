@@ -184,3 +184,45 @@ class StatsTests:
         assert any(name.endswith(":state") and value == "conn_parse_cmd" for name, value in conns.items())
         dump = exchange(port, b"stats cachedump 1 0\r\n", ends(b"END\r\n"))
         assert re.search(rb"^ITEM own:dump \[3 b; 0 s\]\r\n", dump, re.M)
+
+
+class MetaTests:
+    """Meta commands through a gateway keep the N/W/R and version rules of the classic commands."""
+
+    def held(self, cluster: LocalCluster, request: bytes) -> list[bytes]:
+        """What each kvstore answers ``request`` on its own port (cas values as they are)."""
+        ports = [cluster.line_ports[k.name] for k in cluster.kvstores]
+        return [exchange(port, request + b"mn\r\n", ends(b"MN\r\n"))[:-4] for port in ports]
+
+    def test_set_get_delete_arith(self, replicated: LocalCluster) -> None:
+        """ms stores the gateway's version on every replica (the cas mg gives is that version, on each kvstore);
+        ma applies at the primary and replicates; md leaves a tombstone everywhere; C compares that version."""
+        port = line_port(replicated)
+        reply = exchange(port, b"ms meta:a 5 T0 c\r\nhello\r\nmg meta:a v c f t\r\n", lambda d: d.count(b"\r\n") >= 3)
+        stored, got = re.fullmatch(rb"HD c(\d+)\r\nVA 5 c(\d+) f0 t-1\r\nhello\r\n", reply).groups()  # type: ignore[union-attr]
+        assert stored == got
+        wait_until(
+            "every replica holding meta:a with the gateway's version",
+            lambda: self.held(replicated, b"mg meta:a v c\r\n") == [b"VA 5 c%s\r\nhello\r\n" % stored] * 3,
+        )
+        assert exchange(port, b"md meta:a C1\r\n", ends(b"\r\n")) == b"EX\r\n"
+        assert exchange(port, b"ms meta:a 3 C%s\r\nnew\r\n" % stored, ends(b"\r\n")) == b"HD\r\n"
+        assert exchange(port, b"ms meta:a 3 C%s\r\nold\r\n" % stored, ends(b"\r\n")) == b"EX\r\n"
+        assert exchange(port, b"ma meta:n N0 J5 v\r\nma meta:n D10 v\r\n", lambda d: d.count(b"\r\n") == 4) == (
+            b"VA 1\r\n5\r\nVA 2\r\n15\r\n"
+        )
+        wait_until(
+            "every replica holding meta:n = 15",
+            lambda: self.held(replicated, b"mg meta:n v\r\n") == [b"VA 2\r\n15\r\n"] * 3,
+        )
+        assert exchange(port, b"md meta:a\r\nmg meta:a v\r\n", lambda d: d.count(b"\r\n") == 2) == b"HD\r\nEN\r\n"
+        wait_until("no replica answering meta:a", lambda: self.held(replicated, b"mg meta:a v\r\n") == [b"EN\r\n"] * 3)
+
+    def test_vivify_and_noreply(self, replicated: LocalCluster) -> None:
+        """mg N creates the item through the gateway (an add at the primary): the first reader wins, the next sees
+        Z; q pipelines end with mn."""
+        port = line_port(replicated)
+        reply = exchange(port, b"mg meta:v N30 v t\r\nmg meta:v v\r\n", lambda d: d.count(b"\r\n") == 4)
+        assert re.fullmatch(rb"VA 0 t(29|30) W\r\n\r\nVA 0 Z\r\n\r\n", reply), reply  # a second may pass
+        reply = exchange(port, b"mg meta:x v q\r\nms meta:y 1 q\r\ny\r\nmg meta:y v q\r\nmn\r\n", ends(b"MN\r\n"))
+        assert reply == b"VA 1\r\ny\r\nMN\r\n"

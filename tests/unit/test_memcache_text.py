@@ -15,6 +15,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    MetaCommand,
     Number,
     Quit,
     SplicedGet,
@@ -265,11 +266,45 @@ class RejectionTests:
                      b"set k 0 0 1 noreply extra", b"delete k 0 noreply x"]:  # fmt: skip
             assert replies(line + b"\r\n") == [b"ERROR\r\n"], line
 
-    def test_meta_and_binary_answer_error(self) -> None:
-        """The meta commands answer ERROR; a binary request answers ERROR and closes."""
-        for line in [b"mg k v", b"ms k 1", b"md k", b"ma k", b"mn", b"me k"]:
-            assert replies(line + b"\r\n") == [b"ERROR\r\n"]
+    def test_binary_answers_error(self) -> None:
+        """A binary request answers ERROR and closes."""
         assert replies(b"\x80\x00\x00\x05\x00\x00\x00\x00\n" + b"\x00" * 20) == [b"ERROR\r\n", "CLOSE"]
+
+    def test_meta_commands(self) -> None:
+        """The meta commands parse into MetaCommand with their flags, in order and as numbers; ms reads its data
+        block (the same fed a byte at a time); a refused ms skips its data block."""
+        assert one(b"mg k v T30 N-1 R5 Oab q\r\n") == MetaCommand(
+            "mg", b"k", (b"v", b"T30", b"N-1", b"R5", b"Oab", b"q"), noreply=True, ttl=30, vivify=-1, recache=5
+        )
+        assert one(b"ms k 2 MA C7 F9 T0 I c\r\nhi\r\n") == MetaCommand(
+            "ms",
+            b"k",
+            (b"MA", b"C7", b"F9", b"T0", b"I", b"c"),
+            b"hi",
+            False,
+            "A",
+            0,
+            client_flags=9,
+            cas=7,
+            invalidate=True,
+        )
+        assert one(b"ma n MD D5 N0 J3 C2 T9\r\n") == MetaCommand(
+            "ma", b"n", (b"MD", b"D5", b"N0", b"J3", b"C2", b"T9"), mode="D", ttl=9, vivify=0, cas=2, delta=5, initial=3
+        )
+        assert one(b"md k I T5 q\r\n") == MetaCommand(
+            "md", b"k", (b"I", b"T5", b"q"), noreply=True, ttl=5, invalidate=True
+        )
+        assert one(b"mn\r\n") == MetaCommand("mn") and one(b"me k\r\n") == MetaCommand("me", b"k")
+        assert replies(b"ms k 3 Mz\r\nabc\r\nmn\r\n") == [
+            b"CLIENT_ERROR invalid mode for ms M token\r\n",
+            "MetaCommand",
+        ]
+        assert replies(b"ms k 2 q q\r\nab\r\nmn\r\n") == [b"CLIENT_ERROR duplicate flag\r\n", "MetaCommand"]
+        assert replies(b"ma k Dx\r\nmd k zz\r\nmg k h\r\n") == [
+            b"CLIENT_ERROR invalid or duplicate flag\r\n",
+            b"CLIENT_ERROR invalid or duplicate flag\r\n",
+            b"CLIENT_ERROR flags h and l (hit before, last access) are not supported\r\n",
+        ]
 
     def test_bad_numbers(self) -> None:
         """Bad numbers are CLIENT_ERROR with memcached's words for each command."""
