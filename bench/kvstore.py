@@ -141,6 +141,8 @@ def drive(loadgen: Path, port: int, core: int, pids: dict[str, int], args: argpa
     preload and the warm-up until just before the end. Raises ``RuntimeError`` if the generator fails."""
     command = [str(loadgen), "127.0.0.1", str(port), str(args.connections), str(args.seconds),
                str(args.warmup), str(args.keys), str(args.get_percent), str(args.value_size), "1"]  # fmt: skip
+    if getattr(args, "multi", 1) > 1:  # keys per get (bench/multiget.py)
+        command.append(str(args.multi))
     with subprocess.Popen(pinned(command, core), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as gen:
         time.sleep(args.warmup + 1.0)
         before = {n: cpu_seconds(pid) for n, pid in pids.items()}

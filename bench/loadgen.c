@@ -1,10 +1,11 @@
 /* loadgen: a closed-loop load generator for the memcached text protocol (bench/kvstore.py builds it).
  *
- *   loadgen HOST PORT CONNECTIONS SECONDS WARMUP KEYS GET_PERCENT VALUE_SIZE SEED
+ *   loadgen HOST PORT CONNECTIONS SECONDS WARMUP KEYS GET_PERCENT VALUE_SIZE SEED [MULTI]
  *
  * Opens CONNECTIONS connections, sets every key once (keys are "key:" + 28 digits = 32 bytes), then keeps
  * one request in flight on each connection: a get (GET_PERCENT of the time) or a set of VALUE_SIZE bytes,
- * of a key drawn uniformly from KEYS. After WARMUP seconds it counts, for SECONDS seconds, the requests
+ * of a key drawn uniformly from KEYS (with MULTI > 1, a get asks for MULTI consecutive keys from a random
+ * one on: a multi-key get, one request however many keys). After WARMUP seconds it counts, for SECONDS seconds, the requests
  * that complete and their latency (send to last byte of the reply, 1 us buckets), and the CPU time this
  * process used. Prints one JSON object. Written in C so that the generator is not the bottleneck: a
  * Python generator on one core tops out well below what memcached serves.
@@ -24,8 +25,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_US 200000
-#define BUF 65536
+#define MAX_US 2000000
+#define BUF (1 << 20)
 
 typedef struct {
     int fd;
@@ -37,7 +38,7 @@ typedef struct {
 
 static unsigned long long hist[MAX_US + 1];
 static char value[4096];
-static int value_size, keys, get_percent;
+static int value_size, keys, get_percent, multi = 1;
 static unsigned int seed;
 
 static double now(void) {
@@ -66,12 +67,15 @@ static int send_all(int fd, const char *data, size_t n) {
 }
 
 static int send_request(conn_t *c) {
-    char req[8192];
+    static char req[65536];
     int key = rand_r(&seed) % keys;
     int n;
     c->is_get = (int)(rand_r(&seed) % 100) < get_percent;
     if (c->is_get) {
-        n = snprintf(req, sizeof req, "get key:%028d\r\n", key);
+        n = snprintf(req, sizeof req, "get key:%028d", key);
+        for (int i = 1; i < multi; i++) n += snprintf(req + n, sizeof req - n, " key:%028d", (key + i) % keys);
+        memcpy(req + n, "\r\n", 2);
+        n += 2;
     } else {
         n = snprintf(req, sizeof req, "set key:%028d 0 0 %d\r\n", key, value_size);
         memcpy(req + n, value, value_size);
@@ -117,8 +121,14 @@ static double percentile(unsigned long long total, double p) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 10) {
-        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS WARMUP KEYS GET_PERCENT VALUE_SIZE SEED\n", argv[0]);
+    if (argc != 10 && argc != 11) {
+        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS WARMUP KEYS GET_PERCENT VALUE_SIZE SEED [MULTI]\n",
+                argv[0]);
+        return 2;
+    }
+    if (argc == 11) multi = atoi(argv[10]);
+    if (multi < 1 || multi > 1000) {
+        fprintf(stderr, "MULTI must be 1 to 1000\n");
         return 2;
     }
     const char *host = argv[1];

@@ -247,7 +247,9 @@ _DUMP_LIMIT = 1000
 
 
 def _address(address: Any) -> str:
-    """``tcp:<host>:<port>`` (or ``unix:<path>``), as ``stats conns`` names an address."""
+    """``tcp:<host>:<port>`` (or ``unix:<path>``), as ``stats conns`` names an address ("" for none)."""
+    if address is None:
+        return ""
     port = getattr(address, "port", None)
     if port is None:
         return f"unix:{getattr(address, 'name', address)}"
@@ -560,8 +562,8 @@ class MemcacheServerProtocol(Protocol):
         factory.curr_connections += 1
         factory.total_connections += 1
         self._id = factory.register(self)
-        self.peer = _address(self._tr.getPeer())
-        self.host = _address(self._tr.getHost())
+        self.peer = _address(getattr(self._tr, "getPeer", lambda: None)())
+        self.host = _address(getattr(self._tr, "getHost", lambda: None)())
         self.last_seen = self._seconds()
         set_nodelay(self.transport)
         register = getattr(self._tr, "registerProducer", None)  # every TCP/TLS/UNIX transport has it

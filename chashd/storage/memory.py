@@ -26,9 +26,9 @@ the limit a write first evicts live records, least recently used first, or with 
 (``--memory-full=error``, memcached's ``-M``) is refused with ``StorageFull("out of memory storing
 object")``. The recency order is memcached's kind of approximation: records sit in up to
 ``_MAX_GENERATIONS`` generations, dicts ``{key: None}`` (untracked by the GC too); a write puts its key in
-the newest one, which is closed once ``limit / _GENERATIONS`` bytes went in; a read of a record of an
-older generation notes the key (a list append, no lock), and the next write moves the noted keys to the
-newest generation. Eviction takes keys from the oldest generation (``popitem``: O(1)), so a victim is
+the newest one, which is closed once ``limit / _GENERATIONS`` bytes went in; a read of a record of the
+older half of the generations (the next victims) notes the key (a list append, no lock), and the next write
+moves the noted keys to the newest generation. Eviction takes keys from the oldest generation (``popitem``: O(1)), so a victim is
 among the least recently used ``1/_GENERATIONS`` of the data. The bucket index holds each key's
 generation (``{key: generation}``; None for a tombstone). Tombstones are never evicted: they stay until
 ``purge`` forgets them after the tombstone grace period (the rule the handoff and read repair rely on),
@@ -138,6 +138,7 @@ class MemoryEngine:
         "_gens",
         "_limit",
         "_lock",
+        "_bump_below",
         "_next_gen",
         "_now",
         "_order",
@@ -171,6 +172,7 @@ class MemoryEngine:
         self._gens: dict[int, dict[bytes, None]] = {0: {}}
         self._order: deque[int] = deque([0])
         self._gen = 0
+        self._bump_below = 0
         self._next_gen = 1
         self._gen_added = 0
         self._gen_span = max(self._limit // _GENERATIONS, 1)
@@ -184,7 +186,8 @@ class MemoryEngine:
             return None
         if self._limit:
             bucket = self._buckets.get(_hash_of(row)[0] >> _BUCKET_SHIFT)
-            if bucket is not None and bucket.get(key, self._gen) != self._gen:
+            gen = bucket.get(key) if bucket is not None else None
+            if gen is not None and gen < self._bump_below:
                 self._seen(key)
         return _decode(row)
 
@@ -200,7 +203,8 @@ class MemoryEngine:
         if self._limit:  # the recency order, inlined: this is the hot path of a bounded engine
             self._now = now
             bucket = self._buckets.get(hash_value >> _BUCKET_SHIFT)
-            if bucket is not None and bucket.get(key, self._gen) != self._gen:
+            gen = bucket.get(key) if bucket is not None else None
+            if gen is not None and gen < self._bump_below:
                 self._seen(key)
         return flags, row[_HEADER_SIZE + writer_size :]
 
@@ -374,15 +378,18 @@ class MemoryEngine:
                 del gens[order.popleft()]
                 continue
             victim = oldest.popitem()[0]
-            row = records[victim]
-            freed += len(victim) + len(row) + ITEM_OVERHEAD
-            expires_at = _unpack(row)[2]
+            row = records.pop(victim)
+            hash_value, _flags, expires_at, _clock, _tombstone, writer_size = _unpack(row)
+            size = len(victim) + len(row) + ITEM_OVERHEAD
+            freed += size
             if expires_at != 0 and expires_at <= self._now:
                 self._reclaimed += 1
             else:
                 self._evictions += 1
-            self._buckets[_hash_of(row)[0] >> _BUCKET_SHIFT][victim] = None  # already out of its generation
-            self._forget(victim, row)
+            # What _forget does, with the row unpacked once (the victim is already out of its generation).
+            del self._buckets[hash_value >> _BUCKET_SHIFT][victim]
+            self._bytes -= len(row) - _HEADER_SIZE - writer_size
+            self._used -= size
 
     def _roll(self) -> None:
         """Close the newest generation and open another; merge the two oldest past ``_MAX_GENERATIONS``."""
@@ -401,6 +408,9 @@ class MemoryEngine:
             buckets = self._buckets
             for key in moved:
                 buckets[_hash_of(records[key])[0] >> _BUCKET_SHIFT][key] = into
+        # A read moves its record to the newest generation only from the older half: those are the next
+        # victims; one in the newer half is far from eviction, and moving it would cost every read.
+        self._bump_below = self._order[len(self._order) // 2]
 
     def set_limit(self, limit_bytes: int) -> None:
         """Change the limit of a bounded engine (``cache_memlimit``); a lower one evicts what is over it at
