@@ -28,8 +28,8 @@ object")``. The recency order is memcached's kind of approximation: records sit 
 ``_MAX_GENERATIONS`` generations, dicts ``{key: None}`` (untracked by the GC too); a write puts its key in
 the newest one, which is closed once ``limit / _GENERATIONS`` bytes went in; a read of a record of the
 older half of the generations (the next victims) notes the key (a list append, no lock), and the next write
-moves the noted keys to the newest generation. Eviction takes keys from the oldest generation (``popitem``: O(1)), so a victim is
-among the least recently used ``1/_GENERATIONS`` of the data. The bucket index holds each key's
+moves the noted keys to the newest generation. Eviction takes keys from the oldest generation (``popitem``:
+O(1)), so a victim is among the least recently used ``1/_GENERATIONS`` of the data. The bucket index holds each key's
 generation (``{key: generation}``; None for a tombstone). Tombstones are never evicted: they stay until
 ``purge`` forgets them after the tombstone grace period (the rule the handoff and read repair rely on),
 so a store full of tombstones refuses writes. An expired record taken by eviction counts as
