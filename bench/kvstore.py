@@ -289,13 +289,20 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-size", type=int, default=100)
 
 
+def load_parser(doc: str | None, rounds: int) -> argparse.ArgumentParser:
+    """The options every load benchmark takes: the load's (``add_load_options``), ``--rounds`` (runs of each
+    server, interleaved; the best counts) and ``--inprocess`` (only the in-process check)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    add_load_options(parser)
+    parser.add_argument("--rounds", type=int, default=rounds, help="runs of each, interleaved; the best counts")
+    parser.add_argument("--inprocess", action="store_true", help="only the in-process check")
+    return parser
+
+
 def main() -> None:
     """Run the benchmark and print its table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_load_options(parser)
+    parser = load_parser(__doc__, rounds=2)
     parser.add_argument("--servers", default="memory,sqlite,baseline,memcached")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every server, interleaved; the best counts")
-    parser.add_argument("--inprocess", action="store_true", help="only the in-process hot-path check")
     args = parser.parse_args()
     inprocess(args)
     if args.inprocess:

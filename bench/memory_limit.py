@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kvstore import _Sink, add_load_options, build_loadgen, drive, pinned, requests, stop, wait_port
+from kvstore import _Sink, build_loadgen, drive, load_parser, pinned, requests, stop, wait_port
 
 from chashd.launcher import free_ports, twistd_command
 from chashd.storage.memory import ITEM_OVERHEAD
@@ -157,18 +157,15 @@ def inprocess(args: argparse.Namespace) -> None:
 
 def main() -> None:
     """Run the benchmark and print its table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_load_options(parser)
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each, interleaved; the best counts")
+    parser = load_parser(__doc__, rounds=3)
     parser.add_argument("--limit-share", type=float, default=0.5, help="share of the keys the limit holds")
-    parser.add_argument("--inprocess", action="store_true", help="only the in-process check")
     args = parser.parse_args()
     inprocess(args)
     if args.inprocess:
         return
-    with tempfile.TemporaryDirectory(prefix="chashd-bench-") as tmp:
-        work = Path(tmp)
-        loadgen = build_loadgen(work)
+    with tempfile.TemporaryDirectory(prefix="chashd-bench-") as work_dir:
+        loadgen = build_loadgen(Path(work_dir))
+        work = Path(work_dir)
         print(
             f"\nload: {args.connections} connections, {args.get_percent}% get, {args.keys} keys of 32 bytes, "
             f"{args.value_size}-byte values, {args.seconds:g}s after {args.warmup:g}s warm-up; generator on core "

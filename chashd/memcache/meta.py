@@ -119,20 +119,26 @@ def _found(result: Result, key: bytes) -> Record | None:
     return None
 
 
+def _echoed(token: bytes, key: bytes) -> bytes | None:
+    """What an O or k flag adds to a reply (b"" for another flag); None when an opaque is too long."""
+    flag = token[:1]
+    if flag == b"O":
+        return None if len(token) > MAX_OPAQUE else b" " + token
+    return b" k" + key if flag == b"k" else b""
+
+
 def _echo(command: MetaCommand, key: bytes, cas: int | None = None) -> bytes | None:
     """The O, k (and c, when ``cas`` is given) flags of a reply, in request order; None when an opaque is
     too long."""
     parts = []
     for token in command.tokens:
-        flag = token[:1]
-        if flag == b"O":
-            if len(token) > MAX_OPAQUE:
-                return None
-            parts.append(b" " + token)
-        elif flag == b"k":
-            parts.append(b" k" + key)
-        elif flag == b"c" and cas is not None:
+        if token[:1] == b"c" and cas is not None:
             parts.append(b" c%d" % cas)
+            continue
+        part = _echoed(token, key)
+        if part is None:
+            return None
+        parts.append(part)
     return b"".join(parts)
 
 
@@ -196,12 +202,11 @@ def _mg(command: MetaCommand, state: MetaState, now: float) -> MetaSteps:
             parts.append(b" c%d" % current.version.cas)
         elif flag == b"f":
             parts.append(b" f%d" % current.flags)
-        elif flag == b"O":
-            if len(token) > MAX_OPAQUE:
+        else:
+            part = _echoed(token, key)
+            if part is None:
                 return _OPAQUE_TOO_LONG
-            parts.append(b" " + token)
-        elif flag == b"k":
-            parts.append(b" k" + key)
+            parts.append(part)
     if sent:
         parts.append(b" Z")
     if stale:
@@ -314,12 +319,11 @@ def _ma(command: MetaCommand, state: MetaState, now: float) -> MetaSteps:
             parts.append(b" c%d" % (record.version.cas if record is not None else 0))
         elif flag == b"t":
             parts.append(b" t" + (_ttl(record, now) if record is not None else b"-1"))
-        elif flag == b"O":
-            if len(token) > MAX_OPAQUE:
+        else:
+            part = _echoed(token, key)
+            if part is None:
                 return _OPAQUE_TOO_LONG
-            parts.append(b" " + token)
-        elif flag == b"k":
-            parts.append(b" k" + key)
+            parts.append(part)
     if command.noreply:
         return b""
     parts.append(b"\r\n")

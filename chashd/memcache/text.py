@@ -766,25 +766,30 @@ class RequestParser:
 
         return size + 2, False, build
 
-    def _md(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+    def _write_options(self, tokens: list[bytes], ntokens: int) -> dict[str, Any] | FailedRequest:
+        """The options of an ``md`` or ``ma``, or why the line is refused (memcached words every bad flag of
+        these two the same way)."""
         refused = self._meta_head(tokens, ntokens, "options flags too long")
         if refused is not None:
             return refused
         options, error = self._meta_options(tokens, 2)
         if error is not None:
             return FailedRequest(BadCommand(error if error.startswith("base64") else "invalid or duplicate flag"))
+        return options
+
+    def _md(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        options = self._write_options(tokens, ntokens)
+        if isinstance(options, FailedRequest):
+            return options
         return MetaCommand(
             "md", tokens[1], tuple(tokens[2:]), noreply="q" in options, ttl=options.get("T"), cas=options.get("C"),
             invalidate="I" in options,
         )  # fmt: skip
 
     def _ma(self, tokens: list[bytes], ntokens: int) -> _Parsed:
-        refused = self._meta_head(tokens, ntokens, "options flags too long")
-        if refused is not None:
-            return refused
-        options, error = self._meta_options(tokens, 2)
-        if error is not None:
-            return FailedRequest(BadCommand(error if error.startswith("base64") else "invalid or duplicate flag"))
+        options = self._write_options(tokens, ntokens)
+        if isinstance(options, FailedRequest):
+            return options
         mode = options.get("M", "")
         if mode not in _MA_MODES:
             return FailedRequest(BadCommand("invalid mode for ma M token"))

@@ -4,6 +4,7 @@ once and over a backend that answers later (a gateway's shape), on StringTranspo
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -230,6 +231,15 @@ def test_factory_keeps_one_state() -> None:
     assert one.value() == b"VA 0 W\r\n\r\n" and two.value() == b"VA 0 Z\r\n\r\n"
 
 
+def answer_all(backend: LaterBackend, check: Callable[[], object] = lambda: None) -> None:
+    """Fire every answer the backend waits to give, those the answers lead to included (``check`` first)."""
+    fired = 0
+    while fired < len(backend.waiting):
+        check()
+        backend.fire(fired)
+        fired += 1
+
+
 def test_pipelined_meta_commands_run_one_after_the_other() -> None:
     """Over a backend that answers later, a meta command starts only once the commands before it are answered,
     and the commands after it wait for its reply: a pipeline reads what it wrote, as on memcached."""
@@ -240,10 +250,7 @@ def test_pipelined_meta_commands_run_one_after_the_other() -> None:
     protocol, transport = connect(factory)
     protocol.dataReceived(b"set k 0 0 1\r\nx\r\nmg k v\r\nmg n N30 v\r\nmg n v\r\nget k\r\nmn\r\n")
     assert len(backend.waiting) == 1  # the set; the meta command waits for its answer
-    fired = 0
-    while fired < len(backend.waiting):
-        backend.fire(fired)
-        fired += 1
+    answer_all(backend)
     assert transport.value() == b"STORED\r\nVA 1\r\nx\r\nVA 0 W\r\n\r\nVA 0 Z\r\n\r\nVALUE k 0 1\r\nx\r\nEND\r\nMN\r\n"
 
 
@@ -256,9 +263,9 @@ def test_half_close_waits_for_a_meta_command() -> None:
     protocol, transport = connect(factory)
     protocol.dataReceived(b"ms k 1\r\nx\r\nmg k v\r\nmn\r\n")
     protocol.readConnectionLost()
-    fired = 0
-    while fired < len(backend.waiting):
+
+    def open_still() -> None:
         assert not transport.disconnecting
-        backend.fire(fired)
-        fired += 1
+
+    answer_all(backend, open_still)
     assert transport.value() == b"HD\r\nVA 1\r\nx\r\nMN\r\n" and transport.disconnecting
