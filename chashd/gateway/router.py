@@ -640,11 +640,12 @@ class Router:
             if failures:
                 done.errback(failures[0])
                 return
-            now = self._now()
             items = []
             for k in command.keys:
                 status, record = gathered[k]
-                if status is Status.TOUCHED and record is not None and record.live(now):
+                # A touched record answers as it was read, also when the new exptime is past (memcached's gat
+                # answers the item, and the next read misses).
+                if status is Status.TOUCHED and record is not None:
                     items.append((k, record))
             done.callback(Values(tuple(items)))
 

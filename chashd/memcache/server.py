@@ -125,6 +125,12 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   plans: classic commands sent to the backend one after the other (each step's result, at once on a
   kvstore or later on a gateway, decides the next), so that a gateway routes them with the N/W/R and
   version rules of ``get``, ``set``, ``delete`` and ``incr``; their reply takes its place in the order.
+- A connection's commands act in the order it sent them, as memcached runs them one after the other, also
+  on a backend that answers later (a gateway) and so runs several at once: a command that writes a key a
+  pending command of the connection reads or writes, or reads a key one writes (every key, after a
+  ``flush_all``), waits, with what follows it, until every reply before it is in. So a pipelined
+  ``delete k`` then ``get k`` misses, and an ``incr`` behind a ``set`` sees the value set; commands on
+  other keys run at once.
 - Half-close (``IHalfCloseableProtocol``): a client that shuts its write side after its requests still gets
   a reply to every one of them, in order (a gateway's included, when they come later), then the connection
   closes, as memcached does.
@@ -132,10 +138,11 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   and ``stats`` (but ``stats reset``), ``version``, ``verbosity``, ``quit`` until it proves the token with
   ``xauth <token>`` (compared in constant time): everything else, the versioned extension, ``flush_all``,
   memcached's writes, ``cache_memlimit``, ``shutdown``, ``stats reset`` and any command added later, is
-  refused. A meta command runs its steps through the same guard, so ``mg``, ``me`` and ``mn`` answer while
-  ``ms``, ``md``, ``ma`` and an ``mg`` that touches (``T``) or creates (``N``) are refused (``CLIENT_ERROR authentication required``, counted in ``line_commands_refused_total``). That is an
-  allow-list: the connection's ``execute`` is a guard until the token is proved. A wrong token is answered
-  ``CLIENT_ERROR authentication failed`` and closes the connection (``line_auth_failures_total``).
+  refused (``CLIENT_ERROR authentication required``, counted in ``line_commands_refused_total``). A meta
+  command runs its steps through the same guard, so ``mg``, ``me`` and ``mn`` answer while ``ms``, ``md``,
+  ``ma`` and an ``mg`` that touches (``T``) or creates (``N``) are refused. That is an allow-list: the
+  connection's ``execute`` is a guard until the token is proved. A wrong token is answered ``CLIENT_ERROR
+  authentication failed`` and closes the connection (``line_auth_failures_total``).
 
 Three shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
 answer exactly as the general path (``execute``) would:
@@ -531,8 +538,13 @@ class MemcacheServerProtocol(Protocol):
         self._read_closed = False  # the client shut its write side: close once every reply is out
         # A meta command in several steps runs alone: it waits for the replies before it (``_held``), and
         # nothing after it runs until it is answered (``_barrier``), as memcached runs a connection's commands.
+        # So does a command on a key that a pending command of this connection reads or writes (a backend that
+        # answers later: a gateway), when one of the two writes it (``_waits``): ``_reading`` and ``_writing``
+        # count the pending commands by key (b"" for a pending flush_all, which every command waits for).
         self._barrier = False
-        self._held: MetaCommand | None = None
+        self._held: Command | FailedRequest | None = None
+        self._reading: dict[bytes, int] = {}
+        self._writing: dict[bytes, int] = {}
         self._in_process = False
         self._counted = False
         self._idle_call: IDelayedCall | None = None
@@ -704,7 +716,8 @@ class MemcacheServerProtocol(Protocol):
         pending replies, as a Deferred's would; a declined get takes the general path."""
         forwarder = self._forwarder
         assert forwarder is not None
-        if not forwarder.forwarding:
+        writing = self._writing
+        if not forwarder.forwarding or (writing and (key in writing or b"" in writing)):  # the general path waits
             self._handle(Get((key,)))
             return
         cell: list[bytes | None] = [None]
@@ -735,6 +748,9 @@ class MemcacheServerProtocol(Protocol):
                 latency[type(command)].observe(perf_counter() - start)
             return
         command = cast(Command, command)
+        if (self._writing or self._reading) and self._waits(command):
+            self._hold(command)
+            return
         try:
             result = self._execute(command)
         except DomainError as e:
@@ -802,6 +818,9 @@ class MemcacheServerProtocol(Protocol):
 
     def _failed_request(self, failed: FailedRequest) -> None:
         if failed.then is not None:
+            if (self._writing or self._reading) and self._waits(failed.then):
+                self._hold(failed)
+                return
             self._run_silently(failed.then)
         reply = self._error(error_reply(failed.error))
         if failed.reply:
@@ -810,7 +829,8 @@ class MemcacheServerProtocol(Protocol):
             self._close_after_replies()
 
     def _run_silently(self, command: Command) -> None:
-        """Run a command nobody waits for (a failed set's delete); its errors are only logged."""
+        """Run a command whose reply nobody reads (a failed set's delete, with ``noreply``); its errors are only
+        logged. One that answers later still takes its place in the order, so the commands after it see it."""
         try:
             result = self._execute(command)
         except DomainError:
@@ -818,13 +838,54 @@ class MemcacheServerProtocol(Protocol):
         except Exception:
             self._log.failure("the backend failed on {command}", command=type(command).__name__)
             return
-        if isinstance(result, Deferred):
+        if type(result) not in _RESULTS and isinstance(result, Deferred):
+            self._pending(command, result, perf_counter())
 
-            def failed(failure: Failure) -> None:
-                if not failure.check(DomainError):
-                    self._log.failure("background write", failure)
+    # -- the order of a connection's commands on a key ------------------------------------------------------
 
-            result.addErrback(failed)
+    def _waits(self, command: Command) -> bool:
+        """True when ``command`` must wait for pending commands of this connection: it writes a key one of
+        them reads or writes, or reads a key one of them writes (or a flush_all is pending)."""
+        writing = self._writing
+        if b"" in writing:
+            return True
+        kind = type(command)
+        if kind is Get:
+            get = cast(Get, command)
+            if get.exptime is None:
+                return any(key in writing for key in get.keys)
+            reading = self._reading
+            return any(key in writing or key in reading for key in get.keys)
+        if kind is FlushAll:
+            return True
+        key = getattr(command, "key", None)
+        return key is not None and (key in writing or key in self._reading)
+
+    def _track(self, command: Command, step: int) -> None:
+        """Count ``command``'s keys in ``_reading`` or ``_writing`` (``step`` 1) or take them out (-1)."""
+        kind = type(command)
+        if kind is Get:
+            get = cast(Get, command)
+            keys: Sequence[bytes] = get.keys
+            table = self._reading if get.exptime is None else self._writing
+        elif kind is FlushAll:
+            keys, table = (b"",), self._writing
+        else:
+            key = getattr(command, "key", None)
+            if key is None:
+                return
+            keys, table = (key,), self._writing
+        for key in keys:
+            count = table.get(key, 0) + step
+            if count:
+                table[key] = count
+            else:
+                del table[key]
+
+    def _hold(self, command: Command | FailedRequest) -> None:
+        """Run ``command`` (and read what follows it) once every pending reply is written."""
+        self._held = command
+        self._barrier = True
 
     def _close_after_replies(self) -> None:
         self._closing = True
@@ -895,8 +956,7 @@ class MemcacheServerProtocol(Protocol):
         read what the commands before it wrote and those after it see what it wrote: with replies pending
         (a gateway's), it waits for them, and holds the commands after it until its own reply is in."""
         if self._queue:
-            self._held = command
-            self._barrier = True
+            self._hold(command)
             return
         reply = self._steps(meta_steps(command, self.factory.meta_state, self._seconds()), None)
         if isinstance(reply, Deferred):
@@ -913,11 +973,11 @@ class MemcacheServerProtocol(Protocol):
             self._process()
 
     def _run_held(self) -> None:
-        """The replies before a held meta command are written: run it now, then what follows it."""
+        """The replies before a held command are written: run it now, then what follows it."""
         command, self._held = self._held, None
         assert command is not None
         self._barrier = False
-        self._meta(command)
+        self._handle(command)
         self._flush_out()
         if not self._barrier and not self._in_process:
             self._process()
@@ -1034,8 +1094,10 @@ class MemcacheServerProtocol(Protocol):
         self._queue.append(cell)
         noreply = getattr(command, "noreply", False)
         histogram = self._latency[type(command)] if self._latency is not None else None
+        self._track(command, 1)
 
         def done(value: Result | bytes) -> None:
+            self._track(command, -1)
             try:  # bytes: a reply spliced from a kvstore's (a gateway's get with N=1)
                 cell[0] = b"" if noreply else value if isinstance(value, bytes) else serialize_result(command, value)
             except Exception:
@@ -1046,6 +1108,7 @@ class MemcacheServerProtocol(Protocol):
             self._drain()
 
         def failed(failure: Failure) -> None:
+            self._track(command, -1)
             if not failure.check(DomainError):
                 self._log.failure("the backend failed on {command}", failure, command=type(command).__name__)
             reply = self._error(error_reply(failure.value or RuntimeError()))

@@ -1,4 +1,5 @@
-"""memcached parity through real gateways: multi-key gets of any size up to --max-keys.
+"""memcached parity through real gateways: multi-key gets of any size up to --max-keys, stats, meta commands,
+the differential test's cases against a real memcached, and a connection's pipelined commands acting in order.
 
 Two clusters of real processes: one gateway over three kvstores with N=3/W=2/R=2 (the defaults), and one
 gateway over two kvstores with N=1. Raw sockets, so that what is on the wire is what memcached clients see.
@@ -15,6 +16,7 @@ import pytest
 
 from chashd.launcher import LocalCluster
 from tests.integration.conftest import clean_environ, wait_until
+from tests.integration.test_memcache_compat import CASES, Case, run_case
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +25,10 @@ TIMEOUT = 30.0
 
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One gateway (N=3, W=2, R=2) and three kvstores."""
+    """One gateway (N=3, W=2, R=2) and three kvstores; flush_all allowed (the differential cases start with it)."""
     with LocalCluster(
-        tmp_path_factory.mktemp("parity-n3"), gateways=1, kvstores=3, gateway_args=["--probe-interval", "0.3"],
-        env=clean_environ(),
+        tmp_path_factory.mktemp("parity-n3"), gateways=1, kvstores=3,
+        gateway_args=["--probe-interval", "0.3", "--allow-flush-all"], env=clean_environ(),
     ) as running:  # fmt: skip
         yield running
 
@@ -226,3 +228,27 @@ class MetaTests:
         assert re.fullmatch(rb"VA 0 t(29|30) W\r\n\r\nVA 0 Z\r\n\r\n", reply), reply  # a second may pass
         reply = exchange(port, b"mg meta:x v q\r\nms meta:y 1 q\r\ny\r\nmg meta:y v q\r\nmn\r\n", ends(b"MN\r\n"))
         assert reply == b"VA 1\r\ny\r\nMN\r\n"
+
+
+#: The differential test's cases, but cache_memlimit: a gateway holds no items and says so (USAGE.md).
+GATEWAY_CASES = [case for case in CASES if case.name != "cache_memlimit"]
+
+
+@pytest.mark.parametrize("case", GATEWAY_CASES, ids=[case.name for case in GATEWAY_CASES])
+def test_same_replies_as_memcached(case: Case, memcached_port: int, replicated: LocalCluster) -> None:
+    """Through a gateway with N=3/W=2/R=2, the differential test's cases (the meta commands' included) get
+    memcached's replies byte for byte (cas and TTL numbers normalised, as on a kvstore)."""
+    assert run_case(line_port(replicated), case) == run_case(memcached_port, case)
+
+
+def test_pipelined_commands_on_a_key_in_order(replicated: LocalCluster) -> None:
+    """Commands pipelined on one connection act in order through a gateway, as on one memcached: a get behind a
+    delete misses, an incr behind a set counts from the value set, a get behind a meta set sees it."""
+    port = line_port(replicated)
+    for i in range(20):
+        request = (
+            b"set p%d 0 0 1\r\nx\r\ndelete p%d\r\nget p%d\r\nset p%d 0 0 1\r\n5\r\nincr p%d 2\r\n"
+            b"ms p%d 1\r\ny\r\nget p%d\r\n" % ((i,) * 7)
+        )
+        reply = exchange(port, request, lambda d: d.count(b"END\r\n") == 2)
+        assert reply == b"STORED\r\nDELETED\r\nEND\r\nSTORED\r\n7\r\nHD\r\nVALUE p%d 0 1\r\ny\r\nEND\r\n" % i

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import chashd.memcache
-from chashd.commands import Command, Get, Result, Status, XPut
+from chashd.commands import Command, Delete, Get, Result, Status, XPut
 from chashd.errors import DomainError, NodeLeaving
 from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
@@ -722,7 +722,7 @@ class DeferredBackendTests:
         backend = LaterBackend(clock)
         factory, _ = make_factory(backend)
         protocol, transport = connect(factory)
-        protocol.dataReceived(b"set k 0 0 1\r\nx\r\nget k\r\nversion\r\nbogus\r\n")
+        protocol.dataReceived(b"set k 0 0 1\r\nx\r\nget j\r\nversion\r\nbogus\r\n")
         assert transport.value() == b""
         backend.fire(1)
         assert transport.value() == b""
@@ -740,6 +740,62 @@ class DeferredBackendTests:
         backend.waiting[1][0].callback(b"END\r\n")  # type: ignore[arg-type]
         backend.waiting[0][0].callback(b"VALUE a 0 1\r\nx\r\nEND\r\n")  # type: ignore[arg-type]
         assert transport.value() == b"VALUE a 0 1\r\nx\r\nEND\r\nEND\r\n"
+
+    def test_a_key_waits_for_its_pending_write(self) -> None:
+        """As memcached runs a connection's commands one after the other: a command on a key that a pending
+        command of the connection writes is sent to the backend only once that one is answered (a pipelined
+        delete then get of the key through a gateway answered the deleted value); other keys do not wait."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 1\r\nx\r\n")
+        backend.fire(0)
+        protocol.dataReceived(b"delete k\r\nget k\r\nget j\r\n")
+        assert [type(c).__name__ for _, c in backend.waiting[1:]] == ["Delete"]
+        backend.fire(1)
+        assert [c for _, c in backend.waiting[2:]] == [Get((b"k",)), Get((b"j",))]
+        backend.fire(2)
+        backend.fire(3)
+        assert transport.value() == b"STORED\r\nDELETED\r\nEND\r\nEND\r\n"
+
+    def test_reads_share_a_key(self) -> None:
+        """Pending reads of a key hold no read of it back, but a write of it waits for them (it must not change
+        what they answer), with what follows it, until every reply before it is in; a pending flush_all holds
+        every command."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"get k\r\ngets k j\r\nincr j 1\r\nget a\r\n")
+        assert len(backend.waiting) == 2
+        backend.fire(1)
+        assert len(backend.waiting) == 2
+        backend.fire(0)
+        assert [type(c).__name__ for _, c in backend.waiting[2:]] == ["Arith", "Get"]
+        backend.fire(2)
+        backend.fire(3)
+        protocol.dataReceived(b"flush_all\r\nget zz\r\n")
+        assert len(backend.waiting) == 5
+        backend.fire(4)
+        assert backend.waiting[5][1] == Get((b"zz",))
+        backend.fire(5)
+        assert transport.value() == b"END\r\nEND\r\nNOT_FOUND\r\nEND\r\nOK\r\nEND\r\n"
+
+    def test_a_failed_sets_delete_takes_its_place(self) -> None:
+        """The delete a too-large set makes (memcached drops the key's old value) waits for a pending write of the
+        key and is waited for by a get of it, which then misses."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 1\r\nx\r\nset k 0 0 2000\r\n" + b"y" * 2000 + b"\r\nget k\r\n")
+        assert len(backend.waiting) == 1
+        backend.fire(0)
+        assert backend.waiting[1][1] == Delete(b"k", True)
+        backend.fire(1)
+        backend.fire(2)
+        assert transport.value() == b"STORED\r\nSERVER_ERROR object too large for cache\r\nEND\r\n"
 
     def test_errors_in_order(self) -> None:
         """A failed Deferred answers its error line in its place."""

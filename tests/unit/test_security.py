@@ -197,6 +197,13 @@ class LineAuthTests:
             b"cache_memlimit 64\r\n",
             b"shutdown\r\n",
             b"stats reset\r\n",
+            b"ms k 4\r\npin!\r\n",
+            b"ms z 4 ME\r\npin!\r\n",
+            b"md k\r\n",
+            b"md k I T30\r\n",
+            b"ma k\r\n",
+            b"mg k v T10\r\n",
+            b"mg z v N30\r\n",
         ],
     )
     def test_refused_before_xauth(self, request_bytes: bytes) -> None:
@@ -224,6 +231,20 @@ class LineAuthTests:
         reply = transport.value()
         assert reply.startswith(b"VALUE k 0 1\r\nv\r\nEND\r\nVALUE k 0 1 65536\r\nv\r\nEND\r\nVERSION ")
         assert b"OK\r\nSTAT pid " in reply and b"STAT line_commands_refused_total" not in reply
+
+    def test_meta_reads_open(self) -> None:
+        """The meta commands that only read (mg without T or N, me, mn) answer without the token, as get does."""
+        _, transport = self.session(b"mg k v f\r\nmg z v\r\nme z\r\nmn\r\n")
+        assert transport.value() == b"VA 1 f0\r\nv\r\nEN\r\nEN\r\nMN\r\n"
+        assert self.factory.auth_stats()["line_commands_refused_total"] == 0
+
+    def test_meta_writes_after_xauth(self) -> None:
+        """After xauth, ms, ma and md run (and the mg that creates)."""
+        _, transport = self.session(
+            b"xauth " + TOKEN + b"\r\nms k 3\r\nnew\r\nma n N0 J7 v\r\nmg z N30 s\r\nmd k q\r\nmn\r\n"
+        )
+        assert transport.value() == b"OK\r\nHD\r\nVA 1\r\n7\r\nHD s0 W\r\nMN\r\n"
+        assert self.engine.get(b"k").tombstone  # type: ignore[union-attr]
 
     def test_xauth_opens_the_connection(self) -> None:
         """After xauth with the token: OK, and the connection runs everything (a new one still does not)."""
