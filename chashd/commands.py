@@ -42,6 +42,7 @@ __all__ = [
     "BulkProbe",
     "Bulked",
     "CacheMemlimit",
+    "LruCrawler",
     "Command",
     "Delete",
     "FlushAll",
@@ -178,6 +179,17 @@ class CacheMemlimit:
 
 
 @dataclass(frozen=True, slots=True)
+class LruCrawler:
+    """``lru_crawler <action> ...``: ``metadump`` lists the items (``everything``: of every class asked for,
+    pseudo class 1 holding them all; False: only other classes, which are empty); ``ok`` is a setting of the
+    crawler (``crawl``, ``sleep``, ``tocrawl``, ``enable``, ``disable``: there is no crawler, so they change
+    nothing); ``bad class`` is a metadump of a class id memcached refuses."""
+
+    action: str
+    everything: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """``shutdown [graceful]``: stop the daemon, when it was started with ``--enable-shutdown``.
 
@@ -300,6 +312,7 @@ Command: TypeAlias = (
     | Quit
     | CacheMemlimit
     | Shutdown
+    | LruCrawler
     | MetaCommand
     | XGet
     | XPut

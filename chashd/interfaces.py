@@ -21,6 +21,7 @@ from zope.interface import Attribute, Interface
 
 from chashd.commands import Status, XPut
 from chashd.errors import DomainError
+from chashd.record import Record
 
 __all__ = [
     "IForwardedGet",
@@ -196,6 +197,11 @@ class IServerAdmin(Interface):
 
     def dump_items(limit: int) -> list[tuple[bytes, int, int]]:
         """``stats cachedump``: up to ``limit`` live items as ``(key, value size, expires_at)``."""
+
+    def dump_page(after: tuple[int, bytes] | None, limit: int) -> tuple[list[tuple[bytes, Record]], Any]:
+        """``lru_crawler metadump``: the live items of the next page of at most ``limit`` records held, in ring
+        order after the position ``after`` (None: from the start), and the position the page after it starts
+        from (None: there is none)."""
 
 
 class IKVClient(Interface):

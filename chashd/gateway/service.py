@@ -21,6 +21,7 @@ from chashd.gateway.rebalance import Rebalance
 from chashd.gateway.router import Router
 from chashd.interfaces import IServerAdmin
 from chashd.node import NodeState
+from chashd.record import Record
 
 __all__ = ["CLUSTER_TOTALS", "GatewayAdmin", "GatewayService"]
 
@@ -90,6 +91,10 @@ class GatewayAdmin:
     def dump_items(self, limit: int) -> list[tuple[bytes, int, int]]:
         """None: the kvstores hold the items."""
         return []
+
+    def dump_page(self, after: tuple[int, bytes] | None, limit: int) -> tuple[list[tuple[bytes, Record]], None]:
+        """None: the kvstores hold the items."""
+        return [], None
 
 
 class GatewayService(MultiService):

@@ -249,18 +249,25 @@ class LocalBackend:
 
     def dump_items(self, limit: int) -> list[tuple[bytes, int, int]]:
         """``IServerAdmin``: up to ``limit`` live items, in ring order (a scan of the first records held)."""
-        now = self._seconds()
         items: list[tuple[bytes, int, int]] = []
-        after = None
+        after: tuple[int, bytes] | None = None
         while len(items) < limit:
-            page = self.engine.scan(0, HASH_SPACE - 1, after, min(limit * 2, 1000))
-            for key, record in page:
-                if record.live(now):
-                    items.append((key, len(record.value), record.expires_at))
-            if len(page) < min(limit * 2, 1000):
+            page, after = self.dump_page(after, min(limit * 2, 1000))
+            items.extend((key, len(record.value), record.expires_at) for key, record in page)
+            if after is None:
                 break
-            after = (key_hash(page[-1][0]), page[-1][0])
         return items[:limit]
+
+    def dump_page(
+        self, after: tuple[int, bytes] | None, limit: int
+    ) -> tuple[list[tuple[bytes, Record]], tuple[int, bytes] | None]:
+        """``IServerAdmin``: the live items of the next ``limit`` records in ring order after ``after``, and
+        where the page after it starts (None: the end). A scan of one page on the calling thread: pages are
+        small, as the engine's own scan pages are."""
+        now = self._seconds()
+        page = self.engine.scan(0, HASH_SPACE - 1, after, limit)
+        items = [(key, record) for key, record in page if record.live(now)]
+        return items, ((key_hash(page[-1][0]), page[-1][0]) if len(page) == limit else None)
 
     # -- reads ---------------------------------------------------------------------------------------
 

@@ -24,6 +24,10 @@
 #     cache_memlimit <MiB> [noreply]             -> OK | MEMLIMIT_TOO_SMALL ... | MEMLIMIT_ADJUST_FAILED ...
 #     shutdown [graceful]                        -> (with --enable-shutdown: closes, the daemon stops)
 #                                                   | ERROR: shutdown not enabled
+#     lru_crawler metadump all|hash|<ids>        -> (key=<URL-encoded key> exp=<expires_at or -1> la=<now>
+#                                                   cas=<cas> fetch=no cls=1 size=<key + value bytes>\n)* END
+#                                                   | BADCLASS invalid class id
+#     lru_crawler crawl|sleep|tocrawl <arg>, lru_crawler enable|disable -> OK (no crawler: nothing changes)
 #     mg <key> <flag>*                           -> VA <size> <flag>*\r\n<data>\r\n | HD <flag>* | EN
 #     ms <key> <datalen> <flag>*\r\n<data>\r\n    -> HD | NS | EX | NF, <flag>*
 #     md <key> <flag>*                           -> HD | NF | EX, <flag>*
@@ -169,6 +173,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import Any, cast
+from urllib.parse import quote_from_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
@@ -189,6 +194,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    LruCrawler,
     MetaCommand,
     Number,
     Quit,
@@ -237,18 +243,25 @@ _OK = b"OK\r\n"
 _TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
 _LOCAL = frozenset(
-    {FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth, MetaCommand}
-)
+    {
+        FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth, MetaCommand,
+        LruCrawler,
+    }
+)  # fmt: skip
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied, Bulked, BulkFormat})  # answered at once
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
-_LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth | MetaCommand
+_LocalCommand = (
+    StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth | MetaCommand | LruCrawler
+)
 #: The local commands a connection may send before it proved the token (``stats`` but ``stats reset``). A meta
 #: command is one of them: its steps go through the connection's ``execute``, which runs plain reads only.
 _OPEN_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, XAuth, MetaCommand})
 #: memcached's highest slab class id + 1: ``stats cachedump`` refuses ids from here on.
 _SLAB_CLASSES = 64
+#: Records ``lru_crawler metadump`` reads a page: one engine scan, one write, then the reactor's other work.
+_METADUMP_PAGE = 500
 #: Most items ``stats cachedump`` lists (memcached caps its answer at 2 MB).
 _DUMP_LIMIT = 1000
 
@@ -269,7 +282,7 @@ _FAMILIES: dict[type, str] = {
     XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
     BulkProbe: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
-    CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other",
+    CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip
 
 
@@ -545,6 +558,10 @@ class MemcacheServerProtocol(Protocol):
         self._held: Command | FailedRequest | None = None
         self._reading: dict[bytes, int] = {}
         self._writing: dict[bytes, int] = {}
+        # lru_crawler metadump: streaming (a barrier too), from this ring position, the next page's call.
+        self._dumping = False
+        self._dump_after: tuple[int, bytes] | None = None
+        self._dump_call: IDelayedCall | None = None
         self._in_process = False
         self._counted = False
         self._idle_call: IDelayedCall | None = None
@@ -594,6 +611,9 @@ class MemcacheServerProtocol(Protocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        if self._dump_call is not None and self._dump_call.active():
+            self._dump_call.cancel()
+        self._dump_call = None
         self._queue.clear()
 
     def readConnectionLost(self) -> None:
@@ -948,6 +968,59 @@ class MemcacheServerProtocol(Protocol):
             self._shutdown(command.mode)
         elif type(command) is MetaCommand:
             self._meta(command)
+        elif type(command) is LruCrawler:
+            self._lru_crawler(command)
+
+    # -- lru_crawler ------------------------------------------------------------------------------------
+
+    def _lru_crawler(self, command: LruCrawler) -> None:
+        """``lru_crawler``: its settings answer OK (there is no crawler); ``metadump`` streams every live item
+        of the kvstore a page at a time, as memcached's crawler does (one line each, ``END`` last), alone on
+        the connection: after the replies before it, before the commands after it, and only while the client
+        reads (a page is written when the transport's buffer has room)."""
+        if command.action == "ok":
+            self._reply(_OK)
+        elif command.action == "bad class":
+            self._reply(b"BADCLASS invalid class id\r\n")
+        elif not command.everything or self.factory.admin is None:
+            self._reply(b"END\r\n")
+        elif self._queue:
+            self._hold(command)
+        else:
+            self._flush_out()
+            self._barrier = self._dumping = True
+            self._dump_after = None
+            self._dump_page()
+
+    def _dump_page(self) -> None:
+        """Write the next page of a metadump; then schedule the one after it, or end the dump."""
+        self._dump_call = None
+        if self._lost or self._closing or self._writes_blocked:  # resumeProducing calls again
+            return
+        admin = self.factory.admin
+        assert admin is not None
+        now = int(self._seconds())
+        try:
+            items, self._dump_after = admin.dump_page(self._dump_after, _METADUMP_PAGE)
+        except Exception:
+            self._log.failure("lru_crawler metadump failed")
+            items, self._dump_after = [], None
+        lines = [
+            b"key=%s exp=%d la=%d cas=%d fetch=no cls=1 size=%d\n"
+            % (quote_from_bytes(key, safe="").encode(), record.expires_at or -1, now, record.version.cas,
+               len(key) + len(record.value))
+            for key, record in items
+        ]  # fmt: skip
+        if self._dump_after is None:
+            lines.append(b"END\r\n")
+        self._tr.write(b"".join(lines))
+        if self._dump_after is not None:
+            if not self._writes_blocked:
+                self._dump_call = self.callLater(0, self._dump_page)
+            return
+        self._dumping = self._barrier = False
+        if not self._in_process:
+            self._process()
 
     # -- meta commands ---------------------------------------------------------------------------------
 
@@ -1176,8 +1249,10 @@ class MemcacheServerProtocol(Protocol):
         self._update_reading()
 
     def resumeProducing(self) -> None:
-        """The transport's write buffer drained: read and parse again."""
+        """The transport's write buffer drained: read and parse again (or go on with a metadump)."""
         self._writes_blocked = False
+        if self._dumping and self._dump_call is None:
+            self._dump_call = self.callLater(0, self._dump_page)
         self._update_reading()
 
     def stopProducing(self) -> None:

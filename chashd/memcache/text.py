@@ -28,6 +28,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    LruCrawler,
     MetaCommand,
     NoreplyCommand,
     Number,
@@ -303,6 +304,7 @@ class RequestParser:
             b"quit": self._quit,
             b"cache_memlimit": self._cache_memlimit,
             b"shutdown": self._shutdown,
+            b"lru_crawler": self._lru_crawler,
             b"mg": self._mg,
             b"ms": self._ms,
             b"md": self._md,
@@ -659,6 +661,25 @@ class RequestParser:
             return _UNKNOWN  # memcached answers ERROR to a limit it cannot read
         return CacheMemlimit(mib, tokens[ntokens - 2] == b"noreply")
 
+    def _lru_crawler(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        """memcached's ``process_lru_crawler_command``, with no crawler to set: its settings answer OK."""
+        action = tokens[1] if ntokens > 2 else b""
+        if ntokens == 4 and action in (b"metadump", b"crawl"):
+            classes = _slab_classes(tokens[2], action == b"metadump")
+            if classes is None:
+                return LruCrawler("bad class")
+            return LruCrawler("metadump", 1 in classes) if action == b"metadump" else LruCrawler("ok")
+        if ntokens == 4 and action in (b"sleep", b"tocrawl"):
+            number = _strtoull(tokens[2])
+            if number is None or number > 0xFFFFFFFF:
+                return FailedRequest(BadCommand())
+            if action == b"sleep" and number > 1_000_000:
+                return FailedRequest(BadCommand("sleep must be one second or less"))
+            return LruCrawler("ok")
+        if ntokens == 3 and action in (b"enable", b"disable"):
+            return LruCrawler("ok")
+        return _UNKNOWN
+
     def _shutdown(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if ntokens == 2:
             return Shutdown()
@@ -912,6 +933,24 @@ class RequestParser:
         b"decr": _decr,
         b"touch": _touch,
     }
+
+
+#: memcached's MAX_NUMBER_OF_SLAB_CLASSES: class ids run from 1 to this - 1.
+_SLAB_CLASSES = 64
+
+
+def _slab_classes(token: bytes, dump: bool) -> frozenset[int] | None:
+    """The class ids of an ``lru_crawler`` argument (``all``, for a metadump also ``hash``, or ids separated
+    by commas), or None when one is not a class id."""
+    if token == b"all" or (dump and token == b"hash"):
+        return frozenset(range(1, _SLAB_CLASSES))
+    classes = set()
+    for part in token.split(b","):
+        number = _strtoull(part)
+        if number is None or not 0 < number < _SLAB_CLASSES:
+            return None
+        classes.add(number)
+    return frozenset(classes)
 
 
 def _replied(command: WriteCommand, extension: dict[str, int] | None = None) -> WriteCommand:

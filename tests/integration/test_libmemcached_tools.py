@@ -146,3 +146,38 @@ class ToolTests:
         report = re.sub(r"\d+\.\d+ seconds", "<t> seconds", done.stdout.decode())
         assert f"Time to {test}             400 keys by    2 threads:     <t> seconds." in report, report
         assert "Failed" not in report + done.stderr.decode()
+
+
+def memcached_tool(server: str, *mode: str) -> subprocess.CompletedProcess[bytes]:
+    """Run memcached's own script, memcached-tool (Debian ships it with memcached), against ``server``."""
+    script = Path("/usr/share/memcached/scripts/memcached-tool")
+    if not script.exists() or shutil.which("perl") is None:
+        pytest.skip("memcached-tool is not installed: it comes with Debian's memcached package (./dev.sh test)")
+    return subprocess.run(["perl", str(script), server, *mode], capture_output=True, timeout=60, check=False)
+
+
+class MemcachedToolTests:
+    """memcached-tool (memcached's script: keys and dump read ``lru_crawler metadump all``, display, stats and
+    settings read the stats groups) against a gateway, a kvstore and memcached."""
+
+    @pytest.mark.parametrize("mode", ["display", "stats", "settings"])
+    def test_reports(self, server: str, mode: str) -> None:
+        """display, stats and settings print their tables and exit 0."""
+        done = memcached_tool(server, mode)
+        assert done.returncode == 0 and done.stdout, done.stderr
+        assert b"not a number" not in done.stderr and b"uninitialized" not in done.stderr, done.stderr
+
+    def test_keys_and_dump(self, server: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        """keys lists every item (key, absolute expiry or -1) and dump writes the add commands that load them
+        elsewhere; a gateway holds no items, so both list nothing there (and still end)."""
+        key = copied(server, tmp_path, "tool", b"dumped value")
+        done = memcached_tool(server, "keys")
+        assert done.returncode == 0, done.stderr
+        dump = memcached_tool(server, "dump")
+        assert dump.returncode == 0, dump.stderr
+        if request.node.callspec.params["server"] == "gateway":
+            assert (done.stdout, dump.stdout) == (b"", b"")
+            return
+        line = rb"^key=%s exp=-1 la=\d+ cas=\d+ fetch=\w+ cls=\d+ size=\d+$" % key.encode()
+        assert re.search(line, done.stdout, re.M), done.stdout
+        assert b"add %s 0 0 12\r\ndumped value\r\n" % key.encode() in dump.stdout

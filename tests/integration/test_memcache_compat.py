@@ -11,9 +11,12 @@ Each case starts from an empty store (``flush_all`` on both first).
 Known memcached behaviours we do not copy, so no case here sends them: the meta flags b, h and l (refused,
 saying so), the fields of ``me`` about an item (ours are our own), a cas lower than the item's (``ms`` with
 C and I: memcached's cas values count from 1, ours are versions), a pipelined ``get`` whose key is too long
-dropping the replies queued before it, and an
+dropping the replies queued before it, an
 ``incr``/``decr`` pipelined right behind a ``get`` of the same key not padding the new number (the
-pending reply holds a reference to the item, so memcached allocates a new one).
+pending reply holds a reference to the item, so memcached allocates a new one), and ``lru_crawler metadump``
+refusing commands pipelined before it (``ERROR cannot pipeline other commands before metadump``) and
+dropping those pipelined after it (we run both, in order), and ``lru_crawler crawl`` and ``enable``
+answering ``BUSY`` or an error while its crawler runs (ours has no crawler: always OK).
 
 Then pymemcache, a real memcached client, runs the common operations against the kvstore.
 """
@@ -358,6 +361,15 @@ CASES = [
         ],
     ),  # fmt: skip
     Case("meta no-op and debug miss", [b"mn\r\nmn extra\r\nme k\r\nme " + K251 + b"\r\nme\r\n"]),
+    # lru_crawler's answers (metadump, which memcached refuses pipelined: tests/unit/test_memcache_server.py, and
+    # memcached-tool's keys and dump in tests/integration/test_libmemcached_tools.py)
+    Case(
+        "lru_crawler",
+        [
+            b"lru_crawler crawl 64\r\nlru_crawler crawl\r\nlru_crawler sleep 10\r\nlru_crawler sleep 2000000\r\n"
+            b"lru_crawler sleep x\r\nlru_crawler tocrawl -1\r\nlru_crawler bogus\r\nlru_crawler\r\n"
+        ],
+    ),  # fmt: skip
     Case("quit", [b"set k 0 0 1\r\nx\r\nquit\r\nget k\r\n"], ends="close"),
 ]
 

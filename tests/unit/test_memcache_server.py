@@ -28,7 +28,9 @@ from chashd.kvstore.backend import LocalBackend
 from chashd.memcache import client, server
 from chashd.memcache.server import SERVER_VERSION, MemcacheServerFactory, MemcacheServerProtocol
 from chashd.metrics import RequestMetrics
+from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
+from chashd.versions import Version
 
 T0 = 1_700_000_000.0
 
@@ -317,6 +319,70 @@ class ServerTests:
         stats = dict(line.split(b" ", 2)[1:] for line in transport.value().split(b"\r\n") if line.startswith(b"STAT"))
         assert (stats[b"cmd_set"], stats[b"get_hits"], stats[b"total_connections"]) == (b"0", b"0", b"0")
         assert (stats[b"curr_items"], stats[b"curr_connections"]) == (b"1", b"1")
+
+    def test_lru_crawler(self) -> None:
+        """lru_crawler answers as memcached 1.6 does: its settings OK (there is no crawler to set), bad class ids
+        BADCLASS, bad numbers CLIENT_ERROR, and metadump lists every live item of class 1 (all, hash or a list
+        holding 1; another class is empty), one line each with the key URL-encoded, then END."""
+        factory, clock = make_factory()
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set a%20b 0 0 2\r\nab\r\nset e 0 100 1\r\nx\r\nset gone 0 -1 1\r\nx\r\n")
+        for request, reply in [
+            (b"crawl all", b"OK\r\n"),
+            (b"crawl 1,2", b"OK\r\n"),
+            (b"crawl 64", b"BADCLASS invalid class id\r\n"),
+            (b"crawl hash", b"BADCLASS invalid class id\r\n"),
+            (b"sleep 10", b"OK\r\n"),
+            (b"sleep 2000000", b"CLIENT_ERROR sleep must be one second or less\r\n"),
+            (b"tocrawl -1", b"CLIENT_ERROR bad command line format\r\n"),
+            (b"enable", b"OK\r\n"),
+            (b"disable", b"OK\r\n"),
+            (b"metadump", b"ERROR\r\n"),
+            (b"metadump all extra", b"ERROR\r\n"),
+            (b"metadump 0", b"BADCLASS invalid class id\r\n"),
+            (b"metadump 1,x", b"BADCLASS invalid class id\r\n"),
+            (b"metadump 63", b"END\r\n"),
+            (b"bogus", b"ERROR\r\n"),
+            (b"", b"ERROR\r\n"),
+        ]:
+            transport.clear()
+            protocol.dataReceived(b"lru_crawler " + request + b"\r\n")
+            assert transport.value() == reply, request
+        now = int(clock.seconds())
+        for classes in (b"all", b"hash", b"2,1"):
+            transport.clear()
+            protocol.dataReceived(b"lru_crawler metadump " + classes + b"\r\nget e\r\n")
+            dump, _, rest = transport.value().partition(b"END\r\n")
+            assert rest == b"VALUE e 0 1\r\nx\r\nEND\r\n"
+            assert sorted(dump.split(b"\n")[:-1]) == [
+                b"key=a%%2520b exp=-1 la=%d cas=%d fetch=no cls=1 size=7" % (now, self.cas(factory, b"a%20b")),
+                b"key=e exp=%d la=%d cas=%d fetch=no cls=1 size=2" % (now + 100, now, self.cas(factory, b"e")),
+            ], classes
+
+    @staticmethod
+    def cas(factory: MemcacheServerFactory, key: bytes) -> int:
+        record = factory.backend.engine.get(key)  # type: ignore[attr-defined]
+        return int(record.version.cas)
+
+    def test_metadump_streams_while_the_client_reads(self) -> None:
+        """A metadump of many items goes out a page at a time, each page once the transport has room (the
+        reactor's other work runs between pages); the commands sent behind it wait for its END."""
+        factory, clock = make_factory()
+        engine = factory.backend.engine  # type: ignore[attr-defined]
+        for i in range(1200):
+            engine.put(b"k%d" % i, Record(b"v", 0, 0, Version((i + 1) << 16, "gw")))
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"lru_crawler metadump all\r\nversion\r\n")
+        assert transport.value().count(b"\n") == 500
+        protocol.pauseProducing()
+        clock.advance(0)
+        assert transport.value().count(b"\n") == 500
+        protocol.resumeProducing()
+        clock.advance(0)
+        clock.advance(0)
+        reply = transport.value()
+        assert reply.count(b"key=") == 1200 and reply.endswith(b"END\r\nVERSION %s\r\n" % factory.version.encode())
+        assert len({line.split(b" ")[0] for line in reply.split(b"\n") if line.startswith(b"key=")}) == 1200
 
     def test_cache_memlimit(self) -> None:
         """cache_memlimit changes a bounded memory engine's limit, with memcached's bounds and words."""
