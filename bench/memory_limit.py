@@ -74,8 +74,8 @@ def stats(port: int) -> dict[str, int]:
 
 def limit_mib(args: argparse.Namespace) -> int:
     """The ``--memory-limit`` under which about ``--limit-share`` of the keys fit."""
-    per_key = 32 + RECORD_HEADER + args.value_size + ITEM_OVERHEAD
-    return max(1, round(args.keys * per_key * args.limit_share / MIB))
+    per_key = 32 + RECORD_HEADER + int(args.value_size) + ITEM_OVERHEAD
+    return max(1, round(int(args.keys) * per_key * float(args.limit_share) / MIB))
 
 
 def start(name: str, args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -176,11 +176,11 @@ def inprocess(args: argparse.Namespace) -> None:
     from chashd.storage.memory import MemoryEngine
 
     def factory(limit: int) -> MemcacheServerFactory:
-        backend = LocalBackend(MemoryEngine(limit_bytes=limit), "bench-limited", reactor, 1024 * 1024)  # type: ignore[arg-type]
-        return MemcacheServerFactory(backend, reactor, idle_timeout=0)  # type: ignore[arg-type]
+        backend = LocalBackend(MemoryEngine(limit_bytes=limit), "bench-limited", reactor, 1024 * 1024)
+        return MemcacheServerFactory(backend, reactor, idle_timeout=0)
 
     def cost(factory: MemcacheServerFactory, mix: list[bytes]) -> float:
-        protocol = factory.buildProtocol(None)
+        protocol: Any = factory.buildProtocol(None)
         protocol.makeConnection(_Sink())
         data_received = protocol.dataReceived
         start = time.process_time()

@@ -45,7 +45,7 @@ def talk(*requests: bytes, later: bool = False) -> list[bytes]:
 @pytest.fixture(params=["at once", "later"])
 def later(request: pytest.FixtureRequest) -> bool:
     """Run a test over the kvstore's backend, then over one whose answers come later."""
-    return request.param == "later"
+    return bool(request.param == "later")
 
 
 class MetaGetTests:

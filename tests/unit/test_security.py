@@ -244,7 +244,7 @@ class LineAuthTests:
             b"xauth " + TOKEN + b"\r\nms k 3\r\nnew\r\nma n N0 J7 v\r\nmg z N30 s\r\nmd k q\r\nmn\r\n"
         )
         assert transport.value() == b"OK\r\nHD\r\nVA 1\r\n7\r\nHD s0 W\r\nMN\r\n"
-        assert self.engine.get(b"k").tombstone  # type: ignore[union-attr]
+        assert self.engine.get(b"k").tombstone
 
     def test_xauth_opens_the_connection(self) -> None:
         """After xauth with the token: OK, and the connection runs everything (a new one still does not)."""
