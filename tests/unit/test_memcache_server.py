@@ -681,6 +681,18 @@ class ForwardedGetTests:
         assert [e["log_level"] for e in events if e.get("log_failure")] == [LogLevel.critical]
         assert first.called and second.called
 
+    def test_a_get_behind_a_pending_write_of_its_key_waits(self) -> None:
+        """A plain get of a key a pending command of the connection writes is not forwarded at once: it waits
+        for that write's reply and then takes the general path; a get of another key is forwarded."""
+        self.protocol.dataReceived(b"delete k\r\nget j\r\nget k\r\n")
+        assert [key for key, _ in self.backend.sinks] == [b"j"]
+        assert [type(c).__name__ for _, c in self.backend.waiting] == ["Delete"]
+        self.backend.sinks[0][1].callback(b"END\r\n")
+        self.backend.fire(0)
+        assert [c for _, c in self.backend.waiting[1:]] == [Get((b"k",))]
+        self.backend.fire(1)
+        assert self.transport.value() == b"NOT_FOUND\r\nEND\r\nEND\r\n"
+
     def test_pending_forwarded_gets_pause_reading(self) -> None:
         """``max_pending`` forwarded gets waiting stop the reading; it resumes once half have left."""
         factory, _ = make_factory(self.backend, max_pending=4)
