@@ -241,14 +241,16 @@ def test_same_replies_as_memcached(case: Case, memcached_port: int, replicated: 
     assert run_case(line_port(replicated), case) == run_case(memcached_port, case)
 
 
-def test_pipelined_commands_on_a_key_in_order(replicated: LocalCluster) -> None:
-    """Commands pipelined on one connection act in order through a gateway, as on one memcached: a get behind a
-    delete misses, an incr behind a set counts from the value set, a get behind a meta set sees it."""
-    port = line_port(replicated)
+@pytest.mark.parametrize("name", ["replicated", "single"])
+def test_pipelined_commands_on_a_key_in_order(name: str, request: pytest.FixtureRequest) -> None:
+    """Commands pipelined on one connection act in order through a gateway, with N=3 and with N=1 (whose plain
+    gets are forwarded to a kvstore as they are), as on one memcached: a get behind a delete misses, an incr
+    behind a set counts from the value set, a get behind a meta set sees it."""
+    port = line_port(request.getfixturevalue(name))
     for i in range(20):
-        request = (
+        pipeline = (
             b"set p%d 0 0 1\r\nx\r\ndelete p%d\r\nget p%d\r\nset p%d 0 0 1\r\n5\r\nincr p%d 2\r\n"
             b"ms p%d 1\r\ny\r\nget p%d\r\n" % ((i,) * 7)
         )
-        reply = exchange(port, request, lambda d: d.count(b"END\r\n") == 2)
+        reply = exchange(port, pipeline, lambda d: d.count(b"END\r\n") == 2)
         assert reply == b"STORED\r\nDELETED\r\nEND\r\nSTORED\r\n7\r\nHD\r\nVALUE p%d 0 1\r\ny\r\nEND\r\n" % i
