@@ -350,6 +350,12 @@ class KVStoreConfig:
         "let the line protocol's shutdown command stop the node (memcached's -A)", False, parse_bool, flag=True
     )
     drain_timeout: float = opt("longest a drain on SIGTERM may take, in seconds", 120.0, _bounded(float, 1))
+    anti_entropy_interval: float = opt(
+        "seconds between anti-entropy passes over the keys shared with other replicas (0: none)",
+        60.0,
+        _bounded(float, 0),
+    )
+    anti_entropy_rate: int = opt("records a second anti-entropy scans at most", 20_000, _bounded(int, 100, 10_000_000))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
     max_clock_skew: float = opt(
         "refuse a version from the wire whose clock is more than this many seconds ahead of this node's",

@@ -86,6 +86,9 @@ class IStorageEngine(Interface):
         ``Record`` of each: one group, committed when this returns; True for each row stored (the others were
         not newer than the stored record)."""
 
+    def scan_versions(first_hash: int, last_hash: int, after: Any = None, limit: int = 1000) -> list[Any]:
+        """``scan``'s pages as ``(hash, key, Version)`` triples, without the values (anti-entropy)."""
+
     def purge(now: float, tombstone_grace: float) -> int:
         """Forget expired records and tombstones older than the grace period; the number forgotten."""
 

@@ -27,6 +27,8 @@ __all__ = ["Options", "makeService"]
 CLUSTER_TIMEOUT = 10.0
 #: Seconds a push of the handoff may wait for its answer.
 HANDOFF_TIMEOUT = 30.0
+#: Seconds an anti-entropy request to a peer may wait for its answer.
+ANTI_ENTROPY_TIMEOUT = 300.0
 
 
 class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc]  # a class made at run time
@@ -87,7 +89,22 @@ def makeService(
             probe_bulk=True,
         )
 
-    node = KVStoreService(config, reactor, engine, cluster, connect, run_in_thread=run_in_thread)
+    def connect_peer(host: str, port: int) -> KVClientPool:
+        """A connection to an anti-entropy peer, as a handoff's but with a long timeout: a digest of a large
+        range may take the peer a while (its scans are rate limited)."""
+        return KVClientPool(
+            reactor,
+            host,
+            port,
+            size=1,
+            timeout=ANTI_ENTROPY_TIMEOUT,
+            max_value_size=config.max_value_size + 4096,
+            token=config.token,
+        )
+
+    node = KVStoreService(
+        config, reactor, engine, cluster, connect, run_in_thread=run_in_thread, connect_peer=connect_peer
+    )
     notifier = SystemdNotifier()
     root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
     requests = RequestMetrics() if config.latency_histograms else None

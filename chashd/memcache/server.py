@@ -83,6 +83,19 @@
 # (``StaleVersion``) rather than applied over a record it is not newer than: the gateway moves its clock past
 # the stored version and sends it again, and a request a gateway gave up on (a paused primary) never undoes
 # the writes that came after it.
+#
+# Anti-entropy (between kvstores, chashd/kvstore/antientropy.py), on the hash range ``[<first>, <last>]`` (32-bit
+# ring hashes) of the ring whose placement id is ``<placement>`` (16 hex digits): a node whose data does not
+# conform to that placement (another ring, or a handoff under way) answers ``SERVER_ERROR not synced to
+# placement <placement>``.
+#
+#     xdigest <placement> <first> <last> <parts> [<sender node id>]
+#                                                -> (DIGEST <records> <total>\r\n){parts} END
+#                                                   the digest of each of <parts> (1-256) equal sub-ranges
+#     xlist <placement> <first> <last> <limit> [<after hash> <after key>]
+#                                                -> (XKEY <hash> <key> <version>\r\n)* END
+#                                                   up to <limit> (1-10000) records in (hash, key) order,
+#                                                   after the position given
 
 """The line protocol's server: ``MemcacheServerFactory`` and ``MemcacheServerProtocol`` over an ``IKeyValue``.
 

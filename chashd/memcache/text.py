@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast, final
+from typing import Any, cast, final
 
 from chashd.commands import (
     Arith,
@@ -26,8 +26,10 @@ from chashd.commands import (
     CacheMemlimit,
     Command,
     Delete,
+    Digests,
     FlushAll,
     Get,
+    KeyVersions,
     NoreplyCommand,
     Number,
     Quit,
@@ -48,9 +50,12 @@ from chashd.commands import (
     XApply,
     XAuth,
     XBulk,
+    XDigest,
     XGet,
+    XList,
     XPut,
 )
+from chashd.digests import MAX_HASH, MAX_PARTS, RangeDigest
 from chashd.errors import (
     BadCommand,
     BadDataChunk,
@@ -298,6 +303,8 @@ class RequestParser:
             b"xapply": self._xapply,
             b"xauth": self._xauth,
             b"xbulk": self._xbulk,
+            b"xdigest": self._xdigest,
+            b"xlist": self._xlist,
         }
 
     def feed(self, data: bytes) -> None:
@@ -704,6 +711,36 @@ class RequestParser:
 
         return size + 2, False, build
 
+    def _xdigest(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if len(tokens) not in (5, 6):
+            return FailedRequest(BadCommand())
+        try:
+            placement, first, last = _range_tokens(tokens)
+            parts = _digits(tokens[4])
+            if not 1 <= parts <= MAX_DIGEST_PARTS:
+                raise BadCommand(f"parts must be 1 to {MAX_DIGEST_PARTS}")
+            sender = _node_id_token(tokens[5]) if len(tokens) == 6 else ""
+        except BadCommand as e:
+            return FailedRequest(e)
+        return XDigest(placement, first, last, parts, sender)
+
+    def _xlist(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if len(tokens) not in (5, 7):
+            return FailedRequest(BadCommand())
+        try:
+            placement, first, last = _range_tokens(tokens)
+            limit = _digits(tokens[4])
+            if not 1 <= limit <= MAX_LIST_LIMIT:
+                raise BadCommand(f"limit must be 1 to {MAX_LIST_LIMIT}")
+            after = None
+            if len(tokens) == 7:
+                if len(tokens[6]) > MAX_KEY_LENGTH:
+                    raise BadCommand()
+                after = (_hash_token(tokens[5]), tokens[6])
+        except BadCommand as e:
+            return FailedRequest(e)
+        return XList(placement, first, last, limit, after)
+
     def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) < 3:
             return FailedRequest(BadCommand())
@@ -745,6 +782,38 @@ class RequestParser:
 def _replied(command: WriteCommand) -> WriteCommand:
     """The command with ``noreply`` cleared (an ``xapply`` always replies)."""
     return replace(command, noreply=False) if command.noreply else command
+
+
+#: Sub-ranges one ``xdigest`` may ask for, and records one ``xlist`` may return.
+MAX_DIGEST_PARTS = MAX_PARTS
+MAX_LIST_LIMIT = 10000
+_PLACEMENT_DIGITS = frozenset(b"0123456789abcdef")
+
+
+def _hash_token(token: bytes) -> int:
+    value = _digits(token)
+    if value > MAX_HASH:
+        raise BadCommand("a ring hash is 32 bits")
+    return value
+
+
+def _range_tokens(tokens: list[bytes]) -> tuple[str, int, int]:
+    """``<placement> <first> <last>`` of an anti-entropy command; raises ``BadCommand``."""
+    placement = tokens[1]
+    if not 0 < len(placement) <= 64 or not _PLACEMENT_DIGITS.issuperset(placement):
+        raise BadCommand("a placement id is 1 to 64 lowercase hex digits")
+    first, last = _hash_token(tokens[2]), _hash_token(tokens[3])
+    if last < first:
+        raise BadCommand("the range ends before it starts")
+    return placement.decode("ascii"), first, last
+
+
+def _node_id_token(token: bytes) -> str:
+    """A node id (what a version's writer may be); raises ``BadCommand``."""
+    try:
+        return Version.parse("0-" + token.decode("ascii")).writer
+    except (UnicodeDecodeError, ValueError):
+        raise BadCommand("bad node id") from None
 
 
 def _version_token(token: bytes) -> Version:
@@ -846,6 +915,10 @@ def serialize_result(command: Command, result: Result) -> bytes:
         return b"XBULKED %d %d\r\n" % (result.stored, result.kept)
     if type(result) is BulkFormat:
         return b"XBULK %d\r\n" % result.version
+    if type(result) is Digests:
+        return b"".join([*(b"DIGEST %d %d\r\n" % (d.records, d.total) for d in result.items), _END])
+    if type(result) is KeyVersions:
+        return b"".join([*(b"XKEY %d %s %s\r\n" % (h, k, str(v).encode()) for h, k, v in result.items), _END])
     raise TypeError(f"not a result: {result!r}")
 
 
@@ -897,6 +970,14 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
     if type(command) is XGet:  # the gateway's reads
         keys = command.keys
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
+    if type(command) is XDigest:
+        sender = b" " + command.sender.encode() if command.sender else b""
+        range_ = (command.placement.encode(), command.first, command.last, command.parts, sender)
+        return b"xdigest %s %d %d %d%s\r\n" % range_
+    if type(command) is XList:
+        after = b"" if command.after is None else b" %d %s" % command.after
+        range_ = (command.placement.encode(), command.first, command.last, command.limit, after)
+        return b"xlist %s %d %d %d%s\r\n" % range_
     if type(command) is Get:
         joined = b" ".join(command.keys)
         if command.exptime is None:
@@ -953,6 +1034,23 @@ _SERVER_ERRORS: dict[str, type[ServiceUnavailable]] = {str(NodeLeaving()): NodeL
 _STALE = StaleVersion.MESSAGE + ": "
 
 
+def _digest_line(line: bytes) -> RangeDigest:
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise BadReply(f"bad DIGEST line {line[:60]!r}")
+    return RangeDigest(int(parts[1]), int(parts[2]))
+
+
+def _xkey_line(line: bytes) -> tuple[int, bytes, Version]:
+    parts = line.split(b" ")
+    try:
+        if len(parts) != 4 or not parts[1].isdigit():
+            raise ValueError
+        return int(parts[1]), parts[2], Version.parse(parts[3].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise BadReply(f"bad XKEY line {line[:60]!r}") from None
+
+
 def error_from_reply(line: bytes) -> DomainError | None:
     """The domain error an error line stands for (the inverse of ``error_reply``), or None."""
     if line == b"ERROR":
@@ -982,7 +1080,7 @@ class ReplyParser:
     by ``max_line`` and a value by ``max_value_size``.
     """
 
-    __slots__ = ("_buf", "_items", "_pos", "_result", "max_line", "max_value_size")
+    __slots__ = ("_buf", "_items", "_pos", "_result", "_rows", "max_line", "max_value_size")
 
     def __init__(self, max_value_size: int = 128 * 1024 * 1024, max_line: int = 4096) -> None:
         self.max_value_size = max_value_size
@@ -991,6 +1089,7 @@ class ReplyParser:
         self._pos = 0
         self._items: list[tuple[bytes, Record]] = []  # the values of a reply read so far
         self._result: Status | Number | None = None  # an xapply's result line, once read
+        self._rows: list[Any] = []  # the DIGEST or XKEY lines of a reply read so far
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the connection."""
@@ -1037,6 +1136,8 @@ class ReplyParser:
             whole = self._xget_reply()
             if whole is not None:
                 return whole
+        if kind is XDigest or kind is XList:
+            return self._rows_reply(command)  # type: ignore[arg-type]  # narrowed by the test above
         while True:
             start = self._pos
             line = self._line()
@@ -1121,6 +1222,25 @@ class ReplyParser:
         self._pos = stop + 7
         record = Record(buf[start:stop], int(flags), int(expires_at), parsed, tombstone == b"1")
         return Values(((key, record),))
+
+    def _rows_reply(self, command: XDigest | XList) -> Digests | KeyVersions | DomainError | None:
+        """The reply to an anti-entropy command: its DIGEST or XKEY lines (no more than it asked for) and END."""
+        rows = self._rows
+        digest = isinstance(command, XDigest)
+        most = command.parts if isinstance(command, XDigest) else command.limit
+        while True:
+            line = self._line()
+            if line is None:
+                return None
+            if line == b"END":
+                self._rows = []
+                return Digests(tuple(rows)) if digest else KeyVersions(tuple(rows))
+            if line.startswith(b"DIGEST " if digest else b"XKEY ") and len(rows) < most:
+                rows.append(_digest_line(line) if digest else _xkey_line(line))
+            elif not rows:
+                return self._error(line)
+            else:
+                raise BadReply(f"unexpected reply line {line[:60]!r}")
 
     def _finish(self, command: Command) -> Result:
         items = tuple(self._items)
