@@ -197,7 +197,9 @@ from chashd.commands import (
     XApply,
     XAuth,
     XBulk,
+    XDigest,
     XGet,
+    XList,
     XPut,
 )
 from chashd.errors import DomainError, Unauthenticated
@@ -252,7 +254,7 @@ def _address(address: Any) -> str:
 _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
     XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
-    BulkProbe: "internal",
+    BulkProbe: "internal", XDigest: "internal", XList: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other",
 }  # fmt: skip

@@ -20,6 +20,7 @@ from chashd.kvstore.handoff import Handoff
 from chashd.kvstore.placement import RingUpdate
 from chashd.memcache.client import KVClientPool
 from chashd.memcache.server import MemcacheServerFactory
+from chashd.metrics import RequestMetrics
 from chashd.node import NodeInfo, NodeState
 from chashd.record import Record
 from chashd.ring import HashRing, key_hash
@@ -40,7 +41,8 @@ class Node:
         self.port = port
         self.engine = MemoryEngine()
         self.backend = LocalBackend(self.engine, node_id, cluster.reactor, 1 << 20)
-        cluster.reactor.listenTCP(port, MemcacheServerFactory(self.backend, cluster.reactor))
+        server = MemcacheServerFactory(self.backend, cluster.reactor, requests=RequestMetrics())  # as the daemon's
+        cluster.reactor.listenTCP(port, server)
         self.handoff = Handoff(node_id, self.engine, run_now, cluster.reactor, cluster.connect)
         self.handoff.startService()
         self.ae = AntiEntropy(
