@@ -199,11 +199,19 @@ def test_anti_entropy_restores_every_replica_without_reads(cluster: LocalCluster
     victim.wait_healthy(30)
     began = time.monotonic()
     expected = {key: None if i < 50 else f"value of {key}".encode() for i, key in enumerate(keys)}
-    wait_until(
-        f"{victim.name} to hold every acknowledged record",
-        lambda: all(stored_on(victim, key) == value for key, value in expected.items()),
-        timeout=60,
-    )
+
+    def converged() -> bool:
+        missing = [key for key, value in expected.items() if stored_on(victim, key) != value]
+        if missing:
+            figures = {k.name: metric(k, "chashd_antientropy_passes_total") for k in cluster.kvstores}
+            raise_later.append(f"{len(missing)} keys not there yet (e.g. {missing[:3]}), passes {figures}")
+        return not missing
+
+    raise_later: list[str] = []
+    try:
+        wait_until(f"{victim.name} to hold every acknowledged record", converged, timeout=120)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {raise_later[-1] if raise_later else ''}") from None
     took = time.monotonic() - began
     repaired = sum(metric(k, "chashd_antientropy_keys_repaired_total") for k in cluster.kvstores)
     assert repaired - repaired_before >= 250  # pushed by the peers or pulled by the restarted node
