@@ -311,6 +311,7 @@ def run_schedule(run: Run) -> Report:
             nemesis.run(run.schedule)
         finally:
             run.events = nemesis.events
+            findings = nemesis.findings
         run.heal_time = run.recorder.now()
         run.log(f"{run.heal_time:7.1f}s every fault healed")
         run.stop.wait(a.cooldown)
@@ -318,7 +319,7 @@ def run_schedule(run: Run) -> Report:
         clients_stop.set()
         for worker in workers:
             worker.join(a.op_timeout + 10.0)
-    return run.finish()
+    return run.finish(findings)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
