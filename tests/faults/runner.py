@@ -204,6 +204,7 @@ class Run:
         states, replicated_at = self.wait_replicated(keys, heal + a.convergence)
         self.notes["convergence"] = a.convergence
         self.notes["heal_to_replication"] = None if replicated_at is None else round(replicated_at - heal, 1)
+        self.notes["kvstores"] = self.cluster.kvstore_figures()
         under = sum(1 for s in states if not s.replicated)
         self.log(
             f"replication: {len(states) - under} of {len(states)} keys on N replicas "

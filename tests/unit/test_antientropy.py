@@ -214,6 +214,7 @@ class PassTests:
             stats = node.ae.stats()
             assert stats["antientropy_last_full_pass"] > T0
             assert stats["antientropy_passes_total"] >= 1
+            assert stats["antientropy_cpu_seconds_total"] > 0  # its scans and comparisons, timed
         assert cluster.nodes["a"].ae.stats()["antientropy_arcs_compared_total"] == 2  # with b and with c
         assert cluster.nodes["b"].ae.stats()["antientropy_arcs_compared_total"] == 1  # with c
         assert cluster.nodes["c"].ae.stats()["antientropy_arcs_compared_total"] == 0  # the larger id answers
