@@ -277,7 +277,7 @@ class PassTests:
         assert isinstance(failure.result.value, NotSynced)  # type: ignore[attr-defined]
         failure.addErrback(lambda _: None)
         answer = ae.digest(XDigest(placement, 0, 10, 2))
-        assert isinstance(answer.result, Digests)  # type: ignore[attr-defined]
+        assert isinstance(answer.result, Digests)
         cluster.nodes["a"].handoff._busy = True
         refused = ae.list_keys(XList(placement, 0, 10, 5))
         assert isinstance(refused.result.value, ServiceUnavailable)  # type: ignore[attr-defined]
