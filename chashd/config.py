@@ -301,6 +301,16 @@ def option_specs(config_class: type) -> list[OptionSpec]:
     return specs
 
 
+_MAX_CONNECTIONS_HELP = (
+    "most open client connections per listener (past it the one idle longest makes room, else refused)"
+)
+_CLIENT_TIMEOUT_HELP = "close a client connection that takes this many seconds to send one request (0: never)"
+_PENDING_BYTES_HELP = (
+    "bytes of replies one line-protocol connection may have pending before its reading pauses (a read in flight "
+    "counts its keys at the value limit: at the default limits, pipelined gets run one at a time)"
+)
+
+
 @dataclass(frozen=True)
 class KVStoreConfig:
     """The kvstore role's options."""
@@ -343,9 +353,11 @@ class KVStoreConfig:
     token_file: str | None = opt("file holding --token (its first line)", None, parse_path)
     register_interval: float = opt("seconds between re-registrations", 30.0, _bounded(float, 0.1))
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
-    max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    max_connections: int = opt(_MAX_CONNECTIONS_HELP, 1024, _bounded(int, 1))
     max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    client_timeout: float = opt(_CLIENT_TIMEOUT_HELP, 30.0, _bounded(float, 0))
+    max_pending_bytes: int = opt(_PENDING_BYTES_HELP, 1024 * 1024, _bounded(int, 65536))
     enable_shutdown: bool = opt(
         "let the line protocol's shutdown command stop the node (memcached's -A)", False, parse_bool, flag=True
     )
@@ -422,9 +434,11 @@ class GatewayConfig:
     points_per_node: int = opt("ring points per node at equal weights (multiple of 4)", 160, _bounded(int, 4, 4096))
     allow_flush_all: bool = opt("let flush_all reach every kvstore", False, parse_bool, flag=True)
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
-    max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    max_connections: int = opt(_MAX_CONNECTIONS_HELP, 1024, _bounded(int, 1))
     max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    client_timeout: float = opt(_CLIENT_TIMEOUT_HELP, 30.0, _bounded(float, 0))
+    max_pending_bytes: int = opt(_PENDING_BYTES_HELP, 1024 * 1024, _bounded(int, 65536))
     enable_shutdown: bool = opt(
         "let the line protocol's shutdown command stop the gateway (memcached's -A)", False, parse_bool, flag=True
     )
@@ -616,6 +630,15 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def connection_limits(config: GatewayConfig | KVStoreConfig) -> dict[str, Any]:
+    """The limits every client listener of a daemon takes (the line factory's and the HTTP site's keywords)."""
+    return {
+        "max_connections": config.max_connections,
+        "idle_timeout": config.idle_timeout,
+        "client_timeout": config.client_timeout,
+    }
 
 
 def check_secrets(config: GatewayConfig | KVStoreConfig) -> None:

@@ -26,8 +26,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
+from twisted.web.resource import IResource
 
-from chashd.config import GatewayConfig
+from chashd.config import GatewayConfig, connection_limits
 from chashd.gateway.connections import Connections
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IServerAdmin
@@ -35,7 +36,7 @@ from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import RequestMetrics
 from chashd.node import NodeInfo
 from chashd.ring import HashRing
-from chashd.web import KeyValueHTTP
+from chashd.web import KeyValueHTTP, LimitedSite
 
 __all__ = ["DataPlane", "Routing", "worker_writer"]
 
@@ -155,12 +156,12 @@ class DataPlane(MultiService):
             self.router,
             self._reactor,
             max_value_size=config.max_value_size,
-            max_connections=config.max_connections,
             max_keys=config.max_keys,
-            idle_timeout=config.idle_timeout,
+            max_pending_bytes=config.max_pending_bytes,
             admin=admin,
             shutdown=shutdown,
             requests=self.requests,
+            **connection_limits(config),
         )
 
     def http(
@@ -179,6 +180,11 @@ class DataPlane(MultiService):
             role="gateway",
             requests=self.requests,
         )
+
+    def site(self, http: KeyValueHTTP, resource: IResource | None = None) -> LimitedSite:
+        """The HTTP listener's site for ``resource`` (default: ``http``'s), with the configured connection
+        limits."""
+        return http.site(resource, reactor=self._reactor, **connection_limits(self.config))
 
     def figures(self) -> dict[str, Any]:
         """The router's stats and each surface's error counts (the status page's figures)."""

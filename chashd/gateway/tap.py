@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 
 from chashd.client import AsyncKVStoreClient, http_client
-from chashd.config import ConfigOptions, GatewayConfig, check_secrets, options_for
+from chashd.config import ConfigOptions, GatewayConfig, check_secrets, connection_limits, options_for
 from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
@@ -125,12 +125,9 @@ def _raft_gateway(
     if config.workers == 1:
         data = gateway.data_plane
         line = data.line_factory(admin=gateway.admin, shutdown=shutdown_command(reactor, config.enable_shutdown))
+        connections = ConnectionsCollector(line)
         registry = daemon_registry(
-            "gateway",
-            config.gateway_id,
-            data.requests,
-            GatewayCollector(gateway.membership),
-            ConnectionsCollector(line),
+            "gateway", config.gateway_id, data.requests, GatewayCollector(gateway.membership), connections
         )
         http = data.http(health=gateway.health, ready=gateway.ready, metrics=registry)
         figures = data.figures
@@ -141,9 +138,11 @@ def _raft_gateway(
         registry = daemon_registry("gateway", config.gateway_id, GatewayCollector(gateway.membership))
         http = _admin_http(supervisor, gateway.health, gateway.ready, registry)
         figures = supervisor.stats
+    limits = connection_limits(config)
     page = StatusPage(ring_api.status_body, lambda: gateway.membership.view.ring, figures, reactor)
-    site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()))
+    site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()), reactor=reactor, **limits)
     if config.workers == 1:
+        connections.add(site, "http")
         _listen(reactor, config, root, notifier, site, line)
     else:
         _listen_admin(reactor, root, supervisor, site)
@@ -160,7 +159,8 @@ def _follower(config: GatewayConfig, reactor: Any, root: MultiService, notifier:
 
         registry = daemon_registry("gateway", config.gateway_id)
         health = lambda: _follower_health(config, supervisor.stats().get("epoch"))  # noqa: E731
-        _listen_admin(reactor, root, supervisor, _admin_http(supervisor, health, ready, registry).site())
+        site = _admin_http(supervisor, health, ready, registry).site(reactor=reactor, **connection_limits(config))
+        _listen_admin(reactor, root, supervisor, site)
         return
     data = DataPlane(config, reactor)
     data.setServiceParent(root)
@@ -176,12 +176,15 @@ def _follower(config: GatewayConfig, reactor: Any, root: MultiService, notifier:
     watch.setServiceParent(root)
     notifier.wait_for(routed)
     line = data.line_factory(shutdown=shutdown_command(reactor, config.enable_shutdown))
+    connections = ConnectionsCollector(line)
     http = data.http(
         health=lambda: _follower_health(config, data.routing.epoch if data.routing else None),
         ready=lambda: _follower_ready(data.routing),
-        metrics=daemon_registry("gateway", config.gateway_id, data.requests, ConnectionsCollector(line)),
+        metrics=daemon_registry("gateway", config.gateway_id, data.requests, connections),
     )
-    _listen(reactor, config, root, notifier, http.site(), line)
+    site = data.site(http)
+    connections.add(site, "http")
+    _listen(reactor, config, root, notifier, site, line)
 
 
 def _follower_health(config: GatewayConfig, epoch: Any) -> dict[str, Any]:

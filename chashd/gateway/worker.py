@@ -204,15 +204,17 @@ class Worker(Protocol):
         )
         line.workers = int(message.get("workers", 1))
         admin = urlsplit(message["admin"]) if message.get("admin") else None
-        registry = daemon_registry("gateway", config.gateway_id, self.data.requests, ConnectionsCollector(line))
+        connections = ConnectionsCollector(line)
+        registry = daemon_registry("gateway", config.gateway_id, self.data.requests, connections)
         http = self.data.http(
             health=lambda: {"role": "gateway", "id": config.gateway_id, "worker": self.index}, metrics=registry
         )
         self._metrics = _StatsFamilies(http.metrics, line.backend.stats)
         kv = http.resource()
-        self._site = http.site(
-            WorkerRoot(kv, (admin.hostname or "127.0.0.1", admin.port or 80) if admin else None, self._reactor)
+        self._site = self.data.site(
+            http, WorkerRoot(kv, (admin.hostname or "127.0.0.1", admin.port or 80) if admin else None, self._reactor)
         )
+        connections.add(self._site, "http")
         gateways = AsyncKVStoreClient(self._reactor, message["follow"], timeout=FOLLOW_TIMEOUT, token=config.token)
         watch = RoutingWatch(gateways, self._reactor, self._routed)
         watch.setServiceParent(self._root)

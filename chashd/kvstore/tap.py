@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
 from chashd.client import AsyncKVStoreClient
-from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, options_for
+from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, connection_limits, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError, StorageError
 from chashd.gcwatch import GCWatch
@@ -108,21 +108,21 @@ def makeService(
     notifier = SystemdNotifier()
     root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
     requests = RequestMetrics() if config.latency_histograms else None
+    limits = connection_limits(config)
     line = MemcacheServerFactory(
         node.backend,
         reactor,
         max_value_size=config.max_value_size,
-        max_connections=config.max_connections,
         max_keys=config.max_keys,
-        idle_timeout=config.idle_timeout,
+        max_pending_bytes=config.max_pending_bytes,
         shutdown=shutdown_command(reactor, config.enable_shutdown),
         requests=requests,
         token=config.token,
+        **limits,
     )
     node.backend.stats_sources.append(line.auth_stats)
-    metrics = daemon_registry(
-        "kvstore", config.node_id, requests, ConnectionsCollector(line), data_dir=config.data_dir
-    )  # fmt: skip
+    connections = ConnectionsCollector(line)
+    metrics = daemon_registry("kvstore", config.node_id, requests, connections, data_dir=config.data_dir)
     http = KeyValueHTTP(
         node.backend,
         health=node.health,
@@ -138,7 +138,9 @@ def makeService(
     node.backend.stats_sources.append(gc_watch.stats)
     if handle_signals:  # the daemon's process (a test's process keeps its collector as it is)
         gc_watch.install()
-    for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
+    site = http.site(reactor=reactor, **limits)
+    connections.add(site, "http")
+    for description, factory, what in ((config.port, site, "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)
         listener.setServiceParent(root)
         notifier.wait_for(listener.listening)

@@ -123,8 +123,18 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   (this listener's connections), ``cachedump`` (the first items of the kvstore's ring order). ``version``
   says ``1.6.18-chashd-<version>``: clients read it as memcached's (libmemcached refuses a major version 0).
   ``shutdown`` stops the daemon only with ``--enable-shutdown`` (memcached's ``-A``).
-- Past ``max_connections`` a new connection gets ``ERROR Too many open connections`` and is closed, as
-  memcached does; a connection idle for ``idle_timeout`` seconds is closed (0: never).
+- Memory per connection is bounded in bytes too: replies pending (a request in flight counts as the
+  largest reply it may get: its keys times the value limit; a reply done and not written, its size) are
+  capped at ``max_pending_bytes``; above it the connection stops reading, and resumes below half of it.
+  While the transport's write buffer is full, done replies stay in the queue (counted) instead of piling up
+  in the transport: a client that pipelines gets of a large value and never reads holds about
+  ``max_pending_bytes``, not ``max_pending`` values.
+- Past ``max_connections``, the connection idle longest (nothing pending or half-received, nothing read
+  for ``EVICT_IDLE`` seconds or more) is closed to make room for the new one (``idle_evictions``), so that
+  idle connections cannot lock new clients out; when none is idle the new connection gets ``ERROR Too many
+  open connections`` and is closed, as memcached does. A connection idle for ``idle_timeout`` seconds is
+  closed (0: never); one that leaves a command half-sent (a line without its end, a data block short of its
+  length) for ``client_timeout`` seconds is closed too (``slow_clients_closed``; 0: never).
 - Half-close (``IHalfCloseableProtocol``): a client that shuts its write side after its requests still gets
   a reply to every one of them, in order (a gateway's included, when they come later), then the connection
   closes, as memcached does.
@@ -233,6 +243,12 @@ _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied, Bulked, Bul
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
+#: What a request that is not a read is charged while in flight (its reply is a line).
+_SMALL_REPLY = 64
+#: A read's reply is charged this much per key on top of the value limit (its VALUE line).
+_VALUE_LINE = 320
+#: Seconds a connection must have been idle before it may be closed to make room for a new one.
+EVICT_IDLE = 1.0
 _LocalCommand = StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth
 #: The local commands a connection may send before it proved the token (``stats`` but ``stats reset``).
 _OPEN_LOCAL = frozenset({FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, XAuth})
@@ -291,6 +307,8 @@ class MemcacheServerFactory(Factory):
         shutdown: Callable[[], object] | None = None,
         requests: RequestMetrics | None = None,
         token: str | bytes | None = None,
+        max_pending_bytes: int = 1024 * 1024,
+        client_timeout: float = 30.0,
     ) -> None:
         self.backend = backend
         self.token = token.encode() if isinstance(token, str) else token
@@ -317,12 +335,17 @@ class MemcacheServerFactory(Factory):
         self.max_line = max_line
         self.max_keys = max_keys
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.client_timeout = client_timeout
         self.version = version
         self.started = clock.seconds()
         self.curr_connections = 0
         self.total_connections = 0
         self.rejected_connections = 0
         self.idle_closed = 0
+        self.idle_evicted = 0
+        self.slow_closed = 0
+        self.paused_for_memory = 0
 
     def buildProtocol(self, addr: IAddress | None) -> MemcacheServerProtocol:
         """A new server connection."""
@@ -331,6 +354,18 @@ class MemcacheServerFactory(Factory):
     def auth_stats(self) -> dict[str, int]:
         """Commands refused for want of the token, and wrong tokens (for the backend's ``stats``)."""
         return {"line_commands_refused_total": self.commands_refused, "line_auth_failures_total": self.auth_failures}
+
+    def evict_idle(self) -> bool:
+        """Close the connection idle longest, if one was idle ``EVICT_IDLE`` seconds; True if one was."""
+        now = self.clock.seconds()
+        idle = [p for p in self.connections.values() if p.idle and now - p.last_seen >= EVICT_IDLE]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda p: p.last_seen)
+        self.idle_evicted += 1
+        self._log.info("closing a connection idle for {idle:.0f}s to make room", idle=now - victim.last_seen)
+        victim.evict()
+        return True
 
     def register(self, protocol: MemcacheServerProtocol) -> int:
         """Count a new connection in ``connections``; its id."""
@@ -350,6 +385,9 @@ class MemcacheServerFactory(Factory):
             ("total_connections", str(self.total_connections)),
             ("rejected_connections", str(self.rejected_connections)),
             ("idle_kicks", str(self.idle_closed)),
+            ("idle_evictions", str(self.idle_evicted)),
+            ("slow_clients_closed", str(self.slow_closed)),
+            ("paused_for_memory", str(self.paused_for_memory)),
             ("max_connections", str(self.max_connections)),
         ]
         seen = {name for name, _ in items}
@@ -375,6 +413,8 @@ class MemcacheServerFactory(Factory):
             ("max_line", str(self.max_line)),
             ("max_keys_per_get", str(self.max_keys)),
             ("max_pending_replies", str(self.max_pending)),
+            ("max_pending_bytes", str(self.max_pending_bytes)),
+            ("client_timeout", f"{self.client_timeout:g}"),
             ("backend", self.backend.name),
         ]
         if self.admin is not None:
@@ -386,6 +426,9 @@ class MemcacheServerFactory(Factory):
         self.total_connections = 0
         self.rejected_connections = 0
         self.idle_closed = 0
+        self.idle_evicted = 0
+        self.slow_closed = 0
+        self.paused_for_memory = 0
         if self.admin is not None:
             self.admin.reset_stats()
 
@@ -511,7 +554,8 @@ class MemcacheServerProtocol(Protocol):
         self._requests = factory.requests
         self._latency = factory.latency
         self._get_latency = factory.latency[Get] if factory.latency is not None else None
-        self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
+        self._queue: deque[Any] = deque()  # pending replies: [bytes | None, bytes charged] cells and _CLOSE
+        self._held = 0  # bytes charged for the queue's cells (see the module docstring)
         self._out: list[bytes] = []  # replies to the current read, written together
         self._out_size = 0
         self._paused = False  # not reading nor parsing, because of one of the three below
@@ -523,6 +567,7 @@ class MemcacheServerProtocol(Protocol):
         self._read_closed = False  # the client shut its write side: close once every reply is out
         self._counted = False
         self._idle_call: IDelayedCall | None = None
+        self._partial_call: IDelayedCall | None = None  # a command half-sent: closed at client_timeout
         #: When the client last sent something (the clock's seconds); its address and ours (``stats conns``).
         self.last_seen = 0.0
         self.peer = ""
@@ -535,7 +580,7 @@ class MemcacheServerProtocol(Protocol):
     def connectionMade(self) -> None:
         self._tr = self.transport
         factory = self.factory
-        if factory.curr_connections >= factory.max_connections:
+        if factory.curr_connections >= factory.max_connections and not factory.evict_idle():
             factory.rejected_connections += 1
             self._log.warn(
                 "refusing a connection: {count} of {limit} open", count=factory.curr_connections,
@@ -569,7 +614,9 @@ class MemcacheServerProtocol(Protocol):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        self._watch_partial()
         self._queue.clear()
+        self._held = 0
 
     def readConnectionLost(self) -> None:
         """The client shut its write side: run what it sent (what a pause held back too, once it ends), write
@@ -603,6 +650,39 @@ class MemcacheServerProtocol(Protocol):
         self._flush_out()
         self._tr.loseConnection()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing pending, nothing half-received: the connection may be closed to make room."""
+        return not self._queue and not self._closing and not self._parser.in_request
+
+    def evict(self) -> None:
+        """Close this idle connection to make room for a new one."""
+        self._close_now()
+
+    def _watch_partial(self) -> None:
+        """Arm the slow-client timer while a command is half-received (and reading goes on), else cancel it."""
+        timeout = self.factory.client_timeout
+        partial = timeout > 0 and not self._closing and not self._paused and self._parser.in_request
+        call = self._partial_call
+        if partial and call is None:
+            self._partial_call = self.callLater(timeout, self._too_slow)
+        elif not partial and call is not None:
+            if call.active():
+                call.cancel()
+            self._partial_call = None
+
+    def _too_slow(self) -> None:
+        self._partial_call = None
+        if self._closing or self._paused or not self._parser.in_request:
+            return
+        self.factory.slow_closed += 1
+        self._log.info(
+            "closing a connection from {peer}: a command half-sent for {timeout}s",
+            peer=self.peer,
+            timeout=self.factory.client_timeout,
+        )
+        self._close_now()
+
     # -- requests --------------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -620,6 +700,8 @@ class MemcacheServerProtocol(Protocol):
                 return
         self._parser.feed(data)
         self._process()
+        if self._partial_call is not None or self._parser.in_request:
+            self._watch_partial()
 
     def _process(self) -> None:
         """Run the parsed commands until the buffer is empty, the queue is full or the connection closes;
@@ -772,7 +854,9 @@ class MemcacheServerProtocol(Protocol):
     def _reply(self, reply: bytes) -> None:
         """Queue ``reply`` behind the pending ones, or add it to this read's replies."""
         if self._queue:
-            self._queue.append([reply])
+            self._queue.append([reply, len(reply)])
+            self._held += len(reply)
+            self._check_pending()
         else:
             self._out.append(reply)
             self._out_size += len(reply)
@@ -944,9 +1028,18 @@ class MemcacheServerProtocol(Protocol):
 
     # -- replies that come later (a Deferred backend) ----------------------------------------------------
 
+    def _charge(self, command: Command) -> int:
+        """The bytes a request in flight is charged: a read, its keys at the value limit; others, a line."""
+        if isinstance(command, Get):
+            charge: int = len(command.keys) * (self.factory.max_value_size + _VALUE_LINE)
+            return charge
+        return _SMALL_REPLY
+
     def _pending(self, command: Command, result: Deferred[Result], start: float) -> None:
-        cell: list[bytes | None] = [None]
+        charge = self._charge(command)
+        cell: list[Any] = [None, charge]
         self._queue.append(cell)
+        self._held += charge
         noreply = getattr(command, "noreply", False)
         histogram = self._latency[type(command)] if self._latency is not None else None
 
@@ -956,6 +1049,7 @@ class MemcacheServerProtocol(Protocol):
             except Exception:
                 self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
                 cell[0] = self._error(error_reply(RuntimeError()))
+            self._settle(cell)
             if histogram is not None:
                 histogram.observe(perf_counter() - start)
             self._drain()
@@ -965,34 +1059,58 @@ class MemcacheServerProtocol(Protocol):
                 self._log.failure("the backend failed on {command}", failure, command=type(command).__name__)
             reply = self._error(error_reply(failure.value or RuntimeError()))
             cell[0] = b"" if noreply else reply
+            self._settle(cell)
             if histogram is not None:
                 histogram.observe(perf_counter() - start)
             self._drain()
 
         result.addCallbacks(done, failed)
-        if len(self._queue) >= self.factory.max_pending and not self._queue_full:
+        self._check_pending()
+
+    def _settle(self, cell: list[Any]) -> None:
+        """A reply is done: it is charged its size from now on."""
+        if not self._lost:
+            size = len(cell[0])
+            self._held += size - cell[1]
+            cell[1] = size
+
+    def _check_pending(self) -> None:
+        """Stop reading once ``max_pending`` replies, or ``max_pending_bytes`` of them, are pending."""
+        if self._queue_full:
+            return
+        factory = self.factory
+        over_bytes = self._held >= factory.max_pending_bytes
+        if over_bytes or len(self._queue) >= factory.max_pending:
+            if over_bytes:
+                factory.paused_for_memory += 1
             self._queue_full = True
             self._update_reading()
 
     def _drain(self) -> None:
-        """Write the replies at the head of the queue that are done, in order."""
+        """Write the replies at the head of the queue that are done, in order; while the transport's write
+        buffer is full they stay in the queue, counted, instead of piling up in the transport."""
         if self._lost:
             return
         queue = self._queue
         out = self._out
         while queue and (queue[0] is _CLOSE or queue[0][0] is not None):
+            if self._writes_blocked and queue[0] is not _CLOSE:
+                break
             entry = queue.popleft()
             if entry is _CLOSE:
                 queue.clear()
+                self._held = 0
                 self._close_now()
                 return
+            self._held -= entry[1]
             if entry[0]:
                 out.append(entry[0])
                 self._out_size += len(entry[0])
                 if self._out_size >= _FLUSH_AT:
-                    self._flush_out()
+                    self._flush_out()  # may block the transport: the loop then stops
         self._flush_out()
-        if self._queue_full and len(queue) <= self.factory.max_pending // 2:
+        factory = self.factory
+        if self._queue_full and len(queue) <= factory.max_pending // 2 and self._held < factory.max_pending_bytes // 2:
             self._queue_full = False
             self._update_reading()
 
@@ -1004,8 +1122,10 @@ class MemcacheServerProtocol(Protocol):
         self._update_reading()
 
     def resumeProducing(self) -> None:
-        """The transport's write buffer drained: read and parse again."""
+        """The transport's write buffer drained: write what the queue held back, read and parse again."""
         self._writes_blocked = False
+        if self._queue:
+            self._drain()
         self._update_reading()
 
     def stopProducing(self) -> None:
@@ -1037,3 +1157,4 @@ class MemcacheServerProtocol(Protocol):
         else:
             self._tr.resumeProducing()
             self._process()  # what was read before the pause
+        self._watch_partial()

@@ -349,6 +349,12 @@ class RequestParser:
         """Bytes received and not parsed yet."""
         return len(self._buf) - self._pos + self._more_len
 
+    @property
+    def in_request(self) -> bool:
+        """True while a command is half-received: bytes not parsed yet, or a data block (read or skipped)
+        not all here."""
+        return self._state in (_DATA, _SWALLOW) or len(self._buf) > self._pos or self._more_len > 0
+
     def next(self) -> Command | FailedRequest | bytes | None:
         """The next command or rejection (or, with ``plain_gets``, the key of a plain get), or None until
         more bytes are fed."""
@@ -1080,7 +1086,18 @@ class ReplyParser:
     by ``max_line`` and a value by ``max_value_size``.
     """
 
-    __slots__ = ("_buf", "_items", "_pos", "_result", "_rows", "max_line", "max_value_size")
+    __slots__ = (
+        "_buf",
+        "_items",
+        "_more",
+        "_more_len",
+        "_need",
+        "_pos",
+        "_result",
+        "_rows",
+        "max_line",
+        "max_value_size",
+    )
 
     def __init__(self, max_value_size: int = 128 * 1024 * 1024, max_line: int = 4096) -> None:
         self.max_value_size = max_value_size
@@ -1090,9 +1107,24 @@ class ReplyParser:
         self._items: list[tuple[bytes, Record]] = []  # the values of a reply read so far
         self._result: Status | Number | None = None  # an xapply's result line, once read
         self._rows: list[Any] = []  # the DIGEST or XKEY lines of a reply read so far
+        # A long value arrives in many reads: they are kept apart and joined once, when the value is whole
+        # (joining at each read copied a 1 MB value about 16 times over).
+        self._need = 0  # bytes from _pos the value being read needs (0: none known)
+        self._more: list[bytes] = []
+        self._more_len = 0
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the connection."""
+        if self._need:
+            if len(self._buf) - self._pos + self._more_len + len(data) < self._need:
+                self._more.append(data)
+                self._more_len += len(data)
+                return
+            self._need = 0
+            if self._more:
+                data = b"".join([*self._more, data])
+                self._more.clear()
+                self._more_len = 0
         if self._pos >= len(self._buf):
             self._buf = data
         else:
@@ -1102,7 +1134,7 @@ class ReplyParser:
     @property
     def buffered(self) -> int:
         """Bytes received and not read into a result yet."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._more_len
 
     def _line(self) -> bytes | None:
         end = self._buf.find(b"\r\n", self._pos)
@@ -1120,6 +1152,7 @@ class ReplyParser:
             raise BadReply(f"value of {size} bytes announced")
         end = self._pos + size
         if len(self._buf) < end + 2:
+            self._need = end + 2  # where the block ends in _buf (next() makes it relative to the reply's start)
             return None
         if self._buf[end : end + 2] != b"\r\n":
             raise BadReply("data block not ended by CRLF")
@@ -1156,6 +1189,7 @@ class ReplyParser:
                     return self._error(line)
                 if item is None:
                     self._pos = start  # the data block is not all here: read the line again later
+                    self._need -= start
                     return None
                 self._items.append(item)
                 continue
