@@ -124,7 +124,7 @@ class RequestMetrics(Collector):
 _LIMIT_COUNTERS = (
     ("chashd_connections_refused", "rejected_connections", "Connections refused at --max-connections"),
     ("chashd_connections_evicted", "idle_evicted", "Idle connections closed to make room at --max-connections"),
-    ("chashd_slow_clients_closed", "slow_closed", "Connections closed for taking --client-timeout on a request"),
+    ("chashd_connections_slow_closed", "slow_closed", "Connections closed for taking --client-timeout on a request"),
 )
 
 

@@ -81,8 +81,18 @@ class LimitedChannel(HTTPChannel):
             self._deadline = self.callLater(site.client_timeout, self._too_slow)
         super().dataReceived(data)
 
+    def lineReceived(self, line: bytes) -> None:
+        if not self._discarding:  # an answer was sent before the request was whole: the rest is dropped
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._discarding:
+            super().rawDataReceived(data)
+
     def allContentReceived(self) -> None:
         self._cancel_deadline()
+        if self._discarding:
+            return
         self._busy = True
         super().allContentReceived()
 

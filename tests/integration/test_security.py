@@ -267,7 +267,7 @@ class ConnectionLimitTests:
             for s in busy:
                 s.settimeout(0.2)
             wait_until("the trickling clients to be cut", lambda: all(closed_by_server(s) for s in busy), 30)
-            assert metric(daemon, 'chashd_slow_clients_closed_total{surface="line"}') == 3
+            assert metric(daemon, 'chashd_connections_slow_closed_total{surface="line"}') == 3
         finally:
             for s in busy:
                 s.close()
@@ -304,7 +304,7 @@ class ConnectionLimitTests:
             for s in busy:
                 s.settimeout(0.2)
             wait_until("the other two to be cut", lambda: all(closed_by_server(s) for s in busy[1:]), 30)
-            assert metric(daemon, 'chashd_slow_clients_closed_total{surface="http"}') == 3
+            assert metric(daemon, 'chashd_connections_slow_closed_total{surface="http"}') == 3
             assert metric(daemon, 'chashd_connections_refused_total{surface="http"}') == 1
         finally:
             for s in busy:

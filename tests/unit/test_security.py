@@ -470,6 +470,17 @@ class HTTPLimitTests:
         assert t4.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and t4.write_closed
         assert b"too many open connections" in t4.value() and self.site.rejected_connections == 1
 
+    def test_too_large_body_in_the_same_read(self) -> None:
+        """A body over the limit that arrives with its headers is dropped unread: the 413 stays the answer and
+        the connection closes lingering (it used to run the request without a body and fail, dropping the
+        connection and the answer with it)."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: kv\r\nContent-Length: 2048\r\n\r\n" + b"x" * 2048)
+        assert transport.value().startswith(b"HTTP/1.1 413 Payload Too Large\r\n")
+        assert transport.write_closed and not transport.disconnecting
+        self.reactor.advance(2)
+        assert transport.disconnecting
+
     def test_too_large_body_lingers(self) -> None:
         """A 413 sent before the body was read shuts the write side and drops the rest of the body (a close with
         unread bytes sends a reset that can destroy the answer), then closes after a while."""
