@@ -69,7 +69,7 @@ class LimitedChannel(HTTPChannel):
         return not self._busy and self._deadline is None and not self._discarding
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]  # twisted.web is not annotated
         self.last_seen = self.site.seconds()
 
     def dataReceived(self, data: bytes) -> None:
@@ -78,12 +78,12 @@ class LimitedChannel(HTTPChannel):
         site = self.site
         self.last_seen = site.seconds()
         if self._deadline is None and not self._busy and site.client_timeout > 0:
-            self._deadline = self.callLater(site.client_timeout, self._too_slow)
-        super().dataReceived(data)
+            self._deadline = self.callLater(site.client_timeout, self._too_slow)  # type: ignore[no-untyped-call]  # twisted.web is not annotated
+        super().dataReceived(data)  # type: ignore[no-untyped-call]  # twisted.web is not annotated
 
     def lineReceived(self, line: bytes) -> None:
         if not self._discarding:  # an answer was sent before the request was whole: the rest is dropped
-            super().lineReceived(line)
+            super().lineReceived(line)  # type: ignore[no-untyped-call]  # twisted.web is not annotated
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._discarding:
@@ -94,12 +94,12 @@ class LimitedChannel(HTTPChannel):
         if self._discarding:
             return
         self._busy = True
-        super().allContentReceived()
+        super().allContentReceived()  # type: ignore[no-untyped-call]  # twisted.web is not annotated
 
     def requestDone(self, request: Any) -> None:
         self._busy = False
         self.last_seen = self.site.seconds()
-        super().requestDone(request)
+        super().requestDone(request)  # type: ignore[no-untyped-call]  # twisted.web is not annotated
 
     def discard(self) -> None:
         """The answer is written before the request was read whole: drop what follows, then close."""
@@ -140,7 +140,7 @@ class LimitedChannel(HTTPChannel):
             self._linger.cancel()
         self._linger = None
         self.site.channels.discard(self)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # twisted.web is not annotated
 
 
 class _TooManyConnections(Protocol):
@@ -181,7 +181,7 @@ class LimitedSite(Site):
         client_timeout: float = 30.0,
         reactor: Any = None,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout or None, reactor=reactor)
+        super().__init__(resource, timeout=idle_timeout or None, reactor=reactor)  # type: ignore[no-untyped-call]  # twisted.web is not annotated
         self.max_connections = max_connections
         self.client_timeout = client_timeout
         self.channels: set[LimitedChannel] = set()
@@ -204,7 +204,7 @@ class LimitedSite(Site):
             self.rejected_connections += 1
             _log.warn("refusing an HTTP connection: {count} open", count=len(self.channels))
             return _TooManyConnections(self)
-        channel = super().buildProtocol(addr)
+        channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]  # twisted.web is not annotated
         self.channels.add(channel)
         self.total_connections += 1
         return channel
