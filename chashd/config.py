@@ -304,6 +304,10 @@ def option_specs(config_class: type) -> list[OptionSpec]:
 _MAX_CONNECTIONS_HELP = (
     "most open client connections per listener (past it the one idle longest makes room, else refused)"
 )
+_TLS_CA_HELP = (
+    "PEM file of the CA that signs the daemons' certificates: links to kvstores (line protocol, health probes, "
+    "handoff) use TLS verified against it, and so do https:// gateway URLs"
+)
 _CLIENT_TIMEOUT_HELP = "close a client connection that takes this many seconds to send one request (0: never)"
 _PENDING_BYTES_HELP = (
     "bytes of replies one line-protocol connection may have pending before its reading pauses (a read in flight "
@@ -351,6 +355,7 @@ class KVStoreConfig:
         "cluster token: guards writes and internal commands (SECURITY.md)", None, parse_secret, secret=True
     )
     token_file: str | None = opt("file holding --token (its first line)", None, parse_path)
+    tls_ca: str | None = opt(_TLS_CA_HELP, None, parse_path)
     register_interval: float = opt("seconds between re-registrations", 30.0, _bounded(float, 0.1))
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
     max_connections: int = opt(_MAX_CONNECTIONS_HELP, 1024, _bounded(int, 1))
@@ -425,6 +430,7 @@ class GatewayConfig:
     raft_password_file: str | None = opt("file holding --raft-password (its first line)", None, parse_path)
     token: str | None = opt("cluster token: guards the admin routes (SECURITY.md)", None, parse_secret, secret=True)
     token_file: str | None = opt("file holding --token (its first line)", None, parse_path)
+    tls_ca: str | None = opt(_TLS_CA_HELP, None, parse_path)
     replicas: int = opt("replication factor N (capped at the number of nodes)", 3, _bounded(int, 1, 16))
     write_quorum: int = opt("write quorum W", 2, _bounded(int, 1, 16))
     read_quorum: int = opt("read quorum R", 2, _bounded(int, 1, 16))

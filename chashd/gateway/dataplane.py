@@ -36,6 +36,7 @@ from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import RequestMetrics
 from chashd.node import NodeInfo
 from chashd.ring import HashRing
+from chashd.tls import load_ca
 from chashd.web import KeyValueHTTP, LimitedSite
 
 __all__ = ["DataPlane", "Routing", "worker_writer"]
@@ -115,7 +116,11 @@ class DataPlane(MultiService):
         self.config = config
         self._reactor = reactor
         self.connections = Connections(
-            reactor, timeout=config.request_timeout, max_value_size=config.max_value_size, token=config.token
+            reactor,
+            timeout=config.request_timeout,
+            max_value_size=config.max_value_size,
+            token=config.token,
+            tls_ca=load_ca(config.tls_ca),
         )
         self.connections.setServiceParent(self)
         self.router = Router(

@@ -29,6 +29,7 @@ from chashd.gateway.statuspage import StatusPage
 from chashd.gateway.workers import HTTP, LINE, WorkersMetrics, WorkerSupervisor
 from chashd.logs import with_log_format
 from chashd.metrics import ConnectionsCollector, daemon_registry
+from chashd.tls import https_policy, load_ca
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
@@ -44,6 +45,7 @@ class Options(options_for(GatewayConfig, "chash-gateway")):  # type: ignore[misc
         try:
             check_secrets(self.config)
             raft_settings(self.config)
+            load_ca(self.config.tls_ca)
         except ConfigError as e:
             raise SystemExit(f"chash-gateway: error: {e}") from None
 
@@ -105,8 +107,10 @@ def _raft_gateway(
 ) -> None:
     """A gateway of the Raft group: membership, health checks, the ring API, and the data plane."""
     if probe is None:
-        kvstores = http_client(reactor, connect_timeout=1.0)
-        probe = health_probe(kvstores, reactor, timeout=max(0.5, min(2.0, config.probe_interval)))
+        # With a CA, the kvstores' HTTP ports are TLS too: probe them with https, verified against it.
+        kvstores = http_client(reactor, connect_timeout=1.0, tls=https_policy(load_ca(config.tls_ca)))
+        scheme = "https" if config.tls_ca else "http"
+        probe = health_probe(kvstores, reactor, max(0.5, min(2.0, config.probe_interval)), scheme)
     membership = Membership(config, reactor, raft_factory)
     gateway = GatewayService(
         config,
@@ -171,7 +175,8 @@ def _follower(config: GatewayConfig, reactor: Any, root: MultiService, notifier:
         if not routed.called:
             routed.callback(None)
 
-    gateways = AsyncKVStoreClient(reactor, config.follow, timeout=FOLLOW_TIMEOUT, token=config.token)
+    tls = https_policy(load_ca(config.tls_ca))
+    gateways = AsyncKVStoreClient(reactor, config.follow, timeout=FOLLOW_TIMEOUT, token=config.token, tls=tls)
     watch = RoutingWatch(gateways, reactor, follow)
     watch.setServiceParent(root)
     notifier.wait_for(routed)

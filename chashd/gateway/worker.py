@@ -52,6 +52,7 @@ from chashd.gateway.workers import (
 from chashd.logs import JSONLineObserver
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import ConnectionsCollector, daemon_registry
+from chashd.tls import https_policy, load_ca
 
 __all__ = ["WorkerLineFactory", "WorkerRoot", "main"]
 
@@ -215,7 +216,9 @@ class Worker(Protocol):
             http, WorkerRoot(kv, (admin.hostname or "127.0.0.1", admin.port or 80) if admin else None, self._reactor)
         )
         connections.add(self._site, "http")
-        gateways = AsyncKVStoreClient(self._reactor, message["follow"], timeout=FOLLOW_TIMEOUT, token=config.token)
+        tls = https_policy(load_ca(config.tls_ca))
+        follow = message["follow"]
+        gateways = AsyncKVStoreClient(self._reactor, follow, timeout=FOLLOW_TIMEOUT, token=config.token, tls=tls)
         watch = RoutingWatch(gateways, self._reactor, self._routed)
         watch.setServiceParent(self._root)
         self._root.startService()

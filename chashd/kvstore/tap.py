@@ -19,6 +19,7 @@ from chashd.logs import with_log_format
 from chashd.memcache.client import KVClientPool
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import ConnectionsCollector, RequestMetrics, daemon_registry
+from chashd.tls import client_endpoint, https_policy, load_ca
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
@@ -39,6 +40,7 @@ class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc
         super().postOptions()
         try:
             check_secrets(self.config)
+            load_ca(self.config.tls_ca)
         except ConfigError as e:
             raise SystemExit(f"chash-kvstore: error: {e}") from None
 
@@ -70,14 +72,17 @@ def makeService(
         engine = open_engine(config)
     except (ConfigError, StorageError) as e:
         raise SystemExit(f"chash-kvstore: error: {e}") from None
+    ca = load_ca(config.tls_ca)
     cluster = None
     if config.gateway:
-        cluster = AsyncKVStoreClient(reactor, config.gateway, timeout=CLUSTER_TIMEOUT, token=config.token)
+        tls = https_policy(load_ca(config.tls_ca))  # https:// gateway URLs verified against --tls-ca
+        cluster = AsyncKVStoreClient(reactor, config.gateway, timeout=CLUSTER_TIMEOUT, token=config.token, tls=tls)
 
     def connect(host: str, port: int) -> KVClientPool:
         """A connection to a handoff target: one pipelined line-protocol connection, which proves the cluster
         token first (xauth), then asks whether the target reads bulk pages."""
         reply_room = config.max_value_size + 4096  # a value and its command line
+        endpoint = client_endpoint(reactor, host, port, 5.0, ca)  # TLS verified against --tls-ca when given
         return KVClientPool(
             reactor,
             host,
@@ -87,6 +92,7 @@ def makeService(
             max_value_size=reply_room,
             token=config.token,
             probe_bulk=True,
+            endpoint=endpoint,
         )
 
     def connect_peer(host: str, port: int) -> KVClientPool:
@@ -100,6 +106,7 @@ def makeService(
             timeout=ANTI_ENTROPY_TIMEOUT,
             max_value_size=config.max_value_size + 4096,
             token=config.token,
+            endpoint=client_endpoint(reactor, host, port, 5.0, ca),  # TLS as the handoff's
         )
 
     node = KVStoreService(

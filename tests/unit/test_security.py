@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
@@ -18,14 +19,17 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from chashd.commands import Status, Store, XGet, XPut
+from chashd.errors import ConfigError
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.client import KVClientProtocol, KVConnectionLost
 from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
 from chashd.storage.sqlite import SQLiteEngine
+from chashd.tls import client_endpoint, https_policy, load_ca
 from chashd.versions import Version
 from chashd.web import KeyValueHTTP
+from tests.certs import make_ca
 from tests.unit.test_memcache_server import LaterBackend, connect, make_factory
 
 T0 = 1_700_000_000.0
@@ -491,3 +495,40 @@ class HTTPLimitTests:
         channel.dataReceived(b"x" * 4900)  # dropped
         self.reactor.advance(2)
         assert transport.disconnecting
+
+
+class TLSOptionTests:
+    """--tls-ca: the CA file is read before anything binds, and links to kvstores take TLS with it."""
+
+    def test_no_ca_no_tls(self) -> None:
+        """Without --tls-ca the links are plain TCP endpoints and HTTPS keeps the client's default policy."""
+        assert load_ca(None) is None and https_policy(None) is None
+        assert isinstance(client_endpoint(MemoryReactorClock(), "127.0.0.1", 11212, 5.0, None), HostnameEndpoint)
+
+    def test_ca_wraps_links_in_tls(self, tmp_path: Path) -> None:
+        """A CA made here loads, and a link verified against it is a TLS endpoint."""
+        ca, _, _ = make_ca(tmp_path)
+        trust = load_ca(str(ca))
+        endpoint = client_endpoint(MemoryReactorClock(), "127.0.0.1", 11212, 5.0, trust)
+        assert not isinstance(endpoint, HostnameEndpoint)
+        assert type(endpoint).__name__ == "_WrapperEndpoint"
+        assert https_policy(trust) is not None
+
+    @pytest.mark.parametrize("content", [None, b"", b"not a certificate\n", b"-----BEGIN CERTIFICATE-----\nAAAA\n"])
+    def test_bad_ca_stops_the_daemon_with_one_line(self, tmp_path: Path, content: bytes | None) -> None:
+        """A missing file, one without a certificate or a broken one: one line naming --tls-ca, exit."""
+        from chashd.kvstore.tap import Options
+
+        path = tmp_path / "ca.pem"
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ConfigError, match="--tls-ca"):
+            load_ca(str(path))
+        options = Options()
+        with pytest.raises(SystemExit) as info:
+            options.parseOptions(
+                ["--node-id", "kv", "--engine", "memory", "--port", "tcp:0:interface=127.0.0.1"]
+                + ["--line-port", "tcp:0:interface=127.0.0.1", "--tls-ca", str(path)]
+            )
+        assert isinstance(info.value.code, str) and info.value.code.startswith("chash-kvstore: error: --tls-ca")
+        assert "\n" not in info.value.code
