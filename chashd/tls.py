@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_security,tests.integration.test_tls -*-
 """TLS for the links between daemons: the CA they verify each other against (``--tls-ca``).
 
 Listeners take TLS through their endpoint strings (``ssl:11212:privateKey=key.pem:certKey=cert.pem``). The

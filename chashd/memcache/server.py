@@ -484,7 +484,7 @@ class _Forwarded:
 
     __slots__ = ("called", "cell", "protocol", "start")
 
-    def __init__(self, protocol: MemcacheServerProtocol, cell: list[bytes | None]) -> None:
+    def __init__(self, protocol: MemcacheServerProtocol, cell: list[Any]) -> None:
         self.protocol = protocol
         self.cell = cell
         self.called = False
@@ -493,6 +493,7 @@ class _Forwarded:
     def callback(self, reply: bytes) -> None:
         self.called = True
         self.cell[0] = reply
+        self.protocol._settle(self.cell)
         self._done()
 
     def errback(self, error: Any) -> None:
@@ -503,6 +504,7 @@ class _Forwarded:
         if not isinstance(error, DomainError):
             protocol._log.failure("the backend failed on a get", Failure(error))
         self.cell[0] = protocol._error(error_reply(error))
+        protocol._settle(self.cell)
         self._done()
 
     def _done(self) -> None:
@@ -774,16 +776,17 @@ class MemcacheServerProtocol(Protocol):
         if not forwarder.forwarding:
             self._handle(Get((key,)))
             return
-        cell: list[bytes | None] = [None]
+        charge = self.factory.max_value_size + _VALUE_LINE  # as a Get of one key in flight (_charge)
+        cell: list[Any] = [None, charge]
         queue = self._queue
         queue.append(cell)
+        self._held += charge
         if not forwarder.forward_get(key, _Forwarded(self, cell)):
             queue.pop()  # the cell: nothing was queued behind it
+            self._held -= charge
             self._handle(Get((key,)))
             return
-        if len(queue) >= self.factory.max_pending and not self._queue_full:
-            self._queue_full = True
-            self._update_reading()
+        self._check_pending()
 
     def _handle(self, command: Command | FailedRequest) -> None:
         latency = self._latency

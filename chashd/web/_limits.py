@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_security -*-
 """The limits of the HTTP listener both roles serve: connections, idle and slow clients.
 
 - ``LimitedSite`` holds at most ``max_connections`` connections. At the limit, the connection idle longest
