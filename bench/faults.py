@@ -1,6 +1,8 @@
-"""Fault-injection figures: availability during each fault and the time from heal to full replication.
+"""Fault-injection figures: availability during each fault, the time from heal to full replication, and
+anti-entropy's cost.
 
     .venv/bin/python bench/faults.py [--seed 11] [--length 150] [--faults kill,pause,...] [--convergence 120]
+                                     [--anti-entropy-interval 10] [--no-baseline]
 
 Runs the fault-injection runner (tests/faults, as root: a private network namespace, 3 gateways and 4 SQLite
 kvstores on their own 127.0.0.x addresses, 4 writers and 2 readers through every gateway) for the seeded
@@ -14,8 +16,14 @@ the last heal for every key to be back on N replicas. Prints, from the run's his
 - the time from the heal to every key on N replicas (or how many keys were not, when the wait ran out);
 - the checker's verdict (the same run is a test: violations are listed).
 
-Anti-entropy's cost (CPU per key compared, foreground p99 with and without it) needs anti-entropy in the
-kvstores: pass its kvstore options with ``--kvstore-arg`` to compare two runs of the same seed.
+The kvstores run anti-entropy every ``--anti-entropy-interval`` seconds. Then the same seed runs again with
+anti-entropy off (the baseline; ``--no-baseline`` skips it), and the figures of the two runs are printed side
+by side: the p99 of the acknowledged operations outside faults and during them (the foreground cost), the
+time from the heal to full replication (never reached without anti-entropy, unless reads repaired every
+key), and the CPU anti-entropy used in the kvstores that ran to the end (``antientropy_cpu_seconds_total``,
+its scans and comparisons timed in the daemon) per key compared and per key scanned, beside their whole
+process CPU in both runs. A kvstore the schedule killed or restarted starts its counters again, so these
+are the figures since its last start.
 """
 
 from __future__ import annotations
@@ -90,6 +98,88 @@ def report(result: dict[str, Any], ops: Sequence[Op]) -> str:
     return "\n".join(lines)
 
 
+def _kvstore_sums(result: dict[str, Any]) -> dict[str, float]:
+    """The kvstores' figures (``Run.notes["kvstores"]``) summed over the kvstores."""
+    sums: dict[str, float] = {}
+    for figures in result.get("kvstores", {}).values():
+        for name, value in figures.items():
+            sums[name] = sums.get(name, 0.0) + value
+    return sums
+
+
+def _p99s(result: dict[str, Any], ops: Sequence[Op]) -> tuple[float | None, float | None]:
+    clients = [op for op in ops if op.client not in ("final", "setup")]
+    windows = [(e["start"], e["end"]) for e in result["events"]]
+    return (
+        percentile(_latencies(clients, windows, False), 0.99),
+        percentile(_latencies(clients, windows, True), 0.99),
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def compare(
+    interval: float, result: dict[str, Any], ops: Sequence[Op], baseline: dict[str, Any], base_ops: Sequence[Op]
+) -> str:
+    """Anti-entropy's cost: the run with it against the same seed without it, as lines of text."""
+    with_calm, with_faulted = _p99s(result, ops)
+    base_calm, base_faulted = _p99s(baseline, base_ops)
+    sums, base_sums = _kvstore_sums(result), _kvstore_sums(baseline)
+    compared = sums.get("antientropy_keys_compared_total", 0.0)
+    scanned = sums.get("antientropy_keys_scanned_total", 0.0)
+    cpu = sums.get("antientropy_cpu_seconds_total", 0.0)
+
+    def healed(body: dict[str, Any]) -> str:
+        if body.get("heal_to_replication") is not None:
+            return f"{body['heal_to_replication']:.1f} s"
+        return (
+            f"not reached within {body.get('convergence', 0):g} s "
+            f"({body['under_replicated']} of {body['replicas_checked']} keys on fewer than N replicas)"
+        )
+
+    def per(count: float) -> str:
+        return f"{1e6 * cpu / count:.1f} us" if count else "-"
+
+    lines = [
+        f"anti-entropy every {interval:g} s, against the same seed without it:",
+        f"  foreground p99 outside faults: {_ms(with_calm)} with, {_ms(base_calm)} without "
+        f"({_ratio(with_calm, base_calm)})",
+        f"  foreground p99 during faults:  {_ms(with_faulted)} with, {_ms(base_faulted)} without "
+        f"({_ratio(with_faulted, base_faulted)})",
+        f"  heal to full replication: {healed(result)} with, {healed(baseline)} without",
+        f"  kvstores that ran to the end: {sums.get('antientropy_passes_total', 0):.0f} passes, "
+        f"{compared:.0f} keys compared, {scanned:.0f} scanned, "
+        f"{sums.get('antientropy_keys_repaired_total', 0):.0f} repaired",
+        f"  anti-entropy CPU: {cpu:.2f} s, {per(compared)} per key compared, {per(scanned)} per key scanned "
+        f"(their processes: {sums.get('process_cpu_seconds', 0):.1f} s with, "
+        f"{base_sums.get('process_cpu_seconds', 0):.1f} s without)",
+    ]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace, workdir: Path, interval: float) -> tuple[dict[str, Any], list[Op]] | None:
+    """One run of the schedule with anti-entropy every ``interval`` seconds (0: off); None if it broke."""
+    runner_args = [
+        "--seed", str(args.seed),
+        "--length", str(args.length),
+        "--report", "under-replicated",
+        "--convergence", str(args.convergence),
+        "--workdir", str(workdir),
+        *(["--faults", args.faults] if args.faults else []),
+        f"--kvstore-arg=--anti-entropy-interval={interval:g}",
+        *(f"--kvstore-arg={a}" for a in args.kvstore_arg),
+    ]  # fmt: skip
+    result = run_in_namespace(runner_args, ROOT, timeout=args.length * 4 + args.convergence + 900)
+    path = workdir / "result.json"
+    if not path.exists():
+        sys.stdout.write(result.stdout[-6000:])
+        print(f"the run failed (status {result.returncode})", file=sys.stderr)
+        return None
+    return json.loads(path.read_text()), read_history(workdir / "history.jsonl")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=11)
@@ -98,29 +188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--convergence", type=float, default=120.0, help="longest wait for full replication")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--kvstore-arg", action="append", default=[], help="an option for every kvstore (repeatable)")
+    p.add_argument("--anti-entropy-interval", type=float, default=10.0, help="the kvstores' anti-entropy interval")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run without anti-entropy")
     args = p.parse_args(argv)
     reason = preflight()
     if reason is not None:
         print(f"cannot run: {reason}", file=sys.stderr)
         return SKIP_STATUS
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chashd-bench-faults-"))
-    runner_args = [
-        "--seed", str(args.seed),
-        "--length", str(args.length),
-        "--report", "under-replicated",
-        "--convergence", str(args.convergence),
-        "--workdir", str(workdir),
-        *(["--faults", args.faults] if args.faults else []),
-        *(f"--kvstore-arg={a}" for a in args.kvstore_arg),
-    ]  # fmt: skip
-    result = run_in_namespace(runner_args, ROOT, timeout=args.length * 4 + args.convergence + 900)
-    path = workdir / "result.json"
-    if not path.exists():
-        sys.stdout.write(result.stdout[-6000:])
-        print(f"the run failed (status {result.returncode})", file=sys.stderr)
+    run = _run(args, workdir / "with", args.anti_entropy_interval)
+    if run is None:
         return 2
-    body = json.loads(path.read_text())
-    print(report(body, read_history(workdir / "history.jsonl")))
+    body, ops = run
+    print(report(body, ops))
+    if not args.no_baseline:
+        baseline = _run(args, workdir / "without", 0.0)
+        if baseline is None:
+            return 2
+        print(compare(args.anti_entropy_interval, body, ops, *baseline))
     print(f"history, events and logs: {workdir}")
     return 0
 

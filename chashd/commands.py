@@ -23,6 +23,15 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
   is stored, in one grouped write; the handoff's way of moving records (``BulkProbe`` asks whether a server
   speaks it: one of an earlier version answers it ``ERROR``, as any unknown command).
 
+and two that kvstores use between themselves for anti-entropy (``chashd.kvstore.antientropy``), on a hash
+range ``[first, last]`` of the ring whose placement is ``placement`` (``antientropy.placement_id``; a node
+whose data does not conform to that placement refuses them):
+
+- ``XDigest(placement, first, last, parts, sender)``: the ``chashd.digests.RangeDigest`` of each of
+  ``parts`` equal sub-ranges (``Digests``);
+- ``XList(placement, first, last, limit, after)``: up to ``limit`` ``(hash, key, version)`` of the range in
+  ``(hash, key)`` order, after the position ``after`` (``KeyVersions``).
+
 Pure: no Twisted, no clock.
 """
 
@@ -32,6 +41,7 @@ import enum
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, get_args
 
+from chashd.digests import RangeDigest
 from chashd.record import Record
 from chashd.versions import Version
 
@@ -45,8 +55,10 @@ __all__ = [
     "LruCrawler",
     "Command",
     "Delete",
+    "Digests",
     "FlushAll",
     "Get",
+    "KeyVersions",
     "MetaCommand",
     "NoreplyCommand",
     "SplicedGet",
@@ -68,7 +80,9 @@ __all__ = [
     "XApplied",
     "XAuth",
     "XBulk",
+    "XDigest",
     "XGet",
+    "XList",
     "XPut",
 ]
 
@@ -299,6 +313,29 @@ class BulkProbe:
     """Does this server speak ``XBulk``? (A bare ``xbulk`` line, answered with the page format it reads.)"""
 
 
+@dataclass(frozen=True, slots=True)
+class XDigest:
+    """The digests of ``parts`` equal sub-ranges of ``[first, last]`` (anti-entropy), asked by ``sender``
+    (a node id; empty when not given)."""
+
+    placement: str
+    first: int
+    last: int
+    parts: int
+    sender: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class XList:
+    """Up to ``limit`` ``(hash, key, version)`` of ``[first, last]``, after ``after`` (anti-entropy)."""
+
+    placement: str
+    first: int
+    last: int
+    limit: int
+    after: tuple[int, bytes] | None = None
+
+
 Command: TypeAlias = (
     Get
     | Store
@@ -320,6 +357,8 @@ Command: TypeAlias = (
     | XAuth
     | XBulk
     | BulkProbe
+    | XDigest
+    | XList
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.
@@ -388,4 +427,18 @@ class BulkFormat:
     version: int
 
 
-Result: TypeAlias = Status | Values | Number | StatsResult | XApplied | Bulked | BulkFormat
+@dataclass(frozen=True, slots=True)
+class Digests:
+    """The answer to ``XDigest``: the digest of each sub-range, in order."""
+
+    items: tuple[RangeDigest, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersions:
+    """The answer to ``XList``: ``(hash, key, version)`` in ``(hash, key)`` order."""
+
+    items: tuple[tuple[int, bytes, Version], ...]
+
+
+Result: TypeAlias = Status | Values | Number | StatsResult | XApplied | Bulked | BulkFormat | Digests | KeyVersions

@@ -301,6 +301,20 @@ def option_specs(config_class: type) -> list[OptionSpec]:
     return specs
 
 
+_MAX_CONNECTIONS_HELP = (
+    "most open client connections per listener (past it the one idle longest makes room, else refused)"
+)
+_TLS_CA_HELP = (
+    "PEM file of the CA that signs the daemons' certificates: links to kvstores (line protocol, health probes, "
+    "handoff) use TLS verified against it, and so do https:// gateway URLs"
+)
+_CLIENT_TIMEOUT_HELP = "close a client connection that takes this many seconds to send one request (0: never)"
+_PENDING_BYTES_HELP = (
+    "bytes of replies one line-protocol connection may have pending before its reading pauses (a read in flight "
+    "counts its keys at the value limit: at the default limits, pipelined gets run one at a time)"
+)
+
+
 @dataclass(frozen=True)
 class KVStoreConfig:
     """The kvstore role's options."""
@@ -341,15 +355,24 @@ class KVStoreConfig:
         "cluster token: guards writes and internal commands (SECURITY.md)", None, parse_secret, secret=True
     )
     token_file: str | None = opt("file holding --token (its first line)", None, parse_path)
+    tls_ca: str | None = opt(_TLS_CA_HELP, None, parse_path)
     register_interval: float = opt("seconds between re-registrations", 30.0, _bounded(float, 0.1))
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
-    max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    max_connections: int = opt(_MAX_CONNECTIONS_HELP, 1024, _bounded(int, 1))
     max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    client_timeout: float = opt(_CLIENT_TIMEOUT_HELP, 30.0, _bounded(float, 0))
+    max_pending_bytes: int = opt(_PENDING_BYTES_HELP, 1024 * 1024, _bounded(int, 65536))
     enable_shutdown: bool = opt(
         "let the line protocol's shutdown command stop the node (memcached's -A)", False, parse_bool, flag=True
     )
     drain_timeout: float = opt("longest a drain on SIGTERM may take, in seconds", 120.0, _bounded(float, 1))
+    anti_entropy_interval: float = opt(
+        "seconds between anti-entropy passes over the keys shared with other replicas (0: none)",
+        60.0,
+        _bounded(float, 0),
+    )
+    anti_entropy_rate: int = opt("records a second anti-entropy scans at most", 20_000, _bounded(int, 100, 10_000_000))
     log_format: str = opt("log lines: text, or json (one JSON object a line)", "text", parse_choice(*LOG_FORMATS))
     max_clock_skew: float = opt(
         "refuse a version from the wire whose clock is more than this many seconds ahead of this node's",
@@ -407,6 +430,7 @@ class GatewayConfig:
     raft_password_file: str | None = opt("file holding --raft-password (its first line)", None, parse_path)
     token: str | None = opt("cluster token: guards the admin routes (SECURITY.md)", None, parse_secret, secret=True)
     token_file: str | None = opt("file holding --token (its first line)", None, parse_path)
+    tls_ca: str | None = opt(_TLS_CA_HELP, None, parse_path)
     replicas: int = opt("replication factor N (capped at the number of nodes)", 3, _bounded(int, 1, 16))
     write_quorum: int = opt("write quorum W", 2, _bounded(int, 1, 16))
     read_quorum: int = opt("read quorum R", 2, _bounded(int, 1, 16))
@@ -416,9 +440,11 @@ class GatewayConfig:
     points_per_node: int = opt("ring points per node at equal weights (multiple of 4)", 160, _bounded(int, 4, 4096))
     allow_flush_all: bool = opt("let flush_all reach every kvstore", False, parse_bool, flag=True)
     max_value_size: int = opt("largest value in bytes", 1024 * 1024, _bounded(int, 1, 128 * 1024 * 1024))
-    max_connections: int = opt("most open client connections per listener", 1024, _bounded(int, 1))
+    max_connections: int = opt(_MAX_CONNECTIONS_HELP, 1024, _bounded(int, 1))
     max_keys: int = opt("most keys in one multi-key get (line protocol)", 2048, _bounded(int, 1, 65536))
     idle_timeout: float = opt("close a client connection idle this many seconds (0: never)", 600.0, _bounded(float, 0))
+    client_timeout: float = opt(_CLIENT_TIMEOUT_HELP, 30.0, _bounded(float, 0))
+    max_pending_bytes: int = opt(_PENDING_BYTES_HELP, 1024 * 1024, _bounded(int, 65536))
     enable_shutdown: bool = opt(
         "let the line protocol's shutdown command stop the gateway (memcached's -A)", False, parse_bool, flag=True
     )
@@ -610,6 +636,15 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def connection_limits(config: GatewayConfig | KVStoreConfig) -> dict[str, Any]:
+    """The limits every client listener of a daemon takes (the line factory's and the HTTP site's keywords)."""
+    return {
+        "max_connections": config.max_connections,
+        "idle_timeout": config.idle_timeout,
+        "client_timeout": config.client_timeout,
+    }
 
 
 def check_secrets(config: GatewayConfig | KVStoreConfig) -> None:

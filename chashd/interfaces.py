@@ -87,6 +87,9 @@ class IStorageEngine(Interface):
         ``Record`` of each: one group, committed when this returns; True for each row stored (the others were
         not newer than the stored record)."""
 
+    def scan_versions(first_hash: int, last_hash: int, after: Any = None, limit: int = 1000) -> list[Any]:
+        """``scan``'s pages as ``(hash, key, Version)`` triples, without the values (anti-entropy)."""
+
     def purge(now: float, tombstone_grace: float) -> int:
         """Forget expired records and tombstones older than the grace period; the number forgotten."""
 
@@ -138,13 +141,15 @@ class IPlainGet(Interface):
 
 
 class IReplySink(Interface):
-    """Where the reply to a forwarded ``get`` goes, in place of a Deferred: one of the two methods is called,
-    once. A kvstore connection skips a sink whose ``called`` is set (its reader gave up on it)."""
+    """Where the reply to a forwarded ``get`` (or the result of a command ``IKVClient.send_to`` sent) goes,
+    in place of a Deferred: one of the two methods is called, once. A kvstore connection skips a sink whose
+    ``called`` is set (its reader gave up on it)."""
 
     called = Attribute("True once the sink took its reply, or when its reader no longer wants it.")
 
-    def callback(reply: bytes) -> None:
-        """The reply's bytes as memcached words them: ``END``, or one ``VALUE`` block and ``END``."""
+    def callback(reply: Any) -> None:
+        """The reply's bytes as memcached words them (``END``, or one ``VALUE`` block and ``END``), or the
+        result of the command ``send_to`` sent."""
 
     def errback(error: Any) -> None:
         """The request failed: ``error`` is an exception (a domain error) or a ``Failure`` of one."""
@@ -210,6 +215,10 @@ class IKVClient(Interface):
     def send(command: Any) -> Any:
         """A Deferred firing with the kvstore's result for ``command``, or failing with a domain error
         (the kvstore's own error) or a connection/timeout error."""
+
+    def send_to(command: Any, sink: IReplySink) -> bool:
+        """``send`` over a connection that is up now, the result to ``sink.callback`` (in place of a
+        Deferred's); False, and nothing sent, when no connection is up."""
 
     def forward_get(key: bytes, sink: IReplySink) -> bool:
         """Send ``get <key>`` over a connection that is up now, its reply's bytes to go to ``sink`` (or the

@@ -119,21 +119,39 @@ class RequestMetrics(Collector):
         yield errors
 
 
+#: The counters of a listener's limits (``chashd.memcache.server``, ``chashd.web._limits``): name, the
+#: factory's attribute, what it counts.
+_LIMIT_COUNTERS = (
+    ("chashd_connections_refused", "rejected_connections", "Connections refused at --max-connections"),
+    ("chashd_connections_evicted", "idle_evicted", "Idle connections closed to make room at --max-connections"),
+    ("chashd_connections_slow_closed", "slow_closed", "Connections closed for taking --client-timeout on a request"),
+)
+
+
 class ConnectionsCollector(Collector):
-    """Open and accepted connections of a listener whose factory counts them (``curr_connections``,
-    ``total_connections``, as the line protocol's factory does for memcached's ``stats``)."""
+    """Open and accepted connections of the listeners whose factories count them (``curr_connections``,
+    ``total_connections``, as the line protocol's factory does for memcached's ``stats``), and the
+    connections their limits refused or closed (``rejected_connections``, ``idle_evicted``, ``slow_closed``),
+    each labelled with its surface. ``add(factory, surface)`` adds a listener (the HTTP site once it exists)."""
 
     def __init__(self, factory: Any, surface: str = "line") -> None:
-        self._factory = factory
-        self._surface = surface
+        self._listeners: list[tuple[Any, str]] = [(factory, surface)]
+
+    def add(self, factory: Any, surface: str) -> None:
+        """Count ``factory``'s connections too, under ``surface``."""
+        self._listeners.append((factory, surface))
 
     def collect(self) -> Iterator[Metric]:
-        current = GaugeMetricFamily("chashd_connections", "Open client connections", labels=["surface"])
-        current.add_metric([self._surface], getattr(self._factory, "curr_connections", 0))
-        yield current
-        total = CounterMetricFamily("chashd_connections_accepted", "Client connections accepted", labels=["surface"])
-        total.add_metric([self._surface], getattr(self._factory, "total_connections", 0))
-        yield total
+        families = [
+            (GaugeMetricFamily, "chashd_connections", "curr_connections", "Open client connections"),
+            (CounterMetricFamily, "chashd_connections_accepted", "total_connections", "Client connections accepted"),
+            *((CounterMetricFamily, name, attribute, what) for name, attribute, what in _LIMIT_COUNTERS),
+        ]
+        for kind, name, attribute, what in families:
+            family = kind(name, what, labels=["surface"])
+            for factory, surface in self._listeners:
+                family.add_metric([surface], getattr(factory, attribute, 0))
+            yield family
 
 
 def memory_limit(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:

@@ -17,6 +17,7 @@ from chashd.errors import ServiceUnavailable
 from chashd.interfaces import IKVClient
 from chashd.memcache.client import KVClientPool
 from chashd.node import NodeInfo
+from chashd.tls import TrustRoot, client_endpoint
 
 __all__ = ["Connections"]
 
@@ -33,8 +34,10 @@ class Connections(MultiService):
         timeout: float = 5.0,
         max_value_size: int = 1024 * 1024,
         token: str | None = None,
+        tls_ca: TrustRoot | None = None,
     ) -> None:
         super().__init__()
+        self._tls_ca = tls_ca
         self._token = token
         self._reactor = reactor
         self._pool_size = pool_size
@@ -62,6 +65,7 @@ class Connections(MultiService):
                     timeout=self._timeout,
                     max_value_size=self._max_value_size,
                     token=self._token,
+                    endpoint=client_endpoint(self._reactor, host, port, 5.0, self._tls_ca),
                 )
                 self._pools[node_id] = pool
                 pool.setServiceParent(self)

@@ -26,8 +26,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
+from twisted.web.resource import IResource
 
-from chashd.config import GatewayConfig
+from chashd.config import GatewayConfig, connection_limits
 from chashd.gateway.connections import Connections
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IServerAdmin
@@ -35,7 +36,8 @@ from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import RequestMetrics
 from chashd.node import NodeInfo
 from chashd.ring import HashRing
-from chashd.web import KeyValueHTTP
+from chashd.tls import load_ca
+from chashd.web import KeyValueHTTP, LimitedSite
 
 __all__ = ["DataPlane", "Routing", "worker_writer"]
 
@@ -114,7 +116,11 @@ class DataPlane(MultiService):
         self.config = config
         self._reactor = reactor
         self.connections = Connections(
-            reactor, timeout=config.request_timeout, max_value_size=config.max_value_size, token=config.token
+            reactor,
+            timeout=config.request_timeout,
+            max_value_size=config.max_value_size,
+            token=config.token,
+            tls_ca=load_ca(config.tls_ca),
         )
         self.connections.setServiceParent(self)
         self.router = Router(
@@ -155,12 +161,12 @@ class DataPlane(MultiService):
             self.router,
             self._reactor,
             max_value_size=config.max_value_size,
-            max_connections=config.max_connections,
             max_keys=config.max_keys,
-            idle_timeout=config.idle_timeout,
+            max_pending_bytes=config.max_pending_bytes,
             admin=admin,
             shutdown=shutdown,
             requests=self.requests,
+            **connection_limits(config),
         )
 
     def http(
@@ -179,6 +185,11 @@ class DataPlane(MultiService):
             role="gateway",
             requests=self.requests,
         )
+
+    def site(self, http: KeyValueHTTP, resource: IResource | None = None) -> LimitedSite:
+        """The HTTP listener's site for ``resource`` (default: ``http``'s), with the configured connection
+        limits."""
+        return http.site(resource, reactor=self._reactor, **connection_limits(self.config))
 
     def figures(self) -> dict[str, Any]:
         """The router's stats and each surface's error counts (the status page's figures)."""

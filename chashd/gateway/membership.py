@@ -56,6 +56,11 @@ from chashd.gateway.raft import (
 )
 from chashd.node import NodeInfo  # noqa: F401
 
+#: Why a change is refused while no leader is known.
+NO_LEADER = (
+    "no Raft leader is known: this gateway does not reach a majority of the gateways, or an election is under way"
+)
+
 __all__ = ["Membership", "MembershipReactor"]
 
 #: The reactor Membership needs: ``IReactorTime`` (``seconds``, ``callLater``) and ``IReactorThreads``
@@ -247,6 +252,8 @@ class Membership(Service):
         raft = self._raft
         if raft is None:
             return fail(ClusterMapUnavailable("the Raft cluster map is not running"))
+        if not self.leader_known:  # refused at once rather than after command_timeout
+            return fail(ClusterMapUnavailable(f"{op}: {NO_LEADER}"))
         token = next(self._tokens)
         deferred: Deferred[Outcome] = Deferred(lambda _: self._cancel(token))
         timer = self._reactor.callLater(self.command_timeout, self._fail, token, "no answer in time")

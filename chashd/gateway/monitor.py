@@ -146,12 +146,14 @@ def _reason(failure: Failure) -> str:
     return failure.getErrorMessage()
 
 
-def health_probe(client: Any, clock: IReactorTime, timeout: float) -> Probe:
+def health_probe(client: Any, clock: IReactorTime, timeout: float, scheme: str = "http") -> Probe:
     """A ``probe`` through the cluster client over ``client`` (a treq client: ``chashd.client.http_client``):
-    the JSON object of ``GET /health`` at the node's HTTP address."""
+    the JSON object of ``GET /health`` at the node's HTTP address (``https`` when the kvstores' HTTP ports
+    are TLS)."""
 
     def probe(node: NodeInfo) -> Deferred[Mapping[str, Any]]:
-        health: Deferred[Any] = AsyncKVStoreClient(client, [node.url()], timeout=timeout, reactor=clock).health()
+        url = node.url(scheme)
+        health: Deferred[Any] = AsyncKVStoreClient(client, [url], timeout=timeout, reactor=clock).health()
         return health
 
     return probe

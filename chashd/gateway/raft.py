@@ -85,6 +85,11 @@ class RaftSettings:
     A ``connection_timeout`` of 10 s (with pysyncobj's 3.5 s, a leader kill on a group that has run a while
     takes longer to elect), a short DNS cache (a restarted Kubernetes pod changes address), and one bind
     attempt, so a Raft port in use is reported instead of retried forever.
+
+    ``leader_fallback_timeout``: a leader that heard from no majority of the group for that long steps down
+    (pysyncobj's ``leaderFallbackTimeout``, 30 s by default, during which a leader cut off from the others
+    kept saying it leads). 1.4 s is the longest election timeout (pysyncobj's ``raftMaxTimeout``): by the time
+    the other side may elect a leader of its own, this one no longer claims to lead.
     """
 
     self_address: str
@@ -99,6 +104,7 @@ class RaftSettings:
     log_compaction_min_entries: int = 5000
     log_compaction_min_time: float = 300.0
     max_bind_retries: int = 1
+    leader_fallback_timeout: float = 1.4
 
 
 def _raft_host(host: str) -> str:
@@ -283,6 +289,7 @@ class ClusterRaft(SyncObj):  # type: ignore[misc]  # pysyncobj has no type hints
             logCompactionMinEntries=settings.log_compaction_min_entries,
             logCompactionMinTime=settings.log_compaction_min_time,
             maxBindRetries=settings.max_bind_retries,
+            leaderFallbackTimeout=settings.leader_fallback_timeout,
             useFork=False,
             appendEntriesUseBatch=True,
             commandsWaitLeader=True,

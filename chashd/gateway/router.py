@@ -78,6 +78,7 @@ from chashd.commands import (
 )
 from chashd.errors import NoNodes, QuorumNotReached, RequestError, ServiceUnavailable, StaleVersion
 from chashd.interfaces import IForwardedGet, IKeyValue, IKVClient, IReplySink
+from chashd.memcache.text import plain_get_reply
 from chashd.node import NodeState
 from chashd.record import Record, expires_at_from_exptime
 from chashd.ring import HashRing
@@ -512,24 +513,29 @@ class Router:
 
     @property
     def forwarding(self) -> bool:
-        """``IForwardedGet``: True when N is 1 (else ``forward_get`` declines every get)."""
-        return self.replicas == 1 or len(self.placement.ring) == 1
+        """``IForwardedGet``: False when R is 1 and N is not (the hedged one-replica read of ``_get_one``
+        keeps its Deferred: ``forward_get`` declines every get then)."""
+        return self.read_quorum != 1 or self.replicas == 1 or len(self.placement.ring) == 1
 
     def forward_get(self, key: bytes, sink: IReplySink) -> bool:
         """``IForwardedGet``: with N=1, a get of one key goes to its kvstore as ``get <key>`` and the reply's
         bytes to ``sink`` (as ``SplicedGet``'s Deferred would give them, without the Deferred); declined
         while a move is under way for the key, its node is down or suspect, or no connection to it is up."""
-        if self._slow:
-            return False
         try:
             replicas = self.replicas_for(key)
         except NoNodes:
             return False
-        if len(replicas) != 1 or self.placement.previous is not None and self._previous_owners(key, replicas):
-            return False
-        node = replicas[0]
-        if node in self._down or not self._clients(node).forward_get(key, _Spliced(self, sink)):
-            return False
+        moving = self.placement.previous is not None and self._previous_owners(key, replicas)
+        if len(replicas) == 1 and not moving:
+            node = replicas[0]
+            if self._slow or node in self._down or not self._clients(node).forward_get(key, _Spliced(self, sink)):
+                return False
+        elif self.read_quorum == 1 and not moving:
+            return False  # _get_one's hedged read of one replica
+        else:  # a quorum read (or a read during a move) whose answer goes to sink as bytes
+            self.counters["cmd_get"] += 1
+            _KeyRead(self, key, replicas, single=True, sink=sink).start()
+            return True
         self.counters["cmd_get"] += 1
         return True
 
@@ -558,6 +564,28 @@ class Router:
                 return self._client_values(key, record)
         self.counters["get_misses"] += 1
         return _NO_VALUES
+
+    def _client_reply(self, key: bytes, record: Record | None) -> bytes:
+        """``_client_values`` as the bytes of the reply to ``get <key>``."""
+        if record is not None and record.live(self._now()):
+            self.counters["get_hits"] += 1
+            return plain_get_reply(key, (record.flags, record.value))
+        self.counters["get_misses"] += 1
+        return plain_get_reply(key, None)
+
+    def _ask(self, node: str, key: bytes, read: _KeyRead) -> None:
+        """Send ``XGet((key,))`` to ``node`` for ``read``: its answer to ``read._answer_from``, a failure to
+        ``read.failed_on``, through an ``_Answer`` sink (no Deferred) when a connection is up and the node
+        is not suspect; else through ``_send``'s Deferred."""
+        try:
+            client: IKVClient | None = self._clients(node)
+        except Exception:  # no connection to node: _send fails the request saying so
+            client = None
+        if client is not None and node not in self._slow and client.send_to(XGet((key,)), _Answer(read, node)):
+            return
+        self._send(node, XGet((key,))).addCallbacks(
+            read._answer_from, read.failed_on_with, callbackArgs=(node,), errbackArgs=(node,)
+        )
 
     def _client_values(self, key: bytes, record: Record | None) -> Values:
         """What a client reading ``key`` gets when ``record`` is the newest answer."""
@@ -657,6 +685,26 @@ class Router:
 
 
 @implementer(IReplySink)
+class _Answer:
+    """The sink of one ``XGet`` of a ``_KeyRead`` (``Router._ask``): the answer of ``node``, in place of a
+    Deferred and its callbacks."""
+
+    __slots__ = ("node", "read")
+
+    called = False  # never cancelled: the read takes every answer, late ones included (read repair)
+
+    def __init__(self, read: _KeyRead, node: str) -> None:
+        self.read = read
+        self.node = node
+
+    def callback(self, result: Values) -> None:
+        self.read._answer_from(result, self.node)
+
+    def errback(self, error: Any) -> None:
+        self.read.failed_on(self.node)
+
+
+@implementer(IReplySink)
 class _Spliced:
     """The sink of a ``Router.forward_get``: counts the hit or miss, and words a failure as the unspliced read
     would (``QuorumNotReached``, counted), before the reply goes on to the client's ``sink``."""
@@ -701,12 +749,21 @@ class _KeyRead:
         "needed",
         "router",
         "single",
+        "sink",
     )
 
-    def __init__(self, router: Router, key: bytes, replicas: tuple[str, ...], single: bool = False) -> None:
+    def __init__(
+        self,
+        router: Router,
+        key: bytes,
+        replicas: tuple[str, ...],
+        single: bool = False,
+        sink: IReplySink | None = None,
+    ) -> None:
         self.router = router
         self.key = key
         self.single = single
+        self.sink = sink
         up = router._up(replicas)
         self.needed = min(router.read_quorum, len(replicas))
         self.candidates = up
@@ -717,12 +774,11 @@ class _KeyRead:
         self.done: Deferred[Any] = Deferred()
         self._answered_client = False
         if len(up) < self.needed:
-            router.counters["quorum_failures"] += 1
-            self.done.errback(Failure(QuorumNotReached(self.needed, len(up), "read")))
+            self._fail(QuorumNotReached(self.needed, len(up), "read"))
 
     def first_round(self) -> list[str]:
         """The nodes to ask first: R up replicas, plus the previous owners during a move."""
-        if self.done.called:
+        if self._answered_client:
             return []
         first = [*self.candidates[: self.needed], *self.extra]
         self.asked.extend(first)
@@ -730,12 +786,10 @@ class _KeyRead:
 
     def start(self) -> None:
         """Send the first round of a read of this key alone."""
-        send = self.router._send
+        ask = self.router._ask
         for node in self.first_round():
-            send(node, XGet((self.key,))).addCallbacks(
-                self._answer_from, self.failed_on_with, callbackArgs=(node,), errbackArgs=(node,)
-            )
-        if not self.done.called:
+            ask(node, self.key, self)
+        if not self._answered_client:
             self.router._hedge_later(self)
 
     def hedge(self) -> str | None:
@@ -801,16 +855,25 @@ class _KeyRead:
             if from_replicas >= self.needed and not extra_pending:
                 self._answer()
             elif not pending and from_replicas < self.needed:
-                self._answered_client = True
-                self.router.counters["quorum_failures"] += 1
-                self.done.errback(Failure(QuorumNotReached(self.needed, from_replicas, "read")))
+                self._fail(QuorumNotReached(self.needed, from_replicas, "read"))
                 return
         if self._answered_client and not pending:
             self._repair()
 
+    def _fail(self, error: QuorumNotReached) -> None:
+        """Not enough replicas answered (or are up): the read fails with ``error``, counted."""
+        self._answered_client = True
+        self.router.counters["quorum_failures"] += 1
+        if self.sink is not None:
+            self.sink.errback(error)
+        else:
+            self.done.errback(Failure(error))
+
     def _answer(self) -> None:
         self._answered_client = True
-        if self.single:
+        if self.sink is not None:
+            self.sink.callback(self.router._client_reply(self.key, self._newest()))
+        elif self.single:
             self.done.callback(self.router._client_values(self.key, self._newest()))
         else:
             self.done.callback((self.key, self._newest()))

@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 
 from chashd.client import AsyncKVStoreClient, http_client
-from chashd.config import ConfigOptions, GatewayConfig, check_secrets, options_for
+from chashd.config import ConfigOptions, GatewayConfig, check_secrets, connection_limits, options_for
 from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
@@ -29,6 +29,7 @@ from chashd.gateway.statuspage import StatusPage
 from chashd.gateway.workers import HTTP, LINE, WorkersMetrics, WorkerSupervisor
 from chashd.logs import with_log_format
 from chashd.metrics import ConnectionsCollector, daemon_registry
+from chashd.tls import https_policy, load_ca
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
@@ -44,6 +45,7 @@ class Options(options_for(GatewayConfig, "chash-gateway")):  # type: ignore[misc
         try:
             check_secrets(self.config)
             raft_settings(self.config)
+            load_ca(self.config.tls_ca)
         except ConfigError as e:
             raise SystemExit(f"chash-gateway: error: {e}") from None
 
@@ -105,8 +107,10 @@ def _raft_gateway(
 ) -> None:
     """A gateway of the Raft group: membership, health checks, the ring API, and the data plane."""
     if probe is None:
-        kvstores = http_client(reactor, connect_timeout=1.0)
-        probe = health_probe(kvstores, reactor, timeout=max(0.5, min(2.0, config.probe_interval)))
+        # With a CA, the kvstores' HTTP ports are TLS too: probe them with https, verified against it.
+        kvstores = http_client(reactor, connect_timeout=1.0, tls=https_policy(load_ca(config.tls_ca)))
+        scheme = "https" if config.tls_ca else "http"
+        probe = health_probe(kvstores, reactor, max(0.5, min(2.0, config.probe_interval)), scheme)
     membership = Membership(config, reactor, raft_factory)
     gateway = GatewayService(
         config,
@@ -125,12 +129,9 @@ def _raft_gateway(
     if config.workers == 1:
         data = gateway.data_plane
         line = data.line_factory(admin=gateway.admin, shutdown=shutdown_command(reactor, config.enable_shutdown))
+        connections = ConnectionsCollector(line)
         registry = daemon_registry(
-            "gateway",
-            config.gateway_id,
-            data.requests,
-            GatewayCollector(gateway.membership),
-            ConnectionsCollector(line),
+            "gateway", config.gateway_id, data.requests, GatewayCollector(gateway.membership), connections
         )
         http = data.http(health=gateway.health, ready=gateway.ready, metrics=registry)
         figures = data.figures
@@ -141,9 +142,11 @@ def _raft_gateway(
         registry = daemon_registry("gateway", config.gateway_id, GatewayCollector(gateway.membership))
         http = _admin_http(supervisor, gateway.health, gateway.ready, registry)
         figures = supervisor.stats
+    limits = connection_limits(config)
     page = StatusPage(ring_api.status_body, lambda: gateway.membership.view.ring, figures, reactor)
-    site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()))
+    site = http.site(RingRoot(ring_api.resource(), http.resource(), page.resource()), reactor=reactor, **limits)
     if config.workers == 1:
+        connections.add(site, "http")
         _listen(reactor, config, root, notifier, site, line)
     else:
         _listen_admin(reactor, root, supervisor, site)
@@ -160,7 +163,8 @@ def _follower(config: GatewayConfig, reactor: Any, root: MultiService, notifier:
 
         registry = daemon_registry("gateway", config.gateway_id)
         health = lambda: _follower_health(config, supervisor.stats().get("epoch"))  # noqa: E731
-        _listen_admin(reactor, root, supervisor, _admin_http(supervisor, health, ready, registry).site())
+        site = _admin_http(supervisor, health, ready, registry).site(reactor=reactor, **connection_limits(config))
+        _listen_admin(reactor, root, supervisor, site)
         return
     data = DataPlane(config, reactor)
     data.setServiceParent(root)
@@ -171,17 +175,21 @@ def _follower(config: GatewayConfig, reactor: Any, root: MultiService, notifier:
         if not routed.called:
             routed.callback(None)
 
-    gateways = AsyncKVStoreClient(reactor, config.follow, timeout=FOLLOW_TIMEOUT, token=config.token)
+    tls = https_policy(load_ca(config.tls_ca))
+    gateways = AsyncKVStoreClient(reactor, config.follow, timeout=FOLLOW_TIMEOUT, token=config.token, tls=tls)
     watch = RoutingWatch(gateways, reactor, follow)
     watch.setServiceParent(root)
     notifier.wait_for(routed)
     line = data.line_factory(shutdown=shutdown_command(reactor, config.enable_shutdown))
+    connections = ConnectionsCollector(line)
     http = data.http(
         health=lambda: _follower_health(config, data.routing.epoch if data.routing else None),
         ready=lambda: _follower_ready(data.routing),
-        metrics=daemon_registry("gateway", config.gateway_id, data.requests, ConnectionsCollector(line)),
+        metrics=daemon_registry("gateway", config.gateway_id, data.requests, connections),
     )
-    _listen(reactor, config, root, notifier, http.site(), line)
+    site = data.site(http)
+    connections.add(site, "http")
+    _listen(reactor, config, root, notifier, site, line)
 
 
 def _follower_health(config: GatewayConfig, epoch: Any) -> dict[str, Any]:

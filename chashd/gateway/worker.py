@@ -52,6 +52,7 @@ from chashd.gateway.workers import (
 from chashd.logs import JSONLineObserver
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import ConnectionsCollector, daemon_registry
+from chashd.tls import https_policy, load_ca
 
 __all__ = ["WorkerLineFactory", "WorkerRoot", "main"]
 
@@ -204,16 +205,20 @@ class Worker(Protocol):
         )
         line.workers = int(message.get("workers", 1))
         admin = urlsplit(message["admin"]) if message.get("admin") else None
-        registry = daemon_registry("gateway", config.gateway_id, self.data.requests, ConnectionsCollector(line))
+        connections = ConnectionsCollector(line)
+        registry = daemon_registry("gateway", config.gateway_id, self.data.requests, connections)
         http = self.data.http(
             health=lambda: {"role": "gateway", "id": config.gateway_id, "worker": self.index}, metrics=registry
         )
         self._metrics = _StatsFamilies(http.metrics, line.backend.stats)
         kv = http.resource()
-        self._site = http.site(
-            WorkerRoot(kv, (admin.hostname or "127.0.0.1", admin.port or 80) if admin else None, self._reactor)
+        self._site = self.data.site(
+            http, WorkerRoot(kv, (admin.hostname or "127.0.0.1", admin.port or 80) if admin else None, self._reactor)
         )
-        gateways = AsyncKVStoreClient(self._reactor, message["follow"], timeout=FOLLOW_TIMEOUT, token=config.token)
+        connections.add(self._site, "http")
+        tls = https_policy(load_ca(config.tls_ca))
+        follow = message["follow"]
+        gateways = AsyncKVStoreClient(self._reactor, follow, timeout=FOLLOW_TIMEOUT, token=config.token, tls=tls)
         watch = RoutingWatch(gateways, self._reactor, self._routed)
         watch.setServiceParent(self._root)
         self._root.startService()

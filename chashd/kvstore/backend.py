@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from typing import Any
+from typing import Any, Protocol, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -46,8 +47,10 @@ from chashd.commands import (
     BulkProbe,
     Command,
     Delete,
+    Digests,
     FlushAll,
     Get,
+    KeyVersions,
     Number,
     Result,
     Status,
@@ -58,13 +61,16 @@ from chashd.commands import (
     XApplied,
     XApply,
     XBulk,
+    XDigest,
     XGet,
+    XList,
     XPut,
 )
 from chashd.errors import (
     BadCommand,
     DomainError,
     NodeLeaving,
+    ServiceUnavailable,
     StaleVersion,
     StorageError,
     StorageFull,
@@ -77,7 +83,18 @@ from chashd.ring import HASH_SPACE, key_hash
 from chashd.semantics import apply_write
 from chashd.versions import DEFAULT_MAX_SKEW_MS, HybridClock, Version
 
-__all__ = ["COUNTERS", "LocalBackend"]
+__all__ = ["COUNTERS", "LocalBackend", "RangeServer"]
+
+
+class RangeServer(Protocol):
+    """What answers the anti-entropy commands on a kvstore (``chashd.kvstore.antientropy.AntiEntropy``)."""
+
+    def digest(self, command: XDigest) -> Deferred[Digests]:
+        """The digests of the sub-ranges asked for."""
+
+    def list_keys(self, command: XList) -> Deferred[KeyVersions]:
+        """A page of ``(hash, key, version)`` of the range asked for."""
+
 
 _NO_VALUES = Values(())
 
@@ -106,6 +123,8 @@ COUNTERS = (
     "cmd_xput",
     "cmd_xapply",
     "cmd_xbulk",
+    "cmd_xdigest",
+    "cmd_xlist",
     "xapply_stale",
     "handoff_records_received_total",
     "versions_refused_total",
@@ -164,11 +183,17 @@ class LocalBackend:
             XApply: self._xapply,
             XBulk: self._xbulk,
             BulkProbe: self._bulk_probe,
+            XDigest: self._xdigest,
+            XList: self._xlist,
         }
+        #: Answers the anti-entropy commands (``chashd.kvstore.antientropy``; None: refused).
+        self.ranges: RangeServer | None = None
 
     def execute(self, command: Command) -> Result:
         """Run ``command``; raises the errors of ``chashd.errors`` (and TypeError for a command that is
-        not a key-value command, such as ``stats``, which the adapters answer themselves)."""
+        not a key-value command, such as ``stats``, which the adapters answer themselves). The
+        anti-entropy commands (``XDigest``, ``XList``) answer a Deferred of their result: they scan in the
+        thread pool."""
         try:
             if type(command) is Get:  # the most common command, without the table lookup
                 return self._get(command)
@@ -567,6 +592,18 @@ class LocalBackend:
     def _bulk_probe(self, command: BulkProbe) -> BulkFormat:
         """The bulk page format this node reads (a server of an earlier version answers ``ERROR``)."""
         return BulkFormat(BULK_FORMAT)
+
+    def _xdigest(self, command: XDigest) -> Result:
+        self._counts["cmd_xdigest"] += 1
+        if self.ranges is None:
+            raise ServiceUnavailable("this node does not serve anti-entropy")
+        return cast(Result, self.ranges.digest(command))  # a Deferred: the server waits for it
+
+    def _xlist(self, command: XList) -> Result:
+        self._counts["cmd_xlist"] += 1
+        if self.ranges is None:
+            raise ServiceUnavailable("this node does not serve anti-entropy")
+        return cast(Result, self.ranges.list_keys(command))
 
     def _xapply(self, command: XApply) -> XApplied:
         """Run the write with the caller's version, on top of the stored record. A stored record as new as

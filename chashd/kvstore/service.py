@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -22,8 +22,11 @@ from chashd.client import AsyncKVStoreClient
 from chashd.config import KVStoreConfig, endpoint_port
 from chashd.errors import ConfigError
 from chashd.interfaces import IStorageEngine
+from chashd.kvstore.antientropy import AntiEntropy
+from chashd.kvstore.antientropy import Connect as PeerConnect
 from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.handoff import Connect, Handoff
+from chashd.kvstore.placement import RingUpdate
 from chashd.kvstore.registration import Registrar
 from chashd.kvstore.ringwatch import RingWatch
 from chashd.record import TOMBSTONE_GRACE
@@ -64,8 +67,9 @@ class KVStoreService(MultiService):
     registration with the gateways, and the handoff that the ring watch feeds.
 
     ``cluster`` is the client of the gateways (None: the node serves alone, with no registration and no
-    ring); ``connect(host, line_port)`` makes a connection to a handoff target. Both come from
-    ``chashd.kvstore.tap``, which makes every client of the role.
+    ring); ``connect(host, line_port)`` makes a connection to a handoff target, ``connect_peer`` one to an
+    anti-entropy peer (default: ``connect``). They come from ``chashd.kvstore.tap``, which makes every client
+    of the role.
 
     Point reads and writes stay on the reactor thread: they cost microseconds, less than a hop to a
     thread and back (measured in bench/kvstore.py).
@@ -83,6 +87,7 @@ class KVStoreService(MultiService):
         cluster: AsyncKVStoreClient | None,
         connect: Connect,
         run_in_thread: Callable[..., Deferred[Any]] | None = None,
+        connect_peer: PeerConnect | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -114,6 +119,23 @@ class KVStoreService(MultiService):
         self.handoff.setServiceParent(self)
         self.backend.stats_sources.append(self.handoff.stats)
         self.backend.stats_sources.append(lambda: {"purged_total": self.purged})
+        # Anti-entropy: compares the data with the other replicas' and repairs both, and answers them.
+        if connect_peer is None:  # the KVClientPool a handoff connection is serves anti-entropy as well
+            connect_peer = cast(PeerConnect, connect)
+        self.anti_entropy = AntiEntropy(
+            config.node_id,
+            self.engine,
+            self.handoff,
+            self.backend.execute_puts,
+            self.run_in_pool,
+            reactor,
+            connect_peer,
+            interval=config.anti_entropy_interval,
+            rate=config.anti_entropy_rate,
+        )
+        self.anti_entropy.setServiceParent(self)
+        self.backend.ranges = self.anti_entropy
+        self.backend.stats_sources.append(self.anti_entropy.stats)
         #: The client of the gateways' HTTP API (registration, the ring watch, the drain); None for a node
         #: given no gateway, which serves alone.
         self.cluster = cluster
@@ -122,8 +144,13 @@ class KVStoreService(MultiService):
         if cluster is not None:
             self.registrar = Registrar(cluster, self.announcement, reactor, interval=config.register_interval)
             self.registrar.setServiceParent(self)
-            self.ring_watch = RingWatch(cluster, reactor, self.handoff.ring_changed)
+            self.ring_watch = RingWatch(cluster, reactor, self._ring_changed)
             self.ring_watch.setServiceParent(self)
+
+    def _ring_changed(self, update: RingUpdate) -> None:
+        """The ring watch's callback: the handoff first, then anti-entropy."""
+        self.handoff.ring_changed(update)
+        self.anti_entropy.ring_changed(update)
 
     # -- the thread pool ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
 from chashd.client import AsyncKVStoreClient
-from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, options_for
+from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, connection_limits, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError, StorageError
 from chashd.gcwatch import GCWatch
@@ -19,6 +19,7 @@ from chashd.logs import with_log_format
 from chashd.memcache.client import KVClientPool
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import ConnectionsCollector, RequestMetrics, daemon_registry
+from chashd.tls import client_endpoint, https_policy, load_ca
 from chashd.web import KeyValueHTTP
 
 __all__ = ["Options", "makeService"]
@@ -27,6 +28,8 @@ __all__ = ["Options", "makeService"]
 CLUSTER_TIMEOUT = 10.0
 #: Seconds a push of the handoff may wait for its answer.
 HANDOFF_TIMEOUT = 30.0
+#: Seconds an anti-entropy request to a peer may wait for its answer.
+ANTI_ENTROPY_TIMEOUT = 300.0
 
 
 class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc]  # a class made at run time
@@ -37,6 +40,7 @@ class Options(options_for(KVStoreConfig, "chash-kvstore")):  # type: ignore[misc
         super().postOptions()
         try:
             check_secrets(self.config)
+            load_ca(self.config.tls_ca)
         except ConfigError as e:
             raise SystemExit(f"chash-kvstore: error: {e}") from None
 
@@ -68,14 +72,17 @@ def makeService(
         engine = open_engine(config)
     except (ConfigError, StorageError) as e:
         raise SystemExit(f"chash-kvstore: error: {e}") from None
+    ca = load_ca(config.tls_ca)
     cluster = None
     if config.gateway:
-        cluster = AsyncKVStoreClient(reactor, config.gateway, timeout=CLUSTER_TIMEOUT, token=config.token)
+        tls = https_policy(load_ca(config.tls_ca))  # https:// gateway URLs verified against --tls-ca
+        cluster = AsyncKVStoreClient(reactor, config.gateway, timeout=CLUSTER_TIMEOUT, token=config.token, tls=tls)
 
     def connect(host: str, port: int) -> KVClientPool:
         """A connection to a handoff target: one pipelined line-protocol connection, which proves the cluster
         token first (xauth), then asks whether the target reads bulk pages."""
         reply_room = config.max_value_size + 4096  # a value and its command line
+        endpoint = client_endpoint(reactor, host, port, 5.0, ca)  # TLS verified against --tls-ca when given
         return KVClientPool(
             reactor,
             host,
@@ -85,27 +92,44 @@ def makeService(
             max_value_size=reply_room,
             token=config.token,
             probe_bulk=True,
+            endpoint=endpoint,
         )
 
-    node = KVStoreService(config, reactor, engine, cluster, connect, run_in_thread=run_in_thread)
+    def connect_peer(host: str, port: int) -> KVClientPool:
+        """A connection to an anti-entropy peer, as a handoff's but with a long timeout: a digest of a large
+        range may take the peer a while (its scans are rate limited)."""
+        return KVClientPool(
+            reactor,
+            host,
+            port,
+            size=1,
+            timeout=ANTI_ENTROPY_TIMEOUT,
+            max_value_size=config.max_value_size + 4096,
+            token=config.token,
+            endpoint=client_endpoint(reactor, host, port, 5.0, ca),  # TLS as the handoff's
+        )
+
+    node = KVStoreService(
+        config, reactor, engine, cluster, connect, run_in_thread=run_in_thread, connect_peer=connect_peer
+    )
     notifier = SystemdNotifier()
     root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
     requests = RequestMetrics() if config.latency_histograms else None
+    limits = connection_limits(config)
     line = MemcacheServerFactory(
         node.backend,
         reactor,
         max_value_size=config.max_value_size,
-        max_connections=config.max_connections,
         max_keys=config.max_keys,
-        idle_timeout=config.idle_timeout,
+        max_pending_bytes=config.max_pending_bytes,
         shutdown=shutdown_command(reactor, config.enable_shutdown),
         requests=requests,
         token=config.token,
+        **limits,
     )
     node.backend.stats_sources.append(line.auth_stats)
-    metrics = daemon_registry(
-        "kvstore", config.node_id, requests, ConnectionsCollector(line), data_dir=config.data_dir
-    )  # fmt: skip
+    connections = ConnectionsCollector(line)
+    metrics = daemon_registry("kvstore", config.node_id, requests, connections, data_dir=config.data_dir)
     http = KeyValueHTTP(
         node.backend,
         health=node.health,
@@ -121,7 +145,9 @@ def makeService(
     node.backend.stats_sources.append(gc_watch.stats)
     if handle_signals:  # the daemon's process (a test's process keeps its collector as it is)
         gc_watch.install()
-    for description, factory, what in ((config.port, http.site(), "HTTP"), (config.line_port, line, "line protocol")):
+    site = http.site(reactor=reactor, **limits)
+    connections.add(site, "http")
+    for description, factory, what in ((config.port, site, "HTTP"), (config.line_port, line, "line protocol")):
         listener = ListenService(reactor, description, factory, what)
         listener.setServiceParent(root)
         notifier.wait_for(listener.listening)

@@ -256,6 +256,15 @@ class KVClientProtocol(Protocol):
         self._enqueue(_FORWARDED, sink, b"get " + key + b"\r\n")
         return True
 
+    def send_to(self, command: Command, sink: IReplySink) -> bool:
+        """``send`` whose result goes to ``sink.callback`` (an error to ``sink.errback``) in place of a
+        Deferred; False, and nothing sent, when not connected. For one-key commands (no ``XGet`` split)."""
+        if not self._connected:
+            return False
+        command = _as_request(command)
+        self._enqueue(command, sink, serialize_command(command))
+        return True
+
     def _enqueue(self, request: Command | SplicedGet, waiter: Deferred[Result] | IReplySink, wire: bytes) -> None:
         """Send ``wire``, the bytes of ``request``, whose answer goes to ``waiter``; its deadline starts now."""
         seconds = self._seconds
@@ -483,6 +492,12 @@ class KVClientPool(MultiService):
         when none is connected (``send`` would wait for one)."""
         best = self._pick()
         return best is not None and best.forward_get(key, sink)
+
+    def send_to(self, command: Command, sink: IReplySink) -> bool:
+        """``KVClientProtocol.send_to`` over the connection ``send`` would take; False, and nothing sent,
+        when none is connected."""
+        best = self._pick()
+        return best is not None and best.send_to(command, sink)
 
     def _pick(self) -> KVClientProtocol | None:
         """The first connected connection with fewer than ``spill_at`` requests pending, else the connected

@@ -96,6 +96,19 @@
 # (``StaleVersion``) rather than applied over a record it is not newer than: the gateway moves its clock past
 # the stored version and sends it again, and a request a gateway gave up on (a paused primary) never undoes
 # the writes that came after it.
+#
+# Anti-entropy (between kvstores, chashd/kvstore/antientropy.py), on the hash range ``[<first>, <last>]`` (32-bit
+# ring hashes) of the ring whose placement id is ``<placement>`` (16 hex digits): a node whose data does not
+# conform to that placement (another ring, or a handoff under way) answers ``SERVER_ERROR not synced to
+# placement <placement>``.
+#
+#     xdigest <placement> <first> <last> <parts> [<sender node id>]
+#                                                -> (DIGEST <records> <total>\r\n){parts} END
+#                                                   the digest of each of <parts> (1-256) equal sub-ranges
+#     xlist <placement> <first> <last> <limit> [<after hash> <after key>]
+#                                                -> (XKEY <hash> <key> <version>\r\n)* END
+#                                                   up to <limit> (1-10000) records in (hash, key) order,
+#                                                   after the position given
 
 """The line protocol's server: ``MemcacheServerFactory`` and ``MemcacheServerProtocol`` over an ``IKeyValue``.
 
@@ -123,8 +136,18 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   (this listener's connections), ``cachedump`` (the first items of the kvstore's ring order). ``version``
   says ``1.6.18-chashd-<version>``: clients read it as memcached's (libmemcached refuses a major version 0).
   ``shutdown`` stops the daemon only with ``--enable-shutdown`` (memcached's ``-A``).
-- Past ``max_connections`` a new connection gets ``ERROR Too many open connections`` and is closed, as
-  memcached does; a connection idle for ``idle_timeout`` seconds is closed (0: never).
+- Memory per connection is bounded in bytes too: replies pending (a request in flight counts as the
+  largest reply it may get: its keys times the value limit; a reply done and not written, its size) are
+  capped at ``max_pending_bytes``; above it the connection stops reading, and resumes below half of it.
+  While the transport's write buffer is full, done replies stay in the queue (counted) instead of piling up
+  in the transport: a client that pipelines gets of a large value and never reads holds about
+  ``max_pending_bytes``, not ``max_pending`` values.
+- Past ``max_connections``, the connection idle longest (nothing pending or half-received, nothing read
+  for ``EVICT_IDLE`` seconds or more) is closed to make room for the new one (``idle_evictions``), so that
+  idle connections cannot lock new clients out; when none is idle the new connection gets ``ERROR Too many
+  open connections`` and is closed, as memcached does. A connection idle for ``idle_timeout`` seconds is
+  closed (0: never); one that leaves a command half-sent (a line without its end, a data block short of its
+  length) for ``client_timeout`` seconds is closed too (``slow_clients_closed``; 0: never).
 - Meta commands (``mg``, ``ms``, ``md``, ``ma``, ``mn``, ``me``) run as the steps ``chashd.memcache.meta``
   plans: classic commands sent to the backend one after the other (each step's result, at once on a
   kvstore or later on a gateway, decides the next), so that a gateway routes them with the N/W/R and
@@ -212,7 +235,9 @@ from chashd.commands import (
     XApply,
     XAuth,
     XBulk,
+    XDigest,
     XGet,
+    XList,
     XPut,
 )
 from chashd.errors import DomainError, Unauthenticated
@@ -252,6 +277,12 @@ _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied, Bulked, Bul
 _FLUSH_AT = 65536  # bytes of replies gathered before they are written (the transport's buffer size)
 _PUT_GROUP = 512  # most XPuts run in one IGroupedPuts call
 _CLOSE = object()  # a queue entry: close the connection once everything before it is written
+#: What a request that is not a read is charged while in flight (its reply is a line).
+_SMALL_REPLY = 64
+#: A read's reply is charged this much per key on top of the value limit (its VALUE line).
+_VALUE_LINE = 320
+#: Seconds a connection must have been idle before it may be closed to make room for a new one.
+EVICT_IDLE = 1.0
 _LocalCommand = (
     StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth | MetaCommand | LruCrawler
 )
@@ -280,7 +311,7 @@ def _address(address: Any) -> str:
 _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
     XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
-    BulkProbe: "internal",
+    BulkProbe: "internal", XDigest: "internal", XList: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip
@@ -317,6 +348,8 @@ class MemcacheServerFactory(Factory):
         shutdown: Callable[[], object] | None = None,
         requests: RequestMetrics | None = None,
         token: str | bytes | None = None,
+        max_pending_bytes: int = 1024 * 1024,
+        client_timeout: float = 30.0,
     ) -> None:
         self.backend = backend
         self.token = token.encode() if isinstance(token, str) else token
@@ -345,12 +378,17 @@ class MemcacheServerFactory(Factory):
         self.max_line = max_line
         self.max_keys = max_keys
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.client_timeout = client_timeout
         self.version = version
         self.started = clock.seconds()
         self.curr_connections = 0
         self.total_connections = 0
         self.rejected_connections = 0
         self.idle_closed = 0
+        self.idle_evicted = 0
+        self.slow_closed = 0
+        self.paused_for_memory = 0
 
     def buildProtocol(self, addr: IAddress | None) -> MemcacheServerProtocol:
         """A new server connection."""
@@ -359,6 +397,18 @@ class MemcacheServerFactory(Factory):
     def auth_stats(self) -> dict[str, int]:
         """Commands refused for want of the token, and wrong tokens (for the backend's ``stats``)."""
         return {"line_commands_refused_total": self.commands_refused, "line_auth_failures_total": self.auth_failures}
+
+    def evict_idle(self) -> bool:
+        """Close the connection idle longest, if one was idle ``EVICT_IDLE`` seconds; True if one was."""
+        now = self.clock.seconds()
+        idle = [p for p in self.connections.values() if p.idle and now - p.last_seen >= EVICT_IDLE]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda p: p.last_seen)
+        self.idle_evicted += 1
+        self._log.info("closing a connection idle for {idle:.0f}s to make room", idle=now - victim.last_seen)
+        victim.evict()
+        return True
 
     def register(self, protocol: MemcacheServerProtocol) -> int:
         """Count a new connection in ``connections``; its id."""
@@ -378,6 +428,9 @@ class MemcacheServerFactory(Factory):
             ("total_connections", str(self.total_connections)),
             ("rejected_connections", str(self.rejected_connections)),
             ("idle_kicks", str(self.idle_closed)),
+            ("idle_evictions", str(self.idle_evicted)),
+            ("slow_clients_closed", str(self.slow_closed)),
+            ("paused_for_memory", str(self.paused_for_memory)),
             ("max_connections", str(self.max_connections)),
         ]
         seen = {name for name, _ in items}
@@ -403,6 +456,8 @@ class MemcacheServerFactory(Factory):
             ("max_line", str(self.max_line)),
             ("max_keys_per_get", str(self.max_keys)),
             ("max_pending_replies", str(self.max_pending)),
+            ("max_pending_bytes", str(self.max_pending_bytes)),
+            ("client_timeout", f"{self.client_timeout:g}"),
             ("backend", self.backend.name),
         ]
         if self.admin is not None:
@@ -414,6 +469,9 @@ class MemcacheServerFactory(Factory):
         self.total_connections = 0
         self.rejected_connections = 0
         self.idle_closed = 0
+        self.idle_evicted = 0
+        self.slow_closed = 0
+        self.paused_for_memory = 0
         if self.admin is not None:
             self.admin.reset_stats()
 
@@ -469,7 +527,7 @@ class _Forwarded:
 
     __slots__ = ("called", "cell", "protocol", "start")
 
-    def __init__(self, protocol: MemcacheServerProtocol, cell: list[bytes | None]) -> None:
+    def __init__(self, protocol: MemcacheServerProtocol, cell: list[Any]) -> None:
         self.protocol = protocol
         self.cell = cell
         self.called = False
@@ -478,6 +536,7 @@ class _Forwarded:
     def callback(self, reply: bytes) -> None:
         self.called = True
         self.cell[0] = reply
+        self.protocol._settle(self.cell)
         self._done()
 
     def errback(self, error: Any) -> None:
@@ -488,6 +547,7 @@ class _Forwarded:
         if not isinstance(error, DomainError):
             protocol._log.failure("the backend failed on a get", Failure(error))
         self.cell[0] = protocol._error(error_reply(error))
+        protocol._settle(self.cell)
         self._done()
 
     def _done(self) -> None:
@@ -539,7 +599,8 @@ class MemcacheServerProtocol(Protocol):
         self._requests = factory.requests
         self._latency = factory.latency
         self._get_latency = factory.latency[Get] if factory.latency is not None else None
-        self._queue: deque[Any] = deque()  # pending replies: [bytes | None] cells and _CLOSE
+        self._queue: deque[Any] = deque()  # pending replies: [bytes | None, bytes charged] cells and _CLOSE
+        self._held = 0  # bytes charged for the queue's cells (see the module docstring)
         self._out: list[bytes] = []  # replies to the current read, written together
         self._out_size = 0
         self._paused = False  # not reading nor parsing, because of one of the three below
@@ -549,13 +610,13 @@ class MemcacheServerProtocol(Protocol):
         self._closing = False
         self._lost = False
         self._read_closed = False  # the client shut its write side: close once every reply is out
-        # A meta command in several steps runs alone: it waits for the replies before it (``_held``), and
+        # A meta command in several steps runs alone: it waits for the replies before it (``_held_command``), and
         # nothing after it runs until it is answered (``_barrier``), as memcached runs a connection's commands.
         # So does a command on a key that a pending command of this connection reads or writes (a backend that
         # answers later: a gateway), when one of the two writes it (``_waits``): ``_reading`` and ``_writing``
         # count the pending commands by key (b"" for a pending flush_all, which every command waits for).
         self._barrier = False
-        self._held: Command | FailedRequest | None = None
+        self._held_command: Command | FailedRequest | None = None
         self._reading: dict[bytes, int] = {}
         self._writing: dict[bytes, int] = {}
         # lru_crawler metadump: streaming (a barrier too), from this ring position, the next page's call.
@@ -565,6 +626,7 @@ class MemcacheServerProtocol(Protocol):
         self._in_process = False
         self._counted = False
         self._idle_call: IDelayedCall | None = None
+        self._partial_call: IDelayedCall | None = None  # a command half-sent: closed at client_timeout
         #: When the client last sent something (the clock's seconds); its address and ours (``stats conns``).
         self.last_seen = 0.0
         self.peer = ""
@@ -577,7 +639,7 @@ class MemcacheServerProtocol(Protocol):
     def connectionMade(self) -> None:
         self._tr = self.transport
         factory = self.factory
-        if factory.curr_connections >= factory.max_connections:
+        if factory.curr_connections >= factory.max_connections and not factory.evict_idle():
             factory.rejected_connections += 1
             self._log.warn(
                 "refusing a connection: {count} of {limit} open", count=factory.curr_connections,
@@ -614,7 +676,9 @@ class MemcacheServerProtocol(Protocol):
         if self._dump_call is not None and self._dump_call.active():
             self._dump_call.cancel()
         self._dump_call = None
+        self._watch_partial()
         self._queue.clear()
+        self._held = 0
 
     def readConnectionLost(self) -> None:
         """The client shut its write side: run what it sent (what a pause held back too, once it ends), write
@@ -648,6 +712,39 @@ class MemcacheServerProtocol(Protocol):
         self._flush_out()
         self._tr.loseConnection()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing pending, nothing half-received: the connection may be closed to make room."""
+        return not self._queue and not self._closing and not self._parser.in_request
+
+    def evict(self) -> None:
+        """Close this idle connection to make room for a new one."""
+        self._close_now()
+
+    def _watch_partial(self) -> None:
+        """Arm the slow-client timer while a command is half-received (and reading goes on), else cancel it."""
+        timeout = self.factory.client_timeout
+        partial = timeout > 0 and not self._closing and not self._paused and self._parser.in_request
+        call = self._partial_call
+        if partial and call is None:
+            self._partial_call = self.callLater(timeout, self._too_slow)
+        elif not partial and call is not None:
+            if call.active():
+                call.cancel()
+            self._partial_call = None
+
+    def _too_slow(self) -> None:
+        self._partial_call = None
+        if self._closing or self._paused or not self._parser.in_request:
+            return
+        self.factory.slow_closed += 1
+        self._log.info(
+            "closing a connection from {peer}: a command half-sent for {timeout}s",
+            peer=self.peer,
+            timeout=self.factory.client_timeout,
+        )
+        self._close_now()
+
     # -- requests --------------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -665,6 +762,8 @@ class MemcacheServerProtocol(Protocol):
                 return
         self._parser.feed(data)
         self._process()
+        if self._partial_call is not None or self._parser.in_request:
+            self._watch_partial()
 
     def _process(self) -> None:
         """Run the parsed commands until the buffer is empty, the queue is full or the connection closes;
@@ -740,16 +839,17 @@ class MemcacheServerProtocol(Protocol):
         if not forwarder.forwarding or (writing and (key in writing or b"" in writing)):  # the general path waits
             self._handle(Get((key,)))
             return
-        cell: list[bytes | None] = [None]
+        charge = self.factory.max_value_size + _VALUE_LINE  # as a Get of one key in flight (_charge)
+        cell: list[Any] = [None, charge]
         queue = self._queue
         queue.append(cell)
+        self._held += charge
         if not forwarder.forward_get(key, _Forwarded(self, cell)):
             queue.pop()  # the cell: nothing was queued behind it
+            self._held -= charge
             self._handle(Get((key,)))
             return
-        if len(queue) >= self.factory.max_pending and not self._queue_full:
-            self._queue_full = True
-            self._update_reading()
+        self._check_pending()
 
     def _handle(self, command: Command | FailedRequest) -> None:
         latency = self._latency
@@ -823,7 +923,9 @@ class MemcacheServerProtocol(Protocol):
     def _reply(self, reply: bytes) -> None:
         """Queue ``reply`` behind the pending ones, or add it to this read's replies."""
         if self._queue:
-            self._queue.append([reply])
+            self._queue.append([reply, len(reply)])
+            self._held += len(reply)
+            self._check_pending()
         else:
             self._out.append(reply)
             self._out_size += len(reply)
@@ -904,7 +1006,7 @@ class MemcacheServerProtocol(Protocol):
 
     def _hold(self, command: Command | FailedRequest) -> None:
         """Run ``command`` (and read what follows it) once every pending reply is written."""
-        self._held = command
+        self._held_command = command
         self._barrier = True
 
     def _close_after_replies(self) -> None:
@@ -1047,7 +1149,7 @@ class MemcacheServerProtocol(Protocol):
 
     def _run_held(self) -> None:
         """The replies before a held command are written: run it now, then what follows it."""
-        command, self._held = self._held, None
+        command, self._held_command = self._held_command, None
         assert command is not None
         self._barrier = False
         self._handle(command)
@@ -1162,9 +1264,18 @@ class MemcacheServerProtocol(Protocol):
 
     # -- replies that come later (a Deferred backend) ----------------------------------------------------
 
+    def _charge(self, command: Command) -> int:
+        """The bytes a request in flight is charged: a read, its keys at the value limit; others, a line."""
+        if isinstance(command, Get):
+            charge: int = len(command.keys) * (self.factory.max_value_size + _VALUE_LINE)
+            return charge
+        return _SMALL_REPLY
+
     def _pending(self, command: Command, result: Deferred[Result], start: float) -> None:
-        cell: list[bytes | None] = [None]
+        charge = self._charge(command)
+        cell: list[Any] = [None, charge]
         self._queue.append(cell)
+        self._held += charge
         noreply = getattr(command, "noreply", False)
         histogram = self._latency[type(command)] if self._latency is not None else None
         self._track(command, 1)
@@ -1176,6 +1287,7 @@ class MemcacheServerProtocol(Protocol):
             except Exception:
                 self._log.failure("cannot serialize the result of {command}", command=type(command).__name__)
                 cell[0] = self._error(error_reply(RuntimeError()))
+            self._settle(cell)
             if histogram is not None:
                 histogram.observe(perf_counter() - start)
             self._drain()
@@ -1186,58 +1298,82 @@ class MemcacheServerProtocol(Protocol):
                 self._log.failure("the backend failed on {command}", failure, command=type(command).__name__)
             reply = self._error(error_reply(failure.value or RuntimeError()))
             cell[0] = b"" if noreply else reply
+            self._settle(cell)
             if histogram is not None:
                 histogram.observe(perf_counter() - start)
             self._drain()
 
         result.addCallbacks(done, failed)
-        self._cap_queue()
+        self._check_pending()
 
     def _later(self, reply: Deferred[bytes]) -> None:
         """Queue a reply that comes later (b"" for none): a meta command's, made of several steps; it is
-        written once it and those before it are."""
-        cell: list[bytes | None] = [None]
+        written once it and those before it are. It is charged as a read of one key while in flight."""
+        charge = self.factory.max_value_size + _VALUE_LINE
+        cell: list[Any] = [None, charge]
         self._queue.append(cell)
+        self._held += charge
 
         def done(value: bytes) -> None:
             cell[0] = value
+            self._settle(cell)
             self._drain()
 
         def failed(failure: Failure) -> None:
             self._log.failure("a reply failed", failure)
             cell[0] = self._error(error_reply(RuntimeError()))
+            self._settle(cell)
             self._drain()
 
         reply.addCallbacks(done, failed)
-        self._cap_queue()
+        self._check_pending()
 
-    def _cap_queue(self) -> None:
-        """Stop reading once ``max_pending`` replies are pending."""
-        if len(self._queue) >= self.factory.max_pending and not self._queue_full:
+    def _settle(self, cell: list[Any]) -> None:
+        """A reply is done: it is charged its size from now on."""
+        if not self._lost:
+            size = len(cell[0])
+            self._held += size - cell[1]
+            cell[1] = size
+
+    def _check_pending(self) -> None:
+        """Stop reading once ``max_pending`` replies, or ``max_pending_bytes`` of them, are pending."""
+        if self._queue_full:
+            return
+        factory = self.factory
+        over_bytes = self._held >= factory.max_pending_bytes
+        if over_bytes or len(self._queue) >= factory.max_pending:
+            if over_bytes:
+                factory.paused_for_memory += 1
             self._queue_full = True
             self._update_reading()
 
     def _drain(self) -> None:
-        """Write the replies at the head of the queue that are done, in order."""
+        """Write the replies at the head of the queue that are done, in order; while the transport's write
+        buffer is full they stay in the queue, counted, instead of piling up in the transport."""
         if self._lost:
             return
         queue = self._queue
         out = self._out
         while queue and (queue[0] is _CLOSE or queue[0][0] is not None):
+            if self._writes_blocked and queue[0] is not _CLOSE:
+                break
             entry = queue.popleft()
             if entry is _CLOSE:
                 queue.clear()
+                self._held = 0
                 self._close_now()
                 return
+            self._held -= entry[1]
             if entry[0]:
                 out.append(entry[0])
                 self._out_size += len(entry[0])
                 if self._out_size >= _FLUSH_AT:
-                    self._flush_out()
+                    self._flush_out()  # may block the transport: the loop then stops
         self._flush_out()
-        if self._held is not None and not queue:
+        if self._held_command is not None and not queue:
             self._run_held()
-        if self._queue_full and len(queue) <= self.factory.max_pending // 2:
+        factory = self.factory
+        if self._queue_full and len(queue) <= factory.max_pending // 2 and self._held < factory.max_pending_bytes // 2:
             self._queue_full = False
             self._update_reading()
 
@@ -1249,8 +1385,11 @@ class MemcacheServerProtocol(Protocol):
         self._update_reading()
 
     def resumeProducing(self) -> None:
-        """The transport's write buffer drained: read and parse again (or go on with a metadump)."""
+        """The transport's write buffer drained: write what the queue held back, read and parse again (or go
+        on with a metadump)."""
         self._writes_blocked = False
+        if self._queue:
+            self._drain()
         if self._dumping and self._dump_call is None:
             self._dump_call = self.callLater(0, self._dump_page)
         self._update_reading()
@@ -1284,3 +1423,4 @@ class MemcacheServerProtocol(Protocol):
         else:
             self._tr.resumeProducing()
             self._process()  # what was read before the pause
+        self._watch_partial()

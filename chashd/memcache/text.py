@@ -26,8 +26,10 @@ from chashd.commands import (
     CacheMemlimit,
     Command,
     Delete,
+    Digests,
     FlushAll,
     Get,
+    KeyVersions,
     LruCrawler,
     MetaCommand,
     NoreplyCommand,
@@ -50,9 +52,12 @@ from chashd.commands import (
     XApply,
     XAuth,
     XBulk,
+    XDigest,
     XGet,
+    XList,
     XPut,
 )
+from chashd.digests import MAX_HASH, MAX_PARTS, RangeDigest
 from chashd.errors import (
     BadCommand,
     BadDataChunk,
@@ -317,6 +322,8 @@ class RequestParser:
             b"xapply": self._xapply,
             b"xauth": self._xauth,
             b"xbulk": self._xbulk,
+            b"xdigest": self._xdigest,
+            b"xlist": self._xlist,
         }
 
     def feed(self, data: bytes) -> None:
@@ -360,6 +367,12 @@ class RequestParser:
     def buffered(self) -> int:
         """Bytes received and not parsed yet."""
         return len(self._buf) - self._pos + self._more_len
+
+    @property
+    def in_request(self) -> bool:
+        """True while a command is half-received: bytes not parsed yet, or a data block (read or skipped)
+        not all here."""
+        return self._state in (_DATA, _SWALLOW) or len(self._buf) > self._pos or self._more_len > 0
 
     def next(self) -> Command | FailedRequest | bytes | None:
         """The next command or rejection (or, with ``plain_gets``, the key of a plain get), or None until
@@ -891,6 +904,36 @@ class RequestParser:
 
         return size + 2, False, build
 
+    def _xdigest(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if len(tokens) not in (5, 6):
+            return FailedRequest(BadCommand())
+        try:
+            placement, first, last = _range_tokens(tokens)
+            parts = _digits(tokens[4])
+            if not 1 <= parts <= MAX_DIGEST_PARTS:
+                raise BadCommand(f"parts must be 1 to {MAX_DIGEST_PARTS}")
+            sender = _node_id_token(tokens[5]) if len(tokens) == 6 else ""
+        except BadCommand as e:
+            return FailedRequest(e)
+        return XDigest(placement, first, last, parts, sender)
+
+    def _xlist(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if len(tokens) not in (5, 7):
+            return FailedRequest(BadCommand())
+        try:
+            placement, first, last = _range_tokens(tokens)
+            limit = _digits(tokens[4])
+            if not 1 <= limit <= MAX_LIST_LIMIT:
+                raise BadCommand(f"limit must be 1 to {MAX_LIST_LIMIT}")
+            after = None
+            if len(tokens) == 7:
+                if len(tokens[6]) > MAX_KEY_LENGTH:
+                    raise BadCommand()
+                after = (_hash_token(tokens[5]), tokens[6])
+        except BadCommand as e:
+            return FailedRequest(e)
+        return XList(placement, first, last, limit, after)
+
     def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) < 3:
             return FailedRequest(BadCommand())
@@ -958,6 +1001,38 @@ def _replied(command: WriteCommand, extension: dict[str, int] | None = None) -> 
     if extension:
         command = replace(command, **extension)  # type: ignore[arg-type]
     return replace(command, noreply=False) if command.noreply else command
+
+
+#: Sub-ranges one ``xdigest`` may ask for, and records one ``xlist`` may return.
+MAX_DIGEST_PARTS = MAX_PARTS
+MAX_LIST_LIMIT = 10000
+_PLACEMENT_DIGITS = frozenset(b"0123456789abcdef")
+
+
+def _hash_token(token: bytes) -> int:
+    value = _digits(token)
+    if value > MAX_HASH:
+        raise BadCommand("a ring hash is 32 bits")
+    return value
+
+
+def _range_tokens(tokens: list[bytes]) -> tuple[str, int, int]:
+    """``<placement> <first> <last>`` of an anti-entropy command; raises ``BadCommand``."""
+    placement = tokens[1]
+    if not 0 < len(placement) <= 64 or not _PLACEMENT_DIGITS.issuperset(placement):
+        raise BadCommand("a placement id is 1 to 64 lowercase hex digits")
+    first, last = _hash_token(tokens[2]), _hash_token(tokens[3])
+    if last < first:
+        raise BadCommand("the range ends before it starts")
+    return placement.decode("ascii"), first, last
+
+
+def _node_id_token(token: bytes) -> str:
+    """A node id (what a version's writer may be); raises ``BadCommand``."""
+    try:
+        return Version.parse("0-" + token.decode("ascii")).writer
+    except (UnicodeDecodeError, ValueError):
+        raise BadCommand("bad node id") from None
 
 
 #: The fields of the xapply extension token (``~C<cas>,T<exptime>,N<exptime>,J<initial>``), by letter.
@@ -1091,6 +1166,10 @@ def serialize_result(command: Command, result: Result) -> bytes:
         return b"XBULKED %d %d\r\n" % (result.stored, result.kept)
     if type(result) is BulkFormat:
         return b"XBULK %d\r\n" % result.version
+    if type(result) is Digests:
+        return b"".join([*(b"DIGEST %d %d\r\n" % (d.records, d.total) for d in result.items), _END])
+    if type(result) is KeyVersions:
+        return b"".join([*(b"XKEY %d %s %s\r\n" % (h, k, str(v).encode()) for h, k, v in result.items), _END])
     raise TypeError(f"not a result: {result!r}")
 
 
@@ -1145,6 +1224,14 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
     if type(command) is XGet:  # the gateway's reads
         keys = command.keys
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
+    if type(command) is XDigest:
+        sender = b" " + command.sender.encode() if command.sender else b""
+        range_ = (command.placement.encode(), command.first, command.last, command.parts, sender)
+        return b"xdigest %s %d %d %d%s\r\n" % range_
+    if type(command) is XList:
+        after = b"" if command.after is None else b" %d %s" % command.after
+        range_ = (command.placement.encode(), command.first, command.last, command.limit, after)
+        return b"xlist %s %d %d %d%s\r\n" % range_
     if type(command) is Get:
         joined = b" ".join(command.keys)
         if command.exptime is None:
@@ -1201,6 +1288,23 @@ _SERVER_ERRORS: dict[str, type[ServiceUnavailable]] = {str(NodeLeaving()): NodeL
 _STALE = StaleVersion.MESSAGE + ": "
 
 
+def _digest_line(line: bytes) -> RangeDigest:
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise BadReply(f"bad DIGEST line {line[:60]!r}")
+    return RangeDigest(int(parts[1]), int(parts[2]))
+
+
+def _xkey_line(line: bytes) -> tuple[int, bytes, Version]:
+    parts = line.split(b" ")
+    try:
+        if len(parts) != 4 or not parts[1].isdigit():
+            raise ValueError
+        return int(parts[1]), parts[2], Version.parse(parts[3].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise BadReply(f"bad XKEY line {line[:60]!r}") from None
+
+
 def error_from_reply(line: bytes) -> DomainError | None:
     """The domain error an error line stands for (the inverse of ``error_reply``), or None."""
     if line == b"ERROR":
@@ -1230,7 +1334,18 @@ class ReplyParser:
     by ``max_line`` and a value by ``max_value_size``.
     """
 
-    __slots__ = ("_buf", "_items", "_pos", "_result", "max_line", "max_value_size")
+    __slots__ = (
+        "_buf",
+        "_items",
+        "_more",
+        "_more_len",
+        "_need",
+        "_pos",
+        "_result",
+        "_rows",
+        "max_line",
+        "max_value_size",
+    )
 
     def __init__(self, max_value_size: int = 128 * 1024 * 1024, max_line: int = 4096) -> None:
         self.max_value_size = max_value_size
@@ -1239,9 +1354,25 @@ class ReplyParser:
         self._pos = 0
         self._items: list[tuple[bytes, Record]] = []  # the values of a reply read so far
         self._result: Status | Number | None = None  # an xapply's result line, once read
+        self._rows: list[Any] = []  # the DIGEST or XKEY lines of a reply read so far
+        # A long value arrives in many reads: they are kept apart and joined once, when the value is whole
+        # (joining at each read copied a 1 MB value about 16 times over).
+        self._need = 0  # bytes from _pos the value being read needs (0: none known)
+        self._more: list[bytes] = []
+        self._more_len = 0
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the connection."""
+        if self._need:
+            if len(self._buf) - self._pos + self._more_len + len(data) < self._need:
+                self._more.append(data)
+                self._more_len += len(data)
+                return
+            self._need = 0
+            if self._more:
+                data = b"".join([*self._more, data])
+                self._more.clear()
+                self._more_len = 0
         if self._pos >= len(self._buf):
             self._buf = data
         else:
@@ -1251,7 +1382,7 @@ class ReplyParser:
     @property
     def buffered(self) -> int:
         """Bytes received and not read into a result yet."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._more_len
 
     def _line(self) -> bytes | None:
         end = self._buf.find(b"\r\n", self._pos)
@@ -1269,6 +1400,7 @@ class ReplyParser:
             raise BadReply(f"value of {size} bytes announced")
         end = self._pos + size
         if len(self._buf) < end + 2:
+            self._need = end + 2  # where the block ends in _buf (next() makes it relative to the reply's start)
             return None
         if self._buf[end : end + 2] != b"\r\n":
             raise BadReply("data block not ended by CRLF")
@@ -1285,6 +1417,8 @@ class ReplyParser:
             whole = self._xget_reply()
             if whole is not None:
                 return whole
+        if kind is XDigest or kind is XList:
+            return self._rows_reply(command)  # type: ignore[arg-type]  # narrowed by the test above
         while True:
             start = self._pos
             line = self._line()
@@ -1303,6 +1437,7 @@ class ReplyParser:
                     return self._error(line)
                 if item is None:
                     self._pos = start  # the data block is not all here: read the line again later
+                    self._need -= start
                     return None
                 self._items.append(item)
                 continue
@@ -1369,6 +1504,25 @@ class ReplyParser:
         self._pos = stop + 7
         record = Record(buf[start:stop], int(flags), int(expires_at), parsed, tombstone == b"1")
         return Values(((key, record),))
+
+    def _rows_reply(self, command: XDigest | XList) -> Digests | KeyVersions | DomainError | None:
+        """The reply to an anti-entropy command: its DIGEST or XKEY lines (no more than it asked for) and END."""
+        rows = self._rows
+        digest = isinstance(command, XDigest)
+        most = command.parts if isinstance(command, XDigest) else command.limit
+        while True:
+            line = self._line()
+            if line is None:
+                return None
+            if line == b"END":
+                self._rows = []
+                return Digests(tuple(rows)) if digest else KeyVersions(tuple(rows))
+            if line.startswith(b"DIGEST " if digest else b"XKEY ") and len(rows) < most:
+                rows.append(_digest_line(line) if digest else _xkey_line(line))
+            elif not rows:
+                return self._error(line)
+            else:
+                raise BadReply(f"unexpected reply line {line[:60]!r}")
 
     def _finish(self, command: Command) -> Result:
         items = tuple(self._items)

@@ -107,6 +107,12 @@ def _decode(row: bytes) -> Record:
     return Record(row[end:], flags, expires_at, Version(clock, row[_HEADER_SIZE:end].decode()), tombstone)
 
 
+def _version_fields(row: bytes) -> tuple[int, int]:
+    """The version clock and the writer id's length of a packed row."""
+    fields = _unpack(row)
+    return fields[3], fields[5]
+
+
 def _value_size(row: bytes) -> int:
     writer_size: int = _unpack(row)[5]
     return len(row) - _HEADER_SIZE - writer_size
@@ -522,6 +528,24 @@ class MemoryEngine:
         with self._lock:
             rows = self._rows(first_hash, last_hash, after, limit)
         return [(key, _decode(row)) for _hash, key, row in rows]
+
+    def scan_versions(
+        self,
+        first_hash: int,
+        last_hash: int,
+        after: tuple[int, bytes] | None = None,
+        limit: int = 1000,
+    ) -> list[tuple[int, bytes, Version]]:
+        """Up to ``limit`` ``(hash, key, version)`` of the records in the range, as ``scan`` pages them,
+        without reading their values (anti-entropy's digests and key lists)."""
+        check_range(first_hash, last_hash, limit)
+        with self._lock:
+            rows = self._rows(first_hash, last_hash, after, limit)
+        found = []
+        for hash_value, key, row in rows:
+            clock, writer_size = _version_fields(row)
+            found.append((hash_value, key, Version(clock, row[_HEADER_SIZE : _HEADER_SIZE + writer_size].decode())))
+        return found
 
     def scan_rows(
         self,

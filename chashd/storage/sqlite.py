@@ -76,6 +76,10 @@ _STORE = "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM records WHERE hash = ? AND key = ?"
 _SCAN_FROM = f"SELECT key, {_COLUMNS} FROM records WHERE hash >= ? AND hash <= ? ORDER BY hash, key LIMIT ?"
 _SCAN_AFTER = f"SELECT key, {_COLUMNS} FROM records WHERE (hash, key) > (?, ?) AND hash <= ? ORDER BY hash, key LIMIT ?"
+_VERSIONS_FROM = "SELECT hash, key, clock, writer FROM records WHERE hash >= ? AND hash <= ? ORDER BY hash, key LIMIT ?"
+_VERSIONS_AFTER = (
+    "SELECT hash, key, clock, writer FROM records WHERE (hash, key) > (?, ?) AND hash <= ? ORDER BY hash, key LIMIT ?"
+)
 _ROW_COLUMNS = "key, value, flags, expires_at, clock, writer, tombstone"
 _SCAN_ROWS_FROM = f"SELECT {_ROW_COLUMNS} FROM records WHERE hash >= ? AND hash <= ? ORDER BY hash, key LIMIT ?"
 _SCAN_ROWS_AFTER = (
@@ -684,6 +688,26 @@ class SQLiteEngine:
         except sqlite3.Error as e:
             raise self._failed(e) from e
         return [(row[0], _record(*row[1:])) for row in rows]
+
+    def scan_versions(
+        self,
+        first_hash: int,
+        last_hash: int,
+        after: tuple[int, bytes] | None = None,
+        limit: int = 1000,
+    ) -> list[tuple[int, bytes, Version]]:
+        """Up to ``limit`` ``(hash, key, version)`` of the records in the range, as ``scan`` pages them,
+        without reading their values into Python (anti-entropy's digests and key lists)."""
+        check_range(first_hash, last_hash, limit)
+        reader = self._reader()
+        try:
+            if after is None or after[0] < first_hash:
+                rows = reader.execute(_VERSIONS_FROM, (first_hash, last_hash, limit)).fetchall()
+            else:
+                rows = reader.execute(_VERSIONS_AFTER, (after[0], after[1], last_hash, limit)).fetchall()
+        except sqlite3.Error as e:
+            raise self._failed(e) from e
+        return [(row[0], row[1], Version(row[2] + _CLOCK_BIAS, row[3])) for row in rows]
 
     def scan_rows(
         self,

@@ -10,10 +10,12 @@ from chashd.web._http import (
     problem,
     routing_problem,
 )
+from chashd.web._limits import LimitedSite
 
 __all__ = [
     "Forbidden",
     "KeyValueHTTP",
+    "LimitedSite",
     "Unauthorized",
     "check_bearer",
     "error_problem",

@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from chashd.commands import Delete, Get, Status, Store, StoreMode, Values
@@ -58,6 +58,7 @@ from chashd.errors import (
 from chashd.interfaces import IKeyValue
 from chashd.metrics import LatencyHistogram, RequestMetrics
 from chashd.record import MAX_FLAGS, check_key
+from chashd.web._limits import LimitedChannel, LimitedSite, problem_bytes
 
 __all__ = ["Forbidden", "KeyValueHTTP", "Unauthorized", "check_bearer", "json_response", "openapi_document", "problem"]
 
@@ -159,26 +160,29 @@ class _BoundedRequest(Request):
         super().handleContentChunk(data)
 
     def _refuse(self, size: int, limit: int) -> None:
+        """Answer 413 before the body is read, then close lingering (``LimitedChannel.discard``): the client
+        may still be sending, and a reset would destroy the answer."""
         body = _problem_body(413, "Payload Too Large", f"the body of {size} bytes is over the limit of {limit} bytes")
-        transport = self.channel.transport
+        channel: Any = self.channel
+        transport = channel.transport
         assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/problem+json\r\n"
-            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-            + body
-        )
-        transport.loseConnection()
+        transport.write(problem_bytes(413, b"Payload Too Large", body))
+        if isinstance(channel, LimitedChannel):
+            channel.discard()
+        else:
+            transport.loseConnection()
         self.channel = None  # type: ignore[assignment]  # as Request.finish does: the request is over
 
 
-class _QuietSite(Site):
-    """A site with no access log (a line per request costs more than the request) and a body cap."""
+class _QuietSite(LimitedSite):
+    """A site with no access log (a line per request costs more than the request), a body cap and the
+    connection limits of ``LimitedSite``."""
 
     noisy = False
     requestFactory = _BoundedRequest
 
-    def __init__(self, resource: IResource, max_body: int) -> None:
-        super().__init__(resource)
+    def __init__(self, resource: IResource, max_body: int, **limits: Any) -> None:
+        super().__init__(resource, **limits)
         self.max_body = max_body
 
     def log(self, request: Any) -> None:
@@ -281,10 +285,25 @@ class KeyValueHTTP:
             self._refused += 1
             raise
 
-    def site(self, resource: IResource | None = None) -> Site:
-        """A ``Site`` serving ``resource`` (default: this surface) with the body capped at the value limit."""
+    def site(
+        self,
+        resource: IResource | None = None,
+        max_connections: int = 1024,
+        idle_timeout: float = 600.0,
+        client_timeout: float = 30.0,
+        reactor: Any = None,
+    ) -> LimitedSite:
+        """A ``Site`` serving ``resource`` (default: this surface) with the body capped at the value limit and
+        the connection limits of ``chashd.web._limits.LimitedSite``."""
         # Headers and the request line are bounded by twisted.web itself; the body by _BoundedRequest.
-        return _QuietSite(resource or self.resource(), max_body=self._max_value_size)
+        return _QuietSite(
+            resource or self.resource(),
+            max_body=self._max_value_size,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            client_timeout=client_timeout,
+            reactor=reactor,
+        )
 
     # -- key-value ------------------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class RuleTests:
             "ChashdHandoffStuck",
             "ChashdMemoryNearLimit",
             "ChashdDiskNearlyFull",
+            "ChashdReplicasBehind",
         } <= names
         for rule in rules:
             assert rule["labels"]["severity"] in ("warning", "critical")

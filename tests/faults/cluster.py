@@ -8,6 +8,7 @@ firewall tells connections apart by it). Everything here blocks (the runner is p
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -259,6 +260,21 @@ class FaultCluster(LocalCluster):
         return reason
 
     # -- what the kvstores hold ---------------------------------------------------------------------
+
+    def kvstore_figures(self) -> dict[str, dict[str, float]]:
+        """Each running kvstore's anti-entropy counters (``antientropy_*`` of its ``/stats``) and the CPU
+        seconds its process has used (``/proc``), since it last started; one that does not answer is left out."""
+        figures: dict[str, dict[str, float]] = {}
+        for kvstore in self.running_kvstores():
+            try:
+                stats = _get_json(kvstore.url + "/stats")
+                fields = Path(f"/proc/{kvstore.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, ValueError):
+                continue
+            own = {k: float(v) for k, v in stats.items() if k.startswith("antientropy_") and isinstance(v, int | float)}
+            own["process_cpu_seconds"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            figures[kvstore.name] = own
+        return figures
 
     def records(self, keys: Iterable[str], timeout: float = 10.0) -> dict[str, dict[str, Record]]:
         """Each running kvstore's records of ``keys`` (kvstore name -> key -> record); a kvstore that

@@ -6,7 +6,8 @@ Faults (``FAULTS``), each followed by its heal:
 - ``pause``: SIGSTOP a kvstore, SIGCONT after the duration;
 - ``kill-leader``: kill -9 the Raft leader gateway, restart it after the duration;
 - ``partition-kvstore``: cut a kvstore from every gateway and kvstore (iptables), heal after the duration;
-- ``partition-gateway``: cut a gateway from the other gateways and every kvstore (clients still reach it);
+- ``partition-gateway``: cut a gateway (the leader, or a follower) from the other gateways and every kvstore
+  (clients still reach it); a cut leader that still says it leads at the heal is a ``leadership`` finding;
 - ``join``: start a kvstore never started before (while a slot is free); it stays;
 - ``drain``: SIGTERM a kvstore (it hands its data off and exits), start it again after the duration;
 - ``remove``: kill -9 a kvstore and wait until the gateways' ``--dead-after`` removes it from the ring,
@@ -23,16 +24,17 @@ from __future__ import annotations
 import random
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from chashd.launcher import Daemon
+from tests.faults.checker import Violation
 from tests.faults.cluster import FaultCluster, poll_until
 from tests.faults.history import Event
 from tests.faults.netns import Firewall
 
-__all__ = ["DURATIONS", "FAULTS", "Nemesis", "Step", "make_schedule"]
+__all__ = ["DURATIONS", "FAULTS", "LEADERSHIP_GRACE", "Nemesis", "Step", "leadership_violation", "make_schedule"]
 
 FAULTS = (
     "kill",
@@ -104,6 +106,26 @@ def make_schedule(
     return steps
 
 
+#: Longer than an election takes (pysyncobj: a random 0.4-1.4 s after the last heartbeat, then a vote round):
+#: a leader cut from the others this long must have stopped saying it leads.
+LEADERSHIP_GRACE = 3.0
+
+
+def leadership_violation(gateway: str, cut_for: float, status: Mapping[str, Any] | None) -> Violation | None:
+    """A ``leadership`` violation when ``gateway``, cut from the other gateways for ``cut_for`` seconds (longer
+    than ``LEADERSHIP_GRACE``), still answers ``GET /ring/status`` saying it leads. Pure."""
+    if cut_for < LEADERSHIP_GRACE or status is None:
+        return None
+    if status.get("is_leader") or status.get("leader") == gateway:
+        return Violation(
+            "leadership",
+            gateway,
+            f"{gateway}, cut from the other gateways for {cut_for:.1f}s, still reports itself leader "
+            f"(is_leader {status.get('is_leader')}, leader {status.get('leader')!r})",
+        )
+    return None
+
+
 class Nemesis:
     """Runs a schedule against ``cluster``; ``events`` records each fault with the daemon it hit.
 
@@ -131,6 +153,8 @@ class Nemesis:
         self.drain_timeout = drain_timeout
         self.restart_timeout = restart_timeout
         self.events: list[Event] = []
+        #: What the nemesis saw go wrong itself (a cut leader that still says it leads).
+        self.findings: list[Violation] = []
         self._paused: set[str] = set()
         self._begin: dict[str, Callable[[Step], tuple[str, Callable[[], str]]]] = {
             "kill": self._kill,
@@ -237,11 +261,23 @@ class Nemesis:
         return target.name, self._partition(target)
 
     def _partition_gateway(self, step: Step) -> tuple[str, Callable[[], str]]:
+        """Cut a gateway from the others and from every kvstore: the leader for an even ``pick`` (when one
+        is known), else one of the gateways by ``pick``. A cut leader must stop saying it leads."""
         gateways = sorted(self.cluster.gateways, key=lambda d: d.name)
-        target = gateways[step.pick % len(gateways)]
         leader = self.cluster.leader()
-        heal = self._partition(target)
-        return f"{target.name}{' (leader)' if leader is target else ''}", heal
+        target = leader if leader is not None and step.pick % 2 == 0 else gateways[step.pick // 2 % len(gateways)]
+        started = self.now()
+        reconnect = self._partition(target)
+
+        def heal() -> str:
+            if target is leader:
+                status = self.cluster.gateway_status(target)
+                finding = leadership_violation(target.name, self.now() - started, status)
+                if finding is not None:
+                    self.findings.append(finding)
+            return reconnect()
+
+        return f"{target.name}{' (leader)' if target is leader else ''}", heal
 
     def _join(self, step: Step) -> tuple[str, Callable[[], str]]:
         name = self.cluster.spare_kvstore()

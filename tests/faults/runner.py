@@ -204,6 +204,7 @@ class Run:
         states, replicated_at = self.wait_replicated(keys, heal + a.convergence)
         self.notes["convergence"] = a.convergence
         self.notes["heal_to_replication"] = None if replicated_at is None else round(replicated_at - heal, 1)
+        self.notes["kvstores"] = self.cluster.kvstore_figures()
         under = sum(1 for s in states if not s.replicated)
         self.log(
             f"replication: {len(states) - under} of {len(states)} keys on N replicas "
@@ -311,6 +312,7 @@ def run_schedule(run: Run) -> Report:
             nemesis.run(run.schedule)
         finally:
             run.events = nemesis.events
+            findings = nemesis.findings
         run.heal_time = run.recorder.now()
         run.log(f"{run.heal_time:7.1f}s every fault healed")
         run.stop.wait(a.cooldown)
@@ -318,7 +320,7 @@ def run_schedule(run: Run) -> Report:
         clients_stop.set()
         for worker in workers:
             worker.join(a.op_timeout + 10.0)
-    return run.finish()
+    return run.finish(findings)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

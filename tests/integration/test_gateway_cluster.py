@@ -5,6 +5,7 @@ health-check real kvstores."""
 from __future__ import annotations
 
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -231,6 +232,39 @@ class ThreeGatewayTests:
         # The killed gateway comes back and catches up.
         group.start(old)
         wait_until("the old leader to catch up", partial(group.has_node, old, "kv-new"))
+
+    def test_cut_off_leader_stops_leading(self, gateways: Callable[..., Gateways]) -> None:
+        """A leader that loses contact with the majority (both followers paused with SIGSTOP) stops reporting
+        itself leader on /ring/status within the election timeout (pysyncobj's 1.4 s; up to 10 s allowed here
+        for a loaded machine, against 30 s before) and refuses a change at once with a 503 saying why; once
+        the followers run again, a leader is elected and changes are accepted."""
+        group = gateways(3)
+        leader = group.wait_leader()
+        index = group.index_of(leader)
+        followers = [i for i in range(3) if i != index]
+        assert group.post(index, "/ring/nodes", announcement("kv-a"))[0] == 201
+        for i in followers:
+            group.daemons[i].signal(signal.SIGSTOP)
+        try:
+            paused = time.monotonic()
+            wait_until(
+                "the cut-off leader to stop claiming the lead",
+                lambda: not group.status(index)["is_leader"] and group.status(index)["leader"] is None,
+                timeout=30,
+            )
+            stepped_down = time.monotonic() - paused
+            began = time.monotonic()
+            code, body = group.post(index, "/ring/nodes", announcement("kv-b", port=9100), timeout=10)
+            answered = time.monotonic() - began
+        finally:
+            for i in followers:
+                group.daemons[i].signal(signal.SIGCONT)
+        assert stepped_down < 10, f"still leading {stepped_down:.1f}s after losing the majority"
+        assert code == 503 and "no Raft leader is known" in body["detail"], (code, body)
+        assert answered < 2, f"the refusal took {answered:.1f}s"
+        group.wait_leader(timeout=60)
+        code, _ = group.post(index, "/ring/nodes", announcement("kv-b", port=9100))
+        assert code in (200, 201)
 
     def test_systemd_ready_after_raft(self, gateways: Callable[..., Gateways], tmp_path: Path) -> None:
         """READY=1 reaches $NOTIFY_SOCKET once the Raft state is loaded (a single gateway on its own)."""

@@ -4,6 +4,8 @@ serving plain memcached clients as before. (The Raft pickle is in test_gateway_c
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 from pymemcache.client.base import Client
 
-from chashd.launcher import LocalCluster
+from chashd.launcher import Daemon, LocalCluster, free_ports
 from tests.integration.conftest import clean_environ, wait_until
 
 pytestmark = pytest.mark.slow
@@ -179,3 +181,131 @@ class ForgedVersionTests:
             for line in lines:
                 line.close()
             mc.close()
+
+
+class SlowReaderTests:
+    """A client that pipelined gets of a large value and never read its replies pinned about 245 MB of a
+    gateway (six such clients: 1.5 GB): bench/slow_reader.py now measures the growth and fails above 64 MB."""
+
+    def test_gateway_rss_stays_bounded(self) -> None:
+        """Six connections x 400 pipelined gets of a 1 MB value, never read: the gateway's RSS grows by at most
+        64 MiB (the benchmark's figures are printed), and the gateway ran only a few of those gets."""
+        bench = Path(__file__).resolve().parents[2] / "bench" / "slow_reader.py"
+        result = subprocess.run(
+            [sys.executable, str(bench), "--connections", "6", "--requests", "400", "--max-growth-mib", "64"],
+            capture_output=True,
+            timeout=300,
+            env=clean_environ(),
+        )
+        print(result.stdout.decode(), result.stderr.decode()[-2000:])
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()[-2000:]
+        assert b"bound 64 MiB: ok" in result.stdout
+
+
+@pytest.fixture
+def limited_kvstore(tmp_path: Path) -> Iterator[tuple[Daemon, int]]:
+    """A kvstore on loopback (no token) that holds at most 3 connections per listener and cuts a request not
+    whole after 2 seconds; the daemon and its line port."""
+    http_port, line = free_ports(2)
+    args = ["--node-id", "kv-limits", "--port", f"tcp:{http_port}:interface={HOST}", "--engine", "memory"]
+    args += ["--line-port", f"tcp:{line}:interface={HOST}", "--max-connections", "3", "--client-timeout", "2"]
+    daemon = Daemon("chash-kvstore", "kv-limits", args, http_port, tmp_path / "kv.log", env=clean_environ())
+    try:
+        daemon.start().wait_healthy(30)
+        yield daemon, line
+    finally:
+        daemon.stop(10)
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    """One sample of the daemon's /metrics (0 when absent)."""
+    text = urllib.request.urlopen(daemon.url + "/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server closed ``sock`` (what it sent before is read and dropped); ``sock`` has a short
+    timeout."""
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def served(port: int) -> bool:
+    """True when a new line-protocol connection gets ``version`` answered (not refused)."""
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(b"version\r\n")
+        return s.makefile("rb").readline().startswith(b"VERSION ")
+
+
+class ConnectionLimitTests:
+    """1,024 idle connections locked every new client out for the idle timeout (600 s): at --max-connections
+    an idle connection now makes room, busy ones get the new client refused (counted), and a client that
+    trickles a request is cut after --client-timeout."""
+
+    def test_line_protocol(self, limited_kvstore: tuple[Daemon, int]) -> None:
+        """Three half-sent commands hold the listener: a fourth client is refused with memcached's line and
+        counted; the half-sent ones are cut after 2 s; then idle clients make room for a new one."""
+        daemon, port = limited_kvstore
+        busy = [socket.create_connection((HOST, port), timeout=10) for _ in range(3)]
+        try:
+            for s in busy:
+                s.sendall(b"set k 0 0 10\r\nabc")
+            open_line = 'chashd_connections{surface="line"}'
+            wait_until("three connections counted", lambda: metric(daemon, open_line) == 3)
+            with socket.create_connection((HOST, port), timeout=10) as refused:
+                assert refused.makefile("rb").read() == b"ERROR Too many open connections\r\n"
+            assert metric(daemon, 'chashd_connections_refused_total{surface="line"}') == 1
+            for s in busy:
+                s.settimeout(0.2)
+            wait_until("the trickling clients to be cut", lambda: all(closed_by_server(s) for s in busy), 30)
+            assert metric(daemon, 'chashd_connections_slow_closed_total{surface="line"}') == 3
+        finally:
+            for s in busy:
+                s.close()
+        idle = [socket.create_connection((HOST, port), timeout=10) for _ in range(3)]
+        try:
+            wait_until("three idle connections", lambda: metric(daemon, open_line) == 3)
+            # Refused until one of them was idle a second, then served: it made room.
+            wait_until("a new client to be served", lambda: served(port), 30)
+            assert metric(daemon, 'chashd_connections_evicted_total{surface="line"}') == 1
+        finally:
+            for s in idle:
+                s.close()
+
+    def test_http(self, limited_kvstore: tuple[Daemon, int]) -> None:
+        """At the limit with every connection in the middle of a request, a new one gets a 503 problem+json
+        (counted); a client trickling its headers a byte every 0.2 s is cut after 2 s (counted)."""
+        daemon, _ = limited_kvstore
+        busy = [socket.create_connection((HOST, daemon.http_port), timeout=10) for _ in range(3)]
+        try:
+            for s in busy:
+                s.sendall(b"GET /health HTTP/1.1\r\n")
+            with socket.create_connection((HOST, daemon.http_port), timeout=10) as refused:
+                answer = refused.makefile("rb").read()
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in answer
+            trickler = busy[0]
+            trickler.settimeout(0.2)
+            cut = False
+            for byte in b"Host: kv\r\nX-Slow: " + b"x" * 150:  # 30 s at most
+                if closed_by_server(trickler):
+                    cut = True
+                    break
+                trickler.sendall(bytes([byte]))
+            assert cut
+            for s in busy:
+                s.settimeout(0.2)
+            wait_until("the other two to be cut", lambda: all(closed_by_server(s) for s in busy[1:]), 30)
+            assert metric(daemon, 'chashd_connections_slow_closed_total{surface="http"}') == 3
+            assert metric(daemon, 'chashd_connections_refused_total{surface="http"}') == 1
+        finally:
+            for s in busy:
+                s.close()

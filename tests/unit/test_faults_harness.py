@@ -8,7 +8,7 @@ import pytest
 
 from tests.faults.clients import Endpoint, Session, Worker, Workload, parse_mix
 from tests.faults.history import FAIL, INFO, OK, Event, Op, Recorder
-from tests.faults.nemesis import FAULTS, make_schedule
+from tests.faults.nemesis import FAULTS, LEADERSHIP_GRACE, leadership_violation, make_schedule
 from tests.faults.netns import Firewall, Member, block_rule, cut_rules, group_of, mark_rules, namespace_id
 from tests.faults.stats import availability, percentile
 
@@ -108,6 +108,16 @@ class ScheduleTests:
         assert sum(1 for s in steps if s.fault == "join") <= 1
         assert make_schedule(1, ["join"], 200, kvstores=4, slots=5) == make_schedule(1, ["join"], 10)
         assert len(make_schedule(1, ["join"], 200, kvstores=4, slots=5)) == 1
+
+    def test_leadership(self) -> None:
+        """A leader cut from the others longer than an election takes must not say it leads any more."""
+        still = {"is_leader": True, "leader": "gateway-1"}
+        finding = leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, still)
+        assert finding is not None and finding.category == "leadership" and finding.key == "gateway-1"
+        assert leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, {"is_leader": False, "leader": "gateway-1"})
+        assert leadership_violation("gateway-1", LEADERSHIP_GRACE - 1, still) is None
+        assert leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, None) is None
+        assert leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, {"is_leader": False, "leader": None}) is None
 
     def test_unknown_fault(self) -> None:
         """A fault the nemesis does not know is refused."""

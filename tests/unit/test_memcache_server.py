@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from hypothesis import given, settings
@@ -27,7 +27,7 @@ from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache import client, server
 from chashd.memcache.server import SERVER_VERSION, MemcacheServerFactory, MemcacheServerProtocol
-from chashd.metrics import RequestMetrics
+from chashd.metrics import FAMILIES, RequestMetrics
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
 from chashd.versions import Version
@@ -789,6 +789,13 @@ class PackageTests:
         code = "import sys, chashd.memcache.text; print(sorted(m for m in sys.modules if m.startswith('twisted')))"
         found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
         assert found.stdout.strip() == "[]"
+
+
+def test_every_command_has_a_latency_family() -> None:
+    """Every command a server may run is timed into one of the histograms' families (a command without one
+    would make the server fail on it once the histograms are on, as the daemons run)."""
+    assert set(get_args(Command)) <= set(server._FAMILIES)
+    assert set(server._FAMILIES.values()) <= set(FAMILIES)
 
 
 class DeferredBackendTests:

@@ -13,8 +13,10 @@ from chashd.commands import (
     Arith,
     Command,
     Delete,
+    Digests,
     FlushAll,
     Get,
+    KeyVersions,
     MetaCommand,
     Number,
     Quit,
@@ -29,9 +31,12 @@ from chashd.commands import (
     VersionCommand,
     XApplied,
     XApply,
+    XDigest,
     XGet,
+    XList,
     XPut,
 )
+from chashd.digests import RangeDigest
 from chashd.errors import (
     BadCommand,
     BadDataChunk,
@@ -500,6 +505,9 @@ writes = st.one_of(
     st.builds(Touch, keys, i32, st.booleans()),
 )
 records = st.builds(Record, values, u32, st.integers(0, 2**32 - 1), versions, st.booleans())
+hashes = st.integers(0, 2**32 - 1)
+placements = st.text("0123456789abcdef", min_size=1, max_size=16)
+positions = st.none() | st.tuples(hashes, keys)
 commands = st.one_of(
     writes,
     st.builds(Get, st.lists(keys, min_size=1, max_size=5).map(tuple), st.booleans(), st.none() | i32),
@@ -508,6 +516,8 @@ commands = st.one_of(
     st.builds(XGet, st.lists(keys, min_size=1, max_size=5).map(tuple)),
     st.builds(XPut, keys, records, st.booleans()),
     st.builds(XApply, versions, writes.map(lambda c: dataclasses.replace(c, noreply=False))),
+    st.builds(XDigest, placements, hashes, st.just(2**32 - 1), st.integers(1, 256), st.sampled_from(["", "kv"])),
+    st.builds(XList, placements, hashes, st.just(2**32 - 1), st.integers(1, 10**4), positions),
     st.just(StatsCommand()),
     st.just(StatsCommand("settings")),
     st.just(VersionCommand()),
@@ -566,6 +576,58 @@ def read_replies(data: bytes, sent: list[Command], chunk: int | None = None) -> 
             pending.pop(0)
     assert not pending, f"no reply for {pending}"
     return out
+
+
+class AntiEntropyCommandTests:
+    """xdigest and xlist: requests, bad requests, replies."""
+
+    def test_examples(self) -> None:
+        """The requests spelled out, and what they parse into."""
+        digest = XDigest("0a1b", 5, 2**32 - 1, 16, "kv-A")
+        assert serialize_command(digest) == b"xdigest 0a1b 5 4294967295 16 kv-A\r\n"
+        assert one(b"xdigest 0a1b 5 4294967295 16\r\n") == XDigest("0a1b", 5, 2**32 - 1, 16)
+        listing = XList("ff", 0, 9, 100, (7, b"key"))
+        assert serialize_command(listing) == b"xlist ff 0 9 100 7 key\r\n"
+        assert one(b"xlist ff 0 9 100\r\n") == XList("ff", 0, 9, 100)
+
+    def test_bad_requests(self) -> None:
+        """Bad placements, bounds, counts and token counts are CLIENT_ERRORs naming the problem."""
+        bad = {
+            b"xdigest 0A 0 9 16\r\n": b"placement",
+            b"xdigest ab 0 4294967296 16\r\n": b"32 bits",
+            b"xdigest ab 9 0 16\r\n": b"ends before",
+            b"xdigest ab 0 9 0\r\n": b"parts must be 1 to 256",
+            b"xdigest ab 0 9 257\r\n": b"parts must be 1 to 256",
+            b"xdigest ab 0 9\r\n": b"bad command line format",
+            b"xdigest ab 0 9 16 bad/id\r\n": b"bad node id",
+            b"xlist ab 0 9 0\r\n": b"limit must be 1 to 10000",
+            b"xlist ab 0 9 10 5\r\n": b"bad command line format",
+            b"xlist ab 0 9 10 -1 k\r\n": b"bad command line format",
+        }
+        for line, words in bad.items():
+            (reply,) = replies(line)
+            assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR ") and words in reply, (line, reply)
+
+    def test_replies(self) -> None:
+        """DIGEST and XKEY lines read back into Digests and KeyVersions, whole and byte by byte; an error line
+        is the error; a reply with more lines than asked for is refused."""
+        digest = XDigest("ab", 0, 99, 2)
+        listing = XList("ab", 0, 99, 3)
+        digests = Digests((RangeDigest(3, 2**64 - 1), RangeDigest(0, 0)))
+        keyed = KeyVersions(((5, b"k1", Version(9, "gw-1")), (6, b"k2", Version(10))))
+        wire = (
+            serialize_result(digest, digests)
+            + serialize_result(listing, keyed)
+            + b"SERVER_ERROR not synced to placement ab\r\n"
+        )
+        for chunk in (None, 1):
+            got = read_replies(wire, [digest, listing, digest], chunk)
+            assert got[:2] == [digests, keyed]
+            assert isinstance(got[2], ServiceUnavailable) and "not synced" in str(got[2])
+        with pytest.raises(BadReply):
+            read_replies(b"DIGEST 1 1\r\nDIGEST 1 1\r\nDIGEST 1 1\r\nEND\r\n", [digest])
+        with pytest.raises(BadReply):
+            read_replies(b"XKEY 5 k1 nope!\r\nEND\r\n", [listing])
 
 
 class ReplyParserTests:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pysyncobj import SyncObjConf
 from pysyncobj.pickle import load as pysyncobj_load
 from twisted.python.failure import Failure
 
@@ -76,11 +77,15 @@ class RaftSettingsTests:
         assert raft_settings(gateway_config()).journal_file is None
 
     def test_design_settings(self) -> None:
-        """connectionTimeout >= 10 s, a short DNS cache, a bind failure that is reported."""
+        """connectionTimeout >= 10 s, a short DNS cache, a bind failure that is reported, and a leader that
+        hears from no majority steps down within the longest election timeout (pysyncobj's raftMaxTimeout),
+        not after pysyncobj's 30 s."""
         settings = raft_settings(gateway_config())
         assert settings.connection_timeout >= 10
         assert settings.dns_cache_time <= 10
         assert settings.max_bind_retries == 1
+        assert settings.leader_fallback_timeout <= SyncObjConf().raftMaxTimeout
+        assert settings.leader_fallback_timeout > SyncObjConf().appendEntriesPeriod * 3
 
 
 class _Recorder:

@@ -332,6 +332,20 @@ class RingAdminTests(RingAPITestsBase):
         assert response.code == 503 and response.headers.getRawHeaders("Retry-After") == ["1"]
         assert "safe to retry" in body["detail"]
 
+    def test_change_without_leader_is_503_at_once(self) -> None:
+        """A gateway that knows no leader (cut off from the majority: the leader stepped down, the followers
+        lost it) refuses a change at once, not after the command timeout: 503 problem+json saying why."""
+        self.rafts[0].elect(None)
+        d = self.stub.post(BASE + "/ring/nodes", data=json.dumps(announcement()).encode())
+        self.stub.flush()
+        response = self.successResultOf(d)
+        body = self.successResultOf(self.stub.json_content(response))
+        assert response.code == 503 and response.headers.getRawHeaders("Retry-After") == ["1"]
+        assert "no Raft leader is known" in body["detail"] and "majority" in body["detail"]
+        assert all(op != "register_node" for op, _ in self.rafts[0].submitted)
+        _, _, status = self.request("GET", "/ring/status")
+        assert status["leader"] is None and status["is_leader"] is False
+
 
 class RingTokenTests(RingAPITestsBase):
     """With --token, register, drain and remove need the bearer token."""

@@ -49,6 +49,13 @@ class Link:
             return d
         return self._run(command)
 
+    def send_to(self, command: Any, sink: Any) -> bool:
+        """A connection that is up sends the command (its result or failure to ``sink``); a down one declines."""
+        if self.mode == "down":
+            return False
+        self.send(command).addCallbacks(sink.callback, sink.errback)
+        return True
+
     def forward_get(self, key: bytes, sink: Any) -> bool:
         """A connection that is up forwards the get (its reply or failure to ``sink``); a down one declines."""
         if self.mode == "down":
@@ -659,14 +666,14 @@ class FastPathTests(SynchronousTestCase):
         assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"], stats["quorum_failures"]) == (3, 1, 1, 1)
 
     def test_forward_get_declines(self) -> None:
-        """``forward_get`` declines (sends nothing, counts nothing) with N=3, during a move of the key, with the
-        node down or slow, and without a connection up: the general path answers those."""
+        """With N=1 ``forward_get`` declines (sends nothing, counts nothing) with the node down or slow and
+        without a connection up; with R=1 and N=3 it declines every get (``forwarding`` is False): the
+        general path answers those."""
         sink = Sink()
-        assert not Cluster().router.forward_get(b"k", sink)
-        c, _, new, key = cluster_gaining_d()
-        c.router.update(Placement(new, previous=c.router.placement.ring))
-        assert not c.router.forward_get(key, sink)
+        c = Cluster(r=1)
+        assert not c.router.forwarding and not c.router.forward_get(b"k", sink)
         c = Cluster(replicas=1, w=1, r=1)
+        assert c.router.forwarding
         node = c.replicas(b"k")[0]
         c.mark(**{node: "down"})
         assert not c.router.forward_get(b"k", sink)
@@ -679,6 +686,35 @@ class FastPathTests(SynchronousTestCase):
         assert not sink.replies and not sink.errors and c.sends() == 0 and c.router.stats()["cmd_get"] == 0
         c.links[node].mode = "up"
         assert c.router.forward_get(b"k", sink) and sink.replies == [b"END\r\n"]
+
+    def test_forward_get_of_a_quorum_read(self) -> None:
+        """With R=2 ``forward_get`` takes the get as a quorum read whose answer comes to the sink as bytes:
+        the newest of R replicas (read repair as on the general path), a miss, and a failed quorum."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"k", 5, 0, b"new")))
+        first, second, third = c.replicas(b"k")
+        c.links[first].backend.engine.put(b"k", Record(b"old", 5, 0, Version(1, "x")))
+        sink = Sink()
+        assert c.router.forwarding and c.router.forward_get(b"k", sink) and c.router.forward_get(b"none", sink)
+        assert sink.replies == [b"VALUE k 5 3\r\nnew\r\nEND\r\n", b"END\r\n"]
+        assert c.record(first, b"k").value == b"new"  # type: ignore[union-attr]  # repaired
+        c.links[second].mode = c.links[third].mode = "down"
+        assert c.router.forward_get(b"k", sink)
+        (error,) = sink.errors
+        assert isinstance(error, QuorumNotReached) and "1 of 2" in str(error)
+        stats = c.router.stats()
+        assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"]) == (3, 1, 1)
+        assert (stats["read_repairs"], stats["quorum_failures"]) == (1, 1)
+
+    def test_forward_get_during_a_move(self) -> None:
+        """With N=1, a key whose owner changed while the move is handed off is read from both owners (not
+        spliced), its answer to the sink as bytes."""
+        c, old, new, key = cluster_gaining_d()
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v")))
+        c.router.update(Placement(new, previous=old))
+        sink = Sink()
+        assert c.router.forward_get(key, sink) and sink.replies == [b"VALUE %s 0 1\r\nv\r\nEND\r\n" % key]
+        assert not any(type(cmd) is SplicedGet for link in c.links.values() for cmd in link.sent)
 
     def test_n1_get_during_a_move_is_not_spliced(self) -> None:
         """A key whose owner changed while the move is handed off is read from both owners, not spliced."""

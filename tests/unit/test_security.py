@@ -11,22 +11,26 @@ from typing import Any
 
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from chashd.commands import Status, XGet, XPut
+from chashd.commands import Status, Store, XGet, XPut
+from chashd.errors import ConfigError
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.client import KVClientProtocol, KVConnectionLost
 from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
 from chashd.storage.sqlite import SQLiteEngine
+from chashd.tls import client_endpoint, https_policy, load_ca
 from chashd.versions import Version
 from chashd.web import KeyValueHTTP
-from tests.unit.test_memcache_server import connect, make_factory
+from tests.certs import make_ca
+from tests.unit.test_memcache_server import LaterBackend, connect, make_factory
 
 T0 = 1_700_000_000.0
 
@@ -329,3 +333,224 @@ class LineAuthTimedTests:
         protocol, transport = connect(factory)
         protocol.dataReceived(b"xauth " + TOKEN + b"\r\nxget k\r\n")
         assert transport.value() == b"OK\r\nEND\r\n"
+
+
+class LineMemoryTests:
+    """Memory of a line-protocol connection is bounded in bytes (issue 10: a client that pipelined gets of a
+    large value and never read held about 245 MB of a gateway: 256 replies of 1 MB)."""
+
+    def setup_method(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.backend = LaterBackend(self.clock)
+        self.backend.local.execute(Store("set", b"big", 0, 0, b"v" * 1000))
+        # Each get is charged 1000 + 320 bytes while in flight: 4 of them pass 4096 bytes.
+        self.factory = MemcacheServerFactory(self.backend, self.clock, max_value_size=1000, max_pending_bytes=4096)
+        self.protocol, self.transport = connect(self.factory)
+
+    def test_reading_pauses_at_the_byte_cap(self) -> None:
+        """100 pipelined gets: 4 are sent to the backend, then reading pauses; as replies leave, more go."""
+        self.protocol.dataReceived(b"get big\r\n" * 100)
+        assert len(self.backend.waiting) == 4
+        assert self.transport.producerState == "paused"
+        assert self.factory.paused_for_memory == 1
+        for i in range(4):
+            self.backend.fire(i)
+        # Reading resumed once enough of them left (below half the cap), and the next gets filled it again:
+        # never more than 4 in flight.
+        assert self.transport.value().count(b"VALUE big 0 1000") == 4
+        assert 4 < len(self.backend.waiting) <= 8 and self.transport.producerState == "paused"
+
+    def test_done_replies_wait_in_the_queue_while_the_client_does_not_read(self) -> None:
+        """While the transport's buffer is full (pauseProducing), done replies are not written but kept and
+        counted (so the cap holds); once it drains they leave, in order."""
+        self.protocol.dataReceived(b"get big\r\n" * 3)
+        self.protocol.pauseProducing()  # the client stopped reading
+        for i in range(3):
+            self.backend.fire(i)
+        assert self.transport.value() == b""
+        assert self.protocol._held == 3 * len(b"VALUE big 0 1000\r\n" + b"v" * 1000 + b"\r\nEND\r\n")
+        self.protocol.resumeProducing()
+        assert self.transport.value().count(b"VALUE big 0 1000") == 3 and self.protocol._held == 0
+
+    def test_writes_are_charged_a_line(self) -> None:
+        """Writes in flight cost a line each: the count cap (max_pending) stops them, not the byte cap."""
+        # Fifty keys: pipelined writes of one key wait for each other (a connection's commands act in order).
+        self.protocol.dataReceived(b"".join(b"set k%d 0 0 1\r\nx\r\n" % i for i in range(50)))
+        assert len(self.backend.waiting) == 50 and self.transport.producerState == "producing"
+
+
+class ConnectionLimitTests:
+    """--max-connections: idle connections make room; busy ones do not (issue 10: 1,024 idle connections locked
+    every new client out for the idle timeout, 600 s)."""
+
+    def test_idle_connection_makes_room(self) -> None:
+        """At the limit, the connection idle longest (at least a second) is closed and the new one served."""
+        factory, clock = make_factory(max_connections=2)
+        (_first, t1), (second, t2) = connect(factory), connect(factory)
+        clock.advance(5)
+        second.dataReceived(b"version\r\n")  # second was active since: first is the idle one
+        clock.advance(2)
+        third, t3 = connect(factory)
+        assert t1.disconnecting and not t2.disconnecting and not t3.disconnecting
+        third.dataReceived(b"get k\r\n")
+        assert t3.value() == b"END\r\n"
+        assert factory.idle_evicted == 1 and factory.rejected_connections == 0
+
+    def test_refused_when_none_is_idle(self) -> None:
+        """Connections with a command half-sent (or just active) are not closed: the new one is refused."""
+        factory, clock = make_factory(max_connections=2)
+        (first, t1), (second, t2) = connect(factory), connect(factory)
+        first.dataReceived(b"set k 0 0 10\r\nabc")  # half-sent
+        clock.advance(0.5)
+        second.dataReceived(b"version\r\n")  # active half a second ago
+        third, t3 = connect(factory)
+        assert t3.value() == b"ERROR Too many open connections\r\n" and t3.disconnecting
+        assert not t1.disconnecting and not t2.disconnecting and factory.rejected_connections == 1
+
+
+class SlowClientTests:
+    """A command left half-sent for --client-timeout seconds closes the connection (a trickling client)."""
+
+    def test_half_sent_command_closes(self) -> None:
+        """A data block short of its length, still short after 30 s: closed and counted."""
+        factory, clock = make_factory(client_timeout=30.0)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 100\r\n")
+        for _ in range(29):
+            clock.advance(1)
+            protocol.dataReceived(b"x")  # one byte a second: the idle timeout alone would never fire
+        assert not transport.disconnecting
+        clock.advance(1)
+        assert transport.disconnecting and factory.slow_closed == 1
+
+    def test_whole_commands_never_time_out(self) -> None:
+        """Whole commands, however far apart, and a line finished in time, are no slow client."""
+        factory, clock = make_factory(client_timeout=30.0)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"get k\r\nset k 0")
+        clock.advance(20)
+        protocol.dataReceived(b" 0 1\r\nx\r\n")
+        clock.advance(60)
+        assert not transport.disconnecting and transport.value() == b"END\r\nSTORED\r\n"
+        assert not any(getattr(c, "func", None) == protocol._too_slow for c in clock.getDelayedCalls())
+
+
+class _HalfCloseTransport(StringTransport):
+    """A StringTransport that records a half-close (loseWriteConnection)."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class HTTPLimitTests:
+    """The HTTP listener's limits (chashd.web._limits): connections, slow clients, lingering refusals."""
+
+    def setup_method(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(T0)
+        backend = LocalBackend(MemoryEngine(), "kv-1", self.reactor, 1024)
+        self.site = KeyValueHTTP(backend, max_value_size=1024).site(
+            max_connections=2, idle_timeout=600.0, client_timeout=10.0, reactor=self.reactor
+        )
+
+    def connect(self) -> tuple[Any, _HalfCloseTransport]:
+        protocol = self.site.buildProtocol(None)
+        transport = _HalfCloseTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_trickled_headers_are_cut(self) -> None:
+        """Headers sent a byte every half second never complete a request within 10 s: the connection is
+        aborted (twisted.web's idle timeout alone restarts at every byte)."""
+        channel, transport = self.connect()
+        for byte in b"GET /health HTTP/1.1\r\nHost: kv\r\n":
+            channel.dataReceived(bytes([byte]))
+            self.reactor.advance(0.5)
+            if transport.disconnecting:
+                break
+        assert transport.disconnecting and self.site.slow_closed == 1
+
+    def test_unfinished_chunked_body_is_cut(self) -> None:
+        """A chunked PUT whose last chunk never comes is cut after 10 s; a whole request is answered."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: kv\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 200 ")
+        self.reactor.advance(60)
+        assert not transport.disconnecting
+        channel.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: kv\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
+        self.reactor.advance(10)
+        assert transport.disconnecting and self.site.slow_closed == 1
+
+    def test_idle_connections_make_room(self) -> None:
+        """At --max-connections the idle connection is closed for the new one; with none idle, a 503."""
+        first, t1 = self.connect()
+        self.reactor.advance(2)
+        second, t2 = self.connect()
+        second.dataReceived(b"GET /hea")  # a request under way: not idle
+        third, t3 = self.connect()
+        assert t1.disconnecting and not t2.disconnecting and self.site.idle_evicted == 1
+        fourth, t4 = self.connect()
+        assert t4.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and t4.write_closed
+        assert b"too many open connections" in t4.value() and self.site.rejected_connections == 1
+
+    def test_too_large_body_in_the_same_read(self) -> None:
+        """A body over the limit that arrives with its headers is dropped unread: the 413 stays the answer and
+        the connection closes lingering (it used to run the request without a body and fail, dropping the
+        connection and the answer with it)."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: kv\r\nContent-Length: 2048\r\n\r\n" + b"x" * 2048)
+        assert transport.value().startswith(b"HTTP/1.1 413 Payload Too Large\r\n")
+        assert transport.write_closed and not transport.disconnecting
+        self.reactor.advance(2)
+        assert transport.disconnecting
+
+    def test_too_large_body_lingers(self) -> None:
+        """A 413 sent before the body was read shuts the write side and drops the rest of the body (a close with
+        unread bytes sends a reset that can destroy the answer), then closes after a while."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"PUT /kv/k HTTP/1.1\r\nHost: kv\r\nContent-Length: 5000\r\n\r\n" + b"x" * 100)
+        assert transport.value().startswith(b"HTTP/1.1 413 Payload Too Large\r\n")
+        assert transport.write_closed and not transport.disconnecting
+        channel.dataReceived(b"x" * 4900)  # dropped
+        self.reactor.advance(2)
+        assert transport.disconnecting
+
+
+class TLSOptionTests:
+    """--tls-ca: the CA file is read before anything binds, and links to kvstores take TLS with it."""
+
+    def test_no_ca_no_tls(self) -> None:
+        """Without --tls-ca the links are plain TCP endpoints and HTTPS keeps the client's default policy."""
+        assert load_ca(None) is None and https_policy(None) is None
+        assert isinstance(client_endpoint(MemoryReactorClock(), "127.0.0.1", 11212, 5.0, None), HostnameEndpoint)
+
+    def test_ca_wraps_links_in_tls(self, tmp_path: Path) -> None:
+        """A CA made here loads, and a link verified against it is a TLS endpoint."""
+        ca, _, _ = make_ca(tmp_path)
+        trust = load_ca(str(ca))
+        endpoint = client_endpoint(MemoryReactorClock(), "127.0.0.1", 11212, 5.0, trust)
+        assert not isinstance(endpoint, HostnameEndpoint)
+        assert type(endpoint).__name__ == "_WrapperEndpoint"
+        assert https_policy(trust) is not None
+
+    @pytest.mark.parametrize("content", [None, b"", b"not a certificate\n", b"-----BEGIN CERTIFICATE-----\nAAAA\n"])
+    def test_bad_ca_stops_the_daemon_with_one_line(self, tmp_path: Path, content: bytes | None) -> None:
+        """A missing file, one without a certificate or a broken one: one line naming --tls-ca, exit."""
+        from chashd.kvstore.tap import Options
+
+        path = tmp_path / "ca.pem"
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ConfigError, match="--tls-ca"):
+            load_ca(str(path))
+        options = Options()
+        with pytest.raises(SystemExit) as info:
+            options.parseOptions(
+                ["--node-id", "kv", "--engine", "memory", "--port", "tcp:0:interface=127.0.0.1"]
+                + ["--line-port", "tcp:0:interface=127.0.0.1", "--tls-ca", str(path)]
+            )
+        assert isinstance(info.value.code, str) and info.value.code.startswith("chash-kvstore: error: --tls-ca")
+        assert "\n" not in info.value.code

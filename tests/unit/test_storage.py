@@ -489,6 +489,26 @@ class ScanTests:
         for first, last, limit in [(5, 4, 10), (-1, 4, 10), (0, HASH_SPACE, 10), (0, 4, 0)]:
             with pytest.raises(ValueError):
                 engine.scan(first, last, None, limit)
+            with pytest.raises(ValueError):
+                engine.scan_versions(first, last, None, limit)
+
+    def test_scan_versions_pages_as_scan(self, engine: Engine) -> None:
+        """scan_versions gives (hash, key, version) of the same records in the same pages as scan, tombstones
+        and writers included (anti-entropy compares them without reading values)."""
+        keys = self.fill(engine)
+        engine.put(b"gone", Record.deleted(Version(77, "gw-2")))
+        keys[b"gone"] = Record.deleted(Version(77, "gw-2"))
+        for first, last, limit in [(0, TOP, 7), (0, TOP, 1000), (2**30, 2**31, 3)]:
+            pages: list[tuple[int, bytes, Version]] = []
+            after: tuple[int, bytes] | None = None
+            while True:
+                page = engine.scan_versions(first, last, after, limit)
+                assert page == [(key_hash(k), k, r.version) for k, r in engine.scan(first, last, after, limit)]
+                pages.extend(page)
+                if len(page) < limit:
+                    break
+                after = page[-1][:2]
+            assert pages == [(key_hash(k), k, r.version) for k, r in brute_force(keys, first, last)]
 
     @settings(max_examples=30, deadline=None)
     @given(
