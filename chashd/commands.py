@@ -13,7 +13,8 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
 
 - ``XGet(keys)``: the stored records, tombstones and expired ones included, with their versions;
 - ``XPut(key, record)``: keep ``record`` if it is newer than what is stored (idempotent); a handoff sends it
-  with ``handoff=True``;
+  with ``handoff=True``, after an ``XEpoch(epoch)`` naming the ring it pushes for (a node that sees a ring newer
+  than its own stops dropping records until it knows that ring);
 - ``XApply(version, command)``: run a memcached write command (a read-modify-write such as ``incr``,
   ``cas``, ``append``, ``add``) here, stamping the result with ``version``, and return both the memcached
   result and the record it left, so the caller can copy that record to the other replicas;
@@ -81,6 +82,7 @@ __all__ = [
     "XAuth",
     "XBulk",
     "XDigest",
+    "XEpoch",
     "XGet",
     "XList",
     "XPut",
@@ -269,6 +271,13 @@ class XPut:
     handoff: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class XEpoch:
+    """The epoch of the ring the handoff pushes the records that follow for (answered ``OK``)."""
+
+    epoch: int
+
+
 WriteCommand: TypeAlias = Store | Delete | Arith | Touch
 
 
@@ -359,6 +368,7 @@ Command: TypeAlias = (
     | BulkProbe
     | XDigest
     | XList
+    | XEpoch
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.

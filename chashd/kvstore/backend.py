@@ -62,6 +62,7 @@ from chashd.commands import (
     XApply,
     XBulk,
     XDigest,
+    XEpoch,
     XGet,
     XList,
     XPut,
@@ -125,6 +126,7 @@ COUNTERS = (
     "cmd_xbulk",
     "cmd_xdigest",
     "cmd_xlist",
+    "cmd_xepoch",
     "xapply_stale",
     "handoff_records_received_total",
     "versions_refused_total",
@@ -185,7 +187,11 @@ class LocalBackend:
             BulkProbe: self._bulk_probe,
             XDigest: self._xdigest,
             XList: self._xlist,
+            XEpoch: self._xepoch,
         }
+        #: Told the epoch a handoff pushes for (``XEpoch``; the node's handoff, which stops dropping records
+        #: when a peer pushes for a newer ring than it knows).
+        self.on_epoch: Callable[[int], object] = lambda epoch: None
         #: Answers the anti-entropy commands (``chashd.kvstore.antientropy``; None: refused).
         self.ranges: RangeServer | None = None
 
@@ -592,6 +598,11 @@ class LocalBackend:
     def _bulk_probe(self, command: BulkProbe) -> BulkFormat:
         """The bulk page format this node reads (a server of an earlier version answers ``ERROR``)."""
         return BulkFormat(BULK_FORMAT)
+
+    def _xepoch(self, command: XEpoch) -> Status:
+        self._counts["cmd_xepoch"] += 1
+        self.on_epoch(command.epoch)
+        return Status.OK
 
     def _xdigest(self, command: XDigest) -> Result:
         self._counts["cmd_xdigest"] += 1

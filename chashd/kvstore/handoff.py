@@ -14,11 +14,19 @@
   each in one grouped write and answers once it is committed) in one ``send_bulk``; to a target of an
   earlier version (the probe answered ``ERROR``; ``BulkUnsupported``), or for a page a target refused whole
   (``CLIENT_ERROR``), as pipelined ``XPut(handoff=True)`` (wire verb ``xmove``), a slice of records per
-  ``send_many`` (one write and one Deferred per slice). Back-pressure: at most ``window`` pages pushed and not
+  ``send_many`` (one write and one Deferred per slice). Every bulk page and every slice follows an ``XEpoch``
+  naming the epoch of the ring it is pushed for. Back-pressure: at most ``window`` pages pushed and not
   wholly acknowledged per target, so that the receiver always has the next page at hand and no arc is ever
-  held in memory whole. A target that fails is retried with backoff (``0.5 s`` doubling to
-  ``max_backoff``, with jitter); one that left the map is skipped (the newer map restarts the plan anyway);
-  a record a target refuses for good (``CLIENT_ERROR`` to its ``xmove``) is logged and kept;
+  held in memory whole. A record counts as delivered once the target answered it, which a kvstore does once
+  the record is committed to its engine (a bulk page in one transaction; the SQLite engine's WAL survives a
+  kill -9 of the receiver). A target that fails is retried with backoff (``0.5 s`` doubling to
+  ``max_backoff``, with jitter); a record a target refuses for good (``CLIENT_ERROR`` to its ``xmove``) is
+  logged and kept;
+- a target marked down in the newest ring, or that failed ``attempts`` times in a row, is *owed* the arc
+  (nothing of the arc is dropped meanwhile) and the plan goes on with the other arcs: a target that does not
+  answer never stalls them. Owed arcs are pushed again (and dropped) once the other arcs are done, as soon as
+  their targets are not marked down, with backoff between the rounds; a target that left the map gets
+  nothing counted delivered (the newer map restarts the plan);
 - the throttle (``rate``, ``--handoff-rate``: records and value bytes a second over every target, default
   unlimited): each push waits for its turn (``chashd.kvstore.pacing.RateBucket``), and under a records-a-second
   limit a page holds a tenth of a second's records;
@@ -26,8 +34,17 @@
   the pushed one (compare-and-remove, ``engine.remove_rows_if``, a chunk of records per call), in page
   order: a write that raced in keeps its record, and sweeps of the dropped arcs (at most ``max_sweeps``)
   push and drop what remains until a sweep finds nothing;
-- then ``synced = T``, saved (``chashd.kvstore.placement.save_synced``, at ``state_path``, in the thread
-  pool) so that a restart knows it; ``when_synced(predicate)`` fires once ``synced`` satisfies it.
+- then, once nothing is owed, ``synced = T``, saved (``chashd.kvstore.placement.save_synced``, at
+  ``state_path``, in the thread pool) so that a restart knows it; ``when_synced(predicate)`` fires once
+  ``synced`` satisfies it.
+
+Records pushed for a newer ring are never dropped by a plan for an older one: a peer names the epoch it
+pushes for (``XEpoch``, ``newer_ring_seen``); when that is newer than every ring this node knows, the node's
+own plan is for a ring the peer has already left behind (a node removed and back, whose ring watch lags),
+and its drops and sweeps would remove what the peer delivers for the ring that makes this node an owner
+again. The plan under way stops at once (before the records after the ``XEpoch`` are stored), and no plan
+runs, nothing is dropped and ``synced`` does not move, until the ring watch brings that epoch; then the node
+plans from its synced ring to that one, in which it keeps what it was sent.
 
 The reactor thread's share of the work (dropping, serializing ``xmove`` pushes) comes in units sized to take
 about ``unit_budget`` seconds, one unit per reactor iteration whatever the number of pages and targets under
@@ -65,14 +82,14 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from chashd.bulk import BulkRow, encode_rows, split_rows
-from chashd.commands import Command, Result, XBulk, XPut
+from chashd.commands import Command, Result, XBulk, XEpoch, XPut
 from chashd.errors import BulkUnsupported, RequestError
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.pacing import Pacer, Rate, RateBucket, Sizer, sized_units
 from chashd.kvstore.placement import RingUpdate, load_synced, save_synced
 from chashd.kvstore.plan import ArcWork, plan
 from chashd.kvstore.registration import backoff_delay
-from chashd.node import NodeInfo
+from chashd.node import NodeInfo, NodeState
 from chashd.record import Record
 from chashd.ring import Arc, HashRing, key_hash
 from chashd.versions import Version
@@ -87,9 +104,9 @@ class PushTarget(Protocol):
     def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
         """Each command's result, or the ``Failure`` of its error, in order."""
 
-    # A target may also have ``send_bulk(pages: Sequence[XBulk]) -> Deferred[list[Result | Failure]]``
-    # (``KVClientPool.send_bulk``): then the pages go as bulk pages, else (or where it fails with
-    # ``BulkUnsupported``) as one ``xmove`` per record.
+    # A target may also have ``send_bulk(pages: Sequence[XBulk | XEpoch]) -> Deferred[list[Result | Failure]]``
+    # (``KVClientPool.send_bulk``): then the pages go as bulk pages, each after its ``XEpoch``, else (or where
+    # it fails with ``BulkUnsupported``) as one ``xmove`` per record.
 
     def setServiceParent(self, parent: IServiceCollection) -> object:
         """Start with the handoff."""
@@ -138,6 +155,8 @@ class Handoff(MultiService):
     #: A page goes to a target as bulk pages of at most these many rows and bytes (or one row).
     bulk_rows = 250
     bulk_bytes = 256 * 1024
+    #: Failed pushes of a page to a target before the page is owed to it (pushed after the other arcs).
+    attempts = 2
 
     def __init__(
         self,
@@ -178,6 +197,16 @@ class Handoff(MultiService):
         self._saving: Deferred[Any] = succeed(None)
         self._targets: dict[str, _Connection] = {}
         self._waiters: list[tuple[Callable[[RingUpdate], bool], Deferred[RingUpdate]]] = []
+        #: The newest epoch a peer pushed for (``newer_ring_seen``); while it is newer than ``target``, no plan
+        #: runs: the ring it names may make this node an owner of what a plan for an older ring would drop.
+        self.awaited_epoch = 0
+        self._awaiting: Deferred[None] | None = None
+        #: The arcs of the plan under way that a target did not get (it was down or failed): pushed again,
+        #: and dropped, once the other arcs are done.
+        self._owed: dict[Arc, ArcWork] = {}
+        #: Targets that failed ``attempts`` times in a row in this plan: the main pass owes them their pages
+        #: at once instead of waiting for them page after page.
+        self._unreachable: set[str] = set()
         # Progress.
         self.records_sent = 0
         self.records_dropped = 0
@@ -214,6 +243,8 @@ class Handoff(MultiService):
         waiters, self._waiters = self._waiters, []
         for _, waiter in waiters:
             waiter.cancel()
+        if self._awaiting is not None:
+            self._awaiting.cancel()
         self._targets.clear()
         stopped: Deferred[None] = super().stopService()  # stops the connections
         return stopped
@@ -226,6 +257,9 @@ class Handoff(MultiService):
             return
         self.target = update
         self._forget_targets(update)
+        if self._awaiting is not None and update.epoch >= self.awaited_epoch:
+            awaiting, self._awaiting = self._awaiting, None
+            awaiting.callback(None)
         if self.synced is None:
             if self._started_empty:
                 self._log.info("empty at start: taking the ring of epoch {epoch} as synced", epoch=update.epoch)
@@ -247,6 +281,25 @@ class Handoff(MultiService):
             self._set_synced(update)
             return
         Deferred.fromCoroutine(self._run()).addErrback(self._crashed)
+
+    def newer_ring_seen(self, epoch: int) -> None:
+        """A peer pushes records for the ring of ``epoch`` (``XEpoch``). When that is newer than every ring this
+        node knows, the plan under way (if any) is for an older ring, whose drops and sweeps could remove what
+        the peer pushes (records of arcs this node owns again in the newer ring): it stops at once, and no
+        plan runs, nothing is dropped, until the ring watch brings that epoch."""
+        known = self.target.epoch if self.target is not None else 0
+        if epoch <= known or epoch <= self.awaited_epoch:
+            return
+        self.awaited_epoch = epoch
+        self._log.info(
+            "a peer pushes records for epoch {epoch}, newer than this node's {known}: nothing is dropped until "
+            "that ring is known",
+            epoch=epoch,
+            known=known,
+        )
+        if self._busy:
+            self._restart = True
+            self._wake_up()
 
     def _forget_targets(self, update: RingUpdate) -> None:
         """Close the connections to nodes that left the map or moved."""
@@ -290,6 +343,12 @@ class Handoff(MultiService):
         try:
             while self.running:
                 assert self.synced is not None and self.target is not None
+                if self.awaited_epoch > self.target.epoch:
+                    try:
+                        await self._newer_ring()
+                    except _Restart:
+                        return
+                    continue
                 goal = self._goal = self.target
                 self._restart = False
                 try:
@@ -309,6 +368,14 @@ class Handoff(MultiService):
             self._estimates = []
             for node_id in list(self._targets):
                 self._targets.pop(node_id).service.disownServiceParent()
+
+    async def _newer_ring(self) -> None:
+        """Wait until the ring watch brings ``awaited_epoch`` (``_Restart`` if the service stops meanwhile)."""
+        self._awaiting = Deferred()
+        try:
+            await self._awaiting
+        except CancelledError:
+            raise _Restart() from None
 
     def _crashed(self, failure: Failure) -> None:
         self._log.failure("the handoff failed; retrying in {delay}s", failure, delay=self.max_backoff)
@@ -355,12 +422,16 @@ class Handoff(MultiService):
             pending=self.pending,
         )
         sent, dropped = self.records_sent, self.records_dropped
+        self._owed = {}
+        self._unreachable = set()
         await self._arcs(work, new)
         for sweep in range(1, self.max_sweeps + 1):
-            if not await self._arcs([w for w in work if w.drop], new, sweep):
+            await self._pay_owed(new)
+            if not await self._arcs([w for w in work if w.drop], new, sweep) and not self._owed:
                 break
         else:
             self._log.warn("records kept coming into dropped arcs for {sweeps} sweeps", sweeps=self.max_sweeps)
+        await self._pay_owed(new)  # what the last sweep could not deliver: never synced without it
         if work:
             self._log.info(
                 "handoff to epoch {new} done: {sent} records pushed, {dropped} dropped in {seconds:.1f}s",
@@ -370,7 +441,32 @@ class Handoff(MultiService):
                 seconds=self._clock.seconds() - started,
             )
 
-    async def _arcs(self, work: Sequence[ArcWork], new: RingUpdate, sweep: int = 0) -> int:
+    async def _pay_owed(self, new: RingUpdate) -> None:
+        """Push again the arcs a target did not get (and drop them once every target has), each as soon as
+        none of its targets is marked down in the newest ring, with backoff between the attempts."""
+        failures = 0
+        while self._owed:
+            assert self.target is not None
+            nodes = self.target.nodes
+            ready = [
+                w
+                for w in self._owed.values()
+                if all(t not in nodes or nodes[t].state != NodeState.DOWN for t in w.targets)
+            ]
+            if ready:
+                for w in ready:
+                    del self._owed[w.arc]
+                self._unreachable.clear()  # each round tries every target again
+                self._log.info(
+                    "handoff to epoch {epoch}: pushing {arcs} owed arcs again", epoch=new.epoch, arcs=len(ready)
+                )
+                await self._arcs(ready, new, retry=True)
+                if not self._owed:
+                    return
+            failures += 1
+            await self._sleep(backoff_delay(failures, 0.5, self.max_backoff, self._rng))
+
+    async def _arcs(self, work: Sequence[ArcWork], new: RingUpdate, sweep: int = 0, retry: bool = False) -> int:
         """Push (and drop) ``work``'s arcs, page by page, arc after arc; the number of records found.
 
         The pages go through a pipeline: while pages are pushed, the next one (of this arc or the next)
@@ -401,7 +497,8 @@ class Handoff(MultiService):
                     await flying.popleft()
                 self._check()
                 following: Deferred[None] = Deferred()
-                flying.append(Deferred.fromCoroutine(self._page(page, w, arc, last_page, new, sweep, gate, following)))
+                round_ = -1 if retry else sweep  # -1: owed arcs pushed again
+                flying.append(Deferred.fromCoroutine(self._page(page, w, arc, last_page, new, round_, gate, following)))
                 gate = following
                 if last_page:
                     index += 1
@@ -435,19 +532,25 @@ class Handoff(MultiService):
         what they all acknowledged; fires ``following`` when done, whatever happened."""
         try:
             refused: set[bytes] = set()
+            owed = False
             if page.rows and w.targets:
                 pushes = [Deferred.fromCoroutine(self._push(target, page)) for target in w.targets]
                 for ok, result in await DeferredList(pushes, consumeErrors=True):
                     if not ok:
                         assert isinstance(result, Failure)
                         result.raiseException()
-                    refused.update(result)
-            if last_page and not sweep:
+                    if result is None:
+                        owed = True
+                    else:
+                        refused.update(result)
+            if owed:  # a target did not get the page: the arc is pushed again (and dropped) later
+                self._owed[w.arc] = w
+            if last_page and sweep == 0:
                 self.arcs_done += 1
                 self._sent_in_arc = 0
             await gate
             self._check()
-            acknowledged = [row for row in page.rows if row[0] not in refused] if w.drop else []
+            acknowledged = [row for row in page.rows if row[0] not in refused] if w.drop and not owed else []
             if acknowledged:
                 await self._paced(
                     sized_units(acknowledged, self._drop_size, self._clock, partial(self._drop_chunk, arc))
@@ -463,7 +566,7 @@ class Handoff(MultiService):
             "handoff to epoch {epoch}{sweep}: arc {start:08x}-{end:08x} ({found} records) pushed to {targets}, "
             "{dropped} dropped, {kept} kept, in {seconds:.2f}s",
             epoch=new.epoch,
-            sweep=f" (sweep {sweep})" if sweep else "",
+            sweep=f" (sweep {sweep})" if sweep > 0 else " (owed)" if sweep < 0 else "",
             start=work.arc.start,
             end=work.arc.end,
             found=arc.found,
@@ -516,20 +619,27 @@ class Handoff(MultiService):
         part: Sequence[BulkRow],
     ) -> None:
         """Send a slice of a page to a target as ``xmove`` commands in one ``send_many`` (a unit of the
-        handoff); its answer goes to ``answers``."""
+        handoff), after the epoch of the ring it is pushed for (``XEpoch``: a target that does not know that
+        ring yet drops nothing meanwhile); the answers to the records go to ``answers``."""
         self._check()
-        answers.append(
-            target.send_many(
-                [
-                    XPut(key, Record(value, flags, expires_at, Version(clock, writer), bool(tombstone)), handoff=True)
-                    for key, value, flags, expires_at, clock, writer, tombstone in part
-                ]
-            )
+        commands: list[Command] = [self._epoch()]
+        commands.extend(
+            XPut(key, Record(value, flags, expires_at, Version(clock, writer), bool(tombstone)), handoff=True)
+            for key, value, flags, expires_at, clock, writer, tombstone in part
         )
+        answers.append(target.send_many(commands).addCallback(_after_the_epoch))
 
-    async def _push(self, node_id: str, page: _Page) -> set[bytes]:
+    def _epoch(self) -> XEpoch:
+        """The ``XEpoch`` a push goes after: the epoch of the ring the plan under way is for."""
+        assert self._goal is not None
+        return XEpoch(self._goal.epoch)
+
+    async def _push(self, node_id: str, page: _Page) -> set[bytes] | None:
         """Push ``page`` to one target until it acknowledged every record; the keys it refused for good
-        (a ``CLIENT_ERROR``: never dropped here). Retries with backoff; a target that left the map is skipped.
+        (a ``CLIENT_ERROR``: never dropped here). Retries with backoff. None when the target left the map
+        (nothing counts delivered: the newer map restarts the plan), is marked down in the newest ring or
+        failed ``attempts`` times: the page is owed to it (pushed again once the other arcs are done), so
+        that a target that does not answer never holds up the other arcs.
 
         As bulk pages to a target that reads them (``send_bulk``); record by record (``xmove``) to one that
         does not (a kvstore of an earlier version), and for a bulk page the target refused whole (which of
@@ -541,9 +651,11 @@ class Handoff(MultiService):
         while todo:
             assert self.target is not None
             address = self.target.nodes.get(node_id)
-            if address is None:
-                self._log.info("{node} left the map: skipping it", node=node_id)
-                return refused
+            if address is None:  # the newer map restarts the plan: nothing is delivered meanwhile
+                self._log.info("{node} left the map: not pushing to it", node=node_id)
+                return None
+            if address.state == NodeState.DOWN or node_id in self._unreachable:
+                return None
             connection = self._connection(address)
             await self._throttle(todo)
             send_bulk = getattr(connection.service, "send_bulk", None)
@@ -552,9 +664,13 @@ class Handoff(MultiService):
             singles: Sequence[BulkRow] = todo
             if send_bulk is not None and not connection.old:
                 singles = []
-                results = await send_bulk([frame.command for frame in frames])
+                epoch = self._epoch()
+                commands: list[XBulk | XEpoch] = []
+                for frame in frames:
+                    commands += (epoch, frame.command)
+                results = await send_bulk(commands)
                 self._check()
-                for frame, value in zip(frames, results):
+                for frame, value in zip(frames, results[1::2]):  # the pages' answers (an XEpoch's tells nothing)
                     rows = todo[frame.start : frame.end]
                     if not isinstance(value, Failure):
                         self._sent(len(rows))
@@ -577,6 +693,15 @@ class Handoff(MultiService):
                 return refused
             self._check()
             failures += 1
+            if failures >= self.attempts:
+                self._unreachable.add(node_id)
+                self._log.warn(
+                    "cannot push {count} records to {node} ({error}); it is owed them after the other arcs",
+                    count=len(retry),
+                    node=node_id,
+                    error=error,
+                )
+                return None
             delay = backoff_delay(failures, 0.5, self.max_backoff, self._rng)
             self._log.warn(
                 "cannot push {count} records to {node} ({error}); retrying in {delay:.1f}s",
@@ -586,7 +711,6 @@ class Handoff(MultiService):
                 delay=delay,
             )
             await self._sleep(delay)
-            self._check()
             todo = retry
             frames = self._frames(retry)
         return refused
@@ -624,7 +748,7 @@ class Handoff(MultiService):
         self._sent_in_arc += count
 
     async def _sleep(self, delay: float) -> None:
-        """Wait ``delay`` seconds; ``_Restart`` when woken up."""
+        """Wait ``delay`` seconds; ``_Restart`` when woken up or if the plan became obsolete meanwhile."""
         sleep: Deferred[None] = deferLater(self._clock, delay)
         self._sleeps.add(sleep)
         try:
@@ -633,6 +757,7 @@ class Handoff(MultiService):
             raise _Restart() from None
         finally:
             self._sleeps.discard(sleep)
+        self._check()
 
     async def _throttle(self, rows: Sequence[BulkRow]) -> None:
         """Wait for ``rows``' turn under ``rate`` (records and value bytes a second, over every target)."""
@@ -642,7 +767,6 @@ class Handoff(MultiService):
         delay = self._bucket.take(rate, len(rows), sum(len(row[1]) for row in rows), self._clock.seconds())
         if delay > 0:
             await self._sleep(delay)
-            self._check()
 
     def _connection(self, address: NodeInfo) -> _Connection:
         connection = self._targets.get(address.id)
@@ -738,3 +862,9 @@ class _Page:
 
     rows: list[BulkRow]
     frames: list[_Frame]
+
+
+def _after_the_epoch(results: list[Result | Failure]) -> list[Result | Failure]:
+    """The answers to a slice's records: those after the answer to its ``XEpoch`` (which a node of an earlier
+    version refuses with ``ERROR``: it only tells the receiver more)."""
+    return results[1:]

@@ -118,6 +118,7 @@ class KVStoreService(MultiService):
         )
         self.handoff.setServiceParent(self)
         self.backend.stats_sources.append(self.handoff.stats)
+        self.backend.on_epoch = self.handoff.newer_ring_seen
         self.backend.stats_sources.append(lambda: {"purged_total": self.purged})
         # Anti-entropy: compares the data with the other replicas' and repairs both, and answers them.
         if connect_peer is None:  # the KVClientPool a handoff connection is serves anti-entropy as well

@@ -26,8 +26,9 @@ __all__ = ["Options", "makeService"]
 
 #: Seconds a request to a gateway may take (a long poll of the ring waits 25 s more on purpose).
 CLUSTER_TIMEOUT = 10.0
-#: Seconds a push of the handoff may wait for its answer.
-HANDOFF_TIMEOUT = 30.0
+#: Seconds a push of the handoff may wait for its answer: a page is acknowledged in milliseconds, and a target
+#: that keeps one waiting this long (paused, cut off) is owed its arcs, pushed again after the others.
+HANDOFF_TIMEOUT = 10.0
 #: Seconds an anti-entropy request to a peer may wait for its answer.
 ANTI_ENTROPY_TIMEOUT = 300.0
 

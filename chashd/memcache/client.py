@@ -57,6 +57,7 @@ from chashd.commands import (
     Values,
     XAuth,
     XBulk,
+    XEpoch,
     XGet,
 )
 from chashd.errors import BulkUnsupported, DomainError, ServiceUnavailable, UnknownCommand
@@ -218,9 +219,10 @@ class KVClientProtocol(Protocol):
         for waiter in waiters:
             waiter.callback(answer)
 
-    def send_bulk(self, commands: Sequence[XBulk]) -> Deferred[list[Result | Failure]]:
-        """``send_many`` of bulk pages once the probe said the server reads them; else each page fails with
-        ``BulkUnsupported`` (or ``KVConnectionLost`` when the connection went before the answer), unsent."""
+    def send_bulk(self, commands: Sequence[XBulk | XEpoch]) -> Deferred[list[Result | Failure]]:
+        """``send_many`` of bulk pages (each after the ``XEpoch`` of the handoff that pushes it) once the probe
+        said the server reads them; else each command fails with ``BulkUnsupported`` (or ``KVConnectionLost``
+        when the connection went before the answer), unsent."""
 
         def answered(speaks: bool | None) -> Deferred[list[Result | Failure]]:
             if speaks:
@@ -518,9 +520,10 @@ class KVClientPool(MultiService):
         ``Failure`` of its error, in order."""
         return self._send_group(commands, KVClientProtocol.send_many)
 
-    def send_bulk(self, commands: Sequence[XBulk]) -> Deferred[list[Result | Failure]]:
+    def send_bulk(self, commands: Sequence[XBulk | XEpoch]) -> Deferred[list[Result | Failure]]:
         """``KVClientProtocol.send_bulk`` over a connection chosen as ``send_many`` chooses: each page's
-        ``Bulked``, or the ``Failure`` of its error (``BulkUnsupported`` from a server that reads none)."""
+        ``Bulked`` (each ``XEpoch``'s ``OK``), or the ``Failure`` of its error (``BulkUnsupported`` from a
+        server that reads none)."""
         return self._send_group(commands, KVClientProtocol.send_bulk)  # type: ignore[arg-type]
 
     def _send_group(

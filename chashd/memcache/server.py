@@ -105,6 +105,9 @@
 #     xdigest <placement> <first> <last> <parts> [<sender node id>]
 #                                                -> (DIGEST <records> <total>\r\n){parts} END
 #                                                   the digest of each of <parts> (1-256) equal sub-ranges
+#     xepoch <epoch>                             -> OK      (a handoff names the ring it pushes the records that
+#                                                   follow for: a node that sees a newer ring than it knows
+#                                                   stops dropping records until it knows that ring)
 #     xlist <placement> <first> <last> <limit> [<after hash> <after key>]
 #                                                -> (XKEY <hash> <key> <version>\r\n)* END
 #                                                   up to <limit> (1-10000) records in (hash, key) order,
@@ -236,6 +239,7 @@ from chashd.commands import (
     XAuth,
     XBulk,
     XDigest,
+    XEpoch,
     XGet,
     XList,
     XPut,
@@ -311,7 +315,7 @@ def _address(address: Any) -> str:
 _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
     XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
-    BulkProbe: "internal", XDigest: "internal", XList: "internal",
+    BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip

@@ -53,6 +53,7 @@ from chashd.commands import (
     XAuth,
     XBulk,
     XDigest,
+    XEpoch,
     XGet,
     XList,
     XPut,
@@ -324,6 +325,7 @@ class RequestParser:
             b"xbulk": self._xbulk,
             b"xdigest": self._xdigest,
             b"xlist": self._xlist,
+            b"xepoch": self._xepoch,
         }
 
     def feed(self, data: bytes) -> None:
@@ -917,6 +919,17 @@ class RequestParser:
             return FailedRequest(e)
         return XDigest(placement, first, last, parts, sender)
 
+    def _xepoch(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if len(tokens) != 2:
+            return FailedRequest(BadCommand())
+        try:
+            epoch = _digits(tokens[1])
+        except BadCommand as e:
+            return FailedRequest(e)
+        if epoch > _MAX_U64 >> 1:
+            return FailedRequest(BadCommand("an epoch is at most 63 bits"))
+        return XEpoch(epoch)
+
     def _xlist(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) not in (5, 7):
             return FailedRequest(BadCommand())
@@ -1224,6 +1237,8 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
     if type(command) is XGet:  # the gateway's reads
         keys = command.keys
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
+    if type(command) is XEpoch:
+        return b"xepoch %d\r\n" % command.epoch
     if type(command) is XDigest:
         sender = b" " + command.sender.encode() if command.sender else b""
         range_ = (command.placement.encode(), command.first, command.last, command.parts, sender)

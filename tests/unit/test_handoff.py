@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 
 from chashd.bulk import decode_rows
-from chashd.commands import Command, Get, Status, Store, Values, XBulk, XPut
+from chashd.commands import Command, Get, Status, Store, Values, XBulk, XEpoch, XPut
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.handoff import Handoff
@@ -26,7 +28,7 @@ from chashd.kvstore.pacing import Sizer
 from chashd.kvstore.placement import RingUpdate, load_synced
 from chashd.memcache.client import KVClientPool, KVConnectionLost
 from chashd.memcache.server import MemcacheServerFactory
-from chashd.node import NodeInfo
+from chashd.node import NodeInfo, NodeState
 from chashd.record import Record
 from chashd.ring import HashRing
 from chashd.storage import MemoryEngine, SQLiteEngine
@@ -71,6 +73,7 @@ class Node:
         )
         self.handoff.page_size = cluster.page_size
         self.handoff.drop_chunk = 2
+        self.backend.on_epoch = self.handoff.newer_ring_seen  # as the kvstore service wires them
         self.handoff.startService()
 
     def records(self) -> dict[bytes, Record]:
@@ -123,12 +126,14 @@ class Cluster:
             written[key] = record
         return written
 
-    def settle(self, limit: int = 2000) -> None:
-        """Run until no handoff is under way, advancing the clock to the next timer when nothing moves."""
+    def settle(self, limit: int = 2000, only: Iterable[str] | None = None) -> None:
+        """Run until no handoff (of the nodes ``only``, default all) is under way, advancing the clock to the
+        next timer when nothing moves."""
+        watched = [self.nodes[n] for n in only] if only is not None else list(self.nodes.values())
         for _ in range(limit):
             if self.pump():
                 continue
-            if not any(n.handoff.running_handoff for n in self.nodes.values()):
+            if not any(n.handoff.running_handoff for n in watched):
                 return
             calls = self.reactor.getDelayedCalls()
             assert calls, (
@@ -136,6 +141,19 @@ class Cluster:
             )
             self.reactor.advance(max(0.0, min(c.getTime() for c in calls) - self.reactor.seconds()))
         raise AssertionError("the handoffs did not finish")
+
+    def run_for(self, seconds: float) -> None:
+        """Move bytes and time (to each next timer) for ``seconds`` of the clock."""
+        end = self.reactor.seconds() + seconds
+        while True:
+            while self.pump():
+                pass
+            calls = [c.getTime() for c in self.reactor.getDelayedCalls()]
+            if not calls or min(calls) > end:
+                self.reactor.advance(max(0.0, end - self.reactor.seconds()))
+                self.pump()
+                return
+            self.reactor.advance(max(0.0, min(calls) - self.reactor.seconds()))
 
     def stop(self) -> None:
         """Stop every handoff; nothing may be left scheduled."""
@@ -375,6 +393,245 @@ class ConcurrencyTests:
         assert a.handoff.synced == three
 
 
+class CutTarget(MultiService):
+    """A connection to a target whose answers fail (``KVConnectionLost`` after ``delay`` seconds, as a
+    connection cut off times out) while ``cut`` is set, and go through the real connection once it is not."""
+
+    def __init__(self, reactor: MemoryReactorClock, real: KVClientPool, delay: float = 1.0) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.real = real
+        self.delay = delay
+        self.cut = True
+        self.failed = 0
+        self._calls: list[Any] = []
+        real.setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:
+        """Closed: the answers still due never come."""
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        stopped: Deferred[None] = super().stopService()
+        return stopped
+
+    def send_many(self, commands: Sequence[Command]) -> Deferred[list[Any]]:
+        """The real answers, or a failure for each command after ``delay`` while cut."""
+        if not self.cut:
+            return self.real.send_many(commands)
+        return self._fail(commands)
+
+    def send_bulk(self, commands: Sequence[XBulk | XEpoch]) -> Deferred[list[Any]]:
+        """Bulk pages: the real answers, or a failure for each command after ``delay`` while cut."""
+        if not self.cut:
+            return self.real.send_bulk(commands)
+        return self._fail(commands)
+
+    def _fail(self, commands: Sequence[Command]) -> Deferred[list[Any]]:
+        self.failed += 1
+        d: Deferred[list[Any]] = Deferred()
+        self._calls.append(
+            self.reactor.callLater(self.delay, d.callback, [Failure(KVConnectionLost("cut off")) for _ in commands])
+        )
+        return d
+
+
+def cut_to(cluster: Cluster, node: Node, target: str) -> list[CutTarget]:
+    """Make ``node``'s connections to ``target`` cut off (``CutTarget``); the list gets each one made."""
+    made: list[CutTarget] = []
+    port = cluster.nodes[target].port
+
+    def connect(host: str, line_port: int) -> Any:
+        real = cluster.connect(host, line_port)
+        if line_port != port:
+            return real
+        made.append(CutTarget(cluster.reactor, real))
+        return made[-1]
+
+    node.handoff.connect = connect
+    return made
+
+
+class NewerRingTests:
+    """A node whose ring watch lags (it knows a ring its peers have left behind) never drops what they push
+    for the newer ring, and is not synced until it knows that ring."""
+
+    def test_a_removed_node_that_returns_keeps_what_its_peers_push_back(self, tmp_path: Path) -> None:
+        """Scenario of the fault suite's removed-restart, in memory: D is removed (ring 2) and its peers hand
+        its arcs off; D restarts with its data and its saved ring 1 while its ring watch brings ring 2 only,
+        so it hands everything off for ring 2 (its pushes to A cut off, so that handoff is under way), and
+        the peers, on ring 3 where D is back, push D's arcs to it. D stops its plan at the peers' epoch:
+        nothing is dropped, synced stays at ring 1, until ring 3 comes; then every key is on its 3
+        replicas of ring 3, D's included."""
+        cluster = Cluster()
+        state = str(tmp_path / "d-ring.json")
+        for node_id in "ABC":
+            cluster.add(node_id)
+        cluster.add("D", state_path=state)
+        one = cluster.ring(1, "A", "B", "C", "D", replicas=3)
+        cluster.announce(one)
+        written = cluster.populate(one, 240)
+        d = cluster.nodes["D"]
+        d.handoff.stopService()  # killed
+        two = cluster.ring(2, "A", "B", "C", replicas=3)
+        cluster.announce(two, "ABC")
+        cluster.settle()
+        cluster.assert_placed(two, written)
+
+        cluster.nodes["D"] = d = Node(cluster, "D", 20100, d.engine, state)  # restarted: its data, ring 1
+        assert d.handoff.synced is not None and d.handoff.synced.epoch == 1
+        held = set(d.records())
+        cuts = cut_to(cluster, d, "A")
+        two = RingUpdate(two.ring, 3, two.nodes)
+        cluster.announce(two, "D")  # its ring watch polls a gateway that knows only ring 2
+        assert d.handoff.running_handoff
+        three = cluster.ring(3, "A", "B", "C", "D", replicas=3)  # its registration put it back
+        with capturedLogs() as events:
+            cluster.announce(three, "ABC")
+            cluster.settle(only="ABC")
+            cluster.run_for(60.0)
+        assert cuts and cuts[0].failed > 0  # D's own handoff was under way, held up by A
+        assert d.handoff.awaited_epoch == 3 and d.handoff.synced.epoch == 1 and d.handoff.running_handoff
+        assert any("newer than this node's" in e.get("log_format", "") for e in events)
+        mine = {k for k in written if "D" in three.ring.preference_list(k, 3)}
+        assert mine <= set(d.records())  # the peers delivered D's arcs, and D dropped none of them
+        assert held - set(d.records()) <= set(written) - mine  # what D dropped, ring 3 does not give it
+        cuts[0].cut = False
+        cluster.announce(three, "D")
+        cluster.settle()
+        cluster.assert_placed(three, written)
+        assert d.handoff.synced == three and d.handoff.awaited_epoch == 3
+        saved = load_synced(state)
+        assert saved is not None and saved.epoch == 3
+
+    def test_an_older_epoch_changes_nothing(self, cluster: Cluster) -> None:
+        """A peer that pushes for a ring this node already knows (or an older one) does not stop its plan."""
+        a = cluster.add("A")
+        cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 40)
+        two = cluster.ring(2, "A", "B")
+        cluster.announce(two)
+        a.handoff.newer_ring_seen(2)
+        a.handoff.newer_ring_seen(1)
+        cluster.settle()
+        assert a.handoff.awaited_epoch == 0 and a.handoff.synced == two
+        cluster.assert_placed(two, written)
+
+
+class UnreachableTargetTests:
+    """A target that is down, or does not answer, does not stall the other arcs; what it is owed is never
+    dropped before it got it, and the node is not synced before."""
+
+    def setup_three(self, cluster: Cluster, b_state: NodeState) -> tuple[Node, dict[bytes, Record], RingUpdate]:
+        a = cluster.add("A")
+        for node_id in "BC":
+            cluster.add(node_id)
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 120)
+        two = cluster.ring(2, "A", "B", "C")
+        b = two.nodes["B"]
+        two = RingUpdate(two.ring, 1, {**two.nodes, "B": NodeInfo(b.id, b.host, b.port, b.line_port, 1, b_state)})
+        return a, written, two
+
+    def test_a_target_marked_down_is_owed_its_arcs(self, cluster: Cluster) -> None:
+        """B joins and is marked down at once: A hands C its arcs (and drops them) without waiting for B,
+        keeps B's arcs, and stays unsynced; once the ring shows B up, A pushes B its arcs and is synced."""
+        a, written, two = self.setup_three(cluster, NodeState.DOWN)
+        cluster.announce(two, "A")
+        cluster.run_for(120.0)
+        to_c = {k for k in written if two.ring.node_for(k) == "C"}
+        to_b = {k for k in written if two.ring.node_for(k) == "B"}
+        assert to_b and to_c
+        assert set(cluster.nodes["C"].records()) == to_c and cluster.nodes["B"].records() == {}
+        assert set(a.records()) == set(written) - to_c  # B's arcs kept
+        assert a.handoff.running_handoff and a.handoff.synced is not None and a.handoff.synced.epoch == 1
+        up = cluster.ring(3, "A", "B", "C")
+        cluster.announce(up, "A")
+        cluster.settle()
+        cluster.assert_placed(up, written)
+        assert a.handoff.synced == up
+
+    def test_a_target_that_does_not_answer_is_owed_its_arcs(self, cluster: Cluster) -> None:
+        """B is in the ring and up but cut off: after ``attempts`` failed pushes A goes on with C's arcs,
+        never asks B again in that pass, and keeps B's arcs; once B answers, the owed arcs reach it."""
+        a, written, two = self.setup_three(cluster, NodeState.UP)
+        cuts = cut_to(cluster, a, "B")
+        with capturedLogs() as events:
+            cluster.announce(two, "A")
+            cluster.run_for(5.0)
+        to_c = {k for k in written if two.ring.node_for(k) == "C"}
+        assert set(cluster.nodes["C"].records()) == to_c
+        assert set(a.records()) == set(written) - to_c and a.handoff.running_handoff
+        gave_up = [e for e in events if "owed them after the other arcs" in e.get("log_format", "")]
+        assert len(cuts) == 1 and 0 < len(gave_up) <= a.handoff.window  # not one wait per page of B's arcs
+        cluster.run_for(30.0)  # the owed arcs are tried again, with backoff, and kept
+        assert set(a.records()) == set(written) - to_c and a.handoff.running_handoff
+        cuts[0].cut = False
+        cluster.settle()
+        cluster.assert_placed(two, written)
+        assert a.handoff.synced == two
+
+
+class DeliveryTests:
+    """A page counts as delivered only once the receiver has it durably."""
+
+    def test_a_record_is_committed_on_the_receiver_before_the_sender_drops_it(self, tmp_path: Path) -> None:
+        """With a SQLite receiver, every time the sender gets the answers to bulk pages (or a slice of xmoves),
+        each answered record is already in the receiver's database file (read through a connection of its
+        own): the sender never drops what a kill -9 of the receiver could lose. Every page follows the
+        XEpoch of the ring it is pushed for."""
+        cluster = Cluster()
+        a = cluster.add("A")
+        b = cluster.add("B", SQLiteEngine(tmp_path / "b.db"))
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 60)
+        checked: list[int] = []
+
+        def on_disk(keys: list[bytes]) -> set[bytes]:
+            db = sqlite3.connect(tmp_path / "b.db")
+            try:
+                rows = db.execute("SELECT key FROM records").fetchall()
+            finally:
+                db.close()
+            return {bytes(r[0]) for r in rows} & set(keys)
+
+        def connect(host: str, port: int) -> Any:
+            pool = cluster.connect(host, port)
+            send_many, send_bulk = pool.send_many, pool.send_bulk
+
+            def checking(send: Callable[[list[Any]], Deferred[Any]], commands: list[Any]) -> Deferred[Any]:
+                keys = [c.key for c in commands if isinstance(c, XPut)]
+                for before, command in zip([None, *commands], commands):
+                    if isinstance(command, XBulk):
+                        assert before == XEpoch(2)
+                        keys.extend(row[0] for row in decode_rows(command.block, command.count, 1 << 20))
+                assert isinstance(commands[0], XEpoch) and commands[0].epoch == 2
+
+                def answered(results: list[Any]) -> list[Any]:
+                    assert on_disk(keys) == set(keys)
+                    checked.append(len(keys))
+                    return results
+
+                return send(commands).addCallback(answered)
+
+            pool.send_many = partial(checking, send_many)  # type: ignore[method-assign]  # the test wraps them
+            pool.send_bulk = partial(checking, send_bulk)  # type: ignore[method-assign]
+            return pool
+
+        a.handoff.connect = connect
+        two = cluster.ring(2, "B")
+        cluster.announce(two)
+        cluster.settle()
+        assert sum(checked) >= len(written) and a.records() == {}
+        cluster.assert_placed(two, written)
+        cluster.stop()
+        b.engine.close()
+
+
 class BackPressureTests:
     """The handoff never has more than one page in flight per target."""
 
@@ -384,12 +641,18 @@ class BackPressureTests:
         def __init__(self) -> None:
             self.sent: list[tuple[XPut, Deferred[Any]]] = []
             self.groups: list[list[XPut]] = []
+            self.epochs: list[int] = []
 
         def send_many(self, commands: Sequence[Command]) -> Deferred[list[Any]]:
-            """One Deferred per command for the test to fire; the group's answers once all have fired."""
-            answers = []
+            """One Deferred per record for the test to fire (the slice's XEpoch is answered at once); the
+            group's answers once all have fired."""
+            answers: list[Deferred[Any]] = []
             self.groups.append([c for c in commands if isinstance(c, XPut)])
+            self.epochs.extend(c.epoch for c in commands if isinstance(c, XEpoch))
             for command in commands:
+                if isinstance(command, XEpoch):
+                    answers.append(succeed(Status.OK))
+                    continue
                 assert isinstance(command, XPut)
                 d: Deferred[Any] = Deferred()
                 self.sent.append((command, d))

@@ -32,6 +32,7 @@ from chashd.commands import (
     XApplied,
     XApply,
     XDigest,
+    XEpoch,
     XGet,
     XList,
     XPut,
@@ -628,6 +629,29 @@ class AntiEntropyCommandTests:
             read_replies(b"DIGEST 1 1\r\nDIGEST 1 1\r\nDIGEST 1 1\r\nEND\r\n", [digest])
         with pytest.raises(BadReply):
             read_replies(b"XKEY 5 k1 nope!\r\nEND\r\n", [listing])
+
+
+class EpochCommandTests:
+    """xepoch: the epoch of the ring a handoff pushes the records that follow for."""
+
+    def test_request_and_reply(self) -> None:
+        """``xepoch <epoch>`` parses into XEpoch and back; its reply is OK, whole and byte by byte."""
+        assert serialize_command(XEpoch(42)) == b"xepoch 42\r\n"
+        assert one(b"xepoch 42\r\n") == XEpoch(42)
+        for chunk in (None, 1):
+            assert read_replies(b"OK\r\n", [XEpoch(42)], chunk) == [Status.OK]
+
+    def test_bad_requests(self) -> None:
+        """A missing, extra, negative, non-numeric or too large epoch is a CLIENT_ERROR."""
+        for line in (
+            b"xepoch\r\n",
+            b"xepoch 1 2\r\n",
+            b"xepoch -1\r\n",
+            b"xepoch one\r\n",
+            b"xepoch 9223372036854775808\r\n",
+        ):
+            (reply,) = replies(line)
+            assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)
 
 
 class ReplyParserTests:

@@ -187,6 +187,7 @@ class LineAuthTests:
         [
             b"xput k 0 0 99-gw 0 4\r\npin!\r\n",
             b"xmove k 0 0 99-gw 0 4\r\npin!\r\n",
+            b"xepoch 5\r\n",
             b"xapply 99-gw set k 0 0 4\r\npin!\r\n",
             b"xget k\r\n",
             b"flush_all\r\n",
