@@ -79,36 +79,31 @@ def makeService(
         tls = https_policy(load_ca(config.tls_ca))  # https:// gateway URLs verified against --tls-ca
         cluster = AsyncKVStoreClient(reactor, config.gateway, timeout=CLUSTER_TIMEOUT, token=config.token, tls=tls)
 
-    def connect(host: str, port: int) -> KVClientPool:
-        """A connection to a handoff target: one pipelined line-protocol connection, which proves the cluster
-        token first (xauth), then asks whether the target reads bulk pages."""
+    def pool(host: str, port: int, timeout: float, probe_bulk: bool = False) -> KVClientPool:
+        """One pipelined line-protocol connection to another kvstore (TLS verified against --tls-ca when given),
+        which proves the cluster token first (xauth)."""
         reply_room = config.max_value_size + 4096  # a value and its command line
-        endpoint = client_endpoint(reactor, host, port, 5.0, ca)  # TLS verified against --tls-ca when given
+        endpoint = client_endpoint(reactor, host, port, 5.0, ca)
         return KVClientPool(
             reactor,
             host,
             port,
             size=1,
-            timeout=HANDOFF_TIMEOUT,
+            timeout=timeout,
             max_value_size=reply_room,
             token=config.token,
-            probe_bulk=True,
+            probe_bulk=probe_bulk,
             endpoint=endpoint,
         )
 
+    def connect(host: str, port: int) -> KVClientPool:
+        """A connection to a handoff target, which asks whether the target reads bulk pages."""
+        return pool(host, port, HANDOFF_TIMEOUT, probe_bulk=True)
+
     def connect_peer(host: str, port: int) -> KVClientPool:
-        """A connection to an anti-entropy peer, as a handoff's but with a long timeout: a digest of a large
-        range may take the peer a while (its scans are rate limited)."""
-        return KVClientPool(
-            reactor,
-            host,
-            port,
-            size=1,
-            timeout=ANTI_ENTROPY_TIMEOUT,
-            max_value_size=config.max_value_size + 4096,
-            token=config.token,
-            endpoint=client_endpoint(reactor, host, port, 5.0, ca),  # TLS as the handoff's
-        )
+        """A connection to an anti-entropy peer: a digest of a large range may take the peer a while (its
+        scans are rate limited), hence the long timeout."""
+        return pool(host, port, ANTI_ENTROPY_TIMEOUT)
 
     node = KVStoreService(
         config, reactor, engine, cluster, connect, run_in_thread=run_in_thread, connect_peer=connect_peer
