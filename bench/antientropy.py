@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from handoff import LineClient, Reader, cpu_seconds, key, p99
 
-from chashd.launcher import Daemon, LocalCluster, http_json
+from chashd.launcher import Daemon, LocalCluster, clean_environ, http_json
 
 #: Seconds between two looks at the kvstores' /stats, in the quiet window as during the passes.
 POLL = 0.2
@@ -100,7 +100,7 @@ def missing_on(port: int, keys: list[bytes]) -> int:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_") and k != "NOTIFY_SOCKET"}
+    env = clean_environ()
     cluster = LocalCluster(
         workdir,
         gateways=1,

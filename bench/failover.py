@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chashd.launcher import ClusterSecrets, Daemon, free_ports, http_json
+from chashd.launcher import ClusterSecrets, Daemon, clean_environ, free_ports, http_json
 
 HOST = "127.0.0.1"
 TARGET_MEDIAN = 3.0
@@ -46,7 +46,7 @@ class Cluster:
             "--peers", self.peers,
             "--data-dir", str(self.workdir / name),
         ]  # fmt: skip
-        env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CHASHD_")}
+        env = clean_environ()
         env["CHASHD_RAFT_PASSWORD"] = self.secrets.raft_password
         return Daemon("chash-gateway", name, args, self.http[i], self.workdir / f"{name}.log", env=env)
 

@@ -64,7 +64,7 @@ from kvstore import add_load_options, build_loadgen, pinned, requests, server_co
 from kvstore import drive as run_load
 from proxy_baseline import BackendProtocol, ProxyFactory
 
-from chashd.launcher import LocalCluster, free_ports, http_json
+from chashd.launcher import LocalCluster, clean_environ, free_ports, http_json
 
 HERE = Path(__file__).resolve().parent
 ROUTER_CORE, LOAD_CORE = 1, 0
@@ -84,11 +84,6 @@ HTTP_TARGET = 0.8
 
 
 # -- processes ---------------------------------------------------------------------------------------
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without CHASHD_* settings, so that the daemons run with their defaults."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_")}
 
 
 def pin_pid(pid: int, core: int) -> None:
@@ -119,7 +114,7 @@ class Processes:
         """Start ``command`` on ``core`` and wait until 127.0.0.1:``port`` accepts connections."""
         log = self.work / f"{name}.log"
         with open(log, "ab") as out:
-            process = subprocess.Popen(pinned(command, core), stdout=out, stderr=subprocess.STDOUT, env=clean_env())
+            process = subprocess.Popen(pinned(command, core), stdout=out, stderr=subprocess.STDOUT, env=clean_environ())
         self.started.append(process)
         wait_port(port, process, log)
         return process
@@ -198,7 +193,7 @@ def started(name: str, work: Path, nutcracker: str | None) -> Iterator[Running]:
                 gateways=1,
                 kvstores=3,
                 gateway_args=GATEWAY_ARGS[name],
-                env=clean_env(),
+                env=clean_environ(),
             )
             cluster.start(timeout=120)
             settled(cluster)
@@ -504,7 +499,11 @@ def http_bench(args: argparse.Namespace, work: Path) -> None:
                     pid = processes.start("klein", command, port, ROUTER_CORE).pid
                 else:
                     cluster = LocalCluster(
-                        work / f"http-{time.monotonic_ns()}", gateways=1, kvstores=3, gateway_args=N1, env=clean_env()
+                        work / f"http-{time.monotonic_ns()}",
+                        gateways=1,
+                        kvstores=3,
+                        gateway_args=N1,
+                        env=clean_environ(),
                     )
                     cluster.start(timeout=120)
                     settled(cluster)

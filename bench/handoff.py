@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chashd.launcher import Daemon, LocalCluster, http_json
+from chashd.launcher import Daemon, LocalCluster, clean_environ, http_json
 
 HOST = "127.0.0.1"
 TARGET_RATE = 20_000
@@ -268,7 +268,7 @@ def handoff(daemon: Daemon) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_") and k != "NOTIFY_SOCKET"}
+    env = clean_environ()
     cluster = LocalCluster(
         workdir,
         gateways=1,

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_server import BaselineFactory
 
 from chashd.kvstore.backend import LocalBackend
-from chashd.launcher import free_ports, twistd_command
+from chashd.launcher import clean_environ, free_ports, twistd_command
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage.memory import MemoryEngine
 
@@ -173,7 +173,7 @@ def measure(
     the measured window)."""
     (port,) = free_ports(1)
     log = work / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_")}
+    env = clean_environ()
     with open(log, "wb") as out:
         process = subprocess.Popen(
             pinned(server_commands(name, port, work) + list(extra_args), 1),

@@ -30,7 +30,6 @@ limit, one request per ``dataReceived``, rounds interleaved; the median of 7. ``
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvstore import _Sink, build_loadgen, drive, load_parser, pinned, requests, stop, wait_port
 
-from chashd.launcher import free_ports, twistd_command
+from chashd.launcher import clean_environ, free_ports, twistd_command
 from chashd.storage.memory import ITEM_OVERHEAD
 
 TARGET = 0.9
@@ -89,7 +88,7 @@ def start(name: str, args: argparse.Namespace, work: Path) -> tuple[subprocess.P
     if name == "limited":
         command += ["--memory-limit", str(limit_mib(args))]
     log = work / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHASHD_")}
+    env = clean_environ()
     with open(log, "wb") as out:
         process = subprocess.Popen(
             pinned(twistd_command("chash-kvstore", command), 1), stdout=out, stderr=subprocess.STDOUT, env=env

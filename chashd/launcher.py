@@ -31,11 +31,26 @@ __all__ = [
     "Daemon",
     "DaemonError",
     "LocalCluster",
+    "SEED_VARIABLES",
+    "clean_environ",
     "ephemeral_ports",
     "free_ports",
     "twistd_command",
     "wait_for",
 ]
+
+
+#: The seed deployment's variables, which the daemons read too: a test's or benchmark's daemons must not.
+SEED_VARIABLES = ("GATEWAY_ID", "LISTEN_PORT", "RAFT_PORT", "PEER_GATEWAYS", "NODE_ID", "GATEWAY_ADDRESS")
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This environment without any chashd setting of the machine (``CHASHD_*``, the seed's variables,
+    systemd's ``NOTIFY_SOCKET``), plus ``extra``: what a test's or a benchmark's daemons run with."""
+    env = {k: v for k, v in os.environ.items() if k not in SEED_VARIABLES and not k.startswith("CHASHD_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env.update(extra)
+    return env
 
 
 class DaemonError(Exception):

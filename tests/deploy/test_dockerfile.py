@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from chashd.launcher import SEED_VARIABLES
 from tests.deploy.conftest import ROOT, tool
-
-SEED_VARIABLES = ("GATEWAY_ID", "LISTEN_PORT", "RAFT_PORT", "PEER_GATEWAYS", "NODE_ID", "GATEWAY_ADDRESS")
 
 
 def instructions(text: str) -> list[tuple[str, str]]:

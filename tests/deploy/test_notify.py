@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from chashd.launcher import ClusterSecrets, Daemon, free_ports
+from chashd.launcher import ClusterSecrets, Daemon, clean_environ, free_ports
 from tests.deploy.conftest import ROOT
-from tests.integration.conftest import clean_environ
 
 pytestmark = pytest.mark.slow
 

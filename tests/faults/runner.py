@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from chashd.launcher import clean_environ
 from chashd.record import Record
 from tests.faults.checker import CATEGORIES, ReplicaState, Report, Violation, check
 from tests.faults.clients import (
@@ -49,7 +50,6 @@ from tests.faults.history import Event, Op, Recorder, read_events, read_history,
 from tests.faults.nemesis import FAULTS, Nemesis, Step, make_schedule
 from tests.faults.netns import SKIP_STATUS, Firewall, bring_loopback_up, preflight, run_in_namespace
 from tests.faults.stats import availability
-from tests.integration.conftest import clean_environ
 
 __all__ = ["ROOT", "Run", "main", "parse_args"]
 

@@ -15,20 +15,10 @@ from typing import Any, Protocol
 
 import pytest
 
-from chashd.launcher import ClusterSecrets, Daemon, free_ports, wait_for
+from chashd.launcher import ClusterSecrets, Daemon, clean_environ, free_ports, wait_for
 
 #: Poll a condition, failing the test after a timeout (``chashd.launcher.wait_for``).
 wait_until = wait_for
-
-SEED_VARIABLES = ("GATEWAY_ID", "LISTEN_PORT", "RAFT_PORT", "PEER_GATEWAYS", "NODE_ID", "GATEWAY_ADDRESS")
-
-
-def clean_environ(**extra: str) -> dict[str, str]:
-    """The environment without any chashd variable of the machine, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in SEED_VARIABLES and not k.startswith("CHASHD_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env.update(extra)
-    return env
 
 
 def http(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from chashd.client import KVStoreClient
-from chashd.launcher import LocalCluster, free_ports
-from tests.integration.conftest import clean_environ
+from chashd.launcher import LocalCluster, clean_environ, free_ports
 
 pytestmark = pytest.mark.slow
 

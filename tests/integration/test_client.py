@@ -23,8 +23,7 @@ from chashd.client import (
     Unauthorized,
     Unreachable,
 )
-from chashd.launcher import ClusterSecrets, Daemon, LocalCluster, free_ports
-from tests.integration.conftest import clean_environ
+from chashd.launcher import ClusterSecrets, Daemon, LocalCluster, clean_environ, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import pytest
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 
-from chashd.launcher import LocalCluster
-from tests.integration.conftest import clean_environ, http
+from chashd.launcher import LocalCluster, clean_environ
+from tests.integration.conftest import http
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from pymemcache.client.base import Client
 
-from chashd.launcher import Daemon, LocalCluster, http_json
-from tests.integration.conftest import clean_environ, wait_until
+from chashd.launcher import Daemon, LocalCluster, clean_environ, http_json
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 

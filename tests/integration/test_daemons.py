@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from chashd.launcher import LOWEST_FREE_PORT, ClusterSecrets, Daemon, ephemeral_ports, free_ports, twistd_command
-from tests.integration.conftest import StartDaemon, clean_environ
+from chashd.launcher import (
+    LOWEST_FREE_PORT,
+    ClusterSecrets,
+    Daemon,
+    clean_environ,
+    ephemeral_ports,
+    free_ports,
+    twistd_command,
+)
+from tests.integration.conftest import StartDaemon
 
 pytestmark = pytest.mark.slow
 

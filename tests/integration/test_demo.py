@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import clean_environ
+from chashd.launcher import clean_environ
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from pysyncobj import SyncObj, SyncObjConf
 
-from chashd.launcher import ClusterSecrets, Daemon, free_ports, http_json, twistd_command
-from tests.integration.conftest import StartDaemon, clean_environ, wait_until
+from chashd.launcher import ClusterSecrets, Daemon, clean_environ, free_ports, http_json, twistd_command
+from tests.integration.conftest import StartDaemon, wait_until
 
 pytestmark = pytest.mark.slow
 

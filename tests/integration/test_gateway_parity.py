@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from chashd.launcher import LocalCluster
-from tests.integration.conftest import clean_environ, wait_until
+from chashd.launcher import LocalCluster, clean_environ
+from tests.integration.conftest import wait_until
 from tests.integration.test_memcache_compat import CASES, Case, run_case
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pymemcache.client.base import Client
 
-from chashd.launcher import ClusterSecrets, free_ports, twistd_command
-from tests.integration.conftest import StartDaemon, clean_environ
+from chashd.launcher import ClusterSecrets, clean_environ, free_ports, twistd_command
+from tests.integration.conftest import StartDaemon
 
 pytestmark = pytest.mark.slow
 

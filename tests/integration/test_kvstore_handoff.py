@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from chashd.launcher import Daemon, LocalCluster, http_json
-from tests.integration.conftest import clean_environ, wait_until
+from chashd.launcher import Daemon, LocalCluster, clean_environ, http_json
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from chashd.launcher import Daemon, LocalCluster, free_ports
-from tests.integration.conftest import clean_environ
+from chashd.launcher import Daemon, LocalCluster, clean_environ, free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError
 
 from chashd.client import KVStoreClient
-from chashd.launcher import LocalCluster
+from chashd.launcher import LocalCluster, clean_environ
 from tests.deploy.test_monitoring import RULE_TESTS, RULES, dashboard_exprs, metric_names
-from tests.integration.conftest import clean_environ, wait_until
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from pymemcache.client.base import Client
 
-from chashd.launcher import Daemon, LocalCluster
+from chashd.launcher import Daemon, LocalCluster, clean_environ
 from chashd.ring import HashRing
-from tests.integration.conftest import clean_environ
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pymemcache.client.base import Client
 
-from chashd.launcher import Daemon, LocalCluster, free_ports
-from tests.integration.conftest import clean_environ, wait_until
+from chashd.launcher import Daemon, LocalCluster, clean_environ, free_ports
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from chashd.client import KVStoreClient
-from chashd.launcher import LocalCluster
+from chashd.launcher import LocalCluster, clean_environ
 from chashd.screenshots import DomElements, chromium, dump_dom, screenshot
-from tests.integration.conftest import clean_environ, wait_until
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from pymemcache.client.base import Client
 
-from chashd.launcher import ClusterSecrets, Daemon, free_ports
+from chashd.launcher import ClusterSecrets, Daemon, clean_environ, free_ports
 from tests.certs import make_ca
-from tests.integration.conftest import clean_environ, wait_until
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 

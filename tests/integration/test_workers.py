@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chashd.launcher import LocalCluster
-from tests.integration.conftest import clean_environ, http, wait_until
+from chashd.launcher import LocalCluster, clean_environ
+from tests.integration.conftest import http, wait_until
 
 pytestmark = pytest.mark.slow
 
