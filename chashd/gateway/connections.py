@@ -3,6 +3,8 @@
 ``Connections.update(nodes)`` follows the cluster map: a pool per node at its advertised host and line
 port, replaced when the address changes and stopped when the node leaves the map. The router sends every
 client request of every client connection over these pools (multiplexing), never a connection per client.
+``kvstore_connections(config, reactor)`` makes them as a gateway's options ask (``chashd.gateway.tap`` and a
+worker, ``chashd.gateway.worker``, give them to their data plane).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
+from chashd.config import GatewayConfig
 from chashd.errors import ServiceUnavailable
 from chashd.interfaces import IKVClient
 from chashd.memcache.client import KVClientPool
 from chashd.node import NodeInfo
-from chashd.tls import TrustRoot, client_endpoint
+from chashd.tls import TrustRoot, client_endpoint, load_ca
 
-__all__ = ["Connections"]
+__all__ = ["Connections", "kvstore_connections"]
 
 
 class Connections(MultiService):
@@ -81,3 +84,15 @@ class Connections(MultiService):
     def nodes(self) -> list[str]:
         """The nodes with a pool."""
         return sorted(self._pools)
+
+
+def kvstore_connections(config: GatewayConfig, reactor: Any) -> Connections:
+    """The connections of a gateway with ``config``: its request timeout and value limit, proving the cluster
+    token, TLS verified against ``--tls-ca`` when given."""
+    return Connections(
+        reactor,
+        timeout=config.request_timeout,
+        max_value_size=config.max_value_size,
+        token=config.token,
+        tls_ca=load_ca(config.tls_ca),
+    )

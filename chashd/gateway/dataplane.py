@@ -36,7 +36,6 @@ from chashd.memcache.server import MemcacheServerFactory
 from chashd.metrics import RequestMetrics
 from chashd.node import NodeInfo
 from chashd.ring import HashRing
-from chashd.tls import load_ca
 from chashd.web import KeyValueHTTP, LimitedSite
 
 __all__ = ["DataPlane", "Routing", "worker_writer"]
@@ -108,20 +107,18 @@ def worker_writer(gateway_id: str, index: int) -> str:
 class DataPlane(MultiService):
     """The connections, the router and the client surfaces of one process (see the module docstring).
 
-    ``writer`` is the id in the versions the router assigns (default: the gateway's id).
+    ``connections`` come made by whoever wires the process (``chashd.gateway.connections.kvstore_connections``);
+    the data plane owns them from then on (starts and stops them). ``writer`` is the id in the versions the
+    router assigns (default: the gateway's id).
     """
 
-    def __init__(self, config: GatewayConfig, reactor: Any, writer: str | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, reactor: Any, connections: Connections, writer: str | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
-        self.connections = Connections(
-            reactor,
-            timeout=config.request_timeout,
-            max_value_size=config.max_value_size,
-            token=config.token,
-            tls_ca=load_ca(config.tls_ca),
-        )
+        self.connections = connections
         self.connections.setServiceParent(self)
         self.router = Router(
             writer or config.gateway_id,

@@ -17,6 +17,7 @@ from chashd.config import ConfigOptions, GatewayConfig, check_secrets, connectio
 from chashd.daemon import ListenService, SystemdNotifier, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError
 from chashd.gateway.api import RingAPI, RingRoot
+from chashd.gateway.connections import kvstore_connections
 from chashd.gateway.dataplane import DataPlane, Routing
 from chashd.gateway.follow import FOLLOW_TIMEOUT, RoutingFeed, RoutingWatch
 from chashd.gateway.health import HealthChecker
@@ -117,7 +118,7 @@ def _raft_gateway(
         membership,
         NodeMonitor(membership, probe, reactor, config.probe_interval),
         HealthChecker(membership, reactor, down_after=config.down_after, dead_after=config.dead_after),
-        DataPlane(config, reactor),
+        DataPlane(config, reactor, kvstore_connections(config, reactor)),
         serves_keys=config.workers == 1,
     )
     gateway.setServiceParent(root)
@@ -166,7 +167,7 @@ def _follower(config: GatewayConfig, reactor: Any, root: MultiService, notifier:
         site = _admin_http(supervisor, health, ready, registry).site(reactor=reactor, **connection_limits(config))
         _listen_admin(reactor, root, supervisor, site)
         return
-    data = DataPlane(config, reactor)
+    data = DataPlane(config, reactor, kvstore_connections(config, reactor))
     data.setServiceParent(root)
     routed: Deferred[None] = Deferred()
 

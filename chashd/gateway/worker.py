@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from chashd.client import AsyncKVStoreClient
 from chashd.config import GatewayConfig
+from chashd.gateway.connections import kvstore_connections
 from chashd.gateway.dataplane import DataPlane, Routing, worker_writer
 from chashd.gateway.follow import FOLLOW_TIMEOUT, RoutingWatch
 from chashd.gateway.service import GatewayAdmin
@@ -196,7 +197,8 @@ class Worker(Protocol):
         config = GatewayConfig(**raw)
         self.index = int(message["index"])
         _begin_logging(config.log_format, self.index)
-        self.data = DataPlane(config, self._reactor, writer=worker_writer(config.gateway_id, self.index))
+        kvstores = kvstore_connections(config, self._reactor)
+        self.data = DataPlane(config, self._reactor, kvstores, writer=worker_writer(config.gateway_id, self.index))
         self.data.setServiceParent(self._root)
         shutdown = (lambda: self._send({"op": "shutdown"})) if config.enable_shutdown else None
         admin_commands = _WorkerAdmin(self.data.router, _NoReports(), config)

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from chashd.client import AsyncKVStoreClient
 from chashd.config import ConfigOptions, KVStoreConfig, check_secrets, connection_limits, options_for
 from chashd.daemon import ListenService, SystemdNotifier, freeze_startup_objects, lock_data_dir, shutdown_command
 from chashd.errors import ConfigError, StorageError
 from chashd.gcwatch import GCWatch
+from chashd.interfaces import IStorageEngine
+from chashd.kvstore.antientropy import AntiEntropy
+from chashd.kvstore.antientropy import Connect as PeerConnect
+from chashd.kvstore.backend import LocalBackend
 from chashd.kvstore.drain import KVStoreRoot
-from chashd.kvstore.service import KVStoreService, open_engine
+from chashd.kvstore.handoff import Connect, Handoff
+from chashd.kvstore.placement import RingUpdate
+from chashd.kvstore.registration import Registrar
+from chashd.kvstore.ringwatch import RingWatch
+from chashd.kvstore.service import Housekeeping, KVStoreService, announcement, handoff_state_path, open_engine
 from chashd.logs import with_log_format
 from chashd.memcache.client import KVClientPool
 from chashd.memcache.server import MemcacheServerFactory
@@ -22,7 +33,7 @@ from chashd.metrics import ConnectionsCollector, RequestMetrics, daemon_registry
 from chashd.tls import client_endpoint, https_policy, load_ca
 from chashd.web import KeyValueHTTP
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "make_node"]
 
 #: Seconds a request to a gateway may take (a long poll of the ring waits 25 s more on purpose).
 CLUSTER_TIMEOUT = 10.0
@@ -50,7 +61,7 @@ def makeService(
     options: ConfigOptions, reactor: Any = None, run_in_thread: Callable[..., Deferred[Any]] | None = None
 ) -> IService:
     """Build the kvstore: the clients it talks to the cluster with (the gateways' HTTP API, the handoff's
-    line-protocol connections), the node service over them, its HTTP and line-protocol listeners, the
+    line-protocol connections), the node over them (``make_node``), its HTTP and line-protocol listeners, the
     readiness notice.
 
     The storage engine is opened here, before anything listens, so that a database that cannot be used
@@ -105,9 +116,7 @@ def makeService(
         scans are rate limited), hence the long timeout."""
         return pool(host, port, ANTI_ENTROPY_TIMEOUT)
 
-    node = KVStoreService(
-        config, reactor, engine, cluster, connect, run_in_thread=run_in_thread, connect_peer=connect_peer
-    )
+    node = make_node(config, reactor, engine, cluster, connect, connect_peer=connect_peer, run_in_thread=run_in_thread)
     notifier = SystemdNotifier()
     root = KVStoreRoot(node, reactor, handle_signals=handle_signals, notify_stopping=notifier.stopping)
     requests = RequestMetrics() if config.latency_histograms else None
@@ -149,3 +158,60 @@ def makeService(
         notifier.wait_for(listener.listening)
     notifier.setServiceParent(root)
     return with_log_format(root, config.log_format)
+
+
+def make_node(
+    config: KVStoreConfig,
+    reactor: Any,
+    engine: IStorageEngine,
+    cluster: AsyncKVStoreClient | None,
+    connect: Connect,
+    connect_peer: PeerConnect | None = None,
+    run_in_thread: Callable[..., Deferred[Any]] | None = None,
+) -> KVStoreService:
+    """The kvstore node over ``engine``, its parts made with their timers and clients: the backend, the
+    thread pool (``run_in_thread``, a synchronous runner in tests, replaces it), the periodic jobs run there,
+    the handoff and anti-entropy, and, given the gateways' ``cluster`` client, the registration and the ring
+    watch, which feeds each new ring to the handoff, then to anti-entropy.
+
+    ``connect(host, line_port)`` makes a connection to a handoff target, ``connect_peer`` one to an
+    anti-entropy peer (default: ``connect``).
+    """
+    pool = None
+    if run_in_thread is None:
+        pool = ThreadPool(minthreads=0, maxthreads=2, name=f"kvstore-{config.node_id}")
+        run_in_thread = partial(deferToThreadPool, reactor, pool)
+    started = reactor.seconds()
+    backend = LocalBackend(engine, config.node_id, reactor, config.max_value_size, max_clock_skew=config.max_clock_skew)
+    housekeeping = Housekeeping(engine, run_in_thread, reactor)
+    handoff = Handoff(
+        config.node_id, engine, run_in_thread, reactor, connect, handoff_state_path(engine), rate=config.handoff_rate
+    )
+    if connect_peer is None:  # the KVClientPool a handoff connection is serves anti-entropy as well
+        connect_peer = cast(PeerConnect, connect)
+    anti_entropy = AntiEntropy(
+        config.node_id,
+        engine,
+        handoff,
+        backend.execute_puts,
+        run_in_thread,
+        reactor,
+        connect_peer,
+        interval=config.anti_entropy_interval,
+        rate=config.anti_entropy_rate,
+    )
+    registrar = ring_watch = None
+    if cluster is not None:
+        registrar = Registrar(
+            cluster, partial(announcement, config, started), reactor, interval=config.register_interval
+        )
+
+        def ring_changed(update: RingUpdate) -> None:
+            """The ring watch's callback: the handoff first, then anti-entropy."""
+            handoff.ring_changed(update)
+            anti_entropy.ring_changed(update)
+
+        ring_watch = RingWatch(cluster, reactor, ring_changed)
+    return KVStoreService(
+        config, backend, run_in_thread, housekeeping, handoff, anti_entropy, cluster, registrar, ring_watch, pool
+    )

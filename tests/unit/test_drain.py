@@ -1,7 +1,7 @@
-"""The drain (chashd.kvstore.drain), through the real kvstore service under its KVStoreRoot: the registrar,
-ring watch, handoff and drain talk to a real gateway RingAPI (real Membership over the in-memory Raft) through
-StubTreq, and the kvstores push to each other over KVClientPools carried in memory by twisted.test.iosim.
-One MemoryReactorClock, no socket."""
+"""The drain (chashd.kvstore.drain), through the real kvstore service (made by the tap's make_node) under its
+KVStoreRoot: the registrar, ring watch, handoff and drain talk to a real gateway RingAPI (real Membership over the
+in-memory Raft) through StubTreq, and the kvstores push to each other over KVClientPools carried in memory by
+twisted.test.iosim. One MemoryReactorClock, no socket."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.testing import LocalRaft
 from chashd.kvstore.drain import KVStoreRoot
 from chashd.kvstore.service import KVStoreService
+from chashd.kvstore.tap import make_node
 from chashd.memcache.server import MemcacheServerFactory
 from chashd.storage import MemoryEngine
 from chashd.web import KeyValueHTTP
@@ -88,7 +89,7 @@ class DrainTests(SynchronousTestCase):
             environ={},
         )
         cluster = AsyncKVStoreClient(self.stub, config.gateway, reactor=self.reactor)
-        node = KVStoreService(config, self.reactor, MemoryEngine(), cluster, self.network.connect, run_now)
+        node = make_node(config, self.reactor, MemoryEngine(), cluster, self.network.connect, run_in_thread=run_now)
         self.roots[node_id] = KVStoreRoot(
             node,
             self.reactor,
@@ -207,7 +208,7 @@ class NoGatewayTests(SynchronousTestCase):
         """No gateway: no drain, and health still reports the handoff state."""
         reactor = Reactor()
         config = load_config(KVStoreConfig, {"node_id": "solo"}, environ={})
-        node = KVStoreService(config, reactor, MemoryEngine(), None, MemoryNetwork(reactor).connect, run_now)
+        node = make_node(config, reactor, MemoryEngine(), None, MemoryNetwork(reactor).connect, run_in_thread=run_now)
         root = KVStoreRoot(node, reactor)
         node.startService()
         assert root.drain().called and not node.backend.leaving
@@ -220,7 +221,7 @@ class NoGatewayTests(SynchronousTestCase):
         """GET /stats and /metrics carry the handoff's counters."""
         reactor = Reactor()
         config = load_config(KVStoreConfig, {"node_id": "solo"}, environ={})
-        node = KVStoreService(config, reactor, MemoryEngine(), None, MemoryNetwork(reactor).connect, run_now)
+        node = make_node(config, reactor, MemoryEngine(), None, MemoryNetwork(reactor).connect, run_in_thread=run_now)
         stats = node.backend.stats()
         assert stats["handoff_records_sent_total"] == 0 and stats["handoff_records_pending"] == 0
         assert "handoff_records_received_total" in stats
