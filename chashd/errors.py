@@ -16,6 +16,7 @@ __all__ = [
     "ClusterMapUnavailable",
     "ConfigError",
     "DomainError",
+    "MapNotCurrent",
     "NoNodes",
     "NodeConflict",
     "NodeLeaving",
@@ -202,6 +203,20 @@ class StorageFull(ServiceUnavailable):
         super().__init__(message)
         #: More for the logs (the file whose disk is full), never for clients; None when there is nothing more.
         self.detail = detail
+
+
+class MapNotCurrent(ServiceUnavailable):
+    """A gateway whose cluster map may be stale refuses a read-modify-write: it has heard from no Raft leader
+    within the election timeout, so another gateway may route the key to another primary (a node this one
+    still sees down may be up again). Plain ``get`` and ``set`` still run: last writer wins by version."""
+
+    MESSAGE = (
+        "this gateway has heard from no Raft leader within the election timeout, so its cluster map may be "
+        "stale: it runs no read-modify-write (get and set still work); retry, or send it to another gateway"
+    )
+
+    def __init__(self, message: str = MESSAGE) -> None:
+        super().__init__(message)
 
 
 class ClusterMapUnavailable(ServiceUnavailable):

@@ -10,11 +10,15 @@ surfaces over the router (``line_factory()``: the memcached line protocol; ``htt
 off from) and where each kvstore of it listens. Its JSON form is the body of ``GET /ring/placement``
 (``chashd.gateway.follow``)::
 
-    {"version": 1, "tag": "<epoch>.<epoch of the previous ring, 0 for none>",
+    {"version": 1, "tag": "<epoch>.<epoch of the previous ring, 0 for none>[.stale]",
      "ring": HashRing.to_dict(), "previous": HashRing.to_dict() or null,
-     "nodes": [NodeInfo.to_dict(), ...]}
+     "nodes": [NodeInfo.to_dict(), ...], "current": true}
 
-The tag changes whenever the placement does: a new epoch, or a move that ends (``previous`` gone) or moves on.
+The tag changes whenever the placement does: a new epoch, or a move that ends (``previous`` gone) or moves on;
+and when ``current`` does. ``current`` is false while the Raft gateway that serves the routing has heard from
+no Raft leader within the election timeout (``Membership.map_current``): its map may be stale, and every data
+plane that follows it refuses read-modify-writes (``Router.map_current``). A body without it (a gateway of an
+earlier version) counts as current.
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ class Routing:
 
     placement: Placement
     nodes: tuple[NodeInfo, ...] = ()
+    current: bool = True
 
     @classmethod
-    def of(cls, placement: Placement, nodes: Iterable[NodeInfo]) -> Routing:
-        """The routing of ``placement`` over ``nodes`` (a cluster view's)."""
-        return cls(placement, tuple(nodes))
+    def of(cls, placement: Placement, nodes: Iterable[NodeInfo], current: bool = True) -> Routing:
+        """The routing of ``placement`` over ``nodes`` (a cluster view's); ``current``: see the module docstring."""
+        return cls(placement, tuple(nodes), current)
 
     @property
     def epoch(self) -> int:
@@ -65,7 +70,8 @@ class Routing:
     def tag(self) -> str:
         """Changes whenever the placement does (see the module docstring)."""
         previous = self.placement.previous
-        return f"{self.epoch}.{previous.epoch if previous is not None else 0}"
+        tag = f"{self.epoch}.{previous.epoch if previous is not None else 0}"
+        return tag if self.current else tag + ".stale"
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form."""
@@ -76,6 +82,7 @@ class Routing:
             "ring": self.placement.ring.to_dict(),
             "previous": previous.to_dict() if previous is not None else None,
             "nodes": [node.to_dict() for node in self.nodes],
+            "current": self.current,
         }
 
     @classmethod
@@ -93,8 +100,11 @@ class Routing:
             if not isinstance(item, Mapping):
                 raise ValueError(f"malformed routing: node {item!r}")
             nodes.append(NodeInfo.from_dict(item))
+        current = body.get("current", True)
+        if not isinstance(current, bool):
+            raise ValueError("malformed routing: current is not a boolean")
         states = MappingProxyType({n.id: n.state for n in nodes})
-        return cls(Placement(ring, states, previous), tuple(nodes))
+        return cls(Placement(ring, states, previous), tuple(nodes), current)
 
 
 def worker_writer(gateway_id: str, index: int) -> str:
@@ -141,6 +151,7 @@ class DataPlane(MultiService):
         self.routing = routing
         self.connections.update(routing.nodes)
         self.router.update(routing.placement)
+        self.router.map_current = routing.current
 
     def stopService(self) -> Any:
         self.router.stop()

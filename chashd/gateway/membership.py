@@ -106,6 +106,7 @@ class Membership(Service):
         self._reactor = reactor
         self._factory: RaftFactory = raft_factory or ClusterRaft.create
         self._observers: list[Callable[[ClusterView], None]] = [on_view] if on_view else []
+        self._contact_observers: list[Callable[[bool], None]] = []
         self.command_timeout = command_timeout
         self.view = ClusterView.empty(config.points_per_node)
         self._history: collections.deque[ClusterView] = collections.deque([self.view], maxlen=self.history_size)
@@ -190,6 +191,16 @@ class Membership(Service):
         """Stop calling ``observer``."""
         if observer in self._observers:
             self._observers.remove(observer)
+
+    def subscribe_contact(self, observer: Callable[[bool], None]) -> None:
+        """Call ``observer(map_current)`` each time ``map_current`` changes (on the reactor thread)."""
+        self._contact_observers.append(observer)
+
+    @property
+    def map_current(self) -> bool:
+        """True while this gateway's map is current: it leads, or heard from the leader within the election
+        timeout (``RaftStatus.in_contact``). A gateway whose map may be stale runs no read-modify-write."""
+        return self.status.in_contact
 
     @property
     def is_leader(self) -> bool:
@@ -337,6 +348,19 @@ class Membership(Service):
                 leader=status.leader or "none",
                 me=" (this gateway)" if status.is_leader else "",
             )
+        if status.in_contact != previous.in_contact:
+            if status.in_contact:
+                self._log.info("in contact with the Raft leader: read-modify-writes run again")
+            else:
+                self._log.warn(
+                    "no Raft leader heard from within the election timeout: this gateway's cluster map may be "
+                    "stale, read-modify-writes are refused until a leader is heard from"
+                )
+            for observer in list(self._contact_observers):
+                try:
+                    observer(status.in_contact)
+                except Exception:
+                    self._log.failure("observer of the Raft contact failed")
         self._maybe_register_self()
 
     def on_ready(self) -> None:

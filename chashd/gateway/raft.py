@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.monotonic import monotonic
 from twisted.python.failure import Failure
 
 from chashd.config import GatewayConfig
@@ -148,11 +149,16 @@ def raft_settings(config: GatewayConfig) -> RaftSettings:
 
 @dataclass(frozen=True)
 class RaftStatus:
-    """What this gateway knows of the Raft group: the leader's Raft address, its own role, quorum."""
+    """What this gateway knows of the Raft group: the leader's Raft address, its own role, quorum, and
+    whether its map is current (``in_contact``): it leads (a leader that hears from no majority steps down
+    within ``leader_fallback_timeout``), or a leader's heartbeat reached it within its election timeout.
+    A follower cut off from every other gateway keeps naming the last leader it knew (pysyncobj starts no
+    election without a connection), so ``leader`` alone does not say the map is current."""
 
     leader: str | None = None
     is_leader: bool = False
     has_quorum: bool = False
+    in_contact: bool = False
 
 
 class RaftListener(Protocol):
@@ -330,6 +336,16 @@ class ClusterRaft(SyncObj):  # type: ignore[misc]  # pysyncobj has no type hints
 
     # -- tick thread --------------------------------------------------------------------------------
 
+    def _heard_from_leader(self, leader: Any) -> bool:
+        """True while this follower's election deadline is ahead: a heartbeat of ``leader`` came within the
+        election timeout (pysyncobj moves the deadline at each ``append_entries`` from the leader). pysyncobj
+        exposes no such time, so this reads its private deadline; a pysyncobj without it falls back to
+        whether the connection to the leader is up (which a cut link keeps up to ``connectionTimeout``)."""
+        deadline = getattr(self, "_SyncObj__raftElectionDeadline", None)
+        if isinstance(deadline, (int, float)):
+            return bool(monotonic() < deadline)
+        return bool(self.isNodeConnected(leader))
+
     def _after_tick(self) -> None:
         """Report a new epoch, a new status and readiness (each only when it changed)."""
         try:
@@ -338,10 +354,12 @@ class ClusterRaft(SyncObj):  # type: ignore[misc]  # pysyncobj has no type hints
                 self._reported_epoch = state.epoch
                 self._listener.on_snapshot(state.snapshot())
             leader = self._getLeader()
+            is_leader = bool(self._isLeader())
             status = RaftStatus(
                 leader=getattr(leader, "address", None) if leader is not None else None,
-                is_leader=bool(self._isLeader()),
+                is_leader=is_leader,
                 has_quorum=bool(self.hasQuorum),
+                in_contact=is_leader or (leader is not None and self._heard_from_leader(leader)),
             )
             if status != self._reported_status:
                 self._reported_status = status

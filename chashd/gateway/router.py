@@ -76,7 +76,7 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import NoNodes, QuorumNotReached, RequestError, ServiceUnavailable, StaleVersion
+from chashd.errors import MapNotCurrent, NoNodes, QuorumNotReached, RequestError, ServiceUnavailable, StaleVersion
 from chashd.interfaces import IForwardedGet, IKeyValue, IKVClient, IReplySink
 from chashd.memcache.text import plain_get_reply
 from chashd.node import NodeState
@@ -208,6 +208,10 @@ class Router:
         self._hedges: deque[tuple[float, Any, Sequence[str] | None, int]] = deque()
         self._hedge_call: IDelayedCall | None = None
         self.placement = Placement(HashRing({}))
+        #: False while the map this router follows may be stale (``Routing.current``: its Raft gateway heard
+        #: from no leader within the election timeout): read-modify-writes are refused (``MapNotCurrent``),
+        #: since another gateway may route them to another primary; plain reads and sets still run.
+        self.map_current = True
         # Worked out once per placement and N: see replicas_for.
         self._memo_placement: Placement | None = None
         self._memo_replicas = 0
@@ -234,6 +238,7 @@ class Router:
             "rmw_catchups_total": 0,
             "rmw_retries_total": 0,
             "rmw_failovers_total": 0,
+            "rmw_refused_stale_map_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -468,8 +473,12 @@ class Router:
         """Apply ``command`` at the key's primary on top of the newest record, then copy the record it left
         to the other replicas (``_ReadModifyWrite``).
 
-        Fires with memcached's result, or ``(result, record)`` when ``with_record`` is set.
+        Fires with memcached's result, or ``(result, record)`` when ``with_record`` is set. Refused
+        (``MapNotCurrent``) while the map may be stale (``map_current``).
         """
+        if not self.map_current:
+            self.counters["rmw_refused_stale_map_total"] += 1
+            return _fail(MapNotCurrent())
         if isinstance(command, Delete):
             self.counters["cmd_delete"] += 1
         else:

@@ -140,13 +140,18 @@ class GatewayService(MultiService):
         self.monitor.subscribe(self.rebalance)
         self.admin = GatewayAdmin(self.router, self.monitor, config)
         self.membership.subscribe(self._new_view)
+        self.membership.subscribe_contact(self._contact)
 
     def _new_view(self, view: ClusterView) -> None:
         """Route by the new view: connect to its nodes, place keys on its ring."""
         self._route()
 
+    def _contact(self, current: bool) -> None:
+        """The map became current or may be stale (``Membership.map_current``): read-modify-writes follow."""
+        self._route()
+
     def _route(self) -> None:
-        routing = Routing.of(self.rebalance.placement(), self.membership.view.nodes)
+        routing = Routing.of(self.rebalance.placement(), self.membership.view.nodes, self.membership.map_current)
         if self._serves_keys:
             self.data_plane.follow(routing)
         if self.on_routing is not None:

@@ -36,6 +36,7 @@ class LocalRaft:
         self.held: list[tuple[str, tuple[Any, ...], int]] | None = None
         self.destroyed = False
         self._ready = False
+        self.leader: str | None = None
         self.listener.on_snapshot(self.state.snapshot())
         if leader:
             self.elect(settings.self_address)
@@ -43,10 +44,16 @@ class LocalRaft:
     def elect(self, address: str | None) -> None:
         """Report ``address`` as the leader (None: no leader); this gateway leads when it is its own."""
         is_leader = address == self.settings.self_address
-        self.listener.on_status(RaftStatus(address, is_leader, address is not None))
+        self.leader = address
+        self.listener.on_status(RaftStatus(address, is_leader, address is not None, address is not None))
         if address is not None and not self._ready:
             self._ready = True
             self.listener.on_ready()
+
+    def lose_contact(self) -> None:
+        """Report the leader as still named but not heard from within the election timeout (a follower cut
+        off from every other gateway: pysyncobj starts no election then)."""
+        self.listener.on_status(RaftStatus(self.leader, False, False, False))
 
     def submit(self, op: str, args: tuple[Any, ...], token: int) -> None:
         """Apply at once (or hold)."""

@@ -16,7 +16,8 @@ deterministic.)
 ``split-primary`` (found by a seeded run: seed 5, 120 s of every fault, right after a killed kvstore was
 marked up again): gateways whose maps disagree for a moment on a node's state send a read-modify-write of one
 key to two different primaries; a gateway cut from the others makes the moment last. Checked: concurrent
-increments through both never answer the same number and none is lost.
+increments through both never answer the same number and none is lost (since a gateway that hears from no
+Raft leader refuses read-modify-writes, the cut gateway's increments are refused).
 """
 
 from __future__ import annotations

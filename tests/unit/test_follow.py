@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from typing import Any
 
 from treq.testing import StubTreq
@@ -183,10 +184,23 @@ class RoutingFormTests(RingAPITestsBase):
         again = Routing.from_json(json.loads(json.dumps(r.to_json())))
         assert again == r and again.tag == "9.7" and again.placement.states["b"] == NodeState.UP
 
+    def test_current_flag(self) -> None:
+        """A routing whose map may be stale reads back so, with a tag of its own (a follower waiting on the
+        current one hears of it); a body without the flag (an earlier gateway's) counts as current."""
+        stale = replace(routing(9), current=False)
+        again = Routing.from_json(json.loads(json.dumps(stale.to_json())))
+        assert again == stale and not again.current and again.tag == "9.0.stale"
+        earlier = routing(9).to_json()
+        del earlier["current"]
+        assert Routing.from_json(earlier).current
+
     def test_malformed(self) -> None:
-        """Another version, a missing ring or a bad node are ValueErrors."""
+        """Another version, a missing ring, a bad node or a current flag that is not a boolean are ValueErrors."""
         good = routing(1).to_json()
         bad: object
-        for bad in ({**good, "version": 2}, {**good, "ring": None}, {**good, "nodes": [{"id": "x"}]}, [], None):
+        for bad in (
+            {**good, "version": 2}, {**good, "ring": None}, {**good, "nodes": [{"id": "x"}]}, {**good, "current": 1},
+            [], None,
+        ):  # fmt: skip
             with self.assertRaises(ValueError):
                 Routing.from_json(bad)

@@ -141,6 +141,23 @@ class GatewayWiringTests(SynchronousTestCase):
         self.successResultOf(notifier.ready)
         service.stopService()
 
+    def test_read_modify_writes_refused_without_leader_contact(self) -> None:
+        """A gateway that names a leader but has not heard from it within the election timeout (cut off from
+        the other gateways) routes no read-modify-write: the router is told, a DELETE answers a 503
+        problem+json saying why; once the leader is heard from again, the router runs them again."""
+        service = self.build()
+        service.startService()
+        gateway = next(s for s in _services(service) if isinstance(s, GatewayService))
+        assert gateway.membership.map_current and gateway.router.map_current
+        self.rafts[0].lose_contact()
+        assert not gateway.membership.map_current and not gateway.router.map_current
+        response = self.successResultOf(self.stub().delete("http://gateway/kv/k"))
+        body = json.loads(self.successResultOf(response.content()))
+        assert response.code == 503 and "Raft leader" in body["detail"]
+        self.rafts[0].elect(self.rafts[0].settings.self_address)
+        assert gateway.router.map_current
+        service.stopService()
+
     def test_node_monitor_runs(self) -> None:
         """The node monitor asks the registered nodes with the injected probe."""
         service = self.build("--probe-interval", "0.5")

@@ -279,6 +279,24 @@ class MembershipTests(SynchronousTestCase):
         assert not self.membership.leader_known and self.membership.leader_id() is None
         self.stop()
 
+    def test_contact_observers(self) -> None:
+        """``map_current`` follows the Raft status's contact with a leader; the contact observers hear of each
+        change (once), and a gateway that still names a leader it no longer hears from is not current."""
+        raft = self.start()
+        self.reactor.advance(0)
+        heard: list[bool] = []
+        self.membership.subscribe_contact(heard.append)
+        assert self.membership.map_current
+        raft.lose_contact()
+        self.reactor.advance(0)
+        assert not self.membership.map_current and self.membership.leader_known
+        raft.elect("127.0.0.1:8002")
+        self.reactor.advance(0)
+        raft.elect("127.0.0.1:8003")
+        self.reactor.advance(0)
+        assert self.membership.map_current and heard == [False, True]
+        self.stop()
+
 
 class _DropSnapshots:
     """A listener that loses snapshots (a view that lags)."""

@@ -138,6 +138,43 @@ class ReactorBridgeTests:
         ]
 
 
+class _Deadline:
+    """What ``ClusterRaft._heard_from_leader`` reads of a SyncObj: its election deadline, its connections."""
+
+    def __init__(self, deadline: float | None, connected: bool = False) -> None:
+        if deadline is not None:
+            self._SyncObj__raftElectionDeadline = deadline
+        self.connected = connected
+
+    def isNodeConnected(self, node: object) -> bool:
+        return self.connected
+
+
+class LeaderContactTests:
+    """A follower is in contact with its leader while its election deadline is ahead."""
+
+    def test_deadline_ahead_or_past(self) -> None:
+        """Ahead: heard from the leader within the election timeout; past: not (whatever the connection)."""
+        from pysyncobj.monotonic import monotonic
+
+        now = monotonic()
+        assert ClusterRaft._heard_from_leader(_Deadline(now + 1.0), "leader")  # type: ignore[arg-type]
+        assert not ClusterRaft._heard_from_leader(_Deadline(now - 0.1, connected=True), "leader")  # type: ignore[arg-type]
+
+    def test_pysyncobj_keeps_the_deadline(self) -> None:
+        """The private attribute read is the one pysyncobj's SyncObj sets (its name is mangled by class)."""
+        import inspect
+
+        from pysyncobj import SyncObj
+
+        assert "self.__raftElectionDeadline = monotonicTime()" in inspect.getsource(SyncObj)
+
+    def test_without_the_deadline(self) -> None:
+        """A pysyncobj without the attribute: the connection to the leader decides."""
+        assert ClusterRaft._heard_from_leader(_Deadline(None, connected=True), "leader")  # type: ignore[arg-type]
+        assert not ClusterRaft._heard_from_leader(_Deadline(None), "leader")  # type: ignore[arg-type]
+
+
 class ReplicatedMethodsTests:
     """ClusterRaft's @replicated methods, as pysyncobj numbers them in the journal."""
 

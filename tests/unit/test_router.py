@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from chashd.commands import Arith, Delete, FlushAll, Get, Number, SplicedGet, Status, Store, Touch, Values, XGet
-from chashd.errors import QuorumNotReached, RequestError
+from chashd.errors import MapNotCurrent, QuorumNotReached, RequestError
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IKVClient
 from chashd.kvstore.backend import LocalBackend
@@ -315,6 +315,32 @@ class ReadModifyWriteTests(SynchronousTestCase):
         c.clock.advance(50)
         assert self.successResultOf(c.router.execute(Get((b"g",)))).items[0][1].value == b"v"
         assert self.successResultOf(c.router.execute(Touch(b"none", 5))) is Status.NOT_FOUND
+
+    def test_stale_map_refuses_read_modify_writes(self) -> None:
+        """While the map may be stale (no Raft leader heard from), every read-modify-write, gat included, is
+        refused with MapNotCurrent before anything is sent, and counted; get and set still run; once the map
+        is current again, they run."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        c.router.map_current = False
+        sent = c.sends()
+        refused = [
+            Arith(b"n", 1),
+            Arith(b"n", 1, incr=False),
+            Delete(b"n"),
+            Touch(b"n", 10),
+            Get((b"n",), exptime=10),
+            *(Store(mode, b"n", 0, 0, b"x", 1) for mode in ("add", "replace", "append", "prepend", "cas")),
+        ]
+        for command in refused:
+            failure = self.failureResultOf(c.router.execute(command), MapNotCurrent)
+            assert "Raft leader" in str(failure.value)
+        assert c.sends() == sent
+        assert c.router.stats()["rmw_refused_stale_map_total"] == len(refused)
+        assert self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"5"))) is Status.STORED
+        assert self.successResultOf(c.router.execute(Get((b"n",)))).items[0][1].value == b"5"
+        c.router.map_current = True
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(6)
 
     def test_flush_all_off_by_default(self) -> None:
         """flush_all is refused unless enabled, then reaches every node."""
