@@ -18,6 +18,9 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
 - ``XApply(version, command)``: run a memcached write command (a read-modify-write such as ``incr``,
   ``cas``, ``append``, ``add``) here, stamping the result with ``version``, and return both the memcached
   result and the record it left, so the caller can copy that record to the other replicas;
+- ``XMap(epoch)``: the epoch of the cluster map a gateway routes the commands that follow on this connection
+  by; a kvstore refuses an ``XApply`` from a connection whose map is older than the newest it knows
+  (``StaleMap``): two gateways whose maps differ may name two primaries for a key;
 - ``XAuth(token)``: prove the cluster token on this connection; a kvstore given a token takes the
   extension, ``flush_all`` and writes only from a connection that did;
 - ``XBulk(count, block)``: keep each of ``count`` records of a page (``chashd.bulk``) that is newer than what
@@ -85,6 +88,7 @@ __all__ = [
     "XEpoch",
     "XGet",
     "XList",
+    "XMap",
     "XPut",
 ]
 
@@ -283,10 +287,21 @@ WriteCommand: TypeAlias = Store | Delete | Arith | Touch
 
 @dataclass(frozen=True, slots=True)
 class XApply:
-    """Run a write ``command`` here with ``version`` as the version of the record it writes."""
+    """Run a write ``command`` here with ``version`` as the version of the record it writes.
+
+    ``epoch``: the map epoch its connection announced (``XMap``), set by the kvstore's line protocol, never
+    sent (0: none announced, a gateway of an earlier version)."""
 
     version: Version
     command: WriteCommand
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class XMap:
+    """The epoch of the cluster map the sender routes the commands that follow by (answered ``OK``)."""
+
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +384,7 @@ Command: TypeAlias = (
     | XDigest
     | XList
     | XEpoch
+    | XMap
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.

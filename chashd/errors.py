@@ -24,6 +24,7 @@ __all__ = [
     "QuorumNotReached",
     "RequestError",
     "ServiceUnavailable",
+    "StaleMap",
     "StaleVersion",
     "StorageError",
     "StorageFull",
@@ -203,6 +204,20 @@ class StorageFull(ServiceUnavailable):
         super().__init__(message)
         #: More for the logs (the file whose disk is full), never for clients; None when there is nothing more.
         self.detail = detail
+
+
+class StaleMap(ServiceUnavailable):
+    """A kvstore refuses a read-modify-write (``XApply``) sent over a connection whose gateway announced an
+    older cluster map (``XMap``) than the newest the kvstore knows (from another gateway, its ring watch or a
+    handoff): that gateway may have picked another primary than the current map names. Nothing was applied.
+    The gateway starts the command over once its own map reaches ``known``."""
+
+    PREFIX = "stale cluster map: epoch "
+
+    def __init__(self, sent: int, known: int) -> None:
+        super().__init__(f"{self.PREFIX}{sent} is older than epoch {known} known here")
+        self.sent = sent
+        self.known = known
 
 
 class MapNotCurrent(ServiceUnavailable):

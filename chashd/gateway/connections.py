@@ -5,6 +5,8 @@ port, replaced when the address changes and stopped when the node leaves the map
 client request of every client connection over these pools (multiplexing), never a connection per client.
 ``kvstore_connections(config, reactor)`` makes them as a gateway's options ask (``chashd.gateway.tap`` and a
 worker, ``chashd.gateway.worker``, give them to their data plane).
+``announce(epoch)`` names the map epoch the router routes by on every connection (``xmap``), before any
+command routed by it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Connections(MultiService):
         # Replies carry a value plus its command line; leave room above the largest value.
         self._max_value_size = max_value_size + 4096
         self._pools: dict[str, KVClientPool] = {}
+        self._epoch = 0
 
     def update(self, nodes: Iterable[NodeInfo]) -> None:
         """Keep a pool for exactly these nodes, at their current addresses."""
@@ -71,8 +74,18 @@ class Connections(MultiService):
                     endpoint=client_endpoint(self._reactor, host, port, 5.0, self._tls_ca),
                 )
                 self._pools[node_id] = pool
+                pool.announce(self._epoch)
                 pool.setServiceParent(self)
                 self._log.info("connecting to {node_id} at {host}:{port}", node_id=node_id, host=host, port=port)
+
+    def announce(self, epoch: int) -> None:
+        """The router routes by the map of ``epoch`` from now on: every connection names it to its kvstore
+        (once; again when it changes), before the commands routed by it."""
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch
+        for pool in self._pools.values():
+            pool.announce(epoch)
 
     def client(self, node_id: str) -> IKVClient:
         """The client for ``node_id``; ``ServiceUnavailable`` for a node the map does not hold."""

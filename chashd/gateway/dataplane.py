@@ -150,8 +150,11 @@ class DataPlane(MultiService):
         """Route by ``routing`` from now on: connect to its nodes, place keys by its placement."""
         self.routing = routing
         self.connections.update(routing.nodes)
-        self.router.update(routing.placement)
+        # The connections name the new epoch before anything is routed by it (the read-modify-writes waiting
+        # for it start over as soon as the router has it).
+        self.connections.announce(routing.epoch)
         self.router.map_current = routing.current
+        self.router.update(routing.placement)
 
     def stopService(self) -> Any:
         self.router.stop()

@@ -20,6 +20,13 @@
 - While a ring change is handed off (``Placement.previous`` set), reads of keys whose preference list
   changed also ask the previous owners, and so do the reads before a read-modify-write, so no
   acknowledged write is missed during a move.
+- A read-modify-write runs by one map. While this router's map may be stale (``map_current`` False: its
+  Raft gateway heard from no leader within the election timeout) it is refused at once (``MapNotCurrent``),
+  as another gateway may name another primary. The connections name the map's epoch to the kvstores
+  (``xmap``, ``Connections.announce``); a primary that knows a newer one refuses the command (``StaleMap``,
+  nothing applied), and it starts over once this router's placement reaches that epoch (``map_wait``); a
+  placement that changes between the read and the command starts it over too. What this closes, and the
+  window it leaves, is in USAGE.md ("Failures and consistency").
 
 A slow replica does not slow the cluster:
 
@@ -53,7 +60,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -76,7 +83,15 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import MapNotCurrent, NoNodes, QuorumNotReached, RequestError, ServiceUnavailable, StaleVersion
+from chashd.errors import (
+    MapNotCurrent,
+    NoNodes,
+    QuorumNotReached,
+    RequestError,
+    ServiceUnavailable,
+    StaleMap,
+    StaleVersion,
+)
 from chashd.interfaces import IForwardedGet, IKeyValue, IKVClient, IReplySink
 from chashd.memcache.text import plain_get_reply
 from chashd.node import NodeState
@@ -212,6 +227,9 @@ class Router:
         #: from no leader within the election timeout): read-modify-writes are refused (``MapNotCurrent``),
         #: since another gateway may route them to another primary; plain reads and sets still run.
         self.map_current = True
+        # Read-modify-writes a kvstore refused for a newer map (StaleMap): (epoch, callback, timer), each
+        # called with True once the placement reaches the epoch, with False after ``map_wait``.
+        self._epoch_waiters: list[tuple[int, Callable[[bool], None], IDelayedCall]] = []
         # Worked out once per placement and N: see replicas_for.
         self._memo_placement: Placement | None = None
         self._memo_replicas = 0
@@ -239,6 +257,7 @@ class Router:
             "rmw_retries_total": 0,
             "rmw_failovers_total": 0,
             "rmw_refused_stale_map_total": 0,
+            "rmw_map_waits_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -248,6 +267,34 @@ class Router:
         preference lists survives the gateway's periodic refreshes)."""
         if placement != self.placement:
             self.placement = placement
+            if self._epoch_waiters:
+                self._wake_epoch_waiters()
+
+    #: Seconds a read-modify-write refused for a newer map (``StaleMap``) waits for this router's map to
+    #: reach that epoch (a Raft heartbeat is 0.1 s), then fails.
+    map_wait = 2.0
+
+    def _when_epoch(self, epoch: int, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(True)`` once the placement's epoch reaches ``epoch`` (at once if it has), or
+        ``callback(False)`` after ``map_wait`` seconds."""
+        if self.placement.ring.epoch >= epoch:
+            callback(True)
+            return
+        timer = self._clock.callLater(self.map_wait, self._epoch_wait_over, callback)
+        self._epoch_waiters.append((epoch, callback, timer))
+
+    def _epoch_wait_over(self, callback: Callable[[bool], None]) -> None:
+        self._epoch_waiters = [w for w in self._epoch_waiters if w[1] is not callback]
+        callback(False)
+
+    def _wake_epoch_waiters(self) -> None:
+        epoch = self.placement.ring.epoch
+        due = [w for w in self._epoch_waiters if w[0] <= epoch]
+        self._epoch_waiters = [w for w in self._epoch_waiters if w[0] > epoch]
+        for _, callback, timer in due:
+            if timer.active():
+                timer.cancel()
+            callback(True)
 
     def _n(self) -> int:
         return max(1, min(self.replicas, len(self.placement.ring)))
@@ -366,11 +413,17 @@ class Router:
             self._hedge_call = self._clock.callLater(max(0.0, hedges[0][0] - now), self._hedge_due)
 
     def stop(self) -> None:
-        """Cancel the hedging timer (the gateway stops); reads still pending are not hedged any more."""
+        """Cancel the hedging timer (the gateway stops); reads still pending are not hedged any more, and
+        read-modify-writes waiting for a newer map fail."""
         if self._hedge_call is not None and self._hedge_call.active():
             self._hedge_call.cancel()
         self._hedge_call = None
         self._hedges.clear()
+        waiters, self._epoch_waiters = self._epoch_waiters, []
+        for _, callback, timer in waiters:
+            if timer.active():
+                timer.cancel()
+            callback(False)
 
     def _previous_owners(self, key: bytes, current: Sequence[str]) -> list[str]:
         previous = self.placement.previous
@@ -909,7 +962,11 @@ class _KeyRead:
         )
 
 
-_READING, _APPLYING, _REPLICATING, _OVER = range(4)
+_READING, _APPLYING, _REPLICATING, _WAITING, _OVER = range(5)
+
+
+class _MapMoved(Exception):
+    """The placement's epoch changed between a read-modify-write's choice of primary and its command."""
 
 
 class _ReadModifyWrite:
@@ -935,9 +992,11 @@ class _ReadModifyWrite:
     __slots__ = (
         "answers",
         "asked",
+        "awaited",
         "candidates",
         "command",
         "done",
+        "epoch",
         "extra",
         "failed",
         "key",
@@ -975,9 +1034,11 @@ class _ReadModifyWrite:
         self.candidates: list[str] = []
         self.extra: list[str] = []
         self.needed_r = self.needed_w = 0
+        self.epoch = self.awaited = 0
 
     def start(self) -> None:
         router = self.router
+        self.epoch = router.placement.ring.epoch
         replicas = router.replicas_for(self.key)
         n = len(replicas)
         self.needed_w = min(router.write_quorum, n)
@@ -1140,10 +1201,14 @@ class _ReadModifyWrite:
 
     def _apply(self, catch_up: bool = True) -> None:
         """Bring the primary up to date if it needs it (``catch_up``: not after it refused the command for a
-        newer record), then run the command there."""
+        newer record), then run the command there (by the map the primary was chosen by: a new one starts
+        the command over)."""
+        router = self.router
+        if router.placement.ring.epoch != self.epoch:
+            self._restart()
+            return
         self.phase = _APPLYING
         self.round += 1
-        router = self.router
         newest: Record | None = None
         for record in self.answers.values():
             if record is not None and record.newer_than(newest):
@@ -1170,6 +1235,8 @@ class _ReadModifyWrite:
             self._arm()
 
     def _caught_up(self, _: object, primary: str, apply: XApply) -> Deferred[Any]:
+        if self.router.placement.ring.epoch != self.epoch:
+            raise _MapMoved()
         return self.router._send(primary, apply)
 
     def _applied(self, applied: XApplied, primary: str, round: int) -> None:
@@ -1199,6 +1266,16 @@ class _ReadModifyWrite:
             return
         self._disarm()
         router = self.router
+        if failure.check(_MapMoved):  # the map changed while the primary caught up: nothing applied
+            self._restart()
+            return
+        if failure.check(StaleMap):  # the primary knows a newer map: nothing applied; start over by it
+            router.counters["rmw_map_waits_total"] += 1
+            self.phase = _WAITING
+            self.round += 1
+            self.awaited = cast(StaleMap, failure.value).known
+            router._when_epoch(self.awaited, self._map_caught_up)
+            return
         if failure.check(StaleVersion):  # another write got there first: once more, past its version
             self.retries += 1
             router.counters["rmw_retries_total"] += 1
@@ -1225,6 +1302,36 @@ class _ReadModifyWrite:
         router.counters["rmw_failovers_total"] += 1
         self.primary = nxt
         self._apply()
+
+    def _map_caught_up(self, caught_up: bool) -> None:
+        """The wait for the map a kvstore knows is over: start over by it, or fail (nothing was applied)."""
+        if self.phase is not _WAITING:
+            return
+        if caught_up:
+            self._restart()
+            return
+        self._fail(
+            Failure(
+                MapNotCurrent(
+                    f"a kvstore knows cluster map epoch {self.awaited}, newer than this gateway's "
+                    f"{self.router.placement.ring.epoch}: the read-modify-write was not applied; retry"
+                )
+            )
+        )
+
+    def _restart(self) -> None:
+        """The map changed under the command before it was applied anywhere: start over by the new map, its
+        read included (up to ``max_retries`` times in all)."""
+        self._disarm()
+        self.retries += 1
+        router = self.router
+        router.counters["rmw_retries_total"] += 1
+        if self.retries > self.max_retries:
+            self._fail(Failure(ServiceUnavailable(f"the cluster map changed {self.retries} times under the command")))
+        elif not router.map_current:
+            self._fail(Failure(MapNotCurrent()))
+        else:
+            self.start()
 
     def _repair(self, primary: str) -> None:
         """The command changed nothing: the replicas that answered an older record than the newest get it."""

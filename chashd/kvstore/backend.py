@@ -11,7 +11,10 @@ wins over what it replaces even when another node's clock is ahead. The versione
 it is given (``XPut``, keeping the newer version) or runs a write with the caller's version (``XApply``).
 A version from the wire more than ``max_clock_skew`` seconds ahead of this node's clock is refused
 (``VersionTooNew``, counted in ``versions_refused_total``): never stored, never observed by the clock.
-While ``leaving`` is set (the node drains), every write but ``XPut`` raises ``NodeLeaving``.
+While ``leaving`` is set (the node drains), every write but ``XPut`` raises ``NodeLeaving``. An ``XApply``
+whose connection named an older cluster map (``XMap``, stamped on it as ``XApply.epoch``) than the newest this
+node knows (``map_epoch``: from ``XMap``, ``XEpoch`` and the ring watch, ``know_epoch``) raises ``StaleMap``:
+its gateway may route the key to another primary than the current map names.
 
 A bounded memory engine (``--memory-limit``) evicts or refuses at its limit (``StorageFull``, memcached's
 ``SERVER_ERROR out of memory storing object``); a ``set`` refused that way deletes the key's old value
@@ -65,6 +68,7 @@ from chashd.commands import (
     XEpoch,
     XGet,
     XList,
+    XMap,
     XPut,
 )
 from chashd.errors import (
@@ -72,6 +76,7 @@ from chashd.errors import (
     DomainError,
     NodeLeaving,
     ServiceUnavailable,
+    StaleMap,
     StaleVersion,
     StorageError,
     StorageFull,
@@ -127,7 +132,9 @@ COUNTERS = (
     "cmd_xdigest",
     "cmd_xlist",
     "cmd_xepoch",
+    "cmd_xmap",
     "xapply_stale",
+    "xapply_stale_map",
     "handoff_records_received_total",
     "versions_refused_total",
     "storage_errors_total",
@@ -188,7 +195,12 @@ class LocalBackend:
             XDigest: self._xdigest,
             XList: self._xlist,
             XEpoch: self._xepoch,
+            XMap: self._xmap,
         }
+        #: The newest cluster map epoch this node knows: its ring watch's, and what gateways (``XMap``) and
+        #: handoffs (``XEpoch``) named. An ``XApply`` from a connection that announced an older map is refused
+        #: (``StaleMap``): its gateway may route the key to another primary than the current map names.
+        self.map_epoch = 0
         #: Told the epoch a handoff pushes for (``XEpoch``; the node's handoff, which stops dropping records
         #: when a peer pushes for a newer ring than it knows).
         self.on_epoch: Callable[[int], object] = lambda epoch: None
@@ -601,8 +613,19 @@ class LocalBackend:
 
     def _xepoch(self, command: XEpoch) -> Status:
         self._counts["cmd_xepoch"] += 1
+        self.know_epoch(command.epoch)
         self.on_epoch(command.epoch)
         return Status.OK
+
+    def _xmap(self, command: XMap) -> Status:
+        self._counts["cmd_xmap"] += 1
+        self.know_epoch(command.epoch)
+        return Status.OK
+
+    def know_epoch(self, epoch: int) -> None:
+        """A cluster map of ``epoch`` exists (the ring watch brought it, a gateway or a handoff named it):
+        read-modify-writes of older maps are refused from now on."""
+        self.map_epoch = max(self.map_epoch, epoch)
 
     def _xdigest(self, command: XDigest) -> Result:
         self._counts["cmd_xdigest"] += 1
@@ -624,6 +647,9 @@ class LocalBackend:
         if self.leaving:
             raise NodeLeaving()
         self._counts["cmd_xapply"] += 1
+        if command.epoch and command.epoch < self.map_epoch:  # its gateway's primary may not be the current one
+            self._counts["xapply_stale_map"] += 1
+            raise StaleMap(command.epoch, self.map_epoch)
         now = self._seconds()
         now_ms = int(now * 1000)
         version = command.version

@@ -207,7 +207,9 @@ def make_node(
         )
 
         def ring_changed(update: RingUpdate) -> None:
-            """The ring watch's callback: the handoff first, then anti-entropy."""
+            """The ring watch's callback: the backend's map epoch (its read-modify-write fence), the handoff,
+            then anti-entropy."""
+            backend.know_epoch(update.epoch)
             handoff.ring_changed(update)
             anti_entropy.ring_changed(update)
 

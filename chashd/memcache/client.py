@@ -25,6 +25,11 @@ and would read a page's bytes as commands. There ``send_bulk`` fails each page w
 without sending anything, and the sender falls back to ``xmove``. Each connection probes again, so a kvstore
 restarted with another version between two connections is asked again.
 
+A gateway names the cluster map epoch it routes by (``announce``: ``xmap <epoch>``, pipelined, once on each
+new connection and again on each connection when the epoch changes, never per request), so a kvstore can
+refuse the read-modify-writes of a gateway whose map is older than one it knows. A kvstore of an earlier version
+answers ``ERROR``: that connection announces nothing more.
+
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
 
@@ -59,6 +64,7 @@ from chashd.commands import (
     XBulk,
     XEpoch,
     XGet,
+    XMap,
 )
 from chashd.errors import BulkUnsupported, DomainError, ServiceUnavailable, UnknownCommand
 from chashd.interfaces import IReplySink
@@ -168,6 +174,8 @@ class KVClientProtocol(Protocol):
         #: Whether the server reads bulk pages: None until the probe is answered (or the connection is lost).
         self.bulk: bool | None = None if probe_bulk else False
         self._bulk_waiters: list[Deferred[bool | None]] = []
+        #: The map epoch announced on this connection (``announce``); None once the server refused ``xmap``.
+        self.map_epoch: int | None = 0
         self._tr: Any = None
         self.peer = "kvstore"
 
@@ -193,6 +201,28 @@ class KVClientProtocol(Protocol):
             self.send(BulkProbe()).addCallbacks(self._bulk_answered, self._bulk_unanswered)
         if self._on_connect is not None:
             self._on_connect(self)
+
+    def announce(self, epoch: int) -> None:
+        """Name the cluster map epoch the commands sent from now on are routed by (``xmap <epoch>``, answered
+        ``OK``), when it is newer than the one named last; nothing when not connected, or when the server
+        refused it before (a kvstore of an earlier version)."""
+        if not self._connected or self.map_epoch is None or epoch <= self.map_epoch:
+            return
+        self.map_epoch = epoch
+        self.send(XMap(epoch)).addErrback(self._map_refused)
+
+    def _map_refused(self, failure: Failure) -> None:
+        """``ERROR`` (a kvstore of an earlier version, which fences nothing) or another refusal: announce no
+        more on this connection; a lost connection is the pool's matter."""
+        if failure.check(KVConnectionLost, KVTimeout):
+            return
+        if self.map_epoch is not None:
+            self._log.info(
+                "{peer} does not take the map epoch ({error}): its read-modify-writes are not fenced by epoch",
+                peer=self.peer,
+                error=failure.getErrorMessage(),
+            )
+        self.map_epoch = None
 
     def _refused(self, failure: Failure) -> None:
         """The kvstore did not take the token: nothing on this connection can work; drop it."""
@@ -450,6 +480,8 @@ class KVClientPool(MultiService):
         self.spill_at = spill_at
         self.token = token.encode() if token else None
         self.connections: list[KVClientProtocol] = []
+        #: The map epoch each connection announces (0: none), new ones included (``announce``).
+        self.map_epoch = 0
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
         factory = _PoolFactory(self)
@@ -459,8 +491,17 @@ class KVClientPool(MultiService):
             service.setServiceParent(self)
         self._next = 0
 
+    def announce(self, epoch: int) -> None:
+        """Have every connection name ``epoch`` as the map epoch it routes by (``KVClientProtocol.announce``),
+        now and once connected."""
+        self.map_epoch = epoch
+        for connection in self.connections:
+            connection.announce(epoch)
+
     def _connected(self, protocol: KVClientProtocol) -> None:
         self.connections.append(protocol)
+        if self.map_epoch:
+            protocol.announce(self.map_epoch)
         self._log.debug("connected to {host}:{port}", host=self.host, port=self.port)
 
     def _lost(self, protocol: KVClientProtocol) -> None:

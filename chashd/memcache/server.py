@@ -86,6 +86,12 @@
 #                                                   new as <version> or newer)
 #     xauth <token>                              -> OK | CLIENT_ERROR authentication failed: ... (then the server
 #                                                   closes the connection)
+#     xmap <epoch>                               -> OK      (a gateway names the cluster map epoch it routes the
+#                                                   commands that follow on this connection by: the kvstore keeps
+#                                                   the newest epoch it knows, and answers an xapply from a
+#                                                   connection of an older map SERVER_ERROR stale cluster map:
+#                                                   epoch <sent> is older than epoch <known> known here, applying
+#                                                   nothing; a kvstore of an earlier version answers ERROR)
 #
 # A kvstore given the cluster token runs only plain reads (get, gets, and the meta commands' reads: mg without
 # T or N, me, mn) and stats (but stats reset), version, verbosity and quit on a connection that has not sent
@@ -242,6 +248,7 @@ from chashd.commands import (
     XEpoch,
     XGet,
     XList,
+    XMap,
     XPut,
 )
 from chashd.errors import DomainError, Unauthenticated
@@ -274,7 +281,7 @@ _STATS_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
 _LOCAL = frozenset(
     {
         FailedRequest, StatsCommand, VersionCommand, Verbosity, Quit, CacheMemlimit, Shutdown, XAuth, MetaCommand,
-        LruCrawler,
+        LruCrawler, XMap,
     }
 )  # fmt: skip
 _RESULTS = frozenset({Status, Values, Number, StatsResult, XApplied, Bulked, BulkFormat})  # answered at once
@@ -288,7 +295,16 @@ _VALUE_LINE = 320
 #: Seconds a connection must have been idle before it may be closed to make room for a new one.
 EVICT_IDLE = 1.0
 _LocalCommand = (
-    StatsCommand | VersionCommand | Verbosity | Quit | CacheMemlimit | Shutdown | XAuth | MetaCommand | LruCrawler
+    StatsCommand
+    | VersionCommand
+    | Verbosity
+    | Quit
+    | CacheMemlimit
+    | Shutdown
+    | XAuth
+    | MetaCommand
+    | LruCrawler
+    | XMap
 )
 #: The local commands a connection may send before it proved the token (``stats`` but ``stats reset``). A meta
 #: command is one of them: its steps go through the connection's ``execute``, which runs plain reads only.
@@ -315,7 +331,7 @@ def _address(address: Any) -> str:
 _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
     XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
-    BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal",
+    BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal", XMap: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip
@@ -1076,6 +1092,30 @@ class MemcacheServerProtocol(Protocol):
             self._meta(command)
         elif type(command) is LruCrawler:
             self._lru_crawler(command)
+        elif type(command) is XMap:
+            self._map(command)
+
+    # -- xmap -------------------------------------------------------------------------------------------
+
+    def _map(self, command: XMap) -> None:
+        """``xmap <epoch>``: the gateway on this connection routes by the cluster map of that epoch. The
+        backend learns it (a kvstore refuses read-modify-writes of older maps than the newest it knows), and
+        the parser stamps it on this connection's ``xapply`` commands from now on (``XApply.epoch``). A
+        backend that answers later (a gateway, which routes no ``xmap``) answers it as any command."""
+        try:
+            result = self._execute(command)
+        except DomainError as e:
+            self._reply(self._error(error_reply(e)))
+            return
+        except Exception:
+            self._log.failure("the backend failed on XMap")
+            self._reply(self._error(error_reply(RuntimeError())))
+            return
+        if isinstance(result, Deferred):
+            self._pending(command, result, perf_counter())
+            return
+        self._parser.map_epoch = command.epoch  # the xapply commands parsed from now on carry it
+        self._reply(serialize_result(command, result))
 
     # -- lru_crawler ------------------------------------------------------------------------------------
 

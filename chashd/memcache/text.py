@@ -56,6 +56,7 @@ from chashd.commands import (
     XEpoch,
     XGet,
     XList,
+    XMap,
     XPut,
 )
 from chashd.digests import MAX_HASH, MAX_PARTS, RangeDigest
@@ -67,6 +68,7 @@ from chashd.errors import (
     NonNumericValue,
     RequestError,
     ServiceUnavailable,
+    StaleMap,
     StaleVersion,
     Unauthenticated,
     UnknownCommand,
@@ -261,6 +263,7 @@ class RequestParser:
         "_pos",
         "_state",
         "max_get_line",
+        "map_epoch",
         "max_keys",
         "max_line",
         "max_value_size",
@@ -274,6 +277,9 @@ class RequestParser:
         plain_gets: bool = False,
     ) -> None:
         self.max_value_size = max_value_size
+        #: The cluster map epoch the connection named (``xmap``, set by the server once it ran it): every
+        #: ``XApply`` parsed from then on carries it (``XApply.epoch``), at no cost to the other commands.
+        self.map_epoch = 0
         self._plain_gets = plain_gets
         self.max_line = max_line
         self.max_keys = max_keys
@@ -326,6 +332,7 @@ class RequestParser:
             b"xdigest": self._xdigest,
             b"xlist": self._xlist,
             b"xepoch": self._xepoch,
+            b"xmap": self._xmap,
         }
 
     def feed(self, data: bytes) -> None:
@@ -920,6 +927,16 @@ class RequestParser:
         return XDigest(placement, first, last, parts, sender)
 
     def _xepoch(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        epoch = self._epoch(tokens)
+        return epoch if isinstance(epoch, FailedRequest) else XEpoch(epoch)
+
+    def _xmap(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        epoch = self._epoch(tokens)
+        return epoch if isinstance(epoch, FailedRequest) else XMap(epoch)
+
+    @staticmethod
+    def _epoch(tokens: list[bytes]) -> int | FailedRequest:
+        """The epoch of ``<verb> <epoch>`` (63 bits at most), or the request's failure."""
         if len(tokens) != 2:
             return FailedRequest(BadCommand())
         try:
@@ -928,7 +945,7 @@ class RequestParser:
             return FailedRequest(e)
         if epoch > _MAX_U64 >> 1:
             return FailedRequest(BadCommand("an epoch is at most 63 bits"))
-        return XEpoch(epoch)
+        return epoch
 
     def _xlist(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) not in (5, 7):
@@ -967,15 +984,16 @@ class RequestParser:
         parsed = handler(self, inner, len(inner) + 1 if len(inner) < _MAX_TOKENS - 1 else _MAX_TOKENS)
         if type(parsed) is FailedRequest:
             return replace(parsed, reply=True, then=None)
+        epoch = self.map_epoch
         if type(parsed) is tuple:
             size, _, build = parsed
 
             def build_applied(value: bytes) -> Command:
                 # the builders of self._writes make write commands only
-                return XApply(version, _replied(build(value), extension))  # type: ignore[arg-type]  # a write, as said above
+                return XApply(version, _replied(build(value), extension), epoch)  # type: ignore[arg-type]  # a write, as said above
 
             return size, False, build_applied
-        return XApply(version, _replied(parsed, extension))  # type: ignore[arg-type]  # a write command, as above
+        return XApply(version, _replied(parsed, extension), epoch)  # type: ignore[arg-type]  # a write command, as above
 
     _writes: dict[bytes, Callable[[RequestParser, list[bytes], int], _Parsed]] = {
         b"set": _set,
@@ -1239,6 +1257,8 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
     if type(command) is XEpoch:
         return b"xepoch %d\r\n" % command.epoch
+    if type(command) is XMap:
+        return b"xmap %d\r\n" % command.epoch
     if type(command) is XDigest:
         sender = b" " + command.sender.encode() if command.sender else b""
         range_ = (command.placement.encode(), command.first, command.last, command.parts, sender)
@@ -1331,6 +1351,11 @@ def error_from_reply(line: bytes) -> DomainError | None:
         text = line[13:].decode("utf-8", "replace")
         if text == "object too large for cache":
             return ValueTooLarge(0)
+        if text.startswith(StaleMap.PREFIX):
+            sent, _, known = text[len(StaleMap.PREFIX) :].partition(" is older than epoch ")
+            known = known.partition(" ")[0]
+            if sent.isdigit() and known.isdigit():
+                return StaleMap(int(sent), int(known))
         if text.startswith(_STALE):
             try:
                 return StaleVersion(Version.parse(text[len(_STALE) :]))

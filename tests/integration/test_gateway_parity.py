@@ -188,6 +188,27 @@ class StatsTests:
         assert re.search(rb"^ITEM own:dump \[3 b; 0 s\]\r\n", dump, re.M)
 
 
+class MapFenceTests:
+    """Read-modify-writes are fenced by the cluster map's epoch on real daemons."""
+
+    def test_kvstore_refuses_an_older_map(self, replicated: LocalCluster) -> None:
+        """The gateway names its map epoch to every kvstore (``xmap``), and its incr runs; a connection that
+        names an older epoch than the kvstore knows (from its ring watch and the gateway) has its xapply
+        refused, saying both epochs, and nothing changes."""
+        port = line_port(replicated)
+        exchange(port, b"set fenced 0 0 1\r\n5\r\nincr fenced 1\r\n", ends(b"6\r\n"))
+        kvstore = replicated.line_ports[replicated.kvstores[0].name]
+        assert int(stats(kvstore)["cmd_xmap"]) >= 1
+        version = b"%d-tester" % (int(time.time() * 1000) << 16)
+        xauth = b"xauth %s\r\n" % replicated.token.encode()
+        reply = exchange(kvstore, xauth + b"xmap 1\r\nxapply %s incr fenced 1\r\n" % version, ends(b"here\r\n"))
+        assert re.fullmatch(
+            rb"OK\r\nOK\r\nSERVER_ERROR stale cluster map: epoch 1 is older than epoch \d+ known here\r\n", reply
+        )
+        assert exchange(kvstore, b"get fenced\r\n", ends(b"END\r\n")) == b"VALUE fenced 0 1\r\n6\r\nEND\r\n"
+        assert stats(kvstore)["xapply_stale_map"] == "1"
+
+
 class MetaTests:
     """Meta commands through a gateway keep the N/W/R and version rules of the classic commands."""
 

@@ -57,3 +57,14 @@ class ConnectionsTests:
         connections.update([node("a", "h", 1), node("c", "h", 2)])
         assert connections.client("a") is pool
         connections.stopService()
+
+    def test_announce(self) -> None:
+        """The map epoch goes to every pool, and to the pools of nodes that join later."""
+        reactor = MemoryReactorClock()
+        connections = Connections(reactor)
+        connections.startService()
+        connections.update([node("a", "h", 1)])
+        connections.announce(5)
+        connections.update([node("a", "h", 1), node("b", "h", 2)])
+        assert [connections.client(n).map_epoch for n in ("a", "b")] == [5, 5]  # type: ignore[attr-defined]
+        connections.stopService()

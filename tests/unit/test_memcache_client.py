@@ -32,7 +32,7 @@ from chashd.commands import (
     XGet,
     XPut,
 )
-from chashd.errors import NonNumericValue, ValueTooLarge
+from chashd.errors import NonNumericValue, StaleMap, UnknownCommand, ValueTooLarge
 from chashd.interfaces import IReplySink
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.client import XGET_KEYS, XGET_LINE, KVClientPool, KVClientProtocol, KVConnectionLost, KVTimeout
@@ -40,7 +40,7 @@ from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
 from chashd.versions import Version
-from tests.unit.test_memcache_server import T0, LaterBackend, make_factory
+from tests.unit.test_memcache_server import T0, LaterBackend, RaisingBackend, make_factory
 
 
 def pair(
@@ -303,6 +303,67 @@ class ClientTimeoutTests(SynchronousTestCase):
         """A timeout without a clock is refused."""
         with pytest.raises(ValueError):
             KVClientProtocol(None, 5)
+
+
+class AnnounceTests(SynchronousTestCase):
+    """``KVClientProtocol.announce``: the map epoch a gateway routes by, named once per change."""
+
+    def test_named_once_per_change(self) -> None:
+        """An epoch is sent when newer than the last one named (not again, not an older one); the xapply
+        commands after it carry it on the server, which refuses them once it knows a newer map."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, server, pump = pair(factory)
+        backend.execute(Store("set", b"n", 0, 0, b"1"))
+        for epoch in (5, 5, 4, 6):
+            client.announce(epoch)
+        pump.flush()
+        assert backend.stats()["cmd_xmap"] == 2 and backend.map_epoch == 6 and client.map_epoch == 6
+        applied = client.send(XApply(Version(T0_MS + 10, "gw"), Arith(b"n", 1)))
+        pump.flush()
+        assert self.successResultOf(applied) == XApplied(Number(2), Record(b"2", 0, 0, Version(T0_MS + 10, "gw")))
+        backend.know_epoch(7)
+        refused = client.send(XApply(Version(T0_MS + 20, "gw"), Arith(b"n", 1)))
+        pump.flush()
+        assert self.failureResultOf(refused, StaleMap).value.known == 7
+
+    def test_a_kvstore_of_an_earlier_version(self) -> None:
+        """A server that answers ``xmap`` ERROR (an earlier version) is named no epoch again."""
+        factory, _ = make_factory(RaisingBackend(UnknownCommand()))
+        client, server, pump = pair(factory)
+        client.announce(5)
+        pump.flush()
+        assert client.map_epoch is None
+        client.announce(6)
+        assert client.pending == 0
+
+    def test_pool_names_it_on_each_connection(self) -> None:
+        """A pool names its epoch on each connection once it is made (after the token), and again on each
+        when it changes."""
+        reactor = MemoryReactorClock()
+        reactor.advance(T0)
+        backend = LocalBackend(MemoryEngine(), "kv-1", reactor, 1024)
+        reactor.listenTCP(4321, MemcacheServerFactory(backend, reactor, token=b"t0ken"))
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", 4321)
+        pool = KVClientPool(reactor, "127.0.0.1", 4321, size=2, timeout=None, endpoint=endpoint, token="t0ken")
+        completer = ConnectionCompleter(reactor)
+        pool.announce(3)
+        pool.startService()
+        pumps = [completer.succeedOnce(), completer.succeedOnce()]
+        for pump in pumps:
+            assert pump is not None
+            pump.flush()
+        assert backend.stats()["cmd_xmap"] == 2 and backend.map_epoch == 3
+        pool.announce(4)
+        for pump in pumps:
+            assert pump is not None
+            pump.flush()
+        assert backend.stats()["cmd_xmap"] == 4 and [c.map_epoch for c in pool.connections] == [4, 4]
+        pool.stopService()
+
+
+T0_MS = int(T0 * 1000) << 16
 
 
 class PoolHarness(SynchronousTestCase):

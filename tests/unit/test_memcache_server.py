@@ -21,12 +21,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import chashd.memcache
-from chashd.commands import Command, Delete, Get, Result, Status, XPut
-from chashd.errors import DomainError, NodeLeaving
+from chashd.commands import Arith, Command, Delete, Get, Result, Status, XApply, XMap, XPut
+from chashd.errors import DomainError, NodeLeaving, RequestError
 from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache import client, server
 from chashd.memcache.server import SERVER_VERSION, MemcacheServerFactory, MemcacheServerProtocol
+from chashd.memcache.text import serialize_command
 from chashd.metrics import FAMILIES, RequestMetrics
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
@@ -1008,3 +1009,61 @@ class ServerFuzzTests:
         assert other_transport.value() == b"STORED\r\nVALUE fuzz-check 0 1\r\nx\r\nEND\r\n"
         reply = transport.value()
         assert reply == b"" or reply.endswith(b"\r\n")
+
+
+class MapFenceTests:
+    """``xmap``: a kvstore refuses the ``xapply`` of a connection whose gateway routes by an older cluster map
+    than the newest the kvstore knows (two such gateways may name two primaries for a key)."""
+
+    @staticmethod
+    def xapply(protocol: MemcacheServerProtocol, transport: StringTransport, clock: int) -> bytes:
+        """Send ``incr n 1`` as an xapply of version ``clock``; the reply."""
+        transport.clear()
+        protocol.dataReceived(serialize_command(XApply(Version(clock, "gw"), Arith(b"n", 1))))
+        reply: bytes = transport.value()
+        return reply
+
+    def test_older_map_refused(self) -> None:
+        """Connections that named epochs 5 and 6: the one on 5 has its xapply refused with both epochs and
+        nothing applied, the one on 6 applies; one that named nothing (a gateway of an earlier version) is
+        not fenced; an epoch the ring watch brings (``know_epoch``) fences the one on 6 too."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        backend.execute(XPut(b"n", Record(b"1", 0, 0, Version(100, "gw"))))
+        (old, old_t), (new, new_t), (plain, plain_t) = connect(factory), connect(factory), connect(factory)
+        old.dataReceived(b"xmap 5\r\n")
+        new.dataReceived(b"xmap 6\r\n")
+        assert old_t.value() == new_t.value() == b"OK\r\n"
+        refused = self.xapply(old, old_t, 200)
+        assert refused == b"SERVER_ERROR stale cluster map: epoch 5 is older than epoch 6 known here\r\n"
+        assert backend.engine.get(b"n") == Record(b"1", 0, 0, Version(100, "gw"))
+        assert self.xapply(new, new_t, 300).startswith(b"XAPPLIED 2\r\n")
+        assert self.xapply(plain, plain_t, 400).startswith(b"XAPPLIED 3\r\n")
+        backend.know_epoch(7)
+        assert self.xapply(new, new_t, 500).startswith(b"SERVER_ERROR stale cluster map: epoch 6 ")
+        new.dataReceived(b"xmap 7\r\n")
+        assert self.xapply(new, new_t, 600).startswith(b"XAPPLIED 4\r\n")
+        stats = backend.stats()
+        assert stats["xapply_stale_map"] == 2 and stats["cmd_xmap"] == 3 and backend.map_epoch == 7
+
+    def test_needs_the_token(self) -> None:
+        """Before ``xauth``, ``xmap`` is refused like the rest of the extension."""
+        factory, _ = make_factory(token=b"secret")
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"xmap 5\r\nxauth secret\r\nxmap 5\r\n")
+        assert transport.value() == b"CLIENT_ERROR authentication required: send xauth <token> first\r\nOK\r\nOK\r\n"
+
+    def test_a_backend_that_answers_later(self) -> None:
+        """A backend that answers later (a gateway) answers ``xmap`` as any command: the gateway's router
+        routes no ``xmap``, a CLIENT_ERROR; the connection keeps no epoch."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend)
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"xmap 5\r\n")
+        (deferred, command) = backend.waiting[-1]
+        assert command == XMap(5) and transport.value() == b""
+        deferred.errback(RequestError("the gateway does not route XMap"))
+        assert transport.value() == b"CLIENT_ERROR the gateway does not route XMap\r\n"
+        assert protocol._parser.map_epoch == 0

@@ -35,6 +35,7 @@ from chashd.commands import (
     XEpoch,
     XGet,
     XList,
+    XMap,
     XPut,
 )
 from chashd.digests import RangeDigest
@@ -45,6 +46,7 @@ from chashd.errors import (
     NodeLeaving,
     NonNumericValue,
     ServiceUnavailable,
+    StaleMap,
     StaleVersion,
     UnknownCommand,
     ValueTooLarge,
@@ -652,6 +654,27 @@ class EpochCommandTests:
         ):
             (reply,) = replies(line)
             assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)
+
+
+class MapCommandTests:
+    """xmap: the cluster map epoch a gateway routes by, and the kvstore's refusal of an older map's xapply."""
+
+    def test_request_and_reply(self) -> None:
+        """``xmap <epoch>`` parses into XMap and back, answered OK; bad epochs are CLIENT_ERRORs."""
+        assert serialize_command(XMap(7)) == b"xmap 7\r\n"
+        assert one(b"xmap 7\r\n") == XMap(7)
+        for chunk in (None, 1):
+            assert read_replies(b"OK\r\n", [XMap(7)], chunk) == [Status.OK]
+        for line in (b"xmap\r\n", b"xmap 1 2\r\n", b"xmap -1\r\n", b"xmap 9223372036854775808\r\n"):
+            (reply,) = replies(line)
+            assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)
+
+    def test_stale_map_reply(self) -> None:
+        """The refusal of an xapply of an older map reads back as StaleMap with both epochs."""
+        line = error_reply(StaleMap(4, 9))
+        assert line == b"SERVER_ERROR stale cluster map: epoch 4 is older than epoch 9 known here\r\n"
+        error = error_from_reply(line[:-2])
+        assert isinstance(error, StaleMap) and (error.sent, error.known) == (4, 9)
 
 
 class ReplyParserTests:

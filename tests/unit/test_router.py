@@ -11,7 +11,20 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from chashd.commands import Arith, Delete, FlushAll, Get, Number, SplicedGet, Status, Store, Touch, Values, XGet
+from chashd.commands import (
+    Arith,
+    Delete,
+    FlushAll,
+    Get,
+    Number,
+    SplicedGet,
+    Status,
+    Store,
+    Touch,
+    Values,
+    XApply,
+    XGet,
+)
 from chashd.errors import MapNotCurrent, QuorumNotReached, RequestError
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IKVClient
@@ -37,8 +50,12 @@ class Link:
         self.sent: list[Any] = []
         self.held: list[Deferred[Any]] = []
         self.held_commands: list[Any] = []
+        #: The map epoch this connection named (``xmap``): its xapply commands carry it, as on the wire.
+        self.epoch = 0
 
     def send(self, command: Any) -> Deferred[Any]:
+        if type(command) is XApply and self.epoch:
+            command = XApply(command.version, command.command, self.epoch)
         self.sent.append(command)
         if self.mode == "down":
             return fail(ConnectionLost("kvstore unreachable"))
@@ -350,6 +367,63 @@ class ReadModifyWriteTests(SynchronousTestCase):
         self.successResultOf(c.router.execute(Store("set", b"f", 0, 0, b"v")))
         assert self.successResultOf(c.router.execute(FlushAll())) is Status.OK
         assert c.holders(b"f") == set()
+
+
+class MapFenceTests(SynchronousTestCase):
+    """A read-modify-write runs by one map: a primary that knows a newer map refuses it (nothing applied) and
+    it starts over once the router's map reaches that epoch; a map that changes under it starts it over."""
+
+    def announce(self, c: Cluster, epoch: int, **states: str) -> None:
+        """The router routes by the map of ``epoch`` (node states as given), its connections name it."""
+        for link in c.links.values():  # first, as DataPlane.follow does: commands routed by it carry it
+            link.epoch = epoch
+        ring = HashRing(dict.fromkeys(c.links, 1), epoch=epoch)
+        c.router.update(Placement(ring, {n: NodeState(s) for n, s in states.items()}))
+
+    def test_waits_for_the_map_the_primary_knows(self) -> None:
+        """The primary knows epoch 2 while the router routes by 1: its xapply is refused; once the router's
+        map reaches 2 the command starts over (read included) and applies once."""
+        c = Cluster()
+        self.announce(c, 1)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        primary = c.replicas(b"n")[0]
+        c.links[primary].backend.know_epoch(2)
+        d = c.router.execute(Arith(b"n", 1))
+        self.assertNoResult(d)
+        assert c.links[primary].backend.stats()["xapply_stale_map"] == 1
+        self.announce(c, 2)
+        assert self.successResultOf(d) == Number(2)
+        assert {c.record(n, b"n").value for n in c.replicas(b"n")} == {b"2"}  # type: ignore[union-attr]
+        assert c.router.stats()["rmw_map_waits_total"] == 1
+        assert c.clock.getDelayedCalls() == []
+
+    def test_fails_when_the_map_does_not_catch_up(self) -> None:
+        """A map that does not reach the primary's epoch within ``map_wait``: MapNotCurrent, nothing applied."""
+        c = Cluster()
+        self.announce(c, 1)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        for link in c.links.values():
+            link.backend.know_epoch(3)
+        d = c.router.execute(Arith(b"n", 1))
+        c.advance(c.router.map_wait)
+        failure = self.failureResultOf(d, MapNotCurrent)
+        assert "epoch 3" in str(failure.value)
+        assert {c.record(n, b"n").value for n in c.replicas(b"n")} == {b"1"}  # type: ignore[union-attr]
+
+    def test_a_map_that_changes_under_the_command(self) -> None:
+        """The map changes while the command reads (its primary marked down): it starts over by the new map
+        and applies at the new primary; the old one runs nothing."""
+        c = Cluster()
+        self.announce(c, 1)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        old, new = c.replicas(b"n")[:2]
+        c.links[old].mode = "hang"
+        d = c.router.execute(Arith(b"n", 1))
+        self.announce(c, 2, **{old: "down"})
+        c.links[old].resume()
+        assert self.successResultOf(d) == Number(2)
+        assert not any(type(cmd) is XApply for cmd in c.links[old].sent)
+        assert [type(cmd) for cmd in c.links[new].sent].count(XApply) == 1
 
 
 class MissedWritesTests(SynchronousTestCase):
