@@ -235,6 +235,8 @@ class Router:
         self._memo_replicas = 0
         self._prefs_memo: dict[bytes, tuple[str, ...]] = {}
         self._down: frozenset[str] = frozenset()
+        # The nodes down in the placement before the last change of node states (``_prior_primary``).
+        self._prior_down: frozenset[str] = frozenset()
         self._dispatch: dict[type, Callable[[Any], Deferred[Any]]] = {
             Get: self._route_get,
             Store: self._route_store,
@@ -266,6 +268,9 @@ class Router:
         """Route by ``placement`` from now on (an equal placement changes nothing, so the memo of
         preference lists survives the gateway's periodic refreshes)."""
         if placement != self.placement:
+            old = self.placement
+            if old.states != placement.states:
+                self._prior_down = frozenset(n for n in old.ring.nodes if not old.is_up(n))
             self.placement = placement
             if self._epoch_waiters:
                 self._wake_epoch_waiters()
@@ -338,6 +343,16 @@ class Router:
         if self._stalled:
             return self._suspects_last(up, self._stalled)
         return up
+
+    def _prior_primary(self, replicas: tuple[str, ...]) -> str | None:
+        """The primary of ``replicas`` by the node states before the last change, when it differs from the
+        primary now (a gateway a map behind sends its read-modify-writes there); else None."""
+        prior = self._prior_down
+        if prior == self._down:
+            return None
+        before = next((n for n in replicas if n not in prior), None)
+        now = next((n for n in replicas if n not in self._down), None)
+        return before if before != now else None
 
     def _suspects_last(self, nodes: Sequence[str], suspects: dict[str, float]) -> list[str]:
         """``nodes`` with those still suspect moved to the end (suspicions that ran out are forgotten)."""
@@ -1045,6 +1060,12 @@ class _ReadModifyWrite:
         self.needed_r = min(max(n - self.needed_w + 1, router.read_quorum), n)
         self.candidates = router._primaries(replicas)
         self.extra = router._previous_owners(self.key, replicas)
+        prior = router._prior_primary(replicas)
+        if prior is not None and prior in self.candidates[self.needed_r :]:
+            # The primary by the map before: a gateway a map behind applies there. Reading it (after this
+            # gateway's xmap on the same connection) orders it: what it applied before is read, what comes
+            # after is refused. Only a node up now (a down one would hold the command up).
+            self.extra = [*self.extra, prior]
         up = len(self.candidates)
         if up < self.needed_w or up < self.needed_r or not up:
             router.counters["quorum_failures"] += 1

@@ -425,6 +425,25 @@ class MapFenceTests(SynchronousTestCase):
         assert not any(type(cmd) is XApply for cmd in c.links[old].sent)
         assert [type(cmd) for cmd in c.links[new].sent].count(XApply) == 1
 
+    def test_reads_the_primary_of_the_map_before(self) -> None:
+        """With W=N (one replica read before a read-modify-write), a node that is up again takes the primary
+        role back: the read also asks the primary by the map before (the next replica, where a gateway a map
+        behind applies), once the states changed, and only then."""
+        c = Cluster(w=3, r=1)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        first, second, _ = c.replicas(b"n")
+        sent_gets = lambda: {n for n, link in c.links.items() for cmd in link.sent if type(cmd) is XGet}  # noqa: E731
+        for link in c.links.values():
+            link.sent.clear()
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
+        assert sent_gets() == {first}
+        self.announce(c, 2, **{first: "down"})
+        self.announce(c, 3)
+        for link in c.links.values():
+            link.sent.clear()
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(3)
+        assert sent_gets() == {first, second}
+
 
 class MissedWritesTests(SynchronousTestCase):
     """A primary that missed writes (down, paused, cut off) answers read-modify-writes as one memcached would:
