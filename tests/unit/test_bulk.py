@@ -450,6 +450,24 @@ class GCWatchTests:
         assert stats["gc_full_collections_total"] == 2
         assert 0 < stats["gc_full_pause_max_seconds"] <= stats["gc_full_pause_seconds_total"]
 
+    def test_frozen_objects_are_counted_after_full_collections_only(self) -> None:
+        """``gc_frozen_objects`` (a walk of the whole frozen list) is counted at the first call and again only
+        after a full collection: a freeze shows once one ran, not in the calls before it."""
+        watch = GCWatch()
+        watch.install()
+        try:
+            before = watch.stats()["gc_frozen_objects"]
+            gc.freeze()
+            try:
+                assert watch.stats()["gc_frozen_objects"] == before
+                gc.collect()
+                after = watch.stats()["gc_frozen_objects"]
+            finally:
+                gc.unfreeze()
+        finally:
+            watch.uninstall()
+        assert after > before
+
 
 class TurnTests:
     """A connection runs one bulk page per reactor turn."""
