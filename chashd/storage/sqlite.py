@@ -80,7 +80,10 @@ _VERSIONS_FROM = "SELECT hash, key, clock, writer FROM records WHERE hash >= ? A
 _VERSIONS_AFTER = (
     "SELECT hash, key, clock, writer FROM records WHERE (hash, key) > (?, ?) AND hash <= ? ORDER BY hash, key LIMIT ?"
 )
-_ROW_COLUMNS = "key, value, flags, expires_at, clock, writer, tombstone"
+#: A ``BulkRow`` straight from SQLite: the stored clock is ``clock - 2**63`` (negative for every clock up to
+#: ``MAX_CLOCK``, 2**63 - 1), so ``clock + (2**63 - 1) + 1`` is the clock itself and never leaves SQLite's
+#: 64-bit integers; Python makes no new tuple per row.
+_ROW_COLUMNS = "key, value, flags, expires_at, (clock + 9223372036854775807) + 1, writer, tombstone"
 _SCAN_ROWS_FROM = f"SELECT {_ROW_COLUMNS} FROM records WHERE hash >= ? AND hash <= ? ORDER BY hash, key LIMIT ?"
 _SCAN_ROWS_AFTER = (
     f"SELECT {_ROW_COLUMNS} FROM records WHERE (hash, key) > (?, ?) AND hash <= ? ORDER BY hash, key LIMIT ?"
@@ -646,7 +649,8 @@ class SQLiteEngine:
         """
         if not rows:
             return 0
-        params = [(key_hash(row[0]), row[0], row[4] - _CLOCK_BIAS, row[5]) for row in rows]
+        bias = _CLOCK_BIAS
+        params = [(key_hash(key), key, clock - bias, writer) for key, _v, _f, _e, clock, writer, _t in rows]
         with self.batch():
             db = self._db
             try:
@@ -660,10 +664,11 @@ class SQLiteEngine:
             if removed != len(rows):
                 return sum(self.remove_many_if([(row[0], Version(row[4], row[5])) for row in rows]))
             self._keys -= removed
-            self._bytes -= sum(len(row[1]) for row in rows)
+            self._bytes -= sum([len(row[1]) for row in rows])
             self._generation += 1
-            for row in rows:
-                self._forget(row[0])
+            if self._records:  # the cache holds few of a handoff's records, if any
+                for row in rows:
+                    self._forget(row[0])
         return removed
 
     # -- ranges -----------------------------------------------------------------------------------
@@ -726,8 +731,7 @@ class SQLiteEngine:
                 rows = reader.execute(_SCAN_ROWS_AFTER, (after[0], after[1], last_hash, limit)).fetchall()
         except sqlite3.Error as e:
             raise self._failed(e) from e
-        bias = _CLOCK_BIAS
-        return [(k, v, f, e, c + bias, w, t) for k, v, f, e, c, w, t in rows]
+        return rows
 
     def purge(self, now: float, tombstone_grace: float) -> int:
         """Forget expired records and tombstones older than ``tombstone_grace`` seconds; the number forgotten.
