@@ -31,9 +31,9 @@
   unlimited): each push waits for its turn (``chashd.kvstore.pacing.RateBucket``), and under a records-a-second
   limit a page holds a tenth of a second's records;
 - when the arc is dropped, each record every target acknowledged is removed if the stored version is still
-  the pushed one (compare-and-remove, ``engine.remove_rows_if``, a chunk of records per call), in page
-  order: a write that raced in keeps its record, and sweeps of the dropped arcs (at most ``max_sweeps``)
-  push and drop what remains until a sweep finds nothing;
+  the pushed one (compare-and-remove, ``engine.remove_rows_if``, in the thread pool, a transaction of
+  ``drop_chunk`` records each), in page order: a write that raced in keeps its record, and sweeps of the
+  dropped arcs (at most ``max_sweeps``) push and drop what remains until a sweep finds nothing;
 - then, once nothing is owed, ``synced = T``, saved (``chashd.kvstore.placement.save_synced``, at
   ``state_path``, in the thread pool) so that a restart knows it; ``when_synced(predicate)`` fires once
   ``synced`` satisfies it.
@@ -46,13 +46,16 @@ again. The plan under way stops at once (before the records after the ``XEpoch``
 runs, nothing is dropped and ``synced`` does not move, until the ring watch brings that epoch; then the node
 plans from its synced ring to that one, in which it keeps what it was sent.
 
-The reactor thread's share of the work (dropping, serializing ``xmove`` pushes) comes in units sized to take
-about ``unit_budget`` seconds, one unit per reactor iteration whatever the number of pages and targets under
-way (``chashd.kvstore.pacing``), so that a client request waits for one unit at most; a bulk page, encoded in
-the pool with its scan, leaves in one write. The drops run on the reactor thread like the node's point
-writes, not in the thread pool: SQLite work in the pool competes for the GIL with a busy reactor thread and
-made the move slower (bench/README.md, bench/handoff.py). The receiver applies one bulk page per connection
-per reactor turn (``chashd.memcache.server``).
+The SQLite work of a move runs in the thread pool: the scans (a page read and encoded into bulk pages in
+one job) and the drops (one job per page, ``drop_chunk`` records per transaction). The reactor thread only
+sends the encoded pages (one write each) and reads the answers, so that it stays free for clients' requests
+(bench/README.md, bench/handoff.py: with the drops on the reactor thread, they took a third of it and the
+sender's own reads waited behind them; in the pool, each row's return from SQLite waits for the GIL only
+when the reactor thread is busy, which it no longer is with the move's work). Serializing ``xmove`` pushes
+(to a target of an earlier version) stays on the reactor thread, in units sized to take about
+``unit_budget`` seconds, one unit per reactor iteration whatever the number of pages and targets under way
+(``chashd.kvstore.pacing``), so that a client request waits for one unit at most. The receiver applies one
+bulk page per connection per reactor turn (``chashd.memcache.server``).
 
 A newer ring arriving mid-handoff restarts the planning from ``synced`` to the newest ring (pushing a record
 twice is harmless: versions decide); one with the same placement only moves the goal's epoch. Tombstones
@@ -140,16 +143,14 @@ class Handoff(MultiService):
     #: Pages pushed and not yet acknowledged, per target.
     window = 2
     #: The work the handoff does on the reactor thread per reactor iteration, in seconds: the records
-    #: serialized (``push_slice``) or dropped (``drop_chunk``) in a unit start at these sizes and follow the
-    #: time they take, up to the ``_max`` sizes.
+    #: serialized (``push_slice``) for ``xmove`` in a unit start at this size and follow the time they take,
+    #: up to ``push_slice_max``.
     unit_budget = 0.001
     push_slice = 100
     push_slice_max = 500
-    drop_chunk = 50
-    drop_chunk_max = 500
-    #: Fewer records a drop never takes (a 16 KiB page holds ~14 records of 1 KiB: smaller drops rewrite
-    #: the same pages for every few records).
-    drop_chunk_min = 32
+    #: Records dropped per transaction, in the thread pool (a client's write waits for one at most: ~1-2 ms;
+    #: a 16 KiB page holds ~14 records of 1 KiB, so smaller ones would rewrite the same pages more often).
+    drop_chunk = 250
     max_backoff = 10.0
     max_sweeps = 5
     #: A page goes to a target as bulk pages of at most these many rows and bytes (or one row).
@@ -193,7 +194,6 @@ class Handoff(MultiService):
         self._sleeps: set[Deferred[Any]] = set()  # the backoffs under way (one per target at most)
         self._pacer = Pacer(clock)
         self._push_size = Sizer(self.push_slice, self.push_slice_max, self.unit_budget)
-        self._drop_size = Sizer(self.drop_chunk, self.drop_chunk_max, self.unit_budget, self.drop_chunk_min)
         self._saving: Deferred[Any] = succeed(None)
         self._targets: dict[str, _Connection] = {}
         self._waiters: list[tuple[Callable[[RingUpdate], bool], Deferred[RingUpdate]]] = []
@@ -552,9 +552,11 @@ class Handoff(MultiService):
             self._check()
             acknowledged = [row for row in page.rows if row[0] not in refused] if w.drop and not owed else []
             if acknowledged:
-                await self._paced(
-                    sized_units(acknowledged, self._drop_size, self._clock, partial(self._drop_chunk, arc))
-                )
+                removed = await self._run_in_pool(self._drop_rows, acknowledged)
+                self.records_dropped += removed
+                arc.dropped += removed
+                arc.kept += len(acknowledged) - removed
+                self._check()
             if last_page and arc.found:
                 self._arc_done(None, w, arc, new, sweep)
         finally:
@@ -602,15 +604,22 @@ class Handoff(MultiService):
             start += count
         return frames
 
-    def _drop_chunk(self, arc: _ArcProgress, chunk: Sequence[BulkRow]) -> None:
-        """Remove, as one group (``engine.remove_rows_if``), each acknowledged record of ``chunk`` whose stored
-        version is still the one pushed (compare-and-remove: a record rewritten since it was pushed stays);
-        a unit of the handoff. Counts what went."""
-        self._check()
-        removed = self._engine.remove_rows_if(chunk)
-        self.records_dropped += removed
-        arc.dropped += removed
-        arc.kept += len(chunk) - removed
+    def _drop_rows(self, rows: Sequence[BulkRow]) -> int:
+        """Remove each acknowledged record of ``rows`` whose stored version is still the one pushed
+        (compare-and-remove, ``engine.remove_rows_if``: a record rewritten since it was pushed stays), a
+        transaction of ``drop_chunk`` records at a time; the number removed. In the thread pool.
+
+        Each chunk checks, under the engine's write lock, that the plan still holds: a peer's ``XEpoch`` for a
+        newer ring stops the plan on the reactor thread before the records after it are stored, and storing
+        them takes that lock, so they land after a chunk under way and no chunk starts after them."""
+        removed = 0
+        engine = self._engine
+        for start in range(0, len(rows), self.drop_chunk):
+            with engine.batch():
+                if self._restart or not self.running:
+                    break
+                removed += engine.remove_rows_if(rows[start : start + self.drop_chunk])
+        return removed
 
     def _send_slice(
         self,

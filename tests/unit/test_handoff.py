@@ -738,36 +738,49 @@ class BackPressureTests:
 
 
 class PacingTests:
-    """The handoff's work on the reactor thread comes in small units, one per reactor iteration."""
+    """The handoff's work on the reactor thread comes in small units, one per reactor iteration; its SQLite
+    work (scans, drops) runs in the thread pool."""
 
-    def test_a_page_is_pushed_in_slices_and_dropped_in_chunks(self) -> None:
-        """A page leaves in slices of ``push_slice`` records (one send_many each) and is dropped in chunks of
-        ``drop_chunk`` records (one engine call each), each in a turn of its own."""
+    def test_a_page_is_pushed_in_slices_and_dropped_in_chunks_in_the_pool(self) -> None:
+        """A page leaves in slices of ``push_slice`` records (one send_many each) and is dropped in the thread
+        pool, in one job of transactions of ``drop_chunk`` records (one engine call each)."""
         chunks: list[int] = []
+        in_pool: list[bool] = [False]
 
         class Recording(MemoryEngine):
             def remove_many_if(self, items: Any) -> list[bool]:
+                assert in_pool[0], "a drop outside the thread pool"
                 chunks.append(len(items))
                 return super().remove_many_if(items)
 
-        cluster, a, target, _ = BackPressureTests().setup_handoff(10, 10, self.small_units, Recording())
+        jobs: list[str] = []
+
+        def pool(f: Any, *args: Any) -> Deferred[Any]:
+            jobs.append(f.__name__)
+            in_pool[0] = True
+            try:
+                return maybeDeferred(f, *args)
+            finally:
+                in_pool[0] = False
+
+        def prepare(handoff: Handoff) -> None:
+            self.small_units(handoff)
+            handoff._run_in_pool = pool
+
+        cluster, a, target, _ = BackPressureTests().setup_handoff(10, 10, prepare, Recording())
         cluster.reactor.advance(0)
         assert [len(group) for group in target.groups] == [3, 3, 3, 1]
         for _, d in target.sent:
             d.callback(Status.STORED)
         cluster.reactor.advance(0)
-        assert chunks == [2] * 5 and a.records() == {}
+        assert chunks == [2] * 5 and a.records() == {} and a.handoff.records_dropped == 10
+        assert jobs.count("_drop_rows") == 1
 
     def test_one_unit_per_reactor_iteration_whatever_the_targets(self) -> None:
         """A node hands every page to two targets and drops it: each iteration of the reactor runs one unit
-        of that work at most (a slice sent or a chunk dropped), with the units of several pages and both
-        targets under way, and none runs in the callbacks of the acknowledgements."""
+        of the pushes at most (a slice sent), with the units of several pages and both targets under way, and
+        none runs in the callbacks of the acknowledgements."""
         units: list[str] = []
-
-        class Recording(MemoryEngine):
-            def remove_many_if(self, items: Any) -> list[bool]:
-                units.append("drop")
-                return super().remove_many_if(items)
 
         class Target(BackPressureTests.ManualTarget):
             def send_many(self, commands: Sequence[Command]) -> Deferred[list[Any]]:
@@ -775,7 +788,7 @@ class PacingTests:
                 return super().send_many(commands)
 
         cluster = Cluster(page_size=6)
-        a = cluster.add("A", Recording())
+        a = cluster.add("A")
         self.small_units(a.handoff)
         for node_id in "BC":
             cluster.add(node_id)
@@ -805,15 +818,26 @@ class PacingTests:
             assert len(units) == before
         assert not a.handoff.running_handoff and a.records() == {} and len(targets) == 2
         assert most == 1 and [len(t.sent) for t in targets] == [24, 24] and a.handoff.records_dropped == 24
-        assert units.count("push") >= 2 * 24 // 3 and units.count("drop") >= 24 // 2  # slices of 3, chunks of 2
+        assert units.count("push") >= 2 * 24 // 3  # slices of 3
+
+    def test_a_drop_under_way_stops_at_a_newer_epoch(self) -> None:
+        """A peer's ``XEpoch`` for a newer ring stops the plan: the transactions of a drop job not begun yet
+        drop nothing (each checks the plan under the engine's write lock), so what the peer pushes after it is
+        never removed."""
+        cluster, a, target, _ = BackPressureTests().setup_handoff(10, 10, self.small_units)
+        cluster.reactor.advance(0)
+        rows = a.engine.scan_rows(0, 2**32 - 1, None, 100)
+        assert len(rows) == 10
+        a.handoff.newer_ring_seen(99)  # the plan under way is for an older ring than a peer pushes for
+        assert a.handoff._drop_rows(rows) == 0
+        assert len(a.records()) == 10
 
     @staticmethod
     def small_units(handoff: Handoff) -> None:
-        """Slices of 3 records, chunks of 2, whatever the time they take."""
+        """Slices of 3 records, drop transactions of 2, whatever the time they take."""
         handoff.push_slice = handoff.push_slice_max = 3
-        handoff.drop_chunk = handoff.drop_chunk_max = 2
+        handoff.drop_chunk = 2
         handoff._push_size = Sizer(3, 3, 1.0)
-        handoff._drop_size = Sizer(2, 2, 1.0)
 
 
 class PersistenceTests:
