@@ -2,6 +2,7 @@
 
     python bench/handoff.py [--records 200000] [--value-size 1024] [--read-seconds 10] [--handoff-rate R]
                             [--workdir DIR]
+    python bench/handoff.py --records 1000000 --value-size 100     # the second case
 
 Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite engine on loopback
 (``LocalCluster``), loads the kvstore through its line port (``xauth`` with the cluster's token, then pipelined
