@@ -55,7 +55,9 @@ when the reactor thread is busy, which it no longer is with the move's work). Se
 (to a target of an earlier version) stays on the reactor thread, in units sized to take about
 ``unit_budget`` seconds, one unit per reactor iteration whatever the number of pages and targets under way
 (``chashd.kvstore.pacing``), so that a client request waits for one unit at most. The receiver applies one
-bulk page per connection per reactor turn (``chashd.memcache.server``).
+bulk page per connection per reactor turn (``chashd.memcache.server``), on its reactor thread: applied in
+its thread pool, each row's return from SQLite waited for the GIL the reactor held, and the move cost the
+receiver more CPU for no better reads (bench/README.md).
 
 A newer ring arriving mid-handoff restarts the planning from ``synced`` to the newest ring (pushing a record
 twice is harmless: versions decide); one with the same placement only moves the goal's epoch. Tombstones

@@ -1,17 +1,18 @@
 """How the handoff shares the reactor thread with the requests a kvstore serves.
 
-The handoff's work on the reactor thread (serializing the records it pushes, dropping the ones it handed
-off) is cut into units: each unit is a step of an iterator (``next()`` does the work up to its next
-``yield``). ``Pacer.run(units)`` runs them on a ``twisted.internet.task.Cooperator`` that runs one unit per
-iteration of the reactor, whatever the number of iterators under way, so that between two units the reactor
-serves the I/O that came in: a client request waits for one unit at most.
+The handoff's work on the reactor thread (serializing the records it pushes as ``xmove`` to a kvstore of
+an earlier version; its SQLite work runs in the thread pool) is cut into units: each unit is a step of an
+iterator (``next()`` does the work up to its next ``yield``). ``Pacer.run(units)`` runs them on a
+``twisted.internet.task.Cooperator`` that runs one unit per iteration of the reactor, whatever the number
+of iterators under way, so that between two units the reactor serves the I/O that came in: a client
+request waits for one unit at most.
 
 A unit's size follows a time budget: ``Sizer`` gives the number of records a unit takes so that it lasts
 about ``budget`` seconds, from the time the last full units took, and ``sized_units`` cuts work on a
 sequence of records into such units. The budget per reactor iteration is thus one unit of about ``budget``
 seconds. The Cooperator ends each tick after one unit rather than after a time budget of its own: the units
-are sized to the budget already, as large as it allows, since each one costs a fixed part too (a drop's
-statement and commit, a push's write).
+are sized to the budget already, as large as it allows, since each one costs a fixed part too (a push's
+write).
 
 ``Rate`` is the operator's throttle on the handoff (``--handoff-rate``: records or MiB a second, or both,
 default unlimited), and ``RateBucket`` spaces the pages out to it: each page's turn comes once the pages
@@ -90,7 +91,7 @@ class Sizer:
 
     The time measured is the reactor's, which on a loaded machine includes the time the process waited for a
     CPU: the ``minimum`` keeps units from shrinking to a few records there, where each unit's fixed cost (a
-    drop's transaction and commit, which rewrites whole pages) would then be paid for every few records."""
+    write, a transaction and its commit) would then be paid for every few records."""
 
     def __init__(self, initial: int, maximum: int, budget: float, minimum: int = 1) -> None:
         self.size = max(1, min(initial, maximum))
