@@ -549,11 +549,31 @@ class LocalCluster:
 
         return dict(self._poll(f"kvstores {sorted(wanted)} to be up", check, timeout))
 
+    def has_quorum(self) -> bool:
+        """True when a running gateway says its Raft group has a quorum (it can change the cluster map)."""
+        for i, gateway in enumerate(self.gateways):
+            if gateway.running():
+                try:
+                    if self.status(i).get("has_quorum"):
+                        return True
+                except (OSError, ValueError, DaemonError):
+                    continue
+        return False
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop every process this cluster started, followers and kvstores first."""
+        """Stop every process this cluster started, followers and kvstores first.
+
+        A kvstore drains on SIGTERM (``chashd.kvstore.drain``): its gateways mark it leaving and it hands its
+        data off. With no gateway left that has a quorum (stopped, or too few left running), nothing can
+        take the drain and it would only wait out ``timeout``: the kvstores are then killed (SIGKILL).
+        """
+        drainable = not any(k.running() for k in self.kvstores) or self.has_quorum()
         for daemon in [*reversed(self.followers), *reversed(self.kvstores), *reversed(self.gateways)]:
             try:
-                daemon.stop(timeout)
+                if daemon in self.kvstores and not drainable:
+                    daemon.kill()
+                else:
+                    daemon.stop(timeout)
             except Exception:  # keep stopping the others
                 daemon.kill()
 
