@@ -110,8 +110,12 @@ run_tests() {
     # dependency without annotations relaxes it, and why).
     "$VENV/bin/mypy" chashd twisted/plugins tests bench || die "mypy failed"
     echo "== pytest" >&2
+    # Two pytest processes (pytest-xdist), each running whole modules (--dist loadfile: a module's cluster
+    # fixture starts once): the integration tests mostly wait on their daemons, so two of them overlap well
+    # on two cores. Every test has its own ports (free_ports), directories (tmp_path) and namespaces; add -n 0
+    # to run in one process.
     local status=0
-    "$VENV/bin/python" -m pytest "$@" || status=$?
+    "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@" || status=$?
     if [ "$status" -eq 5 ]; then
         die "pytest collected no tests"
     fi
