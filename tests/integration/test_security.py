@@ -151,6 +151,7 @@ class ForgedVersionTests:
             b"9223372036854775807-x",  # 63 bits: the largest SQLite integer, centuries ahead
             b"%d-x" % (((int(__import__("time").time()) + 3600) * 1000) << 16),  # one hour ahead
         ],
+        ids=["64-bit", "63-bit", "hour-ahead"],  # the same in every pytest process (xdist), whatever the time
     )
     def test_far_future_xput(self, cluster: LocalCluster, version: bytes) -> None:
         """Each kvstore refuses the forged xput and the forged tombstone with CLIENT_ERROR and keeps what it
