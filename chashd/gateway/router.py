@@ -1002,6 +1002,11 @@ class _ReadModifyWrite:
     - Replicate: the record the command left goes to every other candidate; ``W - 1`` acknowledgements
       complete the command. A command that changed nothing repairs the replicas that answered an older
       record than the newest.
+    - The map: the command runs by the placement's epoch at ``start``. A placement that changes before the
+      command is sent, or a primary that knows a newer map (``StaleMap``: nothing applied; the command waits
+      for this router's map to reach it, ``_WAITING``), starts it over from the read (``_restart``). While
+      the node states just changed, the read also asks the primary by the states before (``extra``), where a
+      gateway a map behind applies.
     """
 
     __slots__ = (
