@@ -198,7 +198,8 @@ class KVStoreService(MultiService):
         stopped: Deferred[None] = super().stopService()
         self.backend.stop()
         if self._pool is not None:
-            self._pool.stop()  # waits for a job under way: purges and checkpoints are short
+            self._pool.stop()  # waits for a job under way: purges and checkpoints are short, a handoff's
+            # drop ends after its transaction under way (the handoff, stopped above, no longer runs)
         self.engine.close()
         return stopped
 
