@@ -131,7 +131,9 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
 - Replies leave in request order. A backend result that is not a Deferred is written inline (all the
   replies to one read go out in one write); a Deferred goes into a queue of pending replies, each written
   when it and every one before it are done. When ``max_pending`` replies are pending the connection stops
-  reading (``pauseProducing``) and parsing, and resumes when half of them have left. Likewise while the
+  parsing, and reading too (``pauseProducing``) once the client sends more than was parsed (a client with one
+  request in flight sends nothing more before its reply: its transport is never paused), and resumes when
+  half of them have left. Likewise while the
   transport's write buffer is full (a client that does not read its replies): the protocol is the
   transport's streaming producer.
 - Errors are mapped to the wire in one place (``text.error_reply``): a domain error becomes memcached's
@@ -147,7 +149,8 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   ``shutdown`` stops the daemon only with ``--enable-shutdown`` (memcached's ``-A``).
 - Memory per connection is bounded in bytes too: replies pending (a request in flight counts as the
   largest reply it may get: its keys times the value limit; a reply done and not written, its size) are
-  capped at ``max_pending_bytes``; above it the connection stops reading, and resumes below half of it.
+  capped at ``max_pending_bytes``; above it the connection stops parsing (and reading, as above), and
+  resumes below half of it; what one read of the transport brings meanwhile (64 KiB) is kept unparsed.
   While the transport's write buffer is full, done replies stay in the queue (counted) instead of piling up
   in the transport: a client that pipelines gets of a large value and never reads holds about
   ``max_pending_bytes``, not ``max_pending`` values.
@@ -623,7 +626,9 @@ class MemcacheServerProtocol(Protocol):
         self._held = 0  # bytes charged for the queue's cells (see the module docstring)
         self._out: list[bytes] = []  # replies to the current read, written together
         self._out_size = 0
-        self._paused = False  # not reading nor parsing, because of one of the three below
+        self._paused = False  # not parsing (nor reading, see _stop_reading), because of one of the three below
+        self._reading_stopped = False  # the transport is paused (_stop_reading)
+        self._full_for_memory = False  # _queue_full because of max_pending_bytes
         self._queue_full = False  # max_pending replies are pending
         self._writes_blocked = False  # the transport's write buffer is full
         self._turn_taken = False  # a bulk page ran: the rest waits for the reactor's next turn
@@ -781,6 +786,9 @@ class MemcacheServerProtocol(Protocol):
                     self._flush_out()  # a declined get's reply, when it came at once
                 return
         self._parser.feed(data)
+        if self._paused:  # the client sends more while we wait: now the transport stops reading too
+            self._stop_reading()
+            return
         self._process()
         if self._partial_call is not None or self._parser.in_request:
             self._watch_partial()
@@ -1386,8 +1394,7 @@ class MemcacheServerProtocol(Protocol):
         factory = self.factory
         over_bytes = self._held >= factory.max_pending_bytes
         if over_bytes or len(self._queue) >= factory.max_pending:
-            if over_bytes:
-                factory.paused_for_memory += 1
+            self._full_for_memory = over_bytes
             self._queue_full = True
             self._update_reading()
 
@@ -1463,8 +1470,26 @@ class MemcacheServerProtocol(Protocol):
                 self._process()
             return
         if paused:
-            self._tr.pauseProducing()
+            if self._parser.buffered:  # more was sent already: stop reading now
+                self._stop_reading()
         else:
-            self._tr.resumeProducing()
-            self._process()  # what was read before the pause
-        self._watch_partial()
+            if self._reading_stopped:
+                self._reading_stopped = False
+                self._tr.resumeProducing()
+            if self._parser.buffered:
+                self._process()  # what was read before the pause
+        if self._partial_call is not None or self._parser.in_request:
+            self._watch_partial()
+
+    def _stop_reading(self) -> None:
+        """Pause the transport while parsing is paused. Only once the client sent more than was parsed (in
+        the read that paused parsing, or in a later one): a client with one request in flight sends nothing
+        before its reply, and a single get in flight alone reaches the byte cap (it is charged the value
+        limit), so pausing the transport at once cost two ``epoll_ctl`` calls and a resume a request. What
+        is read meanwhile is one read of the transport's (64 KiB), kept unparsed."""
+        if self._reading_stopped or self._lost or self._read_closed:
+            return
+        self._reading_stopped = True
+        if self._queue_full and self._full_for_memory:
+            self.factory.paused_for_memory += 1
+        self._tr.pauseProducing()

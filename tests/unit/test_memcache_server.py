@@ -908,13 +908,37 @@ class DeferredBackendTests:
         assert transport.producerState == "paused"
         backend.fire(1)
         assert len(backend.waiting) == 6  # resumed, parsed the two buffered gets, full again
-        assert transport.producerState == "paused"
+        # Full again with nothing more buffered: the transport goes on reading until the client sends more.
+        assert transport.producerState == "producing"
+        protocol.dataReceived(b"get a\r\n")
+        assert len(backend.waiting) == 6 and transport.producerState == "paused"
         backend.fire(2)
         backend.fire(3)
-        assert transport.producerState == "producing"
+        assert len(backend.waiting) == 7 and transport.producerState == "producing"
+        for index in range(4, 7):
+            backend.fire(index)
+        assert transport.value() == b"END\r\n" * 7
+
+    def test_one_request_in_flight_never_pauses_the_transport(self) -> None:
+        """A client that waits for each reply before it sends its next request never has its transport paused,
+        although one get in flight alone reaches the byte cap (charged the value limit): pausing and resuming
+        the transport cost a request two system calls."""
+        clock = Clock()
+        backend = LaterBackend(clock)
+        factory, _ = make_factory(backend, max_value_size=1024 * 1024, max_pending_bytes=1024 * 1024)
+        protocol, transport = connect(factory)
+        for index in range(3):
+            protocol.dataReceived(b"get a\r\n")
+            assert protocol._paused and transport.producerState == "producing"
+            backend.fire(index)
+            assert not protocol._paused
+        assert transport.value() == b"END\r\n" * 3 and factory.paused_for_memory == 0
+        protocol.dataReceived(b"get a\r\nget b\r\n")  # pipelined: the second waits, and reading stops
+        assert len(backend.waiting) == 4 and transport.producerState == "paused" and factory.paused_for_memory == 1
+        backend.fire(3)
+        assert len(backend.waiting) == 5 and transport.producerState == "producing"
         backend.fire(4)
-        backend.fire(5)
-        assert transport.value() == b"END\r\n" * 6
+        assert transport.value() == b"END\r\n" * 5
 
     def test_quit_waits_for_pending(self) -> None:
         """quit closes only after the pending replies before it are written."""
