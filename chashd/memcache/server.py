@@ -256,7 +256,7 @@ from chashd.commands import (
 )
 from chashd.errors import DomainError, Unauthenticated
 from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet, IReplySink, IServerAdmin
-from chashd.memcache._transport import set_nodelay
+from chashd.memcache._transport import set_nodelay, writer
 from chashd.memcache.meta import MetaState, MetaSteps, meta_steps
 from chashd.memcache.text import (
     DEFAULT_MAX_KEYS,
@@ -658,11 +658,13 @@ class MemcacheServerProtocol(Protocol):
         self.host = ""
         self._id = 0
         self._tr: Any = None  # the transport, typed loosely: TCP transports pause, resume and abort
+        self._write: Callable[[bytes], object] = lambda data: None  # the transport's write_now (_transport.writer)
 
     # -- connection ------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self._tr = self.transport
+        self._write = writer(self._tr)
         factory = self.factory
         if factory.curr_connections >= factory.max_connections and not factory.evict_idle():
             factory.rejected_connections += 1
@@ -780,7 +782,7 @@ class MemcacheServerProtocol(Protocol):
             key = self._parser.plain_get(data)
             if key is not None:  # the read is one plain get: no parsing loop, no reply list
                 if self._forwarder is None:
-                    self._plain_get(key, self._tr.write)
+                    self._plain_get(key, self._write)
                 else:
                     self._forwarded(key)
                     self._flush_out()  # a declined get's reply, when it came at once
@@ -841,7 +843,10 @@ class MemcacheServerProtocol(Protocol):
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             self._out_size = 0
-            self._tr.write(data)
+            if self._queue:  # more replies to come: the reactor sends them together
+                self._tr.write(data)
+            else:
+                self._write(data)
 
     def _plain_get(self, key: bytes, send: Callable[[bytes], object]) -> None:
         """Answer ``get <key>`` with ``IPlainGet.get_one``; ``send`` takes the reply (the transport's
