@@ -12,6 +12,8 @@ Besides memcached's commands there is a small extension the gateways and the han
 themselves and kvstores (it carries versions, which memcached's commands cannot):
 
 - ``XGet(keys)``: the stored records, tombstones and expired ones included, with their versions;
+- ``XVer(key)``: only the version of the key's stored record (``VersionOf``): a gateway's quorum read asks the
+  replicas after the first for no more than that;
 - ``XPut(key, record)``: keep ``record`` if it is newer than what is stored (idempotent); a handoff sends it
   with ``handoff=True``, after an ``XEpoch(epoch)`` naming the ring it pushes for (a node that sees a ring newer
   than its own stops dropping records until it knows that ring);
@@ -78,6 +80,7 @@ __all__ = [
     "Touch",
     "Values",
     "VersionCommand",
+    "VersionOf",
     "Verbosity",
     "WriteCommand",
     "XApply",
@@ -90,6 +93,7 @@ __all__ = [
     "XList",
     "XMap",
     "XPut",
+    "XVer",
 ]
 
 StoreMode: TypeAlias = Literal["set", "add", "replace", "append", "prepend", "cas"]
@@ -262,6 +266,13 @@ class XGet:
 
 
 @dataclass(frozen=True, slots=True)
+class XVer:
+    """Fetch only the version of ``key``'s stored record (a tombstone's or an expired record's too)."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class XPut:
     """Keep ``record`` for ``key`` if it is newer than the stored one.
 
@@ -376,6 +387,7 @@ Command: TypeAlias = (
     | LruCrawler
     | MetaCommand
     | XGet
+    | XVer
     | XPut
     | XApply
     | XAuth
@@ -413,6 +425,13 @@ class Values:
     """The answer to ``Get`` (live records only, in request order) or ``XGet`` (every stored record)."""
 
     items: tuple[tuple[bytes, Record], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VersionOf:
+    """The answer to ``XVer``: the stored record's version, None when no record is stored."""
+
+    version: Version | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,4 +486,6 @@ class KeyVersions:
     items: tuple[tuple[int, bytes, Version], ...]
 
 
-Result: TypeAlias = Status | Values | Number | StatsResult | XApplied | Bulked | BulkFormat | Digests | KeyVersions
+Result: TypeAlias = (
+    Status | Values | Number | StatsResult | XApplied | Bulked | BulkFormat | Digests | KeyVersions | VersionOf
+)

@@ -5,7 +5,10 @@
   ``QuorumNotReached`` error. Nothing is written to nodes outside the preference list (no sloppy quorum).
 - Reads ask ``R`` up replicas (the first ones of the preference list, then the next on a failure) with
   ``XGet``, answer with the newest record, and write it back to the asked replicas that answered an older
-  version or nothing (read repair).
+  version or nothing (read repair). A read of one key asks the first of them for its record and the others
+  for their version only (``XVer``): one whose version is newer than the record is then asked for its record
+  (a kvstore of an earlier version answers ``XVer`` with ``ERROR``: it is asked with ``XGet``, and so are
+  its next reads until the placement changes).
 - Read-modify-write commands (``add``, ``replace``, ``append``, ``prepend``, ``cas``, ``incr``, ``decr``,
   ``touch``, ``gat``, ``delete``) are applied by the key's primary (its first up replica) on top of the
   newest record of the key (``_ReadModifyWrite``): the router first reads the key from ``max(N - W + 1, R)``
@@ -78,10 +81,12 @@ from chashd.commands import (
     Store,
     Touch,
     Values,
+    VersionOf,
     XApplied,
     XApply,
     XGet,
     XPut,
+    XVer,
 )
 from chashd.errors import (
     MapNotCurrent,
@@ -91,6 +96,7 @@ from chashd.errors import (
     ServiceUnavailable,
     StaleMap,
     StaleVersion,
+    UnknownCommand,
 )
 from chashd.interfaces import IForwardedGet, IKeyValue, IKVClient, IReplySink
 from chashd.memcache.text import plain_get_reply
@@ -237,6 +243,9 @@ class Router:
         self._down: frozenset[str] = frozenset()
         # The nodes down in the placement before the last change of node states (``_prior_primary``).
         self._prior_down: frozenset[str] = frozenset()
+        #: Nodes that answered XVer with ERROR (a kvstore of an earlier version): asked with XGet only, until
+        #: the placement changes.
+        self._no_xver: set[str] = set()
         self._dispatch: dict[type, Callable[[Any], Deferred[Any]]] = {
             Get: self._route_get,
             Store: self._route_store,
@@ -326,6 +335,7 @@ class Router:
         self._memo_replicas = self.replicas
         self._prefs_memo = {}
         self._down = frozenset(n for n in placement.ring.nodes if not placement.is_up(n))
+        self._no_xver.clear()
 
     def _up(self, replicas: tuple[str, ...]) -> Sequence[str]:
         """The nodes of ``replicas`` that take requests, slow ones last (call after ``replicas_for``)."""
@@ -664,6 +674,19 @@ class Router:
             read._answer_from, read.failed_on_with, callbackArgs=(node,), errbackArgs=(node,)
         )
 
+    def _ask_version(self, node: str, key: bytes, read: _KeyRead) -> None:
+        """Send ``XVer(key)`` to ``node`` for ``read`` (its version to ``read._version_from``) through a
+        ``_VersionAnswer`` sink; ``_ask`` instead (the whole record) when ``node`` does not speak ``XVer``, is
+        suspect, or no connection to it is up now."""
+        if node not in self._no_xver and node not in self._slow:
+            try:
+                client: IKVClient | None = self._clients(node)
+            except Exception:  # no connection to node: _ask's _send fails the request saying so
+                client = None
+            if client is not None and client.send_to(XVer(key), _VersionAnswer(read, node)):
+                return
+        self._ask(node, key, read)
+
     def _client_values(self, key: bytes, record: Record | None) -> Values:
         """What a client reading ``key`` gets when ``record`` is the newest answer."""
         if record is not None and record.live(self._now()):
@@ -781,6 +804,26 @@ class _Answer:
         self.read.failed_on(self.node)
 
 
+class _VersionAnswer(_Answer):
+    """The sink of one ``XVer`` of a ``_KeyRead`` (``Router._ask_version``): the version ``node`` holds; an
+    ``ERROR`` (a kvstore of an earlier version) asks it again with ``XGet``."""
+
+    __slots__ = ()
+
+    def callback(self, result: VersionOf) -> None:  # type: ignore[override]  # an XVer's answer
+        self.read._version_from(result, self.node)
+
+    def errback(self, error: Any) -> None:
+        if isinstance(error, Failure):
+            error = error.value
+        read, node = self.read, self.node
+        if isinstance(error, UnknownCommand):
+            read.router._no_xver.add(node)
+            read.router._ask(node, read.key, read)
+        else:
+            read.failed_on(node)
+
+
 @implementer(IReplySink)
 class _Spliced:
     """The sink of a ``Router.forward_get``: counts the hit or miss, and words a failure as the unspliced read
@@ -811,7 +854,12 @@ class _KeyRead:
     """One key's read: which replicas to ask, their answers, the newest record, the read repair.
 
     ``done`` fires with ``(key, newest record or None)``, or, for a ``single`` read (a get of this key
-    alone), with the ``Values`` the client gets.
+    alone), with the ``Values`` the client gets; with a ``sink`` the reply's bytes go there instead (and
+    there is no ``done``). A read of this key alone (``start``) asks the first replica for its record and
+    the other replicas of its first round for their version only (``versions``); before it answers, a
+    replica whose version is newer than every record read is asked for its record. An answer of either kind
+    counts toward R, and a version older than the newest record gets that record written back, as a record
+    does.
     """
 
     __slots__ = (
@@ -827,6 +875,7 @@ class _KeyRead:
         "router",
         "single",
         "sink",
+        "versions",
     )
 
     def __init__(
@@ -847,8 +896,10 @@ class _KeyRead:
         self.extra = router._previous_owners(key, replicas)
         self.asked: list[str] = []
         self.answers: dict[str, Record | None] = {}
+        self.versions: dict[str, Version | None] = {}  # answers to XVer
         self.failed: list[str] = []
-        self.done: Deferred[Any] = Deferred()
+        # A read answering a sink never fires (nor builds) a Deferred.
+        self.done: Deferred[Any] = Deferred() if sink is None else cast("Deferred[Any]", None)
         self._answered_client = False
         if len(up) < self.needed:
             self._fail(QuorumNotReached(self.needed, len(up), "read"))
@@ -862,12 +913,20 @@ class _KeyRead:
         return first
 
     def start(self) -> None:
-        """Send the first round of a read of this key alone."""
-        ask = self.router._ask
+        """Send the first round of a read of this key alone: the first replica asked for its record, the other
+        replicas for their version, the previous owners (during a move) for their records."""
+        router = self.router
+        key = self.key
+        first = True
+        extra = self.extra
         for node in self.first_round():
-            ask(node, self.key, self)
+            if first or node in extra:
+                router._ask(node, key, self)
+                first = False
+            else:
+                router._ask_version(node, key, self)
         if not self._answered_client:
-            self.router._hedge_later(self)
+            router._hedge_later(self)
 
     def hedge(self) -> str | None:
         """Still short of R answers after ``hedge_after``: ask the next replica not asked yet (the ones
@@ -875,12 +934,13 @@ class _KeyRead:
         if self._answered_client:
             return None
         answers = self.answers
+        versions = self.versions
         candidates = self.candidates
-        if sum(1 for n in answers if n in candidates) >= self.needed:
+        if sum(1 for n in candidates if n in answers or n in versions) >= self.needed:
             return None  # only previous owners are awaited: no replica to ask in their place
         router = self.router
         for node in self.asked:
-            if node in candidates and node not in answers and node not in self.failed:
+            if node in candidates and node not in answers and node not in versions and node not in self.failed:
                 router._mark_slow(node)
         untried = [n for n in candidates if n not in self.asked]
         if not untried:
@@ -905,6 +965,11 @@ class _KeyRead:
         self.answers[node] = record
         self._progress()
 
+    def _version_from(self, result: VersionOf, node: str) -> None:
+        """``node`` answered the ``XVer`` of this key."""
+        self.versions[node] = result.version
+        self._progress()
+
     def failed_on(self, node: str) -> None:
         self.failed.append(node)
         if node in self.candidates:
@@ -919,17 +984,22 @@ class _KeyRead:
 
     def _progress(self) -> None:
         answers = self.answers
+        versions = self.versions
         extra = self.extra
-        # Every asked node answers or fails once; the asked replicas and the previous owners are distinct.
-        pending = len(self.asked) - len(answers) - len(self.failed)
+        # Every asked node ends in one of answers (a record), versions or failed (one asked for its record after
+        # its version, _newer_version, leaves versions until then); the asked replicas and the previous owners
+        # are distinct, and previous owners are asked for records only.
+        pending = len(self.asked) - len(answers) - len(versions) - len(self.failed)
         if extra:
-            from_replicas = sum(1 for n in answers if n not in extra)
+            from_replicas = sum(1 for n in answers if n not in extra) + len(versions)
             extra_pending = any(n in extra and n not in answers and n not in self.failed for n in self.asked)
         else:
-            from_replicas = len(answers)
+            from_replicas = len(answers) + len(versions)
             extra_pending = False
         if not self._answered_client:
             if from_replicas >= self.needed and not extra_pending:
+                if versions and self._newer_version():
+                    return  # its record is asked for: answered then
                 self._answer()
             elif not pending and from_replicas < self.needed:
                 self._fail(QuorumNotReached(self.needed, from_replicas, "read"))
@@ -962,14 +1032,37 @@ class _KeyRead:
                 newest = record
         return newest
 
+    def _newer_version(self) -> bool:
+        """When a replica answered a version newer than every record read, ask it for its record (its version
+        answer is dropped until then) and return True."""
+        newest = self._newest()
+        best: tuple[Version, str] | None = None
+        for node, version in self.versions.items():
+            newer = version is not None and (newest is None or version > newest.version)
+            if newer and (best is None or version > best[0]):  # type: ignore[operator]  # not None when newer
+                best = (version, node)  # type: ignore[assignment]  # not None when newer
+        if best is None:
+            return False
+        node = best[1]
+        del self.versions[node]  # pending again until its record (or its failure) comes
+        self.router._ask(node, self.key, self)
+        return True
+
     def _repair(self) -> None:
         newest = self._newest()
         if newest is None:
             return
+        router = self.router
+        candidates = self.candidates
         for node, record in self.answers.items():
-            if node in self.candidates and newest.newer_than(record):
-                self.router.counters["read_repairs"] += 1
-                self.router._send(node, XPut(self.key, newest)).addErrback(self._repair_failed, node)
+            if node in candidates and newest.newer_than(record):
+                router.counters["read_repairs"] += 1
+                router._send(node, XPut(self.key, newest)).addErrback(self._repair_failed, node)
+        version = newest.version
+        for node, held in self.versions.items():
+            if node in candidates and node not in self.answers and (held is None or version > held):
+                router.counters["read_repairs"] += 1
+                router._send(node, XPut(self.key, newest)).addErrback(self._repair_failed, node)
 
     def _repair_failed(self, failure: Failure, node: str) -> None:
         self.router._log.info(

@@ -60,6 +60,7 @@ from chashd.commands import (
     Store,
     Touch,
     Values,
+    VersionOf,
     WriteCommand,
     XApplied,
     XApply,
@@ -70,6 +71,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XVer,
 )
 from chashd.errors import (
     BadCommand,
@@ -126,6 +128,7 @@ COUNTERS = (
     "cmd_flush",
     "outofmemory",
     "cmd_xget",
+    "cmd_xver",
     "cmd_xput",
     "cmd_xapply",
     "cmd_xbulk",
@@ -188,6 +191,7 @@ class LocalBackend:
             Touch: self._write,
             FlushAll: self._flush_all,
             XGet: self._xget,
+            XVer: self._xver,
             XPut: self._xput,
             XApply: self._xapply,
             XBulk: self._xbulk,
@@ -394,6 +398,11 @@ class LocalBackend:
             if record is not None:
                 items.append((key, record))
         return Values(tuple(items))
+
+    def _xver(self, command: XVer) -> VersionOf:
+        self._counts["cmd_xver"] += 1
+        record = self._engine_get(command.key)
+        return VersionOf(None if record is None else record.version)
 
     # -- writes --------------------------------------------------------------------------------------
 

@@ -62,6 +62,10 @@
 #
 #     xget <key>+                                -> (XVALUE <key> <flags> <expires_at> <version> <tombstone> <bytes>\r\n
 #                                                    <data>\r\n)* END        every stored record, tombstones included
+#     xver <key>                                 -> XVER <version> | END   only the version of the key's stored
+#                                                   record (a tombstone's and an expired one's too), END when none is
+#                                                   stored: a gateway's quorum read asks the replicas after the first
+#                                                   this (a server of an earlier version answers ERROR: asked with xget)
 #     xput <key> <flags> <expires_at> <version> <tombstone> <bytes> [noreply]\r\n<data>\r\n
 #                                                -> STORED (kept) | EXISTS (an equal or newer version is stored)
 #     xmove <the same as xput>                   -> the same: an xput sent by a rebalancing handoff (XPut.handoff)
@@ -253,6 +257,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XVer,
 )
 from chashd.errors import DomainError, Unauthenticated
 from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet, IReplySink, IServerAdmin
@@ -333,8 +338,9 @@ def _address(address: Any) -> str:
 #: The command family of each command, for the latency histograms (chashd.metrics.FAMILIES).
 _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
-    XGet: "internal", XPut: "internal", XApply: "internal", XAuth: "internal", XBulk: "internal",
-    BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal", XMap: "internal",
+    XGet: "internal", XVer: "internal", XPut: "internal", XApply: "internal", XAuth: "internal",
+    XBulk: "internal", BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal",
+    XMap: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip

@@ -47,6 +47,7 @@ from chashd.commands import (
     Values,
     Verbosity,
     VersionCommand,
+    VersionOf,
     WriteCommand,
     XApplied,
     XApply,
@@ -58,6 +59,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XVer,
 )
 from chashd.digests import MAX_HASH, MAX_PARTS, RangeDigest
 from chashd.errors import (
@@ -324,6 +326,7 @@ class RequestParser:
             b"mn": self._mn,
             b"me": self._me,
             b"xget": self._xget,
+            b"xver": self._xver,
             b"xput": self._xput,
             b"xmove": self._xput,
             b"xapply": self._xapply,
@@ -859,6 +862,13 @@ class RequestParser:
         keys = self._keys(tokens[1:])
         return keys if type(keys) is FailedRequest else XGet(keys)
 
+    def _xver(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        if ntokens != 3:
+            return _UNKNOWN
+        if len(tokens[1]) > MAX_KEY_LENGTH:
+            return FailedRequest(BadCommand())
+        return XVer(tokens[1])
+
     def _xput(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         if len(tokens) not in (7, 8) or len(tokens) == 8 and tokens[7] != b"noreply":
             return FailedRequest(BadCommand())
@@ -1199,6 +1209,9 @@ def serialize_result(command: Command, result: Result) -> bytes:
         return b"XBULK %d\r\n" % result.version
     if type(result) is Digests:
         return b"".join([*(b"DIGEST %d %d\r\n" % (d.records, d.total) for d in result.items), _END])
+    if type(result) is VersionOf:
+        version = result.version
+        return _END if version is None else b"XVER %s\r\n" % str(version).encode()
     if type(result) is KeyVersions:
         return b"".join([*(b"XKEY %d %s %s\r\n" % (h, k, str(v).encode()) for h, k, v in result.items), _END])
     raise TypeError(f"not a result: {result!r}")
@@ -1255,6 +1268,8 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
     if type(command) is XGet:  # the gateway's reads
         keys = command.keys
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
+    if type(command) is XVer:  # the gateway's quorum reads, after the first replica
+        return b"xver %s\r\n" % command.key
     if type(command) is XEpoch:
         return b"xepoch %d\r\n" % command.epoch
     if type(command) is XMap:
@@ -1313,6 +1328,7 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
 
 _STATUS_BY_LINE = {status.value.encode(): status for status in Status}
 _NO_VALUES = Values(())
+_NO_VERSION = VersionOf(None)
 _CLIENT_ERRORS: dict[str, type[RequestError]] = {
     str(BadDataChunk()): BadDataChunk,
     str(NonNumericValue()): NonNumericValue,
@@ -1457,6 +1473,8 @@ class ReplyParser:
             whole = self._xget_reply()
             if whole is not None:
                 return whole
+        if kind is XVer:
+            return self._version_of()
         if kind is XDigest or kind is XList:
             return self._rows_reply(command)  # type: ignore[arg-type]  # narrowed by the test above
         while True:
@@ -1512,6 +1530,21 @@ class ReplyParser:
             raise BadReply("a get's value not followed by END")
         self._pos = stop + 7
         return buf[pos : stop + 7]
+
+    def _version_of(self) -> VersionOf | DomainError | None:
+        """The reply to an ``XVer``: ``XVER <version>`` or ``END`` (an error line as its error: ``ERROR`` from
+        a kvstore of an earlier version, which does not know the verb), None until the line is here."""
+        line = self._line()
+        if line is None:
+            return None
+        if line == b"END":
+            return _NO_VERSION
+        if not line.startswith(b"XVER "):
+            return self._error(line)
+        try:
+            return VersionOf(Version.parse(line[5:].decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            raise BadReply(f"bad XVER line {line[:60]!r}") from None
 
     def _xget_reply(self) -> Values | None:
         """The common replies to an ``xget``, read in one go: ``END``, or one well-formed ``XVALUE``

@@ -27,10 +27,12 @@ from chashd.commands import (
     Store,
     Touch,
     Values,
+    VersionOf,
     XApplied,
     XApply,
     XGet,
     XPut,
+    XVer,
 )
 from chashd.errors import (
     NodeLeaving,
@@ -225,15 +227,30 @@ class LocalBackendTests:
             backend.execute(set_(b"k", b"12345"))
         assert engine.get(b"k") == before
 
-    def test_xget_returns_every_stored_record(self) -> None:
-        """XGet returns tombstones and expired records too, with their versions."""
+    @staticmethod
+    def expired_and_deleted() -> tuple[LocalBackend, MemoryEngine]:
+        """A backend holding ``a``, expired, and ``b``, deleted (a tombstone)."""
         backend, engine, clock = make()
         backend.execute(set_(b"a", b"1", exptime=1))
         backend.execute(set_(b"b", b"2"))
         backend.execute(Delete(b"b"))
         clock.advance(5)
+        return backend, engine
+
+    def test_xget_returns_every_stored_record(self) -> None:
+        """XGet returns tombstones and expired records too, with their versions."""
+        backend, engine = self.expired_and_deleted()
         result = backend.execute(XGet((b"a", b"b", b"c")))
         assert result == Values(((b"a", engine.get(b"a")), (b"b", engine.get(b"b"))))  # type: ignore[arg-type]
+
+    def test_xver_answers_the_stored_version(self) -> None:
+        """XVer answers the version of the stored record, a tombstone's and an expired one's too; None for none."""
+        backend, engine = self.expired_and_deleted()
+        for key in (b"a", b"b"):
+            record = engine.get(key)
+            assert record is not None and backend.execute(XVer(key)) == VersionOf(record.version)
+        assert backend.execute(XVer(b"c")) == VersionOf(None)
+        assert backend.stats()["cmd_xver"] == 3
 
     def test_xput_keeps_the_newer(self) -> None:
         """XPut stores a newer record (STORED) and refuses an equal or older one (EXISTS)."""

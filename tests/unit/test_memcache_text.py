@@ -29,6 +29,7 @@ from chashd.commands import (
     Values,
     Verbosity,
     VersionCommand,
+    VersionOf,
     XApplied,
     XApply,
     XDigest,
@@ -37,6 +38,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XVer,
 )
 from chashd.digests import RangeDigest
 from chashd.errors import (
@@ -517,6 +519,7 @@ commands = st.one_of(
     st.builds(FlushAll, st.integers(0, 2**31 - 1), st.booleans()),
     st.builds(Verbosity, u32, st.booleans()),
     st.builds(XGet, st.lists(keys, min_size=1, max_size=5).map(tuple)),
+    st.builds(XVer, keys),
     st.builds(XPut, keys, records, st.booleans()),
     st.builds(XApply, versions, writes.map(lambda c: dataclasses.replace(c, noreply=False))),
     st.builds(XDigest, placements, hashes, st.just(2**32 - 1), st.integers(1, 256), st.sampled_from(["", "kv"])),
@@ -781,6 +784,8 @@ class ReplyParserTests:
             (Get((b"k",)), b"VALUE k 0 1\r\nxyz\r\nEND\r\n"),
             (Get((b"k",)), b"VALUE k 0 1\r\nx\r\nSTORED\r\n"),
             (XGet((b"k",)), b"XVALUE k 0 0 v 0 1\r\nx\r\nEND\r\n"),
+            (XVer(b"k"), b"XVER not-a-version!\r\n"),
+            (XVer(b"k"), b"VALUE k 0 1\r\n"),
             (Arith(b"k", 1), b"x" * 5000),
             (Get((b"k",)), b"VALUE k 0 5000\r\n"),
             (XApply(Version(1), Delete(b"k")), b"XAPPLIED WHAT\r\nEND\r\n"),
@@ -804,6 +809,25 @@ records = st.builds(
     st.builds(Version, st.integers(0, 2**63 - 1), st.sampled_from(["", "gw-1", "g"])),
     st.booleans(),
 )
+
+
+class XVerTests:
+    """xver, the version-only read of a gateway's quorum reads: request, reply, and a server without it."""
+
+    def test_request(self) -> None:
+        """``xver <key>`` parses into XVer; without a key, or with more than one, it is an unknown command."""
+        assert events(b"xver k\r\nxver\r\nxver a b\r\n") == [XVer(b"k"), rej(UnknownCommand()), rej(UnknownCommand())]
+        assert serialize_command(XVer(b"k")) == b"xver k\r\n"
+
+    def test_replies(self) -> None:
+        """XVER <version> or END, whole and byte by byte; ERROR (an earlier kvstore) is its error."""
+        sent: list[Command] = [XVer(b"k"), XVer(b"j"), XVer(b"x")]
+        data = serialize_result(XVer(b"k"), VersionOf(Version(77, "w"))) + serialize_result(XVer(b"j"), VersionOf(None))
+        assert data == b"XVER 77-w\r\nEND\r\n"
+        expected = [VersionOf(Version(77, "w")), VersionOf(None), UnknownCommand()]
+        for chunk in (None, 1):
+            got = read_replies(data + b"ERROR\r\n", sent, chunk=chunk)
+            assert got[:2] == expected[:2] and type(got[2]) is UnknownCommand
 
 
 class XGetReplyTests:

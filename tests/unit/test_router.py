@@ -24,8 +24,10 @@ from chashd.commands import (
     Values,
     XApply,
     XGet,
+    XPut,
+    XVer,
 )
-from chashd.errors import MapNotCurrent, QuorumNotReached, RequestError
+from chashd.errors import MapNotCurrent, QuorumNotReached, RequestError, UnknownCommand
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IKVClient
 from chashd.kvstore.backend import LocalBackend
@@ -245,8 +247,9 @@ class RouterTests(SynchronousTestCase):
         c.links[second].mode = "hang"
         d = c.router.execute(Get((key,)))
         self.assertNoResult(d)
-        held = c.links[second].held.pop()
-        held.callback(c.links[second].backend.execute(XGet((key,))))
+        link = c.links[second]
+        assert link.held_commands == [XVer(key)]  # the second replica is asked for its version only
+        link.held.pop().callback(link.backend.execute(link.held_commands.pop()))
         assert self.successResultOf(d).items[0][1].value == b"v"
 
     def test_multi_get_one_request_per_node(self) -> None:
@@ -959,3 +962,92 @@ def test_small_rings_cap_quorums(count: int) -> None:
         assert got.result == b"VALUE k 0 1\r\nv\r\nEND\r\n"
     else:
         assert isinstance(got.result, Values) and got.result.items[0][1].value == b"v"
+
+
+class VersionReadTests(SynchronousTestCase):
+    """A quorum read of one key asks the first replica for its record and the others for their version only
+    (XVer), with the same answers and read repairs as when every replica sends its record."""
+
+    def diverged(self, newer_on: int) -> tuple[Cluster, bytes, Record, Record]:
+        """N=3/R=2 with the key's first replica holding ``old`` and replica ``newer_on`` holding ``new``."""
+        c = Cluster()
+        key = b"k1"
+        base = int(NOW * 1000) << 16
+        old, new = Record(b"old", 0, 0, Version(base, "w")), Record(b"new", 0, 0, Version(base + 1, "w"))
+        replicas = c.replicas(key)
+        for node in replicas:
+            c.links[node].backend.execute(XPut(key, new if node == replicas[newer_on] else old))
+        return c, key, old, new
+
+    def test_newer_version_is_fetched_and_repaired(self) -> None:
+        """The second replica holds a newer version: it is asked for its record, the client gets that record
+        (through the line protocol's sink, as bytes), and the first replica gets it written back."""
+        c, key, _, new = self.diverged(1)
+        first, second, _ = c.replicas(key)
+        sink = Sink()
+        assert c.router.forward_get(key, sink)
+        assert sink.replies == [b"VALUE k1 0 3\r\nnew\r\nEND\r\n"]
+        assert c.links[second].sent == [XVer(key), XGet((key,))]
+        assert c.links[first].sent[0] == XGet((key,))
+        assert c.record(first, key) == new and c.router.stats()["read_repairs"] == 1
+
+    def test_older_version_is_repaired_from_the_record(self) -> None:
+        """The first replica holds the newest record: the answer is its record, and the second replica, whose
+        version is older, gets it written back without its record being read."""
+        c, key, old, new = self.diverged(0)
+        first, second, _ = c.replicas(key)
+        values = self.successResultOf(c.router.execute(Get((key,))))
+        assert values.items == ((key, new),)
+        assert c.links[second].sent[0] == XVer(key) and XGet((key,)) not in c.links[second].sent
+        assert c.record(second, key) == new and c.record(first, key) == new
+        assert c.router.stats()["read_repairs"] == 1
+        assert old != new
+
+    def test_missing_on_the_second_is_repaired(self) -> None:
+        """A replica that holds nothing answers END to XVer and gets the record written back."""
+        c = Cluster()
+        key = b"k2"
+        first, second, _ = c.replicas(key)
+        c.links[second].mode = "down"  # the write misses it
+        self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"v")))
+        c.links[second].mode = "up"
+        assert c.record(second, key) is None
+        values = self.successResultOf(c.router.execute(Get((key,))))
+        assert values.items[0][1].value == b"v"
+        assert c.record(second, key) == c.record(first, key)
+
+    def test_kvstore_without_xver(self) -> None:
+        """A kvstore of an earlier version answers XVer with ERROR: it is asked with XGet at once (the read
+        answers right), and the next reads ask it with XGet only, until the placement changes."""
+        c, key, _, new = self.diverged(1)
+        _, second, _ = c.replicas(key)
+        link = c.links[second]
+        run = link._run
+
+        def old_kvstore(command: Any) -> Deferred[Any]:
+            return fail(UnknownCommand()) if type(command) is XVer else run(command)
+
+        link._run = old_kvstore  # type: ignore[method-assign]  # a kvstore that does not know xver
+        values = self.successResultOf(c.router.execute(Get((key,))))
+        assert values.items == ((key, new),) and link.sent == [XVer(key), XGet((key,))]
+        self.successResultOf(c.router.execute(Get((key,))))
+        assert link.sent[2:] == [XGet((key,))]
+        assert c.router.stats()["quorum_failures"] == 0
+
+    def test_failed_fetch_asks_the_next_replica(self) -> None:
+        """The replica whose newer version was seen fails when asked for its record: the next replica is asked,
+        and the read answers with the newest record among those it could read."""
+        c, key, _, new = self.diverged(1)
+        first, second, third = c.replicas(key)
+        link = c.links[second]
+        run = link._run
+
+        def fails_on_records(command: Any) -> Deferred[Any]:
+            return fail(ConnectionLost("gone")) if type(command) is XGet else run(command)
+
+        link._run = fails_on_records  # type: ignore[method-assign]
+        sink = Sink()
+        assert c.router.forward_get(key, sink)
+        assert XGet((key,)) in c.links[third].sent
+        assert sink.replies == [b"VALUE k1 0 3\r\nold\r\nEND\r\n"] and not sink.errors
+        assert new.value == b"new"

@@ -190,6 +190,7 @@ class LineAuthTests:
             b"xepoch 5\r\n",
             b"xapply 99-gw set k 0 0 4\r\npin!\r\n",
             b"xget k\r\n",
+            b"xver k\r\n",
             b"flush_all\r\n",
             b"set k 0 0 4\r\npin!\r\n",
             b"add z 0 0 4\r\npin!\r\n",
