@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_drain,tests.unit.test_tap -*-
+# -*- test-case-name: tests.unit.test_drain,tests.unit.test_tap,tests.unit.test_kvstore_service -*-
 """The kvstore node: its engine, its local backend, its thread pool and the periodic jobs run there
 (``Housekeeping``), its registration with the gateways, and its rebalancing (the ring watch,
 ``chashd.kvstore.ringwatch``, feeding the handoff, ``chashd.kvstore.handoff``, and anti-entropy,
@@ -96,11 +96,12 @@ class Housekeeping(MultiService):
         self._clock = clock
         #: Records the periodic purge forgot (expired, tombstones past their grace): ``purged_total`` in stats.
         self.purged = 0
-        TimerService(self.purge_interval, self._purge_in_pool).setServiceParent(self)
+        timers = [TimerService(self.purge_interval, self._purge_in_pool)]
         if hasattr(engine, "checkpoint"):
-            TimerService(self.checkpoint_interval, self._in_pool, "checkpoint", engine.checkpoint).setServiceParent(
-                self
-            )
+            timers.append(TimerService(self.checkpoint_interval, self._in_pool, "checkpoint", engine.checkpoint))
+        for timer in timers:
+            timer.clock = clock
+            timer.setServiceParent(self)
 
     def stats(self) -> dict[str, int]:
         """``purged_total``."""
