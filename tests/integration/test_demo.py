@@ -44,6 +44,15 @@ def refused(output: str) -> list[str]:
     return open_ports
 
 
+def signal_state(pid: int) -> str:
+    """The signal lines of ``pid``'s /proc status (blocked, ignored, caught), to tell why a signal was lost."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as e:
+        return f"no status of {pid}: {e}"
+    return " ".join(line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 class DemoTests:
     """The demo a new user runs first."""
 
@@ -83,6 +92,7 @@ class DemoTests:
                 if not line or line.startswith("=== 2/6"):
                     break
             assert lines[-1].startswith("=== 2/6"), "".join(lines)
+            signals = signal_state(process.pid)
             process.send_signal(signal.SIGINT)
             rest, _ = process.communicate(timeout=120)
         finally:
@@ -90,7 +100,7 @@ class DemoTests:
                 process.kill()
                 process.wait()
         output = "".join(lines) + rest.decode()
-        assert process.returncode == 130, output
+        assert process.returncode == 130, f"{signals}\n{output}"
         assert "stopping the cluster the demo started" in output
         assert left_running(tmp_path) == []
         assert refused(output) == []
