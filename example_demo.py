@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C stops the demo and its cluster even when started with SIGINT ignored (as a parent's system() or a
+    # background job leaves it): Python raises KeyboardInterrupt only if it found SIGINT at its default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cluster: LocalCluster | None = None
     try:
         screen(1, 6, "the cluster")
