@@ -21,6 +21,14 @@ def set_nodelay(transport: Any) -> None:
             set_option(True)
 
 
+#: The attributes of Twisted's socket transport (``twisted.internet.abstract.FileDescriptor``, not part of its
+#: public API) that ``writer`` reads: a Twisted without one of them gets the plain ``write``.
+_INTERNALS = (
+    "_tempDataBuffer", "dataBuffer", "offset", "TLS", "disconnecting", "_writeDisconnecting",
+    "_writeDisconnected", "connected", "writeSomeData",
+)  # fmt: skip
+
+
 def writer(transport: Any) -> Callable[[bytes], object]:
     """A ``write`` for ``transport`` that sends at once when nothing waits in its buffer.
 
@@ -29,11 +37,12 @@ def writer(transport: Any) -> Callable[[bytes], object]:
     reply that is all a connection has to send (a client with one request in flight), sending it now is one
     system call instead of three and a dispatch. For a plain TCP or UNIX connection of Twisted's reactors
     with an empty buffer, the returned function sends what the socket takes and buffers the rest with
-    ``write``; anything else (data already buffered, TLS, a connection closing or closed, another transport)
+    ``write``; anything else (data already buffered, TLS, a connection closing or closed, another transport,
+    a Twisted whose transport lacks one of the ``_INTERNALS`` it reads)
     goes through ``write`` as before, so the bytes keep their order and a failed send is found and reported
     by the reactor as usual.
     """
-    if not isinstance(transport, Connection):
+    if not isinstance(transport, Connection) or not all(hasattr(transport, name) for name in _INTERNALS):
 
         def write_later(data: bytes) -> None:
             transport.write(data)  # looked up at each call: tests replace a transport's write

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from twisted.internet import unix
+from twisted.internet import abstract, unix
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -107,6 +107,17 @@ class WriterTests:
         transport = StringTransport()
         writer(transport)(b"END\r\n")
         assert transport.value() == b"END\r\n"
+
+    def test_a_twisted_without_the_internals_keeps_write(self, pair: _Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A Twisted whose socket transport lacks an attribute the write reads (they are not public API) gets
+        ``write``: the bytes wait for the reactor instead of failing the reply."""
+        monkeypatch.delattr(abstract.FileDescriptor, "_writeDisconnecting")
+        writer(pair.transport)(b"END\r\n")
+        assert pair.received() == b""
+        assert pair.transport in pair.reactor.writers
+        monkeypatch.undo()  # Twisted's own doWrite reads the attribute
+        pair.transport.doWrite()
+        assert pair.received() == b"END\r\n"
 
 
 class ServerWritesTests:
