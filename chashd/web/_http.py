@@ -41,8 +41,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
-from twisted.web.server import Request
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException
 
 from chashd.commands import Delete, Get, Status, Store, StoreMode, Values
@@ -271,8 +271,9 @@ class KeyValueHTTP:
             self.metrics.register(_StatsCollector(backend.stats, role))
 
     def resource(self) -> IResource:
-        """The twisted.web resource to serve."""
-        return self.app.resource()
+        """The twisted.web resource to serve: the Klein app, behind ``_KeyReads`` (``GET``/``HEAD`` of one
+        key answered without Klein's routing)."""
+        return _KeyReads(self, self.app.resource())
 
     def auth_stats(self) -> dict[str, int]:
         """Writes refused for want of the token."""
@@ -331,13 +332,49 @@ class KeyValueHTTP:
     def _got(self, result: Values, request: IRequest, key: bytes) -> bytes:
         for item_key, record in result.items:
             if item_key == key:
-                request.setHeader(b"Content-Type", b"application/octet-stream")
-                request.setHeader(b"ETag", _etag(record.version.cas))
-                request.setHeader(FLAGS_HEADER, str(record.flags))
+                headers = request.responseHeaders
+                set_header = headers.setRawHeaders
+                set_header(b"Content-Type", _OCTET_STREAM)
+                set_header(b"ETag", [_etag(record.version.cas)])
+                set_header(b"X-Chash-Flags", [b"%d" % record.flags])
                 if record.expires_at:
-                    request.setHeader(b"X-Chash-Expires-At", b"%d" % record.expires_at)
-                return record.value
+                    set_header(b"X-Chash-Expires-At", [b"%d" % record.expires_at])
+                value = record.value
+                set_header(b"Content-Length", [b"%d" % len(value)])
+                return value
         return problem(request, 404, "Not Found", f"no value for key {key.decode('utf-8', 'replace')!r}")
+
+    def _read(self, request: Request, key: bytes) -> Any:
+        """``GET``/``HEAD /kv/<key>`` for ``_KeyReads``: the answer of ``get`` and its error handlers, without
+        Klein (its routing, its Deferreds and its error-handler chain); ``key`` is checked already."""
+        requests = self._requests
+        start = perf_counter() if requests is not None else 0.0
+        try:
+            result = self._backend.execute(Get((key,), cas=True))  # type: ignore[union-attr]  # _KeyReads checked it
+        except Exception:
+            self._read_failed(Failure(), request, start)
+            return NOT_DONE_YET
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._read_done, self._read_failed, callbackArgs=(request, key, start), errbackArgs=(request, start)
+            )
+        else:
+            self._read_done(result, request, key, start)
+        return NOT_DONE_YET
+
+    def _read_done(self, result: Values, request: Request, key: bytes, start: float) -> None:
+        if self._requests is not None:
+            self._requests.histogram("http", "get").observe(perf_counter() - start)
+        try:
+            body = self._got(result, request, key)
+        except Exception:
+            body = self._count_error(request, error_problem(request, Failure(), _ERRORS, self._log))
+        _send(request, body)
+
+    def _read_failed(self, failure: Failure, request: Request, start: float) -> None:
+        if self._requests is not None:
+            self._requests.histogram("http", "get").observe(perf_counter() - start)
+        _send(request, self._count_error(request, error_problem(request, failure, _ERRORS, self._log)))
 
     @app.route("/kv/<path:key>", methods=["PUT"])
     def put(self, request: IRequest, key: str) -> Any:
@@ -433,6 +470,67 @@ class KeyValueHTTP:
         if self._requests is not None:
             self._requests.error("http", "server" if request.code >= 500 else "client")  # type: ignore[attr-defined]  # IRequest has no .code; a Request has
         return body
+
+
+#: The Content-Type of a value.
+_OCTET_STREAM = (b"application/octet-stream",)
+
+
+def _send(request: Request, body: bytes) -> None:
+    """Write ``body`` and finish ``request``, as Klein does with a route's answer; nothing when the client is
+    gone (twisted.web's ``Request`` marks that in ``_disconnected``; ``notifyFinish`` would cost a Deferred a
+    request)."""
+    if request._disconnected:  # Twisted sets it in connectionLost
+        return
+    request.write(body)
+    request.finish()
+
+
+_READS = frozenset({b"GET", b"HEAD"})
+
+
+class _KeyReads(Resource):
+    """``GET`` and ``HEAD /kv/<key>`` of one valid key, answered by ``KeyValueHTTP._read`` without Klein's
+    routing (werkzeug's URL matching and Klein's Deferreds cost more than the rest of such a request); every
+    other request, a key that fails ``check_key`` or is not UTF-8 included, goes to the Klein resource,
+    which answers it as before. The answers are the same: ``tests/unit/test_http_fast.py`` compares them.
+
+    A leaf, like the Klein resource it stands in front of: it sees the whole path.
+    """
+
+    isLeaf = True
+
+    def __init__(self, http: KeyValueHTTP, app: IResource) -> None:
+        super().__init__()
+        self._http = http
+        self._app = app
+
+    def render(self, request: IRequest) -> Any:
+        postpath = request.postpath
+        if (
+            len(postpath) == 2  # /kv/<one segment>: a key with a slash (%2F) takes werkzeug's rules
+            and postpath[0] == b"kv"
+            and request.method in _READS
+            and self._http._backend is not None
+        ):
+            key = postpath[1]
+            if key and b"/" not in key and _plain_key(key):
+                return self._http._read(request, key)  # type: ignore[arg-type]  # a twisted.web Request
+        return self._app.render(request)
+
+
+def _plain_key(key: bytes) -> bool:
+    """``key`` (percent-decoded) is UTF-8 and a valid key."""
+    if not key.isascii():
+        try:
+            key.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    try:
+        check_key(key)
+    except RequestError:
+        return False
+    return True
 
 
 def _observe(result: Any, histogram: LatencyHistogram, start: float) -> Any:
