@@ -17,7 +17,7 @@ Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite 
 - also reads each kvstore directly on its line port (one connection each), to tell the kvstores' share
   of the gateway's latency from the gateway's own;
 - takes the CPU time (user + system, ``/proc/<pid>/stat``) each daemon used during the move, per record
-  moved: on a loaded machine the rate follows the CPU the move needs;
+  moved, and the part of it spent in the kernel: on a loaded machine the rate follows the CPU the move needs;
 - samples both kvstores' RSS (``/proc/<pid>/status`` VmRSS, every 50 ms) before and during the move, and
   keeps reading through the gateway meanwhile (the p99 during the move; a read that misses is counted);
 - reads each kvstore's full garbage collections (``gc_full_*`` in ``/stats``, timed with ``gc.callbacks``)
@@ -58,13 +58,14 @@ TARGET_P99_RATIO = 3.0
 TARGET_COPY_RATIO = 0.5
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process (all its threads) has used, in seconds."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time a process (all its threads) has used, in seconds."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def rss_mb(pid: int) -> float | None:
@@ -329,7 +330,10 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 epoch = http_json(cluster.gateways[0].url + "/ring/status")[1]["epoch"]
                 if state["synced_epoch"] == epoch and handoff(second)["synced_epoch"] == epoch:
                     end = now
-                    cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+                    cpu_used = {
+                        name: tuple(a - b for a, b in zip(cpu_seconds(pid), cpu_before[name]))
+                        for name, pid in pids.items()
+                    }
                     break
             time.sleep(0.05)
         if start is None or end is None:
@@ -398,7 +402,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         print(
             "CPU during the move "
             + ", ".join(
-                f"{name} {used:.1f} s ({1e6 * used / max(1, moved):.0f} us/record)" for name, used in cpu_used.items()
+                f"{name} {user + system:.1f} s ({1e6 * (user + system) / max(1, moved):.0f} us/record, "
+                f"{1e6 * system / max(1, moved):.0f} of them system)"
+                for name, (user, system) in cpu_used.items()
             )
         )
         for name, figures in gc_after.items():

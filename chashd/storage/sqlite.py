@@ -88,6 +88,11 @@ _SCAN_ROWS_FROM = f"SELECT {_ROW_COLUMNS} FROM records WHERE hash >= ? AND hash 
 _SCAN_ROWS_AFTER = (
     f"SELECT {_ROW_COLUMNS} FROM records WHERE (hash, key) > (?, ?) AND hash <= ? ORDER BY hash, key LIMIT ?"
 )
+#: The run of the table from ``(hash, key)`` to ``(hash, key)``, both included: its keys and versions as a
+#: ``BulkRow`` has them (``remove_rows_if`` compares them with a page's), and its removal.
+_RUN = "(hash, key) >= (?, ?) AND (hash, key) <= (?, ?)"
+_RUN_VERSIONS = f"SELECT key, (clock + 9223372036854775807) + 1, writer FROM records WHERE {_RUN} ORDER BY hash, key"
+_DELETE_RUN = f"DELETE FROM records WHERE {_RUN}"
 _PURGE_CANDIDATES = (
     f"SELECT hash, key, {_COLUMNS} FROM records WHERE (hash, key) > (?, ?)"
     " AND ((tombstone = 0 AND expires_at != 0 AND expires_at <= ?) OR (tombstone != 0 AND clock < ?))"
@@ -642,34 +647,65 @@ class SQLiteEngine:
         """``remove_many_if`` of the records of ``rows`` (a page the handoff pushed): forget each row's key
         whose stored version is still the row's, in one transaction; the number forgotten.
 
-        One statement for the group when nothing raced (``DELETE ... AND clock = ? AND writer = ?`` for
-        every row, which removes them all): a record of the same version is the same record, so the rows
-        say what the removal frees. When fewer went (a record was rewritten since the push), the group is
-        undone (a savepoint) and ``remove_many_if`` finds which to remove.
+        A page read by ``scan_rows`` is a run of the table in ``(hash, key)`` order, and is most often still
+        one when it is dropped: then two statements do it, under the write lock, in the transaction (no write
+        can come between them): the keys and versions of the run from the page's first key to its last,
+        which must be exactly the page's (no record rewritten, added or removed since the scan), and one
+        ``DELETE`` of that run, which seeks the b-tree once and hashes two keys instead of a seek and an md5
+        per row (in process, 50,000 records of 1 KiB: ~2.5 us a record instead of ~3.8 for the statements,
+        and no Python per row but the comparison's tuples). Otherwise, ``_remove_rows_each``.
         """
         if not rows:
             return 0
+        with self.batch():
+            first, last = rows[0][0], rows[-1][0]
+            low, high = (key_hash(first), first), (key_hash(last), last)
+            db = self._db
+            if low <= high:
+                try:
+                    stored = db.execute(_RUN_VERSIONS, (*low, *high)).fetchall()
+                    same = stored == [(row[0], row[4], row[5]) for row in rows]
+                    if same:
+                        removed = db.execute(_DELETE_RUN, (*low, *high)).rowcount
+                except sqlite3.Error as e:
+                    raise self._failed(e) from e
+                if same:
+                    if removed != len(rows):  # cannot be: the run was read in this transaction
+                        raise StorageError(f"removed {removed} records of a run of {len(rows)}")
+                    self._removed(rows)
+                    return removed
+            return self._remove_rows_each(rows)
+
+    def _remove_rows_each(self, rows: Sequence[BulkRow]) -> int:
+        """``remove_rows_if`` row by row: one statement for the group when nothing raced (``DELETE ... AND
+        clock = ? AND writer = ?`` for every row, which removes them all): a record of the same version is
+        the same record, so the rows say what the removal frees. When fewer went (a record was rewritten since
+        the push), the group is undone (a savepoint) and ``remove_many_if`` finds which to remove. In the open
+        ``batch()``."""
         bias = _CLOCK_BIAS
         params = [(key_hash(key), key, clock - bias, writer) for key, _v, _f, _e, clock, writer, _t in rows]
-        with self.batch():
-            db = self._db
-            try:
-                db.execute("SAVEPOINT drop_rows")
-                removed = db.executemany(_PURGE_DELETE, params).rowcount
-                if removed != len(rows):
-                    db.execute("ROLLBACK TO drop_rows")
-                db.execute("RELEASE drop_rows")
-            except sqlite3.Error as e:
-                raise self._failed(e) from e
+        db = self._db
+        try:
+            db.execute("SAVEPOINT drop_rows")
+            removed = db.executemany(_PURGE_DELETE, params).rowcount
             if removed != len(rows):
-                return sum(self.remove_many_if([(row[0], Version(row[4], row[5])) for row in rows]))
-            self._keys -= removed
-            self._bytes -= sum([len(row[1]) for row in rows])
-            self._generation += 1
-            if self._records:  # the cache holds few of a handoff's records, if any
-                for row in rows:
-                    self._forget(row[0])
+                db.execute("ROLLBACK TO drop_rows")
+            db.execute("RELEASE drop_rows")
+        except sqlite3.Error as e:
+            raise self._failed(e) from e
+        if removed != len(rows):
+            return sum(self.remove_many_if([(row[0], Version(row[4], row[5])) for row in rows]))
+        self._removed(rows)
         return removed
+
+    def _removed(self, rows: Sequence[BulkRow]) -> None:
+        """Count the records of ``rows`` gone; lock held, in the batch that removed them."""
+        self._keys -= len(rows)
+        self._bytes -= sum([len(row[1]) for row in rows])
+        self._generation += 1
+        if self._records:  # the cache holds few of a handoff's records, if any
+            for row in rows:
+                self._forget(row[0])
 
     # -- ranges -----------------------------------------------------------------------------------
 

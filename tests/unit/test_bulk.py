@@ -29,6 +29,7 @@ from chashd.record import Record
 from chashd.storage import MemoryEngine, SQLiteEngine
 from chashd.versions import Version
 from tests.unit.test_handoff import Cluster, all_records
+from tests.unit.test_storage import SAME_HASH
 
 T0 = 1_700_000_000.0
 CLOCK = int(T0 * 1000) << 16
@@ -180,6 +181,64 @@ class EngineTests:
         assert engine.get(b"k-4").value == b"rewritten"
         assert engine.stats()["keys"] == 1 and engine.stats()["bytes"] == len(b"rewritten")
         assert engine.remove_rows_if([]) == 0
+
+    @staticmethod
+    def scanned(engine: Any, count: int = 30) -> list[BulkRow]:
+        """``count`` records put into ``engine`` (clocks at both ends of the range, a tombstone, two keys of one
+        ring hash), read back in the order a handoff scans them."""
+        engine.put(SAME_HASH[0], Record(b"same-0", 0, 0, Version(CLOCK, "w")))
+        engine.put(SAME_HASH[1], Record(b"same-1", 0, 0, Version(CLOCK, "w")))
+        engine.put(b"k-0", Record(b"v0", 0, 0, Version(0, "w")))
+        engine.put(b"k-1", Record(b"v1", 0, 0, Version(2**63 - 1, "w"), True))
+        for i in range(2, count - 2):
+            engine.put(b"k-%d" % i, Record(b"v%d" % i, i, 0, Version(CLOCK + i, "w")))
+        found: list[BulkRow] = engine.scan_rows(0, 2**32 - 1, None, 1000)
+        assert len(found) == count
+        return found
+
+    def test_remove_rows_if_drops_a_scanned_page(self, engine: Any) -> None:
+        """A page as scanned goes whole, and nothing before or after it; counts and the record cache follow."""
+        found = self.scanned(engine)
+        engine.get(found[6][0])  # in the record cache, if the engine has one
+        assert engine.remove_rows_if(found[5:25]) == 20
+        assert engine.scan_rows(0, 2**32 - 1, None, 1000) == found[:5] + found[25:]
+        assert engine.get(found[6][0]) is None
+        assert engine.stats()["keys"] == 10
+        assert engine.stats()["bytes"] == sum(len(row[1]) for row in found[:5] + found[25:])
+
+    def test_remove_rows_if_keeps_what_changed_in_the_page(self, engine: Any) -> None:
+        """Between the scan and the drop, a record of the page was rewritten, one that the page does not have
+        was written among its records, one was removed: the first two stay, the others go."""
+        found = self.scanned(engine)
+        engine.put(found[7][0], Record(b"rewritten", 0, 0, Version(CLOCK + 1000, "w")))
+        engine.remove(found[12][0])
+        page = found[5:10] + found[11:20]  # found[10] came after the scan
+        assert engine.remove_rows_if(page) == len(page) - 2
+        left = engine.scan_rows(0, 2**32 - 1, None, 1000)
+        assert [row[0] for row in left] == [row[0] for row in found[:5] + [found[7], found[10]] + found[20:]]
+        assert engine.get(found[7][0]).value == b"rewritten"
+        assert engine.stats()["keys"] == len(left)
+        assert engine.stats()["bytes"] == sum(len(row[1]) for row in left)
+
+    def test_remove_rows_if_rows_out_of_order(self, engine: Any) -> None:
+        """Rows not in scan order go too (record by record)."""
+        found = self.scanned(engine)
+        assert engine.remove_rows_if(found[10:20][::-1]) == 10
+        assert engine.scan_rows(0, 2**32 - 1, None, 1000) == found[:10] + found[20:]
+
+    def test_a_scanned_page_goes_in_one_delete(self, tmp_path: Path) -> None:
+        """SQLite: an unchanged page (clocks 0 and 2**63 - 1, keys of one hash) is one ``DELETE`` of its run of
+        the table, not one per row (the handoff's drop: bench/README.md)."""
+        engine = SQLiteEngine(tmp_path / "db.sqlite")
+        found = self.scanned(engine)
+        statements: list[str] = []
+        engine._db.set_trace_callback(statements.append)
+        try:
+            assert engine.remove_rows_if(found) == 30
+        finally:
+            engine._db.set_trace_callback(None)
+            engine.close()
+        assert len([s for s in statements if s.startswith("DELETE")]) == 1
 
 
 class BackendTests:
