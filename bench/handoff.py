@@ -58,7 +58,12 @@ TARGET_P99_RATIO = 3.0
 TARGET_COPY_RATIO = 0.5
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (all its threads) has used, in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
     """User and system CPU time a process (all its threads) has used, in seconds."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -318,20 +323,20 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         gateway_pid = cluster.gateways[0].pid
         assert gateway_pid is not None
         pids = {first.name: first.pid, second.name: second.pid, "gateway-1": gateway_pid}
-        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_before = {name: cpu_split(pid) for name, pid in pids.items()}
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
             state = handoff(first)
             if start is None and (state["running"] or state["records_sent"]):
                 start = now
-                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                cpu_before = {name: cpu_split(pid) for name, pid in pids.items()}
             if start is not None and not state["running"]:
                 epoch = http_json(cluster.gateways[0].url + "/ring/status")[1]["epoch"]
                 if state["synced_epoch"] == epoch and handoff(second)["synced_epoch"] == epoch:
                     end = now
                     cpu_used = {
-                        name: tuple(a - b for a, b in zip(cpu_seconds(pid), cpu_before[name]))
+                        name: tuple(a - b for a, b in zip(cpu_split(pid), cpu_before[name]))
                         for name, pid in pids.items()
                     }
                     break

@@ -26,6 +26,7 @@ from chashd.memcache.client import KVClientProtocol
 from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
 from chashd.memcache.text import FailedRequest, ReplyParser, RequestParser, serialize_command, serialize_result
 from chashd.record import Record
+from chashd.ring import key_hash
 from chashd.storage import MemoryEngine, SQLiteEngine
 from chashd.versions import Version
 from tests.unit.test_handoff import Cluster, all_records
@@ -149,8 +150,6 @@ class EngineTests:
         assert [
             (k, r.value, r.flags, r.expires_at, r.version.clock, r.version.writer, int(r.tombstone)) for k, r in records
         ] == found
-        from chashd.ring import key_hash
-
         after = (key_hash(found[9][0]), found[9][0])
         assert engine.scan_rows(0, 2**32 - 1, after, 5) == found[10:15]
 
@@ -167,6 +166,20 @@ class EngineTests:
         assert engine.get(b"k-3").value == b"v3"
         assert engine.stats()["keys"] == 4
         assert engine.stats()["bytes"] == len(b"newer") + 2 + len(b"same") + 2
+
+    def test_apply_rows_of_new_keys(self, engine: Any) -> None:
+        """Rows of keys not held (one known absent to the record cache) are all stored, their versions exact
+        (clocks 0 and 2**63 - 1 included); a page that names a key twice keeps the newer row."""
+        assert engine.get(b"k-1") is None  # the record cache, if any, knows it absent
+        page = [(b"k-0", b"a", 1, 2, 0, "w", 0), (b"k-1", b"bb", 3, 4, 2**63 - 1, "w", 1), *rows(3, prefix=b"n")]
+        assert engine.apply_rows(page) == [True] * 5
+        assert engine.get(b"k-0") == Record(b"a", 1, 2, Version(0, "w"))
+        assert engine.get(b"k-1") == Record(b"bb", 3, 4, Version(2**63 - 1, "w"), True)
+        assert engine.stats()["keys"] == 5 and engine.stats()["bytes"] == 3 + sum(len(row[1]) for row in page[2:])
+        assert engine.scan_rows(0, 2**32 - 1, None, 10) == sorted(page, key=lambda row: (key_hash(row[0]), row[0]))
+        twice = [(b"t", b"newer", 0, 0, CLOCK + 9, "w", 0), (b"t", b"older", 0, 0, CLOCK, "w", 0)]
+        assert engine.apply_rows(twice) == [True, False]
+        assert engine.get(b"t").value == b"newer" and engine.stats()["keys"] == 6
 
     def test_remove_rows_if(self, engine: Any) -> None:
         """The rows' records go when their stored version is still the row's; a rewritten one stays (the
