@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import pickle
 import random
 
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from uhashring import HashRing as UHashRing
 
+from chashd import ring as ring_module
 from chashd.ring import HASH_SPACE, HashRing, key_hash, moved_arcs
 
 KEYS = [f"user:{i}:{random.Random(i).random()}" for i in range(12_000)]
@@ -55,6 +58,19 @@ class PlacementTests:
         for key in KEYS[:500] + ["clé-ünïcode"]:
             assert ring.node_for(key) == ring.node_for(key.encode())
             assert key_hash(key) == key_hash(key.encode())
+
+    def test_key_hash_is_md5s_first_word(self) -> None:
+        """The md5 the ring uses (CPython's own where it has one) gives hashlib's digest: the hash is the first
+        little-endian word of it; without ``_md5`` the ring takes hashlib's."""
+        for key in [b"", b"a", b"bench-00000001", b"x" * 250, "clé".encode()]:
+            assert key_hash(key) == int.from_bytes(hashlib.md5(key).digest()[:4], "little")
+
+        def no_module(name: str) -> object:
+            raise ImportError(name)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(importlib, "import_module", no_module)
+            assert ring_module._md5_function() is hashlib.md5
 
     def test_order_independent(self) -> None:
         """Two rings with the same members given in different orders route every key the same."""
