@@ -601,18 +601,17 @@ class LocalBackend:
         if not rows:
             return Bulked(0, 0)
         counts["handoff_records_received_total"] += len(rows)
-        newest = max(rows, key=lambda row: (row[4], row[5]))
-        refused = self._admit(Version(newest[4], newest[5]), int(self._seconds() * 1000))
+        clock = max([row[4] for row in rows])  # the newest version, without a tuple per row
+        writer = max([row[5] for row in rows if row[4] == clock])
+        refused = self._admit(Version(clock, writer), int(self._seconds() * 1000))
         if refused is not None:
             raise refused
         stored = self.engine.apply_rows(rows)
-        kept = 0
-        items = 0
-        for row, done in zip(rows, stored):
-            if not done:
-                kept += 1
-            elif not row[6]:
-                items += 1
+        kept = stored.count(False)
+        if kept:
+            items = sum(1 for row, done in zip(rows, stored) if done and not row[6])
+        else:
+            items = [row[6] for row in rows].count(0)
         counts["total_items"] += items
         return Bulked(len(rows) - kept, kept)
 

@@ -278,6 +278,12 @@ class BackendTests:
         assert backend.engine.get(b"k-2").value == b"v2"
         stats = backend.stats()
         assert stats["cmd_xbulk"] == 1 and stats["handoff_records_received_total"] == 3
+        assert stats["total_items"] == 2  # the rows stored
+        transport.clear()
+        count, block = encode_rows([*rows(3, prefix=b"n"), (b"gone", b"", 0, 0, CLOCK, "w1", 1)])
+        protocol.dataReceived(serialize_command(XBulk(count, block)))
+        assert transport.value() == b"XBULKED 4 0\r\n"
+        assert backend.stats()["total_items"] == 5  # a tombstone is no item
 
     def test_a_bad_page_is_refused_whole(self) -> None:
         """A page that does not decode, or whose newest version is too far ahead, stores nothing."""
