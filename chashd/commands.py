@@ -23,6 +23,9 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
 - ``XMap(epoch)``: the epoch of the cluster map a gateway routes the commands that follow on this connection
   by; a kvstore refuses an ``XApply`` from a connection whose map is older than the newest it knows
   (``StaleMap``): two gateways whose maps differ may name two primaries for a key;
+- ``XFence(epoch)``: the next ``XPut`` on this connection copies the result of a read-modify-write run by the
+  map of ``epoch`` (stamped on it as ``XPut.epoch``); a kvstore that knows a newer map refuses that copy
+  (``StaleMap``, nothing stored), so a primary a newer map no longer names gets no result acknowledged;
 - ``XAuth(token)``: prove the cluster token on this connection; a kvstore given a token takes the
   extension, ``flush_all`` and writes only from a connection that did;
 - ``XBulk(count, block)``: keep each of ``count`` records of a page (``chashd.bulk``) that is newer than what
@@ -89,6 +92,7 @@ __all__ = [
     "XBulk",
     "XDigest",
     "XEpoch",
+    "XFence",
     "XGet",
     "XList",
     "XMap",
@@ -278,12 +282,18 @@ class XPut:
 
     ``handoff`` marks a record pushed by a rebalancing handoff (the wire verb ``xmove``), so that the
     receiver can count what it got from handoffs apart from the gateways' replication and read repair.
+
+    ``epoch`` (not 0) marks the copy of a read-modify-write's result, run by the cluster map of that epoch: a
+    kvstore that knows a newer map refuses it (``StaleMap``). On the wire it is an ``xfence <epoch>`` sent
+    just before the ``xput`` (``XFence``), which the kvstore's parser stamps on that ``xput``; a plain
+    ``xput`` (0) is never fenced.
     """
 
     key: bytes
     record: Record
     noreply: bool = False
     handoff: bool = False
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +321,15 @@ class XApply:
 @dataclass(frozen=True, slots=True)
 class XMap:
     """The epoch of the cluster map the sender routes the commands that follow by (answered ``OK``)."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class XFence:
+    """The next ``xput`` on this connection is the copy of a read-modify-write's result run by the cluster
+    map of ``epoch`` (answered ``OK``; a kvstore of an earlier version answers ``ERROR`` and stores that
+    ``xput`` unfenced)."""
 
     epoch: int
 
@@ -397,6 +416,7 @@ Command: TypeAlias = (
     | XList
     | XEpoch
     | XMap
+    | XFence
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.

@@ -28,8 +28,11 @@
   as another gateway may name another primary. The connections name the map's epoch to the kvstores
   (``xmap``, ``Connections.announce``); a primary that knows a newer one refuses the command (``StaleMap``,
   nothing applied), and it starts over once this router's placement reaches that epoch (``map_wait``); a
-  placement that changes between the read and the command starts it over too. What this closes, and the
-  window it leaves, is in USAGE.md ("Failures and consistency").
+  placement that changes between the read and the command starts it over too. The copies of the result
+  name the command's epoch (``XPut.epoch``, ``xfence`` on the wire): a replica that knows a newer map
+  refuses its copy, so a primary that a newer map no longer names (and that knows no newer map itself)
+  gets no command acknowledged. What this closes, and what it leaves, is in USAGE.md ("Failures and
+  consistency").
 
 A slow replica does not slow the cluster:
 
@@ -269,6 +272,7 @@ class Router:
             "rmw_failovers_total": 0,
             "rmw_refused_stale_map_total": 0,
             "rmw_map_waits_total": 0,
+            "rmw_copies_refused_stale_map_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -1092,9 +1096,10 @@ class _ReadModifyWrite:
     - Failover: a primary that fails, or does not answer its read or its command within
       ``primary_timeout``, is replaced by the next candidate, with a new version (the late answers of
       the one replaced are ignored; a ``round`` tells them apart).
-    - Replicate: the record the command left goes to every other candidate; ``W - 1`` acknowledgements
-      complete the command. A command that changed nothing repairs the replicas that answered an older
-      record than the newest.
+    - Replicate: the record the command left goes to every other candidate, fenced by the command's epoch
+      (``XPut.epoch``: a replica that knows a newer map refuses it, ``StaleMap``); ``W - 1``
+      acknowledgements complete the command. A command that changed nothing repairs the replicas that
+      answered an older record than the newest.
     - The map: the command runs by the placement's epoch at ``start``. A placement that changes before the
       command is sent, or a primary that knows a newer map (``StaleMap``: nothing applied; the command waits
       for this router's map to reach it, ``_WAITING``), starts it over from the read (``_restart``). While
@@ -1118,6 +1123,7 @@ class _ReadModifyWrite:
         "newest",
         "phase",
         "primary",
+        "refused_by",
         "retries",
         "round",
         "router",
@@ -1148,6 +1154,8 @@ class _ReadModifyWrite:
         self.extra: list[str] = []
         self.needed_r = self.needed_w = 0
         self.epoch = self.awaited = 0
+        #: The newest map epoch known by a replica that refused a copy of the result (``_copy_refused``).
+        self.refused_by = 0
 
     def start(self) -> None:
         router = self.router
@@ -1370,8 +1378,12 @@ class _ReadModifyWrite:
             self._repair(primary)
             self._succeed(answer)
             return
-        put = XPut(self.key, record)
+        # Fenced by the command's map (the connections may name a newer one by now): a replica that knows a
+        # newer map refuses the copy, so a primary that map no longer names gets no result acknowledged.
+        put = XPut(self.key, record, epoch=self.epoch)
         others = [router._send(n, put) for n in self.candidates if n != primary]
+        for other in others:
+            other.addErrback(self._copy_refused)
         if self.needed_w <= 1:
             for other in others:
                 other.addErrback(self._copy_failed)
@@ -1463,6 +1475,14 @@ class _ReadModifyWrite:
                 router.counters["read_repairs"] += 1
                 router._send(node, XPut(self.key, newest)).addErrback(self._copy_failed)
 
+    def _copy_refused(self, failure: Failure) -> Failure:
+        """A replica refused the copy for a newer map (``StaleMap``): counted, and the newest map it knows
+        kept for the error, should too few copies be taken."""
+        if failure.check(StaleMap):
+            self.router.counters["rmw_copies_refused_stale_map_total"] += 1
+            self.refused_by = max(self.refused_by, cast(StaleMap, failure.value).known)
+        return failure
+
     def _copy_failed(self, failure: Failure) -> None:
         self.router._log.info(
             "copy of {key!r} to a replica failed: {error}", key=self.key, error=failure.getErrorMessage()
@@ -1470,6 +1490,14 @@ class _ReadModifyWrite:
 
     def _replication_failed(self, failure: Failure) -> None:
         self.router._count_quorum_failure(failure)
+        if self.refused_by:  # replicas that know a newer map refused the result
+            error = ServiceUnavailable(
+                f"the primary applied the read-modify-write by cluster map epoch {self.epoch}, but replicas "
+                f"that know epoch {self.refused_by} refused its result ({failure.getErrorMessage()}): not "
+                "acknowledged, the value may or may not have changed; retry"
+            )
+            error.__cause__ = failure.value
+            failure = Failure(error)
         self._fail(failure)
 
     def _succeed(self, answer: Any) -> None:

@@ -14,7 +14,9 @@ A version from the wire more than ``max_clock_skew`` seconds ahead of this node'
 While ``leaving`` is set (the node drains), every write but ``XPut`` raises ``NodeLeaving``. An ``XApply``
 whose connection named an older cluster map (``XMap``, stamped on it as ``XApply.epoch``) than the newest this
 node knows (``map_epoch``: from ``XMap``, ``XEpoch`` and the ring watch, ``know_epoch``) raises ``StaleMap``:
-its gateway may route the key to another primary than the current map names.
+its gateway may route the key to another primary than the current map names. So does the copy of a
+read-modify-write's result (an ``XPut`` with an ``epoch``: ``XFence`` before it on the wire) whose map is older
+than that: a primary that a newer map no longer names gets no result acknowledged by this replica.
 
 A bounded memory engine (``--memory-limit``) evicts or refuses at its limit (``StorageFull``, memcached's
 ``SERVER_ERROR out of memory storing object``); a ``set`` refused that way deletes the key's old value
@@ -67,6 +69,7 @@ from chashd.commands import (
     XBulk,
     XDigest,
     XEpoch,
+    XFence,
     XGet,
     XList,
     XMap,
@@ -136,8 +139,10 @@ COUNTERS = (
     "cmd_xlist",
     "cmd_xepoch",
     "cmd_xmap",
+    "cmd_xfence",
     "xapply_stale",
     "xapply_stale_map",
+    "xput_stale_map",
     "handoff_records_received_total",
     "versions_refused_total",
     "storage_errors_total",
@@ -200,10 +205,12 @@ class LocalBackend:
             XList: self._xlist,
             XEpoch: self._xepoch,
             XMap: self._xmap,
+            XFence: self._xfence,
         }
         #: The newest cluster map epoch this node knows: its ring watch's, and what gateways (``XMap``) and
         #: handoffs (``XEpoch``) named. An ``XApply`` from a connection that announced an older map is refused
-        #: (``StaleMap``): its gateway may route the key to another primary than the current map names.
+        #: (``StaleMap``): its gateway may route the key to another primary than the current map names; so is
+        #: the copy of a read-modify-write's result run by an older map (``XPut.epoch``, ``_stale_copy``).
         self.map_epoch = 0
         #: Told the epoch a handoff pushes for (``XEpoch``; the node's handoff, which stops dropping records
         #: when a peer pushes for a newer ring than it knows).
@@ -527,6 +534,11 @@ class LocalBackend:
             counts["cmd_xput"] += 1
             if command.handoff:
                 counts["handoff_records_received_total"] += 1
+            if command.epoch:
+                stale = self._stale_copy(command.epoch)
+                if stale is not None:
+                    results.append(stale)
+                    continue
             record = command.record
             if len(record.value) > self.max_value_size:
                 results.append(ValueTooLarge(len(record.value), self.max_value_size))
@@ -573,6 +585,10 @@ class LocalBackend:
         self._counts["cmd_xput"] += 1
         if command.handoff:
             self._counts["handoff_records_received_total"] += 1
+        if command.epoch:
+            stale = self._stale_copy(command.epoch)
+            if stale is not None:
+                raise stale
         record = command.record
         if len(record.value) > self.max_value_size:
             raise ValueTooLarge(len(record.value), self.max_value_size)
@@ -629,6 +645,21 @@ class LocalBackend:
         self._counts["cmd_xmap"] += 1
         self.know_epoch(command.epoch)
         return Status.OK
+
+    def _xfence(self, command: XFence) -> Status:
+        """The parser stamped the epoch on the next ``xput`` (``XPut.epoch``): nothing else to do here."""
+        self._counts["cmd_xfence"] += 1
+        return Status.OK
+
+    def _stale_copy(self, epoch: int) -> StaleMap | None:
+        """The refusal of a read-modify-write's copy run by the map of ``epoch``, when this node knows a newer
+        one (its primary may not be the current map's: another primary may answer the same command), else
+        None (and the epoch is known from now on)."""
+        if epoch < self.map_epoch:
+            self._counts["xput_stale_map"] += 1
+            return StaleMap(epoch, self.map_epoch)
+        self.map_epoch = epoch
+        return None
 
     def know_epoch(self, epoch: int) -> None:
         """A cluster map of ``epoch`` exists (the ring watch brought it, a gateway or a handoff named it):

@@ -28,7 +28,10 @@ restarted with another version between two connections is asked again.
 A gateway names the cluster map epoch it routes by (``announce``: ``xmap <epoch>``, pipelined, once on each
 new connection and again on each connection when the epoch changes, never per request), so a kvstore can
 refuse the read-modify-writes of a gateway whose map is older than one it knows. A kvstore of an earlier version
-answers ``ERROR``: that connection announces nothing more.
+answers ``ERROR``: that connection announces nothing more. An ``XPut`` with an ``epoch`` (the copy of a
+read-modify-write's result) goes as ``xfence <epoch>`` and the ``xput``, one after the other on the connection;
+a kvstore of an earlier version answers the ``xfence`` ``ERROR`` (a line without data: nothing else is misread)
+and stores the ``xput`` unfenced, and that connection sends its next copies as plain ``xput``.
 
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
@@ -63,8 +66,10 @@ from chashd.commands import (
     XAuth,
     XBulk,
     XEpoch,
+    XFence,
     XGet,
     XMap,
+    XPut,
 )
 from chashd.errors import BulkUnsupported, DomainError, ServiceUnavailable, UnknownCommand
 from chashd.interfaces import IReplySink
@@ -176,6 +181,8 @@ class KVClientProtocol(Protocol):
         self._bulk_waiters: list[Deferred[bool | None]] = []
         #: The map epoch announced on this connection (``announce``); None once the server refused ``xmap``.
         self.map_epoch: int | None = 0
+        #: False once the server refused ``xfence`` (a kvstore of an earlier version): copies go unfenced.
+        self.fences = True
         self._tr: Any = None
         self.peer = "kvstore"
 
@@ -275,9 +282,33 @@ class KVClientProtocol(Protocol):
             if len(keys) > 1 and (len(keys) > XGET_KEYS or sum(map(len, keys)) + len(keys) > XGET_LINE - 7):
                 return self._send_split(keys)
         command = _as_request(command)
+        if type(command) is XPut and command.epoch:
+            self._fence(command.epoch)
         deferred: Deferred[Result] = Deferred()
         self._enqueue(command, deferred, serialize_command(command))
         return deferred
+
+    def _fence(self, epoch: int) -> None:
+        """Send ``xfence <epoch>`` before the copy of a read-modify-write's result (sent next, on this
+        connection): the kvstore refuses the copy if it knows a newer map. Nothing where the server refused
+        ``xmap`` or ``xfence`` before (a kvstore of an earlier version)."""
+        if self.fences and self.map_epoch is not None:
+            fence: Deferred[Result] = Deferred()
+            fence.addErrback(self._fence_refused)
+            self._enqueue(XFence(epoch), fence, serialize_command(XFence(epoch)))
+
+    def _fence_refused(self, failure: Failure) -> None:
+        """``ERROR``: a kvstore of an earlier version, which stored the copy unfenced; send no more fences. A
+        lost connection is the pool's matter."""
+        if failure.check(KVConnectionLost, KVTimeout):
+            return
+        if self.fences:
+            self._log.info(
+                "{peer} does not take xfence ({error}): copies of read-modify-writes are not fenced by epoch",
+                peer=self.peer,
+                error=failure.getErrorMessage(),
+            )
+        self.fences = False
 
     def forward_get(self, key: bytes, sink: IReplySink) -> bool:
         """Send ``get <key>``; its reply's bytes (``END``, or one ``VALUE`` block and ``END``) go to

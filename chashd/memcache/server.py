@@ -96,6 +96,12 @@
 #                                                   connection of an older map SERVER_ERROR stale cluster map:
 #                                                   epoch <sent> is older than epoch <known> known here, applying
 #                                                   nothing; a kvstore of an earlier version answers ERROR)
+#     xfence <epoch>                             -> OK      (the next xput on this connection copies the result
+#                                                   of a read-modify-write run by the map of that epoch: a
+#                                                   kvstore that knows a newer epoch answers that xput
+#                                                   SERVER_ERROR stale cluster map: ..., storing nothing; a
+#                                                   kvstore of an earlier version answers ERROR, and stores the
+#                                                   xput as any other)
 #
 # A kvstore given the cluster token runs only plain reads (get, gets, and the meta commands' reads: mg without
 # T or N, me, mn) and stats (but stats reset), version, verbosity and quit on a connection that has not sent
@@ -253,6 +259,7 @@ from chashd.commands import (
     XBulk,
     XDigest,
     XEpoch,
+    XFence,
     XGet,
     XList,
     XMap,
@@ -340,7 +347,7 @@ _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
     XGet: "internal", XVer: "internal", XPut: "internal", XApply: "internal", XAuth: "internal",
     XBulk: "internal", BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal",
-    XMap: "internal",
+    XMap: "internal", XFence: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip
@@ -823,7 +830,7 @@ class MemcacheServerProtocol(Protocol):
                     else:
                         self._forwarded(event)
                     continue
-                if group_puts and type(event) is XPut:
+                if group_puts and type(event) is XPut and not event.epoch:  # a fenced copy runs alone
                     puts.append(event)
                     if len(puts) >= _PUT_GROUP:
                         self._run_puts(puts)

@@ -55,6 +55,7 @@ from chashd.commands import (
     XBulk,
     XDigest,
     XEpoch,
+    XFence,
     XGet,
     XList,
     XMap,
@@ -256,6 +257,7 @@ class RequestParser:
         "_buf",
         "_build",
         "_dispatch",
+        "_fence",
         "_fresh",
         "_more",
         "_more_len",
@@ -282,6 +284,8 @@ class RequestParser:
         #: The cluster map epoch the connection named (``xmap``, set by the server once it ran it): every
         #: ``XApply`` parsed from then on carries it (``XApply.epoch``), at no cost to the other commands.
         self.map_epoch = 0
+        # The epoch of the ``xfence`` parsed last, for the next ``xput`` (``XPut.epoch``); 0: none pending.
+        self._fence = 0
         self._plain_gets = plain_gets
         self.max_line = max_line
         self.max_keys = max_keys
@@ -336,6 +340,7 @@ class RequestParser:
             b"xlist": self._xlist,
             b"xepoch": self._xepoch,
             b"xmap": self._xmap,
+            b"xfence": self._xfence,
         }
 
     def feed(self, data: bytes) -> None:
@@ -870,10 +875,13 @@ class RequestParser:
         return XVer(tokens[1])
 
     def _xput(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        handoff = tokens[0] == b"xmove"
+        epoch = 0
+        if self._fence and not handoff:  # the copy of a read-modify-write's result (``xfence`` just before)
+            epoch, self._fence = self._fence, 0
         if len(tokens) not in (7, 8) or len(tokens) == 8 and tokens[7] != b"noreply":
             return FailedRequest(BadCommand())
         noreply = len(tokens) == 8
-        handoff = tokens[0] == b"xmove"
         key = tokens[1]
         try:
             if len(key) > MAX_KEY_LENGTH:
@@ -891,7 +899,7 @@ class RequestParser:
             return self._too_large(size, noreply)
 
         def build(value: bytes) -> Command:
-            return XPut(key, Record(value, flags, expires_at, version, tombstone), noreply, handoff)
+            return XPut(key, Record(value, flags, expires_at, version, tombstone), noreply, handoff, epoch)
 
         return size + 2, noreply, build
 
@@ -943,6 +951,16 @@ class RequestParser:
     def _xmap(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         epoch = self._epoch(tokens)
         return epoch if isinstance(epoch, FailedRequest) else XMap(epoch)
+
+    def _xfence(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        """``xfence <epoch>``: the next ``xput`` parsed carries that epoch (``XPut.epoch``), whatever comes
+        between; a bad epoch leaves none pending."""
+        epoch = self._epoch(tokens)
+        if isinstance(epoch, FailedRequest):
+            self._fence = 0
+            return epoch
+        self._fence = epoch
+        return XFence(epoch)
 
     @staticmethod
     def _epoch(tokens: list[bytes]) -> int | FailedRequest:
@@ -1274,6 +1292,8 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         return b"xepoch %d\r\n" % command.epoch
     if type(command) is XMap:
         return b"xmap %d\r\n" % command.epoch
+    if type(command) is XFence:
+        return b"xfence %d\r\n" % command.epoch
     if type(command) is XDigest:
         sender = b" " + command.sender.encode() if command.sender else b""
         range_ = (command.placement.encode(), command.first, command.last, command.parts, sender)
@@ -1289,7 +1309,7 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         return b"%s %d %s\r\n" % (b"gats" if command.cas else b"gat", command.exptime, joined)
     if isinstance(command, (Store, Delete, Arith, Touch)):
         return _write_line(command, command.noreply)
-    if type(command) is XPut:
+    if type(command) is XPut:  # its epoch goes as an XFence before it (KVClientProtocol.send)
         r = command.record
         return b"%s %s %d %d %s %d %d%s\r\n%s\r\n" % (
             b"xmove" if command.handoff else b"xput",

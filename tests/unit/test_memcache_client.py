@@ -338,6 +338,40 @@ class AnnounceTests(SynchronousTestCase):
         client.announce(6)
         assert client.pending == 0
 
+    def test_fenced_copy(self) -> None:
+        """An XPut with an epoch goes as ``xfence <epoch>`` and the ``xput`` on the same connection: stored
+        while the kvstore knows no newer map, refused (StaleMap, nothing stored) once it does."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, server, pump = pair(factory)
+        first = Record(b"1", 0, 0, Version(T0_MS + 10, "gw"))
+        stored = client.send(XPut(b"n", first, epoch=5))
+        pump.flush()
+        assert self.successResultOf(stored) is Status.STORED and backend.map_epoch == 5
+        backend.know_epoch(6)
+        refused = client.send(XPut(b"n", Record(b"2", 0, 0, Version(T0_MS + 20, "gw")), epoch=5))
+        pump.flush()
+        assert self.failureResultOf(refused, StaleMap).value.known == 6
+        assert backend.engine.get(b"n") == first
+        assert backend.stats()["cmd_xfence"] == 2 and client.fences and client.pending == 0
+
+    def test_fenced_copy_to_a_kvstore_of_an_earlier_version(self) -> None:
+        """A kvstore that does not know ``xfence`` answers it ERROR and stores the xput after it unfenced; the
+        connection sends its next copies as plain xputs (no ERROR per copy)."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, server, pump = pair(factory)
+        del server._parser._dispatch[b"xfence"]  # as the parser of an earlier version
+        backend.know_epoch(6)
+        for clock in (10, 20):
+            put = client.send(XPut(b"n", Record(b"%d" % clock, 0, 0, Version(T0_MS + clock, "gw")), epoch=5))
+            pump.flush()
+            assert self.successResultOf(put) is Status.STORED
+            assert not client.fences and client.pending == 0
+        assert backend.stats()["cmd_xfence"] == 0 and backend.engine.get(b"n").value == b"20"
+
     def test_pool_names_it_on_each_connection(self) -> None:
         """A pool names its epoch on each connection once it is made (after the token), and again on each
         when it changes."""

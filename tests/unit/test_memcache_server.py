@@ -21,7 +21,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import chashd.memcache
-from chashd.commands import Arith, Command, Delete, Get, Result, Status, XApply, XMap, XPut
+from chashd.commands import Arith, Command, Delete, Get, Result, Status, XApply, XFence, XMap, XPut
 from chashd.errors import DomainError, NodeLeaving, RequestError
 from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
@@ -1070,6 +1070,36 @@ class MapFenceTests:
         assert self.xapply(new, new_t, 600).startswith(b"XAPPLIED 4\r\n")
         stats = backend.stats()
         assert stats["xapply_stale_map"] == 2 and stats["cmd_xmap"] == 3 and backend.map_epoch == 7
+
+    def test_fenced_copy(self) -> None:
+        """``xfence <epoch>`` before an ``xput`` (a read-modify-write's copy): refused, nothing stored, when the
+        kvstore knows a newer epoch; stored (and the epoch known) otherwise. Pipelined between plain xputs,
+        which are grouped, the fenced one is answered in its place and the plain ones are stored."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        backend.know_epoch(6)
+        protocol, transport = connect(factory)
+
+        def put(key: bytes, clock: int, epoch: int = 0) -> bytes:
+            record = Record(b"%d" % clock, 0, 0, Version(clock, "gw"))
+            fence = serialize_command(XFence(epoch)) if epoch else b""
+            return fence + serialize_command(XPut(key, record))
+
+        protocol.dataReceived(put(b"a", 100) + put(b"n", 100, epoch=5) + put(b"b", 100))
+        assert transport.value() == (
+            b"STORED\r\nOK\r\nSERVER_ERROR stale cluster map: epoch 5 is older than epoch 6 known here\r\nSTORED\r\n"
+        )
+        assert backend.engine.get(b"n") is None and backend.engine.get(b"b") is not None
+        transport.clear()
+        protocol.dataReceived(put(b"n", 200, epoch=6) + put(b"n", 300, epoch=7) + put(b"n", 400, epoch=6))
+        assert transport.value() == (
+            b"OK\r\nSTORED\r\nOK\r\nSTORED\r\nOK\r\n"
+            b"SERVER_ERROR stale cluster map: epoch 6 is older than epoch 7 known here\r\n"
+        )
+        assert backend.engine.get(b"n") == Record(b"300", 0, 0, Version(300, "gw")) and backend.map_epoch == 7
+        stats = backend.stats()
+        assert stats["xput_stale_map"] == 2 and stats["cmd_xfence"] == 4
 
     def test_needs_the_token(self) -> None:
         """Before ``xauth``, ``xmap`` is refused like the rest of the extension."""

@@ -34,6 +34,7 @@ from chashd.commands import (
     XApply,
     XDigest,
     XEpoch,
+    XFence,
     XGet,
     XList,
     XMap,
@@ -678,6 +679,36 @@ class MapCommandTests:
         assert line == b"SERVER_ERROR stale cluster map: epoch 4 is older than epoch 9 known here\r\n"
         error = error_from_reply(line[:-2])
         assert isinstance(error, StaleMap) and (error.sent, error.known) == (4, 9)
+
+
+class FenceCommandTests:
+    """xfence: the next xput is the copy of a read-modify-write's result, fenced by the epoch named."""
+
+    def test_request_and_reply(self) -> None:
+        """``xfence <epoch>`` parses into XFence and back, answered OK; the xput after it (only the next one,
+        whatever comes between) carries the epoch; an xmove does not take it; bad epochs are CLIENT_ERRORs
+        and leave none pending."""
+        assert serialize_command(XFence(7)) == b"xfence 7\r\n"
+        record = Record(b"v", 0, 0, Version(100, "gw"))
+        put = serialize_command(XPut(b"k", record, epoch=7))
+        assert put == serialize_command(XPut(b"k", record))  # the epoch goes as the xfence before it
+        for chunk in (None, 1):
+            fenced = events(b"xfence 7\r\n" + put + put, chunk)
+            assert fenced == [XFence(7), XPut(b"k", record, epoch=7), XPut(b"k", record)]
+        move = serialize_command(XPut(b"k", record, handoff=True))
+        assert events(b"xfence 7\r\nget k\r\n" + move + put) == [
+            XFence(7),
+            Get((b"k",)),
+            XPut(b"k", record, handoff=True),
+            XPut(b"k", record, epoch=7),
+        ]
+        assert events(b"xfence 7\r\nxput k 0\r\n" + put)[2] == XPut(b"k", record)  # a bad xput takes it
+        for chunk in (None, 1):
+            assert read_replies(b"OK\r\n", [XFence(7)], chunk) == [Status.OK]
+        for line in (b"xfence\r\n", b"xfence 1 2\r\n", b"xfence -1\r\n", b"xfence 9223372036854775808\r\n"):
+            reply = replies(b"xfence 3\r\n" + line)[1]
+            assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)
+            assert events(b"xfence 3\r\n" + line + put)[2] == XPut(b"k", record)
 
 
 class ReplyParserTests:

@@ -27,7 +27,7 @@ from chashd.commands import (
     XPut,
     XVer,
 )
-from chashd.errors import MapNotCurrent, QuorumNotReached, RequestError, UnknownCommand
+from chashd.errors import MapNotCurrent, QuorumNotReached, RequestError, ServiceUnavailable, UnknownCommand
 from chashd.gateway.router import Placement, Router
 from chashd.interfaces import IKVClient
 from chashd.kvstore.backend import LocalBackend
@@ -446,6 +446,85 @@ class MapFenceTests(SynchronousTestCase):
             link.sent.clear()
         assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(3)
         assert sent_gets() == {first, second}
+
+
+class TwoGatewayFenceTests(SynchronousTestCase):
+    """Two gateways a map change apart, over the same kvstores: the new map marks the key's primary down, the
+    gateway still on the old map reaches it, no gateway on the new map does. The primary applies the late
+    gateway's command (it knows no newer map), but its result is copied to the other replicas fenced by the
+    command's epoch (``XPut.epoch``), which replicas that know the newer map refuse: two primaries never both
+    answer the same read-modify-write."""
+
+    def late_and_new(self) -> tuple[Cluster, Router, dict[str, Link], str]:
+        """Routers ``gw1`` (the cluster's, epoch 1, every node up: one heartbeat behind) and ``gw2`` (epoch 2,
+        the key's primary down and unreachable: the leader's side); ``n`` = 1 on every replica. The second
+        router, its links, and the primary."""
+        c = Cluster()
+        for link in c.links.values():
+            link.epoch = 1
+        c.router.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=1)))
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        primary = c.replicas(b"n")[0]
+        links = {name: Link(link.backend) for name, link in c.links.items()}
+        newer = Router("gw2", c.clock, links.__getitem__)
+        links[primary].mode = "down"
+        for name, link in links.items():  # as DataPlane.follow does: its connections name epoch 2 (xmap)
+            link.epoch = 2
+            if name != primary:
+                link.backend.know_epoch(2)
+        newer.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=2), {primary: NodeState.DOWN}))
+        return c, newer, links, primary
+
+    def test_late_primary_result_is_not_acknowledged(self) -> None:
+        """The late gateway reads the key (1) before the new map's gateway increments it at the next replica
+        (2); the old primary then applies the late increment on its own 1, and answers 2 again: the replicas
+        that know epoch 2 refuse its copies, so the late gateway fails the command (not acknowledged), and the
+        acknowledged history (one increment, 2) stands on every replica the new map reads."""
+        c, newer, _, primary = self.late_and_new()
+        c.links[primary].mode = "hang"
+        late = c.router.execute(Arith(b"n", 1))  # reads the primary (held) and the next replica (1)
+        self.assertNoResult(late)
+        assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(2)
+        c.links[primary].resume()
+        failure = self.failureResultOf(late, ServiceUnavailable)
+        assert "epoch 2" in str(failure.value) and "not acknowledged" in str(failure.value)
+        assert c.record(primary, b"n").value == b"2"  # type: ignore[union-attr]  # applied there, unacknowledged
+        others = [n for n in c.replicas(b"n") if n != primary]
+        assert [c.record(n, b"n").value for n in others] == [b"2", b"2"]  # type: ignore[union-attr]
+        assert sum(c.links[n].backend.stats()["xput_stale_map"] for n in others) == 2
+        assert c.router.stats()["rmw_copies_refused_stale_map_total"] == 2
+        assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(3)
+
+    def test_a_copy_taken_before_the_newer_map_is_read_by_it(self) -> None:
+        """The late gateway's copies reach the replicas before they learn epoch 2: its command is
+        acknowledged (2), and the new map's gateway, whose read comes after its xmap on the same connection,
+        reads that result and increments on top of it (3)."""
+        c, newer, links, primary = self.late_and_new()
+        for link in c.links.values():
+            link.backend.map_epoch = 1  # epoch 2 not known yet anywhere
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
+        for name in links:
+            if name != primary:
+                links[name].backend.know_epoch(2)
+        assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(3)
+
+    def test_copies_carry_the_command_epoch(self) -> None:
+        """The copies of a result name the epoch of the map the command ran by; a router with no map epoch (0)
+        sends plain copies."""
+        c = Cluster()
+
+        def copies(value: bytes) -> set[int]:
+            sent = [cmd for link in c.links.values() for cmd in link.sent if type(cmd) is XPut]
+            found = [cmd.epoch for cmd in sent if cmd.record.value == value]
+            assert len(found) == 2
+            return set(found)
+
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
+        assert copies(b"2") == {1}
+        c.router.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=0)))
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(3)
+        assert copies(b"3") == {0}
 
 
 class MissedWritesTests(SynchronousTestCase):
