@@ -11,7 +11,8 @@ Routes::
     GET    /ring/placement            the routing the gateway's own router follows (chashd.gateway.follow), for
                                       its workers and the gateways that follow it; ?known=<tag>&timeout=<s>
                                       waits for another; needs the token when one is configured
-    GET    /ring/status               gateway_id, leader (id or null), epoch, replicas, write_quorum,
+    GET    /ring/status               gateway_id, leader (id or null), map_current (it leads, or heard from the
+                                      leader within its election timeout), epoch, replicas, write_quorum,
                                       read_quorum, nodes, gateways, rebalancing, and what status_extra() adds
     GET    /ring/lookup/{key}         the key's preference list: N nodes, primary first, with address and state
     GET    /ring/nodes                every node of the map
@@ -268,6 +269,10 @@ class RingAPI:
             "leader_raft": raft.leader,
             "is_leader": raft.is_leader,
             "has_quorum": raft.has_quorum,
+            # False while this gateway neither leads nor heard from the leader within its election timeout: a
+            # follower cut off from the others still names its last leader (pysyncobj holds no election
+            # without a connection) and counts its connections as a quorum until they time out.
+            "map_current": raft.in_contact,
             "epoch": view.epoch,
             "replicas": self._config.replicas,
             "write_quorum": self._config.write_quorum,

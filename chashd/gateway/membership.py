@@ -61,7 +61,13 @@ NO_LEADER = (
     "no Raft leader is known: this gateway does not reach a majority of the gateways, or an election is under way"
 )
 
-__all__ = ["Membership", "MembershipReactor"]
+#: Why a gateway that names a leader is not ready: it has not heard from it within the election timeout.
+NOT_CURRENT = (
+    "no Raft leader heard from within the election timeout: this gateway does not reach a majority of the "
+    "gateways, so its cluster map may be stale"
+)
+
+__all__ = ["NOT_CURRENT", "Membership", "MembershipReactor"]
 
 #: The reactor Membership needs: ``IReactorTime`` (``seconds``, ``callLater``) and ``IReactorThreads``
 #: (``callFromThread``). Typed loosely because test clocks provide these without declaring the interfaces.

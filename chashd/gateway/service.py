@@ -15,7 +15,7 @@ from chashd.config import GatewayConfig
 from chashd.gateway.clustermap import ClusterView
 from chashd.gateway.dataplane import DataPlane, Routing
 from chashd.gateway.health import HealthChecker
-from chashd.gateway.membership import Membership
+from chashd.gateway.membership import NOT_CURRENT, Membership
 from chashd.gateway.monitor import NodeMonitor
 from chashd.gateway.rebalance import Rebalance
 from chashd.gateway.router import Router
@@ -167,9 +167,13 @@ class GatewayService(MultiService):
         }
 
     def ready(self) -> tuple[bool, str]:
-        """``GET /ready``: a Raft leader is known and at least one kvstore is up."""
+        """``GET /ready``: this gateway leads, or heard from the Raft leader within its election timeout (its
+        map is current: a follower cut off from the other gateways still names its last leader), and at
+        least one kvstore is up."""
         if not self.membership.leader_known:
             return False, "no Raft leader is known"
+        if not self.membership.map_current:
+            return False, NOT_CURRENT
         up = len(self.membership.view.nodes_in(NodeState.UP))
         if not up:
             return False, "no kvstore node is up"

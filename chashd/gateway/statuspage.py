@@ -187,10 +187,13 @@ class StatusPage:
 
     @staticmethod
     def _leader(status: dict[str, Any]) -> str | None:
-        """The leader this gateway can count on: None without one, or without a Raft majority in reach (an
-        isolated follower still names its last leader, as pysyncobj keeps it until it can hold an election)."""
+        """The leader this gateway can count on: None without one, without a Raft majority in reach, or when
+        it has not heard from it within the election timeout (an isolated follower still names its last
+        leader, as pysyncobj keeps it until it can hold an election, and counts its connections as a quorum
+        until they time out)."""
         leader = status.get("leader")
-        return str(leader) if leader is not None and status.get("has_quorum") else None
+        current = status.get("has_quorum") and status.get("map_current", True)
+        return str(leader) if leader is not None and current else None
 
     def _summary(self, status: dict[str, Any], now: float) -> str:
         named = status.get("leader")

@@ -111,10 +111,22 @@ def make_schedule(
 LEADERSHIP_GRACE = 3.0
 
 
-def leadership_violation(gateway: str, cut_for: float, status: Mapping[str, Any] | None) -> Violation | None:
+def leadership_violation(
+    gateway: str, cut_for: float, status: Mapping[str, Any] | None, leader: bool = True
+) -> Violation | None:
     """A ``leadership`` violation when ``gateway``, cut from the other gateways for ``cut_for`` seconds (longer
-    than ``LEADERSHIP_GRACE``), still answers ``GET /ring/status`` saying it leads. Pure."""
+    than ``LEADERSHIP_GRACE``), still answers ``GET /ring/status`` saying it leads, or, a follower
+    (``leader`` False), that its map is current (it heard from no leader meanwhile). Pure."""
     if cut_for < LEADERSHIP_GRACE or status is None:
+        return None
+    if not leader:
+        if status.get("map_current") is True:
+            return Violation(
+                "leadership",
+                gateway,
+                f"{gateway}, a follower cut from the other gateways for {cut_for:.1f}s, still reports its map "
+                f"current (leader {status.get('leader')!r})",
+            )
         return None
     if status.get("is_leader") or status.get("leader") == gateway:
         return Violation(
@@ -262,7 +274,8 @@ class Nemesis:
 
     def _partition_gateway(self, step: Step) -> tuple[str, Callable[[], str]]:
         """Cut a gateway from the others and from every kvstore: the leader for an even ``pick`` (when one
-        is known), else one of the gateways by ``pick``. A cut leader must stop saying it leads."""
+        is known), else one of the gateways by ``pick``. A cut leader must stop saying it leads, a cut
+        follower that its map is current."""
         gateways = sorted(self.cluster.gateways, key=lambda d: d.name)
         leader = self.cluster.leader()
         target = leader if leader is not None and step.pick % 2 == 0 else gateways[step.pick // 2 % len(gateways)]
@@ -270,11 +283,10 @@ class Nemesis:
         reconnect = self._partition(target)
 
         def heal() -> str:
-            if target is leader:
-                status = self.cluster.gateway_status(target)
-                finding = leadership_violation(target.name, self.now() - started, status)
-                if finding is not None:
-                    self.findings.append(finding)
+            status = self.cluster.gateway_status(target)
+            finding = leadership_violation(target.name, self.now() - started, status, leader=target is leader)
+            if finding is not None:
+                self.findings.append(finding)
             return reconnect()
 
         return f"{target.name}{' (leader)' if target is leader else ''}", heal

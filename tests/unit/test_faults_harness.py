@@ -110,7 +110,8 @@ class ScheduleTests:
         assert len(make_schedule(1, ["join"], 200, kvstores=4, slots=5)) == 1
 
     def test_leadership(self) -> None:
-        """A leader cut from the others longer than an election takes must not say it leads any more."""
+        """A leader cut from the others longer than an election takes must not say it leads any more, nor a cut
+        follower that its map is current."""
         still = {"is_leader": True, "leader": "gateway-1"}
         finding = leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, still)
         assert finding is not None and finding.category == "leadership" and finding.key == "gateway-1"
@@ -118,6 +119,12 @@ class ScheduleTests:
         assert leadership_violation("gateway-1", LEADERSHIP_GRACE - 1, still) is None
         assert leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, None) is None
         assert leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, {"is_leader": False, "leader": None}) is None
+        current = {"is_leader": False, "leader": "gateway-2", "map_current": True}
+        finding = leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, current, leader=False)
+        assert finding is not None and "map current" in finding.message
+        stale = {"is_leader": False, "leader": "gateway-2", "map_current": False}
+        assert leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, stale, leader=False) is None
+        assert leadership_violation("gateway-1", LEADERSHIP_GRACE - 1, current, leader=False) is None
 
     def test_unknown_fault(self) -> None:
         """A fault the nemesis does not know is refused."""

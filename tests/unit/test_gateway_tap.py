@@ -158,6 +158,25 @@ class GatewayWiringTests(SynchronousTestCase):
         assert gateway.router.map_current
         service.stopService()
 
+    def test_cut_off_follower_is_not_ready(self) -> None:
+        """A gateway that still names a leader but has not heard from it within the election timeout (a
+        follower cut off from the other gateways: pysyncobj holds no election then) answers /ready 503 saying
+        why, and /ring/status says its map is not current; once it hears from the leader, both recover."""
+        service = self.build()
+        service.startService()
+        stub = self.stub()
+        gateway = next(s for s in _services(service) if isinstance(s, GatewayService))
+        self.successResultOf(gateway.membership.register_node("kv-a", "h", 1, 2, 100, 1))
+        assert self.get(stub, "/ready")[0] == 200 and self.get(stub, "/ring/status")[1]["map_current"] is True
+        self.rafts[0].lose_contact()
+        code, body = self.get(stub, "/ready")
+        assert code == 503 and "heard from within the election timeout" in body["detail"]
+        code, status = self.get(stub, "/ring/status")
+        assert code == 200 and status["map_current"] is False and status["leader"] == "g1"
+        self.rafts[0].elect(self.rafts[0].settings.self_address)
+        assert self.get(stub, "/ready")[0] == 200 and self.get(stub, "/ring/status")[1]["map_current"] is True
+        service.stopService()
+
     def test_node_monitor_runs(self) -> None:
         """The node monitor asks the registered nodes with the injected probe."""
         service = self.build("--probe-interval", "0.5")

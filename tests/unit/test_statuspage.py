@@ -118,6 +118,14 @@ class StatusPageTests(RingAPITestsBase):
         assert "reaches no majority of the gateways (its last leader, g1," in html and '<b id="leader">none</b>' in html
         assert 'data-role="leader"' not in html
 
+    def test_leader_not_heard_from(self) -> None:
+        """A follower that counts a quorum of connections (pysyncobj keeps a cut link up until it times out)
+        but has not heard from its leader within the election timeout marks no gateway as leader either."""
+        address = self.rafts[0].settings.self_address
+        self.rafts[0].listener.on_status(RaftStatus(address, False, has_quorum=True, in_contact=False))
+        _, _, html = self.fetch("/status/main")
+        assert "reaches no majority of the gateways (its last leader, g1," in html and '<b id="leader">none</b>' in html
+
     def test_rates(self) -> None:
         """Totals at once; per-second rates from the second rendering a second or more later on."""
         _, _, html = self.fetch("/status/main")
