@@ -282,20 +282,24 @@ class KVClientProtocol(Protocol):
             if len(keys) > 1 and (len(keys) > XGET_KEYS or sum(map(len, keys)) + len(keys) > XGET_LINE - 7):
                 return self._send_split(keys)
         command = _as_request(command)
-        if type(command) is XPut and command.epoch:
-            self._fence(command.epoch)
         deferred: Deferred[Result] = Deferred()
-        self._enqueue(command, deferred, serialize_command(command))
+        wire = serialize_command(command)
+        if type(command) is XPut and command.epoch:
+            wire = self._fence(command.epoch) + wire
+        self._enqueue(command, deferred, wire)
         return deferred
 
-    def _fence(self, epoch: int) -> None:
-        """Send ``xfence <epoch>`` before the copy of a read-modify-write's result (sent next, on this
-        connection): the kvstore refuses the copy if it knows a newer map. Nothing where the server refused
-        ``xmap`` or ``xfence`` before (a kvstore of an earlier version)."""
-        if self.fences and self.map_epoch is not None:
-            fence: Deferred[Result] = Deferred()
-            fence.addErrback(self._fence_refused)
-            self._enqueue(XFence(epoch), fence, serialize_command(XFence(epoch)))
+    def _fence(self, epoch: int) -> bytes:
+        """The ``xfence <epoch>`` to send just before the copy of a read-modify-write's result, in the same
+        write (its answer is awaited first): the kvstore refuses the copy if it knows a newer map. Nothing
+        where the server refused ``xmap`` or ``xfence`` before (a kvstore of an earlier version)."""
+        if not self.fences or self.map_epoch is None:
+            return b""
+        fence: Deferred[Result] = Deferred()
+        fence.addErrback(self._fence_refused)
+        command = XFence(epoch)
+        self._enqueue(command, fence, b"")
+        return serialize_command(command)
 
     def _fence_refused(self, failure: Failure) -> None:
         """``ERROR``: a kvstore of an earlier version, which stored the copy unfenced; send no more fences. A
@@ -329,7 +333,8 @@ class KVClientProtocol(Protocol):
         return True
 
     def _enqueue(self, request: Command | SplicedGet, waiter: Deferred[Result] | IReplySink, wire: bytes) -> None:
-        """Send ``wire``, the bytes of ``request``, whose answer goes to ``waiter``; its deadline starts now."""
+        """Send ``wire``, the bytes of ``request``, whose answer goes to ``waiter``; its deadline starts now.
+        (Empty ``wire``: the bytes go with the next request's, ``_fence``.)"""
         seconds = self._seconds
         if seconds is None:
             self._pending.append((request, waiter, 0.0))
@@ -338,7 +343,8 @@ class KVClientProtocol(Protocol):
             if self._timer is None:
                 assert self._clock is not None and self._timeout is not None
                 self._timer = self._clock.callLater(self._timeout, self._check_deadline)
-        self._tr.write(wire)
+        if wire:
+            self._tr.write(wire)
 
     def send_many(self, commands: Sequence[Command]) -> Deferred[list[Result | Failure]]:
         """Send ``commands`` in one write; the Deferred fires once each is answered, with a list of each

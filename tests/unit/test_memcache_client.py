@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
@@ -37,6 +37,7 @@ from chashd.interfaces import IReplySink
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.client import XGET_KEYS, XGET_LINE, KVClientPool, KVClientProtocol, KVConnectionLost, KVTimeout
 from chashd.memcache.server import MemcacheServerFactory, MemcacheServerProtocol
+from chashd.memcache.text import serialize_command
 from chashd.record import Record
 from chashd.storage.memory import MemoryEngine
 from chashd.versions import Version
@@ -355,6 +356,21 @@ class AnnounceTests(SynchronousTestCase):
         assert self.failureResultOf(refused, StaleMap).value.known == 6
         assert backend.engine.get(b"n") == first
         assert backend.stats()["cmd_xfence"] == 2 and client.fences and client.pending == 0
+
+    def test_fenced_copy_in_one_write(self) -> None:
+        """The ``xfence`` and its ``xput`` leave in one write (one send on the socket, not two)."""
+        writes: list[bytes] = []
+
+        class Counting(StringTransport):
+            def write(self, data: bytes) -> None:
+                writes.append(data)
+                super().write(data)
+
+        client = KVClientProtocol(None, None)
+        client.makeConnection(Counting())
+        put = XPut(b"n", Record(b"1", 0, 0, Version(T0_MS + 10, "gw")), epoch=5)
+        client.send(put)
+        assert writes == [b"xfence 5\r\n" + serialize_command(put)] and client.pending == 2
 
     def test_fenced_copy_to_a_kvstore_of_an_earlier_version(self) -> None:
         """A kvstore that does not know ``xfence`` answers it ERROR and stores the xput after it unfenced; the
