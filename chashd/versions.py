@@ -17,9 +17,10 @@ Pure: time comes in as an argument.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_MAX_SKEW_MS", "MAX_CLOCK", "ZERO", "HybridClock", "Version"]
+__all__ = ["DEFAULT_MAX_SKEW_MS", "MAX_CLOCK", "ZERO", "HybridClock", "Version", "parse_version"]
 
 _COUNTER_BITS = 16
 _COUNTER_MASK = (1 << _COUNTER_BITS) - 1
@@ -73,6 +74,15 @@ class Version(NamedTuple):
         if not _WRITER.fullmatch(writer):
             raise ValueError(f"not a version: {text[:100]!r}")
         return cls(int(clock), writer)
+
+
+@lru_cache(maxsize=1 << 16)
+def parse_version(raw: bytes) -> Version:
+    """``Version.parse`` of a version's bytes (as they come on the wire), memoized: a version is parsed each
+    time a record or a version crosses the line protocol, and the same key's reads and writes carry the same
+    few versions; an immutable value, so every caller may share it. Raises ``ValueError`` (a bad version, or
+    bytes that are not ASCII); refusals are not remembered. Bounded (least recently used)."""
+    return Version.parse(raw.decode("ascii"))
 
 
 #: Older than every real version.

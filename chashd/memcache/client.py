@@ -70,6 +70,7 @@ from chashd.commands import (
     XGet,
     XMap,
     XPut,
+    XVer,
 )
 from chashd.errors import BulkUnsupported, DomainError, ServiceUnavailable, UnknownCommand
 from chashd.interfaces import IReplySink
@@ -328,7 +329,9 @@ class KVClientProtocol(Protocol):
         Deferred; False, and nothing sent, when not connected. For one-key commands (no ``XGet`` split)."""
         if not self._connected:
             return False
-        command = _as_request(command)
+        kind = type(command)
+        if kind is not XGet and kind is not XVer:  # a gateway's quorum reads have no noreply to drop
+            command = _as_request(command)
         self._enqueue(command, sink, serialize_command(command))
         return True
 

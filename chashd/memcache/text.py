@@ -79,7 +79,7 @@ from chashd.errors import (
 )
 from chashd.memcache.meta import MAX_OPAQUE
 from chashd.record import MAX_EXPIRES_AT, MAX_FLAGS, MAX_KEY_LENGTH, Record
-from chashd.versions import Version
+from chashd.versions import Version, parse_version
 
 __all__ = [
     "BULK_PAGE_LIMIT",
@@ -1127,7 +1127,7 @@ def _extension_token(command: WriteCommand) -> bytes:
 
 
 def _version_token(token: bytes) -> Version:
-    try:
+    try:  # not parse_version's memo: a request's version is mostly a new one (an XPut's)
         return Version.parse(token.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise BadCommand("bad version") from None
@@ -1562,8 +1562,8 @@ class ReplyParser:
         if not line.startswith(b"XVER "):
             return self._error(line)
         try:
-            return VersionOf(Version.parse(line[5:].decode("ascii")))
-        except (ValueError, UnicodeDecodeError):
+            return VersionOf(parse_version(line[5:]))
+        except ValueError:  # UnicodeDecodeError included
             raise BadReply(f"bad XVER line {line[:60]!r}") from None
 
     def _xget_reply(self) -> Values | None:
@@ -1591,8 +1591,8 @@ class ReplyParser:
         if stop - start > self.max_value_size or buf[stop : stop + 7] != b"\r\nEND\r\n":
             return None
         try:
-            parsed = Version.parse(version.decode("ascii"))
-        except (ValueError, UnicodeDecodeError):
+            parsed = parse_version(version)
+        except ValueError:  # UnicodeDecodeError included
             return None
         self._pos = stop + 7
         record = Record(buf[start:stop], int(flags), int(expires_at), parsed, tombstone == b"1")
@@ -1710,8 +1710,8 @@ class ReplyParser:
             if len(parts) != 7 or parts[5] not in (b"0", b"1"):
                 raise ValueError
             flags, expires_at, size = int(parts[2]), int(parts[3]), int(parts[6])
-            version = Version.parse(parts[4].decode("ascii"))
-        except (ValueError, UnicodeDecodeError):
+            version = parse_version(parts[4])
+        except ValueError:  # UnicodeDecodeError included
             raise BadReply(f"bad XVALUE line {line[:60]!r}") from None
         value = self._block(size)
         if value is None:

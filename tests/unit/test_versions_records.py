@@ -15,7 +15,7 @@ from chashd.record import (
     purgeable,
     resolve,
 )
-from chashd.versions import MAX_CLOCK, ZERO, HybridClock, Version
+from chashd.versions import MAX_CLOCK, ZERO, HybridClock, Version, parse_version
 
 versions = st.builds(Version, st.integers(0, 2**63 - 1), st.text("abc-", max_size=3))
 records = st.builds(
@@ -48,6 +48,22 @@ class VersionTests:
         not an id."""
         with pytest.raises(ValueError):
             Version.parse(bad)
+
+    @given(versions)
+    def test_parse_version_of_bytes(self, v: Version) -> None:
+        """parse_version reads a version's wire bytes as Version.parse reads its text, again from its memo."""
+        v = Version(v.clock, "gw-1" + v.writer)
+        raw = str(v).encode()
+        assert parse_version(raw) == Version.parse(str(v))
+        assert parse_version(raw) == v
+
+    @pytest.mark.parametrize("bad", [b"", b"x-1", str(2**63).encode(), b"1-a b", b"1-\xff", "٣-a".encode()])
+    def test_parse_version_rejects_every_time(self, bad: bytes) -> None:
+        """parse_version refuses what Version.parse refuses (bytes that are not ASCII too), with ValueError,
+        on every call: a refusal is not remembered as a version."""
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                parse_version(bad)
 
     def test_parse_bounds(self) -> None:
         """The largest clock and the longest writer are read."""
