@@ -532,19 +532,20 @@ class Router:
             expires_at_from_exptime(command.exptime, now) if command.exptime else 0,
             self._hlc.tick(int(now * 1000)),
         )
+        if len(up) < needed:
+            self.counters["quorum_failures"] += 1
+            return _fail(QuorumNotReached(needed, len(up), "write"))
         put = XPut(command.key, record)
-        if needed == 1 and len(up) == 1:  # one replica to write: its answer is the answer
-            return self._send(up[0], put).addCallbacks(_stored, self._single_write_failed)
-        d = _quorum([self._send(n, put) for n in up], needed, "write")
-        d.addCallbacks(_stored, self._count_quorum_failure)
-        return d
-
-    def _single_write_failed(self, failure: Failure) -> Failure:
-        """The only replica written to failed: the write quorum of 1 is not reached."""
-        self.counters["quorum_failures"] += 1
-        error = QuorumNotReached(1, 0, "write")
-        error.__cause__ = failure.value
-        return Failure(error)
+        write = _Write(self, needed, len(up))
+        slow = self._slow
+        for node in up:
+            try:
+                client: IKVClient | None = self._clients(node)
+            except Exception:  # no connection to node: _send fails its XPut saying so
+                client = None
+            if client is None or (slow and node in slow) or not client.send_to(put, write):
+                self._send(node, put).addCallbacks(write.callback, write.errback)
+        return write.done
 
     def _count_quorum_failure(self, failure: Failure) -> Failure:
         if failure.check(QuorumNotReached):
@@ -789,6 +790,39 @@ class Router:
 
 
 @implementer(IReplySink)
+class _Write:
+    """The ``XPut`` of one ``set`` to the key's up replicas, the sink of their answers (``IKVClient.send_to``,
+    in place of a Deferred each and a quorum of them): ``done`` fires with ``STORED`` at the ``needed``-th
+    acknowledgement, or fails with ``QuorumNotReached`` (counted) once so many cannot come any more; the
+    answers after that change nothing."""
+
+    __slots__ = ("done", "failures", "needed", "oks", "router", "total")
+
+    called = False  # takes every answer
+
+    def __init__(self, router: Router, needed: int, total: int) -> None:
+        self.router = router
+        self.needed = needed
+        self.total = total
+        self.oks = self.failures = 0
+        self.done: Deferred[Any] = Deferred()
+
+    def callback(self, result: Any) -> None:
+        self.oks += 1
+        if self.oks == self.needed and not self.done.called:
+            self.done.callback(Status.STORED)
+
+    def errback(self, error: Any) -> None:
+        self.failures += 1
+        left = self.total - self.failures
+        if left < self.needed and not self.done.called:
+            self.router.counters["quorum_failures"] += 1
+            failed = QuorumNotReached(self.needed, left, "write")
+            failed.__cause__ = error.value if isinstance(error, Failure) else error
+            self.done.errback(Failure(failed))
+
+
+@implementer(IReplySink)
 class _Answer:
     """The sink of one ``XGet`` of a ``_KeyRead`` (``Router._ask``): the answer of ``node``, in place of a
     Deferred and its callbacks."""
@@ -957,9 +991,11 @@ class _KeyRead:
         key = self.key
         for item_key, record in result.items:
             if item_key == key:
-                self.answered(node, record)
-                return
-        self.answered(node, None)
+                self.answers[node] = record
+                break
+        else:
+            self.answers[node] = None
+        self._progress()
 
     def failed_on_with(self, failure: Failure, node: str) -> None:
         """``failed_on`` as an errback."""
@@ -993,23 +1029,27 @@ class _KeyRead:
         # Every asked node ends in one of answers (a record), versions or failed (one asked for its record after
         # its version, _newer_version, leaves versions until then); the asked replicas and the previous owners
         # are distinct, and previous owners are asked for records only.
-        pending = len(self.asked) - len(answers) - len(versions) - len(self.failed)
+        got = len(answers) + len(versions)
+        pending = len(self.asked) - got - len(self.failed)
+        if self._answered_client:  # a late answer: the repair waits for the last
+            if not pending:
+                self._repair(self._newest())
+            return
         if extra:
             from_replicas = sum(1 for n in answers if n not in extra) + len(versions)
             extra_pending = any(n in extra and n not in answers and n not in self.failed for n in self.asked)
         else:
-            from_replicas = len(answers) + len(versions)
+            from_replicas = got
             extra_pending = False
-        if not self._answered_client:
-            if from_replicas >= self.needed and not extra_pending:
-                if versions and self._newer_version():
-                    return  # its record is asked for: answered then
-                self._answer()
-            elif not pending and from_replicas < self.needed:
-                self._fail(QuorumNotReached(self.needed, from_replicas, "read"))
-                return
-        if self._answered_client and not pending:
-            self._repair()
+        if from_replicas >= self.needed and not extra_pending:
+            newest = self._newest()
+            if versions and self._newer_version(newest):
+                return  # its record is asked for: answered then
+            self._answer(newest)
+            if not pending:
+                self._repair(newest)
+        elif not pending and from_replicas < self.needed:
+            self._fail(QuorumNotReached(self.needed, from_replicas, "read"))
 
     def _fail(self, error: QuorumNotReached) -> None:
         """Not enough replicas answered (or are up): the read fails with ``error``, counted."""
@@ -1020,26 +1060,25 @@ class _KeyRead:
         else:
             self.done.errback(Failure(error))
 
-    def _answer(self) -> None:
+    def _answer(self, newest: Record | None) -> None:
         self._answered_client = True
         if self.sink is not None:
-            self.sink.callback(self.router._client_reply(self.key, self._newest()))
+            self.sink.callback(self.router._client_reply(self.key, newest))
         elif self.single:
-            self.done.callback(self.router._client_values(self.key, self._newest()))
+            self.done.callback(self.router._client_values(self.key, newest))
         else:
-            self.done.callback((self.key, self._newest()))
+            self.done.callback((self.key, newest))
 
     def _newest(self) -> Record | None:
         newest: Record | None = None
         for record in self.answers.values():
-            if record is not None and record.newer_than(newest):
+            if record is not None and (newest is None or record.version > newest.version):
                 newest = record
         return newest
 
-    def _newer_version(self) -> bool:
-        """When a replica answered a version newer than every record read, ask it for its record (its version
-        answer is dropped until then) and return True."""
-        newest = self._newest()
+    def _newer_version(self, newest: Record | None) -> bool:
+        """When a replica answered a version newer than ``newest`` (the newest record read), ask it for its
+        record (its version answer is dropped until then) and return True."""
         best: tuple[Version, str] | None = None
         for node, version in self.versions.items():
             newer = version is not None and (newest is None or version > newest.version)
@@ -1052,19 +1091,20 @@ class _KeyRead:
         self.router._ask(node, self.key, self)
         return True
 
-    def _repair(self) -> None:
-        newest = self._newest()
+    def _repair(self, newest: Record | None) -> None:
+        """Every asked node answered or failed: the replicas that answered an older record or version than
+        ``newest`` (or none) get it."""
         if newest is None:
             return
         router = self.router
         candidates = self.candidates
+        version = newest.version
         for node, record in self.answers.items():
-            if node in candidates and newest.newer_than(record):
+            if (record is None or version > record.version) and node in candidates:
                 router.counters["read_repairs"] += 1
                 router._send(node, XPut(self.key, newest)).addErrback(self._repair_failed, node)
-        version = newest.version
         for node, held in self.versions.items():
-            if node in candidates and node not in self.answers and (held is None or version > held):
+            if (held is None or version > held) and node in candidates and node not in self.answers:
                 router.counters["read_repairs"] += 1
                 router._send(node, XPut(self.key, newest)).addErrback(self._repair_failed, node)
 
@@ -1522,10 +1562,6 @@ def _deliver(result: Values, node: str, reads: Sequence[_Hedged]) -> None:
 def _deliver_failure(failure: Failure, node: str, reads: Sequence[_Hedged]) -> None:
     for read in reads:
         read.failed_on(node)
-
-
-def _stored(_: Any) -> Status:
-    return Status.STORED
 
 
 def _fail_current() -> Deferred[Any]:

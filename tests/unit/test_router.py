@@ -981,6 +981,35 @@ class FastPathTests(SynchronousTestCase):
         assert isinstance(failure.value.__cause__, ConnectionLost)
         assert c.router.stats()["quorum_failures"] == 1
 
+    def test_set_answers_at_the_w_th_acknowledgement(self) -> None:
+        """A set to three replicas with W=2 is STORED once two acknowledged, with the third still waiting;
+        that one failing afterwards changes nothing (no quorum failure counted)."""
+        c = Cluster()
+        third = c.replicas(b"k")[2]
+        c.links[third].mode = "hang"
+        d = c.router.execute(Store("set", b"k", 0, 0, b"v"))
+        assert self.successResultOf(d) is Status.STORED
+        assert [type(command) for command in c.links[third].held_commands] == [XPut]
+        c.links[third].held.pop().errback(ConnectionLost("gone"))
+        assert c.router.stats()["quorum_failures"] == 0
+
+    def test_set_fails_once_w_is_out_of_reach(self) -> None:
+        """A set whose connections took the XPut (none declined) fails with QuorumNotReached, counted once, as
+        soon as W acknowledgements can no longer come, the last error as its cause."""
+        c = Cluster()
+        first, second, third = c.replicas(b"k")
+        c.links[second].mode = c.links[third].mode = "hang"
+        d = c.router.execute(Store("set", b"k", 0, 0, b"v"))
+        self.assertNoResult(d)
+        c.links[second].held.pop().errback(ConnectionLost("second gone"))
+        self.assertNoResult(d)  # the first acknowledged, the third may still
+        c.links[third].held.pop().errback(ConnectionLost("third gone"))
+        failure = self.failureResultOf(d, QuorumNotReached)
+        assert "write quorum not reached: 1 of 2" in str(failure.value)
+        assert isinstance(failure.value.__cause__, ConnectionLost)
+        assert c.router.stats()["quorum_failures"] == 1
+        assert c.holders(b"k") == {first}
+
     def test_set_with_exptime(self) -> None:
         """A set with an exptime stores the absolute expiry on the replicas."""
         c = Cluster(replicas=1, w=1, r=1)
