@@ -1212,6 +1212,9 @@ def serialize_result(command: Command, result: Result) -> bytes:
         return _values(command, items)
     if type(result) is Status:
         return _STATUS_LINES[result]
+    if type(result) is VersionOf:  # a gateway's quorum reads, after the first replica
+        version = result.version
+        return _END if version is None else b"XVER %s\r\n" % str(version).encode()
     if type(result) is Number:
         return b"%d\r\n" % result.value
     if type(result) is XApplied:
@@ -1227,9 +1230,6 @@ def serialize_result(command: Command, result: Result) -> bytes:
         return b"XBULK %d\r\n" % result.version
     if type(result) is Digests:
         return b"".join([*(b"DIGEST %d %d\r\n" % (d.records, d.total) for d in result.items), _END])
-    if type(result) is VersionOf:
-        version = result.version
-        return _END if version is None else b"XVER %s\r\n" % str(version).encode()
     if type(result) is KeyVersions:
         return b"".join([*(b"XKEY %d %s %s\r\n" % (h, k, str(v).encode()) for h, k, v in result.items), _END])
     raise TypeError(f"not a result: {result!r}")
@@ -1288,6 +1288,20 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         return b"xget %s\r\n" % keys[0] if len(keys) == 1 else b"xget " + b" ".join(keys) + b"\r\n"
     if type(command) is XVer:  # the gateway's quorum reads, after the first replica
         return b"xver %s\r\n" % command.key
+    if type(command) is XPut:  # the gateway's writes and read repairs, the handoff's moves; its epoch goes as
+        # an XFence before it (KVClientProtocol.send)
+        r = command.record
+        return b"%s %s %d %d %s %d %d%s\r\n%s\r\n" % (
+            b"xmove" if command.handoff else b"xput",
+            command.key,
+            r.flags,
+            r.expires_at,
+            str(r.version).encode(),
+            r.tombstone,
+            len(r.value),
+            _noreply(command),
+            r.value,
+        )
     if type(command) is XEpoch:
         return b"xepoch %d\r\n" % command.epoch
     if type(command) is XMap:
@@ -1309,19 +1323,6 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         return b"%s %d %s\r\n" % (b"gats" if command.cas else b"gat", command.exptime, joined)
     if isinstance(command, (Store, Delete, Arith, Touch)):
         return _write_line(command, command.noreply)
-    if type(command) is XPut:  # its epoch goes as an XFence before it (KVClientProtocol.send)
-        r = command.record
-        return b"%s %s %d %d %s %d %d%s\r\n%s\r\n" % (
-            b"xmove" if command.handoff else b"xput",
-            command.key,
-            r.flags,
-            r.expires_at,
-            str(r.version).encode(),
-            r.tombstone,
-            len(r.value),
-            _noreply(command),
-            r.value,
-        )
     if type(command) is XApply:
         return b"xapply %s %s" % (str(command.version).encode(), _write_line(command.command, False, True))
     if type(command) is XBulk:
