@@ -25,6 +25,7 @@ from chashd.record import Record
 
 __all__ = [
     "IForwardedGet",
+    "IForwardedSet",
     "IGroupedPuts",
     "IKVClient",
     "IKeyValue",
@@ -168,6 +169,20 @@ class IForwardedGet(Interface):
 
     def forward_get(key: bytes, sink: IReplySink) -> bool:
         """Take the get of ``key`` (True), its reply to come to ``sink``; or decline it (False) and do
+        nothing."""
+
+
+class IForwardedSet(Interface):
+    """Optional beside ``IKeyValue``, for a backend that answers later (the gateway's router): a ``set``
+    (``Store`` of mode ``set``) whose result comes to an ``IReplySink``, without a Deferred.
+
+    The line protocol offers it every ``set`` once the set may run (after the reads and writes of its key it
+    waits for). Counters, errors and the result (``Status``) are those of ``execute(command)``; where the
+    shortcut does not apply the backend declines and the protocol takes the general path.
+    """
+
+    def forward_set(command: Any, sink: IReplySink) -> bool:
+        """Take the set (True), its result or error to come to ``sink``; or decline it (False) and do
         nothing."""
 
 

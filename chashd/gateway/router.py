@@ -101,7 +101,7 @@ from chashd.errors import (
     StaleVersion,
     UnknownCommand,
 )
-from chashd.interfaces import IForwardedGet, IKeyValue, IKVClient, IReplySink
+from chashd.interfaces import IForwardedGet, IForwardedSet, IKeyValue, IKVClient, IReplySink
 from chashd.memcache.text import plain_get_reply
 from chashd.node import NodeState
 from chashd.record import Record, expires_at_from_exptime
@@ -190,7 +190,7 @@ def _fail(error: Exception) -> Deferred[Any]:
     return d
 
 
-@implementer(IKeyValue, IForwardedGet)
+@implementer(IKeyValue, IForwardedGet, IForwardedSet)
 class Router:
     """Routes ``chashd.commands`` to kvstores; the gateway's ``IKeyValue`` backend.
 
@@ -520,9 +520,26 @@ class Router:
 
     # -- writes ---------------------------------------------------------------------------------
 
+    def forward_set(self, command: Store, sink: IReplySink) -> bool:
+        """``IForwardedSet``: ``_set`` with its result (``STORED``) or error going to ``sink``, the replicas'
+        answers counted by a ``_Write`` without a Deferred; declined when there are no nodes (the general
+        path words the error)."""
+        try:
+            replicas = self.replicas_for(command.key)
+        except NoNodes:
+            return False
+        self._write(command, replicas, sink)
+        return True
+
     def _set(self, command: Store) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self._write(command, self.replicas_for(command.key), done)
+        return done
+
+    def _write(self, command: Store, replicas: tuple[str, ...], sink: IReplySink | Deferred[Any]) -> None:
+        """Send ``command`` as an ``XPut`` with a new version to the up replicas of ``replicas``: ``STORED`` to
+        ``sink`` at the W-th acknowledgement, else ``QuorumNotReached`` (counted)."""
         self.counters["cmd_set"] += 1
-        replicas = self.replicas_for(command.key)
         up = self._up(replicas)
         needed = min(self.write_quorum, len(replicas))
         now = self._now()
@@ -534,9 +551,11 @@ class Router:
         )
         if len(up) < needed:
             self.counters["quorum_failures"] += 1
-            return _fail(QuorumNotReached(needed, len(up), "write"))
+            failed = QuorumNotReached(needed, len(up), "write")
+            sink.errback(Failure(failed) if isinstance(sink, Deferred) else failed)
+            return
         put = XPut(command.key, record)
-        write = _Write(self, needed, len(up))
+        write = _Write(self, needed, len(up), sink)
         slow = self._slow
         for node in up:
             try:
@@ -545,7 +564,6 @@ class Router:
                 client = None
             if client is None or (slow and node in slow) or not client.send_to(put, write):
                 self._send(node, put).addCallbacks(write.callback, write.errback)
-        return write.done
 
     def _count_quorum_failure(self, failure: Failure) -> Failure:
         if failure.check(QuorumNotReached):
@@ -792,20 +810,20 @@ class Router:
 @implementer(IReplySink)
 class _Write:
     """The ``XPut`` of one ``set`` to the key's up replicas, the sink of their answers (``IKVClient.send_to``,
-    in place of a Deferred each and a quorum of them): ``done`` fires with ``STORED`` at the ``needed``-th
-    acknowledgement, or fails with ``QuorumNotReached`` (counted) once so many cannot come any more; the
-    answers after that change nothing."""
+    in place of a Deferred each and a quorum of them): ``STORED`` goes to ``done`` (the line protocol's sink,
+    or a Deferred) at the ``needed``-th acknowledgement, or ``QuorumNotReached`` (counted) once so many cannot
+    come any more; the answers after that change nothing."""
 
     __slots__ = ("done", "failures", "needed", "oks", "router", "total")
 
     called = False  # takes every answer
 
-    def __init__(self, router: Router, needed: int, total: int) -> None:
+    def __init__(self, router: Router, needed: int, total: int, done: IReplySink | Deferred[Any]) -> None:
         self.router = router
         self.needed = needed
         self.total = total
         self.oks = self.failures = 0
-        self.done: Deferred[Any] = Deferred()
+        self.done = done
 
     def callback(self, result: Any) -> None:
         self.oks += 1
@@ -819,7 +837,7 @@ class _Write:
             self.router.counters["quorum_failures"] += 1
             failed = QuorumNotReached(self.needed, left, "write")
             failed.__cause__ = error.value if isinstance(error, Failure) else error
-            self.done.errback(Failure(failed))
+            self.done.errback(Failure(failed) if isinstance(self.done, Deferred) else failed)
 
 
 @implementer(IReplySink)

@@ -193,7 +193,7 @@ of at most the value limit + 2 bytes) and by the cap on pending replies.
   connection's ``execute`` is a guard until the token is proved. A wrong token is answered ``CLIENT_ERROR
   authentication failed`` and closes the connection (``line_auth_failures_total``).
 
-Three shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
+Four shortcuts, taken when the backend provides their interface (asked once, when the factory is built),
 answer exactly as the general path (``execute``) would:
 
 - ``IPlainGet``: a ``get`` of one plain key is answered with the backend's ``get_one``, without command and
@@ -202,6 +202,10 @@ answer exactly as the general path (``execute``) would:
 - ``IForwardedGet`` (a gateway's router): a ``get`` of one plain key is offered to the backend's
   ``forward_get``, whose reply (the bytes of a kvstore's) comes to a sink holding its place in the queue of
   pending replies: no command, result or Deferred. A get the backend declines takes the general path.
+- ``IForwardedSet`` (a gateway's router): a ``set``, once it may run (after the pending commands of its key
+  it waits for) and on a connection that proved the token, is offered to the backend's ``forward_set``, whose
+  result comes to a sink holding its place in the queue: no Deferred. A set the backend declines takes the
+  general path.
 - ``IGroupedPuts``: consecutive ``XPut`` commands of one read (a handoff pipelines hundreds) go to the
   backend's ``execute_puts`` in one call, so that the kvstore stores them in one transaction.
 
@@ -268,7 +272,7 @@ from chashd.commands import (
     XVer,
 )
 from chashd.errors import DomainError, Unauthenticated
-from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet, IReplySink, IServerAdmin
+from chashd.interfaces import IForwardedGet, IForwardedSet, IGroupedPuts, IKeyValue, IPlainGet, IReplySink, IServerAdmin
 from chashd.memcache._transport import set_nodelay, writer
 from chashd.memcache.meta import MetaState, MetaSteps, meta_steps
 from chashd.memcache.text import (
@@ -410,6 +414,7 @@ class MemcacheServerFactory(Factory):
         self.plain_get = cast(IPlainGet, backend) if IPlainGet.providedBy(backend) else None
         self.grouped_puts = cast(IGroupedPuts, backend) if IGroupedPuts.providedBy(backend) else None
         self.forwarded_get = cast(IForwardedGet, backend) if IForwardedGet.providedBy(backend) else None
+        self.forwarded_set = cast(IForwardedSet, backend) if IForwardedSet.providedBy(backend) else None
         self.clock = clock
         self.max_value_size = max_value_size
         self.max_connections = max_connections
@@ -597,6 +602,48 @@ class _Forwarded:
         protocol._drain()
 
 
+@implementer(IReplySink)
+class _SetReply:
+    """Where the result of a forwarded ``set`` goes (``IForwardedSet``): its cell in the queue of pending
+    replies, as ``_pending``'s callbacks would put it there (the key counted as written until then); timed
+    into the set histogram from when it was handled."""
+
+    __slots__ = ("called", "cell", "command", "protocol", "start")
+
+    def __init__(self, protocol: MemcacheServerProtocol, command: Store, cell: list[Any], start: float) -> None:
+        self.protocol = protocol
+        self.command = command
+        self.cell = cell
+        self.start = start
+        self.called = False
+
+    def callback(self, result: Status) -> None:
+        self.called = True
+        command = self.command
+        self.cell[0] = b"" if command.noreply else serialize_result(command, result)
+        self._done()
+
+    def errback(self, error: Any) -> None:
+        self.called = True
+        if isinstance(error, Failure):
+            error = error.value
+        protocol = self.protocol
+        if not isinstance(error, DomainError):
+            protocol._log.failure("the backend failed on {command}", Failure(error), command="Store")
+        reply = protocol._error(error_reply(error or RuntimeError()))
+        self.cell[0] = b"" if self.command.noreply else reply
+        self._done()
+
+    def _done(self) -> None:
+        protocol = self.protocol
+        protocol._track(self.command, -1)
+        protocol._settle(self.cell)
+        latency = protocol._latency
+        if latency is not None:
+            latency[Store].observe(perf_counter() - self.start)
+        protocol._drain()
+
+
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class MemcacheServerProtocol(Protocol):
     """One client connection of the line protocol (see the module docstring).
@@ -632,9 +679,12 @@ class MemcacheServerProtocol(Protocol):
         )
         self._execute: Callable[[Command], Any] = factory.backend.execute
         self._authenticated = factory.token is None
+        #: The backend as ``IForwardedSet`` (None without, or until the token is proved).
+        self._set_forwarder = factory.forwarded_set
         if not self._authenticated:  # until xauth proves the token: plain reads only
             self._execute = self._unauthenticated
             self._group_puts = False
+            self._set_forwarder = None
         self._requests = factory.requests
         self._latency = factory.latency
         self._get_latency = factory.latency[Get] if factory.latency is not None else None
@@ -920,6 +970,9 @@ class MemcacheServerProtocol(Protocol):
         if (self._writing or self._reading) and self._waits(command):
             self._hold(command)
             return
+        if self._set_forwarder is not None and type(command) is Store and command.mode == "set":
+            if self._forward_set(command, start):
+                return
         try:
             result = self._execute(command)
         except DomainError as e:
@@ -1087,6 +1140,7 @@ class MemcacheServerProtocol(Protocol):
             self._authenticated = True
             self._execute = factory.backend.execute
             self._group_puts = factory.grouped_puts is not None
+            self._set_forwarder = factory.forwarded_set
             self._reply(_OK)
             return
         factory.auth_failures += 1
@@ -1378,6 +1432,31 @@ class MemcacheServerProtocol(Protocol):
 
         result.addCallbacks(done, failed)
         self._check_pending()
+
+    def _forward_set(self, command: Store, start: float) -> bool:
+        """Offer ``set`` to ``IForwardedSet.forward_set``: its result takes a place in the queue of pending
+        replies (``_SetReply``), as a Deferred's would (``_pending``); False when the backend declines."""
+        forwarder = self._set_forwarder
+        assert forwarder is not None
+        cell: list[Any] = [None, _SMALL_REPLY]
+        queue = self._queue
+        queue.append(cell)
+        self._held += _SMALL_REPLY
+        self._track(command, 1)
+        sink = _SetReply(self, command, cell, start)
+        try:
+            taken = forwarder.forward_set(command, sink)
+        except Exception:  # answered as the general path answers a backend's failure
+            if not sink.called:
+                sink.errback(Failure())
+            taken = True
+        if not taken:
+            queue.pop()  # the cell: nothing was queued behind it, nor answered
+            self._held -= _SMALL_REPLY
+            self._track(command, -1)
+            return False
+        self._check_pending()
+        return True
 
     def _later(self, reply: Deferred[bytes]) -> None:
         """Queue a reply that comes later (b"" for none): a meta command's, made of several steps; it is

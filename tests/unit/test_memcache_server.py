@@ -21,9 +21,9 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import chashd.memcache
-from chashd.commands import Arith, Command, Delete, Get, Result, Status, XApply, XFence, XMap, XPut
-from chashd.errors import DomainError, NodeLeaving, RequestError
-from chashd.interfaces import IForwardedGet, IGroupedPuts, IKeyValue, IPlainGet
+from chashd.commands import Arith, Command, Delete, Get, Result, Status, Store, XApply, XFence, XMap, XPut
+from chashd.errors import DomainError, NodeLeaving, QuorumNotReached, RequestError
+from chashd.interfaces import IForwardedGet, IForwardedSet, IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache import client, server
 from chashd.memcache.server import SERVER_VERSION, MemcacheServerFactory, MemcacheServerProtocol
@@ -706,6 +706,89 @@ class ForwardedGetTests:
         for _, sink in self.backend.sinks[2:]:
             sink.callback(b"END\r\n")
         assert transport.producerState == "producing" and transport.value() == b"END\r\n" * 6
+
+
+@implementer(IForwardedSet)
+class SetForwardingBackend(LaterBackend):
+    """A backend that answers later and takes sets with ``forward_set`` (a gateway's shape): the test answers
+    each sink; with ``declining`` set it declines them, with ``failing`` set ``forward_set`` raises it."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.sinks: list[tuple[Store, Any]] = []
+        self.declining = False
+        self.failing: Exception | None = None
+
+    def forward_set(self, command: Store, sink: Any) -> bool:
+        if self.failing is not None:
+            raise self.failing
+        if self.declining:
+            return False
+        self.sinks.append((command, sink))
+        return True
+
+
+class ForwardedSetTests:
+    """An ``IForwardedSet`` backend's ``forward_set`` takes sets; their results keep their places."""
+
+    def setup_method(self) -> None:
+        self.backend = SetForwardingBackend(Clock())
+        self.factory, _ = make_factory(self.backend, requests=RequestMetrics())
+        self.protocol, self.transport = connect(self.factory)
+
+    def test_results_keep_their_places(self) -> None:
+        """Forwarded sets pipelined with other commands answer in request order (a noreply set with
+        nothing); only sets are forwarded; a get of a key a forwarded set writes waits for its result, then
+        takes its turn; every set is timed."""
+        self.protocol.dataReceived(b"get a\r\nset k 1 0 1\r\nx\r\nset j 0 0 1 noreply\r\ny\r\n")
+        self.protocol.dataReceived(b"add m 0 0 1\r\nz\r\nget k\r\n")
+        assert [(c.key, c.noreply) for c, _ in self.backend.sinks] == [(b"k", False), (b"j", True)]
+        assert [type(c).__name__ for _, c in self.backend.waiting] == ["Get", "Store"]  # get a, add m
+        self.backend.sinks[1][1].callback(Status.STORED)
+        self.backend.fire(1)
+        self.backend.fire(0)
+        assert self.transport.value() == b"END\r\n"  # get a; the set of k holds the rest
+        self.backend.sinks[0][1].callback(Status.STORED)
+        assert [c for _, c in self.backend.waiting[2:]] == [Get((b"k",))]  # once k's set answered
+        self.backend.fire(2)
+        assert self.transport.value() == b"END\r\nSTORED\r\nSTORED\r\nEND\r\n"
+        assert self.factory.latency is not None and sum(self.factory.latency[Store].counts) == 3
+
+    @pytest.mark.parametrize("case", ["declining", "unauthenticated"])
+    def test_the_general_path_otherwise(self, case: str) -> None:
+        """A set the backend declines is executed as a Store; a connection that has not proved the token
+        forwards none (refused, as every write), and forwards once it has."""
+        if case == "declining":
+            self.backend.declining = True
+            self.protocol.dataReceived(b"set k 0 0 1\r\nx\r\n")
+            assert [c for _, c in self.backend.waiting] == [Store("set", b"k", 0, 0, b"x")]
+            self.backend.fire(0)
+            assert self.transport.value() == b"STORED\r\n"
+            return
+        factory, _ = make_factory(self.backend, token=b"secret")
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"set k 0 0 1\r\nx\r\n")
+        assert self.backend.sinks == [] and transport.value().startswith(b"CLIENT_ERROR authentication required")
+        protocol.dataReceived(b"xauth secret\r\nset k 0 0 1\r\nx\r\n")
+        assert [c.key for c, _ in self.backend.sinks] == [b"k"]
+
+    def test_errors(self) -> None:
+        """A domain error is its error line; any other error, or ``forward_set`` raising, is SERVER_ERROR,
+        logged; the key is no longer counted as written (a get of it is forwarded at once again)."""
+        self.protocol.dataReceived(b"set a 0 0 1\r\nx\r\nset b 0 0 1\r\nx\r\n")
+        (_, first), (_, second) = self.backend.sinks
+        self.backend.failing = RuntimeError("bug")
+        with capturedLogs() as events:
+            first.errback(QuorumNotReached(2, 1, "write"))
+            second.errback(Failure(RuntimeError("bug")))
+            self.protocol.dataReceived(b"set c 0 0 1\r\nx\r\n")
+        assert self.transport.value() == (
+            b"SERVER_ERROR write quorum not reached: 1 of 2 replicas answered\r\n"
+            + b"SERVER_ERROR internal error\r\n" * 2
+        )  # fmt: skip
+        assert [e["log_level"] for e in events if e.get("log_failure")] == [LogLevel.critical] * 2
+        assert first.called and second.called
+        assert self.protocol._writing == {}
 
 
 @implementer(IKeyValue)

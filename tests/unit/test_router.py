@@ -866,6 +866,27 @@ class FastPathTests(SynchronousTestCase):
         stats = c.router.stats()
         assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"], stats["quorum_failures"]) == (3, 1, 1, 1)
 
+    def test_forward_set(self) -> None:
+        """``forward_set`` writes as ``execute(Store)`` does, its STORED (or its QuorumNotReached, counted) to
+        the sink once; a slow replica is still written to, and answering clears its suspicion; with no nodes
+        it declines (sends nothing, counts nothing): the general path words that error."""
+        c = Cluster()
+        sink = Sink()
+        first, second, third = c.replicas(b"k")
+        c.router._mark_slow(second)
+        assert c.router.forward_set(Store("set", b"k", 3, 0, b"v"), sink)
+        assert sink.replies == [Status.STORED] and not sink.errors  # type: ignore[comparison-overlap]  # a result, not bytes
+        assert c.holders(b"k") == {first, second, third} and c.router.stats()["nodes_slow"] == 0
+        c.links[second].mode = c.links[third].mode = "down"
+        assert c.router.forward_set(Store("set", b"k", 3, 0, b"w"), sink)
+        (error,) = sink.errors
+        assert isinstance(error, QuorumNotReached) and "write quorum not reached: 1 of 2" in str(error)
+        assert c.router.stats()["quorum_failures"] == 1 and c.router.stats()["cmd_set"] == 2
+        empty = Cluster()
+        empty.router.update(Placement(HashRing({})))
+        assert not empty.router.forward_set(Store("set", b"k", 0, 0, b"v"), sink)
+        assert empty.sends() == 0 and empty.router.stats()["cmd_set"] == 0
+
     def test_forward_get_declines(self) -> None:
         """With N=1 ``forward_get`` declines (sends nothing, counts nothing) with the node down or slow and
         without a connection up; with R=1 and N=3 it declines every get (``forwarding`` is False): the
