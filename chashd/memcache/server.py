@@ -585,13 +585,8 @@ class _Forwarded:
 
     def errback(self, error: Any) -> None:
         self.called = True
-        if isinstance(error, Failure):
-            error = error.value
-        protocol = self.protocol
-        if not isinstance(error, DomainError):
-            protocol._log.failure("the backend failed on a get", Failure(error))
-        self.cell[0] = protocol._error(error_reply(error))
-        protocol._settle(self.cell)
+        self.cell[0] = self.protocol._failed_reply(error, "a get")
+        self.protocol._settle(self.cell)
         self._done()
 
     def _done(self) -> None:
@@ -625,12 +620,7 @@ class _SetReply:
 
     def errback(self, error: Any) -> None:
         self.called = True
-        if isinstance(error, Failure):
-            error = error.value
-        protocol = self.protocol
-        if not isinstance(error, DomainError):
-            protocol._log.failure("the backend failed on {command}", Failure(error), command="Store")
-        reply = protocol._error(error_reply(error or RuntimeError()))
+        reply = self.protocol._failed_reply(error, "Store")
         self.cell[0] = b"" if self.command.noreply else reply
         self._done()
 
@@ -1033,6 +1023,15 @@ class MemcacheServerProtocol(Protocol):
             self._out_size += len(reply)
             if self._out_size >= _FLUSH_AT:
                 self._flush_out()  # big replies leave now, so that a full transport can pause us
+
+    def _failed_reply(self, error: Any, what: str) -> bytes:
+        """The error line for a forwarded request's ``error`` (an exception or a ``Failure`` of one), counted;
+        an error that is not a domain error is logged (the backend failed on ``what``)."""
+        if isinstance(error, Failure):
+            error = error.value
+        if not isinstance(error, DomainError):
+            self._log.failure("the backend failed on {command}", Failure(error), command=what)
+        return self._error(error_reply(error))
 
     def _error(self, reply: bytes) -> bytes:
         """Count the error ``reply`` (``SERVER_ERROR`` a server error, the others a client's) and return it."""
