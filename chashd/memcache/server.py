@@ -960,9 +960,9 @@ class MemcacheServerProtocol(Protocol):
         if (self._writing or self._reading) and self._waits(command):
             self._hold(command)
             return
-        if self._set_forwarder is not None and type(command) is Store and command.mode == "set":
-            if self._forward_set(command, start):
-                return
+        forwarded_set = self._set_forwarder is not None and type(command) is Store and command.mode == "set"
+        if forwarded_set and self._forward_set(command, start):  # type: ignore[arg-type]  # a Store, as tested
+            return
         try:
             result = self._execute(command)
         except DomainError as e:
