@@ -330,9 +330,14 @@ class KVClientProtocol(Protocol):
         if not self._connected:
             return False
         kind = type(command)
-        if kind is not XGet and kind is not XVer:  # a gateway's quorum reads have no noreply to drop
-            command = _as_request(command)
-        self._enqueue(command, sink, serialize_command(command))
+        if kind is XGet or kind is XVer:  # a gateway's quorum reads have no noreply to drop
+            self._enqueue(command, sink, serialize_command(command))
+            return True
+        command = _as_request(command)
+        wire = serialize_command(command)
+        if kind is XPut and command.epoch:  # type: ignore[union-attr]  # an XPut, as tested
+            wire = self._fence(command.epoch) + wire  # type: ignore[union-attr]  # an XPut, as tested
+        self._enqueue(command, sink, wire)
         return True
 
     def _enqueue(self, request: Command | SplicedGet, waiter: Deferred[Result] | IReplySink, wire: bytes) -> None:

@@ -372,6 +372,23 @@ class AnnounceTests(SynchronousTestCase):
         client.send(put)
         assert writes == [b"xfence 5\r\n" + serialize_command(put)] and client.pending == 2
 
+    def test_fenced_copy_sent_to_a_sink(self) -> None:
+        """``send_to`` fences an XPut with an epoch as ``send`` does (a plain one goes unfenced): the copy is
+        refused (StaleMap to the sink, nothing stored) by a kvstore that knows a newer map."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, server, pump = pair(factory)
+        backend.know_epoch(6)
+        sink = Sink()
+        assert client.send_to(XPut(b"n", Record(b"1", 0, 0, Version(T0_MS + 10, "gw")), epoch=5), sink)
+        assert client.send_to(XPut(b"m", Record(b"1", 0, 0, Version(T0_MS + 10, "gw"))), sink)
+        pump.flush()
+        (error,) = sink.errors
+        assert isinstance(error, StaleMap) and error.known == 6
+        assert sink.replies == [Status.STORED]  # type: ignore[comparison-overlap]  # a result, not bytes
+        assert backend.engine.get(b"n") is None and backend.stats()["cmd_xfence"] == 1
+
     def test_fenced_copy_to_a_kvstore_of_an_earlier_version(self) -> None:
         """A kvstore that does not know ``xfence`` answers it ERROR and stores the xput after it unfenced; the
         connection sends its next copies as plain xputs (no ERROR per copy)."""
