@@ -113,9 +113,13 @@ run_tests() {
     # Two pytest processes (pytest-xdist), each running whole modules (--dist loadfile: a module's cluster
     # fixture starts once): the integration tests mostly wait on their daemons, so two of them overlap well
     # on two cores. Every test has its own ports (free_ports), directories (tmp_path) and namespaces; add -n 0
-    # to run in one process.
+    # to run in one process. --no-loadscope-reorder hands the modules out in collection order (tests/deploy,
+    # tests/integration, then the many short tests/unit modules, which fill in until both processes finish):
+    # xdist's default order, most tests first, left the longest modules (the fault injection's 4 tests, the
+    # two venv installs, a handful of 1-3 test cluster modules) for the end, where one process ran them while
+    # the other sat idle.
     local status=0
-    "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@" || status=$?
+    "$VENV/bin/python" -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@" || status=$?
     if [ "$status" -eq 5 ]; then
         die "pytest collected no tests"
     fi
