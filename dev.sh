@@ -118,8 +118,23 @@ run_tests() {
     # xdist's default order, most tests first, left the longest modules (the fault injection's 4 tests, the
     # two venv installs, a handful of 1-3 test cluster modules) for the end, where one process ran them while
     # the other sat idle.
-    local status=0
+    # Bytecode goes to $VENV/pycache (PYTHONPYCACHEPREFIX), written even where PYTHONDONTWRITEBYTECODE is set
+    # (containers often set it), and never into the clone: without it every pytest process compiled and rewrote
+    # every test module again (collecting took 10 s of CPU in each process at load 5, 2 s with the cache) and
+    # every daemon the tests start compiled chashd again. What the temporary venvs and copies under /tmp left
+    # there goes once the run is over.
+    local status=0 pycache
+    pycache="$(cd "$VENV" && pwd)/pycache"
+    if [ -z "${PYTHONPYCACHEPREFIX:-}" ]; then
+        export PYTHONPYCACHEPREFIX="$pycache"
+        unset PYTHONDONTWRITEBYTECODE
+    fi
     "$VENV/bin/python" -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@" || status=$?
+    local tmp
+    for tmp in /tmp "${TMPDIR:-/tmp}"; do
+        tmp=$(cd "$tmp" 2>/dev/null && pwd -P) || continue
+        case "$PWD/" in "$tmp"/*) ;; *) rm -rf "${pycache:?}$tmp" ;; esac
+    done
     if [ "$status" -eq 5 ]; then
         die "pytest collected no tests"
     fi
