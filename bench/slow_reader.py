@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-size", type=int, default=1_000_000)
     parser.add_argument("--max-growth-mib", type=float, default=64.0)
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="chashd-bench-slow-reader-"))
-    with LocalCluster(workdir, gateways=1, kvstores=3) as cluster:
+    with (
+        tempfile.TemporaryDirectory(prefix="chashd-bench-slow-reader-") as workdir,
+        LocalCluster(Path(workdir), gateways=1, kvstores=3) as cluster,
+    ):
         gateway = cluster.gateways[0]
         assert gateway.pid is not None
         port = cluster.line_ports[gateway.name]
