@@ -328,6 +328,18 @@ def cmd_ring(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _leader_text(status: dict[str, Any]) -> str:
+    """The leader of a ``/ring/status`` answer, for ``chash status``: a gateway whose map is not current names
+    none (``leader`` null) and still gives the one it last knew as ``last_leader``."""
+    leader = status.get("leader")
+    if leader:
+        return str(leader)
+    last = status.get("last_leader")
+    if last:
+        return f"none (no Raft leader heard from within the election timeout; the last one known is {last})"
+    return "none (no Raft quorum)"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """``chash status``: gateways, leader, epoch, rebalancing progress."""
     status = _client(args).status()
@@ -336,7 +348,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     leader = status.get("leader")
     _out(
-        f"answered by {status.get('gateway_id')}; leader {leader or 'none (no Raft quorum)'}; "
+        f"answered by {status.get('gateway_id')}; leader {_leader_text(status)}; "
         f"epoch {status.get('epoch')}; N={status.get('replicas')} W={status.get('write_quorum')} "
         f"R={status.get('read_quorum')}"
     )

@@ -11,9 +11,11 @@ Routes::
     GET    /ring/placement            the routing the gateway's own router follows (chashd.gateway.follow), for
                                       its workers and the gateways that follow it; ?known=<tag>&timeout=<s>
                                       waits for another; needs the token when one is configured
-    GET    /ring/status               gateway_id, leader (id or null), map_current (it leads, or heard from the
-                                      leader within its election timeout), epoch, replicas, write_quorum,
-                                      read_quorum, nodes, gateways, rebalancing, and what status_extra() adds
+    GET    /ring/status               gateway_id, leader (id, or null unless map_current), map_current (it
+                                      leads, or heard from the leader within its election timeout),
+                                      last_leader (the leader Raft names, current or not), epoch, replicas,
+                                      write_quorum, read_quorum, nodes, gateways, rebalancing, and what
+                                      status_extra() adds
     GET    /ring/lookup/{key}         the key's preference list: N nodes, primary first, with address and state
     GET    /ring/nodes                every node of the map
     GET    /ring/nodes/{id}           one node
@@ -70,7 +72,10 @@ class _Membership(Protocol):
     status: RaftStatus
 
     def leader_id(self) -> str | None:
-        """The leader's gateway id."""
+        """The leader's gateway id while the map is current, else None."""
+
+    def last_leader_id(self) -> str | None:
+        """The leader's gateway id Raft names, also when not heard from within the election timeout."""
 
     def subscribe(self, observer: Callable[[ClusterView], None]) -> None:
         """Get every new view."""
@@ -265,13 +270,15 @@ class RingAPI:
         raft = self._membership.status
         body: dict[str, Any] = {
             "gateway_id": self._config.gateway_id,
+            # The leader only while this gateway leads or heard from it within its election timeout
+            # (map_current): a follower cut off from the others still names its last leader (pysyncobj holds
+            # no election without a connection) and counts its connections as a quorum until they time out;
+            # that name is last_leader.
             "leader": self._membership.leader_id(),
-            "leader_raft": raft.leader,
+            "leader_raft": raft.leader if raft.in_contact else None,
+            "last_leader": self._membership.last_leader_id(),
             "is_leader": raft.is_leader,
             "has_quorum": raft.has_quorum,
-            # False while this gateway neither leads nor heard from the leader within its election timeout: a
-            # follower cut off from the others still names its last leader (pysyncobj holds no election
-            # without a connection) and counts its connections as a quorum until they time out.
             "map_current": raft.in_contact,
             "epoch": view.epoch,
             "replicas": self._config.replicas,

@@ -229,7 +229,16 @@ class Membership(Service):
         return tuple(self._history)
 
     def leader_id(self) -> str | None:
-        """The leader gateway's id, or None (no leader, or one not registered in the map yet)."""
+        """The leader gateway's id while this gateway's map is current (``map_current``: it leads, or heard
+        from the leader within the election timeout), else None, as when no leader is known or the leader is
+        not registered in the map yet. A follower cut off from the other gateways keeps naming its last
+        leader (``last_leader_id``): that one is not a leader this gateway can count on."""
+        return self.last_leader_id() if self.map_current else None
+
+    def last_leader_id(self) -> str | None:
+        """The id of the leader Raft names, also when this gateway has not heard from it within the election
+        timeout (pysyncobj keeps the last leader's name until it holds an election); None when Raft names
+        none or it is not registered in the map yet."""
         gateway = self.view.gateway_at(self.status.leader)
         return gateway.id if gateway is not None else None
 

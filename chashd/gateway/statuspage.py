@@ -187,16 +187,16 @@ class StatusPage:
 
     @staticmethod
     def _leader(status: dict[str, Any]) -> str | None:
-        """The leader this gateway can count on: None without one, without a Raft majority in reach, or when
-        it has not heard from it within the election timeout (an isolated follower still names its last
-        leader, as pysyncobj keeps it until it can hold an election, and counts its connections as a quorum
-        until they time out)."""
+        """The leader this gateway can count on: None without one, or without a Raft majority in reach
+        (``leader`` is already None when it has not heard from it within the election timeout)."""
         leader = status.get("leader")
         current = status.get("has_quorum") and status.get("map_current", True)
         return str(leader) if leader is not None and current else None
 
     def _summary(self, status: dict[str, Any], now: float) -> str:
-        named = status.get("leader")
+        # An isolated follower still names its last leader (pysyncobj keeps it until it can hold an
+        # election, and counts its connections as a quorum until they time out): last_leader.
+        named = status.get("last_leader", status.get("leader"))
         leader = self._leader(status)
         parts = []
         if leader is None:

@@ -33,7 +33,7 @@ never returns less than an increment acknowledged before it started; the final v
 acknowledged increments and those plus the ones that may have applied. ``phantom`` is a value no write
 could have produced. ``under-replicated`` is a key whose newest record sits on fewer than N of the nodes of
 its preference list. ``leadership`` (a leader cut from the other gateways that still says it leads, a cut follower that
-still says its map is current) and
+still says its map is current or names a leader) and
 ``liveness`` (a cluster that does not settle) come from the runner. A run may name categories it only
 reports (``report_only``): they are listed and counted but do not make the run fail (``Report.reported``).
 """

@@ -116,16 +116,17 @@ def leadership_violation(
 ) -> Violation | None:
     """A ``leadership`` violation when ``gateway``, cut from the other gateways for ``cut_for`` seconds (longer
     than ``LEADERSHIP_GRACE``), still answers ``GET /ring/status`` saying it leads, or, a follower
-    (``leader`` False), that its map is current (it heard from no leader meanwhile). Pure."""
+    (``leader`` False), that its map is current or that a leader leads (it heard from no leader meanwhile:
+    the leader it last knew is ``last_leader`` then, not ``leader``). Pure."""
     if cut_for < LEADERSHIP_GRACE or status is None:
         return None
     if not leader:
-        if status.get("map_current") is True:
+        if status.get("map_current") is True or status.get("leader") is not None:
             return Violation(
                 "leadership",
                 gateway,
                 f"{gateway}, a follower cut from the other gateways for {cut_for:.1f}s, still reports its map "
-                f"current (leader {status.get('leader')!r})",
+                f"current ({status.get('map_current')!r}) or a leader ({status.get('leader')!r})",
             )
         return None
     if status.get("is_leader") or status.get("leader") == gateway:

@@ -142,3 +142,16 @@ class OutputTests:
         assert cli._progress_text(report) == "moving, arcs 3/8, sent 12, pending 4, synced epoch 7"
         assert cli._progress_text({"phase": "x", "arcs": [1]}) == "phase x"
         assert cli._progress_text(None) == "-"
+
+
+class StatusTextTests:
+    """What ``chash status`` says of the leader."""
+
+    def test_leader_text(self) -> None:
+        """The leader when the gateway names one; none, with the last one known, when its map is not current
+        (a follower cut off from the others); none when it knows no leader at all."""
+        assert cli._leader_text({"leader": "g1", "last_leader": "g1"}) == "g1"
+        cut = cli._leader_text({"leader": None, "last_leader": "g2", "map_current": False})
+        assert cut.startswith("none (") and "last one known is g2" in cut
+        assert cli._leader_text({"leader": None, "last_leader": None}) == "none (no Raft quorum)"
+        assert cli._leader_text({"leader": None}) == "none (no Raft quorum)"

@@ -111,7 +111,7 @@ class ScheduleTests:
 
     def test_leadership(self) -> None:
         """A leader cut from the others longer than an election takes must not say it leads any more, nor a cut
-        follower that its map is current."""
+        follower that its map is current or that it knows a leader (its last one is last_leader)."""
         still = {"is_leader": True, "leader": "gateway-1"}
         finding = leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, still)
         assert finding is not None and finding.category == "leadership" and finding.key == "gateway-1"
@@ -122,7 +122,10 @@ class ScheduleTests:
         current = {"is_leader": False, "leader": "gateway-2", "map_current": True}
         finding = leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, current, leader=False)
         assert finding is not None and "map current" in finding.message
-        stale = {"is_leader": False, "leader": "gateway-2", "map_current": False}
+        named = {"is_leader": False, "leader": "gateway-2", "map_current": False, "last_leader": "gateway-2"}
+        finding = leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, named, leader=False)
+        assert finding is not None and "'gateway-2'" in finding.message
+        stale = {"is_leader": False, "leader": None, "map_current": False, "last_leader": "gateway-2"}
         assert leadership_violation("gateway-1", LEADERSHIP_GRACE + 1, stale, leader=False) is None
         assert leadership_violation("gateway-1", LEADERSHIP_GRACE - 1, current, leader=False) is None
 

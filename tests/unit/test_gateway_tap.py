@@ -161,7 +161,8 @@ class GatewayWiringTests(SynchronousTestCase):
     def test_cut_off_follower_is_not_ready(self) -> None:
         """A gateway that still names a leader but has not heard from it within the election timeout (a
         follower cut off from the other gateways: pysyncobj holds no election then) answers /ready 503 saying
-        why, and /ring/status says its map is not current; once it hears from the leader, both recover."""
+        why, and /ring/status says its map is not current and names no leader (only as last_leader), nor does
+        /health; once it hears from the leader, both recover."""
         service = self.build()
         service.startService()
         stub = self.stub()
@@ -172,7 +173,9 @@ class GatewayWiringTests(SynchronousTestCase):
         code, body = self.get(stub, "/ready")
         assert code == 503 and "heard from within the election timeout" in body["detail"]
         code, status = self.get(stub, "/ring/status")
-        assert code == 200 and status["map_current"] is False and status["leader"] == "g1"
+        assert code == 200 and status["map_current"] is False
+        assert status["leader"] is None and status["last_leader"] == "g1"
+        assert self.get(stub, "/health")[1]["leader"] is None
         self.rafts[0].elect(self.rafts[0].settings.self_address)
         assert self.get(stub, "/ready")[0] == 200 and self.get(stub, "/ring/status")[1]["map_current"] is True
         service.stopService()

@@ -118,6 +118,25 @@ class RingReadTests(RingAPITestsBase):
         self.rafts[0].elect(None)
         _, _, body = self.request("GET", "/ring/status")
         assert body["leader"] is None and body["has_quorum"] is False
+        assert body["last_leader"] is None and body["leader_raft"] is None and body["map_current"] is False
+
+    def test_status_of_cut_off_follower(self) -> None:
+        """A gateway that Raft still tells the leader of, but that has not heard from it within the election
+        timeout (a follower cut off from the other gateways), names no leader: leader and leader_raft are
+        null, map_current false, and last_leader names the one it last knew; once a leader is heard from
+        again, leader names it."""
+        address = self.rafts[0].settings.self_address
+        _, _, body = self.request("GET", "/ring/status")
+        assert (body["leader"], body["leader_raft"], body["last_leader"]) == ("g1", address, "g1")
+        assert body["map_current"] is True
+        self.rafts[0].lose_contact()
+        _, _, body = self.request("GET", "/ring/status")
+        assert body["map_current"] is False and body["is_leader"] is False
+        assert (body["leader"], body["leader_raft"], body["last_leader"]) == (None, None, "g1")
+        assert self.membership.leader_id() is None and self.membership.last_leader_id() == "g1"
+        self.rafts[0].elect(address)
+        _, _, body = self.request("GET", "/ring/status")
+        assert (body["leader"], body["map_current"]) == ("g1", True)
 
     def test_lookup(self) -> None:
         """/ring/lookup/{key} is the key's preference list of N (capped at the node count), primary first."""
