@@ -237,9 +237,18 @@ class MapNotCurrent(ServiceUnavailable):
 class ClusterMapUnavailable(ServiceUnavailable):
     """A cluster-map change was not confirmed (no Raft leader, leader changed, timeout, stopping).
 
-    The change may or may not have been applied; every change is idempotent, so it is safe to retry.
+    The change may or may not have been applied; every change is idempotent, so it is safe to retry. With
+    ``submitted`` False it was refused before it reached Raft (no leader known, or none heard from within the
+    election timeout): it was not applied.
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"the cluster map change was not confirmed ({reason}); it is safe to retry")
+    def __init__(self, reason: str, submitted: bool = True) -> None:
+        if submitted:
+            message = f"the cluster map change was not confirmed ({reason}); it is safe to retry"
+        else:
+            message = (
+                f"the cluster map change was refused ({reason}); nothing was applied: retry, or ask another gateway"
+            )
+        super().__init__(message)
         self.reason = reason
+        self.submitted = submitted

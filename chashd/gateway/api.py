@@ -27,7 +27,9 @@ Routes::
 
 With a token configured, register, drain and remove need ``Authorization: Bearer <token>`` (401 without
 it, 403 with another). Every error is ``application/problem+json``; a change that could not be confirmed
-(no Raft leader, leader change, timeout) is a 503 with ``Retry-After``, and is safe to retry.
+(no Raft leader, leader change, timeout) is a 503 with ``Retry-After``, and is safe to retry. A gateway
+that knows no leader, or has heard from none within its election timeout, refuses a change at once (a 503
+too; ``Membership`` submits nothing then).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Contracts:
 - Every operation returns a Deferred that fires with the ``Outcome`` once the change is committed and this
   gateway's view has reached its epoch (read-your-writes on this gateway), or fails with
   ``ClusterMapUnavailable`` (no leader, a leader change, a timeout: safe to retry, as every operation is).
+  While no leader is known, or this gateway has not heard from the one it knows within the election timeout
+  (``map_current`` False), it fails at once and nothing is submitted.
   Nothing here blocks the reactor.
 - ``view`` is the latest ``ClusterView``; observers (``subscribe``) get each new one, on the reactor thread,
   in epoch order. ``ready`` fires once the Raft state is loaded (journal replayed, leader known), and the
@@ -278,8 +280,13 @@ class Membership(Service):
         raft = self._raft
         if raft is None:
             return fail(ClusterMapUnavailable("the Raft cluster map is not running"))
-        if not self.leader_known:  # refused at once rather than after command_timeout
-            return fail(ClusterMapUnavailable(f"{op}: {NO_LEADER}"))
+        # Refused at once rather than after command_timeout: without a leader, or while this gateway has not
+        # heard from the one Raft still names (a follower cut off from the others: pysyncobj would forward
+        # the command over a link that is down and wait).
+        if not self.leader_known:
+            return fail(ClusterMapUnavailable(f"{op}: {NO_LEADER}", submitted=False))
+        if not self.map_current:
+            return fail(ClusterMapUnavailable(f"{op}: {NOT_CURRENT}", submitted=False))
         token = next(self._tokens)
         deferred: Deferred[Outcome] = Deferred(lambda _: self._cancel(token))
         timer = self._reactor.callLater(self.command_timeout, self._fail, token, "no answer in time")
@@ -391,8 +398,8 @@ class Membership(Service):
     # -- this gateway in the map ------------------------------------------------------------------
 
     def _maybe_register_self(self) -> None:
-        if not self.running or self._registering or self._raft is None or not self.leader_known:
-            return
+        if not self.running or self._registering or self._raft is None or not self.map_current:
+            return  # on_status calls again once a leader is heard from
         if self._register_call is not None and self._register_call.active():
             return
         if self.self_info in self.view.gateways:

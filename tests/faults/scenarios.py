@@ -17,16 +17,20 @@ deterministic.)
 marked up again): gateways whose maps disagree for a moment on a node's state send a read-modify-write of one
 key to two different primaries; a gateway cut from the others makes the moment last. Checked: concurrent
 increments through both never answer the same number and none is lost (since a gateway that hears from no
-Raft leader refuses read-modify-writes, the cut gateway's increments are refused).
+Raft leader refuses read-modify-writes, the cut gateway's increments are refused); the cut gateway names no
+leader and refuses a membership change with a 503 that says why.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from chashd.client import ChashError, KVStoreClient
 from chashd.launcher import Daemon
-from tests.faults.checker import Report
+from tests.faults.checker import Report, Violation
 from tests.faults.clients import Session
 from tests.faults.cluster import FaultCluster, poll_until
 from tests.faults.runner import Run
@@ -147,6 +151,38 @@ def removed_kvstore_restart(run: Run, watch_cut: float = 30.0, peer_cut: float =
     return run.finish()
 
 
+def _cut_gateway_refuses_changes(run: Run, cluster: FaultCluster, gateway: Daemon) -> list[Violation]:
+    """``leadership`` findings for ``gateway``, cut from the other gateways: once it says its map is not
+    current it must name no leader on ``/ring/status``, and refuse a membership change (a drain, as
+    ``chash nodes drain`` sends it, of a node that does not exist) with a 503 saying it knows or heard from
+    no Raft leader and applied nothing, not the timeout of a command it forwarded over the cut link.
+    Checked by what it answers, never by how fast (the time is logged)."""
+
+    def stale() -> dict[str, Any] | None:
+        status = cluster.gateway_status(gateway)
+        return status if status is not None and status.get("map_current") is False else None
+
+    status = poll_until(f"{gateway.name} to say its map is not current", stale, 30.0)
+    found = []
+    if status.get("leader") is not None:
+        found.append(
+            Violation("leadership", gateway.name, f"{gateway.name}, cut off, names leader {status['leader']!r}")
+        )
+    client = KVStoreClient(gateway.url, timeout=15.0, token=cluster.token)
+    started = time.monotonic()
+    try:
+        client.drain("kvstore-none")
+        answer = "a success"
+    except ChashError as e:
+        answer = f"{e.status} {e.detail}"
+    finally:
+        client.close()
+    run.log(f"{run.recorder.now():7.1f}s drain at {gateway.name}: {answer} ({time.monotonic() - started:.2f}s)")
+    if not (answer.startswith("503 ") and "no Raft leader" in answer and "nothing was applied" in answer):
+        found.append(Violation("leadership", gateway.name, f"{gateway.name}, cut off, answered a drain with {answer}"))
+    return found
+
+
 def split_primary(run: Run, rounds: int = 30) -> Report:
     """Two gateways that disagree on a node's state pick different primaries for its keys.
 
@@ -178,6 +214,7 @@ def split_primary(run: Run, rounds: int = 30) -> Report:
     _until(run, f"{victim.name} marked up on {fresh.name}", up_on_fresh)
     if (cluster.ring_nodes(stale) or {}).get(victim.name) != "down":
         raise RuntimeError(f"{stale.name} does not see {victim.name} down any more")
+    refusals = _cut_gateway_refuses_changes(run, cluster, stale)
     endpoints = {e.name: i for i, e in enumerate(run.endpoints())}
     sessions = [run.session("w0", endpoints[fresh.name]), run.session("w1", endpoints[stale.name])]
     barrier = threading.Barrier(2, timeout=30.0)
@@ -198,7 +235,7 @@ def split_primary(run: Run, rounds: int = 30) -> Report:
     run.firewall.heal()
     run.heal_time = run.recorder.now()
     run.log(f"{run.heal_time:7.1f}s reconnected {stale.name}")
-    return run.finish()
+    return run.finish(refusals)
 
 
 SCENARIOS: dict[str, Callable[[Run], Report]] = {

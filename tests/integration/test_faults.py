@@ -120,7 +120,8 @@ def test_split_primary(tmp_path: Path) -> None:
     it up; of the pairs of increments of the node's counters sent at the same moment through both, the cut
     gateway's are refused with nothing applied (SERVER_ERROR naming the Raft leader; or, before that gateway
     counts its leader lost, the kvstores' epoch fence: a newer map known there), the other's acknowledged,
-    no two acknowledged increments answer the same number and none is lost."""
+    no two acknowledged increments answer the same number and none is lost. The cut gateway, once its map is
+    not current, names no leader and refuses a drain at once with a 503 (a ``leadership`` finding otherwise)."""
     result = run_faults(tmp_path, "--scenario", "split-primary", timeout=300.0)
     increments = [op for op in read_history(tmp_path / "run" / "history.jsonl") if op.kind == "incr"]
     fresh = [op for op in increments if op.client == "w0"]

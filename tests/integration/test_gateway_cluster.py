@@ -266,6 +266,32 @@ class ThreeGatewayTests:
         code, _ = group.post(index, "/ring/nodes", announcement("kv-b", port=9100))
         assert code in (200, 201)
 
+    def test_lone_follower_refuses_changes_at_once(self, gateways: Callable[..., Gateways]) -> None:
+        """A follower whose two peers are gone (kill -9 closes its connections to them, and pysyncobj holds no
+        election without a connection, so it keeps naming its last leader) says on /ring/status that its map
+        is not current and names no leader (the one it knew is last_leader), nor on /health, and refuses a
+        change at once with a 503 saying nothing was applied, rather than forwarding it to the dead leader
+        and answering after the command timeout that it could not be confirmed."""
+        group = gateways(3)
+        leader = group.wait_leader()
+        lone = next(i for i in range(3) if i != group.index_of(leader))
+        for i in range(3):
+            if i != lone:
+                group.daemons[i].kill()
+
+        def stale() -> dict[str, Any] | None:
+            status = group.status(lone)
+            return status if status["map_current"] is False else None
+
+        status = wait_until("the lone follower to say its map is not current", stale, timeout=30)
+        assert status["leader"] is None and status["leader_raft"] is None, status
+        # Its last leader, unless it called an election before it saw its connections close (a loaded machine).
+        assert status["last_leader"] in (leader, None), status
+        assert http_json(group.url(lone) + "/health")[1]["leader"] is None
+        code, body = group.post(lone, "/ring/nodes", announcement("kv-z"), timeout=10)
+        assert code == 503 and "no Raft leader" in body["detail"], (code, body)
+        assert "nothing was applied" in body["detail"], body
+
     def test_systemd_ready_after_raft(self, gateways: Callable[..., Gateways], tmp_path: Path) -> None:
         """READY=1 reaches $NOTIFY_SOCKET once the Raft state is loaded (a single gateway on its own)."""
         path = str(tmp_path / "notify.sock")

@@ -104,6 +104,46 @@ class MembershipTests(SynchronousTestCase):
         assert self.membership.leader_id() is None  # the leader itself has not registered yet
         self.stop()
 
+    def test_cut_off_follower_refuses_changes_at_once(self) -> None:
+        """A gateway that Raft still tells the leader of but that has not heard from it within the election
+        timeout (a follower cut off from the other gateways) refuses every change at once, before the command
+        timeout and without submitting it, saying why; once it hears from a leader, changes run again."""
+        raft = self.start()
+        self.reactor.advance(0)
+        raft.lose_contact()
+        self.reactor.advance(0)
+        before = list(raft.submitted)
+        for d in (
+            self.membership.start_leaving("a"),
+            self.membership.remove("a"),
+            self.membership.register_node("a", "h", 1, 2, 100, 1),
+        ):
+            error = self.failureResultOf(d, ClusterMapUnavailable).value
+            assert isinstance(error, ClusterMapUnavailable) and not error.submitted
+            assert "no Raft leader heard from within the election timeout" in str(error)
+            assert "nothing was applied" in str(error)
+        assert raft.submitted == before and self.command_timers() == []
+        raft.elect("127.0.0.1:8002")
+        self.reactor.advance(0)
+        d = self.membership.register_node("a", "h", 1, 2, 100, 1)
+        self.reactor.advance(0)
+        assert self.successResultOf(d).code == OutcomeCode.REGISTERED
+        self.stop()
+
+    def test_self_registration_waits_for_leader_contact(self) -> None:
+        """A gateway not in the map yet that names a leader it has not heard from does not try to register
+        itself (it would be refused), and registers once it hears from one."""
+        self.factory.kw = {"leader": False}
+        raft = self.start()
+        raft.listener.on_status(RaftStatus("127.0.0.1:8002", False, True, False))
+        self.reactor.advance(0)
+        assert self.membership.leader_known and not self.membership.map_current
+        assert raft.submitted == []
+        raft.elect("127.0.0.1:8002")
+        self.reactor.advance(0)
+        assert raft.submitted == [("register_gateway", ("g1", "127.0.0.1:8001", "http://127.0.0.1:8000"))]
+        self.stop()
+
     def test_operation_fires_with_outcome_after_view(self) -> None:
         """An operation's Deferred fires after this gateway's view reached the outcome's epoch."""
         self.start()

@@ -365,6 +365,29 @@ class RingAdminTests(RingAPITestsBase):
         _, _, status = self.request("GET", "/ring/status")
         assert status["leader"] is None and status["is_leader"] is False
 
+    def test_change_at_cut_off_follower_is_503_at_once(self) -> None:
+        """A gateway that names a leader it has not heard from within the election timeout (a follower cut off
+        from the other gateways) refuses register, drain and remove at once, without advancing the clock to
+        the command timeout: 503 problem+json with Retry-After saying why, nothing submitted to Raft. Once a
+        leader is heard from, a drain runs."""
+        self.register()
+        self.rafts[0].lose_contact()
+        submitted = len(self.rafts[0].submitted)
+        for method, path, body in (
+            ("POST", "/ring/nodes", announcement("kv-b")),
+            ("POST", "/ring/nodes/kv-a/drain", None),
+            ("DELETE", "/ring/nodes/kv-a", None),
+        ):
+            code, headers, problem = self.request(method, path, body)
+            assert code == 503 and headers["retry-after"] == "1", (path, code)
+            assert headers["content-type"] == "application/problem+json"
+            assert "no Raft leader heard from within the election timeout" in problem["detail"]
+            assert "nothing was applied" in problem["detail"]
+        assert len(self.rafts[0].submitted) == submitted
+        self.rafts[0].elect(self.rafts[0].settings.self_address)
+        code, _, body = self.request("POST", "/ring/nodes/kv-a/drain")
+        assert code == 200 and body["node"]["state"] == "leaving"
+
 
 class RingTokenTests(RingAPITestsBase):
     """With --token, register, drain and remove need the bearer token."""
