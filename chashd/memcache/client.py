@@ -358,22 +358,29 @@ class KVClientProtocol(Protocol):
         """Send ``commands`` in one write; the Deferred fires once each is answered, with a list of each
         one's result or the ``Failure`` of its error, in order. For bulk senders (a handoff pushes a page
         of XPuts): one Deferred and one write for the group, in place of one Deferred and one write
-        each. ``noreply`` is dropped as in ``send``; ``quit`` is refused."""
+        each. ``noreply`` is dropped as in ``send``; ``quit`` is refused. An ``XPut`` with an ``epoch`` is
+        fenced as ``send`` fences it (its ``xfence`` goes just before it, in the same write, answered apart
+        from the group)."""
         if not commands:
             return succeed([])
         if not self._connected:
             error = self._not_connected()
             return succeed([Failure(error) for _ in commands])
         requests = [_as_request(command) for command in commands]
-        wire = b"".join([serialize_command(command) for command in requests])
         group = _Group(len(requests))
         seconds = self._seconds
         sent = seconds() if seconds is not None else 0.0
-        self._pending.extend([(command, group, sent) for command in requests])
+        pending = self._pending
+        parts = []
+        for command in requests:
+            if type(command) is XPut and command.epoch:
+                parts.append(self._fence(command.epoch))  # queues the fence's answer before the XPut's
+            parts.append(serialize_command(command))
+            pending.append((command, group, sent))
         if seconds is not None and self._timer is None:
             assert self._clock is not None and self._timeout is not None
             self._timer = self._clock.callLater(self._timeout, self._check_deadline)
-        self._tr.write(wire)
+        self._tr.write(b"".join(parts))
         return group.done
 
     def _send_split(self, keys: tuple[bytes, ...]) -> Deferred[Result]:

@@ -389,15 +389,66 @@ class AnnounceTests(SynchronousTestCase):
         assert sink.replies == [Status.STORED]  # type: ignore[comparison-overlap]  # a result, not bytes
         assert backend.engine.get(b"n") is None and backend.stats()["cmd_xfence"] == 1
 
-    def test_fenced_copy_to_a_kvstore_of_an_earlier_version(self) -> None:
-        """A kvstore that does not know ``xfence`` answers it ERROR and stores the xput after it unfenced; the
-        connection sends its next copies as plain xputs (no ERROR per copy)."""
+    def test_fenced_copies_sent_many(self) -> None:
+        """``send_many`` fences each XPut with an epoch as ``send`` does, in the group's one write (a plain
+        one goes unfenced): a kvstore that knows a newer map refuses the fenced copies (their StaleMap in the
+        group's results, nothing stored) and stores the plain one; the fences' answers are not the group's."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, server, pump = pair(factory)
+        writes: list[bytes] = []
+        write = client.transport.write  # type: ignore[union-attr]
+
+        def counting(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        client.transport.write = counting  # type: ignore[union-attr,method-assign]
+        backend.know_epoch(6)
+        record = Record(b"1", 0, 0, Version(T0_MS + 10, "gw"))
+        puts = [XPut(b"n", record, epoch=5), XPut(b"m", record), XPut(b"o", record, epoch=5)]
+        d = client.send_many(puts)
+        wire = [serialize_command(p) for p in puts]
+        assert writes == [b"xfence 5\r\n" + wire[0] + wire[1] + b"xfence 5\r\n" + wire[2]]
+        assert client.pending == 5
+        pump.flush()
+        refused, stored, refused_too = self.successResultOf(d)
+        assert stored is Status.STORED
+        for failure in (refused, refused_too):
+            assert isinstance(failure, Failure) and isinstance(failure.value, StaleMap) and failure.value.known == 6
+        assert backend.engine.get(b"n") is None and backend.engine.get(b"o") is None
+        assert backend.engine.get(b"m") == record
+        assert backend.stats()["cmd_xfence"] == 2 and client.fences and client.pending == 0
+
+    def earlier_version_knowing(self, epoch: int) -> tuple[KVClientProtocol, LocalBackend, IOPump]:
+        """A client connected to a kvstore whose parser does not know ``xfence`` (an earlier version) and
+        that knows map ``epoch``."""
         factory, _ = make_factory()
         backend = factory.backend
         assert isinstance(backend, LocalBackend)
         client, server, pump = pair(factory)
         del server._parser._dispatch[b"xfence"]  # as the parser of an earlier version
-        backend.know_epoch(6)
+        backend.know_epoch(epoch)
+        return client, backend, pump
+
+    def test_fenced_copies_sent_many_to_a_kvstore_of_an_earlier_version(self) -> None:
+        """A kvstore that answers ``xfence`` ERROR stores the copies of a ``send_many`` unfenced; the group
+        gets their answers in order, and the connection sends no more fences."""
+        client, backend, pump = self.earlier_version_knowing(6)
+        record = Record(b"1", 0, 0, Version(T0_MS + 10, "gw"))
+        d = client.send_many([XPut(b"n", record, epoch=5), Get((b"n",))])
+        pump.flush()
+        stored, got = self.successResultOf(d)
+        assert stored is Status.STORED and isinstance(got, Values) and got.items[0][1].value == b"1"
+        assert not client.fences and client.pending == 0
+        client.send_many([XPut(b"o", record, epoch=5)])
+        assert client.pending == 1
+
+    def test_fenced_copy_to_a_kvstore_of_an_earlier_version(self) -> None:
+        """A kvstore that does not know ``xfence`` answers it ERROR and stores the xput after it unfenced; the
+        connection sends its next copies as plain xputs (no ERROR per copy)."""
+        client, backend, pump = self.earlier_version_knowing(6)
         for clock in (10, 20):
             put = client.send(XPut(b"n", Record(b"%d" % clock, 0, 0, Version(T0_MS + clock, "gw")), epoch=5))
             pump.flush()
