@@ -31,8 +31,11 @@
   placement that changes between the read and the command starts it over too. The copies of the result
   name the command's epoch (``XPut.epoch``, ``xfence`` on the wire): a replica that knows a newer map
   refuses its copy, so a primary that a newer map no longer names (and that knows no newer map itself)
-  gets no command acknowledged. What this closes, and what it leaves, is in USAGE.md ("Failures and
-  consistency").
+  gets no command acknowledged. Copies refused for the next map (epoch + 1) go again fenced by it once
+  this router's map reaches it, when every gateway on that map reads the primary first (the same ring,
+  the primary up and among the replicas read first): a node that comes back and takes the primary role
+  back does not fail the commands a gateway one heartbeat behind sent to the old primary. What this
+  closes, and what it leaves, is in USAGE.md ("Failures and consistency").
 
 A slow replica does not slow the cluster:
 
@@ -274,6 +277,7 @@ class Router:
             "rmw_refused_stale_map_total": 0,
             "rmw_map_waits_total": 0,
             "rmw_copies_refused_stale_map_total": 0,
+            "rmw_copies_refenced_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -305,6 +309,13 @@ class Router:
     def _epoch_wait_over(self, callback: Callable[[bool], None]) -> None:
         self._epoch_waiters = [w for w in self._epoch_waiters if w[1] is not callback]
         callback(False)
+
+    def _forget_epoch_wait(self, callback: Callable[[bool], None]) -> None:
+        """``callback`` is no longer wanted (what waited is over): its timer is cancelled."""
+        for waiter in [w for w in self._epoch_waiters if w[1] == callback]:
+            self._epoch_waiters.remove(waiter)
+            if waiter[2].active():
+                waiter[2].cancel()
 
     def _wake_epoch_waiters(self) -> None:
         epoch = self.placement.ring.epoch
@@ -1133,7 +1144,9 @@ class _KeyRead:
         )
 
 
-_READING, _APPLYING, _REPLICATING, _WAITING, _OVER = range(5)
+# _REFENCE_WAIT: the copies were refused by replicas that know a newer map; waiting for this router's map to
+# reach it. _REFENCING: the copies go again, fenced by that map (``_ReadModifyWrite._refence``).
+_READING, _APPLYING, _REPLICATING, _WAITING, _REFENCE_WAIT, _REFENCING, _OVER = range(7)
 
 
 class _MapMoved(Exception):
@@ -1159,6 +1172,11 @@ class _ReadModifyWrite:
       (``XPut.epoch``: a replica that knows a newer map refuses it, ``StaleMap``); ``W - 1``
       acknowledgements complete the command. A command that changed nothing repairs the replicas that
       answered an older record than the newest.
+    - Re-fence: when too few copies were taken because replicas know the next map (epoch + 1), the
+      command waits for this router's map to reach it and, when that map names the same ring with only
+      node states changed and every gateway on it reads the primary before its own commands
+      (``_refence_unsound``), sends the copies again fenced by the new epoch to the new map's candidates;
+      ``W`` acknowledgements in all (the primary's, the first copies' and these) complete it.
     - The map: the command runs by the placement's epoch at ``start``. A placement that changes before the
       command is sent, or a primary that knows a newer map (``StaleMap``: nothing applied; the command waits
       for this router's map to reach it, ``_WAITING``), starts it over from the read (``_restart``). While
@@ -1167,11 +1185,16 @@ class _ReadModifyWrite:
     """
 
     __slots__ = (
+        "answer",
         "answers",
+        "applied_at",
         "asked",
         "awaited",
         "candidates",
         "command",
+        "copies_out",
+        "copy_error",
+        "copy_ok",
         "done",
         "epoch",
         "extra",
@@ -1181,7 +1204,9 @@ class _ReadModifyWrite:
         "needed_w",
         "newest",
         "phase",
+        "placement",
         "primary",
+        "record",
         "refused_by",
         "retries",
         "round",
@@ -1213,11 +1238,23 @@ class _ReadModifyWrite:
         self.extra: list[str] = []
         self.needed_r = self.needed_w = 0
         self.epoch = self.awaited = 0
-        #: The newest map epoch known by a replica that refused a copy of the result (``_copy_refused``).
+        #: The newest map epoch known by a replica that refused a copy of the result (``_copy_not_taken``).
         self.refused_by = 0
+        #: The placement the command runs by (set at ``start``).
+        self.placement = router.placement
+        # The replication of the result: the node that applied it, the answer and record it gave, the other
+        # replicas that took a copy (STORED, or EXISTS: they hold a newer record), copies still unanswered,
+        # and the last refusal or failure (for the error).
+        self.applied_at = ""
+        self.answer: Any = None
+        self.record: Record | None = None
+        self.copy_ok: set[str] = set()
+        self.copies_out = 0
+        self.copy_error: Failure | None = None
 
     def start(self) -> None:
         router = self.router
+        self.placement = router.placement
         self.epoch = router.placement.ring.epoch
         replicas = router.replicas_for(self.key)
         n = len(replicas)
@@ -1432,24 +1469,113 @@ class _ReadModifyWrite:
         self.phase = _REPLICATING
         answer = (applied.result, applied.record) if self.with_record else applied.result
         record = applied.record
-        router = self.router
         if record is None:
             self._repair(primary)
             self._succeed(answer)
             return
+        self.applied_at = primary
+        self.answer = answer
+        self.record = record
         # Fenced by the command's map (the connections may name a newer one by now): a replica that knows a
         # newer map refuses the copy, so a primary that map no longer names gets no result acknowledged.
-        put = XPut(self.key, record, epoch=self.epoch)
-        others = [router._send(n, put) for n in self.candidates if n != primary]
-        for other in others:
-            other.addErrback(self._copy_refused)
+        others = [n for n in self.candidates if n != primary]
         if self.needed_w <= 1:
-            for other in others:
-                other.addErrback(self._copy_failed)
+            put = XPut(self.key, record, epoch=self.epoch)
+            for node in others:
+                self.router._send(node, put).addErrback(self._copy_refused).addErrback(self._copy_failed)
             self._succeed(answer)
             return
-        d = _quorum(others, self.needed_w - 1, "write")
-        d.addCallbacks(lambda _: self._succeed(answer), self._replication_failed)
+        self._copy_to(others, self.epoch)
+        self._copies_progress()
+
+    def _copy_to(self, nodes: Sequence[str], epoch: int) -> None:
+        """Send the result to ``nodes``, fenced by ``epoch``; each answer goes to ``_copies_progress``."""
+        router = self.router
+        put = XPut(self.key, cast(Record, self.record), epoch=epoch)
+        self.copies_out += len(nodes)  # before any answer: one that comes at once sees the others pending
+        for node in nodes:
+            router._send(node, put).addCallbacks(
+                self._copy_taken, self._copy_not_taken, callbackArgs=(node,), errbackArgs=(node,)
+            )
+
+    def _copy_taken(self, _: object, node: str) -> None:
+        self.copies_out -= 1
+        self.copy_ok.add(node)
+        self._copies_progress()
+
+    def _copy_not_taken(self, failure: Failure, node: str) -> None:
+        self.copies_out -= 1
+        self._copy_refused(failure)
+        self.copy_error = failure
+        self._copies_progress()
+
+    def _copies_progress(self) -> None:
+        """Succeed at the ``W``-th acknowledgement (the primary's included); once ``W`` is out of reach, wait
+        to send the copies again by the map the refusing replicas know (``_refence``), or fail."""
+        phase = self.phase
+        if phase is not _REPLICATING and phase is not _REFENCE_WAIT and phase is not _REFENCING:
+            return
+        taken = 1 + len(self.copy_ok)
+        if taken >= self.needed_w:
+            self._succeed(self.answer)
+            return
+        if phase is _REFENCE_WAIT or taken + self.copies_out >= self.needed_w:
+            return
+        if phase is _REPLICATING and self.refused_by > self.epoch:
+            self.phase = _REFENCE_WAIT
+            self.router._when_epoch(self.refused_by, self._refence)
+            return
+        self._replication_failed()
+
+    def _refence(self, caught_up: bool) -> None:
+        """This router's map reached the epoch the refusing replicas know (``caught_up``), or ``map_wait``
+        passed: send the result's copies again, fenced by the new map, when that is sound; else fail."""
+        if self.phase is not _REFENCE_WAIT:
+            return
+        router = self.router
+        why = self._refence_unsound() if caught_up else "this gateway's map did not reach it in time"
+        if why is not None:
+            router._log.info(
+                "copies of {key!r}'s read-modify-write refused for map epoch {known}, not sent again: {why}",
+                key=self.key,
+                known=self.refused_by,
+                why=why,
+            )
+            self._replication_failed()
+            return
+        self.phase = _REFENCING
+        router.counters["rmw_copies_refenced_total"] += 1
+        nodes = [n for n in router._primaries(router.replicas_for(self.key)) if n != self.applied_at]
+        self._copy_to([n for n in nodes if n not in self.copy_ok], router.placement.ring.epoch)
+        self._copies_progress()
+
+    def _refence_unsound(self) -> str | None:
+        """Why the result's copies may not go again by the router's map now (None: they may).
+
+        The primary B applied the command by map epoch ``e`` (it knew no newer map); replicas that know
+        ``e + 1`` refused the copies. Sending them again fenced by ``e + 1`` is sound when every gateway on
+        ``e + 1`` reads B before its own command on the key: that read comes after its ``xmap e + 1`` on the
+        same connection, so after B applied ours (B refuses an ``xapply`` of an older map once it knows the
+        newer one), and such a gateway sees our result and applies on top of it. So: the map is ``e + 1``
+        exactly (no map between, whose gateways may have chosen another primary), it places every key as
+        the command's map did and no move is under way, B is up in it, and B is among its first
+        ``needed_r`` up replicas of the key, which every gateway on it reads. The primary by the command's
+        map always is: the ``d`` replicas before it were down then, the command had ``W`` up replicas, so
+        ``d <= N - W < needed_r``; a primary that took over from a stalled or failed one may not be. A
+        replica that knows a later map refuses these copies as well."""
+        placement = self.router.placement
+        epoch = placement.ring.epoch
+        if self.refused_by != self.epoch + 1 or epoch != self.refused_by:
+            return f"the map moved from epoch {self.epoch} to {epoch}, not by one"
+        if placement.previous is not None or not placement.ring.same_placement(self.placement.ring):
+            return "the ring changed"
+        primary = self.applied_at
+        if not placement.is_up(primary):
+            return f"{primary} is not up in the new map"
+        replicas = self.router.replicas_for(self.key)
+        if primary not in [n for n in replicas if placement.is_up(n)][: self.needed_r]:
+            return f"{primary} is not among the replicas that gateways on the new map read first"
+        return None
 
     def _apply_failed(self, failure: Failure, primary: str, round: int) -> None:
         if round != self.round or self.phase is not _APPLYING:
@@ -1536,7 +1662,7 @@ class _ReadModifyWrite:
 
     def _copy_refused(self, failure: Failure) -> Failure:
         """A replica refused the copy for a newer map (``StaleMap``): counted, and the newest map it knows
-        kept for the error, should too few copies be taken."""
+        kept (for the re-fence and the error, should too few copies be taken)."""
         if failure.check(StaleMap):
             self.router.counters["rmw_copies_refused_stale_map_total"] += 1
             self.refused_by = max(self.refused_by, cast(StaleMap, failure.value).known)
@@ -1547,19 +1673,26 @@ class _ReadModifyWrite:
             "copy of {key!r} to a replica failed: {error}", key=self.key, error=failure.getErrorMessage()
         )
 
-    def _replication_failed(self, failure: Failure) -> None:
-        self.router._count_quorum_failure(failure)
+    def _replication_failed(self) -> None:
+        """Fewer than ``W`` replicas took the result: fail (counted as a quorum failure)."""
+        router = self.router
+        router.counters["quorum_failures"] += 1
+        error: Exception = QuorumNotReached(self.needed_w - 1, len(self.copy_ok), "write")
+        if self.copy_error is not None:
+            error.__cause__ = self.copy_error.value
         if self.refused_by:  # replicas that know a newer map refused the result
+            quorum = error
             error = ServiceUnavailable(
                 f"the primary applied the read-modify-write by cluster map epoch {self.epoch}, but replicas "
-                f"that know epoch {self.refused_by} refused its result ({failure.getErrorMessage()}): not "
+                f"that know epoch {self.refused_by} refused its result ({quorum}): not "
                 "acknowledged, the value may or may not have changed; retry"
             )
-            error.__cause__ = failure.value
-            failure = Failure(error)
-        self._fail(failure)
+            error.__cause__ = quorum
+        self._fail(Failure(error))
 
     def _succeed(self, answer: Any) -> None:
+        if self.phase is _REFENCE_WAIT:  # a first copy taken late made the quorum: no need to wait any more
+            self.router._forget_epoch_wait(self._refence)
         self.phase = _OVER
         self._disarm()
         if not self.done.called:

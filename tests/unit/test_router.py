@@ -486,8 +486,11 @@ class TwoGatewayFenceTests(SynchronousTestCase):
         self.assertNoResult(late)
         assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(2)
         c.links[primary].resume()
+        self.assertNoResult(late)  # waits for its map to reach epoch 2, which the refusing replicas know
+        c.router.update(newer.placement)  # its primary down there: the copies do not go again
         failure = self.failureResultOf(late, ServiceUnavailable)
         assert "epoch 2" in str(failure.value) and "not acknowledged" in str(failure.value)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
         assert c.record(primary, b"n").value == b"2"  # type: ignore[union-attr]  # applied there, unacknowledged
         others = [n for n in c.replicas(b"n") if n != primary]
         assert [c.record(n, b"n").value for n in others] == [b"2", b"2"]  # type: ignore[union-attr]
@@ -525,6 +528,151 @@ class TwoGatewayFenceTests(SynchronousTestCase):
         c.router.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=0)))
         assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(3)
         assert copies(b"3") == {0}
+
+
+class RefenceTests(SynchronousTestCase):
+    """A kvstore V comes back (map epoch 3: V up again, the key's primary) while a gateway is still on epoch 2
+    (V down, the primary B, the next replica). B knows only epoch 2 and applies that gateway's command; the
+    other replicas know epoch 3 and refuse its copies (fenced by 2). The command waits for its gateway's map
+    to reach 3 and, as every gateway on 3 reads B before its own commands, sends the copies again fenced by 3
+    to the new map's replicas: acknowledged, not a failure. Not when that is unsound: B down in the new map,
+    a map between (the epoch jumped by 2), another ring, or a replica that knows a later map still."""
+
+    def route(self, c: Cluster, epoch: int, down: str | None = None, ring: HashRing | None = None) -> None:
+        """The cluster's router routes by the map of ``epoch`` (``down`` marked down, the others up), its
+        connections name it."""
+        for link in c.links.values():
+            link.epoch = epoch
+        ring = ring or HashRing(dict.fromkeys(c.links, 1), epoch=epoch)
+        c.router.update(Placement(ring, {down: NodeState.DOWN} if down else {}))
+
+    def returning(self, known: int = 3) -> tuple[Cluster, str, str, str]:
+        """``n`` = 1 everywhere (epoch 1), then 41 while its primary V is down (epoch 2); V runs again and V and
+        the third replica know epoch ``known``, B only 2; the cluster's router is still on epoch 2. The
+        cluster, V, B and the third replica."""
+        c = Cluster()
+        v, b, third = c.replicas(b"n")
+        self.route(c, 1)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        c.links[v].mode = "down"
+        self.route(c, 2, down=v)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"41")))
+        c.links[v].mode = "up"
+        for node in (v, third):
+            c.links[node].backend.know_epoch(known)
+        return c, v, b, third
+
+    def newer(self, c: Cluster, epoch: int = 3) -> Router:
+        """A second gateway over the same kvstores, on the map of ``epoch`` with every node up."""
+        links = {name: Link(link.backend) for name, link in c.links.items()}
+        for link in links.values():
+            link.epoch = epoch
+        router = Router("gw2", c.clock, links.__getitem__)
+        router.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=epoch)))
+        return router
+
+    def values(self, c: Cluster) -> list[bytes | None]:
+        return [r.value if (r := c.record(n, b"n")) is not None and not r.tombstone else None for n in c.replicas(b"n")]
+
+    def test_the_copies_go_again_fenced_by_the_next_map(self) -> None:
+        """The CI case: a delete at B by epoch 2, its copy refused by a replica on epoch 3; once the gateway's
+        map reaches 3 the copies go to V and the third replica fenced by 3: DELETED, the key gone everywhere."""
+        c, v, b, third = self.returning()
+        late = c.router.execute(Delete(b"n"))
+        self.assertNoResult(late)
+        assert c.record(b, b"n").tombstone and not c.record(third, b"n").tombstone  # type: ignore[union-attr]
+        assert c.router.stats()["rmw_copies_refused_stale_map_total"] == 1
+        for link in c.links.values():
+            link.sent.clear()
+        self.route(c, 3)
+        assert self.successResultOf(late) is Status.DELETED
+        assert c.holders(b"n") == set()
+        fenced = {n: [cmd.epoch for cmd in link.sent if type(cmd) is XPut] for n, link in c.links.items()}
+        assert fenced == {v: [3], b: [], third: [3]}
+        assert c.router.stats()["rmw_copies_refenced_total"] == 1
+        assert c.router.stats()["quorum_failures"] == 0
+        assert self.successResultOf(self.newer(c).execute(Arith(b"n", 1))) is Status.NOT_FOUND
+        assert c.clock.getDelayedCalls() == []
+
+    def test_a_command_of_the_next_map_builds_on_the_late_result(self) -> None:
+        """Between B's apply (42) and the re-fence, a gateway on epoch 3 increments at V: it read B (after its
+        xmap 3 there), so it applies on top of 42 (43). The late copies then meet 43 (EXISTS: a newer record
+        built on them) and count: both increments acknowledged, in that order, 43 everywhere."""
+        c, v, b, third = self.returning()
+        late = c.router.execute(Arith(b"n", 1))
+        self.assertNoResult(late)
+        assert self.values(c) == [b"1", b"42", b"41"]  # V holds what it had before it went down
+        assert self.successResultOf(self.newer(c).execute(Arith(b"n", 1))) == Number(43)
+        self.route(c, 3)
+        assert self.successResultOf(late) == Number(42)
+        assert self.values(c) == [b"43", b"43", b"43"]
+
+    def test_fails_when_the_map_does_not_catch_up(self) -> None:
+        """The gateway's map does not reach epoch 3 within ``map_wait``: the command fails as before the
+        re-fence (not acknowledged, the value may or may not have changed), no timer left."""
+        c, _, _, _ = self.returning()
+        late = c.router.execute(Arith(b"n", 1))
+        c.advance(c.router.map_wait)
+        failure = self.failureResultOf(late, ServiceUnavailable)
+        assert "epoch 3 refused its result" in str(failure.value) and "not acknowledged" in str(failure.value)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
+        assert c.clock.getDelayedCalls() == []
+
+    def test_fails_when_the_epoch_jumped_by_two(self) -> None:
+        """The refusing replicas know epoch 4: a map between the command's and that one may have named another
+        primary, whose gateways need not read B. The command fails once the gateway reaches 4."""
+        c, _, _, third = self.returning(known=4)
+        late = c.router.execute(Arith(b"n", 1))
+        self.assertNoResult(late)
+        self.route(c, 4)
+        failure = self.failureResultOf(late, ServiceUnavailable)
+        assert "epoch 4 refused its result" in str(failure.value)
+        assert c.record(third, b"n").value == b"41"  # type: ignore[union-attr]
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
+
+    def test_fails_when_the_map_moved_past_the_next_one(self) -> None:
+        """The replicas knew epoch 3 when they refused, but the gateway's map is 4 by the time it wakes: fails."""
+        c, _, _, _ = self.returning()
+        late = c.router.execute(Arith(b"n", 1))
+        self.route(c, 4)
+        self.failureResultOf(late, ServiceUnavailable)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
+
+    def test_fails_when_the_ring_changed(self) -> None:
+        """Epoch 3 changes a node's weight (other preference lists): no copies again, the command fails."""
+        c, v, b, third = self.returning()
+        late = c.router.execute(Arith(b"n", 1))
+        self.assertNoResult(late)
+        self.route(c, 3, ring=HashRing({v: 1, b: 1, third: 2}, epoch=3))
+        self.failureResultOf(late, ServiceUnavailable)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
+
+    def test_fails_when_the_next_map_does_not_read_the_primary(self) -> None:
+        """B kept a command waiting (stalled): the late gateway's primary is the third replica, which gateways on
+        epoch 3 do not read (they read V and B, the prior primary): its copies do not go again."""
+        c, v, b, third = self.returning()
+        c.links[third].backend.map_epoch = 2
+        c.links[b].backend.know_epoch(3)
+        c.router._mark_stalled(b)  # as its primary timeout does
+        late = c.router.execute(Arith(b"n", 1))
+        self.assertNoResult(late)
+        assert self.values(c) == [b"1", b"41", b"42"]
+        self.route(c, 3)
+        self.failureResultOf(late, ServiceUnavailable)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
+
+    def test_fails_when_a_replica_knows_a_later_map_still(self) -> None:
+        """V and the third replica learn epoch 4 before the copies fenced by 3 reach them: refused again, the
+        command fails, naming epoch 4."""
+        c, v, _, third = self.returning()
+        late = c.router.execute(Arith(b"n", 1))
+        for node in (v, third):
+            c.links[node].backend.know_epoch(4)
+        self.route(c, 3)
+        failure = self.failureResultOf(late, ServiceUnavailable)
+        assert "epoch 4 refused its result" in str(failure.value)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 1
+        assert c.router.stats()["rmw_copies_refused_stale_map_total"] == 3
 
 
 class MissedWritesTests(SynchronousTestCase):
