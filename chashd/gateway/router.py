@@ -1167,7 +1167,8 @@ class _ReadModifyWrite:
       first) sends it again with a version past the stored one, up to ``max_retries`` times.
     - Failover: a primary that fails, or does not answer its read or its command within
       ``primary_timeout``, is replaced by the next candidate, with a new version (the late answers of
-      the one replaced are ignored; a ``round`` tells them apart).
+      the one replaced are ignored; a ``round`` tells them apart). A primary that fails with no candidate
+      after it left is replaced by one before it that was only late (its read may have come meanwhile).
     - Replicate: the record the command left goes to every other candidate, fenced by the command's epoch
       (``XPut.epoch``: a replica that knows a newer map refuses it, ``StaleMap``); ``W - 1``
       acknowledgements complete the command. A command that changed nothing repairs the replicas that
@@ -1315,7 +1316,7 @@ class _ReadModifyWrite:
         self.failed.add(node)
         if node in self.candidates:
             if node == self.candidates[self.primary]:
-                nxt = self._next_primary()
+                nxt = self._next_primary(back=True)
                 if nxt is not None:
                     self._switch_primary(nxt)
             untried = [n for n in self.candidates if n not in self.asked]
@@ -1373,10 +1374,16 @@ class _ReadModifyWrite:
 
     # -- the primary ------------------------------------------------------------------------------
 
-    def _next_primary(self) -> int | None:
-        """The index of the candidate after the primary that has not failed, or None."""
-        for index in range(self.primary + 1, len(self.candidates)):
-            if self.candidates[index] not in self.failed:
+    def _next_primary(self, back: bool = False) -> int | None:
+        """The index of the candidate after the primary that has not failed, or None; with ``back``, failing
+        that, of the first one before it that has not failed (one only late: the primary that failed had taken
+        over from it)."""
+        candidates = self.candidates
+        order = list(range(self.primary + 1, len(candidates)))
+        if back:
+            order.extend(range(self.primary))
+        for index in order:
+            if candidates[index] not in self.failed:
                 return index
         return None
 
@@ -1608,7 +1615,7 @@ class _ReadModifyWrite:
             self._fail(failure)
             return
         self.failed.add(primary)
-        nxt = self._next_primary()
+        nxt = self._next_primary(back=True)
         if nxt is None:
             router.counters["quorum_failures"] += 1
             error = QuorumNotReached(self.needed_w, 0, "write")
