@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -898,6 +899,38 @@ class SlowReplicaTests(SynchronousTestCase):
         assert link.backend.stats()["xapply_stale"] == (1 if reverse else 0)
         assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n"))  # type: ignore[union-attr]
         assert self.successResultOf(c.router.execute(Get((b"n",)))) == Values(())
+
+    @pytest.mark.xfail(strict=True, reason="a failover at the same epoch (USAGE.md: 'A slow primary'): not closed")
+    def test_a_failover_and_a_gateway_still_waiting_on_the_paused_primary(self) -> None:
+        """Two gateways increment a counter whose primary P is paused. The first times P out and increments at
+        the next replica Q (2, acknowledged); the second, whose primary timeout has not run out yet, still
+        waits on P. P resumes and runs the second's command on the record it holds (1), which lacks the
+        failover's result: its copies reach replicas holding that result. Both increments may be acknowledged
+        only with two answers and 3 in the end; a command whose result conflicts with the failover's must
+        fail instead (not acknowledged)."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        p, q, third = c.replicas(b"n")
+        links = {name: Link(link.backend) for name, link in c.links.items()}
+        second = Router("gw2", c.clock, links.__getitem__)
+        second.update(c.router.placement)
+        c.links[p].mode = links[p].mode = "hang"  # P paused: both gateways' connections to it
+        first_incr = c.router.execute(Arith(b"n", 1))
+        c.advance(0.3)
+        second_incr = second.execute(Arith(b"n", 1))  # reads P (held) and Q (1)
+        c.advance(0.25)  # the first gateway's primary timeout: it increments at Q
+        answers = [self.successResultOf(first_incr)]
+        assert answers == [Number(2)]
+        links[p].resume()  # P runs on before the second gateway's timeout: its read (1), then its command
+        if second_incr.called:
+            result: Any = []
+            second_incr.addBoth(result.append)
+            if not isinstance(result[0], Failure):
+                answers.append(result[0])
+        c.links[p].resume()
+        c.advance(5)
+        final = {c.record(n, b"n").value for n in (p, q, third)}  # type: ignore[union-attr]
+        assert len(set(answers)) == len(answers) and final == {b"%d" % (1 + len(answers))}, (answers, final)
 
     def test_no_failover_with_primary_timeout_zero(self) -> None:
         """primary_timeout=0 turns the failover off: the command waits for its primary."""
