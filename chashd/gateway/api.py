@@ -56,7 +56,16 @@ from chashd.gateway.raft import RaftStatus
 from chashd.node import NodeInfo, NodeState
 from chashd.record import check_key
 from chashd.ring import key_hash
-from chashd.web import Forbidden, Unauthorized, check_bearer, error_problem, json_response, routing_problem
+from chashd.web import (
+    Forbidden,
+    KeyPathConverter,
+    Unauthorized,
+    check_bearer,
+    error_problem,
+    json_response,
+    routing_problem,
+    undecodable_path,
+)
 
 __all__ = ["RingAPI", "RingRoot"]
 
@@ -140,6 +149,7 @@ class RingAPI:
     """
 
     app = Klein()
+    app.url_map.converters["key"] = KeyPathConverter
     _log = Logger()
 
     #: Largest request body (a registration is about 150 bytes).
@@ -294,7 +304,7 @@ class RingAPI:
         body.update(self._status_extra())
         return body
 
-    @app.route("/ring/lookup/<path:key>", methods=["GET", "HEAD"])
+    @app.route("/ring/lookup/<key:key>", methods=["GET", "HEAD"])
     def lookup(self, request: IRequest, key: str) -> bytes:
         """The key's preference list."""
         raw = check_key(key.encode("utf-8"))
@@ -448,5 +458,6 @@ class RingRoot(Resource):
         elif (first == b"" and len(postpath) <= 1) or first == b"status":
             target = self._page
         else:
-            target = self._other
-        return target.render(request)
+            return self._other.render(request)  # which answers a path that is not UTF-8 itself
+        refusal = undecodable_path(request)
+        return refusal if refusal is not None else target.render(request)

@@ -2,6 +2,7 @@
 
 from chashd.web._http import (
     Forbidden,
+    KeyPathConverter,
     KeyValueHTTP,
     Unauthorized,
     check_bearer,
@@ -9,11 +10,13 @@ from chashd.web._http import (
     json_response,
     problem,
     routing_problem,
+    undecodable_path,
 )
 from chashd.web._limits import LimitedSite
 
 __all__ = [
     "Forbidden",
+    "KeyPathConverter",
     "KeyValueHTTP",
     "LimitedSite",
     "Unauthorized",
@@ -22,4 +25,5 @@ __all__ = [
     "json_response",
     "problem",
     "routing_problem",
+    "undecodable_path",
 ]

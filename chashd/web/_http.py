@@ -16,8 +16,12 @@ Routes::
     GET    /openapi.json the OpenAPI 3.1 document of this role's HTTP API (chashd/openapi.json; a kvstore's
                          leaves out the paths marked ``x-chashd-roles: [gateway]``)
 
-Keys are the URL path after /kv/, percent-decoded, as UTF-8: 1-250 bytes without spaces or control
-characters (memcached's rule). Every error is ``application/problem+json`` with a ``detail``.
+Keys are the URL path after /kv/, percent-decoded once (twisted.web decodes each segment; ``/`` and ``%2F``
+are the same byte), taken as it is: ``//``, a leading or trailing ``/``, ``.`` and ``..`` segments stay in the
+key (nothing merges slashes or removes dot segments), so every key the line protocol takes round-trips if it
+is UTF-8: 1-250 bytes without spaces or control characters (memcached's rule). A path that is not UTF-8 once
+decoded is a 400 naming the rule (``undecodable_path``), as is every bad key. Every error is
+``application/problem+json`` with a ``detail``.
 
 With a ``write_token`` (a kvstore given the cluster token), PUT and DELETE need ``Authorization: Bearer
 <token>``: 401 without it, 403 with another, counted in ``http_writes_refused_total``. Reads stay open.
@@ -44,6 +48,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from chashd.commands import Delete, Get, Status, Store, StoreMode, Values
 from chashd.errors import (
@@ -57,10 +62,20 @@ from chashd.errors import (
 )
 from chashd.interfaces import IKeyValue
 from chashd.metrics import LatencyHistogram, RequestMetrics
-from chashd.record import MAX_FLAGS, check_key
+from chashd.record import MAX_FLAGS, MAX_KEY_LENGTH, check_key
 from chashd.web._limits import LimitedChannel, LimitedSite, problem_bytes
 
-__all__ = ["Forbidden", "KeyValueHTTP", "Unauthorized", "check_bearer", "json_response", "openapi_document", "problem"]
+__all__ = [
+    "Forbidden",
+    "KeyPathConverter",
+    "KeyValueHTTP",
+    "Unauthorized",
+    "check_bearer",
+    "json_response",
+    "openapi_document",
+    "problem",
+    "undecodable_path",
+]
 
 TTL_HEADER = "X-Chash-TTL"
 FLAGS_HEADER = "X-Chash-Flags"
@@ -97,6 +112,41 @@ def problem(request: IRequest, code: int, title: str, detail: str, **extra: Any)
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/problem+json")
     return _problem_body(code, title, detail, **extra)
+
+
+class KeyPathConverter(PathConverter):
+    """``<key:...>`` in a route: the rest of the path as it is, every ``/`` kept, a leading one and an empty
+    key included (the key's rule is ``check_key``'s, which names it). werkzeug's ``path`` converter wants a
+    first character other than ``/``: ``/kv/%2Fa`` (the key ``/a``) matched no route and was answered with a
+    redirect to ``/kv/a``, another key. Register it as ``key`` on a Klein app's ``url_map.converters``."""
+
+    regex = ".*"
+    #: werkzeug takes a converter whose regex has no ``/`` for one that matches within a segment.
+    part_isolating = False
+
+
+def undecodable_path(request: IRequest) -> bytes | None:
+    """The 400 problem+json answer to a request whose path is not UTF-8 once percent-decoded, naming the rule;
+    None for every other request. (Klein answers such a path with a plain-text 400 and logs a traceback.)"""
+    postpath = request.postpath
+    for segment in postpath:
+        if not segment.isascii():
+            try:
+                segment.decode("utf-8")
+            except UnicodeDecodeError:
+                break
+    else:
+        return None
+    if len(postpath) > 1 and postpath[0] == b"kv":
+        key = b"/".join(postpath[1:])
+        shown = repr(key[:64]) + ("..." if len(key) > 64 else "")
+        detail = (
+            f"the key {shown} is not UTF-8 once percent-decoded: on the HTTP API a key is 1 to {MAX_KEY_LENGTH} "
+            "bytes of UTF-8 without spaces or control characters (the line protocol also takes other bytes)"
+        )
+    else:
+        detail = "the URL path is not UTF-8 once percent-decoded"
+    return problem(request, 400, "Bad Request", detail)
 
 
 class Unauthorized(RequestError):
@@ -245,6 +295,7 @@ class KeyValueHTTP:
     """
 
     app = Klein()
+    app.url_map.converters["key"] = KeyPathConverter
     _log = Logger()
 
     def __init__(
@@ -323,7 +374,7 @@ class KeyValueHTTP:
             d.addBoth(_observe, self._requests.histogram("http", family), perf_counter())
         return d
 
-    @app.route("/kv/<path:key>", methods=["GET", "HEAD"])
+    @app.route("/kv/<key:key>", methods=["GET", "HEAD"])
     def get(self, request: IRequest, key: str) -> Any:
         """Read a value."""
         k = self._key(key)
@@ -376,7 +427,7 @@ class KeyValueHTTP:
             self._requests.histogram("http", "get").observe(perf_counter() - start)
         _send(request, self._count_error(request, error_problem(request, failure, _ERRORS, self._log)))
 
-    @app.route("/kv/<path:key>", methods=["PUT"])
+    @app.route("/kv/<key:key>", methods=["PUT"])
     def put(self, request: IRequest, key: str) -> Any:
         """Store a value (set, or cas / add with If-Match / If-None-Match)."""
         self._authorize_write(request)
@@ -412,7 +463,7 @@ class KeyValueHTTP:
             return problem(request, 412, "Precondition Failed", f"key {shown!r} already has a value")
         return problem(request, 409, "Conflict", f"key {shown!r} was not stored ({result.value})")
 
-    @app.route("/kv/<path:key>", methods=["DELETE"])
+    @app.route("/kv/<key:key>", methods=["DELETE"])
     def delete(self, request: IRequest, key: str) -> Any:
         """Delete a value."""
         self._authorize_write(request)
@@ -492,8 +543,9 @@ _READS = frozenset({b"GET", b"HEAD"})
 class _KeyReads(Resource):
     """``GET`` and ``HEAD /kv/<key>`` of one valid key, answered by ``KeyValueHTTP._read`` without Klein's
     routing (werkzeug's URL matching and Klein's Deferreds cost more than the rest of such a request); every
-    other request, a key that fails ``check_key`` or is not UTF-8 included, goes to the Klein resource,
-    which answers it as before. The answers are the same: ``tests/unit/test_http_fast.py`` compares them.
+    other request, a key that fails ``check_key`` included, goes to the Klein resource, which answers it as
+    before (the answers are the same: ``tests/unit/test_http_fast.py`` compares them), except a path that is
+    not UTF-8 once percent-decoded, which gets ``undecodable_path``'s 400 here.
 
     A leaf, like the Klein resource it stands in front of: it sees the whole path.
     """
@@ -508,14 +560,17 @@ class _KeyReads(Resource):
     def render(self, request: IRequest) -> Any:
         postpath = request.postpath
         if (
-            len(postpath) == 2  # /kv/<one segment>: a key with a slash (%2F) takes werkzeug's rules
+            len(postpath) == 2  # /kv/<one segment> (which may hold a %2F); more segments go to Klein
             and postpath[0] == b"kv"
             and request.method in _READS
             and self._http._backend is not None
         ):
             key = postpath[1]
-            if key and b"/" not in key and _plain_key(key):
+            if key and _plain_key(key):
                 return self._http._read(request, key)  # type: ignore[arg-type]  # a twisted.web Request
+        refusal = undecodable_path(request)
+        if refusal is not None:
+            return self._http._count_error(request, refusal)
         return self._app.render(request)
 
 

@@ -32,17 +32,21 @@ REQUESTS = [
     b"HEAD /kv/missing HTTP/1.1",
     b"GET /kv/caf%C3%A9 HTTP/1.1",  # percent-decoded, UTF-8
     b"GET /kv/a%3Ab HTTP/1.1",
-    b"GET /kv/a%2Fb HTTP/1.1",  # a slash in the key: left to Klein
-    b"GET /kv/a/b HTTP/1.1",
+    b"GET /kv/a%2Fb HTTP/1.1",  # a slash in the key, in one segment
+    b"GET /kv/a/b HTTP/1.1",  # the same key in two segments: left to Klein
     b"GET /kv/k?x=1 HTTP/1.1",  # the query is not part of the key
     b"GET /kv/a%20b HTTP/1.1",  # a bad key: 400
     b"GET /kv/" + b"x" * 251 + b" HTTP/1.1",  # too long: 400
-    b"GET /kv/%FF HTTP/1.1",  # not UTF-8
-    b"GET /kv/ HTTP/1.1",
+    b"GET /kv/ HTTP/1.1",  # empty: 400
     b"GET /kv/k HTTP/1.0",  # no chunked encoding, the connection closes
+    b"GET /kv/%2Fa HTTP/1.1",  # a leading slash
+    b"GET /kv//a HTTP/1.1",  # the same key
+    b"GET /kv/.. HTTP/1.1",  # a dot segment is a key like any other
+    b"GET /kv/a// HTTP/1.1",  # slashes are never merged
 ]
-#: The requests of ``REQUESTS`` that the fast path answers (the others go to Klein there too).
-FAST = {0, 1, 2, 3, 4, 5, 6, 9, 14}
+#: The requests of ``REQUESTS`` that the fast path answers (the others go to Klein there too). A path that is
+#: not UTF-8 is answered by neither (``test_http_keys``).
+FAST = {0, 1, 2, 3, 4, 5, 6, 7, 9, 13, 14, 16}
 
 
 class _Counting(Resource):
@@ -90,6 +94,9 @@ def _fill(site: Any) -> None:
         (b"/kv/caf%C3%A9", b""),
         (b"/kv/a:b", b""),
         (b"/kv/a%2Fb", b""),
+        (b"/kv/%2Fa", b""),
+        (b"/kv/..", b""),
+        (b"/kv/a%2F%2F", b""),
     ):
         body = b"value of " + path
         put = b"PUT %s HTTP/1.1\r\nHost: gw\r\n%sContent-Length: %d\r\n\r\n%s" % (path, headers, len(body), body)
@@ -142,6 +149,9 @@ def test_answers_are_klein_s(kind: str) -> None:
     assert accented.endswith(b"value of /kv/caf%C3%A9")
     slash, _, _ = _exchange(fast, _request(b"GET /kv/a/b HTTP/1.1"))
     assert slash.endswith(b"value of /kv/a%2Fb")
+    for line, stored in ((b"GET /kv//a HTTP/1.1", b"/kv/%2Fa"), (b"GET /kv/a// HTTP/1.1", b"/kv/a%2F%2F")):
+        answer, _, _ = _exchange(fast, _request(line))
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"value of " + stored), line
 
 
 @pytest.mark.parametrize("kind", ["kvstore", "gateway-n1", "gateway-n3"])

@@ -15,7 +15,7 @@ from chashd.gateway.api import RingAPI, RingRoot
 from chashd.gateway.membership import Membership
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.testing import LocalRaft
-from chashd.ring import HashRing
+from chashd.ring import HashRing, key_hash
 from chashd.web import KeyValueHTTP
 
 BASE = "http://gateway"
@@ -148,6 +148,16 @@ class RingReadTests(RingAPITestsBase):
         assert [n["id"] for n in body["nodes"]] == list(expected)
         assert body["key"] == "user:42" and body["replicas"] == 2
         assert {n["port"] for n in body["nodes"]} <= {8080, 8081, 8082}
+
+    def test_lookup_takes_the_key_as_sent(self) -> None:
+        """/ring/lookup/{key} names the key /kv/{key} names: a leading slash, a doubled or trailing one and a
+        dot segment are kept (werkzeug's path converter redirected /ring/lookup/%2Fa to another key)."""
+        self.register()
+        for path, key in (("%2Fa", "/a"), ("a%2F%2Fb", "a//b"), ("a%2F", "a/"), ("%2E%2E", "..")):
+            code, _, body = self.request("GET", "/ring/lookup/" + path)
+            assert code == 200 and body["key"] == key and body["hash"] == key_hash(key.encode()), (path, body)
+        code, _, body = self.request("GET", "/ring/lookup/")
+        assert code == 400 and "key is empty" in body["detail"]
 
     def test_lookup_caps_at_node_count(self) -> None:
         """With one node, the list holds one node; with none, it is empty."""
@@ -434,3 +444,13 @@ class RingRootTests(RingAPITestsBase):
         assert code == 503  # no backend yet: the router comes with the data plane
         code, _, body = self.request("GET", "/ringside")
         assert code == 404
+
+    def test_path_not_utf8(self) -> None:
+        """A /ring path that is not UTF-8 once percent-decoded is a 400 problem+json naming the rule (Klein
+        alone answers it in plain text), as a /kv path is."""
+        http = KeyValueHTTP(health=lambda: {"role": "gateway"})
+        self.stub = StubTreq(RingRoot(self.api.resource(), http.resource()))
+        for path, rule in (("/ring/lookup/%FF", "the URL path is not UTF-8"), ("/kv/%FF", "not UTF-8 once")):
+            code, headers, body = self.request("GET", path)
+            assert code == 400 and headers["content-type"] == "application/problem+json", path
+            assert rule in body["detail"], (path, body)
