@@ -400,32 +400,38 @@ class KeyValueHTTP:
         Klein (its routing, its Deferreds and its error-handler chain); ``key`` is checked already."""
         requests = self._requests
         start = perf_counter() if requests is not None else 0.0
+        lost = _lost_notice(request)
         try:
             result = self._backend.execute(Get((key,), cas=True))  # type: ignore[union-attr]  # _KeyReads checked it
         except Exception:
-            self._read_failed(Failure(), request, start)
+            self._read_failed(Failure(), request, start, lost)
             return NOT_DONE_YET
         if isinstance(result, Deferred):
             result.addCallbacks(
-                self._read_done, self._read_failed, callbackArgs=(request, key, start), errbackArgs=(request, start)
+                self._read_done,
+                self._read_failed,
+                callbackArgs=(request, key, start, lost),
+                errbackArgs=(request, start, lost),
             )
         else:
-            self._read_done(result, request, key, start)
+            self._read_done(result, request, key, start, lost)
         return NOT_DONE_YET
 
-    def _read_done(self, result: Values, request: Request, key: bytes, start: float) -> None:
+    def _read_done(
+        self, result: Values, request: Request, key: bytes, start: float, lost: Deferred[None] | None
+    ) -> None:
         if self._requests is not None:
             self._requests.histogram("http", "get").observe(perf_counter() - start)
         try:
             body = self._got(result, request, key)
         except Exception:
             body = self._count_error(request, error_problem(request, Failure(), _ERRORS, self._log))
-        _send(request, body)
+        _send(request, body, lost)
 
-    def _read_failed(self, failure: Failure, request: Request, start: float) -> None:
+    def _read_failed(self, failure: Failure, request: Request, start: float, lost: Deferred[None] | None) -> None:
         if self._requests is not None:
             self._requests.histogram("http", "get").observe(perf_counter() - start)
-        _send(request, self._count_error(request, error_problem(request, failure, _ERRORS, self._log)))
+        _send(request, self._count_error(request, error_problem(request, failure, _ERRORS, self._log)), lost)
 
     @app.route("/kv/<key:key>", methods=["PUT"])
     def put(self, request: IRequest, key: str) -> Any:
@@ -527,11 +533,31 @@ class KeyValueHTTP:
 _OCTET_STREAM = (b"application/octet-stream",)
 
 
-def _send(request: Request, body: bytes) -> None:
+def _lost_notice(request: Request) -> Deferred[None] | None:
+    """How ``_send`` learns that the client of a read answered later went away: None where the request flags it
+    itself (twisted.web's ``Request`` sets ``_disconnected`` in ``connectionLost``: a private attribute, read
+    directly because ``notifyFinish`` would cost a Deferred a request); for a request without that flag (a
+    twisted.web that renamed it, another ``IRequest``), the public way: ``notifyFinish()``, whose Deferred fails
+    when the connection is lost before the request finishes (the failure is expected, and consumed here)."""
+    if type(getattr(request, "_disconnected", None)) is bool:
+        return None
+    notice: Deferred[None] = request.notifyFinish()
+    notice.addErrback(_client_gone)
+    return notice
+
+
+def _client_gone(failure: Failure) -> None:
+    """The client of a read went away before its answer (``_lost_notice``): nothing to report."""
+
+
+def _send(request: Request, body: bytes, lost: Deferred[None] | None) -> None:
     """Write ``body`` and finish ``request``, as Klein does with a route's answer; nothing when the client is
-    gone (twisted.web's ``Request`` marks that in ``_disconnected``; ``notifyFinish`` would cost a Deferred a
-    request)."""
-    if request._disconnected:  # Twisted sets it in connectionLost
+    gone: twisted.web's ``_disconnected`` says so, or, where the request has no such flag, ``lost`` (its
+    ``_lost_notice``), fired before the request finishes only by a lost connection."""
+    if lost is None:
+        if request._disconnected:  # Twisted sets it in connectionLost (_lost_notice checked it exists)
+            return
+    elif lost.called:
         return
     request.write(body)
     request.finish()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import re
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.error import ConnectionLost
@@ -14,6 +14,8 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 from chashd.kvstore.backend import LocalBackend
 from chashd.metrics import RequestMetrics
@@ -192,15 +194,22 @@ def test_quorum_failure_is_klein_s() -> None:
 def _waiting(raw: bytes) -> tuple[KeyValueHTTP, Any, Any, StringTransport]:
     """``raw`` sent to a gateway N=1 whose kvstore holding ``k`` holds its requests: the surface, that
     kvstore's link, the channel and its transport."""
+    http, site, link = _hanging()
+    answer, channel, transport = _exchange(site, raw)
+    assert answer == b""
+    return http, link, channel, transport
+
+
+def _hanging() -> tuple[KeyValueHTTP, Any, Any]:
+    """A gateway N=1, filled, whose kvstore holding ``k`` holds its requests: the surface, its site and that
+    kvstore's link."""
     http, clock, cluster = _surfaces("gateway-n1")
     assert cluster is not None
     site = http.site(reactor=clock)
     _fill(site)
     link = cluster.links[cluster.replicas(b"k")[0]]
     link.mode = "hang"
-    answer, channel, transport = _exchange(site, raw)
-    assert answer == b""
-    return http, link, channel, transport
+    return http, site, link
 
 
 def test_pipelined_reads_answer_in_order() -> None:
@@ -223,3 +232,48 @@ def test_client_gone_before_the_answer() -> None:
     assert [e for e in events if "log_failure" in e] == []
     assert transport.value() == b""
     assert http._requests is not None and sum(http._requests.histogram("http", "get").counts) == 1
+
+
+def _dummy_read(http: KeyValueHTTP) -> DummyRequest:
+    """A ``GET /kv/k`` rendered by the fast path as a ``DummyRequest``: an ``IRequest`` without twisted.web's
+    private ``_disconnected`` flag (as a twisted.web that renamed it would give), so the fast path learns
+    of a lost connection through ``notifyFinish``."""
+    request = DummyRequest([b"kv", b"k"])
+    assert not hasattr(request, "_disconnected")
+    klein = _Counting(http.app.resource())
+    assert _KeyReads(http, klein).render(cast(IRequest, request)) is NOT_DONE_YET
+    assert klein.rendered == 0
+    return request
+
+
+def test_a_request_without_the_private_flag_is_answered() -> None:
+    """A request without ``_disconnected`` whose client stays gets its answer written and finished once the
+    kvstore answers, as a twisted.web request does."""
+    http, _, link = _hanging()
+    request = _dummy_read(http)
+    assert request.written == [] and request.finished == 0
+    link.resume()
+    assert b"".join(request.written) == b"value of /kv/k" and request.finished == 1
+    assert request.responseHeaders.getRawHeaders(b"Content-Length") == [b"14"]
+
+
+def test_a_request_without_the_private_flag_whose_client_went() -> None:
+    """A request without ``_disconnected`` whose connection is lost while its read waits (``notifyFinish``
+    fails): nothing is written, it is not finished, and the late answer is dropped without an error."""
+    http, _, link = _hanging()
+    request = _dummy_read(http)
+    request.processingFailed(Failure(ConnectionLost("gone")))  # how a DummyRequest's connection is lost
+    with capturedLogs() as events:
+        link.resume()
+        gc.collect()  # an unhandled failure in a Deferred is logged when it is collected
+    assert [e for e in events if "log_failure" in e] == []
+    assert request.written == [] and request.finished == 0
+
+
+def test_twisted_web_requests_take_no_finish_notice() -> None:
+    """twisted.web's own requests carry ``_disconnected``: the fast path reads it and asks for no
+    ``notifyFinish`` Deferred (which would cost one a request)."""
+    _, _, channel, _ = _waiting(_request(b"GET /kv/k HTTP/1.1"))
+    (waiting,) = channel.requests
+    assert type(waiting._disconnected) is bool
+    assert waiting.notifications == []
