@@ -654,11 +654,33 @@ class Router:
                 return False
         elif self.read_quorum == 1 and not moving:
             return False  # _get_one's hedged read of one replica
+        elif not moving and self.read_quorum == 2 and not self._slow and self._pair_read(key, replicas, sink):
+            return True
         else:  # a quorum read (or a read during a move) whose answer goes to sink as bytes
             self.counters["cmd_get"] += 1
             _KeyRead(self, key, replicas, single=True, sink=sink).start()
             return True
         self.counters["cmd_get"] += 1
+        return True
+
+    def _pair_read(self, key: bytes, replicas: tuple[str, ...], sink: IReplySink) -> bool:
+        """``forward_get``'s quorum read with R=2 and no node suspect or moving: a ``_PairRead`` of the first two
+        up replicas (counted); False, and nothing sent, when it does not apply (fewer than two up replicas, the
+        second not speaking ``XVer``, no connection up to the first): the general ``_KeyRead`` then."""
+        up = self._up(replicas)
+        if len(up) < 2 or len(replicas) < 2 or up[1] in self._no_xver:
+            return False
+        try:
+            client = self._clients(up[0])
+        except Exception:  # no connection to it: the general read words the failure
+            return False
+        read = _PairRead(self, key, up, sink)
+        if not client.send_to(XGet((key,)), read):
+            return False
+        self.counters["cmd_get"] += 1
+        read.ask_version()
+        if not read.answered_client:  # (handed over meanwhile: its hedge() passes the call on)
+            self._hedge_later(read)
         return True
 
     def _ask_one(self, key: bytes, up: Sequence[str], index: int) -> Deferred[Any]:
@@ -918,6 +940,157 @@ class _Spliced:
         self.sink.errback(failed)
 
 
+_UNSET: Any = object()
+
+
+@implementer(IReplySink)
+class _PairRead:
+    """The common quorum read (``forward_get`` with R=2, no node suspect, no move under way): the record of the
+    first up replica (this object is the sink of its ``XGet``) and the version of the second (``_PairVersion``,
+    the sink of its ``XVer``); with both in, the client gets the record (``_client_reply``), and a second
+    replica that answered an older version or none gets the record written back. Exactly ``_KeyRead``'s rules
+    for these two answers, with two slots in place of its lists and dicts.
+
+    Anything else hands the read over to a ``_KeyRead`` (``general``), given what came so far, which goes on by
+    its rules: a version newer than the record (its record is asked for), a failure, an ``XVer`` the second
+    replica does not know, the hedging timer finding the read waiting. Every later call is passed on to it.
+    """
+
+    __slots__ = ("answered_client", "general", "key", "record", "router", "sink", "up", "version")
+
+    called = False  # takes every answer
+
+    def __init__(self, router: Router, key: bytes, up: Sequence[str], sink: IReplySink) -> None:
+        self.router = router
+        self.key = key
+        self.up = up
+        self.sink = sink
+        self.record: Record | None = _UNSET
+        self.version: Version | None = _UNSET
+        self.general: _KeyRead | None = None
+        self.answered_client = False
+
+    def ask_version(self) -> None:
+        """Send the second replica its ``XVer`` (after the first one's ``XGet`` went)."""
+        router = self.router
+        node = self.up[1]
+        try:
+            client: IKVClient | None = router._clients(node)
+        except Exception:  # no connection to node: the general read's _send fails the request saying so
+            client = None
+        if client is None or not client.send_to(XVer(self.key), _PairVersion(self)):
+            router._ask(node, self.key, self._hand_over())
+
+    def _hand_over(self) -> _KeyRead:
+        """The read from now on: a ``_KeyRead`` of the same replicas, the two asked, holding what they answered."""
+        general = self.general
+        if general is None:
+            router = self.router
+            up = self.up
+            general = _KeyRead(router, self.key, tuple(up), single=True, sink=self.sink, candidates=up)
+            general.asked.extend(up[:2])
+            if self.record is not _UNSET:
+                general.answers[up[0]] = self.record
+            if self.version is not _UNSET:
+                general.versions[up[1]] = self.version
+            self.general = general
+        return general
+
+    # -- the first replica's XGet ------------------------------------------------------------------------
+
+    def callback(self, result: Values) -> None:
+        if self.general is not None:
+            self.general._answer_from(result, self.up[0])
+            return
+        key = self.key
+        record = None
+        for item_key, item in result.items:
+            if item_key == key:
+                record = item
+                break
+        if self.version is _UNSET:
+            self.record = record
+        else:
+            self._both(record, self.version)
+
+    def errback(self, error: Any) -> None:
+        self._hand_over().failed_on(self.up[0])
+
+    # -- the second replica's XVer (_PairVersion) --------------------------------------------------------
+
+    def version_from(self, result: VersionOf) -> None:
+        if self.general is not None:
+            self.general._version_from(result, self.up[1])
+            return
+        if self.record is _UNSET:
+            self.version = result.version
+        else:
+            self._both(self.record, result.version)
+
+    def version_failed(self, error: Any) -> None:
+        if isinstance(error, Failure):
+            error = error.value
+        general = self._hand_over()
+        node = self.up[1]
+        if isinstance(error, UnknownCommand):  # a kvstore of an earlier version: its record, by XGet
+            self.router._no_xver.add(node)
+            self.router._ask(node, self.key, general)
+        else:
+            general.failed_on(node)
+
+    def _both(self, record: Record | None, version: Version | None) -> None:
+        """Both answered: the client gets the newest, and the second replica the record if it is behind; a
+        version newer than the record goes to the general read, which asks for its record."""
+        if version is not None and (record is None or version > record.version):
+            self.record, self.version = record, version
+            self._hand_over()._progress()
+            return
+        router = self.router
+        self.answered_client = True
+        self.sink.callback(router._client_reply(self.key, record))
+        if record is not None and (version is None or record.version > version):
+            node = self.up[1]
+            router.counters["read_repairs"] += 1
+            router._send(node, XPut(self.key, record)).addErrback(self._repair_failed, node)
+
+    def _repair_failed(self, failure: Failure, node: str) -> None:
+        self.router._log.info(
+            "read repair of {key!r} on {node} failed: {error}", key=self.key, node=node, error=failure.getErrorMessage()
+        )
+
+    # -- hedging (_Hedged) -------------------------------------------------------------------------------
+
+    def hedge(self) -> str | None:
+        """Still waiting after ``hedge_after``: the general read takes over and asks the next replica."""
+        if self.answered_client:
+            return None
+        return self._hand_over().hedge()
+
+    def answered(self, node: str, record: Record | None) -> None:
+        self._hand_over().answered(node, record)
+
+    def failed_on(self, node: str) -> None:
+        self._hand_over().failed_on(node)
+
+
+@implementer(IReplySink)
+class _PairVersion:
+    """The sink of a ``_PairRead``'s ``XVer``."""
+
+    __slots__ = ("read",)
+
+    called = False  # never cancelled
+
+    def __init__(self, read: _PairRead) -> None:
+        self.read = read
+
+    def callback(self, result: VersionOf) -> None:
+        self.read.version_from(result)
+
+    def errback(self, error: Any) -> None:
+        self.read.version_failed(error)
+
+
 class _KeyRead:
     """One key's read: which replicas to ask, their answers, the newest record, the read repair.
 
@@ -953,15 +1126,17 @@ class _KeyRead:
         replicas: tuple[str, ...],
         single: bool = False,
         sink: IReplySink | None = None,
+        candidates: Sequence[str] | None = None,
     ) -> None:
         self.router = router
         self.key = key
         self.single = single
         self.sink = sink
-        up = router._up(replicas)
+        # A _PairRead handing its read over gives the up replicas it chose (no move was under way then).
+        up = router._up(replicas) if candidates is None else candidates
         self.needed = min(router.read_quorum, len(replicas))
         self.candidates = up
-        self.extra = router._previous_owners(key, replicas)
+        self.extra = router._previous_owners(key, replicas) if candidates is None else []
         self.asked: list[str] = []
         self.answers: dict[str, Record | None] = {}
         self.versions: dict[str, Version | None] = {}  # answers to XVer
