@@ -1504,22 +1504,32 @@ class MemcacheServerProtocol(Protocol):
             return
         queue = self._queue
         out = self._out
-        while queue and (queue[0] is _CLOSE or queue[0][0] is not None):
-            if self._writes_blocked and queue[0] is not _CLOSE:
-                break
-            entry = queue.popleft()
-            if entry is _CLOSE:
+        if len(queue) == 1 and not out and not self._writes_blocked and queue[0] is not _CLOSE:
+            # The common case, a client with one request in flight: its reply, done, leaves now (as the loop
+            # below would write it, without gathering it in ``_out``).
+            entry = queue[0]
+            if entry[0] is not None:
                 queue.clear()
-                self._held = 0
-                self._close_now()
-                return
-            self._held -= entry[1]
-            if entry[0]:
-                out.append(entry[0])
-                self._out_size += len(entry[0])
-                if self._out_size >= _FLUSH_AT:
-                    self._flush_out()  # may block the transport: the loop then stops
-        self._flush_out()
+                self._held -= entry[1]
+                if entry[0]:
+                    self._write(entry[0])
+        else:
+            while queue and (queue[0] is _CLOSE or queue[0][0] is not None):
+                if self._writes_blocked and queue[0] is not _CLOSE:
+                    break
+                entry = queue.popleft()
+                if entry is _CLOSE:
+                    queue.clear()
+                    self._held = 0
+                    self._close_now()
+                    return
+                self._held -= entry[1]
+                if entry[0]:
+                    out.append(entry[0])
+                    self._out_size += len(entry[0])
+                    if self._out_size >= _FLUSH_AT:
+                        self._flush_out()  # may block the transport: the loop then stops
+            self._flush_out()
         if self._held_command is not None and not queue:
             self._run_held()
         factory = self.factory
@@ -1564,6 +1574,13 @@ class MemcacheServerProtocol(Protocol):
         if paused == self._paused or self._lost:
             return
         self._paused = paused
+        if (
+            self._partial_call is None
+            and not self._reading_stopped
+            and not self._read_closed
+            and not self._parser.in_request
+        ):  # nothing read ahead or half-received, the transport reading: only the parsing pauses or resumes
+            return  # (the common case: a get in flight reached the byte cap, and its reply ended it)
         if self._read_closed:  # nothing more to read: only the parsing pauses and resumes
             if not paused:
                 self._process()
