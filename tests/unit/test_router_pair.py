@@ -38,34 +38,29 @@ def _hold(records: tuple[Record | None, Record | None, Record | None]) -> Callab
     return setup
 
 
-def _without_xver(index: int) -> Callable[[Cluster], None]:
-    """Replica ``index`` is a kvstore of an earlier version: ``xver`` is an unknown command there."""
+def _refusing(index: int, kind: type, error: Callable[[], Exception]) -> Callable[[Cluster], None]:
+    """Replica ``index`` fails every request of ``kind`` with ``error()`` (and answers the others)."""
 
     def setup(c: Cluster) -> None:
         link = c.links[c.replicas(KEY)[index]]
         run = link._run
 
-        def old_kvstore(command: Any) -> Deferred[Any]:
-            return fail(UnknownCommand()) if type(command) is XVer else run(command)
+        def refusing(command: Any) -> Deferred[Any]:
+            return fail(error()) if type(command) is kind else run(command)
 
-        link._run = old_kvstore  # type: ignore[method-assign]  # a kvstore that does not know xver
+        link._run = refusing  # type: ignore[method-assign]  # this kvstore refuses one kind of request
 
     return setup
+
+
+def _without_xver(index: int) -> Callable[[Cluster], None]:
+    """Replica ``index`` is a kvstore of an earlier version: ``xver`` is an unknown command there."""
+    return _refusing(index, XVer, UnknownCommand)
 
 
 def _failing_gets(index: int) -> Callable[[Cluster], None]:
     """Replica ``index`` loses the connection on every ``xget`` (its ``xver`` is answered)."""
-
-    def setup(c: Cluster) -> None:
-        link = c.links[c.replicas(KEY)[index]]
-        run = link._run
-
-        def fails(command: Any) -> Deferred[Any]:
-            return fail(ConnectionLost("gone")) if type(command) is XGet else run(command)
-
-        link._run = fails  # type: ignore[method-assign]
-
-    return setup
+    return _refusing(index, XGet, lambda: ConnectionLost("gone"))
 
 
 def _mode(index: int, mode: str) -> Callable[[Cluster], None]:
