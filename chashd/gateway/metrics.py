@@ -1,6 +1,8 @@
 """The gateway's own Prometheus figures, read from its Raft membership at scrape time.
 
-chashd_raft_leader_known          1 while this gateway knows a Raft leader
+chashd_raft_leader_known          1 while this gateway knows a Raft leader: it leads, or heard from the leader
+                                  within its election timeout (a follower cut off from the other gateways
+                                  that still names its last leader: 0, as /ring/status names none)
 chashd_raft_has_quorum            1 while it reaches a majority of the gateways
 chashd_raft_is_leader             1 on the leader
 chashd_raft_leader_changes_total  times the leader this gateway knows changed (none counts as a change)
@@ -30,7 +32,11 @@ class GatewayCollector(Collector):
         membership = self._membership
         status = membership.status
         for name, value, documentation in (
-            ("chashd_raft_leader_known", status.leader is not None, "1 while this gateway knows a Raft leader"),
+            (
+                "chashd_raft_leader_known",
+                status.leader is not None and status.in_contact,
+                "1 while this gateway knows a Raft leader it leads or heard from within its election timeout",
+            ),
             ("chashd_raft_has_quorum", status.has_quorum, "1 while this gateway reaches a majority of the gateways"),
             ("chashd_raft_is_leader", status.is_leader, "1 on the Raft leader"),
         ):

@@ -158,9 +158,22 @@ class GatewayCollectorTests(RingAPITestsBase):
         assert found[("chashd_ring_nodes", (("state", "down"),))] == 1
         assert found[("chashd_ring_nodes", (("state", "leaving"),))] == 0
         self.rafts[0].listener.on_status(RaftStatus(None, False, False))
-        self.rafts[0].listener.on_status(RaftStatus(self.rafts[0].settings.self_address, True, True))
+        self.rafts[0].listener.on_status(RaftStatus(self.rafts[0].settings.self_address, True, True, True))
         found = samples(registry)
         assert found[("chashd_raft_leader_changes_total", ())] == 3 and found[("chashd_raft_leader_known", ())] == 1
+
+    def test_cut_off_follower_knows_no_leader(self) -> None:
+        """A follower that still names its last leader but has not heard from it within the election timeout
+        (cut off from the other gateways) counts no known leader, as /ring/status names none; hearing from a
+        leader again counts it."""
+        registry = CollectorRegistry()
+        registry.register(GatewayCollector(self.membership))
+        self.rafts[0].lose_contact()
+        found = samples(registry)
+        assert found[("chashd_raft_leader_known", ())] == 0 and found[("chashd_raft_is_leader", ())] == 0
+        assert self.membership.leader_known  # Raft still names it
+        self.rafts[0].elect("127.0.0.1:8002")
+        assert samples(registry)[("chashd_raft_leader_known", ())] == 1
 
 
 class HTTPRequestMetricsTests(SynchronousTestCase):
