@@ -32,10 +32,11 @@
   name the command's epoch (``XPut.epoch``, ``xfence`` on the wire): a replica that knows a newer map
   refuses its copy, so a primary that a newer map no longer names (and that knows no newer map itself)
   gets no command acknowledged. Copies refused for the next map (epoch + 1) go again fenced by it once
-  this router's map reaches it, when every gateway on that map reads the primary first (the same ring,
-  the primary up and among the replicas read first): a node that comes back and takes the primary role
-  back does not fail the commands a gateway one heartbeat behind sent to the old primary. What this
-  closes, and what it leaves, is in USAGE.md ("Failures and consistency").
+  this router's map reaches it, when every gateway on that map reads the primary first (the primary up
+  and among the replicas that map's preference list reads first, whatever the ring change): a node that
+  comes back and takes the primary role back, or a join, does not fail the commands a gateway one
+  heartbeat behind sent to the old primary. What this closes, and what it leaves, is in USAGE.md
+  ("Failures and consistency").
 
 A slow replica does not slow the cluster:
 
@@ -465,6 +466,12 @@ class Router:
             if timer.active():
                 timer.cancel()
             callback(False)
+
+    def _rmw_quorums(self, n: int) -> tuple[int, int]:
+        """A read-modify-write's ``(W, replicas it reads first)`` for a preference list of ``n``: the read,
+        ``max(N - W + 1, R)``, meets every write acknowledged by ``W`` of the ``n``."""
+        needed_w = min(self.write_quorum, n)
+        return needed_w, min(max(n - needed_w + 1, self.read_quorum), n)
 
     def _previous_owners(self, key: bytes, current: Sequence[str]) -> list[str]:
         previous = self.placement.previous
@@ -1349,10 +1356,11 @@ class _ReadModifyWrite:
       acknowledgements complete the command. A command that changed nothing repairs the replicas that
       answered an older record than the newest.
     - Re-fence: when too few copies were taken because replicas know the next map (epoch + 1), the
-      command waits for this router's map to reach it and, when that map names the same ring with only
-      node states changed and every gateway on it reads the primary before its own commands
-      (``_refence_unsound``), sends the copies again fenced by the new epoch to the new map's candidates;
-      ``W`` acknowledgements in all (the primary's, the first copies' and these) complete it.
+      command waits for this router's map to reach it and, when every gateway on that map reads the
+      primary before its own commands (``_refence_unsound``: the primary is among the first replicas of
+      the key's preference list by that map, a ring change or not), sends the copies again fenced by the
+      new epoch to the new map's candidates; ``W`` of that map's preference list holding the result (the
+      primary, the replicas of both maps that took the first copies, and these) complete it.
     - The map: the command runs by the placement's epoch at ``start``. A placement that changes before the
       command is sent, or a primary that knows a newer map (``StaleMap``: nothing applied; the command waits
       for this router's map to reach it, ``_WAITING``), starts it over from the read (``_restart``). While
@@ -1380,10 +1388,10 @@ class _ReadModifyWrite:
         "needed_w",
         "newest",
         "phase",
-        "placement",
         "primary",
         "record",
         "refused_by",
+        "replicas",
         "retries",
         "round",
         "router",
@@ -1416,8 +1424,6 @@ class _ReadModifyWrite:
         self.epoch = self.awaited = 0
         #: The newest map epoch known by a replica that refused a copy of the result (``_copy_not_taken``).
         self.refused_by = 0
-        #: The placement the command runs by (set at ``start``).
-        self.placement = router.placement
         # The replication of the result: the node that applied it, the answer and record it gave, the other
         # replicas that took a copy (STORED, or EXISTS: they hold a newer record), copies still unanswered,
         # and the last refusal or failure (for the error).
@@ -1427,15 +1433,14 @@ class _ReadModifyWrite:
         self.copy_ok: set[str] = set()
         self.copies_out = 0
         self.copy_error: Failure | None = None
+        #: After a re-fence: the new map's preference list of the key, the only replicas whose copies count.
+        self.replicas: tuple[str, ...] = ()
 
     def start(self) -> None:
         router = self.router
-        self.placement = router.placement
         self.epoch = router.placement.ring.epoch
         replicas = router.replicas_for(self.key)
-        n = len(replicas)
-        self.needed_w = min(router.write_quorum, n)
-        self.needed_r = min(max(n - self.needed_w + 1, router.read_quorum), n)
+        self.needed_w, self.needed_r = router._rmw_quorums(len(replicas))
         self.candidates = router._primaries(replicas)
         self.extra = router._previous_owners(self.key, replicas)
         prior = router._prior_primary(replicas)
@@ -1682,7 +1687,8 @@ class _ReadModifyWrite:
 
     def _copy_taken(self, _: object, node: str) -> None:
         self.copies_out -= 1
-        self.copy_ok.add(node)
+        if not self.replicas or node in self.replicas:
+            self.copy_ok.add(node)
         self._copies_progress()
 
     def _copy_not_taken(self, failure: Failure, node: str) -> None:
@@ -1727,8 +1733,14 @@ class _ReadModifyWrite:
             return
         self.phase = _REFENCING
         router.counters["rmw_copies_refenced_total"] += 1
-        nodes = [n for n in router._primaries(router.replicas_for(self.key)) if n != self.applied_at]
-        self._copy_to([n for n in nodes if n not in self.copy_ok], router.placement.ring.epoch)
+        # W of the new map's preference list (the primary's among them) must hold the result: a copy taken by
+        # a node that map no longer names does not count (its handoff gives the record to the nodes the key
+        # moved to, which this re-fence counts by their own copies).
+        replicas = self.replicas = router.replicas_for(self.key)
+        self.needed_w = router._rmw_quorums(len(replicas))[0]
+        self.copy_ok = {n for n in self.copy_ok if n in replicas}
+        nodes = [n for n in router._primaries(replicas) if n != self.applied_at and n not in self.copy_ok]
+        self._copy_to(nodes, router.placement.ring.epoch)
         self._copies_progress()
 
     def _refence_unsound(self) -> str | None:
@@ -1739,23 +1751,29 @@ class _ReadModifyWrite:
         ``e + 1`` reads B before its own command on the key: that read comes after its ``xmap e + 1`` on the
         same connection, so after B applied ours (B refuses an ``xapply`` of an older map once it knows the
         newer one), and such a gateway sees our result and applies on top of it. So: the map is ``e + 1``
-        exactly (no map between, whose gateways may have chosen another primary), it places every key as
-        the command's map did and no move is under way, B is up in it, and B is among its first
-        ``needed_r`` up replicas of the key, which every gateway on it reads. The primary by the command's
-        map always is: the ``d`` replicas before it were down then, the command had ``W`` up replicas, so
-        ``d <= N - W < needed_r``; a primary that took over from a stalled or failed one may not be. A
-        replica that knows a later map refuses these copies as well."""
-        placement = self.router.placement
+        exactly (no map between, whose gateways may have chosen another primary), B is up in it, and B is
+        among its first ``needed_r`` up replicas of the key (by that map's preference list, which every
+        gateway on it reads, whatever ring the command's map had). The primary by the command's map is when
+        only node states changed: the ``d`` replicas before it were down then, the command had ``W`` up
+        replicas, so ``d <= N - W < needed_r``; and after a join (the new node inserted in the list moves B
+        back by one at most). A primary that took over from a stalled or failed one may not be, nor one that
+        a weight change moved back, nor one the new map no longer names (a drain or a removal of B): the new
+        map's gateways read such a previous owner only while their own monitor sees the move under way, and
+        one that saw it end (B handed the key off to the nodes it moved to, which it may not read first)
+        can apply before our copies come. A replica that knows a later map refuses these copies as well."""
+        router = self.router
+        placement = router.placement
         epoch = placement.ring.epoch
         if self.refused_by != self.epoch + 1 or epoch != self.refused_by:
             return f"the map moved from epoch {self.epoch} to {epoch}, not by one"
-        if placement.previous is not None or not placement.ring.same_placement(self.placement.ring):
-            return "the ring changed"
         primary = self.applied_at
+        replicas = router.replicas_for(self.key)
+        if primary not in replicas:
+            return f"{primary} is no longer a replica of the key (the ring changed)"
         if not placement.is_up(primary):
             return f"{primary} is not up in the new map"
-        replicas = self.router.replicas_for(self.key)
-        if primary not in [n for n in replicas if placement.is_up(n)][: self.needed_r]:
+        needed_r = router._rmw_quorums(len(replicas))[1]
+        if primary not in [n for n in replicas if placement.is_up(n)][:needed_r]:
             return f"{primary} is not among the replicas that gateways on the new map read first"
         return None
 

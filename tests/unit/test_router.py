@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -536,16 +537,29 @@ class RefenceTests(SynchronousTestCase):
     (V down, the primary B, the next replica). B knows only epoch 2 and applies that gateway's command; the
     other replicas know epoch 3 and refuse its copies (fenced by 2). The command waits for its gateway's map
     to reach 3 and, as every gateway on 3 reads B before its own commands, sends the copies again fenced by 3
-    to the new map's replicas: acknowledged, not a failure. Not when that is unsound: B down in the new map,
-    a map between (the epoch jumped by 2), another ring, or a replica that knows a later map still."""
+    to the new map's replicas: acknowledged, not a failure. So after a ring change (a join, a drain or a
+    weight change) that keeps B among the replicas the new map reads first. Not when that is unsound: B down
+    in the new map, a map between (the epoch jumped by 2), B no longer a replica or moved back in the list,
+    or a replica that knows a later map still."""
 
-    def route(self, c: Cluster, epoch: int, down: str | None = None, ring: HashRing | None = None) -> None:
-        """The cluster's router routes by the map of ``epoch`` (``down`` marked down, the others up), its
-        connections name it."""
+    def route(
+        self,
+        c: Cluster,
+        epoch: int,
+        down: str | None = None,
+        ring: HashRing | None = None,
+        previous: HashRing | None = None,
+        leaving: str | None = None,
+    ) -> None:
+        """The cluster's router routes by the map of ``epoch`` (``down`` marked down, ``leaving`` leaving, the
+        others up; ``previous`` the ring of a move under way), its connections name it."""
         for link in c.links.values():
             link.epoch = epoch
         ring = ring or HashRing(dict.fromkeys(c.links, 1), epoch=epoch)
-        c.router.update(Placement(ring, {down: NodeState.DOWN} if down else {}))
+        states = {down: NodeState.DOWN} if down else {}
+        if leaving:
+            states[leaving] = NodeState.LEAVING
+        c.router.update(Placement(ring, states, previous))
 
     def returning(self, known: int = 3) -> tuple[Cluster, str, str, str]:
         """``n`` = 1 everywhere (epoch 1), then 41 while its primary V is down (epoch 2); V runs again and V and
@@ -563,14 +577,45 @@ class RefenceTests(SynchronousTestCase):
             c.links[node].backend.know_epoch(known)
         return c, v, b, third
 
-    def newer(self, c: Cluster, epoch: int = 3) -> Router:
-        """A second gateway over the same kvstores, on the map of ``epoch`` with every node up."""
+    def newer(self, c: Cluster, epoch: int = 3, previous: HashRing | None = None) -> Router:
+        """A second gateway over the same kvstores, on the map of ``epoch`` with every node up (``previous``:
+        the ring of a move under way)."""
         links = {name: Link(link.backend) for name, link in c.links.items()}
         for link in links.values():
             link.epoch = epoch
         router = Router("gw2", c.clock, links.__getitem__)
-        router.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=epoch)))
+        router.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=epoch), {}, previous))
         return router
+
+    def changing(
+        self,
+        old: HashRing,
+        new: HashRing,
+        pick: Callable[[tuple[str, ...], tuple[str, ...]], bool],
+        w: int = 2,
+        unaware: tuple[str, ...] = (),
+    ) -> tuple[Cluster, bytes, Deferred[Any]]:
+        """kvstores a..d (N=3, W=``w``, R=2) routing by ``old`` (epoch 1); a key whose preference lists by
+        ``old`` and ``new`` ``pick`` accepts = 41 on its replicas; the ring changes to ``new``, which every
+        kvstore but the key's primary (and ``unaware``) knows; the cluster's router, still on epoch 1,
+        increments the key: applied at the primary, waiting. The cluster, the key and the increment."""
+        key = next(
+            k for k in (b"n%d" % i for i in range(400)) if pick(old.preference_list(k, 3), new.preference_list(k, 3))
+        )
+        c = Cluster(count=4, w=w)
+        self.route(c, 1, ring=old)
+        assert self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"41"))) is Status.STORED
+        primary = c.replicas(key)[0]
+        for node, link in c.links.items():
+            if node != primary and node not in unaware:
+                link.backend.know_epoch(new.epoch)
+        late = c.router.execute(Arith(key, 1))
+        self.assertNoResult(late)
+        return c, key, late
+
+    def value(self, c: Cluster, node: str, key: bytes) -> bytes | None:
+        record = c.record(node, key)
+        return record.value if record is not None and not record.tombstone else None
 
     def values(self, c: Cluster) -> list[bytes | None]:
         return [r.value if (r := c.record(n, b"n")) is not None and not r.tombstone else None for n in c.replicas(b"n")]
@@ -639,13 +684,87 @@ class RefenceTests(SynchronousTestCase):
         self.failureResultOf(late, ServiceUnavailable)
         assert c.router.stats()["rmw_copies_refenced_total"] == 0
 
-    def test_fails_when_the_ring_changed(self) -> None:
-        """Epoch 3 changes a node's weight (other preference lists): no copies again, the command fails."""
+    def test_a_weight_change_that_keeps_the_primary_read_first(self) -> None:
+        """Epoch 3 also changes a node's weight (other preference lists), but B stays among the key's first two
+        up replicas, which every gateway on 3 reads: the copies go again, acknowledged."""
         c, v, b, third = self.returning()
         late = c.router.execute(Arith(b"n", 1))
         self.assertNoResult(late)
-        self.route(c, 3, ring=HashRing({v: 1, b: 1, third: 2}, epoch=3))
+        ring = HashRing({v: 1, b: 1, third: 2}, epoch=3)
+        self.route(c, 3, ring=ring, previous=HashRing(dict.fromkeys(c.links, 1), epoch=2))
+        assert b in ring.preference_list(b"n", 3)[:2]
+        assert self.successResultOf(late) == Number(42)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 1
+
+    def test_the_copies_go_again_after_a_join(self) -> None:
+        """d joins (epoch 2) and becomes the key's primary; the old primary b, second now, applied an increment
+        by epoch 1 and c and a refused its copies. Once the gateway reaches epoch 2 the copies go to d and c
+        (the new map's replicas; not to a, which the key left), fenced by 2: acknowledged, whether or not this
+        gateway still sees the move under way (every gateway on 2 reads d and b first either way). A gateway
+        on 2 then increments on top of it, and the new replicas end with 43."""
+        old = HashRing(dict.fromkeys("abc", 1), epoch=1)
+        new = HashRing(dict.fromkeys("abcd", 1), epoch=2)
+        for previous in (old, None):
+            c, key, late = self.changing(old, new, lambda _, after: after[0] == "d")
+            assert (c.replicas(key), new.preference_list(key, 3)) == (("b", "c", "a"), ("d", "b", "c"))
+            assert [self.value(c, n, key) for n in "abcd"] == [b"41", b"42", b"41", None]
+            for link in c.links.values():
+                link.sent.clear()
+            self.route(c, 2, ring=new, previous=previous)
+            assert self.successResultOf(late) == Number(42)
+            fenced = {n: [cmd.epoch for cmd in link.sent if type(cmd) is XPut] for n, link in c.links.items()}
+            assert fenced == {"a": [], "b": [], "c": [2], "d": [2]}
+            assert c.router.stats()["rmw_copies_refenced_total"] == 1
+            assert self.successResultOf(self.newer(c, 2, previous=old).execute(Arith(key, 1))) == Number(43)
+            assert [self.value(c, n, key) for n in "bcd"] == [b"43", b"43", b"43"]
+            assert c.clock.getDelayedCalls() == []
+
+    def test_a_copy_taken_by_a_node_the_new_map_drops_does_not_count(self) -> None:
+        """W = 3: a (the key's last replica, which the join of d pushes out) still knew only epoch 1 and took
+        the copy; c refused it. After the re-fence W counts on the new map's list (d, b, c): b's apply and c's
+        copy make 2, d is unreachable, and a's copy does not stand in for it: the command fails."""
+        old = HashRing(dict.fromkeys("abc", 1), epoch=1)
+        new = HashRing(dict.fromkeys("abcd", 1), epoch=2)
+        c, key, late = self.changing(old, new, lambda _, after: after[0] == "d", w=3, unaware=("a",))
+        assert [self.value(c, n, key) for n in "abc"] == [b"42", b"42", b"41"]
+        c.links["d"].mode = "down"
+        self.route(c, 2, ring=new, previous=old)
+        failure = self.failureResultOf(late, ServiceUnavailable)
+        assert "epoch 2 refused its result" in str(failure.value)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 1
+        assert self.value(c, "c", key) == b"42"
+
+    def test_fails_when_the_new_map_drains_the_primary(self) -> None:
+        """Epoch 2 drains the key's primary b (leaving: out of the ring, a previous owner of its keys). Gateways
+        on 2 read b only while their own monitor sees the move under way; one that saw b's handoff end reads
+        the new replicas first, which need not hold the result yet: the copies do not go again."""
+        old = HashRing(dict.fromkeys("abcd", 1), epoch=1)
+        new = HashRing(dict.fromkeys("acd", 1), epoch=2)
+        c, key, late = self.changing(old, new, lambda before, _: before[0] == "b")
+        self.route(c, 2, ring=new, previous=old, leaving="b")
+        failure = self.failureResultOf(late, ServiceUnavailable)
+        assert "epoch 2 refused its result" in str(failure.value)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
+        assert {self.value(c, n, key) for n in old.preference_list(key, 3) if n != "b"} == {b"41"}
+
+    def test_fails_when_a_weight_change_moves_the_primary_back(self) -> None:
+        """Epoch 2 raises two nodes' weights: the key's old primary b is its third replica now, which gateways
+        on 2 do not read first (R = 2): the copies do not go again."""
+        old = HashRing(dict.fromkeys("abcd", 1), epoch=1)
+        new = HashRing({"a": 1, "b": 1, "c": 3, "d": 3}, epoch=2)
+        c, key, late = self.changing(old, new, lambda before, after: before[0] == after[2] == "b")
+        self.route(c, 2, ring=new, previous=old)
         self.failureResultOf(late, ServiceUnavailable)
+        assert c.router.stats()["rmw_copies_refenced_total"] == 0
+
+    def test_fails_when_a_join_comes_two_maps_later(self) -> None:
+        """The refusing replicas know epoch 3, a join (a map between may have named another primary): fails."""
+        old = HashRing(dict.fromkeys("abc", 1), epoch=1)
+        new = HashRing(dict.fromkeys("abcd", 1), epoch=3)
+        c, _, late = self.changing(old, new, lambda _, after: after[0] == "d")
+        self.route(c, 3, ring=new, previous=old)
+        failure = self.failureResultOf(late, ServiceUnavailable)
+        assert "epoch 3 refused its result" in str(failure.value)
         assert c.router.stats()["rmw_copies_refenced_total"] == 0
 
     def test_fails_when_the_next_map_does_not_read_the_primary(self) -> None:
