@@ -30,6 +30,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from operator import itemgetter, lt
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from chashd.bulk import BulkRow
 from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
-from chashd.ring import key_hash
+from chashd.ring import key_hash, key_hashes
 from chashd.storage._common import check_range
 from chashd.versions import Version
 
@@ -96,6 +97,8 @@ _SCAN_ROWS_AFTER = (
 _RUN = "(hash, key) >= (?, ?) AND (hash, key) <= (?, ?)"
 _RUN_VERSIONS = f"SELECT key, (clock + 9223372036854775807) + 1, writer FROM records WHERE {_RUN} ORDER BY hash, key"
 _DELETE_RUN = f"DELETE FROM records WHERE {_RUN}"
+#: Whether the table holds a record in the run (``apply_rows``: a page of new keys).
+_RUN_HOLDS = f"SELECT EXISTS (SELECT 1 FROM records WHERE {_RUN})"
 _PURGE_CANDIDATES = (
     f"SELECT hash, key, {_COLUMNS} FROM records WHERE (hash, key) > (?, ?)"
     " AND ((tombstone = 0 AND expires_at != 0 AND expires_at <= ?) OR (tombstone != 0 AND clock < ?))"
@@ -111,6 +114,8 @@ _GROUP_QUERY = 500
 
 
 _UNKNOWN = object()
+_KEY_OF = itemgetter(0)
+_VALUE_OF = itemgetter(1)
 #: What a record cache entry costs beyond its key and value (dict slot, row tuple), roughly.
 _ENTRY_OVERHEAD = 200
 
@@ -516,67 +521,85 @@ class SQLiteEngine:
 
     def apply_rows(self, rows: Sequence[BulkRow]) -> list[bool]:
         """``apply_many`` of ``BulkRow`` tuples (a received bulk page), without a ``Record`` each; True for
-        each row stored. The rows come checked (``chashd.bulk.decode_rows``). Three statements for the group:
-        the stored versions of the keys the record cache does not know in one query, the winners in one
-        ``executemany``, the commit. When no key is here yet (``_insert_rows``), the rows go in as they are."""
-        keys = [row[0] for row in rows]
-        hashes = [key_hash(key) for key in keys]
-        results: list[bool] = []
-        stored = []
-        added_keys = added_bytes = 0
+        each row stored. The rows come checked (``chashd.bulk.decode_rows``).
+
+        A page a handoff brings is a run of the sender's table, in ``(hash, key)`` order, and to a node that
+        did not hold the arc its keys are all new: when the rows' hashes rise strictly (so no key comes
+        twice) and no record lies between the page's first key and its last (one index seek), the rows go in
+        as they are, in one ``executemany`` with SQLite biasing the clock, with no query of the stored
+        versions and no comparison in Python. Otherwise (a repair, a sweep, a node back with its data),
+        three statements: the stored versions of the keys the record cache does not know in one query, the
+        winners in one ``executemany``, the commit."""
+        hashes = key_hashes([row[0] for row in rows])
         with self.batch():
-            try:
-                currents = self._currents(keys, hashes)
-            except sqlite3.Error as e:
-                raise self._failed(e) from e
-            if len(currents) == len(rows) and not any(currents.values()):
-                return self._insert_rows(rows, hashes)
-            for (key, value, flags, expires_at, clock, writer, tombstone), hash_value in zip(rows, hashes):
-                current = currents[key]
-                biased = clock - _CLOCK_BIAS
-                size = len(value)
-                if current is None:
-                    added_keys += 1
-                    added_bytes += size
-                elif (biased, writer) <= current[:2]:
-                    results.append(False)
-                    continue
-                else:
-                    added_bytes += size - current[2]
-                stored.append((hash_value, key, value, flags, expires_at, biased, writer, tombstone))
-                currents[key] = (biased, writer, size)
-                results.append(True)
-            if stored:
+            if rows and all(map(lt, hashes, hashes[1:])):
+                first, last = rows[0][0], rows[-1][0]
                 try:
-                    self._db.executemany(_STORE, stored)
+                    held = self._db.execute(_RUN_HOLDS, (hashes[0], first, hashes[-1], last)).fetchone()[0]
                 except sqlite3.Error as e:
                     raise self._failed(e) from e
-                self._keys += added_keys
-                self._bytes += added_bytes
-                self._generation += 1
-                records = self._records
-                for row in stored:
-                    if row[1] in records:
-                        self._remember(row[1], row[2:])
-        return results
+                if not held:
+                    return self._insert_new(rows, hashes)
+            return self._apply_compared(rows, hashes)
 
-    def _insert_rows(self, rows: Sequence[BulkRow], hashes: Sequence[int]) -> list[bool]:
-        """``apply_rows`` of rows whose keys are all new here, none twice (what a handoff brings to a node that
-        did not hold the arc): every row is stored, as it is, SQLite biasing the clock (``_STORE_ROW``), with
-        no comparison nor new tuple per row in Python. In the open batch, lock held."""
+    def _insert_new(self, rows: Sequence[BulkRow], hashes: Sequence[int]) -> list[bool]:
+        """``apply_rows`` of rows whose keys are all new here, none twice: every row is stored, as it is; in
+        the open batch, lock held."""
         try:
-            self._db.executemany(_STORE_ROW, [(hash_value, *row) for hash_value, row in zip(hashes, rows)])
+            self._db.executemany(_STORE_ROW, map(tuple.__add__, zip(hashes), rows))
         except sqlite3.Error as e:
             raise self._failed(e) from e
         self._keys += len(rows)
-        self._bytes += sum([len(row[1]) for row in rows])
+        self._bytes += sum(map(len, map(_VALUE_OF, rows)))
         self._generation += 1
-        records = self._records
-        if records:  # keys the cache knows as absent
+        known = self._records.keys() & map(_KEY_OF, rows) if self._records else None
+        if known:  # keys the cache knows as absent
             for key, value, flags, expires_at, clock, writer, tombstone in rows:
-                if key in records:
+                if key in known:
                     self._remember(key, (value, flags, expires_at, clock - _CLOCK_BIAS, writer, tombstone))
         return [True] * len(rows)
+
+    def _apply_compared(self, rows: Sequence[BulkRow], hashes: Sequence[int]) -> list[bool]:
+        """``apply_rows`` comparing each row with the stored version; in the open batch, lock held. When no
+        key is here yet (none twice), the rows go in as ``_insert_new`` stores them."""
+        keys = [row[0] for row in rows]
+        try:
+            currents = self._currents(keys, hashes)
+        except sqlite3.Error as e:
+            raise self._failed(e) from e
+        if len(currents) == len(rows) and not any(currents.values()):
+            return self._insert_new(rows, hashes)
+        results: list[bool] = []
+        stored = []
+        added_keys = added_bytes = 0
+        for (key, value, flags, expires_at, clock, writer, tombstone), hash_value in zip(rows, hashes):
+            current = currents[key]
+            biased = clock - _CLOCK_BIAS
+            size = len(value)
+            if current is None:
+                added_keys += 1
+                added_bytes += size
+            elif (biased, writer) <= current[:2]:
+                results.append(False)
+                continue
+            else:
+                added_bytes += size - current[2]
+            stored.append((hash_value, key, value, flags, expires_at, biased, writer, tombstone))
+            currents[key] = (biased, writer, size)
+            results.append(True)
+        if stored:
+            try:
+                self._db.executemany(_STORE, stored)
+            except sqlite3.Error as e:
+                raise self._failed(e) from e
+            self._keys += added_keys
+            self._bytes += added_bytes
+            self._generation += 1
+            records = self._records
+            for row in stored:
+                if row[1] in records:
+                    self._remember(row[1], row[2:])
+        return results
 
     def _remember(self, key: bytes, row: _Row | None) -> None:
         """Put ``row`` in the record cache, evicting the oldest entries past the limit; lock held."""

@@ -181,6 +181,46 @@ class EngineTests:
         assert engine.apply_rows(twice) == [True, False]
         assert engine.get(b"t").value == b"newer" and engine.stats()["keys"] == 6
 
+    def test_apply_rows_of_a_scanned_page(self, engine: Any) -> None:
+        """A page in scan order (what a handoff pushes) is stored whole where none of its keys is held; where one
+        is (a record between its first key and its last), each row is compared with what is stored and the
+        newer version wins; a key the record cache knows as absent is stored and read back; two keys of one
+        hash are both stored."""
+        source = MemoryEngine()
+        scanned = self.scanned(source)
+        page = [row for row in scanned if row[0] not in SAME_HASH]
+        assert engine.apply_rows(page[:10]) == [True] * 10
+        assert engine.scan_rows(0, 2**32 - 1, None, 1000) == page[:10]
+        newer = (page[15][0], b"newer", 0, 0, page[15][4] + 1, "w", 0)
+        older = (page[17][0], b"older", 0, 0, page[17][4] - 1, "w", 0)
+        engine.apply_rows([newer, older])
+        assert engine.get(page[20][0]) is None  # the record cache, if any, knows it absent
+        assert engine.apply_rows(page[10:]) == [True] * 5 + [False] + [True] * 12
+        assert engine.get(page[20][0]).value == page[20][1]
+        assert engine.apply_rows([row for row in scanned if row[0] in SAME_HASH]) == [True, True]
+        stored = engine.scan_rows(0, 2**32 - 1, None, 1000)
+        assert stored == [newer if row[0] == newer[0] else row for row in scanned]
+        assert engine.stats()["keys"] == 30 and engine.stats()["bytes"] == sum(len(row[1]) for row in stored)
+
+    def test_a_page_of_new_keys_is_one_insert(self, tmp_path: Path) -> None:
+        """SQLite: a page in scan order whose keys are all new here (and whose hashes rise strictly: two keys of
+        one hash take the general path) goes in with one ``executemany`` after one query of its run, without a
+        query of the stored versions (the handoff's receiver: bench/README.md)."""
+        source = SQLiteEngine(tmp_path / "source.sqlite")
+        engine = SQLiteEngine(tmp_path / "db.sqlite")
+        try:
+            page = [row for row in self.scanned(source) if row[0] not in SAME_HASH]  # hashes that rise strictly
+            statements: list[str] = []
+            engine._db.set_trace_callback(statements.append)
+            assert engine.apply_rows(page) == [True] * 28
+            engine._db.set_trace_callback(None)
+            assert engine.scan_rows(0, 2**32 - 1, None, 1000) == page
+        finally:
+            source.close()
+            engine.close()
+        assert [s.split()[0] for s in statements] == ["BEGIN", "SELECT", *["INSERT"] * 28, "COMMIT"]
+        assert "IN (" not in statements[1]
+
     def test_remove_rows_if(self, engine: Any) -> None:
         """The rows' records go when their stored version is still the row's; a rewritten one stays (the
         whole group then takes the record-by-record path); counts and the record cache follow."""
