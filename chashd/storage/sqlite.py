@@ -113,6 +113,15 @@ _CURRENT_OF_HASHES = "SELECT key, clock, writer, length(value) FROM records WHER
 _GROUP_QUERY = 500
 
 
+#: Python 3.11's sqlite3 binds a ``bytes`` parameter (every key and value) only after looking for an adapter:
+#: a miss in its registry, then an ``__adapt__`` lookup on its protocol type, which formats and clears an
+#: ``AttributeError`` each time (``PyUnicode_FromFormatV`` was the costliest call of an ``executemany`` of
+#: keys and values under perf). ``bytes`` itself as the adapter of ``bytes`` finds the registry entry and returns
+#: the object as it is (a no-op for the whole process). Measured in process with the adapter registered and
+#: removed page by page (3 runs of 40,000 rows, load 10-13): ``apply_rows`` 4.84-6.47 -> 4.36-5.77 us a row of
+#: 1 KiB, 3.27-4.32 -> 3.00-3.66 of 100 B; a ``get`` the record cache misses 0-0.4 us less.
+sqlite3.register_adapter(bytes, bytes)
+
 _UNKNOWN = object()
 _KEY_OF = itemgetter(0)
 _VALUE_OF = itemgetter(1)
