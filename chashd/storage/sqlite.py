@@ -99,6 +99,10 @@ _RUN_VERSIONS = f"SELECT key, (clock + 9223372036854775807) + 1, writer FROM rec
 _DELETE_RUN = f"DELETE FROM records WHERE {_RUN}"
 #: Whether the table holds a record in the run (``apply_rows``: a page of new keys).
 _RUN_HOLDS = f"SELECT EXISTS (SELECT 1 FROM records WHERE {_RUN})"
+#: The fewest rows ``apply_rows`` looks at as a run: a handoff's pages have hundreds, in scan order; a group of
+#: clients' writes has a few, in no order, and mostly of keys held (the record cache often knows them), for
+#: which that query would come on top of the stored versions' (16 keys in random order rise with odds 1/16!).
+_RUN_ROWS = 16
 _PURGE_CANDIDATES = (
     f"SELECT hash, key, {_COLUMNS} FROM records WHERE (hash, key) > (?, ?)"
     " AND ((tombstone = 0 AND expires_at != 0 AND expires_at <= ?) OR (tombstone != 0 AND clock < ?))"
@@ -533,15 +537,15 @@ class SQLiteEngine:
         each row stored. The rows come checked (``chashd.bulk.decode_rows``).
 
         A page a handoff brings is a run of the sender's table, in ``(hash, key)`` order, and to a node that
-        did not hold the arc its keys are all new: when the rows' hashes rise strictly (so no key comes
-        twice) and no record lies between the page's first key and its last (one index seek), the rows go in
-        as they are, in one ``executemany`` with SQLite biasing the clock, with no query of the stored
-        versions and no comparison in Python. Otherwise (a repair, a sweep, a node back with its data),
-        three statements: the stored versions of the keys the record cache does not know in one query, the
-        winners in one ``executemany``, the commit."""
+        did not hold the arc its keys are all new: when a page of at least ``_RUN_ROWS`` rows has hashes that
+        rise strictly (so no key comes twice) and no record lies between its first key and its last (one
+        index seek), the rows go in as they are, in one ``executemany`` with SQLite biasing the clock, with no
+        query of the stored versions and no comparison in Python. Otherwise (a repair, a sweep, a node back
+        with its data, clients' writes), three statements: the stored versions of the keys the record cache
+        does not know in one query, the winners in one ``executemany``, the commit."""
         hashes = key_hashes([row[0] for row in rows])
         with self.batch():
-            if rows and all(map(lt, hashes, hashes[1:])):
+            if len(rows) >= _RUN_ROWS and all(map(lt, hashes, hashes[1:])):
                 first, last = rows[0][0], rows[-1][0]
                 try:
                     held = self._db.execute(_RUN_HOLDS, (hashes[0], first, hashes[-1], last)).fetchone()[0]
