@@ -59,8 +59,12 @@ N, W and R are capped at the number of nodes in the ring, so a one-node ring wor
 The common cases take short paths that do the same thing with fewer objects per request: a single-key
 ``get`` with R=1 is one ``XGet`` whose Deferred the client protocol gets back (a failure, or the hedging
 timer, which cancels it, moves on to the next up replica); any other single-key ``get`` is one ``_KeyRead``
-whose Deferred is the answer; a ``set``'s replicas answer one ``_Write`` (no Deferred for each, no quorum
-object), whose result goes to the line protocol's sink (``forward_set``) or to one Deferred.
+whose Deferred is the answer, or, from the line protocol (``forward_get``), whose reply goes to the protocol's
+sink; the commonest of those, R=2 with no node suspect and no move under way, is a ``_PairRead`` (the first
+replica's record and the second's version in two slots), which hands itself over to a ``_KeyRead`` on anything
+else (a newer version, a failure, the hedging timer); a ``set``'s replicas answer one ``_Write`` (no Deferred
+for each, no quorum object), whose result goes to the line protocol's sink (``forward_set``) or to one
+Deferred.
 Preference lists are memoized per placement (the ring is immutable, so a key's list only changes with a
 new placement), and which nodes are down is worked out once per placement rather than per request.
 Callbacks are bound methods with arguments, not closures.
