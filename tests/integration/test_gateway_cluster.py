@@ -106,6 +106,22 @@ class Gateways:
         """POST JSON to gateway ``i``."""
         return http_json(self.url(i) + path, timeout=timeout, method="POST", body=body if body is not None else {})
 
+    def settled(self) -> int | None:
+        """The epoch every running gateway's /ring shows once each of them lists all the group's gateways, else
+        None. Each gateway registers itself (an epoch of its own) once it hears from the leader, a follower on
+        a loaded machine maybe only after a test's first change: from a settled group on, every new epoch is
+        the test's own."""
+        everyone = {f"g{i + 1}" for i in range(len(self.daemons))}
+        rings = [self.ring(i) for i in self.running()]
+        epochs = {int(ring["epoch"]) for ring in rings}
+        if len(epochs) != 1 or any({g["id"] for g in ring["gateways"]} != everyone for ring in rings):
+            return None
+        return epochs.pop()
+
+    def wait_settled(self, timeout: float = 60) -> int:
+        """Wait until the group is ``settled``; its epoch."""
+        return int(wait_until("every gateway registered in every running gateway's map", self.settled, timeout))
+
     def has_epoch(self, i: int, epoch: int) -> bool:
         """True when gateway ``i``'s ring has reached ``epoch``."""
         return int(self.ring(i)["epoch"]) >= epoch
@@ -141,25 +157,36 @@ class ThreeGatewayTests:
     """Three gateways on loopback (Raft traffic authenticated and encrypted with a random password)."""
 
     def test_leader_and_replicated_registration(self, gateways: Callable[..., Gateways]) -> None:
-        """A leader is elected; a registration POSTed to a follower reaches every gateway's /ring;
-        the same registration again changes nothing (same epoch)."""
+        """A leader is elected; a registration POSTed to a follower reaches every gateway's /ring as one new
+        epoch; the same registration again changes nothing (it answers "unchanged" at that epoch, and no
+        gateway's map moves past it or changes kv-a's entry)."""
         # No kvstore answers at kv-a's address: the health checker must not mark it down (a new epoch) while
         # the test runs, however slow the machine.
         group = gateways(3, ("--down-after", "1000"))
         leader = group.wait_leader()
+        # Every gateway registers itself in the map (an epoch each) once it hears from the leader: a follower
+        # on a loaded machine did so after kv-a's registration, whose answer then named epoch 3 and the map
+        # moved on to 4. Once all three are in, nothing but this test's requests makes an epoch.
+        before = group.wait_settled()
         follower = next(i for i in range(3) if f"g{i + 1}" != leader)
         code, body = group.post(follower, "/ring/nodes", announcement("kv-a"))
-        assert code == 201, body
+        assert code == 201 and body["result"] == "registered", body
         epoch = body["epoch"]
+        assert epoch == before + 1, (before, body)  # one change, one epoch
         assert group.ring(follower)["epoch"] >= epoch  # read-your-writes on the gateway that answered
+        entries = []
         for i in range(3):
             wait_until(f"g{i + 1} to show kv-a", partial(group.has_epoch, i, epoch))
             ring = group.ring(i)
-            assert [n["id"] for n in ring["nodes"]] == ["kv-a"] and ring["nodes"][0]["state"] == "up"
-            assert {g["id"] for g in ring["gateways"]} == {"g1", "g2", "g3"}
+            assert ring["epoch"] == epoch, ring
+            assert [n["id"] for n in ring["nodes"]] == ["kv-a"] and ring["nodes"][0]["state"] == "up", ring
+            assert {g["id"] for g in ring["gateways"]} == {"g1", "g2", "g3"}, ring
+            entries.append(ring["nodes"])
         code, body = group.post(group.index_of(leader), "/ring/nodes", announcement("kv-a"))
-        assert code == 200 and body["result"] == "unchanged" and body["epoch"] == epoch
-        assert all(group.ring(i)["epoch"] == epoch for i in range(3))
+        assert code == 200 and body["result"] == "unchanged" and body["epoch"] == epoch, body
+        for i in range(3):
+            ring = group.ring(i)
+            assert ring["epoch"] == epoch and ring["nodes"] == entries[i], (epoch, entries[i], ring)
 
     def test_bad_admin_input(self, gateways: Callable[..., Gateways]) -> None:
         """Unknown node, duplicate id with another address, weight 0 or negative: 4xx problem+json."""
