@@ -21,6 +21,7 @@ __all__ = [
     "NodeConflict",
     "NodeLeaving",
     "NonNumericValue",
+    "NotServing",
     "QuorumNotReached",
     "RequestError",
     "ServiceUnavailable",
@@ -232,6 +233,17 @@ class MapNotCurrent(ServiceUnavailable):
 
     def __init__(self, message: str = MESSAGE) -> None:
         super().__init__(message)
+
+
+class NotServing(ServiceUnavailable):
+    """The process runs but its role does not serve yet: ``GET /health`` answers 503 problem+json with the
+    message, the fields of ``report`` (those a healthy answer has; none named as a problem+json member:
+    ``type``, ``title``, ``status``, ``detail``), ``serving: false``, and ``Retry-After``. A gateway says so
+    until it is in the cluster map it serves (``GatewayService.health``)."""
+
+    def __init__(self, message: str, report: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
 
 
 class ClusterMapUnavailable(ServiceUnavailable):

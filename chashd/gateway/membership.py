@@ -13,7 +13,8 @@ Contracts:
   Nothing here blocks the reactor.
 - ``view`` is the latest ``ClusterView``; observers (``subscribe``) get each new one, on the reactor thread,
   in epoch order. ``ready`` fires once the Raft state is loaded (journal replayed, leader known), and the
-  gateway then registers itself in the map.
+  gateway then registers itself in the map; ``joined`` fires once its view holds it (``in_map``), the moment
+  ``GET /health`` turns 200 and systemd is told READY=1.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ NOT_CURRENT = (
     "gateways, so its cluster map may be stale"
 )
 
-__all__ = ["NOT_CURRENT", "Membership", "MembershipReactor"]
+__all__ = ["NOT_CURRENT", "NO_LEADER", "Membership", "MembershipReactor"]
 
 #: The reactor Membership needs: ``IReactorTime`` (``seconds``, ``callLater``) and ``IReactorThreads``
 #: (``callFromThread``). Typed loosely because test clocks provide these without declaring the interfaces.
@@ -122,6 +123,8 @@ class Membership(Service):
         #: Times the leader this gateway knows changed (None included), for /metrics.
         self.leader_changes = 0
         self.ready: Deferred[None] = Deferred()
+        #: Fires once this gateway is in its view of the map (``in_map``).
+        self.joined: Deferred[None] = Deferred()
         self._raft: RaftHandle | None = None
         self._tokens = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -229,6 +232,26 @@ class Membership(Service):
     def history(self) -> tuple[ClusterView, ...]:
         """The last ``history_size`` views this gateway published, oldest first (the current one last)."""
         return tuple(self._history)
+
+    @property
+    def in_map(self) -> bool:
+        """True once this gateway is in its own view of the cluster map, as it registers itself (its id, Raft
+        address and URL): the gateway a user reaches is one the group's map names."""
+        return self.self_info in self.view.gateways
+
+    def absence(self) -> str | None:
+        """Why this gateway is not in its view of the cluster map yet (it registers itself once it hears
+        from a Raft leader); None once it is."""
+        if self.in_map:
+            return None
+        prefix = f"gateway {self.self_info.id} is not in the cluster map yet"
+        if self._raft is None:
+            return f"{prefix}: its Raft cluster map is not running"
+        if not self.leader_known:
+            return f"{prefix} (it registers itself once it hears from a Raft leader): {NO_LEADER}"
+        if not self.map_current:
+            return f"{prefix} (it registers itself once it hears from a Raft leader): {NOT_CURRENT}"
+        return f"{prefix}: its registration is under way"
 
     def leader_id(self) -> str | None:
         """The leader gateway's id while this gateway's map is current (``map_current``: it leads, or heard
@@ -358,6 +381,11 @@ class Membership(Service):
             if pending.outcome is not None and pending.outcome.epoch <= self.view.epoch:
                 self._forget(token)
                 pending.deferred.callback(pending.outcome)
+        if not self.joined.called and self.in_map:
+            self._log.info(
+                "gateway {id} is in the cluster map at epoch {epoch}", id=self.self_info.id, epoch=self.view.epoch
+            )
+            self.joined.callback(None)
         self._maybe_register_self()
 
     def on_status(self, status: RaftStatus) -> None:

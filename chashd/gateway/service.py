@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chashd.config import GatewayConfig
+from chashd.errors import NotServing
 from chashd.gateway.clustermap import ClusterView
 from chashd.gateway.dataplane import DataPlane, Routing
 from chashd.gateway.health import HealthChecker
@@ -158,18 +159,29 @@ class GatewayService(MultiService):
             self.on_routing(routing)
 
     def health(self) -> dict[str, Any]:
-        """The body of ``GET /health``."""
-        return {
+        """The body of ``GET /health``; raises ``NotServing`` (a 503 naming why) until this gateway is in the
+        cluster map it serves: before, the map a client or a kvstore reads here does not name it, its
+        registration may still fail (no quorum), and whatever waits on ``/health`` (``chash cluster up``,
+        Compose's healthcheck, Kubernetes' startup probe, the demo) would go on with a gateway that has not
+        joined. Once in the map it stays healthy: a gateway cut off from the others says so on ``/ready``."""
+        body = {
             "role": "gateway",
             "id": self.config.gateway_id,
             "epoch": self.membership.view.epoch,
             "leader": self.membership.leader_id(),
         }
+        absence = self.membership.absence()
+        if absence is not None:
+            raise NotServing(absence, body)
+        return body
 
     def ready(self) -> tuple[bool, str]:
-        """``GET /ready``: this gateway leads, or heard from the Raft leader within its election timeout (its
-        map is current: a follower cut off from the other gateways still names its last leader), and at
-        least one kvstore is up."""
+        """``GET /ready``: this gateway is in the cluster map, leads or heard from the Raft leader within its
+        election timeout (its map is current: a follower cut off from the other gateways still names its
+        last leader), and at least one kvstore is up."""
+        absence = self.membership.absence()
+        if absence is not None:
+            return False, absence
         if not self.membership.leader_known:
             return False, "no Raft leader is known"
         if not self.membership.map_current:

@@ -127,6 +127,7 @@ def _raft_gateway(
     ring_api = RingAPI(gateway.membership, config, reactor, status_extra=gateway.status_extra, routing=feed)
     _CloseOnStop(ring_api, feed).setServiceParent(root)
     notifier.wait_for(gateway.membership.ready)
+    notifier.wait_for(gateway.membership.joined)  # READY=1 when /health turns 200
     if config.workers == 1:
         data = gateway.data_plane
         line = data.line_factory(admin=gateway.admin, shutdown=shutdown_command(reactor, config.enable_shutdown))

@@ -8,7 +8,8 @@ Routes::
     PUT    /kv/{key}     store the body; X-Chash-TTL (seconds, memcached exptime rules), X-Chash-Flags (u32);
                          If-Match: "<cas>" stores only over that version (cas), If-None-Match: * only if absent (add)
     DELETE /kv/{key}     204, or 404 when missing
-    GET    /health       liveness: 200 while the process serves
+    GET    /health       liveness: 200 while the process serves; 503 while its role does not serve yet
+                         (a gateway not yet in the cluster map it serves), with the reason
     GET    /ready        readiness: 200 when the role can serve requests, else 503
     GET    /stats        JSON counters (keys, bytes, operations ...)
     GET    /metrics      Prometheus text format: the backend's stats, and what the role's registry holds
@@ -54,6 +55,7 @@ from chashd.commands import Delete, Get, Status, Store, StoreMode, Values
 from chashd.errors import (
     NodeLeaving,
     NonNumericValue,
+    NotServing,
     RequestError,
     ServiceUnavailable,
     StorageError,
@@ -486,8 +488,14 @@ class KeyValueHTTP:
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
-        """Liveness: the process is up and its reactor answers."""
-        return json_response(request, {"status": "ok", **self._health()})
+        """Liveness: the process is up and its reactor answers, and its role serves (``health`` raises
+        ``NotServing`` while it does not yet: a 503 saying why, with the fields it has and ``Retry-After``)."""
+        try:
+            report = self._health()
+        except NotServing as e:
+            request.setHeader(b"Retry-After", b"1")
+            return problem(request, 503, "Service Unavailable", str(e), **e.report, serving=False)
+        return json_response(request, {"status": "ok", **report})
 
     @app.route("/ready", methods=["GET", "HEAD"])
     def ready(self, request: IRequest) -> bytes:

@@ -142,10 +142,11 @@ def gateways(tmp_path: Path) -> Iterator[Callable[..., Gateways]]:
     """Start a group of gateways; every process is stopped at teardown, also on failure."""
     groups: list[Gateways] = []
 
-    def make(count: int = 3, extra: tuple[str, ...] = ()) -> Gateways:
+    def make(count: int = 3, extra: tuple[str, ...] = (), start: bool = True) -> Gateways:
         group = Gateways(tmp_path, count, extra)
         groups.append(group)
-        group.start()
+        if start:
+            group.start()
         return group
 
     yield make
@@ -187,6 +188,33 @@ class ThreeGatewayTests:
         for i in range(3):
             ring = group.ring(i)
             assert ring["epoch"] == epoch and ring["nodes"] == entries[i], (epoch, entries[i], ring)
+
+    def test_healthy_once_in_the_map(self, gateways: Callable[..., Gateways]) -> None:
+        """A gateway of a group of three started alone cannot elect a leader, so it cannot register itself:
+        its /health answers a 503 problem+json saying it is not in the cluster map and why (and /ready too),
+        rather than the 200 that let `chash cluster up`, Compose or a startup probe go on with a gateway that
+        has not joined. Once a second one starts, the two elect a leader and register themselves, and each
+        answers 200 with its own map naming it."""
+        group = gateways(3, start=False)
+        group.daemons[0].start()
+
+        def answer(i: int) -> tuple[int, Any] | None:
+            try:
+                return http_json(group.url(i) + "/health", timeout=2)
+            except OSError:
+                return None  # not listening yet
+
+        code, body = wait_until("g1 to answer /health", partial(answer, 0), 60)
+        assert code == 503 and body["serving"] is False and body["id"] == "g1", (code, body)
+        assert body["detail"].startswith("gateway g1 is not in the cluster map yet (it registers itself"), body
+        assert "no Raft leader is known" in body["detail"], body
+        code, ready = http_json(group.url(0) + "/ready")
+        assert code == 503 and "not in the cluster map yet" in ready["detail"], ready
+        group.daemons[1].start()
+        for i in (0, 1):
+            body = group.daemons[i].wait_healthy(60)
+            assert body["status"] == "ok" and body["id"] == f"g{i + 1}", body
+            assert f"g{i + 1}" in {g["id"] for g in group.ring(i)["gateways"]}
 
     def test_bad_admin_input(self, gateways: Callable[..., Gateways]) -> None:
         """Unknown node, duplicate id with another address, weight 0 or negative: 4xx problem+json."""

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from chashd.config import ConfigError
 from chashd.daemon import SystemdNotifier
 from chashd.gateway import tap
+from chashd.gateway.membership import NO_LEADER
 from chashd.gateway.raft import RaftListener, RaftSettings
 from chashd.gateway.service import GatewayService
 from chashd.gateway.testing import LocalRaft
@@ -104,6 +105,49 @@ class GatewayWiringTests(SynchronousTestCase):
         assert code == 200 and body["gateway_id"] == "g1" and body["leader"] == "g1"
         code, body = self.get(stub, "/health")
         assert code == 200 and body["role"] == "gateway" and body["leader"] == "g1"
+        service.stopService()
+
+    def test_health_waits_until_this_gateway_is_in_the_map(self) -> None:
+        """/health (and /ready) answer a 503 problem+json with Retry-After, naming why, while this gateway
+        is not in the cluster map it serves: no leader known, then its registration held in Raft; 200 once
+        the registration is applied, and systemd's READY=1 (the notifier's ready) only then. The 503 carries
+        the fields a 200 has, and ``serving: false``."""
+        self.leader = False
+        service = self.build()
+        notifier = next(s for s in _services(service) if isinstance(s, SystemdNotifier))
+        service.startService()
+        stub = self.stub()
+        response = self.successResultOf(stub.get("http://gateway/health"))
+        body = json.loads(self.successResultOf(stub.content(response)))
+        assert response.code == 503 and response.headers.getRawHeaders("Retry-After") == ["1"]
+        assert response.headers.getRawHeaders("Content-Type") == ["application/problem+json"]
+        assert body["detail"].startswith("gateway g1 is not in the cluster map yet (it registers itself once it")
+        assert body["detail"].endswith(f"): {NO_LEADER}")
+        assert body["serving"] is False and body["role"] == "gateway" and body["id"] == "g1"
+        assert body["epoch"] == 0 and body["leader"] is None and body["status"] == 503
+        code, ready = self.get(stub, "/ready")
+        assert code == 503 and ready["detail"] == body["detail"]
+        raft = self.rafts[0]
+        raft.hold()
+        raft.elect("127.0.0.1:8002")  # another gateway leads; this one's registration waits in Raft
+        assert raft.held and raft.held[0][0] == "register_gateway"
+        code, body = self.get(stub, "/health")
+        assert (
+            code == 503 and body["detail"] == "gateway g1 is not in the cluster map yet: its registration is under way"
+        )
+        self.assertNoResult(notifier.ready)  # the Raft state is loaded, but this gateway is not in the map
+        raft.release()
+        code, body = self.get(stub, "/health")
+        assert code == 200 and body["status"] == "ok" and body["epoch"] == 1, body
+        self.successResultOf(notifier.ready)
+        service.stopService()
+
+    def test_health_of_a_lone_first_gateway(self) -> None:
+        """A lone gateway (no peers) elects itself, registers itself, and is healthy without anything else."""
+        service = self.build()
+        service.startService()
+        code, body = self.get(self.stub(), "/health")
+        assert code == 200 and body["leader"] == "g1" and body["epoch"] == 1
         service.stopService()
 
     def test_ready_needs_leader_and_a_node_up(self) -> None:

@@ -90,6 +90,24 @@ class MembershipTests(SynchronousTestCase):
         assert self.membership.is_leader and self.membership.has_quorum and self.membership.leader_known
         self.stop()
 
+    def test_joined_once_in_the_map(self) -> None:
+        """``joined`` fires, and ``in_map``/``absence`` say so, once this gateway's own view holds it: not when
+        the Raft state is loaded (``ready``) while its registration is still waiting in Raft."""
+        self.factory.kw = {"leader": False}
+        raft = self.start()
+        assert not self.membership.in_map and "): no Raft leader is known" in (self.membership.absence() or "")
+        raft.hold()
+        raft.elect("127.0.0.1:8002")
+        self.reactor.advance(0)
+        self.successResultOf(self.membership.ready)
+        self.assertNoResult(self.membership.joined)
+        assert self.membership.absence() == "gateway g1 is not in the cluster map yet: its registration is under way"
+        raft.release()
+        self.reactor.advance(0)
+        self.successResultOf(self.membership.joined)
+        assert self.membership.in_map and self.membership.absence() is None
+        self.stop()
+
     def test_no_leader_no_ready(self) -> None:
         """Without a leader, ready waits and nothing registers; a later leader makes both happen."""
         self.factory.kw = {"leader": False}
