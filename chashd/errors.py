@@ -256,7 +256,10 @@ class ClusterMapUnavailable(ServiceUnavailable):
 
     def __init__(self, reason: str, submitted: bool = True) -> None:
         if submitted:
-            message = f"the cluster map change was not confirmed ({reason}); it is safe to retry"
+            message = (
+                f"the cluster map change was not confirmed ({reason}): it may or may not have been applied; "
+                "it is safe to retry"
+            )
         else:
             message = (
                 f"the cluster map change was refused ({reason}); nothing was applied: retry, or ask another gateway"

@@ -9,7 +9,10 @@ Contracts:
   gateway's view has reached its epoch (read-your-writes on this gateway), or fails with
   ``ClusterMapUnavailable`` (no leader, a leader change, a timeout: safe to retry, as every operation is).
   While no leader is known, or this gateway has not heard from the one it knows within the election timeout
-  (``map_current`` False), it fails at once and nothing is submitted.
+  (``map_current`` False), it fails at once and nothing is submitted. A command pending when this gateway
+  learns it has no current leader fails then too, not after ``command_timeout``: its outcome is unknown (the
+  leader may have committed it, or a later one may), and the error says it may or may not have been applied;
+  one whose commit was already reported waits for its epoch and answers with its outcome.
   Nothing here blocks the reactor.
 - ``view`` is the latest ``ClusterView``; observers (``subscribe``) get each new one, on the reactor thread,
   in epoch order. ``ready`` fires once the Raft state is loaded (journal replayed, leader known), and the
@@ -340,6 +343,16 @@ class Membership(Service):
             return
         pending.deferred.errback(ClusterMapUnavailable(f"{pending.op}: {reason}"))
 
+    def _fail_unconfirmed(self, why: str) -> None:
+        """Fail at once every pending command whose commit was not reported: this gateway has no current
+        leader (``why``), so no answer is coming before ``command_timeout``. Whether it was applied is not
+        known: the leader may have committed it before the contact was lost (or commit it later), pysyncobj
+        may still hold it for the next leader. Commands whose commit was reported keep waiting for their
+        epoch (``view_wait``) and answer with their outcome."""
+        for token, pending in list(self._pending.items()):
+            if pending.outcome is None:
+                self._fail(token, f"contact with the Raft leader was lost before it confirmed the change: {why}")
+
     # -- RaftListener: the Raft object's reports, on the reactor thread (behind ReactorBridge) ------
 
     def on_command_done(self, token: int, outcome: Outcome | None, error: int) -> None:
@@ -411,6 +424,8 @@ class Membership(Service):
                     observer(status.in_contact)
                 except Exception:
                     self._log.failure("observer of the Raft contact failed")
+        if not status.in_contact:
+            self._fail_unconfirmed(NO_LEADER if status.leader is None else NOT_CURRENT)
         self._maybe_register_self()
 
     def on_ready(self) -> None:

@@ -64,8 +64,8 @@ _FAIL_REASONS = {
     FAIL_REASON.QUEUE_FULL: "the command queue is full",
     FAIL_REASON.MISSING_LEADER: "no Raft leader is known (election in progress or no connection)",
     FAIL_REASON.DISCARDED: "a new leader discarded the command",
-    FAIL_REASON.NOT_LEADER: "the leader changed before the command was committed",
-    FAIL_REASON.LEADER_CHANGED: "the leader changed before the command was committed",
+    FAIL_REASON.NOT_LEADER: "the gateway the command went to no longer leads",
+    FAIL_REASON.LEADER_CHANGED: "the leader changed before it confirmed the command",
     FAIL_REASON.REQUEST_DENIED: "the command was denied",
     FAIL_REASON.UNKNOWN_OUTCOME: "the outcome is unknown",
 }

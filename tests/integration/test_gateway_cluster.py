@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -321,6 +322,38 @@ class ThreeGatewayTests:
         group.wait_leader(timeout=60)
         code, _ = group.post(index, "/ring/nodes", announcement("kv-b", port=9100))
         assert code in (200, 201)
+
+    def test_change_pending_when_the_leader_is_lost_fails_at_once(self, gateways: Callable[..., Gateways]) -> None:
+        """A registration a follower has forwarded to the leader when it loses both peers (the leader paused,
+        then both killed: its connections close, so pysyncobj holds no election and keeps naming the dead
+        leader) is answered once the follower stops hearing from the leader (its election timeout), with a
+        503 saying the change may or may not have been applied, not after the 4 s command timeout with "no
+        answer in time". (Should the request reach the follower only after it counted the leader lost, it is
+        refused with "nothing was applied": prompt too. Either way the answer is judged, not timed.)"""
+        group = gateways(3)
+        leader = group.wait_leader()
+        group.wait_settled()
+        lone = next(i for i in range(3) if f"g{i + 1}" != leader)
+        group.daemons[group.index_of(leader)].signal(signal.SIGSTOP)  # gets the forwarded command, never answers
+        answers: list[tuple[int, Any]] = []
+        request = threading.Thread(
+            target=lambda: answers.append(group.post(lone, "/ring/nodes", announcement("kv-p"), timeout=20))
+        )
+        request.start()
+        try:
+            for i in range(3):
+                if i != lone:
+                    group.daemons[i].kill()
+        finally:
+            request.join(30)
+        assert answers, "no answer within 30 s"
+        code, body = answers[0]
+        detail = body["detail"]
+        assert code == 503 and "no answer in time" not in detail, (code, body)
+        pending = "contact with the Raft leader was lost before it confirmed the change" in detail
+        assert pending or "nothing was applied" in detail, detail
+        if pending:
+            assert "it may or may not have been applied" in detail, detail
 
     def test_lone_follower_refuses_changes_at_once(self, gateways: Callable[..., Gateways]) -> None:
         """A follower whose two peers are gone (kill -9 closes its connections to them, and pysyncobj holds no

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from chashd.config import GatewayConfig, load_config
 from chashd.errors import ClusterMapUnavailable
 from chashd.gateway.clustermap import ClusterSnapshot, ClusterView, GatewayInfo, Outcome, OutcomeCode
-from chashd.gateway.membership import Membership
+from chashd.gateway.membership import NO_LEADER, NOT_CURRENT, Membership
 from chashd.gateway.raft import RaftListener, RaftSettings, RaftStatus
 from chashd.gateway.testing import LocalRaft
 
@@ -232,6 +232,58 @@ class MembershipTests(SynchronousTestCase):
         failure = self.failureResultOf(d, ClusterMapUnavailable)
         assert "leader changed" in str(failure.value)
         assert self.command_timers() == []
+        self.stop()
+
+    def test_pending_command_fails_when_leader_contact_is_lost(self) -> None:
+        """A command waiting on Raft when this gateway stops hearing from the leader (a follower cut off from
+        the others) fails at once, not after command_timeout, saying its outcome is unknown: it may or may
+        not have been applied. No timer is left; the late report of the command finds nothing pending."""
+        raft = self.start()
+        self.reactor.advance(0)
+        raft.hold()
+        d = self.membership.mark_down("a")
+        self.reactor.advance(self.membership.command_timeout / 4)
+        self.assertNoResult(d)
+        raft.lose_contact()
+        self.reactor.advance(0)
+        failure = self.failureResultOf(d, ClusterMapUnavailable)
+        message = str(failure.value)
+        assert failure.value.submitted, message
+        assert "mark_down: contact with the Raft leader was lost before it confirmed the change" in message
+        assert NOT_CURRENT in message and "it may or may not have been applied" in message, message
+        assert self.command_timers() == []
+        raft.release()  # applied after all: the gateway said it might be
+        self.reactor.advance(0)
+        self.stop()
+
+    def test_pending_command_fails_when_no_leader_is_left(self) -> None:
+        """The same when the leader is gone (an election under way, or this leader stepped down)."""
+        raft = self.start()
+        self.reactor.advance(0)
+        raft.hold()
+        d = self.membership.remove("a")
+        raft.elect(None)
+        self.reactor.advance(0)
+        failure = self.failureResultOf(d, ClusterMapUnavailable)
+        assert NO_LEADER in str(failure.value) and "may or may not have been applied" in str(failure.value)
+        assert self.command_timers() == []
+        self.stop()
+
+    def test_committed_command_is_not_failed_when_leader_contact_is_lost(self) -> None:
+        """A command whose commit was reported, waiting only for this gateway's view of its epoch, is not
+        failed when the contact is lost: it answers with its outcome (here after view_wait, as the view of
+        its epoch never comes)."""
+        raft = self.start()
+        self.reactor.advance(0)
+        raft.listener = _DropSnapshots(raft.listener)
+        d = self.membership.register_node("a", "h", 1, 2, 100, 1)
+        self.reactor.advance(0)
+        self.assertNoResult(d)
+        raft.lose_contact()
+        self.reactor.advance(0)
+        self.assertNoResult(d)
+        self.reactor.advance(self.membership.view_wait)
+        assert self.successResultOf(d).code == OutcomeCode.REGISTERED
         self.stop()
 
     def test_not_started(self) -> None:
