@@ -220,8 +220,8 @@ class SQLiteEngine:
     Disk limit: ``disk_limit_bytes`` (0: none; the kvstore's ``--disk-limit``) caps the database file with
     SQLite's ``max_page_count``: a write that would need a page past it fails with ``StorageFull`` ("out of
     disk space storing object: ...") and changes nothing, while reads, deletes and writes that fit (in pages
-    freed by deletes and purges) go on. The cap is on the database file; the WAL file beside it adds at most
-    what is written between two checkpoints (cut back to ``wal_limit_mib`` once writers are idle). A file
+    freed by deletes and purges) go on. The cap is on the database file; the WAL file beside it adds up to the
+    bound ``checkpoint()`` keeps (cut back once writers are idle past ``wal_limit_mib``). A file
     already larger than the cap keeps its size and takes no new pages. A disk that fills up before the cap
     gives ``StorageFull`` too, naming the disk.
 
@@ -229,11 +229,12 @@ class SQLiteEngine:
     pages (1000, ~16 MB), in the thread that commits, which costs that write a few tens of ms now and
     then (mostly an fsync). An owner with a thread pool can pass ``autocheckpoint=0`` and call
     ``checkpoint()`` from the pool every second or so instead: fewer, shorter stalls, and the WAL file
-    grows to about what is written between two calls. A WAL file past ``wal_limit_mib`` (64 MiB by
-    default) is cut back to nothing by the first ``checkpoint()`` that finds the writers idle: without that,
-    the file stayed at the largest size a burst of writes ever gave it (455-758 MiB after 200,000 puts of
-    100-byte values). Not while they write: SQLite's own ``journal_size_limit`` truncates in the next
-    commit after each restart, and that commit took 400-570 ms instead of 90-160 ms every ~20,000 puts.
+    grows to at most 256 MiB plus what is written between two calls (``checkpoint()``). A WAL file past
+    ``wal_limit_mib`` (64 MiB by default) is cut back to nothing by the first ``checkpoint()`` that finds
+    the writers idle: without that, the file stayed at the largest size a burst of writes ever gave it
+    (455-758 MiB after 200,000 puts of 100-byte values). Not while they write: SQLite's own
+    ``journal_size_limit`` truncates in the next commit after each restart, and that commit took 400-570 ms
+    instead of 90-160 ms every ~20,000 puts.
     """
 
     def __init__(
