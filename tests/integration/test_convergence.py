@@ -206,7 +206,7 @@ def metric(daemon: Daemon, name: str) -> float:
 def test_anti_entropy_restores_every_replica_without_reads(cluster: LocalCluster) -> None:
     """kill -9 a kvstore, write and delete 300 keys through the gateways, restart it: without a single read
     of those keys, anti-entropy brings the restarted node every acknowledged record (values and deletes)
-    within a few passes; /metrics counts the repairs and the last full pass."""
+    within a few passes; /metrics counts the repairs, the shared ranges compared and the last full pass."""
     victim = cluster.kvstores[2]
     mc = line_client(cluster, 1)
     keys = [f"ae:{i}" for i in range(300)]
@@ -243,4 +243,6 @@ def test_anti_entropy_restores_every_replica_without_reads(cluster: LocalCluster
         "a full pass on every kvstore",
         lambda: all(metric(k, "chashd_antientropy_last_full_pass") > time.time() - 60 for k in cluster.kvstores),
     )
+    # Shared ranges compared to the end (each pair's comparison is started by its node of smaller id).
+    assert sum(metric(k, "chashd_antientropy_arcs_compared_total") for k in cluster.kvstores) > 0
     print(f"{victim.name} held every record {took:.1f}s after it answered again")

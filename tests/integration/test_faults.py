@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 #: leader contact refuse read-modify-writes and kvstores fence them by map epoch, two gateways whose maps
 #: differ no longer apply increments at two primaries). Anti-entropy runs a pass every ``CI_ANTI_ENTROPY``
 #: seconds, and every key must be on its N replicas within ``CI_CONVERGENCE`` seconds of the heal (the stated
-#: bound: one interval plus one pass, a few seconds with this run's 2,000-odd keys; measured 8.6 s).
+#: bound: one interval plus one pass, a few seconds with this run's 2,000-odd keys; measured 5.9-8.6 s, and 6.3 s
+#: on 2026-12-03 at load 4.5-8).
 CI_FAULTS = ("kill-leader", "partition-gateway", "kill", "pause", "partition-kvstore", "join", "drain")
 CI_MIX = "set=35,fresh=15,add=10,delete=10,incr=10,get=20"
 CI_ANTI_ENTROPY = 5
@@ -87,6 +88,10 @@ def test_short_schedule(tmp_path: Path) -> None:
     assert all(counts[kind]["ok"] for kind in ("set", "add", "delete", "incr", "get")), counts
     assert result["replicas_checked"] > 200
     assert_no_violations(result)
+    # The stated convergence bound, measured (the checker's under-replicated finding enforces it too).
+    healed = result["heal_to_replication"]
+    print(f"{result['replicas_checked']} keys on N replicas {healed}s after the last heal (bound {CI_CONVERGENCE}s)")
+    assert healed is not None and healed <= CI_CONVERGENCE, healed
 
 
 def test_rmw_at_stale_primary(tmp_path: Path) -> None:
