@@ -131,10 +131,13 @@ class Report:
             outcomes = self.counts[kind]
             parts = ", ".join(f"{outcomes.get(o, 0)} {o}" for o in (OK, FAIL, INFO))
             lines.append(f"  {kind:7s} {sum(outcomes.values()):7d}: {parts}")
-        lines.append(
-            f"  replication: {self.replicas_checked - len(self.under_replicated)} of {self.replicas_checked}"
-            " keys on N replicas"
-        )
+        if self.replicas_checked:
+            lines.append(
+                f"  replication: {self.replicas_checked - len(self.under_replicated)} of {self.replicas_checked}"
+                " keys on N replicas"
+            )
+        else:  # no replica states: a history checked again (--check) keeps none
+            lines.append("  replication: not checked (no replica states)")
         groups = self.by_category()
         if not groups:
             lines.append("no violations")

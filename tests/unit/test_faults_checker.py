@@ -339,6 +339,7 @@ class ReportTests:
         assert "set           3: 2 ok, 0 fail, 1 info" in summary
         assert "lost-write: 1\n  k: get #4" in summary
         assert "rmw: 1\n  j: delete #3" in summary
+        assert "replication: not checked (no replica states)" in summary  # a history alone (--check)
 
     def test_report_only_keeps_other_categories(self) -> None:
         """Reporting one category only moves that category out of the violations."""
