@@ -1,0 +1,79 @@
+"""Read leases of a kvstore (``chashd.leases.LeaseTable``): who may read and store a key for a read-modify-write."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from chashd.leases import CLOCK_BOUND, MAX_LEASE, LeaseTable
+
+T = 1_700_000_000.0
+
+
+def table(max_keys: int = 100) -> LeaseTable:
+    """A table whose start was long ago (no start-up block)."""
+    return LeaseTable(T - 100, max_keys=max_keys)
+
+
+class LeaseTableTests(SynchronousTestCase):
+    """Shared leases coexist; an exclusive one excludes every other holder's; each lasts until its deadline
+    plus twice the clock bound; a start or a full table grants nothing for as long as a forgotten one runs."""
+
+    def test_shared_leases_coexist(self) -> None:
+        """Two commands at the map's primary read the key at once: both leases are granted."""
+        t = table()
+        assert t.request(b"k", "gw1:1", T + 2, False, T) is None
+        assert t.request(b"k", "gw2:1", T + 2, False, T) is None
+
+    def test_exclusive_waits_for_every_other_lease(self) -> None:
+        """A failover's exclusive request while another command's shared lease lasts is refused with the time
+        that lease ends (its deadline plus twice the bound); its own shared lease does not count."""
+        t = table()
+        assert t.request(b"k", "gw1:1", T + 2, False, T) is None
+        assert t.request(b"k", "gw2:1", T + 2.3, False, T + 0.3) is None
+        assert t.request(b"k", "gw1:1", T + 2.5, True, T + 0.5) == T + 2.3 + 2 * CLOCK_BOUND
+        assert t.request(b"k", "gw1:1", T + 5, True, T + 2.3 + 2 * CLOCK_BOUND) is None
+        assert t.request(b"other", "gw3:1", T + 5, True, T + 3) is None  # other keys are free
+
+    def test_exclusive_refuses_everyone_else_until_it_ends(self) -> None:
+        """While an exclusive lease lasts, other holders' shared and exclusive requests are refused, and so
+        are their stores (``conflict``); the holder's own requests and stores pass."""
+        t = table()
+        assert t.request(b"k", "gw1:1", T + 2, True, T) is None
+        end = T + 2 + 2 * CLOCK_BOUND
+        assert t.request(b"k", "gw2:1", T + 3, False, T + 1) == end
+        assert t.request(b"k", "gw2:1", T + 3, True, T + 1) == end
+        assert t.conflict(b"k", "gw2:1", False, T + 1) == end
+        assert t.conflict(b"k", "gw1:1", True, T + 1) is None
+        assert t.request(b"k", "gw2:1", T + 3, False, end) is None  # ended
+
+    def test_an_exclusive_store_meets_shared_leases(self) -> None:
+        """A failover's copy to a replica that another command has read (and may still store at) conflicts;
+        a shared store does not meet a shared lease."""
+        t = table()
+        assert t.request(b"k", "gw2:1", T + 2, False, T) is None
+        assert t.conflict(b"k", "gw1:1", True, T + 1) == T + 2 + 2 * CLOCK_BOUND
+        assert t.conflict(b"k", "gw1:1", False, T + 1) is None
+        assert t.conflict(b"unleased", "gw1:1", True, T + 1) is None
+
+    def test_nothing_granted_after_a_start(self) -> None:
+        """A kvstore that just started may have forgotten leases: none granted, every store conflicts, for
+        the longest a lease lasts."""
+        t = LeaseTable(T)
+        end = T + MAX_LEASE + 2 * CLOCK_BOUND
+        assert t.request(b"k", "gw1:1", T + 2, False, T + 1) == end
+        assert t.conflict(b"k", "gw1:1", False, T + 1) == end
+        assert t.request(b"k", "gw1:1", end + 2, False, end) is None
+
+    def test_a_full_table_forgets_and_blocks(self) -> None:
+        """Past ``max_keys`` expired leases go first; when the live ones fill it, the oldest half is
+        forgotten and nothing is granted until the last of them would have ended."""
+        t = table(max_keys=4)
+        for i in range(4):
+            assert t.request(b"k%d" % i, "gw1:1", T + 1, False, T) is None
+        assert t.request(b"k4", "gw1:1", T + 9, False, T + 2) is None  # the four expired: purged
+        assert len(t) == 1
+        for i in range(5, 8):
+            assert t.request(b"k%d" % i, "gw1:1", T + 3, False, T + 2) is None
+        assert t.request(b"k8", "gw1:1", T + 3, False, T + 2) == T + 9 + 2 * CLOCK_BOUND
+        assert len(t) == 2
+        assert t.request(b"k9", "gw1:1", T + 12, False, T + 9 + 2 * CLOCK_BOUND) is None
