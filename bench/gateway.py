@@ -410,6 +410,36 @@ def inprocess(args: argparse.Namespace) -> None:
     )
 
 
+def inprocess_rmw(args: argparse.Namespace) -> None:
+    """A gateway's Python work per read-modify-write (``incr``, N=3/W=2/R=2: a quorum read, the command at
+    the primary, two copies), without sockets: the hot path's cost of the rule that keeps two primaries
+    apart (USAGE.md, "Failures and consistency")."""
+    import random
+
+    from twisted.internet import reactor
+
+    from chashd.gateway.router import Placement, Router
+    from chashd.memcache.client import KVClientProtocol
+    from chashd.memcache.server import MemcacheServerFactory
+    from chashd.ring import HashRing
+
+    preload = [b"set key:%028d 0 0 1\r\n0\r\n" % i for i in range(args.keys)]
+    rng = random.Random(1)
+    mix = [b"incr key:%028d 1\r\n" % rng.randrange(args.keys) for _ in range(args.inprocess_requests)]
+    nodes = ["kv-a", "kv-b", "kv-c"]
+    links = {
+        node: _Link(KVClientProtocol(reactor, 4.0, 2 * 1024 * 1024), _kvstore_server(reactor, node)) for node in nodes
+    }
+    clients = {node: link.client for node, link in links.items()}
+    router = Router("bench", reactor, clients.__getitem__, 3, 2, 2)
+    router.update(Placement(HashRing(dict.fromkeys(nodes, 1), epoch=1)))
+    front = MemcacheServerFactory(router, reactor, idle_timeout=0)
+    _run_inprocess(front, list(links.values()), preload, 100)
+    best = min(_run_inprocess(front, list(links.values()), mix, args.connections) for _ in range(3))
+    print(f"in process, {len(mix):,} incr, {args.connections} per round:")
+    _report("gateway N=3/W=2/R=2 incr", best, len(mix))
+
+
 def _report(name: str, timing: tuple[float, float], count: int) -> float:
     total, backend = timing
     per, in_backend = 1e6 * total / count, 1e6 * backend / count
@@ -657,8 +687,12 @@ def main() -> None:
     parser.add_argument("--inprocess", action="store_true", help="only the in-process hot-path check")
     parser.add_argument("--inprocess-requests", type=int, default=100_000)
     parser.add_argument("--http", action="store_true", help="also HTTP GET /kv through the gateway against Klein")
+    parser.add_argument("--inprocess-rmw", action="store_true", help="only the in-process incr check (N=3/W=2/R=2)")
     parser.add_argument("--failover-trials", type=int, default=0, help="also run bench/failover.py (0: no)")
     args = parser.parse_args()
+    if args.inprocess_rmw:
+        inprocess_rmw(args)
+        return
     inprocess(args)
     if args.http:
         http_inprocess(args.inprocess_requests)

@@ -26,6 +26,12 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
 - ``XFence(epoch)``: the next ``XPut`` on this connection copies the result of a read-modify-write run by the
   map of ``epoch`` (stamped on it as ``XPut.epoch``); a kvstore that knows a newer map refuses that copy
   (``StaleMap``, nothing stored), so a primary a newer map no longer names gets no result acknowledged;
+- ``XLease(key, lease)``: ``XGet`` of one key for a read-modify-write, which also leases the key to the
+  command (``Lease``: its holder id, its round's deadline, shared or exclusive; ``chashd.leases``); a kvstore
+  refuses it (``KeyLeased``) while a conflicting lease of another command lasts;
+- ``XDeadline(lease)``: the next ``XApply`` or ``XPut`` on this connection is a store of that command's round
+  (stamped on it as its ``lease``): a kvstore refuses it past the deadline (``DeadlinePassed``) or while a
+  conflicting lease lasts (``KeyLeased``);
 - ``XAuth(token)``: prove the cluster token on this connection; a kvstore given a token takes the
   extension, ``flush_all`` and writes only from a connection that did;
 - ``XBulk(count, block)``: keep each of ``count`` records of a page (``chashd.bulk``) that is newer than what
@@ -93,7 +99,10 @@ __all__ = [
     "XDigest",
     "XEpoch",
     "XFence",
+    "Lease",
+    "XDeadline",
     "XGet",
+    "XLease",
     "XList",
     "XMap",
     "XPut",
@@ -270,6 +279,34 @@ class XGet:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """A read-modify-write round's claim on a key (``chashd.leases``): the command's ``holder`` id (the
+    gateway's id and a number), its round's ``deadline`` (Unix milliseconds), and whether it is exclusive (a
+    failover) or shared (a command at the map's primary)."""
+
+    holder: str
+    deadline: int
+    exclusive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class XLease:
+    """``XGet`` of ``key`` for a read-modify-write, leasing the key to ``lease``'s command (answered with
+    ``Values``; ``KeyLeased`` while another command's conflicting lease lasts)."""
+
+    key: bytes
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class XDeadline:
+    """The next ``XApply`` or ``XPut`` on this connection is a store of ``lease``'s round (answered ``OK``;
+    a kvstore of an earlier version answers ``ERROR`` and takes that store without it)."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
 class XVer:
     """Fetch only the version of ``key``'s stored record (a tombstone's or an expired record's too)."""
 
@@ -286,7 +323,8 @@ class XPut:
     ``epoch`` (not 0) marks the copy of a read-modify-write's result, run by the cluster map of that epoch: a
     kvstore that knows a newer map refuses it (``StaleMap``). On the wire it is an ``xfence <epoch>`` sent
     just before the ``xput`` (``XFence``), which the kvstore's parser stamps on that ``xput``; a plain
-    ``xput`` (0) is never fenced.
+    ``xput`` (0) is never fenced. ``lease`` (the copy's command round, ``xdeadline`` before it on the wire):
+    refused past its deadline or while a conflicting lease lasts.
     """
 
     key: bytes
@@ -294,6 +332,7 @@ class XPut:
     noreply: bool = False
     handoff: bool = False
     epoch: int = 0
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,11 +350,14 @@ class XApply:
     """Run a write ``command`` here with ``version`` as the version of the record it writes.
 
     ``epoch``: the map epoch its connection announced (``XMap``), set by the kvstore's line protocol, never
-    sent (0: none announced, a gateway of an earlier version)."""
+    sent (0: none announced, a gateway of an earlier version). ``lease``: the command's round (an
+    ``XDeadline`` before it on the wire): refused past its deadline, with a version past it, or while a
+    conflicting lease lasts."""
 
     version: Version
     command: WriteCommand
     epoch: int = 0
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +459,8 @@ Command: TypeAlias = (
     | XEpoch
     | XMap
     | XFence
+    | XLease
+    | XDeadline
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.

@@ -15,7 +15,9 @@ __all__ = [
     "BulkUnsupported",
     "ClusterMapUnavailable",
     "ConfigError",
+    "DeadlinePassed",
     "DomainError",
+    "KeyLeased",
     "MapNotCurrent",
     "NoNodes",
     "NodeConflict",
@@ -219,6 +221,30 @@ class StaleMap(ServiceUnavailable):
         super().__init__(f"{self.PREFIX}{sent} is older than epoch {known} known here")
         self.sent = sent
         self.known = known
+
+
+class KeyLeased(ServiceUnavailable):
+    """A kvstore refuses a read-modify-write's lease request or store (``XLease``, or an ``XApply``/``XPut``
+    after an ``XDeadline``) while another command's conflicting lease on the key lasts, until ``until``
+    (Unix milliseconds, the kvstore's clock; ``chashd.leases``). Nothing was read into a lease or stored; the
+    gateway waits until then and starts the command's round over."""
+
+    PREFIX = "key leased by another read-modify-write until "
+
+    def __init__(self, until: int) -> None:
+        super().__init__(f"{self.PREFIX}{until}")
+        self.until = until
+
+
+class DeadlinePassed(ServiceUnavailable):
+    """A kvstore refuses a read-modify-write's store (an ``XApply`` or the copy of its result) past its
+    round's deadline, or an ``XApply`` whose version is past it (``chashd.leases``): nothing stored."""
+
+    PREFIX = "read-modify-write past its deadline "
+
+    def __init__(self, deadline: int, what: str = "") -> None:
+        super().__init__(f"{self.PREFIX}{deadline}{what}")
+        self.deadline = deadline
 
 
 class MapNotCurrent(ServiceUnavailable):

@@ -32,23 +32,31 @@ The rule.
   node only after a new round, exclusive whatever its primary, and fails (``the value may or may not have
   changed``) when that round reads a version as new as the one it sent: the first attempt may have been
   applied and built upon.
+- A kvstore that takes a command's store (runs its ``xapply``, or takes or already holds newer than its copy)
+  ends that command's lease on the key there: a command that completes leaves no lease behind, and a
+  failover waits only for commands that still have a store to make there.
 - A kvstore that starts has forgotten its leases: until ``MAX_LEASE + 2e`` after it starts (it refuses
   deadlines more than ``MAX_LEASE`` ahead, so every command that read it before is dead by then) every
   request and store meets a conflict. A full lease table forgets its oldest keys the same way.
 
 Why it holds (clocks within ``e`` of each other; every command reads ``N - W + 1`` replicas):
 
-1. *Dead commands store nothing.* Once a lease of command C at replica X has ended by X's clock
-   (``d + 2e``), every clock is past ``d + e``, so every kvstore refuses C's stores.
+1. *Dead commands store nothing.* Once a lease of command C at replica X has run out by X's clock
+   (``d + 2e``), every clock is past ``d + e``, so every kvstore refuses C's stores. A lease that ended
+   early did so because X took C's store: C had applied its command then (a copy follows the command), and
+   X holds C's result or a newer record.
 2. *Exclusion.* Let F be exclusive, its applied round granted leases on a set LF of at least
    ``max(W, N - W + 1)`` replicas, and C any other command (round) that stores. C's leases were granted at
    some Y in LF (its reads meet every ``W`` replicas). (a) If Y granted C before F, F's grant at Y waited for
-   C's lease there to end: C is dead (1) before F's last grant. C's stores at a Z in LF came before Z
-   granted F (after it they meet F's exclusive lease, which lasts past C's death, as F's grants come before
-   its deadline): F's read of Z sees them. (b) If Y granted F before C, C's grant waited for F's lease to
-   end: F is dead before C's read at Y, and each of F's stores at a replica C reads came before C's read
-   there (after it they meet C's lease, which lasts past F's death). Two shared commands apply at the same
-   primary P, which runs each on the record it holds: the later on the earlier's result.
+   C's lease there to end: C is dead (1) before F's last grant, or Y took C's store first and F reads C's
+   result at Y (so F computes on it, and its version is newer than C's: the gateway's clock observes the
+   versions it reads). C's stores at a Z in LF came before Z granted F (after it they meet F's exclusive
+   lease, which lasts past C's death, as F's grants come before its deadline): F's read of Z sees them; a
+   late one elsewhere meets F's newer record. (b) If Y granted F before C, C's grant waited for F's lease to
+   end (F is dead before C's read at Y, or Y took F's store and C reads F's result there), and each of F's
+   stores at a replica C reads came before C's read there (after it they meet C's lease). Two shared
+   commands apply at the same primary P, which runs each on the record it holds: the later on the
+   earlier's result.
 3. *The second sees the first.* An acknowledged result is on ``W`` replicas; the other command reads
    ``N - W + 1`` (or LF), so by 2 it reads that result or a newer one, catches its primary up to the newest
    (``XPut``) and computes on it. The acknowledged results form one chain, each computed on the one before:
@@ -147,6 +155,12 @@ class LeaseTable:
             exclusive = exclusive or mine[1]
         held[holder] = (until, exclusive)
         return None
+
+    def release(self, key: bytes, holder: str) -> None:
+        """``holder`` stored its result here (``XApply`` run, or a copy taken): its lease on ``key`` here ends."""
+        held = self._leases.get(key)
+        if held is not None and held.pop(holder, None) is not None and not held:
+            del self._leases[key]
 
     def _make_room(self, now: float) -> None:
         """Purge expired leases; if the table is still full, forget its oldest half and block until the last

@@ -88,6 +88,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    Lease,
     SplicedGet,
     Status,
     Store,
@@ -97,10 +98,13 @@ from chashd.commands import (
     XApplied,
     XApply,
     XGet,
+    XLease,
     XPut,
     XVer,
 )
 from chashd.errors import (
+    DeadlinePassed,
+    KeyLeased,
     MapNotCurrent,
     NoNodes,
     QuorumNotReached,
@@ -111,6 +115,7 @@ from chashd.errors import (
     UnknownCommand,
 )
 from chashd.interfaces import IForwardedGet, IForwardedSet, IKeyValue, IKVClient, IReplySink
+from chashd.leases import LEASE_FOR
 from chashd.memcache.text import plain_get_reply
 from chashd.node import NodeState
 from chashd.record import Record, expires_at_from_exptime
@@ -219,8 +224,13 @@ class Router:
         allow_flush_all: bool = False,
         hedge_after: float = 0.05,
         primary_timeout: float = 0.5,
+        lease_for: float = LEASE_FOR,
     ) -> None:
         self.name = f"gateway {gateway_id}"
+        self.gateway_id = gateway_id
+        #: Seconds from the start of a read-modify-write's round to its deadline (``chashd.leases``).
+        self.lease_for = lease_for
+        self._rmw_seq = 0
         self._clock = clock
         self._hlc = HybridClock(gateway_id)
         self._clients = clients
@@ -283,6 +293,11 @@ class Router:
             "rmw_map_waits_total": 0,
             "rmw_copies_refused_stale_map_total": 0,
             "rmw_copies_refenced_total": 0,
+            "rmw_exclusive_rounds_total": 0,
+            "rmw_lease_waits_total": 0,
+            "rmw_copies_refused_deadline_total": 0,
+            "rmw_copies_refused_leased_total": 0,
+            "rmw_refused_maybe_applied_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -1332,7 +1347,7 @@ class _KeyRead:
 
 # _REFENCE_WAIT: the copies were refused by replicas that know a newer map; waiting for this router's map to
 # reach it. _REFENCING: the copies go again, fenced by that map (``_ReadModifyWrite._refence``).
-_READING, _APPLYING, _REPLICATING, _WAITING, _REFENCE_WAIT, _REFENCING, _OVER = range(7)
+_READING, _APPLYING, _REPLICATING, _WAITING, _REFENCE_WAIT, _REFENCING, _OVER, _LEASE_WAIT = range(8)
 
 
 class _MapMoved(Exception):
@@ -1370,6 +1385,15 @@ class _ReadModifyWrite:
       for this router's map to reach it, ``_WAITING``), starts it over from the read (``_restart``). While
       the node states just changed, the read also asks the primary by the states before (``extra``), where a
       gateway a map behind applies.
+    - Leases (``chashd.leases``, where the argument is): each round (a read, then the command and its copies)
+      has a deadline, ``lease_for`` after it starts; its reads are ``XLease`` (shared while the primary is
+      the map's, ``map_primary``; exclusive on ``max(W, N - W + 1)`` candidates otherwise), its command and
+      copies carry the round's ``Lease``. A primary that is not the map's (a failover, or a stalled map
+      primary) applies only after an exclusive round (``_go_exclusive``: one more read). A read refused
+      for another command's lease (``KeyLeased``) waits until that lease ends and reads again
+      (``_LEASE_WAIT``). A command whose primary may have applied it (its command unanswered: the timeout,
+      a lost connection) remembers that version (``sent_version``), reads again exclusively, and fails if
+      that read finds a record as new (``_maybe_applied``).
     """
 
     __slots__ = (
@@ -1386,19 +1410,27 @@ class _ReadModifyWrite:
         "done",
         "epoch",
         "extra",
+        "exclusive",
         "failed",
+        "holder",
+        "in_flight",
         "key",
+        "lease",
+        "map_primary",
         "needed_r",
         "needed_w",
         "newest",
         "phase",
         "primary",
         "record",
+        "reads_needed",
         "refused_by",
         "replicas",
+        "reread",
         "retries",
         "round",
         "router",
+        "sent_version",
         "timer",
         "with_record",
     )
@@ -1439,6 +1471,19 @@ class _ReadModifyWrite:
         self.copy_error: Failure | None = None
         #: After a re-fence: the new map's preference list of the key, the only replicas whose copies count.
         self.replicas: tuple[str, ...] = ()
+        # Leases: this command's holder id, its round's lease, whether the round is exclusive, the map's
+        # primary of the key (the first up replica), the candidates a round reads, the version of a command
+        # sent to a primary that did not answer (it may have applied it), the one in flight, and whether an
+        # exclusive round must read again before another node runs the command.
+        router._rmw_seq += 1
+        self.holder = f"{router.gateway_id}:{router._rmw_seq}"
+        self.lease = Lease(self.holder, 0)
+        self.exclusive = False
+        self.map_primary: str | None = None
+        self.reads_needed = 0
+        self.sent_version: Version | None = None
+        self.in_flight: Version | None = None
+        self.reread = False
 
     def start(self) -> None:
         router = self.router
@@ -1446,6 +1491,11 @@ class _ReadModifyWrite:
         replicas = router.replicas_for(self.key)
         self.needed_w, self.needed_r = router._rmw_quorums(len(replicas))
         self.candidates = router._primaries(replicas)
+        down = router._down
+        self.map_primary = next((n for n in replicas if n not in down), None)
+        # A primary that is not the map's (a stalled one moved last) applies only after exclusive leases.
+        self.exclusive = bool(self.candidates) and self.candidates[0] != self.map_primary
+        self.reread = self.sent_version is not None
         self.extra = router._previous_owners(self.key, replicas)
         prior = router._prior_primary(replicas)
         if prior is not None and prior in self.candidates[self.needed_r :]:
@@ -1466,21 +1516,35 @@ class _ReadModifyWrite:
     # -- the read ---------------------------------------------------------------------------------
 
     def _read(self) -> None:
+        router = self.router
         self.phase = _READING
         self.round += 1
         self.answers = {}
         self.asked = []
         self.failed = set()
         self.primary = 0
-        for node in [*self.candidates[: self.needed_r], *self.extra]:
-            self._ask(node)
-        if self.phase is _READING:
-            self.router._hedge_later(self)
+        self.in_flight = None
+        deadline = int((router._now() + router.lease_for) * 1000)
+        self.lease = Lease(self.holder, deadline, self.exclusive)
+        self.reads_needed = max(self.needed_r, self.needed_w) if self.exclusive else self.needed_r
+        if self.exclusive:
+            self.reread = False
+        round = self.round
+        for node in [*self.candidates[: self.reads_needed], *self.extra]:
+            if self.round != round or self.phase is not _READING:
+                break  # answers that came at once moved the command on (an in-memory kvstore)
+            if node not in self.asked:
+                self._ask(node)
+        if self.phase is _READING and self.round == round:
+            router._hedge_later(self)
             self._arm()
 
     def _ask(self, node: str) -> None:
         self.asked.append(node)
-        self.router._send(node, XGet((self.key,))).addCallbacks(
+        lease = self.lease
+        if lease.exclusive and node not in self.candidates:  # a previous owner or prior primary: read only
+            lease = Lease(lease.holder, lease.deadline)
+        self.router._send(node, XLease(self.key, lease)).addCallbacks(
             self._read_answer, self._read_failed, callbackArgs=(node, self.round), errbackArgs=(node, self.round)
         )
 
@@ -1497,6 +1561,9 @@ class _ReadModifyWrite:
     def _read_failed(self, failure: Failure, node: str, round: int) -> None:
         if round != self.round or self.phase is not _READING:
             return
+        if failure.check(KeyLeased):  # another command's lease: read again once it ends
+            self._lease_wait(cast(KeyLeased, failure.value).until)
+            return
         self.failed.add(node)
         if node in self.candidates:
             if node == self.candidates[self.primary]:
@@ -1504,7 +1571,7 @@ class _ReadModifyWrite:
                 if nxt is not None:
                     self._switch_primary(nxt)
             untried = [n for n in self.candidates if n not in self.asked]
-            if untried and self._replica_answers() + self._replicas_pending() < self.needed_r:
+            if untried and self._replica_answers() + self._replicas_pending() < self.reads_needed:
                 self._ask(untried[0])
         self._read_progress()
 
@@ -1521,7 +1588,7 @@ class _ReadModifyWrite:
         answers = self.answers
         got = self._replica_answers()
         extra_pending = any(n not in answers and n not in self.failed for n in self.extra)
-        if got >= self.needed_r and self.candidates[self.primary] in answers and not extra_pending:
+        if got >= self.reads_needed and self.candidates[self.primary] in answers and not extra_pending:
             self._apply()
             return
         if self._replicas_pending():
@@ -1530,14 +1597,14 @@ class _ReadModifyWrite:
         if untried:
             self._ask(untried[0])
             return
-        if got < self.needed_r or self.candidates[self.primary] in self.failed:
+        if got < self.reads_needed or self.candidates[self.primary] in self.failed:
             self.router.counters["quorum_failures"] += 1
-            self._fail(Failure(QuorumNotReached(self.needed_r, got, "read")))
+            self._fail(Failure(QuorumNotReached(self.reads_needed, got, "read")))
 
     def hedge(self) -> str | None:
         """Short of ``needed_r`` answers after ``hedge_after``: ask the next candidate (sent here, so that
         its answer counts for this round only)."""
-        if self.phase is not _READING or self._replica_answers() >= self.needed_r:
+        if self.phase is not _READING or self._replica_answers() >= self.reads_needed:
             return None
         router = self.router
         for node in self.asked:
@@ -1608,8 +1675,77 @@ class _ReadModifyWrite:
             self._read_progress()
         else:
             self.failed.add(late)
+            self._unanswered()
             self.primary = nxt
             self._apply()
+
+    def _unanswered(self) -> None:
+        """The command sent to the primary went unanswered (it may have run there): remember its version, and
+        read again, exclusively, before another node runs it (``_apply``)."""
+        if self.in_flight is not None:
+            if self.sent_version is None or self.in_flight < self.sent_version:
+                self.sent_version = self.in_flight
+            self.in_flight = None
+            self.reread = True
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def _lease_wait(self, until_ms: int) -> None:
+        """A kvstore refused a read or the command for another command's lease until ``until_ms`` (its
+        clock): nothing of this round was applied; read again once it ends (up to ``max_retries`` times)."""
+        router = self.router
+        self._disarm()
+        self.retries += 1
+        router.counters["rmw_lease_waits_total"] += 1
+        if self.retries > self.max_retries:
+            self._fail(
+                Failure(
+                    ServiceUnavailable(
+                        f"the key stayed leased to other read-modify-writes ({self.retries} waits): "
+                        "the read-modify-write was not applied; retry"
+                    )
+                )
+            )
+            return
+        self.phase = _LEASE_WAIT
+        self.round += 1  # the round's late answers are ignored
+        delay = max(0.0, until_ms / 1000 - router._now()) + 0.001
+        self.timer = router._clock.callLater(delay, self._lease_ended)
+
+    def _lease_ended(self) -> None:
+        self.timer = None
+        if self.phase is not _LEASE_WAIT:
+            return
+        if self.router.placement.ring.epoch != self.epoch:
+            self._restart()
+            return
+        self._read()
+
+    def _go_exclusive(self) -> None:
+        """The command is to run at a primary that is not the map's, or after one that may have run it: read
+        again with exclusive leases, the primary chosen first (the candidates passed over last)."""
+        self.router.counters["rmw_exclusive_rounds_total"] += 1
+        self.candidates = [*self.candidates[self.primary :], *self.candidates[: self.primary]]
+        self.exclusive = True
+        self._read()
+
+    def _maybe_applied(self, newest: Record | None) -> bool:
+        """Fail the command when this round read a record as new as a command sent earlier whose primary did
+        not answer: that one may have been applied, and built upon (True: failed)."""
+        sent = self.sent_version
+        if sent is None or newest is None or newest.version < sent:
+            return False
+        self.router.counters["rmw_refused_maybe_applied_total"] += 1
+        self._fail(
+            Failure(
+                ServiceUnavailable(
+                    "a primary that did not answer the read-modify-write in time may have applied it, and a "
+                    f"record as new ({newest.version}) was read since, so it is not run again elsewhere: not "
+                    "acknowledged, the value may or may not have changed; retry"
+                )
+            )
+        )
+        return True
 
     # -- the command ------------------------------------------------------------------------------
 
@@ -1621,17 +1757,37 @@ class _ReadModifyWrite:
         if router.placement.ring.epoch != self.epoch:
             self._restart()
             return
-        self.phase = _APPLYING
-        self.round += 1
+        primary = self.candidates[self.primary]
+        if self.reread or (not self.exclusive and primary != self.map_primary):
+            self._go_exclusive()
+            return
+        if router._now() * 1000 >= self.lease.deadline:  # the read took the round's whole time: read again
+            self._restart()
+            return
         newest: Record | None = None
         for record in self.answers.values():
             if record is not None and record.newer_than(newest):
                 newest = record
+        if self._maybe_applied(newest):
+            return
+        self.phase = _APPLYING
+        self.round += 1
         self.newest = newest
         if newest is not None:
             router._hlc.observe(newest.version, int(router._now() * 1000))
-        primary = self.candidates[self.primary]
-        apply = XApply(router._version_now(), self.command)
+        apply = XApply(router._version_now(), self.command, 0, self.lease)
+        if apply.version.millis > self.lease.deadline:  # kvstores refuse it (chashd.leases): say why here
+            self._fail(
+                Failure(
+                    ServiceUnavailable(
+                        f"the newest record's version ({newest.version if newest else apply.version}) is ahead "
+                        "of this gateway's clock by more than a read-modify-write's deadline allows (are the "
+                        "clocks of gateways and kvstores synchronized?): the read-modify-write was not "
+                        "applied; retry"
+                    )
+                )
+            )
+            return
         if (
             catch_up
             and newest is not None
@@ -1641,6 +1797,7 @@ class _ReadModifyWrite:
             d = router._send(primary, XPut(self.key, newest))
             d.addCallback(self._caught_up, primary, apply)
         else:
+            self.in_flight = apply.version
             d = router._send(primary, apply)
         d.addCallbacks(
             self._applied, self._apply_failed, callbackArgs=(primary, self.round), errbackArgs=(primary, self.round)
@@ -1651,12 +1808,14 @@ class _ReadModifyWrite:
     def _caught_up(self, _: object, primary: str, apply: XApply) -> Deferred[Any]:
         if self.router.placement.ring.epoch != self.epoch:
             raise _MapMoved()
+        self.in_flight = apply.version
         return self.router._send(primary, apply)
 
     def _applied(self, applied: XApplied, primary: str, round: int) -> None:
         if round != self.round or self.phase is not _APPLYING:
             return
         self._disarm()
+        self.in_flight = None
         self.phase = _REPLICATING
         answer = (applied.result, applied.record) if self.with_record else applied.result
         record = applied.record
@@ -1671,7 +1830,7 @@ class _ReadModifyWrite:
         # newer map refuses the copy, so a primary that map no longer names gets no result acknowledged.
         others = [n for n in self.candidates if n != primary]
         if self.needed_w <= 1:
-            put = XPut(self.key, record, epoch=self.epoch)
+            put = XPut(self.key, record, epoch=self.epoch, lease=self.lease)
             for node in others:
                 self.router._send(node, put).addErrback(self._copy_refused).addErrback(self._copy_failed)
             self._succeed(answer)
@@ -1682,7 +1841,7 @@ class _ReadModifyWrite:
     def _copy_to(self, nodes: Sequence[str], epoch: int) -> None:
         """Send the result to ``nodes``, fenced by ``epoch``; each answer goes to ``_copies_progress``."""
         router = self.router
-        put = XPut(self.key, cast(Record, self.record), epoch=epoch)
+        put = XPut(self.key, cast(Record, self.record), epoch=epoch, lease=self.lease)
         self.copies_out += len(nodes)  # before any answer: one that comes at once sees the others pending
         for node in nodes:
             router._send(node, put).addCallbacks(
@@ -1789,6 +1948,14 @@ class _ReadModifyWrite:
         if failure.check(_MapMoved):  # the map changed while the primary caught up: nothing applied
             self._restart()
             return
+        if failure.check(KeyLeased):  # another command's lease at the primary: nothing applied
+            self.in_flight = None
+            self._lease_wait(cast(KeyLeased, failure.value).until)
+            return
+        if failure.check(DeadlinePassed):  # the round's deadline passed: nothing applied; a new round
+            self.in_flight = None
+            self._restart()
+            return
         if failure.check(StaleMap):  # the primary knows a newer map: nothing applied; start over by it
             router.counters["rmw_map_waits_total"] += 1
             self.phase = _WAITING
@@ -1797,6 +1964,7 @@ class _ReadModifyWrite:
             router._when_epoch(self.awaited, self._map_caught_up)
             return
         if failure.check(StaleVersion):  # another write got there first: once more, past its version
+            self.in_flight = None
             self.retries += 1
             router.counters["rmw_retries_total"] += 1
             stored = getattr(failure.value, "stored", None)
@@ -1811,6 +1979,7 @@ class _ReadModifyWrite:
         if failure.check(RequestError):  # the client's fault (a value too large, not a number): the answer
             self._fail(failure)
             return
+        self._unanswered()  # a lost connection: the command may have run there
         self.failed.add(primary)
         nxt = self._next_primary(back=True)
         if nxt is None:
@@ -1840,14 +2009,21 @@ class _ReadModifyWrite:
         )
 
     def _restart(self) -> None:
-        """The map changed under the command before it was applied anywhere: start over by the new map, its
-        read included (up to ``max_retries`` times in all)."""
+        """The map changed under the command before it was applied anywhere, or its round's deadline passed:
+        start over by the current map, its read included (up to ``max_retries`` times in all)."""
         self._disarm()
         self.retries += 1
         router = self.router
         router.counters["rmw_retries_total"] += 1
         if self.retries > self.max_retries:
-            self._fail(Failure(ServiceUnavailable(f"the cluster map changed {self.retries} times under the command")))
+            self._fail(
+                Failure(
+                    ServiceUnavailable(
+                        f"the read-modify-write started over {self.retries} times (the cluster map changed under "
+                        "it, or its round's deadline passed): not applied; retry"
+                    )
+                )
+            )
         elif not router.map_current:
             self._fail(Failure(MapNotCurrent()))
         else:
@@ -1870,6 +2046,10 @@ class _ReadModifyWrite:
         if failure.check(StaleMap):
             self.router.counters["rmw_copies_refused_stale_map_total"] += 1
             self.refused_by = max(self.refused_by, cast(StaleMap, failure.value).known)
+        elif failure.check(DeadlinePassed):
+            self.router.counters["rmw_copies_refused_deadline_total"] += 1
+        elif failure.check(KeyLeased):
+            self.router.counters["rmw_copies_refused_leased_total"] += 1
         return failure
 
     def _copy_failed(self, failure: Failure) -> None:
@@ -1890,6 +2070,14 @@ class _ReadModifyWrite:
                 f"the primary applied the read-modify-write by cluster map epoch {self.epoch}, but replicas "
                 f"that know epoch {self.refused_by} refused its result ({quorum}): not "
                 "acknowledged, the value may or may not have changed; retry"
+            )
+            error.__cause__ = quorum
+        elif self.copy_error is not None and self.copy_error.check(DeadlinePassed, KeyLeased):
+            quorum = error
+            error = ServiceUnavailable(
+                f"the primary applied the read-modify-write, but replicas refused its result "
+                f"({self.copy_error.getErrorMessage()}; {quorum}): not acknowledged, the value may or may not "
+                "have changed; retry"
             )
             error.__cause__ = quorum
         self._fail(Failure(error))

@@ -17,6 +17,9 @@ node knows (``map_epoch``: from ``XMap``, ``XEpoch`` and the ring watch, ``know_
 its gateway may route the key to another primary than the current map names. So does the copy of a
 read-modify-write's result (an ``XPut`` with an ``epoch``: ``XFence`` before it on the wire) whose map is older
 than that: a primary that a newer map no longer names gets no result acknowledged by this replica.
+Read-modify-writes lease the keys they read (``XLease``, ``chashd.leases``: an in-memory ``LeaseTable``), and
+their stores name their round (``XApply.lease``, ``XPut.lease``): a store past its deadline raises
+``DeadlinePassed``, one that meets another command's conflicting lease ``KeyLeased``.
 
 A bounded memory engine (``--memory-limit``) evicts or refuses at its limit (``StorageFull``, memcached's
 ``SERVER_ERROR out of memory storing object``); a ``set`` refused that way deletes the key's old value
@@ -56,6 +59,7 @@ from chashd.commands import (
     FlushAll,
     Get,
     KeyVersions,
+    Lease,
     Number,
     Result,
     Status,
@@ -67,10 +71,12 @@ from chashd.commands import (
     XApplied,
     XApply,
     XBulk,
+    XDeadline,
     XDigest,
     XEpoch,
     XFence,
     XGet,
+    XLease,
     XList,
     XMap,
     XPut,
@@ -78,7 +84,9 @@ from chashd.commands import (
 )
 from chashd.errors import (
     BadCommand,
+    DeadlinePassed,
     DomainError,
+    KeyLeased,
     NodeLeaving,
     ServiceUnavailable,
     StaleMap,
@@ -89,6 +97,7 @@ from chashd.errors import (
     VersionTooNew,
 )
 from chashd.interfaces import IGroupedPuts, IKeyValue, IPlainGet, IServerAdmin, IStorageEngine
+from chashd.leases import CLOCK_BOUND, MAX_LEASE, LeaseTable
 from chashd.record import Record, expires_at_from_exptime
 from chashd.ring import HASH_SPACE, key_hash
 from chashd.semantics import apply_write
@@ -143,6 +152,10 @@ COUNTERS = (
     "xapply_stale",
     "xapply_stale_map",
     "xput_stale_map",
+    "cmd_xlease",
+    "cmd_xdeadline",
+    "xlease_refused_total",
+    "rmw_deadline_refused_total",
     "handoff_records_received_total",
     "versions_refused_total",
     "storage_errors_total",
@@ -157,7 +170,8 @@ class LocalBackend:
     (``IGroupedPuts``).
 
     ``clock`` gives the time (``seconds()``) for versions and expiry, and runs a delayed ``flush_all``;
-    ``max_clock_skew`` (seconds) bounds the versions the extension accepts.
+    ``max_clock_skew`` (seconds) bounds the versions the extension accepts. ``restarted``: this process may
+    follow one that granted leases (the daemon's case): it grants none for the longest one lasts.
     """
 
     _log = Logger()
@@ -169,6 +183,7 @@ class LocalBackend:
         clock: IReactorTime,
         max_value_size: int,
         max_clock_skew: float = DEFAULT_MAX_SKEW_MS / 1000,
+        restarted: bool = False,
     ) -> None:
         self.name = f"kvstore {node_id}"
         self.engine = engine
@@ -206,7 +221,13 @@ class LocalBackend:
             XEpoch: self._xepoch,
             XMap: self._xmap,
             XFence: self._xfence,
+            XLease: self._xlease,
+            XDeadline: self._xdeadline,
         }
+        #: The read-modify-writes' leases on keys (``chashd.leases``), in memory. ``restarted`` (a daemon:
+        #: it may have granted leases before it started, now forgotten): none granted for the longest one
+        #: lasts after the start.
+        self.leases = LeaseTable(self._started if restarted else self._started - 3600)
         #: The newest cluster map epoch this node knows: its ring watch's, and what gateways (``XMap``) and
         #: handoffs (``XEpoch``) named. An ``XApply`` from a connection that announced an older map is refused
         #: (``StaleMap``): its gateway may route the key to another primary than the current map names; so is
@@ -539,6 +560,11 @@ class LocalBackend:
                 if stale is not None:
                     results.append(stale)
                     continue
+            if command.lease is not None:
+                stop = self._store_stop(command.key, command.lease, now_ms / 1000)
+                if stop is not None:
+                    results.append(stop)
+                    continue
             record = command.record
             if len(record.value) > self.max_value_size:
                 results.append(ValueTooLarge(len(record.value), self.max_value_size))
@@ -565,7 +591,10 @@ class LocalBackend:
         except StorageError as e:
             self._storage_failed(e, "XPut")
             raise
-        for place, outcome, (_key, record) in zip(places, stored, items):
+        for place, outcome, (key, record) in zip(places, stored, items):
+            lease = commands[place].lease
+            if lease is not None and (outcome is True or outcome is False):  # taken (see _xput)
+                self.leases.release(key, lease.holder)
             if outcome is False:
                 results[place] = Status.EXISTS
             elif outcome is not True:
@@ -589,13 +618,20 @@ class LocalBackend:
             stale = self._stale_copy(command.epoch)
             if stale is not None:
                 raise stale
+        if command.lease is not None:
+            stop = self._store_stop(command.key, command.lease, self._seconds())
+            if stop is not None:
+                raise stop
         record = command.record
         if len(record.value) > self.max_value_size:
             raise ValueTooLarge(len(record.value), self.max_value_size)
         refused = self._admit(record.version, int(self._seconds() * 1000))
         if refused is not None:
             raise refused
-        if not self.engine.apply(command.key, record):
+        stored = self.engine.apply(command.key, record)
+        if command.lease is not None:  # the copy is taken (stored, or a newer record is): its lease here ends
+            self.leases.release(command.key, command.lease.holder)
+        if not stored:
             return Status.EXISTS
         if not record.tombstone:
             self._counts["total_items"] += 1
@@ -661,6 +697,39 @@ class LocalBackend:
         self.map_epoch = epoch
         return None
 
+    def _xlease(self, command: XLease) -> Values:
+        """``XGet`` of one key that also leases it to the command (``chashd.leases``); ``KeyLeased`` while
+        another command's conflicting lease lasts (nothing leased)."""
+        counts = self._counts
+        counts["cmd_xlease"] += 1
+        lease = command.lease
+        now = self._seconds()
+        if lease.deadline > (now + MAX_LEASE + CLOCK_BOUND) * 1000:
+            raise BadCommand(f"a deadline is at most {MAX_LEASE:g}s ahead")
+        refused = self.leases.request(command.key, lease.holder, lease.deadline / 1000, lease.exclusive, now)
+        if refused is not None:
+            counts["xlease_refused_total"] += 1
+            raise KeyLeased(_ms(refused))
+        record = self._engine_get(command.key)
+        return Values(((command.key, record),)) if record is not None else Values(())
+
+    def _xdeadline(self, command: XDeadline) -> Status:
+        """The parser stamped the lease on the next ``xapply`` or ``xput``: nothing else to do here."""
+        self._counts["cmd_xdeadline"] += 1
+        return Status.OK
+
+    def _store_stop(self, key: bytes, lease: Lease, now: float) -> DomainError | None:
+        """Why a store of ``lease``'s round may not go on (past its deadline, or a conflicting lease), else
+        None; counted."""
+        if now * 1000 > lease.deadline:
+            self._counts["rmw_deadline_refused_total"] += 1
+            return DeadlinePassed(lease.deadline)
+        refused = self.leases.conflict(key, lease.holder, lease.exclusive, now)
+        if refused is not None:
+            self._counts["xlease_refused_total"] += 1
+            return KeyLeased(_ms(refused))
+        return None
+
     def know_epoch(self, epoch: int) -> None:
         """A cluster map of ``epoch`` exists (the ring watch brought it, a gateway or a handoff named it):
         read-modify-writes of older maps are refused from now on."""
@@ -696,6 +765,14 @@ class LocalBackend:
         if refused is not None:
             raise refused
         write = command.command
+        if command.lease is not None:
+            lease = command.lease
+            if version.millis > lease.deadline:  # a version the command that comes next may not pass
+                self._counts["rmw_deadline_refused_total"] += 1
+                raise DeadlinePassed(lease.deadline, f": the version {version} is past it (clocks too far apart)")
+            stop = self._store_stop(write.key, lease, now)
+            if stop is not None:
+                raise stop
         current = self.engine.get(write.key)
         if current is not None and current.version >= version:
             self._counts["xapply_stale"] += 1
@@ -707,4 +784,11 @@ class LocalBackend:
             self.engine.put(write.key, record)
             if not record.tombstone:
                 self._counts["total_items"] += 1
+        if command.lease is not None:  # its command ran: its lease here ends
+            self.leases.release(write.key, command.lease.holder)
         return XApplied(result, record)
+
+
+def _ms(seconds: float) -> int:
+    """Unix milliseconds, rounded up: a time to wait until."""
+    return -int(-seconds * 1000 // 1)

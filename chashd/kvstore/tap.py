@@ -182,7 +182,9 @@ def make_node(
         pool = ThreadPool(minthreads=0, maxthreads=2, name=f"kvstore-{config.node_id}")
         run_in_thread = partial(deferToThreadPool, reactor, pool)
     started = reactor.seconds()
-    backend = LocalBackend(engine, config.node_id, reactor, config.max_value_size, max_clock_skew=config.max_clock_skew)
+    backend = LocalBackend(
+        engine, config.node_id, reactor, config.max_value_size, max_clock_skew=config.max_clock_skew, restarted=True
+    )
     housekeeping = Housekeeping(engine, run_in_thread, reactor)
     handoff = Handoff(
         config.node_id, engine, run_in_thread, reactor, connect, handoff_state_path(engine), rate=config.handoff_rate

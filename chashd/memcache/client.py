@@ -33,6 +33,12 @@ read-modify-write's result) goes as ``xfence <epoch>`` and the ``xput``, one aft
 a kvstore of an earlier version answers the ``xfence`` ``ERROR`` (a line without data: nothing else is misread)
 and stores the ``xput`` unfenced, and that connection sends its next copies as plain ``xput``.
 
+A read-modify-write's reads go as ``xlease`` (``XLease``: an ``xget`` of one key that leases it,
+``chashd.leases``), and its command and copies (an ``XApply`` or ``XPut`` with a ``lease``) as ``xdeadline``
+and the command, one after the other. A kvstore of an earlier version answers either with ``ERROR``: the
+``xlease`` is sent again as ``xget`` and that connection sends its next ones as ``xget``, and it stops
+sending ``xdeadline`` (the store went through without it).
+
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
 
@@ -63,11 +69,14 @@ from chashd.commands import (
     Result,
     SplicedGet,
     Values,
+    XApply,
     XAuth,
     XBulk,
+    XDeadline,
     XEpoch,
     XFence,
     XGet,
+    XLease,
     XMap,
     XPut,
     XVer,
@@ -184,6 +193,10 @@ class KVClientProtocol(Protocol):
         self.map_epoch: int | None = 0
         #: False once the server refused ``xfence`` (a kvstore of an earlier version): copies go unfenced.
         self.fences = True
+        #: False once the server refused ``xlease`` (a kvstore of an earlier version): reads go as ``xget``.
+        self.leases = True
+        #: False once the server refused ``xdeadline`` (a kvstore of an earlier version): stores go without.
+        self.deadlines = True
         self._tr: Any = None
         self.peer = "kvstore"
 
@@ -278,17 +291,65 @@ class KVClientProtocol(Protocol):
         """Send ``command``; the Deferred fires with its result or fails with a ``chashd.errors`` error."""
         if not self._connected:
             return fail(self._not_connected())
-        if type(command) is XGet:
-            keys = command.keys
+        kind = type(command)
+        if kind is XGet:
+            keys = command.keys  # type: ignore[union-attr]  # an XGet, as tested
             if len(keys) > 1 and (len(keys) > XGET_KEYS or sum(map(len, keys)) + len(keys) > XGET_LINE - 7):
                 return self._send_split(keys)
+        elif kind is XLease:
+            return self._lease(cast(XLease, command))
         command = _as_request(command)
         deferred: Deferred[Result] = Deferred()
         wire = serialize_command(command)
-        if type(command) is XPut and command.epoch:
-            wire = self._fence(command.epoch) + wire
+        if kind is XPut or kind is XApply:
+            wire = self._prefix(command) + wire  # type: ignore[arg-type]  # an XPut or XApply, as tested
         self._enqueue(command, deferred, wire)
         return deferred
+
+    def _prefix(self, command: XPut | XApply) -> bytes:
+        """What goes just before an ``XPut`` or ``XApply``: its ``xfence`` (an ``XPut`` with an epoch) and its
+        ``xdeadline`` (with a lease)."""
+        wire = b""
+        if type(command) is XPut and command.epoch:
+            wire = self._fence(command.epoch)
+        if command.lease is not None and self.deadlines:
+            deadline: Deferred[Result] = Deferred()
+            deadline.addErrback(self._deadline_refused)
+            line = XDeadline(command.lease)
+            self._enqueue(line, deadline, b"")
+            wire += serialize_command(line)
+        return wire
+
+    def _deadline_refused(self, failure: Failure) -> None:
+        """``ERROR``: a kvstore of an earlier version, which took the store without a deadline; send no more.
+        A lost connection is the pool's matter."""
+        if failure.check(KVConnectionLost, KVTimeout):
+            return
+        if self.deadlines:
+            self._log.info(
+                "{peer} does not take xdeadline ({error}): read-modify-writes are not bounded in time there",
+                peer=self.peer,
+                error=failure.getErrorMessage(),
+            )
+        self.deadlines = False
+
+    def _lease(self, command: XLease) -> Deferred[Result]:
+        """An ``XLease``, or its ``XGet`` where the server does not take ``xlease`` (it answered ``ERROR``:
+        a kvstore of an earlier version; that answer sends it again as ``xget``)."""
+        if not self.leases:
+            return self.send(XGet((command.key,)))
+        deferred: Deferred[Result] = Deferred()
+        self._enqueue(command, deferred, serialize_command(command))
+        return cast("Deferred[Result]", deferred.addErrback(self._lease_refused, command))
+
+    def _lease_refused(self, failure: Failure, command: XLease) -> Any:
+        """The fallback of an ``xlease`` answered ``ERROR``: the same read as ``xget``, from now on."""
+        if not failure.check(UnknownCommand):
+            return failure
+        if self.leases:
+            self._log.info("{peer} does not take xlease: its keys are not leased to read-modify-writes", peer=self.peer)
+        self.leases = False
+        return self.send(XGet((command.key,)))
 
     def _fence(self, epoch: int) -> bytes:
         """The ``xfence <epoch>`` to send just before the copy of a read-modify-write's result, in the same
@@ -333,10 +394,13 @@ class KVClientProtocol(Protocol):
         if kind is XGet or kind is XVer:  # a gateway's quorum reads have no noreply to drop
             self._enqueue(command, sink, serialize_command(command))
             return True
+        if kind is XLease:
+            self._lease(cast(XLease, command)).addCallbacks(sink.callback, sink.errback)
+            return True
         command = _as_request(command)
         wire = serialize_command(command)
-        if kind is XPut and command.epoch:  # type: ignore[union-attr]  # an XPut, as tested
-            wire = self._fence(command.epoch) + wire  # type: ignore[union-attr]  # an XPut, as tested
+        if kind is XPut or kind is XApply:
+            wire = self._prefix(command) + wire  # type: ignore[arg-type]  # an XPut or XApply, as tested
         self._enqueue(command, sink, wire)
         return True
 
@@ -373,8 +437,8 @@ class KVClientProtocol(Protocol):
         pending = self._pending
         parts = []
         for command in requests:
-            if type(command) is XPut and command.epoch:
-                parts.append(self._fence(command.epoch))  # queues the fence's answer before the XPut's
+            if type(command) is XPut or type(command) is XApply:
+                parts.append(self._prefix(command))  # queues the fence's and deadline's answers before its own
             parts.append(serialize_command(command))
             pending.append((command, group, sent))
         if seconds is not None and self._timer is None:

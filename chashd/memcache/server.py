@@ -102,6 +102,18 @@
 #                                                   SERVER_ERROR stale cluster map: ..., storing nothing; a
 #                                                   kvstore of an earlier version answers ERROR, and stores the
 #                                                   xput as any other)
+#     xlease <key> <holder> <deadline ms> <s|x>  -> as xget <key>, and the key is leased to that read-modify-
+#                                                   write (chashd/leases.py), shared or exclusive, until the
+#                                                   deadline plus 0.5 s; SERVER_ERROR key leased by another
+#                                                   read-modify-write until <ms> while a conflicting lease
+#                                                   lasts (nothing leased); a deadline more than 3 s ahead:
+#                                                   CLIENT_ERROR; a kvstore of an earlier version answers ERROR
+#     xdeadline <holder> <deadline ms> <s|x>     -> OK      (the next xapply or xput on this connection is a
+#                                                   store of that read-modify-write: refused past the deadline,
+#                                                   SERVER_ERROR read-modify-write past its deadline <ms>, or
+#                                                   while a conflicting lease lasts, SERVER_ERROR key leased
+#                                                   ...; a kvstore of an earlier version answers ERROR, and
+#                                                   takes the store as any other)
 #
 # A kvstore given the cluster token runs only plain reads (get, gets, and the meta commands' reads: mg without
 # T or N, me, mn) and stats (but stats reset), version, verbosity and quit on a connection that has not sent
@@ -262,10 +274,12 @@ from chashd.commands import (
     XApply,
     XAuth,
     XBulk,
+    XDeadline,
     XDigest,
     XEpoch,
     XFence,
     XGet,
+    XLease,
     XList,
     XMap,
     XPut,
@@ -354,7 +368,7 @@ _FAMILIES: dict[type, str] = {
     Get: "get", Store: "store", Delete: "delete", Arith: "arith", Touch: "touch",
     XGet: "internal", XVer: "internal", XPut: "internal", XApply: "internal", XAuth: "internal",
     XBulk: "internal", BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal",
-    XMap: "internal", XFence: "internal",
+    XMap: "internal", XFence: "internal", XLease: "internal", XDeadline: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip

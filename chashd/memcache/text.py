@@ -14,6 +14,7 @@ Pure: no Twisted, no clock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast, final
@@ -30,6 +31,7 @@ from chashd.commands import (
     FlushAll,
     Get,
     KeyVersions,
+    Lease,
     LruCrawler,
     MetaCommand,
     NoreplyCommand,
@@ -53,10 +55,12 @@ from chashd.commands import (
     XApply,
     XAuth,
     XBulk,
+    XDeadline,
     XDigest,
     XEpoch,
     XFence,
     XGet,
+    XLease,
     XList,
     XMap,
     XPut,
@@ -66,7 +70,9 @@ from chashd.digests import MAX_HASH, MAX_PARTS, RangeDigest
 from chashd.errors import (
     BadCommand,
     BadDataChunk,
+    DeadlinePassed,
     DomainError,
+    KeyLeased,
     NodeLeaving,
     NonNumericValue,
     RequestError,
@@ -258,6 +264,7 @@ class RequestParser:
         "_build",
         "_dispatch",
         "_fence",
+        "_lease",
         "_fresh",
         "_more",
         "_more_len",
@@ -286,6 +293,8 @@ class RequestParser:
         self.map_epoch = 0
         # The epoch of the ``xfence`` parsed last, for the next ``xput`` (``XPut.epoch``); 0: none pending.
         self._fence = 0
+        # The lease of the ``xdeadline`` parsed last, for the next ``xapply`` or ``xput``; None: none pending.
+        self._lease: Lease | None = None
         self._plain_gets = plain_gets
         self.max_line = max_line
         self.max_keys = max_keys
@@ -341,6 +350,8 @@ class RequestParser:
             b"xepoch": self._xepoch,
             b"xmap": self._xmap,
             b"xfence": self._xfence,
+            b"xlease": self._xlease,
+            b"xdeadline": self._xdeadline,
         }
 
     def feed(self, data: bytes) -> None:
@@ -877,8 +888,12 @@ class RequestParser:
     def _xput(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         handoff = tokens[0] == b"xmove"
         epoch = 0
-        if self._fence and not handoff:  # the copy of a read-modify-write's result (``xfence`` just before)
-            epoch, self._fence = self._fence, 0
+        lease = None
+        if not handoff:  # the copy of a read-modify-write's result (``xfence``, ``xdeadline`` just before)
+            if self._fence:
+                epoch, self._fence = self._fence, 0
+            if self._lease is not None:
+                lease, self._lease = self._lease, None
         if len(tokens) not in (7, 8) or len(tokens) == 8 and tokens[7] != b"noreply":
             return FailedRequest(BadCommand())
         noreply = len(tokens) == 8
@@ -899,7 +914,7 @@ class RequestParser:
             return self._too_large(size, noreply)
 
         def build(value: bytes) -> Command:
-            return XPut(key, Record(value, flags, expires_at, version, tombstone), noreply, handoff, epoch)
+            return XPut(key, Record(value, flags, expires_at, version, tombstone), noreply, handoff, epoch, lease)
 
         return size + 2, noreply, build
 
@@ -962,6 +977,23 @@ class RequestParser:
         self._fence = epoch
         return XFence(epoch)
 
+    def _xlease(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        """``xlease <key> <holder> <deadline> <s|x>``: an ``xget`` of one key that leases it."""
+        if len(tokens) != 5 or len(tokens[1]) > MAX_KEY_LENGTH:
+            return FailedRequest(BadCommand())
+        lease = _lease_tokens(tokens[2:])
+        return lease if isinstance(lease, FailedRequest) else XLease(tokens[1], lease)
+
+    def _xdeadline(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        """``xdeadline <holder> <deadline> <s|x>``: the next ``xapply`` or ``xput`` parsed carries that lease
+        (``XApply.lease``, ``XPut.lease``), whatever comes between; a bad line leaves none pending."""
+        lease = _lease_tokens(tokens[1:]) if len(tokens) == 4 else FailedRequest(BadCommand())
+        if isinstance(lease, FailedRequest):
+            self._lease = None
+            return lease
+        self._lease = lease
+        return XDeadline(lease)
+
     @staticmethod
     def _epoch(tokens: list[bytes]) -> int | FailedRequest:
         """The epoch of ``<verb> <epoch>`` (63 bits at most), or the request's failure."""
@@ -1009,6 +1041,7 @@ class RequestParser:
                 extension = _extension(inner.pop())
             except BadCommand as e:
                 return FailedRequest(e)
+        lease, self._lease = self._lease, None
         parsed = handler(self, inner, len(inner) + 1 if len(inner) < _MAX_TOKENS - 1 else _MAX_TOKENS)
         if type(parsed) is FailedRequest:
             return replace(parsed, reply=True, then=None)
@@ -1018,10 +1051,10 @@ class RequestParser:
 
             def build_applied(value: bytes) -> Command:
                 # the builders of self._writes make write commands only
-                return XApply(version, _replied(build(value), extension), epoch)  # type: ignore[arg-type]  # a write, as said above
+                return XApply(version, _replied(build(value), extension), epoch, lease)  # type: ignore[arg-type]  # a write, as said above
 
             return size, False, build_applied
-        return XApply(version, _replied(parsed, extension), epoch)  # type: ignore[arg-type]  # a write command, as above
+        return XApply(version, _replied(parsed, extension), epoch, lease)  # type: ignore[arg-type]  # a write command, as above
 
     _writes: dict[bytes, Callable[[RequestParser, list[bytes], int], _Parsed]] = {
         b"set": _set,
@@ -1126,6 +1159,24 @@ def _extension_token(command: WriteCommand) -> bytes:
     return b" ~" + b",".join(parts) if parts else b""
 
 
+#: A lease's holder: a gateway's id, ``:`` and a number (``Router``), at most 100 bytes.
+_HOLDER = re.compile(rb"[A-Za-z0-9._:-]{1,100}")
+
+
+def _lease_tokens(tokens: list[bytes]) -> Lease | FailedRequest:
+    """The ``Lease`` of ``<holder> <deadline> <s|x>`` (``xlease``, ``xdeadline``), or the request's failure."""
+    holder, deadline, mode = tokens
+    if not _HOLDER.fullmatch(holder) or mode not in (b"s", b"x"):
+        return FailedRequest(BadCommand())
+    try:
+        when = _digits(deadline)
+    except BadCommand as e:
+        return FailedRequest(e)
+    if when > _MAX_U64 >> 1:
+        return FailedRequest(BadCommand("a deadline is at most 63 bits"))
+    return Lease(holder.decode("ascii"), when, mode == b"x")
+
+
 def _version_token(token: bytes) -> Version:
     try:  # not parse_version's memo: a request's version is mostly a new one (an XPut's)
         return Version.parse(token.decode("ascii"))
@@ -1207,7 +1258,7 @@ def serialize_result(command: Command, result: Result) -> bytes:
             if kind is Get and not command.cas:  # type: ignore[union-attr]  # a Get, as said above
                 key, r = items[0]
                 return plain_get_reply(key, (r.flags, r.value))
-            if kind is XGet:  # a gateway's read
+            if kind is XGet or kind is XLease:  # a gateway's read
                 return _XVALUE_END % _xvalue_fields(*items[0])
         return _values(command, items)
     if type(result) is Status:
@@ -1308,6 +1359,17 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         return b"xmap %d\r\n" % command.epoch
     if type(command) is XFence:
         return b"xfence %d\r\n" % command.epoch
+    if type(command) is XLease:  # a read-modify-write's reads
+        lease = command.lease
+        return b"xlease %s %s %d %s\r\n" % (
+            command.key,
+            lease.holder.encode(),
+            lease.deadline,
+            b"x" if lease.exclusive else b"s",
+        )
+    if type(command) is XDeadline:  # before a read-modify-write's xapply or copy (KVClientProtocol.send)
+        lease = command.lease
+        return b"xdeadline %s %d %s\r\n" % (lease.holder.encode(), lease.deadline, b"x" if lease.exclusive else b"s")
     if type(command) is XDigest:
         sender = b" " + command.sender.encode() if command.sender else b""
         range_ = (command.placement.encode(), command.first, command.last, command.parts, sender)
@@ -1393,6 +1455,14 @@ def error_from_reply(line: bytes) -> DomainError | None:
             known = known.partition(" ")[0]
             if sent.isdigit() and known.isdigit():
                 return StaleMap(int(sent), int(known))
+        if text.startswith(KeyLeased.PREFIX):
+            until = text[len(KeyLeased.PREFIX) :]
+            if until.isdigit():
+                return KeyLeased(int(until))
+        if text.startswith(DeadlinePassed.PREFIX):
+            deadline = text[len(DeadlinePassed.PREFIX) :].partition(":")[0]
+            if deadline.isdigit():
+                return DeadlinePassed(int(deadline), text[len(DeadlinePassed.PREFIX) + len(deadline) :])
         if text.startswith(_STALE):
             try:
                 return StaleVersion(Version.parse(text[len(_STALE) :]))
@@ -1490,7 +1560,7 @@ class ReplyParser:
         if isinstance(command, SplicedGet):
             return self._spliced_get()
         kind = type(command)
-        if kind is XGet and not self._items:
+        if (kind is XGet or kind is XLease) and not self._items:
             whole = self._xget_reply()
             if whole is not None:
                 return whole
@@ -1503,7 +1573,7 @@ class ReplyParser:
             line = self._line()
             if line is None:
                 return None
-            if kind is Get or kind is XGet or kind is XApply and self._result is not None:
+            if kind is Get or kind is XGet or kind is XLease or kind is XApply and self._result is not None:
                 if line == b"END":
                     return self._finish(command)
                 if line.startswith(b"VALUE ") and kind is Get:

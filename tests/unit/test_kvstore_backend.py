@@ -21,6 +21,7 @@ from chashd.commands import (
     Delete,
     FlushAll,
     Get,
+    Lease,
     Number,
     StatsCommand,
     Status,
@@ -31,10 +32,14 @@ from chashd.commands import (
     XApplied,
     XApply,
     XGet,
+    XLease,
     XPut,
     XVer,
 )
 from chashd.errors import (
+    BadCommand,
+    DeadlinePassed,
+    KeyLeased,
     NodeLeaving,
     NonNumericValue,
     StaleVersion,
@@ -573,3 +578,84 @@ class ReceivedPutsTests:
         protocol.dataReceived(serialize_command(xput(b"a", 1)) + serialize_command(xput(b"b", 1, handoff=False)))
         stats = backend.stats()
         assert stats["handoff_records_received_total"] == 1 and stats["cmd_xput"] == 2
+
+
+class LeaseBackendTests(SynchronousTestCase):
+    """A kvstore's side of the read leases (chashd.leases): xlease reads and leases, stores name their round."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.backend = LocalBackend(MemoryEngine(), "kv-1", self.clock, 1024)
+        self.backend.execute(Store("set", b"n", 0, 0, b"1"))
+        self.deadline = 1_700_000_002_000
+
+    def lease(self, holder: str, exclusive: bool = False) -> Lease:
+        return Lease(holder, self.deadline, exclusive)
+
+    def test_xlease_reads_and_leases(self) -> None:
+        """An xlease answers as xget does and leases the key; another holder's exclusive request is refused
+        until the lease ends (KeyLeased, counted), a shared one is not; after the end it is granted."""
+        values = self.backend.execute(XLease(b"n", self.lease("gw1:1")))
+        assert isinstance(values, Values) and [r.value for _, r in values.items] == [b"1"]
+        assert self.backend.execute(XLease(b"missing", self.lease("gw1:1"))) == Values(())
+        assert self.backend.execute(XLease(b"n", self.lease("gw2:1"))).items  # type: ignore[union-attr]
+        with pytest.raises(KeyLeased) as refused:
+            self.backend.execute(XLease(b"n", self.lease("gw3:1", True)))
+        assert refused.value.until == self.deadline + 500
+        self.clock.advance(2.5)
+        assert self.backend.execute(XLease(b"n", Lease("gw3:1", self.deadline + 2500, True))).items  # type: ignore[union-attr]
+        assert self.backend.stats()["cmd_xlease"] == 5 and self.backend.stats()["xlease_refused_total"] == 1
+        with pytest.raises(BadCommand):  # a deadline too far ahead: a lease this node could forget
+            self.backend.execute(XLease(b"n", Lease("gw4:1", self.deadline + 10_000)))
+
+    def test_stores_meet_leases_and_deadlines(self) -> None:
+        """A shared command's store meets another's exclusive lease, an exclusive one any other lease
+        (KeyLeased, nothing stored); a store past its deadline, or an xapply whose version is past it, is
+        refused (DeadlinePassed, counted); the holder's xapply and copy end its lease there."""
+        backend = self.backend
+        backend.execute(XLease(b"n", self.lease("gw1:1", True)))
+        version = Version(1_700_000_000_500 << 16, "gw2")
+        with pytest.raises(KeyLeased):
+            backend.execute(XApply(version, Arith(b"n", 1), lease=self.lease("gw2:1")))
+        with pytest.raises(KeyLeased):
+            backend.execute(XPut(b"n", Record(b"9", 0, 0, version), lease=self.lease("gw2:1")))
+        assert backend.engine.get(b"n").value == b"1"
+        applied = backend.execute(XApply(version, Arith(b"n", 1), lease=self.lease("gw1:1", True)))
+        assert applied.result == Number(2) and len(backend.leases) == 0  # type: ignore[union-attr]
+        backend.execute(XLease(b"n", self.lease("gw2:1")))
+        with pytest.raises(KeyLeased):  # an exclusive copy meets the shared lease
+            backend.execute(
+                XPut(
+                    b"n", Record(b"3", 0, 0, version._replace(clock=version.clock + 1)), lease=self.lease("gw1:1", True)
+                )
+            )
+        assert (
+            backend.execute(
+                XPut(b"n", Record(b"3", 0, 0, version._replace(clock=version.clock + 1)), lease=self.lease("gw2:1"))
+            )
+            is Status.STORED
+        )
+        assert len(backend.leases) == 0  # its copy taken: the lease ended
+        ahead = Version(int(self.deadline + 1) << 16, "gw2")
+        with pytest.raises(DeadlinePassed) as past:
+            backend.execute(XApply(ahead, Arith(b"n", 1), lease=self.lease("gw2:2")))
+        assert "the version" in str(past.value)
+        self.clock.advance(2.001)
+        with pytest.raises(DeadlinePassed):
+            backend.execute(XPut(b"n", Record(b"4", 0, 0, ahead), lease=self.lease("gw2:2")))
+        (refusal,) = backend.execute_puts([XPut(b"n", Record(b"4", 0, 0, ahead), lease=self.lease("gw2:2"))])
+        assert isinstance(refusal, DeadlinePassed)
+        assert backend.engine.get(b"n").value == b"3"
+        stats = backend.stats()
+        assert (stats["xlease_refused_total"], stats["rmw_deadline_refused_total"]) == (3, 3)
+
+    def test_a_restarted_kvstore_grants_nothing_at_first(self) -> None:
+        """A daemon's backend (``restarted``) may have forgotten leases: nothing granted, no store taken, for
+        the longest a lease lasts (3.5 s)."""
+        backend = LocalBackend(MemoryEngine(), "kv-2", self.clock, 1024, restarted=True)
+        with pytest.raises(KeyLeased) as refused:
+            backend.execute(XLease(b"n", self.lease("gw1:1")))
+        assert refused.value.until == 1_700_000_003_500
+        self.clock.advance(3.5)
+        assert backend.execute(XLease(b"n", Lease("gw1:1", 1_700_000_005_000))) == Values(())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
@@ -20,6 +21,7 @@ from chashd.commands import (
     Command,
     Delete,
     Get,
+    Lease,
     Number,
     Quit,
     StatsCommand,
@@ -29,10 +31,12 @@ from chashd.commands import (
     Values,
     XApplied,
     XApply,
+    XDeadline,
     XGet,
+    XLease,
     XPut,
 )
-from chashd.errors import NonNumericValue, StaleMap, UnknownCommand, ValueTooLarge
+from chashd.errors import DeadlinePassed, KeyLeased, NonNumericValue, StaleMap, UnknownCommand, ValueTooLarge
 from chashd.interfaces import IReplySink
 from chashd.kvstore.backend import LocalBackend
 from chashd.memcache.client import XGET_KEYS, XGET_LINE, KVClientPool, KVClientProtocol, KVConnectionLost, KVTimeout
@@ -725,3 +729,88 @@ class PoolSendManyTests(PoolHarness):
         """A stopped pool answers each command with KVConnectionLost at once."""
         (result,) = cast(list[Any], self.successResultOf(self.pool.send_many([xmove(b"a", 1)])))
         assert result.check(KVConnectionLost)
+
+
+class EarlierKvstore:
+    """A kvstore of an earlier version: ``xlease`` and ``xdeadline`` are unknown commands (``ERROR``), the
+    rest runs on a real backend."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self.backend = backend
+
+    def execute(self, command: Command) -> Any:
+        if type(command) in (XLease, XDeadline):
+            raise UnknownCommand()
+        if type(command) in (XPut, XApply):  # its parser stamps nothing on them
+            command = replace(cast(XPut, command), lease=None)
+        return self.backend.execute(command)
+
+
+class LeaseClientTests(SynchronousTestCase):
+    """A read-modify-write's reads go as ``xlease``, its command and copies after an ``xdeadline``; a kvstore of
+    an earlier version answers both ``ERROR``: reads go as ``xget``, stores without a deadline."""
+
+    def test_leased_read_and_stores(self) -> None:
+        """An exclusive xlease is refused (KeyLeased, with the time the other lease ends) while another
+        command's lease lasts; the xdeadline and its xapply leave in one write; a store past its deadline is
+        refused (DeadlinePassed, nothing stored); the holder's copy ends its lease there."""
+        factory, clock = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, server, pump = pair(factory)
+        backend.execute(Store("set", b"n", 0, 0, b"1"))
+        deadline = int(T0 * 1000) + 2000
+        read = client.send(XLease(b"n", Lease("gw1:1", deadline)))
+        refused = client.send(XLease(b"n", Lease("gw2:1", deadline, True)))
+        pump.flush()
+        assert [r.value for _, r in cast(Values, self.successResultOf(read)).items] == [b"1"]
+        assert self.failureResultOf(refused, KeyLeased).value.until == deadline + 500
+        writes: list[bytes] = []
+        write = client.transport.write  # type: ignore[union-attr]
+
+        def counting(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        client.transport.write = counting  # type: ignore[union-attr,method-assign]
+        apply = XApply(Version(T0_MS + 10, "gw1"), Arith(b"n", 1), lease=Lease("gw1:1", deadline))
+        applied = client.send(apply)
+        assert writes == [b"xdeadline gw1:1 %d s\r\n" % deadline + serialize_command(apply)]
+        pump.flush()
+        assert self.successResultOf(applied).result == Number(2)  # type: ignore[union-attr]
+        assert len(backend.leases) == 0  # its command ran: the lease ended
+        clock.advance(2.001)
+        late = client.send(XPut(b"n", Record(b"9", 0, 0, Version(T0_MS + 20, "gw1")), lease=Lease("gw1:1", deadline)))
+        pump.flush()
+        assert self.failureResultOf(late, DeadlinePassed).value.deadline == deadline
+        assert backend.engine.get(b"n").value == b"2"
+        stats = backend.stats()
+        assert (stats["cmd_xlease"], stats["xlease_refused_total"], stats["rmw_deadline_refused_total"]) == (2, 1, 1)
+        assert client.leases and client.deadlines and client.pending == 0
+
+    def test_a_kvstore_of_an_earlier_version(self) -> None:
+        """``xlease`` answered ERROR is sent again as ``xget`` (the read answers right), and the connection
+        sends the next ones as ``xget``; ``xdeadline`` answered ERROR is not sent again, and the store after
+        it is taken as any."""
+        clock = Clock()
+        clock.advance(T0)
+        real = LocalBackend(MemoryEngine(), "kv-1", clock, 1024)
+        real.execute(Store("set", b"n", 0, 0, b"1"))
+        factory, _ = make_factory(EarlierKvstore(real))
+        client, server, pump = pair(factory)
+        read = client.send(XLease(b"n", Lease("gw1:1", 1)))
+        pump.flush()
+        first = cast(Values, self.successResultOf(read))
+        assert [r.value for _, r in first.items] == [b"1"]
+        assert not client.leases
+        again = client.send(XLease(b"n", Lease("gw1:2", 1)))
+        pump.flush()
+        assert self.successResultOf(again) == first
+        assert real.stats()["cmd_xget"] == 2
+        put = client.send(XPut(b"n", Record(b"5", 0, 0, Version(T0_MS + 100, "gw1")), lease=Lease("gw1:2", 1)))
+        pump.flush()
+        assert self.successResultOf(put) is Status.STORED and not client.deadlines
+        writes: list[bytes] = []
+        client.transport.write = writes.append  # type: ignore[union-attr,method-assign]
+        client.send(XPut(b"n", Record(b"6", 0, 0, Version(T0_MS + 101, "gw1")), lease=Lease("gw1:3", 1)))
+        assert not writes[0].startswith(b"xdeadline")

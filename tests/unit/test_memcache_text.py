@@ -17,6 +17,7 @@ from chashd.commands import (
     FlushAll,
     Get,
     KeyVersions,
+    Lease,
     MetaCommand,
     Number,
     Quit,
@@ -32,10 +33,12 @@ from chashd.commands import (
     VersionOf,
     XApplied,
     XApply,
+    XDeadline,
     XDigest,
     XEpoch,
     XFence,
     XGet,
+    XLease,
     XList,
     XMap,
     XPut,
@@ -45,7 +48,9 @@ from chashd.digests import RangeDigest
 from chashd.errors import (
     BadCommand,
     BadDataChunk,
+    DeadlinePassed,
     DomainError,
+    KeyLeased,
     NodeLeaving,
     NonNumericValue,
     ServiceUnavailable,
@@ -709,6 +714,83 @@ class FenceCommandTests:
             reply = replies(b"xfence 3\r\n" + line)[1]
             assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)
             assert events(b"xfence 3\r\n" + line + put)[2] == XPut(b"k", record)
+
+
+class LeaseCommandTests:
+    """xlease (a read-modify-write's read, which leases the key) and xdeadline (its next store's round)."""
+
+    def test_xlease(self) -> None:
+        """``xlease <key> <holder> <deadline> <s|x>`` parses into XLease and back; its reply is xget's (one
+        record or none); bad lines are CLIENT_ERRORs."""
+        shared, exclusive = Lease("gw1:7", 1_700_000_002_000), Lease("gw1:8", 1_700_000_002_500, True)
+        assert serialize_command(XLease(b"k", shared)) == b"xlease k gw1:7 1700000002000 s\r\n"
+        assert serialize_command(XLease(b"k", exclusive)) == b"xlease k gw1:8 1700000002500 x\r\n"
+        for chunk in (None, 1):
+            wire = serialize_command(XLease(b"k", shared)) + serialize_command(XLease(b"k", exclusive))
+            assert events(wire, chunk) == [XLease(b"k", shared), XLease(b"k", exclusive)]
+        record = Record(b"v", 3, 0, Version(100, "gw"))
+        assert serialize_result(XLease(b"k", shared), Values(((b"k", record),))) == (
+            b"XVALUE k 3 0 100-gw 0 1\r\nv\r\nEND\r\n"
+        )
+        for chunk in (None, 1):
+            answer = b"XVALUE k 3 0 100-gw 0 1\r\nv\r\nEND\r\nEND\r\n"
+            assert read_replies(answer, [XLease(b"k", shared)] * 2, chunk) == [Values(((b"k", record),)), Values(())]
+        for line in (
+            b"xlease k gw1:7 1 s x\r\n",
+            b"xlease k gw1:7 1 y\r\n",
+            b"xlease k gw1:7 -1 s\r\n",
+            b"xlease k gw 1:7 1\r\n",
+            b"xlease k gw\x01 1 s\r\n",
+            b"xlease k gw1:7 9223372036854775808 s\r\n",
+            b"xlease " + b"k" * 251 + b" gw1:7 1 s\r\n",
+        ):
+            (reply,) = replies(line)
+            assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)
+
+    def test_xdeadline_stamps_the_next_store(self) -> None:
+        """``xdeadline <holder> <deadline> <s|x>`` parses into XDeadline (answered OK); the next xapply or xput
+        (not an xmove), whatever comes between, carries its lease; a bad line leaves none pending."""
+        lease = Lease("gw1:7", 1_700_000_002_000, True)
+        line = serialize_command(XDeadline(lease))
+        assert line == b"xdeadline gw1:7 1700000002000 x\r\n"
+        record = Record(b"v", 0, 0, Version(100, "gw"))
+        put = serialize_command(XPut(b"k", record, lease=lease))
+        assert put == serialize_command(XPut(b"k", record))  # the lease goes as the xdeadline before it
+        apply = serialize_command(XApply(Version(100, "gw"), Arith(b"n", 1), lease=lease))
+        for chunk in (None, 1):
+            assert events(line + b"get k\r\n" + put + put, chunk) == [
+                XDeadline(lease),
+                Get((b"k",)),
+                XPut(b"k", record, lease=lease),
+                XPut(b"k", record),
+            ]
+            assert events(line + b"xfence 3\r\n" + apply + apply, chunk) == [
+                XDeadline(lease),
+                XFence(3),
+                XApply(Version(100, "gw"), Arith(b"n", 1), lease=lease),
+                XApply(Version(100, "gw"), Arith(b"n", 1)),
+            ]
+        move = serialize_command(XPut(b"k", record, handoff=True))
+        assert events(line + move + put)[1:] == [XPut(b"k", record, handoff=True), XPut(b"k", record, lease=lease)]
+        assert read_replies(b"OK\r\n", [XDeadline(lease)]) == [Status.OK]
+        for bad in (b"xdeadline gw1:7 1\r\n", b"xdeadline gw1:7 x s\r\n", b"xdeadline gw1:7 1 s s\r\n"):
+            reply = replies(line + bad)[1]
+            assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (bad, reply)
+            assert events(line + bad + put)[2] == XPut(b"k", record)
+
+    def test_refusals_read_back(self) -> None:
+        """KeyLeased and DeadlinePassed go as SERVER_ERROR lines and read back with their times."""
+        line = error_reply(KeyLeased(1_700_000_002_500))
+        assert line == b"SERVER_ERROR key leased by another read-modify-write until 1700000002500\r\n"
+        error = error_from_reply(line[:-2])
+        assert isinstance(error, KeyLeased) and error.until == 1_700_000_002_500
+        for refusal in (
+            DeadlinePassed(1_700_000_002_000),
+            DeadlinePassed(1_700_000_002_000, ": the version 5 is past it"),
+        ):
+            error = error_from_reply(error_reply(refusal)[:-2])
+            assert isinstance(error, DeadlinePassed) and error.deadline == 1_700_000_002_000
+            assert str(error) == str(refusal)
 
 
 class ReplyParserTests:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from chashd.commands import (
     Values,
     XApply,
     XGet,
+    XLease,
     XPut,
     XVer,
 )
@@ -58,7 +60,7 @@ class Link:
 
     def send(self, command: Any) -> Deferred[Any]:
         if type(command) is XApply and self.epoch:
-            command = XApply(command.version, command.command, self.epoch)
+            command = replace(command, epoch=self.epoch)
         self.sent.append(command)
         if self.mode == "down":
             return fail(ConnectionLost("kvstore unreachable"))
@@ -436,7 +438,7 @@ class MapFenceTests(SynchronousTestCase):
         c = Cluster(w=3, r=1)
         self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
         first, second, _ = c.replicas(b"n")
-        sent_gets = lambda: {n for n, link in c.links.items() for cmd in link.sent if type(cmd) is XGet}  # noqa: E731
+        sent_gets = lambda: {n for n, link in c.links.items() for cmd in link.sent if type(cmd) is XLease}  # noqa: E731
         for link in c.links.values():
             link.sent.clear()
         assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
@@ -857,7 +859,7 @@ class MissedWritesTests(SynchronousTestCase):
         self.successResultOf(c.router.execute(Store("set", key, 0, 0, b"1")))
         before = {n: list(c.links[n].sent) for n in c.links}
         self.successResultOf(c.router.execute(Arith(key, 1)))
-        reads = [n for n in c.links if XGet((key,)) in c.links[n].sent[len(before[n]) :]]
+        reads = [n for n in c.links if any(type(cmd) is XLease for cmd in c.links[n].sent[len(before[n]) :])]
         assert sorted(reads) == sorted(c.replicas(key)[:2])
         c = Cluster(w=1, r=1)
         c.mark(**{c.replicas(key)[2]: "down"})
@@ -872,7 +874,7 @@ class MissedWritesTests(SynchronousTestCase):
         self.successResultOf(c.router.execute(Store("set", b"r", 0, 0, b"1")))
         primary = c.replicas(b"r")[0]
         link = c.links[primary]
-        raced = Record(b"100", 0, 0, Version(int(NOW * 1000 + 10_000) << 16, "gw2"))
+        raced = Record(b"100", 0, 0, Version(int(NOW * 1000 + 1_000) << 16, "gw2"))
         original = link.send
 
         def racing(command: Any) -> Deferred[Any]:
@@ -885,7 +887,7 @@ class MissedWritesTests(SynchronousTestCase):
         assert self.successResultOf(c.router.execute(Arith(b"r", 1))) == Number(101)
         assert c.router.stats()["rmw_retries_total"] == 1
         assert link.backend.stats()["xapply_stale"] == 1
-        assert sum(1 for cmd in link.sent if isinstance(cmd, XGet)) == 1  # no second read
+        assert sum(1 for cmd in link.sent if isinstance(cmd, XLease)) == 1  # no second read
 
     def test_rmw_asks_the_previous_owners_during_a_move(self) -> None:
         """During a move, the newest record of a previous owner goes to the new primary before the command."""
@@ -1015,8 +1017,19 @@ class SlowReplicaTests(SynchronousTestCase):
         link.send = original  # type: ignore[method-assign]
         link.resume(reverse)  # the paused node runs what it held: the abandoned incr, the copies
         assert link.backend.stats()["xapply_stale"] == (1 if reverse else 0)
-        assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n"))  # type: ignore[union-attr]
+        deleted = c.record(second, b"n")
+        assert deleted is not None and deleted.tombstone
+        if reverse:
+            # The newer copies came first, while the abandoned command's lease lasted there (it may still
+            # store there): refused. Its own copy (11) was taken, so the abandoned incr was refused after it.
+            assert link.backend.stats()["xlease_refused_total"] == 2
+            late = c.record(first, b"n")
+            assert late is not None and late.value == b"11" and late.version < deleted.version
+        assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n") if n != first or not reverse)  # type: ignore[union-attr]
         assert self.successResultOf(c.router.execute(Get((b"n",)))) == Values(())
+        c.advance(5)  # the first is asked again: read repair gives it the newest record
+        assert self.successResultOf(c.router.execute(Get((b"n",)))) == Values(())
+        assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n"))  # type: ignore[union-attr]
 
     def test_no_failover_with_primary_timeout_zero(self) -> None:
         """primary_timeout=0 turns the failover off: the command waits for its primary."""
@@ -1081,7 +1094,16 @@ class SlowReplicaTests(SynchronousTestCase):
         c.advance(0.05)  # the hedge asks the third replica, which answers
         c.advance(0.5)
         c.advance(0.5)  # the third is primary
-        c.links[third].mode = "down"
+        link = c.links[third]
+        original = link.send
+
+        def fails_the_command(command: Any) -> Deferred[Any]:
+            if type(command) is XApply:
+                link.sent.append(command)
+                return fail(ConnectionLost("kvstore killed"))
+            return original(command)
+
+        link.send = fails_the_command  # type: ignore[method-assign]
         c.links[first].resume()
         c.links[second].resume()  # its read, then the copy of the result
         assert self.successResultOf(d) == Number(2)
@@ -1146,7 +1168,6 @@ class SameEpochFailoverTests(SynchronousTestCase):
     def values(self, c: Cluster) -> list[bytes]:
         return [c.record(n, b"n").value for n in c.replicas(b"n")]  # type: ignore[union-attr]
 
-    @pytest.mark.xfail(strict=True, reason="read leases (chashd.leases): not implemented yet")
     def test_a_failover_and_a_gateway_still_waiting_on_the_paused_primary(self) -> None:
         """W1. Two gateways increment a counter whose primary P is paused. The first times P out and fails
         over to Q; the second, whose primary timeout has not run out yet, still waits on P, which resumes
@@ -1170,7 +1191,6 @@ class SameEpochFailoverTests(SynchronousTestCase):
         assert self.values(c) == [b"3", b"3", b"3"]
         assert c.clock.getDelayedCalls() == []
 
-    @pytest.mark.xfail(strict=True, reason="read leases (chashd.leases): not implemented yet")
     def test_a_gateway_waiting_on_the_primary_after_the_failover_leased_the_key(self) -> None:
         """The other order: the failover leases Q and the third exclusively before the second gateway reads;
         the second gateway's read of Q is refused while that lease lasts, and once it ends the second
@@ -1191,7 +1211,6 @@ class SameEpochFailoverTests(SynchronousTestCase):
         c.links[p].resume()
         assert self.values(c) == [b"3", b"3", b"3"]
 
-    @pytest.mark.xfail(strict=True, reason="read leases (chashd.leases): not implemented yet")
     def test_a_copy_that_a_later_command_overtook(self) -> None:
         """The copies of a result reach Q and the third after a later command's result computed on it (its
         copies overtook them): they meet a newer record (EXISTS), which counts, since it was computed on
@@ -1218,7 +1237,6 @@ class SameEpochFailoverTests(SynchronousTestCase):
                 assert self.successResultOf(first_incr) == Number(2)
             assert self.values(c) == [b"3", b"3", b"3"]
 
-    @pytest.mark.xfail(strict=True, reason="read leases (chashd.leases): not implemented yet")
     def test_a_result_refused_everywhere_but_the_primary_never_wins(self) -> None:
         """A fork: P applies the second gateway's append within its deadline, but its copies come after it
         and are refused; the failover's append (acknowledged) is computed without it. The fork stays on P
@@ -1230,11 +1248,11 @@ class SameEpochFailoverTests(SynchronousTestCase):
         first = c.router.execute(Store("append", b"n", 0, 0, b"a"))
         c.advance(0.3)
         late = second.execute(Store("append", b"n", 0, 0, b"b"))  # reads Q now: its deadline is 2.3
-        c.advance(1.9)  # 2.2: the failover still waits for the second command's lease on Q
+        c.advance(0.25)  # the first gateway fails over, and waits for the second command's lease on Q
         hold(links[q], XPut)
         hold(links[third], XPut)
         links[p].resume()  # P applies the late append (xb) within the deadline; its copies held
-        c.advance(0.2)
+        c.advance(1.8)
         links[q].resume()
         links[third].resume()  # past the deadline: refused
         failure = self.failureResultOf(late, ServiceUnavailable)
@@ -1253,7 +1271,6 @@ class SameEpochFailoverTests(SynchronousTestCase):
         c.links[p].resume()
         assert self.values(c) == [b"xa", b"xa", b"xa"]
 
-    @pytest.mark.xfail(strict=True, reason="read leases (chashd.leases): not implemented yet")
     def test_a_command_its_primary_may_have_applied_is_not_run_twice(self) -> None:
         """The first gateway's primary P answers the read, then pauses with the command (applied when it
         resumes). Meanwhile the second gateway read P and Q; once P resumes it increments on P's record,
@@ -1276,6 +1293,20 @@ class SameEpochFailoverTests(SynchronousTestCase):
         assert "may or may not have changed" in str(failure.value)
         assert self.values(c) == [b"3", b"3", b"3"]
         assert c.router.stats()["rmw_refused_maybe_applied_total"] == 1
+
+    def test_a_version_past_the_deadline_is_not_applied(self) -> None:
+        """A record whose version is further ahead of the gateway's clock than a round's deadline (a clock
+        more than 2 s ahead wrote it): the command would carry a version its deadline does not allow, so it
+        fails at once, saying so, and nothing is applied."""
+        c = Cluster()
+        ahead = Record(b"100", 0, 0, Version(int(NOW * 1000 + 10_000) << 16, "gw2"))
+        for node in c.replicas(b"r"):
+            c.links[node].backend.engine.put(b"r", ahead)
+        failure = self.failureResultOf(c.router.execute(Arith(b"r", 1)), ServiceUnavailable)
+        assert "ahead of this gateway's clock" in str(failure.value) and "not applied" in str(failure.value)
+        assert not any(type(cmd) is XApply for link in c.links.values() for cmd in link.sent)
+        c.advance(9)
+        assert self.successResultOf(c.router.execute(Arith(b"r", 1))) == Number(101)
 
 
 class FastPathTests(SynchronousTestCase):
