@@ -2,6 +2,7 @@
 
     python bench/gateway.py [--seconds 10] [--warmup 3] [--rounds 3] [--targets gateway-n1,gateway-n3,...]
     python bench/gateway.py --inprocess      # only the in-process hot-path check (no sockets)
+    python bench/gateway.py --inprocess-rmw  # only the in-process incr check, N=3/W=2/R=2 (no sockets)
 
 Load (bench/kvstore.py's, with its generator bench/loadgen.c): 50 connections, each with one request in
 flight, 90% get / 10% set, 32-byte keys drawn from 10,000 (all set first), 100-byte values, measured for

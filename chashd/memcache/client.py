@@ -34,10 +34,12 @@ a kvstore of an earlier version answers the ``xfence`` ``ERROR`` (a line without
 and stores the ``xput`` unfenced, and that connection sends its next copies as plain ``xput``.
 
 A read-modify-write's reads go as ``xlease`` (``XLease``: an ``xget`` of one key that leases it,
-``chashd.leases``), and its command and copies (an ``XApply`` or ``XPut`` with a ``lease``) as ``xdeadline``
-and the command, one after the other. A kvstore of an earlier version answers either with ``ERROR``: the
-``xlease`` is sent again as ``xget`` and that connection sends its next ones as ``xget``, and it stops
-sending ``xdeadline`` (the store went through without it).
+``chashd.leases``), and its command and copies (an ``XApply`` or ``XPut`` with a ``lease``) name the lease:
+once the connection's kvstore has answered an ``xlease`` (it takes leases), in the ``xapply``'s extension
+token and in the copy's ``xfence`` line (no line more than without leases); before that, as an
+``xdeadline`` line before the command. A kvstore of an earlier version answers ``xlease`` and
+``xdeadline`` with ``ERROR``: the ``xlease`` is sent again as ``xget`` and that connection sends its next
+ones as ``xget``, and it stops sending ``xdeadline`` (the store went through without it).
 
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
@@ -81,10 +83,10 @@ from chashd.commands import (
     XPut,
     XVer,
 )
-from chashd.errors import BulkUnsupported, DomainError, ServiceUnavailable, UnknownCommand
+from chashd.errors import BulkUnsupported, DomainError, KeyLeased, ServiceUnavailable, UnknownCommand
 from chashd.interfaces import IReplySink
 from chashd.memcache._transport import set_nodelay
-from chashd.memcache.text import BadReply, ReplyParser, serialize_command
+from chashd.memcache.text import BadReply, ReplyParser, fence_line, serialize_command
 
 __all__ = ["KVClientPool", "KVClientProtocol", "KVConnectionLost", "KVTimeout"]
 
@@ -193,8 +195,9 @@ class KVClientProtocol(Protocol):
         self.map_epoch: int | None = 0
         #: False once the server refused ``xfence`` (a kvstore of an earlier version): copies go unfenced.
         self.fences = True
-        #: False once the server refused ``xlease`` (a kvstore of an earlier version): reads go as ``xget``.
-        self.leases = True
+        #: Whether the server takes ``xlease``: None until it answered one, False once it refused it (a kvstore
+        #: of an earlier version: reads go as ``xget``).
+        self.leases: bool | None = None
         #: False once the server refused ``xdeadline`` (a kvstore of an earlier version): stores go without.
         self.deadlines = True
         self._tr: Any = None
@@ -300,25 +303,35 @@ class KVClientProtocol(Protocol):
             return self._lease(cast(XLease, command))
         command = _as_request(command)
         deferred: Deferred[Result] = Deferred()
-        wire = serialize_command(command)
-        if kind is XPut or kind is XApply:
-            wire = self._prefix(command) + wire  # type: ignore[arg-type]  # an XPut or XApply, as tested
+        leased = kind is XPut or kind is XApply
+        wire = self._leased(command) if leased else serialize_command(command)  # type: ignore[arg-type]
         self._enqueue(command, deferred, wire)
         return deferred
 
-    def _prefix(self, command: XPut | XApply) -> bytes:
-        """What goes just before an ``XPut`` or ``XApply``: its ``xfence`` (an ``XPut`` with an epoch) and its
-        ``xdeadline`` (with a lease)."""
-        wire = b""
-        if type(command) is XPut and command.epoch:
-            wire = self._fence(command.epoch)
-        if command.lease is not None and self.deadlines:
+    def _leased(self, command: XPut | XApply) -> bytes:
+        """The bytes of an ``XPut`` or ``XApply`` with what goes just before it: its ``xfence`` (an ``XPut``
+        with an epoch) and its lease. Where the kvstore takes leases, the lease goes in the ``xfence`` line or
+        the ``xapply``'s extension token; elsewhere as an ``xdeadline`` line (none once refused)."""
+        lease = command.lease
+        if type(command) is XPut:
+            if lease is not None and self.leases and command.epoch and self.fences and self.map_epoch is not None:
+                fence: Deferred[Result] = Deferred()
+                fence.addErrback(self._fence_refused)
+                self._enqueue(XFence(command.epoch), fence, b"")
+                return fence_line(command.epoch, lease) + serialize_command(command)
+            wire = self._fence(command.epoch) if command.epoch else b""
+        else:
+            if lease is None or self.leases:
+                return serialize_command(command)
+            command = replace(command, lease=None)
+            wire = b""
+        if lease is not None and self.deadlines:
             deadline: Deferred[Result] = Deferred()
             deadline.addErrback(self._deadline_refused)
-            line = XDeadline(command.lease)
+            line = XDeadline(lease)
             self._enqueue(line, deadline, b"")
             wire += serialize_command(line)
-        return wire
+        return wire + serialize_command(command)
 
     def _deadline_refused(self, failure: Failure) -> None:
         """``ERROR``: a kvstore of an earlier version, which took the store without a deadline; send no more.
@@ -336,15 +349,27 @@ class KVClientProtocol(Protocol):
     def _lease(self, command: XLease) -> Deferred[Result]:
         """An ``XLease``, or its ``XGet`` where the server does not take ``xlease`` (it answered ``ERROR``:
         a kvstore of an earlier version; that answer sends it again as ``xget``)."""
-        if not self.leases:
+        if self.leases is False:
             return self.send(XGet((command.key,)))
         deferred: Deferred[Result] = Deferred()
         self._enqueue(command, deferred, serialize_command(command))
-        return cast("Deferred[Result]", deferred.addErrback(self._lease_refused, command))
+        if self.leases:
+            return deferred
+        return cast(
+            "Deferred[Result]", deferred.addCallbacks(self._lease_taken, self._lease_refused, errbackArgs=(command,))
+        )
+
+    def _lease_taken(self, result: Result) -> Result:
+        """The kvstore answered an ``xlease``: it takes leases, in the ``xapply`` and ``xfence`` lines too."""
+        self.leases = True
+        return result
 
     def _lease_refused(self, failure: Failure, command: XLease) -> Any:
-        """The fallback of an ``xlease`` answered ``ERROR``: the same read as ``xget``, from now on."""
+        """The fallback of an ``xlease`` answered ``ERROR``: the same read as ``xget``, from now on. A refusal
+        for another lease (``KeyLeased``) says the kvstore takes leases."""
         if not failure.check(UnknownCommand):
+            if failure.check(KeyLeased):
+                self.leases = True
             return failure
         if self.leases:
             self._log.info("{peer} does not take xlease: its keys are not leased to read-modify-writes", peer=self.peer)
@@ -398,9 +423,8 @@ class KVClientProtocol(Protocol):
             self._lease(cast(XLease, command)).addCallbacks(sink.callback, sink.errback)
             return True
         command = _as_request(command)
-        wire = serialize_command(command)
-        if kind is XPut or kind is XApply:
-            wire = self._prefix(command) + wire  # type: ignore[arg-type]  # an XPut or XApply, as tested
+        leased = kind is XPut or kind is XApply
+        wire = self._leased(command) if leased else serialize_command(command)  # type: ignore[arg-type]
         self._enqueue(command, sink, wire)
         return True
 
@@ -438,8 +462,9 @@ class KVClientProtocol(Protocol):
         parts = []
         for command in requests:
             if type(command) is XPut or type(command) is XApply:
-                parts.append(self._prefix(command))  # queues the fence's and deadline's answers before its own
-            parts.append(serialize_command(command))
+                parts.append(self._leased(command))  # queues the fence's and deadline's answers before its own
+            else:
+                parts.append(serialize_command(command))
             pending.append((command, group, sent))
         if seconds is not None and self._timer is None:
             assert self._clock is not None and self._timeout is not None

@@ -98,6 +98,7 @@ __all__ = [
     "RequestParser",
     "error_from_reply",
     "error_reply",
+    "fence_line",
     "plain_get_reply",
     "serialize_command",
     "serialize_result",
@@ -968,13 +969,21 @@ class RequestParser:
         return epoch if isinstance(epoch, FailedRequest) else XMap(epoch)
 
     def _xfence(self, tokens: list[bytes], ntokens: int) -> _Parsed:
-        """``xfence <epoch>``: the next ``xput`` parsed carries that epoch (``XPut.epoch``), whatever comes
-        between; a bad epoch leaves none pending."""
+        """``xfence <epoch> [<holder> <deadline> <s|x>]``: the next ``xput`` parsed carries that epoch
+        (``XPut.epoch``), and the lease when given (as ``xdeadline`` would stamp it: one line for both on the
+        common path), whatever comes between; a bad line leaves none pending."""
+        lease: Lease | FailedRequest | None = None
+        if len(tokens) == 5:
+            lease = _lease_tokens(tokens[2:])
+            tokens = tokens[:2]
         epoch = self._epoch(tokens)
-        if isinstance(epoch, FailedRequest):
+        if isinstance(epoch, FailedRequest) or isinstance(lease, FailedRequest):
             self._fence = 0
-            return epoch
+            self._lease = None
+            return epoch if isinstance(epoch, FailedRequest) else cast(FailedRequest, lease)
         self._fence = epoch
+        if lease is not None:
+            self._lease = lease
         return XFence(epoch)
 
     def _xlease(self, tokens: list[bytes], ntokens: int) -> _Parsed:
@@ -1025,6 +1034,8 @@ class RequestParser:
         return XList(placement, first, last, limit, after)
 
     def _xapply(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        lease: Lease | None
+        lease, self._lease = self._lease, None  # an xdeadline's, for this xapply whatever becomes of it
         if len(tokens) < 3:
             return FailedRequest(BadCommand())
         try:
@@ -1038,10 +1049,11 @@ class RequestParser:
         extension: dict[str, int] = {}
         if len(inner) > 2 and inner[-1].startswith(b"~"):  # what a meta command adds (a compared cas, ...)
             try:
-                extension = _extension(inner.pop())
+                extension, inline = _extension(inner.pop())
             except BadCommand as e:
                 return FailedRequest(e)
-        lease, self._lease = self._lease, None
+            if inline is not None:  # the command's lease, in the token (a gateway that knows this kvstore's)
+                lease = inline
         parsed = handler(self, inner, len(inner) + 1 if len(inner) < _MAX_TOKENS - 1 else _MAX_TOKENS)
         if type(parsed) is FailedRequest:
             return replace(parsed, reply=True, then=None)
@@ -1131,22 +1143,36 @@ def _node_id_token(token: bytes) -> str:
 _EXTENSION_FIELDS = {"C": "cas_unique", "T": "exptime", "N": "vivify", "J": "initial"}
 
 
-def _extension(token: bytes) -> dict[str, int]:
-    """The fields of an xapply extension token; ``BadCommand`` for one that does not parse."""
+#: The lease field of an xapply extension token: ``L<deadline><s|x><holder>``.
+_LEASE_FIELD = re.compile(rb"L([0-9]{1,19})([sx])([A-Za-z0-9._:-]{1,100})")
+
+
+def _extension(token: bytes) -> tuple[dict[str, int], Lease | None]:
+    """The fields of an xapply extension token, and the lease it names (``L``) if any; ``BadCommand`` for one
+    that does not parse."""
     fields: dict[str, int] = {}
+    lease = None
     for part in token[1:].split(b","):
+        if part[:1] == b"L":
+            match = _LEASE_FIELD.fullmatch(part)
+            if match is None or lease is not None or int(match[1]) > _MAX_U64 >> 1:
+                raise BadCommand("bad xapply extension")
+            lease = Lease(match[3].decode("ascii"), int(match[1]), match[2] == b"x")
+            continue
         name = _EXTENSION_FIELDS.get(part[:1].decode("latin-1"))
         digits = part[1:]
         if name is None or not digits.lstrip(b"-").isdigit() or len(digits) > 21:
             raise BadCommand("bad xapply extension")
         fields[name] = int(digits)
-    return fields
+    return fields, lease
 
 
-def _extension_token(command: WriteCommand) -> bytes:
-    """`` ~C..,T..`` for what a meta command set on ``command`` (a compared cas, an incr's TTL or creation),
-    or b"" for a classic command."""
+def _extension_token(command: WriteCommand, lease: Lease | None = None) -> bytes:
+    """`` ~C..,T..`` for what a meta command set on ``command`` (a compared cas, an incr's TTL or creation)
+    and the command's ``lease`` (``L``), or b"" for neither."""
     parts = []
+    if lease is not None:
+        parts.append(b"L%d%s%s" % (lease.deadline, b"x" if lease.exclusive else b"s", lease.holder.encode()))
     cas = getattr(command, "cas_unique", None)
     if cas is not None and (type(command) is not Store or command.mode in ("append", "prepend")):
         parts.append(b"C%d" % cas)  # a cas store carries its cas in its own line
@@ -1175,6 +1201,13 @@ def _lease_tokens(tokens: list[bytes]) -> Lease | FailedRequest:
     if when > _MAX_U64 >> 1:
         return FailedRequest(BadCommand("a deadline is at most 63 bits"))
     return Lease(holder.decode("ascii"), when, mode == b"x")
+
+
+def fence_line(epoch: int, lease: Lease) -> bytes:
+    """``xfence <epoch> <holder> <deadline> <s|x>``: the fence and lease of a copy in one line (for a kvstore
+    known to take leases)."""
+    mode = b"x" if lease.exclusive else b"s"
+    return b"xfence %d %s %d %s\r\n" % (epoch, lease.holder.encode(), lease.deadline, mode)
 
 
 def _version_token(token: bytes) -> Version:
@@ -1303,12 +1336,12 @@ def _noreply(command: NoreplyCommand) -> bytes:
     return b" noreply" if command.noreply else b""
 
 
-def _write_line(command: WriteCommand, noreply: bool, extended: bool = False) -> bytes:
+def _write_line(command: WriteCommand, noreply: bool, extended: bool = False, lease: Lease | None = None) -> bytes:
     """A write command's line (and data block), without the final ``\\r\\n`` of the line when it has none;
     ``extended`` (inside an ``xapply``) adds the extension token of what a meta command set."""
     tail = b" noreply" if noreply else b""
     if extended:
-        tail += _extension_token(command)
+        tail += _extension_token(command, lease)
     if type(command) is Store:
         cas = b" %d" % (command.cas_unique or 0) if command.mode == "cas" else b""
         return b"%s %s %d %d %d%s%s\r\n%s\r\n" % (
@@ -1385,8 +1418,12 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
         return b"%s %d %s\r\n" % (b"gats" if command.cas else b"gat", command.exptime, joined)
     if isinstance(command, (Store, Delete, Arith, Touch)):
         return _write_line(command, command.noreply)
-    if type(command) is XApply:
-        return b"xapply %s %s" % (str(command.version).encode(), _write_line(command.command, False, True))
+    if type(command) is XApply:  # its lease in the extension token (KVClientProtocol sends it as an xdeadline
+        # before it to a kvstore not known to take leases)
+        return b"xapply %s %s" % (
+            str(command.version).encode(),
+            _write_line(command.command, False, True, command.lease),
+        )
     if type(command) is XBulk:
         return b"".join((b"xbulk %d %d\r\n" % (command.count, len(command.block)), command.block, b"\r\n"))
     if type(command) is BulkProbe:

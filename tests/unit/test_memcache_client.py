@@ -775,18 +775,63 @@ class LeaseClientTests(SynchronousTestCase):
         client.transport.write = counting  # type: ignore[union-attr,method-assign]
         apply = XApply(Version(T0_MS + 10, "gw1"), Arith(b"n", 1), lease=Lease("gw1:1", deadline))
         applied = client.send(apply)
-        assert writes == [b"xdeadline gw1:1 %d s\r\n" % deadline + serialize_command(apply)]
+        assert client.leases  # it answered an xlease: the lease goes in the xapply's line
+        assert writes == [serialize_command(apply)] and b" ~L%ds" % deadline in writes[0]
         pump.flush()
         assert self.successResultOf(applied).result == Number(2)  # type: ignore[union-attr]
         assert len(backend.leases) == 0  # its command ran: the lease ended
         clock.advance(2.001)
-        late = client.send(XPut(b"n", Record(b"9", 0, 0, Version(T0_MS + 20, "gw1")), lease=Lease("gw1:1", deadline)))
+        late = client.send(
+            XPut(b"n", Record(b"9", 0, 0, Version(T0_MS + 20, "gw1")), epoch=1, lease=Lease("gw1:1", deadline))
+        )
         pump.flush()
         assert self.failureResultOf(late, DeadlinePassed).value.deadline == deadline
         assert backend.engine.get(b"n").value == b"2"
         stats = backend.stats()
         assert (stats["cmd_xlease"], stats["xlease_refused_total"], stats["rmw_deadline_refused_total"]) == (2, 1, 1)
         assert client.leases and client.deadlines and client.pending == 0
+        assert backend.stats()["cmd_xdeadline"] == 0  # not one line more than without leases
+
+    def test_before_the_kvstore_is_known_to_take_leases(self) -> None:
+        """On a connection whose kvstore has answered no ``xlease`` yet, a lease goes as an ``xdeadline`` line
+        before the ``xapply`` or the copy (which a kvstore of an earlier version answers ERROR, taking the
+        command); once it has, in the xapply's extension token and the copy's ``xfence`` line."""
+        factory, clock = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, server, pump = pair(factory)
+        client.announce(3)
+        pump.flush()
+        backend.execute(Store("set", b"n", 0, 0, b"1"))
+        lease = Lease("gw1:1", int(T0 * 1000) + 2000, True)
+        writes: list[bytes] = []
+        write = client.transport.write  # type: ignore[union-attr]
+
+        def counting(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        client.transport.write = counting  # type: ignore[union-attr,method-assign]
+        apply = XApply(Version(T0_MS + 10, "gw1"), Arith(b"n", 1), lease=lease)
+        copy = XPut(b"m", Record(b"1", 0, 0, Version(T0_MS + 10, "gw1")), epoch=3, lease=lease)
+        first = [client.send(apply), client.send(copy)]
+        plain = serialize_command(replace(apply, lease=None))
+        assert writes == [
+            b"xdeadline gw1:1 %d x\r\n" % lease.deadline + plain,
+            b"xfence 3\r\n" + b"xdeadline gw1:1 %d x\r\n" % lease.deadline + serialize_command(copy),
+        ]
+        pump.flush()
+        assert [self.successResultOf(d) for d in first][1] is Status.STORED
+        assert backend.stats()["cmd_xdeadline"] == 2
+        read = client.send(XLease(b"o", lease))
+        pump.flush()
+        assert self.successResultOf(read) == Values(()) and client.leases
+        del writes[:]
+        later = client.send(replace(copy, key=b"p"))
+        assert writes == [b"xfence 3 gw1:1 %d x\r\n" % lease.deadline + serialize_command(replace(copy, key=b"p"))]
+        pump.flush()
+        assert self.successResultOf(later) is Status.STORED
+        assert backend.stats()["cmd_xdeadline"] == 2 and backend.stats()["cmd_xfence"] == 2
 
     def test_a_kvstore_of_an_earlier_version(self) -> None:
         """``xlease`` answered ERROR is sent again as ``xget`` (the read answers right), and the connection

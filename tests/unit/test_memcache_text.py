@@ -756,7 +756,12 @@ class LeaseCommandTests:
         record = Record(b"v", 0, 0, Version(100, "gw"))
         put = serialize_command(XPut(b"k", record, lease=lease))
         assert put == serialize_command(XPut(b"k", record))  # the lease goes as the xdeadline before it
-        apply = serialize_command(XApply(Version(100, "gw"), Arith(b"n", 1), lease=lease))
+        apply = serialize_command(XApply(Version(100, "gw"), Arith(b"n", 1)))
+        inline = serialize_command(XApply(Version(100, "gw"), Arith(b"n", 1, exptime=5), lease=lease))
+        assert inline == b"xapply 100-gw incr n 1 ~L1700000002000xgw1:7,T5\r\n"  # the lease in the token
+        assert events(inline) == [XApply(Version(100, "gw"), Arith(b"n", 1, exptime=5), lease=lease)]
+        bad = b"xapply 100-gw incr n 1 ~L17x\r\n"
+        assert replies(bad) == [b"CLIENT_ERROR bad xapply extension\r\n"]
         for chunk in (None, 1):
             assert events(line + b"get k\r\n" + put + put, chunk) == [
                 XDeadline(lease),
