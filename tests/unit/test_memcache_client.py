@@ -48,6 +48,19 @@ from chashd.versions import Version
 from tests.unit.test_memcache_server import T0, LaterBackend, RaisingBackend, make_factory
 
 
+def recorded_writes(client: KVClientProtocol) -> list[bytes]:
+    """The bytes ``client`` writes from now on, one item per write (they still go to its transport)."""
+    writes: list[bytes] = []
+    write = client.transport.write  # type: ignore[union-attr]
+
+    def counting(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    client.transport.write = counting  # type: ignore[union-attr,method-assign]
+    return writes
+
+
 def pair(
     server_factory: MemcacheServerFactory, clock: Clock | None = None, timeout: float | None = None
 ) -> tuple[KVClientProtocol, MemcacheServerProtocol, IOPump]:
@@ -401,14 +414,7 @@ class AnnounceTests(SynchronousTestCase):
         backend = factory.backend
         assert isinstance(backend, LocalBackend)
         client, server, pump = pair(factory)
-        writes: list[bytes] = []
-        write = client.transport.write  # type: ignore[union-attr]
-
-        def counting(data: bytes) -> None:
-            writes.append(data)
-            write(data)
-
-        client.transport.write = counting  # type: ignore[union-attr,method-assign]
+        writes = recorded_writes(client)
         backend.know_epoch(6)
         record = Record(b"1", 0, 0, Version(T0_MS + 10, "gw"))
         puts = [XPut(b"n", record, epoch=5), XPut(b"m", record), XPut(b"o", record, epoch=5)]
@@ -765,14 +771,7 @@ class LeaseClientTests(SynchronousTestCase):
         pump.flush()
         assert [r.value for _, r in cast(Values, self.successResultOf(read)).items] == [b"1"]
         assert self.failureResultOf(refused, KeyLeased).value.until == deadline + 500
-        writes: list[bytes] = []
-        write = client.transport.write  # type: ignore[union-attr]
-
-        def counting(data: bytes) -> None:
-            writes.append(data)
-            write(data)
-
-        client.transport.write = counting  # type: ignore[union-attr,method-assign]
+        writes = recorded_writes(client)
         apply = XApply(Version(T0_MS + 10, "gw1"), Arith(b"n", 1), lease=Lease("gw1:1", deadline))
         applied = client.send(apply)
         assert client.leases  # it answered an xlease: the lease goes in the xapply's line
@@ -804,14 +803,7 @@ class LeaseClientTests(SynchronousTestCase):
         pump.flush()
         backend.execute(Store("set", b"n", 0, 0, b"1"))
         lease = Lease("gw1:1", int(T0 * 1000) + 2000, True)
-        writes: list[bytes] = []
-        write = client.transport.write  # type: ignore[union-attr]
-
-        def counting(data: bytes) -> None:
-            writes.append(data)
-            write(data)
-
-        client.transport.write = counting  # type: ignore[union-attr,method-assign]
+        writes = recorded_writes(client)
         apply = XApply(Version(T0_MS + 10, "gw1"), Arith(b"n", 1), lease=lease)
         copy = XPut(b"m", Record(b"1", 0, 0, Version(T0_MS + 10, "gw1")), epoch=3, lease=lease)
         first = [client.send(apply), client.send(copy)]
