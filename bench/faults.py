@@ -11,7 +11,8 @@ the last heal for every key to be back on N replicas. Prints, from the run's his
 
 - the operations: acknowledged, failed, indeterminate, by kind;
 - availability during each fault: the share of the operations invoked between the fault and its heal that
-  failed or timed out, against the share outside every fault;
+  failed or timed out, the same share in the 5 s after its heal (up to the next fault: a fault can cost
+  more than its window), and the share outside every fault;
 - latency of the acknowledged operations (median and p99), outside faults and during them;
 - the time from the heal to every key on N replicas (or how many keys were not, when the wait ran out);
 - the checker's verdict (the same run is a test: violations are listed).
@@ -71,7 +72,7 @@ def report(result: dict[str, Any], ops: Sequence[Op]) -> str:
     lines.append("availability (share of operations that failed or timed out):")
     for w in result["availability"]:
         lines.append(
-            f"  {w['label']:34s} {w['start']:7.1f}-{w['end']:7.1f}s {w['ops']:6d} ops {100 * w['failed_share']:6.2f}%"
+            f"  {w['label']:44s} {w['start']:7.1f}-{w['end']:7.1f}s {w['ops']:6d} ops {100 * w['failed_share']:6.2f}%"
         )
     clients = [op for op in ops if op.client not in ("final", "setup")]
     windows = [(e["start"], e["end"]) for e in result["events"]]

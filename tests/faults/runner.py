@@ -252,7 +252,7 @@ class Run:
         (self.workdir / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
         self.log("availability (share of operations that failed or timed out):")
         for w in windows:
-            self.log(f"  {w.label:32s} {w.start:7.1f}-{w.end:7.1f}s {w.ops:6d} ops {100 * w.failed_share:5.1f}%")
+            self.log(f"  {w.label:44s} {w.start:7.1f}-{w.end:7.1f}s {w.ops:6d} ops {100 * w.failed_share:5.1f}%")
         self.log(report.summary())
         self.log(f"history, events, result.json and logs: {self.workdir}")
 
@@ -380,7 +380,7 @@ def check_again(workdir: Path, margin: float) -> int:
     events = read_events(workdir / "events.jsonl")
     report = check(ops, margin=margin)
     for window in availability(ops, events):
-        print(f"  {window.label:32s} {window.ops:6d} ops {100 * window.failed_share:5.1f}% failed")
+        print(f"  {window.label:44s} {window.ops:6d} ops {100 * window.failed_share:5.1f}% failed")
     print(report.summary())
     return 0 if report.ok else VIOLATED
 

@@ -189,10 +189,35 @@ class StatsTests:
         windows = availability(ops, [Event("kill", "kvstore-A", 2.0, 4.0)])
         assert [(w.label, w.ops, w.failed) for w in windows] == [
             ("kill kvstore-A", 3, 2),
+            ("after kill kvstore-A", 1, 0),  # 4.0-9.0 s: the operation at 6.0
             ("no fault", 2, 0),
             ("all", 5, 2),
         ]
         assert windows[0].failed_share == pytest.approx(2 / 3)
+
+    def test_availability_after_each_heal(self) -> None:
+        """The window after a heal lasts ``after`` seconds, or until the next fault starts; operations in it
+        still count as outside every fault."""
+
+        def op(i: int, invoke: float, outcome: str) -> Op:
+            return Op(i, "w0", "gateway-1", "incr", "c0", None, invoke, invoke + 0.1, outcome)
+
+        ops = [op(0, 1.5, FAIL), op(1, 2.5, FAIL), op(2, 3.5, OK), op(3, 6.0, OK), op(4, 12.0, FAIL)]
+        events = [Event("partition-gateway", "gateway-1", 1.0, 2.0), Event("pause", "kvstore-B", 3.0, 4.0)]
+        windows = availability(ops, events, after=5.0)
+        assert [(w.label, w.start, w.end, w.ops, w.failed) for w in windows[:4]] == [
+            ("partition-gateway gateway-1", 1.0, 2.0, 1, 1),
+            ("after partition-gateway gateway-1", 2.0, 3.0, 1, 1),  # cut short by the pause
+            ("pause kvstore-B", 3.0, 4.0, 1, 0),
+            ("after pause kvstore-B", 4.0, 9.0, 1, 0),
+        ]
+        assert [(w.label, w.ops, w.failed) for w in windows[4:]] == [("no fault", 3, 2), ("all", 5, 3)]
+        assert [w.label for w in availability(ops, events, after=0)] == [
+            "partition-gateway gateway-1",
+            "pause kvstore-B",
+            "no fault",
+            "all",
+        ]
 
     def test_percentile(self) -> None:
         """Nearest-rank percentiles."""
