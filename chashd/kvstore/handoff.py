@@ -16,10 +16,10 @@
   (``CLIENT_ERROR``), as pipelined ``XPut(handoff=True)`` (wire verb ``xmove``), a slice of records per
   ``send_many`` (one write and one Deferred per slice). Every bulk page and every slice follows an ``XEpoch``
   naming the epoch of the ring it is pushed for. Back-pressure: at most ``window`` pages pushed and not
-  wholly acknowledged per target, so that the receiver always has the next page at hand and no arc is ever
-  held in memory whole. A record counts as delivered once the target answered it, which a kvstore does once
-  the record is committed to its engine (a bulk page in one transaction; the SQLite engine's WAL survives a
-  kill -9 of the receiver). A target that fails is retried with backoff (``0.5 s`` doubling to
+  yet wholly acknowledged and dropped per target, so that the receiver always has the next page at hand
+  and no arc is ever held in memory whole. A record counts as delivered once the target answered it, which
+  a kvstore does once the record is committed to its engine (a bulk page in one transaction; the SQLite
+  engine's WAL survives a kill -9 of the receiver). A target that fails is retried with backoff (``0.5 s`` doubling to
   ``max_backoff``, with jitter); a record a target refuses for good (``CLIENT_ERROR`` to its ``xmove``) is
   logged and kept;
 - a target marked down in the newest ring, or that failed ``attempts`` times in a row, is *owed* the arc
@@ -142,8 +142,11 @@ class Handoff(MultiService):
     _log = Logger()
     #: Records read per scan (a trip to the thread pool).
     page_size = 500
-    #: Pages pushed and not yet acknowledged, per target.
-    window = 2
+    #: Pages pushed and not yet acknowledged or dropped, per target. Three, so that the receiver still has a
+    #: page at hand while the sender drops the one it acknowledged last and pushes the next: with two, a
+    #: traced move (bench/README.md) found the receiver with no page of the move for 8-12% of the time, the
+    #: oldest page's drop holding the window (5-20 ms a page on a loaded machine); with three, 5-8%.
+    window = 3
     #: The work the handoff does on the reactor thread per reactor iteration, in seconds: the records
     #: serialized (``push_slice``) for ``xmove`` in a unit start at this size and follow the time they take,
     #: up to ``push_slice_max``.
@@ -472,8 +475,8 @@ class Handoff(MultiService):
         """Push (and drop) ``work``'s arcs, page by page, arc after arc; the number of records found.
 
         The pages go through a pipeline: while pages are pushed, the next one (of this arc or the next)
-        is read in the thread pool; up to ``window`` pages are pushed and not yet acknowledged (so that
-        the receiver always has the next one at hand); each acknowledged page is dropped, in page order.
+        is read in the thread pool; up to ``window`` pages are pushed and not yet acknowledged or dropped (so
+        that the receiver always has the next one at hand); each acknowledged page is dropped, in page order.
         At most ``window`` + 1 pages in memory."""
         found = 0
         index = 0

@@ -633,7 +633,7 @@ class DeliveryTests:
 
 
 class BackPressureTests:
-    """The handoff never has more than one page in flight per target."""
+    """The handoff never has more than ``window`` pages in flight per target."""
 
     class ManualTarget(Service):
         """A target whose answers the test gives."""
@@ -685,13 +685,15 @@ class BackPressureTests:
         """At most ``window`` pages are pushed and not wholly acknowledged (no new page while the oldest one
         waits for an acknowledgement); a record is dropped on the sender only after its acknowledgement."""
         cluster, a, target, two = self.setup_handoff(page_size=3, count=10)
-        assert a.handoff.window == 2
+        window = a.handoff.window
+        assert window == 3
         for _ in range(5):
             cluster.reactor.advance(0)
+        assert len(target.sent) == window * 3  # the first pages leave at once, up to the window
         pages = 0
         while a.handoff.running_handoff:
             unanswered = [(c, d) for c, d in target.sent if not d.called]
-            assert 0 < len(unanswered) <= 2 * 3
+            assert 0 < len(unanswered) <= window * 3
             assert set(a.records()) >= {c.key for c, _ in unanswered}  # nothing dropped before its acknowledgement
             oldest, rest = unanswered[:3], unanswered[3:]
             for _, d in oldest[:-1]:
