@@ -42,9 +42,12 @@ from chashd.launcher import Daemon, LocalCluster, clean_environ, http_json
 POLL = 0.2
 
 
-def load(port: int, records: int, value_size: int, clock: int) -> None:
-    """Write ``records`` records through pipelined xput, versions ``clock + i``."""
+def load(port: int, records: int, value_size: int, clock: int, token: str) -> None:
+    """Write ``records`` records through pipelined xput, versions ``clock + i``, on a connection that proved
+    the cluster ``token`` (a kvstore given one refuses xput before ``xauth``)."""
     client = LineClient(port)
+    client.sock.sendall(b"xauth %s\r\n" % token.encode())
+    client.read_count(b"OK\r\n", 1)
     value = os.urandom(value_size // 2).hex().encode()[:value_size].ljust(value_size, b"x")
     batch = 1000
     for first in range(0, records, batch):
@@ -86,9 +89,11 @@ def wait(what: str, check: Any, timeout: float = 120.0) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def missing_on(port: int, keys: list[bytes]) -> int:
-    """How many of ``keys`` a kvstore does not hold (xget on its line port)."""
+def missing_on(port: int, keys: list[bytes], token: str) -> int:
+    """How many of ``keys`` a kvstore does not hold (xget on its line port, after ``xauth``)."""
     client = LineClient(port)
+    client.sock.sendall(b"xauth %s\r\n" % token.encode())
+    client.read_count(b"OK\r\n", 1)
     missing = 0
     for first in range(0, len(keys), 200):
         chunk = keys[first : first + 200]
@@ -115,7 +120,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         clock = int(time.time() * 1000) << 16
         print(f"loading {args.records:,} records of {args.value_size} bytes on each kvstore ...", flush=True)
         for daemon in kvstores:
-            load(cluster.line_ports[daemon.name], args.records, args.value_size, clock)
+            load(cluster.line_ports[daemon.name], args.records, args.value_size, clock, cluster.token)
         wait("no anti-entropy pass under way", lambda: total(kvstores, "antientropy_running") == 0)
         pids = {d.name: d.pid for d in kvstores}
         assert all(pid is not None for pid in pids.values())
@@ -162,7 +167,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         while time.monotonic() < pass_start + 600:
             now = time.monotonic()
             repairs = total(kvstores, "antientropy_keys_repaired_total") - repaired_before
-            if replicated is None and repairs >= len(missed) and missing_on(victim_port, missed) == 0:
+            if replicated is None and repairs >= len(missed) and missing_on(victim_port, missed, cluster.token) == 0:
                 replicated = now
             if total(kvstores, "antientropy_running") == 0:
                 break
@@ -170,7 +175,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         pass_end = time.monotonic()
         cpu_pass = {n: cpu_seconds(p) - cpu_before[n] for n, p in pids.items()}  # type: ignore[arg-type]
         if replicated is None:
-            replicated = pass_end if missing_on(victim_port, missed) == 0 else None
+            replicated = pass_end if missing_on(victim_port, missed, cluster.token) == 0 else None
         compared = total(kvstores, "antientropy_keys_compared_total") - compared_before
         scanned = total(kvstores, "antientropy_keys_scanned_total") - scanned_before
         repaired = total(kvstores, "antientropy_keys_repaired_total") - repaired_before
