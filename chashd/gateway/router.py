@@ -1358,11 +1358,12 @@ class _ReadModifyWrite:
     """One read-modify-write command: read the key from enough replicas, bring the primary up to date,
     apply the command there, copy the record it left to the other replicas (see the module docstring).
 
-    - Read: ``XGet`` to the first ``needed_r`` = ``max(N - W + 1, R)`` candidates (the up replicas in
-      preference order, stalled ones last; the first is the primary) and to the previous owners during a
-      move; a failure asks the next candidate, so does ``hedge_after`` without enough answers. The read is
-      over with ``needed_r`` answers from replicas, the primary's among them, and every previous owner's
-      answer (or failure).
+    - Read: ``XLease`` to the first ``reads_needed`` = ``max(N - W + 1, R, W)`` candidates (the up replicas
+      in preference order, stalled ones last; the first is the primary: ``needed_r`` meets every
+      acknowledged write, ``W`` lets every replica the result must reach grant the lease before anything is
+      applied, or the round waits) and to the previous owners during a move; a failure asks the next
+      candidate, so does ``hedge_after`` without enough answers. The read is over with ``reads_needed``
+      answers from replicas, the primary's among them, and every previous owner's answer (or failure).
     - Apply: the newest record read goes first to a primary that answered an older one (or nothing), then
       ``XApply`` with a version newer than every version read. ``StaleVersion`` (another write got there
       first) sends it again with a version past the stored one, up to ``max_retries`` times.
@@ -1490,6 +1491,7 @@ class _ReadModifyWrite:
         self.epoch = router.placement.ring.epoch
         replicas = router.replicas_for(self.key)
         self.needed_w, self.needed_r = router._rmw_quorums(len(replicas))
+        self.reads_needed = max(self.needed_r, self.needed_w)
         self.candidates = router._primaries(replicas)
         down = router._down
         self.map_primary = next((n for n in replicas if n not in down), None)
@@ -1498,7 +1500,7 @@ class _ReadModifyWrite:
         self.reread = self.sent_version is not None
         self.extra = router._previous_owners(self.key, replicas)
         prior = router._prior_primary(replicas)
-        if prior is not None and prior in self.candidates[self.needed_r :]:
+        if prior is not None and prior in self.candidates[self.reads_needed :]:
             # The primary by the map before: a gateway a map behind applies there. Reading it (after this
             # gateway's xmap on the same connection) orders it: what it applied before is read, what comes
             # after is refused. Only a node up now (a down one would hold the command up).
@@ -1526,7 +1528,6 @@ class _ReadModifyWrite:
         self.in_flight = None
         deadline = int((router._now() + router.lease_for) * 1000)
         self.lease = Lease(self.holder, deadline, self.exclusive)
-        self.reads_needed = max(self.needed_r, self.needed_w) if self.exclusive else self.needed_r
         if self.exclusive:
             self.reread = False
         round = self.round
