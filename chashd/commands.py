@@ -32,6 +32,10 @@ themselves and kvstores (it carries versions, which memcached's commands cannot)
 - ``XDeadline(lease)``: the next ``XApply`` or ``XPut`` on this connection is a store of that command's round
   (stamped on it as its ``lease``): a kvstore refuses it past the deadline (``DeadlinePassed``) or while a
   conflicting lease lasts (``KeyLeased``);
+- ``XRelease(key, holder, deadline, floor)``: the read-modify-write ``holder`` is over: its lease on ``key``
+  here (of the round of ``deadline`` or an earlier one) ends, at once, or (``floor``: the newest version it
+  may have stored anywhere, Unix milliseconds) once the kvstore's clock is past that plus twice the clock
+  bound;
 - ``XAuth(token)``: prove the cluster token on this connection; a kvstore given a token takes the
   extension, ``flush_all`` and writes only from a connection that did;
 - ``XBulk(count, block)``: keep each of ``count`` records of a page (``chashd.bulk``) that is newer than what
@@ -106,6 +110,7 @@ __all__ = [
     "XList",
     "XMap",
     "XPut",
+    "XRelease",
     "XVer",
 ]
 
@@ -307,6 +312,23 @@ class XDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class XRelease:
+    """The read-modify-write ``holder`` is over (completed, failed, or changed nothing), or its round was
+    refused: its lease on ``key`` here ends (answered ``OK``; a kvstore of an earlier version answers
+    ``ERROR``). ``deadline`` is the last round's deadline the gateway sent here: a lease a later round of
+    the same command took (its request overtook this on another connection) is left alone. ``floor`` (Unix
+    milliseconds; 0: none) is the newest version's milliseconds that command may have stored anywhere
+    without its result being acknowledged: the lease then lasts until the kvstore's clock passes ``floor``
+    plus twice the clock bound (if it would end later), so that whatever it left is older than the next
+    command's version (``chashd.leases``)."""
+
+    key: bytes
+    holder: str
+    deadline: int
+    floor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class XVer:
     """Fetch only the version of ``key``'s stored record (a tombstone's or an expired record's too)."""
 
@@ -461,6 +483,7 @@ Command: TypeAlias = (
     | XFence
     | XLease
     | XDeadline
+    | XRelease
 )
 
 #: The commands with a ``noreply`` flag: when it is set, nothing is answered to them, errors included.

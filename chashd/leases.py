@@ -156,10 +156,25 @@ class LeaseTable:
         held[holder] = (until, exclusive)
         return None
 
-    def release(self, key: bytes, holder: str) -> None:
-        """``holder`` stored its result here (``XApply`` run, or a copy taken): its lease on ``key`` here ends."""
+    def release(self, key: bytes, holder: str, floor: float | None = None, deadline: float | None = None) -> None:
+        """``holder`` stored its result here (``XApply`` run, or a copy taken), or is over (``XRelease``): its
+        lease on ``key`` here ends; with ``floor`` (the newest version, in seconds, it may have stored
+        anywhere), once the clock passes ``floor`` plus twice the clock bound, if that is sooner. With
+        ``deadline`` (an ``XRelease``: the last round's deadline it sent here), a lease that a later round
+        took is left alone (that round's request came first on another connection)."""
         held = self._leases.get(key)
-        if held is not None and held.pop(holder, None) is not None and not held:
+        if held is None:
+            return
+        mine = held.get(holder)
+        if mine is None or deadline is not None and mine[0] > deadline + 2 * self.skew:
+            return
+        if floor is not None:
+            until = floor + 2 * self.skew
+            if until < mine[0]:
+                held[holder] = (until, mine[1])
+            return
+        del held[holder]
+        if not held:
             del self._leases[key]
 
     def _make_room(self, now: float) -> None:

@@ -100,6 +100,7 @@ from chashd.commands import (
     XGet,
     XLease,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.errors import (
@@ -263,8 +264,11 @@ class Router:
         self._memo_replicas = 0
         self._prefs_memo: dict[bytes, tuple[str, ...]] = {}
         self._down: frozenset[str] = frozenset()
-        # The nodes down in the placement before the last change of node states (``_prior_primary``).
+        # The nodes down in the placement before the last change of node states (``_prior_primaries``), when
+        # that one was replaced, and the ones before it replaced within ``prior_for`` seconds before that.
         self._prior_down: frozenset[str] = frozenset()
+        self._prior_replaced = 0.0
+        self._earlier_down: deque[tuple[float, frozenset[str]]] = deque()
         #: Nodes that answered XVer with ERROR (a kvstore of an earlier version): asked with XGet only, until
         #: the placement changes.
         self._no_xver: set[str] = set()
@@ -298,6 +302,9 @@ class Router:
             "rmw_copies_refused_deadline_total": 0,
             "rmw_copies_refused_leased_total": 0,
             "rmw_refused_maybe_applied_total": 0,
+            "rmw_exclusive_primary_changed_total": 0,
+            "rmw_lease_polls_total": 0,
+            "rmw_leases_released_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -308,7 +315,13 @@ class Router:
         if placement != self.placement:
             old = self.placement
             if old.states != placement.states:
+                now = self._now()
+                earlier = self._earlier_down
+                earlier.append((self._prior_replaced, self._prior_down))
+                while earlier and earlier[0][0] < now - self.prior_for:
+                    earlier.popleft()
                 self._prior_down = frozenset(n for n in old.ring.nodes if not old.is_up(n))
+                self._prior_replaced = now
             self.placement = placement
             if self._epoch_waiters:
                 self._wake_epoch_waiters()
@@ -316,6 +329,13 @@ class Router:
     #: Seconds a read-modify-write refused for a newer map (``StaleMap``) waits for this router's map to
     #: reach that epoch (a Raft heartbeat is 0.1 s), then fails.
     map_wait = 2.0
+    #: Seconds a read-modify-write refused for another command's lease first waits before it reads again;
+    #: each further wait of the command doubles it, up to the time the kvstore said that lease ends (most
+    #: commands end their leases within a few milliseconds, ``_ReadModifyWrite._end_leases``, long before
+    #: their deadline).
+    lease_poll = 0.005
+    #: Waits shorter than the refusal's end (polls) a read-modify-write makes at most, besides its retries.
+    max_lease_polls = 12
 
     def _when_epoch(self, epoch: int, callback: Callable[[bool], None]) -> None:
         """Call ``callback(True)`` once the placement's epoch reaches ``epoch`` (at once if it has), or
@@ -390,15 +410,31 @@ class Router:
             return self._suspects_last(up, self._stalled)
         return up
 
-    def _prior_primary(self, replicas: tuple[str, ...]) -> str | None:
-        """The primary of ``replicas`` by the node states before the last change, when it differs from the
-        primary now (a gateway a map behind sends its read-modify-writes there); else None."""
-        prior = self._prior_down
-        if prior == self._down:
-            return None
-        before = next((n for n in replicas if n not in prior), None)
-        now = next((n for n in replicas if n not in self._down), None)
-        return before if before != now else None
+    #: Seconds after a change of node states that the primaries by the states before it still count
+    #: (``_prior_primaries``), besides those by the states just before the last change, which always do: a
+    #: gateway that runs read-modify-writes heard from the Raft leader within its election timeout (1.4 s at
+    #: most), so it routes by no map older than this.
+    prior_for = 10.0
+
+    def _prior_primaries(self, replicas: tuple[str, ...]) -> list[str]:
+        """The primaries of ``replicas`` by the node states before the last change, and by those replaced
+        within ``prior_for`` seconds before it, that differ from the primary now: where a gateway a map or
+        two behind sends its read-modify-writes (``_ReadModifyWrite.start``: the command is exclusive)."""
+        down = self._down
+        earlier = self._earlier_down
+        if not earlier and self._prior_down == down:
+            return []
+        while earlier and earlier[0][0] < self._now() - self.prior_for:
+            earlier.popleft()
+        now = next((n for n in replicas if n not in down), None)
+        found: list[str] = []
+        for _, before in (*earlier, (0.0, self._prior_down)):
+            if before == down:
+                continue
+            primary = next((n for n in replicas if n not in before), None)
+            if primary is not None and primary != now and primary not in found:
+                found.append(primary)
+        return found
 
     def _suspects_last(self, nodes: Sequence[str], suspects: dict[str, float]) -> list[str]:
         """``nodes`` with those still suspect moved to the end (suspicions that ran out are forgotten)."""
@@ -1417,6 +1453,7 @@ class _ReadModifyWrite:
         "in_flight",
         "key",
         "lease",
+        "lease_polls",
         "map_primary",
         "needed_r",
         "needed_w",
@@ -1433,6 +1470,8 @@ class _ReadModifyWrite:
         "router",
         "sent_version",
         "timer",
+        "unacknowledged",
+        "unreleased",
         "with_record",
     )
 
@@ -1485,6 +1524,13 @@ class _ReadModifyWrite:
         self.sent_version: Version | None = None
         self.in_flight: Version | None = None
         self.reread = False
+        #: The nodes that may hold a lease of this command (asked by ``XLease``, no store of it taken since),
+        #: with the last deadline sent there: told when the command is over (``_end_leases``).
+        self.unreleased: dict[str, int] = {}
+        #: The newest version this command may have stored without being acknowledged (a command sent and not
+        #: answered, or a result whose copies were refused): the floor of its releases.
+        self.unacknowledged: Version | None = None
+        self.lease_polls = 0
 
     def start(self) -> None:
         router = self.router
@@ -1495,16 +1541,20 @@ class _ReadModifyWrite:
         self.candidates = router._primaries(replicas)
         down = router._down
         self.map_primary = next((n for n in replicas if n not in down), None)
-        # A primary that is not the map's (a stalled one moved last) applies only after exclusive leases.
-        self.exclusive = bool(self.candidates) and self.candidates[0] != self.map_primary
+        # A primary that is not the map's (a stalled one moved last) applies only after exclusive leases; so
+        # does one whose map changed the key's primary (a gateway a map behind still applies at the old one).
+        priors = router._prior_primaries(replicas)
+        self.exclusive = bool(self.candidates) and (self.candidates[0] != self.map_primary or bool(priors))
+        if priors and self.exclusive:
+            router.counters["rmw_exclusive_primary_changed_total"] += 1
         self.reread = self.sent_version is not None
         self.extra = router._previous_owners(self.key, replicas)
-        prior = router._prior_primary(replicas)
-        if prior is not None and prior in self.candidates[self.reads_needed :]:
-            # The primary by the map before: a gateway a map behind applies there. Reading it (after this
-            # gateway's xmap on the same connection) orders it: what it applied before is read, what comes
-            # after is refused. Only a node up now (a down one would hold the command up).
-            self.extra = [*self.extra, prior]
+        for prior in priors:
+            if prior in self.candidates[self.reads_needed :] and prior not in self.extra:
+                # The primary by the map before: a gateway a map behind applies there. Reading it (after this
+                # gateway's xmap on the same connection) orders it: what it applied before is read, what comes
+                # after is refused. Only a node up now (a down one would hold the command up).
+                self.extra = [*self.extra, prior]
         up = len(self.candidates)
         if up < self.needed_w or up < self.needed_r or not up:
             router.counters["quorum_failures"] += 1
@@ -1543,6 +1593,7 @@ class _ReadModifyWrite:
     def _ask(self, node: str) -> None:
         self.asked.append(node)
         lease = self.lease
+        self.unreleased[node] = lease.deadline
         if lease.exclusive and node not in self.candidates:  # a previous owner or prior primary: read only
             lease = Lease(lease.holder, lease.deadline)
         self.router._send(node, XLease(self.key, lease)).addCallbacks(
@@ -1686,6 +1737,8 @@ class _ReadModifyWrite:
         if self.in_flight is not None:
             if self.sent_version is None or self.in_flight < self.sent_version:
                 self.sent_version = self.in_flight
+            if self.unacknowledged is None or self.in_flight > self.unacknowledged:
+                self.unacknowledged = self.in_flight
             self.in_flight = None
             self.reread = True
 
@@ -1693,24 +1746,35 @@ class _ReadModifyWrite:
 
     def _lease_wait(self, until_ms: int) -> None:
         """A kvstore refused a read or the command for another command's lease until ``until_ms`` (its
-        clock): nothing of this round was applied; read again once it ends (up to ``max_retries`` times)."""
+        clock): nothing of this round was applied; the leases this round took end (``_end_leases``: two
+        commands that each got part of their leases do not hold each other up), and the command reads again
+        after ``lease_poll`` seconds (doubled at each wait), or once that lease ends if sooner. Waits that
+        last until then count toward ``max_retries``, the shorter ones toward ``max_lease_polls``."""
         router = self.router
         self._disarm()
-        self.retries += 1
+        self.in_flight = None
+        self._end_leases(False, self.asked)
         router.counters["rmw_lease_waits_total"] += 1
-        if self.retries > self.max_retries:
+        until = max(0.0, until_ms / 1000 - router._now()) + 0.001
+        delay = router.lease_poll * 2**self.lease_polls
+        if delay < until:
+            self.lease_polls += 1
+            router.counters["rmw_lease_polls_total"] += 1
+        else:
+            delay = until
+            self.retries += 1
+        if self.retries > self.max_retries or self.lease_polls > router.max_lease_polls:
             self._fail(
                 Failure(
                     ServiceUnavailable(
-                        f"the key stayed leased to other read-modify-writes ({self.retries} waits): "
-                        "the read-modify-write was not applied; retry"
+                        f"the key stayed leased to other read-modify-writes ({self.retries + self.lease_polls} "
+                        "waits): the read-modify-write was not applied; retry"
                     )
                 )
             )
             return
         self.phase = _LEASE_WAIT
         self.round += 1  # the round's late answers are ignored
-        delay = max(0.0, until_ms / 1000 - router._now()) + 0.001
         self.timer = router._clock.callLater(delay, self._lease_ended)
 
     def _lease_ended(self) -> None:
@@ -1817,6 +1881,7 @@ class _ReadModifyWrite:
             return
         self._disarm()
         self.in_flight = None
+        self.unreleased.pop(primary, None)  # its command ran there: its lease there ended
         self.phase = _REPLICATING
         answer = (applied.result, applied.record) if self.with_record else applied.result
         record = applied.record
@@ -1851,6 +1916,7 @@ class _ReadModifyWrite:
 
     def _copy_taken(self, _: object, node: str) -> None:
         self.copies_out -= 1
+        self.unreleased.pop(node, None)  # the copy taken ended its lease there
         if not self.replicas or node in self.replicas:
             self.copy_ok.add(node)
         self._copies_progress()
@@ -2088,14 +2154,49 @@ class _ReadModifyWrite:
             self.router._forget_epoch_wait(self._refence)
         self.phase = _OVER
         self._disarm()
+        self._end_leases(self.record is not None)
         if not self.done.called:
             self.done.callback(answer)
 
     def _fail(self, failure: Failure) -> None:
         self.phase = _OVER
         self._disarm()
+        self._end_leases(False)
         if not self.done.called:
             self.done.errback(failure)
+
+    def _end_leases(self, acknowledged: bool, nodes: Sequence[str] | None = None) -> None:
+        """The command is over (or, with ``nodes``, this round's leases there are given up): its leases end
+        (``XRelease``) where no store of it took them (``chashd.leases``). Unless its result was
+        acknowledged, a release names the newest version it may have stored (``unacknowledged``: a command
+        not answered, a result whose copies were refused) as its floor, and the lease lasts until the
+        kvstore's clock passes that plus twice the clock bound: what it left is older than what the next
+        command picks. Fire and forget: a lease whose release is lost runs out by its deadline."""
+        unreleased = self.unreleased
+        if not unreleased:
+            return
+        floor = 0
+        if not acknowledged:
+            top = self.unacknowledged
+            for version in (self.in_flight, self.record.version if self.record is not None else None):
+                if version is not None and (top is None or version > top):
+                    top = version
+            floor = top.millis if top is not None else 0
+        router = self.router
+        for node in list(unreleased) if nodes is None else [n for n in nodes if n in unreleased]:
+            deadline = unreleased.pop(node)
+            router.counters["rmw_leases_released_total"] += 1
+            router._send(node, XRelease(self.key, self.holder, deadline, floor)).addErrback(self._release_failed, node)
+
+    def _release_failed(self, failure: Failure, node: str) -> None:
+        """A release not taken (a lost connection, a kvstore of an earlier version): the lease runs out."""
+        if not failure.check(UnknownCommand):
+            self.router._log.debug(
+                "release of {key!r}'s lease on {node} failed: {error}",
+                key=self.key,
+                node=node,
+                error=failure.getErrorMessage(),
+            )
 
 
 def _deliver(result: Values, node: str, reads: Sequence[_Hedged]) -> None:

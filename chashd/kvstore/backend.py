@@ -19,7 +19,8 @@ read-modify-write's result (an ``XPut`` with an ``epoch``: ``XFence`` before it 
 than that: a primary that a newer map no longer names gets no result acknowledged by this replica.
 Read-modify-writes lease the keys they read (``XLease``, ``chashd.leases``: an in-memory ``LeaseTable``), and
 their stores name their round (``XApply.lease``, ``XPut.lease``): a store past its deadline raises
-``DeadlinePassed``, one that meets another command's conflicting lease ``KeyLeased``.
+``DeadlinePassed``, one that meets another command's conflicting lease ``KeyLeased``. A command's lease ends
+when its store is taken here, or when its gateway says it is over (``XRelease``).
 
 A bounded memory engine (``--memory-limit``) evicts or refuses at its limit (``StorageFull``, memcached's
 ``SERVER_ERROR out of memory storing object``); a ``set`` refused that way deletes the key's old value
@@ -80,6 +81,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.errors import (
@@ -154,6 +156,7 @@ COUNTERS = (
     "xput_stale_map",
     "cmd_xlease",
     "cmd_xdeadline",
+    "cmd_xrelease",
     "xlease_refused_total",
     "rmw_deadline_refused_total",
     "handoff_records_received_total",
@@ -223,6 +226,7 @@ class LocalBackend:
             XFence: self._xfence,
             XLease: self._xlease,
             XDeadline: self._xdeadline,
+            XRelease: self._xrelease,
         }
         #: The read-modify-writes' leases on keys (``chashd.leases``), in memory. ``restarted`` (a daemon:
         #: it may have granted leases before it started, now forgotten): none granted for the longest one
@@ -716,6 +720,13 @@ class LocalBackend:
     def _xdeadline(self, command: XDeadline) -> Status:
         """The parser stamped the lease on the next ``xapply`` or ``xput``: nothing else to do here."""
         self._counts["cmd_xdeadline"] += 1
+        return Status.OK
+
+    def _xrelease(self, command: XRelease) -> Status:
+        """The read-modify-write ``holder`` is over: its lease on the key ends (``LeaseTable.release``)."""
+        self._counts["cmd_xrelease"] += 1
+        floor = command.floor / 1000 if command.floor else None
+        self.leases.release(command.key, command.holder, floor, command.deadline / 1000)
         return Status.OK
 
     def _store_stop(self, key: bytes, lease: Lease, now: float) -> DomainError | None:

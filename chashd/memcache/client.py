@@ -39,7 +39,9 @@ once the connection's kvstore has answered an ``xlease`` (it takes leases), in t
 token and in the copy's ``xfence`` line (no line more than without leases); before that, as an
 ``xdeadline`` line before the command. A kvstore of an earlier version answers ``xlease`` and
 ``xdeadline`` with ``ERROR``: the ``xlease`` is sent again as ``xget`` and that connection sends its next
-ones as ``xget``, and it stops sending ``xdeadline`` (the store went through without it).
+ones as ``xget``, and it stops sending ``xdeadline`` (the store went through without it). A command that is
+over ends its leases with ``xrelease`` (``XRelease``); a kvstore that answers it ``ERROR`` (or takes no
+leases) is sent no more: its leases run out by their deadline.
 
 ``KVClientPool`` keeps a few such connections to one kvstore, reconnecting with backoff.
 """
@@ -70,6 +72,7 @@ from chashd.commands import (
     Quit,
     Result,
     SplicedGet,
+    Status,
     Values,
     XApply,
     XAuth,
@@ -81,6 +84,7 @@ from chashd.commands import (
     XLease,
     XMap,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.errors import BulkUnsupported, DomainError, KeyLeased, ServiceUnavailable, UnknownCommand
@@ -200,6 +204,8 @@ class KVClientProtocol(Protocol):
         self.leases: bool | None = None
         #: False once the server refused ``xdeadline`` (a kvstore of an earlier version): stores go without.
         self.deadlines = True
+        #: False once the server refused ``xrelease`` (a kvstore of an earlier version): leases run out there.
+        self.releases = True
         self._tr: Any = None
         self.peer = "kvstore"
 
@@ -301,12 +307,25 @@ class KVClientProtocol(Protocol):
                 return self._send_split(keys)
         elif kind is XLease:
             return self._lease(cast(XLease, command))
+        elif kind is XRelease and (not self.releases or self.leases is False):
+            return succeed(Status.OK)  # nothing to end there (a kvstore of an earlier version)
         command = _as_request(command)
         deferred: Deferred[Result] = Deferred()
         leased = kind is XPut or kind is XApply
         wire = self._leased(command) if leased else serialize_command(command)  # type: ignore[arg-type]
         self._enqueue(command, deferred, wire)
+        if kind is XRelease:
+            deferred.addErrback(self._release_refused)
         return deferred
+
+    def _release_refused(self, failure: Failure) -> Failure:
+        """``ERROR``: a kvstore of an earlier version, whose leases run out by their deadline; send no more
+        ``xrelease`` there. The failure goes on to the caller."""
+        if failure.check(UnknownCommand):
+            if self.releases:
+                self._log.info("{peer} does not take xrelease: its leases run out by their deadline", peer=self.peer)
+            self.releases = False
+        return failure
 
     def _leased(self, command: XPut | XApply) -> bytes:
         """The bytes of an ``XPut`` or ``XApply`` with what goes just before it: its ``xfence`` (an ``XPut``

@@ -114,6 +114,11 @@
 #                                                   while a conflicting lease lasts, SERVER_ERROR key leased
 #                                                   ...; a kvstore of an earlier version answers ERROR, and
 #                                                   takes the store as any other)
+#     xrelease <key> <holder> <deadline ms> [<floor ms>]
+#                                                -> OK      (that read-modify-write is over: its lease on the key,
+#                                                   of that round or an earlier one, ends at once, or once the
+#                                                   clock passes <floor> plus 0.5 s if sooner; a kvstore of an
+#                                                   earlier version answers ERROR)
 #
 # A kvstore given the cluster token runs only plain reads (get, gets, and the meta commands' reads: mg without
 # T or N, me, mn) and stats (but stats reset), version, verbosity and quit on a connection that has not sent
@@ -283,6 +288,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.errors import DomainError, Unauthenticated
@@ -369,6 +375,7 @@ _FAMILIES: dict[type, str] = {
     XGet: "internal", XVer: "internal", XPut: "internal", XApply: "internal", XAuth: "internal",
     XBulk: "internal", BulkProbe: "internal", XDigest: "internal", XList: "internal", XEpoch: "internal",
     XMap: "internal", XFence: "internal", XLease: "internal", XDeadline: "internal",
+    XRelease: "internal",
     FlushAll: "other", StatsCommand: "other", VersionCommand: "other", Verbosity: "other", Quit: "other",
     CacheMemlimit: "other", Shutdown: "other", MetaCommand: "other", LruCrawler: "other",
 }  # fmt: skip

@@ -64,6 +64,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.digests import MAX_HASH, MAX_PARTS, RangeDigest
@@ -353,6 +354,7 @@ class RequestParser:
             b"xfence": self._xfence,
             b"xlease": self._xlease,
             b"xdeadline": self._xdeadline,
+            b"xrelease": self._xrelease,
         }
 
     def feed(self, data: bytes) -> None:
@@ -1003,6 +1005,20 @@ class RequestParser:
         self._lease = lease
         return XDeadline(lease)
 
+    def _xrelease(self, tokens: list[bytes], ntokens: int) -> _Parsed:
+        """``xrelease <key> <holder> <deadline> [<floor>]``: that read-modify-write's lease on the key (of the
+        round of that deadline or an earlier one) ends, at once, or twice the clock bound after ``<floor>``
+        (Unix milliseconds)."""
+        if len(tokens) not in (4, 5) or len(tokens[1]) > MAX_KEY_LENGTH or not _HOLDER.fullmatch(tokens[2]):
+            return FailedRequest(BadCommand())
+        try:
+            numbers = [_digits(token) for token in tokens[3:]]
+        except BadCommand as e:
+            return FailedRequest(e)
+        if max(numbers) > _MAX_U64 >> 1:
+            return FailedRequest(BadCommand("a deadline or floor is at most 63 bits"))
+        return XRelease(tokens[1], tokens[2].decode("ascii"), *numbers)
+
     @staticmethod
     def _epoch(tokens: list[bytes]) -> int | FailedRequest:
         """The epoch of ``<verb> <epoch>`` (63 bits at most), or the request's failure."""
@@ -1403,6 +1419,9 @@ def serialize_command(command: Command | SplicedGet) -> bytes:
     if type(command) is XDeadline:  # before a read-modify-write's xapply or copy (KVClientProtocol.send)
         lease = command.lease
         return b"xdeadline %s %d %s\r\n" % (lease.holder.encode(), lease.deadline, b"x" if lease.exclusive else b"s")
+    if type(command) is XRelease:  # a read-modify-write is over (Router)
+        floor = b" %d" % command.floor if command.floor else b""
+        return b"xrelease %s %s %d%s\r\n" % (command.key, command.holder.encode(), command.deadline, floor)
     if type(command) is XDigest:
         sender = b" " + command.sender.encode() if command.sender else b""
         range_ = (command.placement.encode(), command.first, command.last, command.parts, sender)

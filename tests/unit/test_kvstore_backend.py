@@ -34,6 +34,7 @@ from chashd.commands import (
     XGet,
     XLease,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.errors import (
@@ -608,6 +609,23 @@ class LeaseBackendTests(SynchronousTestCase):
         assert self.backend.stats()["cmd_xlease"] == 5 and self.backend.stats()["xlease_refused_total"] == 1
         with pytest.raises(BadCommand):  # a deadline too far ahead: a lease this node could forget
             self.backend.execute(XLease(b"n", Lease("gw4:1", self.deadline + 10_000)))
+
+    def test_xrelease_ends_a_lease(self) -> None:
+        """An xrelease (a command that is over) ends its holder's lease at once (counted), or with a floor once
+        the clock passes the floor plus half a second; answered OK."""
+        backend = self.backend
+        backend.execute(XLease(b"n", self.lease("gw1:1")))
+        assert backend.execute(XRelease(b"n", "gw1:1", self.deadline)) is Status.OK
+        assert len(backend.leases) == 0
+        assert backend.execute(XLease(b"n", self.lease("gw2:1", True))).items  # type: ignore[union-attr]
+        floor = 1_700_000_000_100
+        assert backend.execute(XRelease(b"n", "gw2:1", self.deadline, floor)) is Status.OK
+        with pytest.raises(KeyLeased) as refused:
+            backend.execute(XLease(b"n", self.lease("gw3:1")))
+        assert refused.value.until == floor + 500
+        self.clock.advance(0.6)
+        assert backend.execute(XLease(b"n", self.lease("gw3:1"))).items  # type: ignore[union-attr]
+        assert backend.stats()["cmd_xrelease"] == 2
 
     def test_stores_meet_leases_and_deadlines(self) -> None:
         """A shared command's store meets another's exclusive lease, an exclusive one any other lease

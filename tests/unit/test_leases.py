@@ -77,3 +77,41 @@ class LeaseTableTests(SynchronousTestCase):
         assert t.request(b"k8", "gw1:1", T + 3, False, T + 2) == T + 9 + 2 * CLOCK_BOUND
         assert len(t) == 2
         assert t.request(b"k9", "gw1:1", T + 12, False, T + 9 + 2 * CLOCK_BOUND) is None
+
+    def test_a_release_ends_the_lease(self) -> None:
+        """A command that is over says so (``XRelease``): its lease ends at once, and another holder's exclusive
+        request is granted; a release of a holder with no lease, or of an unleased key, changes nothing."""
+        t = table()
+        assert t.request(b"k", "gw1:1", T + 2, False, T) is None
+        assert t.request(b"k", "gw2:1", T + 2, True, T) is not None
+        t.release(b"k", "gw3:1", None, T + 2)
+        t.release(b"other", "gw1:1", None, T + 2)
+        t.release(b"k", "gw1:1", None, T + 2)
+        assert len(t) == 0
+        assert t.request(b"k", "gw2:1", T + 2, True, T) is None
+
+    def test_a_release_with_a_floor(self) -> None:
+        """A command that may have left an unacknowledged result (its version's milliseconds: the floor) keeps
+        its lease until the clock passes the floor plus twice the bound, when that is sooner than its end;
+        a floor past the end changes nothing."""
+        t = table()
+        assert t.request(b"k", "gw1:1", T + 2, False, T) is None
+        t.release(b"k", "gw1:1", T + 0.1, T + 2)
+        end = T + 0.1 + 2 * CLOCK_BOUND
+        assert t.request(b"k", "gw2:1", T + 2, True, T + 0.2) == end
+        assert t.request(b"k", "gw2:1", T + 2, True, end) is None
+        assert t.request(b"j", "gw1:2", T + 2, False, T) is None
+        t.release(b"j", "gw1:2", T + 5, T + 2)
+        assert t.conflict(b"j", "gw2:1", True, T + 1) == T + 2 + 2 * CLOCK_BOUND
+
+    def test_a_release_leaves_a_later_round_alone(self) -> None:
+        """A release names the last round's deadline its gateway sent to this kvstore: a lease a later round of
+        the same command took (its request overtook the release on another connection) stays; the release
+        of that round ends it."""
+        t = table()
+        assert t.request(b"k", "gw1:1", T + 2, True, T) is None
+        assert t.request(b"k", "gw1:1", T + 2.1, True, T + 0.1) is None  # the next round, first to arrive
+        t.release(b"k", "gw1:1", None, T + 2)
+        assert t.conflict(b"k", "gw2:1", False, T + 0.2) == T + 2.1 + 2 * CLOCK_BOUND
+        t.release(b"k", "gw1:1", None, T + 2.1)
+        assert t.conflict(b"k", "gw2:1", False, T + 0.2) is None

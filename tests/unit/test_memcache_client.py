@@ -35,6 +35,7 @@ from chashd.commands import (
     XGet,
     XLease,
     XPut,
+    XRelease,
 )
 from chashd.errors import DeadlinePassed, KeyLeased, NonNumericValue, StaleMap, UnknownCommand, ValueTooLarge
 from chashd.interfaces import IReplySink
@@ -745,7 +746,7 @@ class EarlierKvstore:
         self.backend = backend
 
     def execute(self, command: Command) -> Any:
-        if type(command) in (XLease, XDeadline):
+        if type(command) in (XLease, XDeadline, XRelease):
             raise UnknownCommand()
         if type(command) in (XPut, XApply):  # its parser stamps nothing on them
             command = replace(cast(XPut, command), lease=None)
@@ -824,6 +825,45 @@ class LeaseClientTests(SynchronousTestCase):
         pump.flush()
         assert self.successResultOf(later) is Status.STORED
         assert backend.stats()["cmd_xdeadline"] == 2 and backend.stats()["cmd_xfence"] == 2
+
+    def test_releases(self) -> None:
+        """``xrelease`` ends a lease (OK); a kvstore that answers it ERROR (a version that takes leases but not
+        releases) is sent no more (answered OK at once, nothing written), and nor is one that takes no leases."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        client, _, pump = pair(factory)
+        backend.execute(Store("set", b"n", 0, 0, b"1"))
+        deadline = int(T0 * 1000) + 2000
+        client.send(XLease(b"n", Lease("gw1:1", deadline)))
+        released = client.send(XRelease(b"n", "gw1:1", deadline))
+        pump.flush()
+        assert self.successResultOf(released) is Status.OK and len(backend.leases) == 0
+
+        class NoReleases(EarlierKvstore):
+            def execute(self, command: Command) -> Any:
+                if type(command) is XRelease:
+                    raise UnknownCommand()
+                return self.backend.execute(command)
+
+        factory, _ = make_factory(NoReleases(backend))
+        client, _, pump = pair(factory)
+        client.send(XLease(b"n", Lease("gw1:2", deadline)))
+        refused = client.send(XRelease(b"n", "gw1:2", deadline))
+        pump.flush()
+        self.failureResultOf(refused, UnknownCommand)
+        assert not client.releases and client.leases
+        writes = recorded_writes(client)
+        assert self.successResultOf(client.send(XRelease(b"n", "gw1:2", deadline))) is Status.OK
+        assert writes == []
+        factory, _ = make_factory(EarlierKvstore(backend))
+        client, _, pump = pair(factory)
+        client.send(XLease(b"n", Lease("gw1:3", deadline)))
+        pump.flush()
+        assert client.leases is False and client.releases
+        writes = recorded_writes(client)
+        assert self.successResultOf(client.send(XRelease(b"n", "gw1:3", deadline))) is Status.OK
+        assert writes == []
 
     def test_a_kvstore_of_an_earlier_version(self) -> None:
         """``xlease`` answered ERROR is sent again as ``xget`` (the read answers right), and the connection

@@ -42,6 +42,7 @@ from chashd.commands import (
     XList,
     XMap,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.digests import RangeDigest
@@ -743,6 +744,28 @@ class LeaseCommandTests:
             b"xlease k gw\x01 1 s\r\n",
             b"xlease k gw1:7 9223372036854775808 s\r\n",
             b"xlease " + b"k" * 251 + b" gw1:7 1 s\r\n",
+        ):
+            (reply,) = replies(line)
+            assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)
+
+    def test_xrelease(self) -> None:
+        """``xrelease <key> <holder> <deadline> [<floor>]`` parses into XRelease and back (answered OK); bad lines
+        are CLIENT_ERRORs."""
+        plain, floored = XRelease(b"k", "gw1:7", 1_700_000_002_000), XRelease(b"k", "gw1:8", 1_700_000_002_500, 123)
+        assert serialize_command(plain) == b"xrelease k gw1:7 1700000002000\r\n"
+        assert serialize_command(floored) == b"xrelease k gw1:8 1700000002500 123\r\n"
+        for chunk in (None, 1):
+            assert events(serialize_command(plain) + serialize_command(floored), chunk) == [plain, floored]
+        assert serialize_result(plain, Status.OK) == b"OK\r\n"
+        assert read_replies(b"OK\r\n", [plain]) == [Status.OK]
+        for line in (
+            b"xrelease k gw1:7\r\n",
+            b"xrelease k gw1:7 1 2 3\r\n",
+            b"xrelease k gw1:7 -1\r\n",
+            b"xrelease k gw1:7 1 x\r\n",
+            b"xrelease k gw\x01 1\r\n",
+            b"xrelease k gw1:7 9223372036854775808\r\n",
+            b"xrelease " + b"k" * 251 + b" gw1:7 1\r\n",
         ):
             (reply,) = replies(line)
             assert isinstance(reply, bytes) and reply.startswith(b"CLIENT_ERROR "), (line, reply)

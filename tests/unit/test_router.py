@@ -28,6 +28,7 @@ from chashd.commands import (
     XGet,
     XLease,
     XPut,
+    XRelease,
     XVer,
 )
 from chashd.errors import MapNotCurrent, QuorumNotReached, RequestError, ServiceUnavailable, UnknownCommand
@@ -480,27 +481,70 @@ class TwoGatewayFenceTests(SynchronousTestCase):
         return c, newer, links, primary
 
     def test_late_primary_result_is_not_acknowledged(self) -> None:
-        """The late gateway reads the key (1) before the new map's gateway increments it at the next replica
-        (2); the old primary then applies the late increment on its own 1, and answers 2 again: the replicas
-        that know epoch 2 refuse its copies, so the late gateway fails the command (not acknowledged), and the
-        acknowledged history (one increment, 2) stands on every replica the new map reads."""
+        """The late gateway reads the key (1) at the primary (held) and the next replica, shared; the new map's
+        gateway, whose map moved the key's primary, takes exclusive leases, and the next replica refuses it
+        while the late command's lease lasts. The old primary then applies the late increment on its own 1
+        (2): the replicas that know epoch 2 refuse its copies, so the late gateway fails the command (not
+        acknowledged) and releases its lease with the version it left as floor; the new map's command
+        increments once that floor is half a second behind, so its result (2, acknowledged) is newer than the
+        one the old primary kept, and the next command builds on it (3)."""
         c, newer, _, primary = self.late_and_new()
         c.links[primary].mode = "hang"
         late = c.router.execute(Arith(b"n", 1))  # reads the primary (held) and the next replica (1)
         self.assertNoResult(late)
-        assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(2)
+        acknowledged = newer.execute(Arith(b"n", 1))
+        self.assertNoResult(acknowledged)  # the next replica is leased to the late command
         c.links[primary].resume()
         self.assertNoResult(late)  # waits for its map to reach epoch 2, which the refusing replicas know
         c.router.update(newer.placement)  # its primary down there: the copies do not go again
         failure = self.failureResultOf(late, ServiceUnavailable)
         assert "epoch 2" in str(failure.value) and "not acknowledged" in str(failure.value)
         assert c.router.stats()["rmw_copies_refenced_total"] == 0
-        assert c.record(primary, b"n").value == b"2"  # type: ignore[union-attr]  # applied there, unacknowledged
+        fork = c.record(primary, b"n")
+        assert fork is not None and fork.value == b"2"  # applied there, unacknowledged
+        c.advance(1)
+        assert self.successResultOf(acknowledged) == Number(2)
         others = [n for n in c.replicas(b"n") if n != primary]
         assert [c.record(n, b"n").value for n in others] == [b"2", b"2"]  # type: ignore[union-attr]
+        assert all(fork.version < c.record(n, b"n").version for n in others)  # type: ignore[union-attr]
         assert sum(c.links[n].backend.stats()["xput_stale_map"] for n in others) == 2
         assert c.router.stats()["rmw_copies_refused_stale_map_total"] == 2
+        assert newer.stats()["rmw_exclusive_primary_changed_total"] == 1
         assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(3)
+        assert c.clock.getDelayedCalls() == []
+
+    def test_the_late_failure_releases_with_its_version_as_floor(self) -> None:
+        """The same race with the new map's gateway's clock 200 ms behind (within the 250 ms bound): the late
+        command fails at once and releases its lease at Y naming the version it left at X as floor, so Y
+        grants the new map's command only once its clock is half a second past that version, and the version
+        the lagging gateway then picks is still newer than the one X kept."""
+        c, _, _, x = self.late_and_new()
+        lag = Clock()
+        lag.advance(c.clock.seconds() - 0.2)
+        links = {name: Link(link.backend) for name, link in c.links.items()}
+        for link in links.values():
+            link.epoch = 2
+        newer = Router("gw2", lag, links.__getitem__)
+        newer.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=2), {x: NodeState.DOWN}))
+        links[x].mode = "down"
+        c.links[x].mode = "hang"
+        late = c.router.execute(Arith(b"n", 1))
+        acknowledged = newer.execute(Arith(b"n", 1))
+        c.links[x].resume()
+        c.router.update(newer.placement)
+        self.failureResultOf(late, ServiceUnavailable)
+        fork = c.record(x, b"n")
+        assert fork is not None and fork.value == b"2"
+        releases = [cmd for link in c.links.values() for cmd in link.sent if type(cmd) is XRelease]
+        assert [r.floor for r in releases] == [fork.version.millis]
+        for _ in range(100):
+            c.clock.advance(0.01)
+            lag.advance(0.01)
+        assert self.successResultOf(acknowledged) == Number(2)
+        y = c.replicas(b"n")[1]
+        kept = c.record(y, b"n")
+        assert kept is not None and kept.version > fork.version
+        assert c.links[y].backend.execute(XPut(b"n", fork)) is Status.EXISTS
 
     def test_a_copy_taken_before_the_newer_map_is_read_by_it(self) -> None:
         """The late gateway's copies reach the replicas before they learn epoch 2: its command is
@@ -515,7 +559,6 @@ class TwoGatewayFenceTests(SynchronousTestCase):
                 links[name].backend.know_epoch(2)
         assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(3)
 
-    @pytest.mark.xfail(strict=True, reason="W2: the new map's command is shared, nothing orders it with the late one")
     def test_a_late_result_left_on_the_old_primary_never_wins(self) -> None:
         """W2. The late gateway (epoch 1) reads the old primary X (held: its answer comes late) and Y, shared; the
         new map's gateway (epoch 2: X down) appends at Y, the primary now, and its result is acknowledged.
@@ -677,8 +720,8 @@ class RefenceTests(SynchronousTestCase):
 
     def test_a_command_of_the_next_map_builds_on_the_late_result(self) -> None:
         """Between B's apply (42) and the re-fence, a gateway on epoch 3 increments at V: it read B (after its
-        xmap 3 there), so it applies on top of 42 (43). The late copies then meet 43 (EXISTS: a newer record
-        built on them) and count: both increments acknowledged, in that order, 43 everywhere."""
+        xmap 3 there), so it applies on top of 42 (43). The late copies then meet 43 at V (EXISTS: a newer
+        record built on them) and count: both increments acknowledged, in that order, 43 on V and B."""
         c, v, b, third = self.returning()
         late = c.router.execute(Arith(b"n", 1))
         self.assertNoResult(late)
@@ -686,7 +729,10 @@ class RefenceTests(SynchronousTestCase):
         assert self.successResultOf(self.newer(c).execute(Arith(b"n", 1))) == Number(43)
         self.route(c, 3)
         assert self.successResultOf(late) == Number(42)
-        assert self.values(c) == [b"43", b"43", b"43"]
+        # The third replica took the late copy (42); the newer command's copy met the late command's
+        # exclusive lease there (its map moved the primary from V to B) and was refused: W = 2 held 43.
+        assert self.values(c) == [b"43", b"43", b"42"]
+        assert c.record(v, b"n").version > c.record(third, b"n").version  # type: ignore[union-attr]
 
     def test_fails_when_the_map_does_not_catch_up(self) -> None:
         """The gateway's map does not reach epoch 3 within ``map_wait``: the command fails as before the
@@ -1207,7 +1253,9 @@ class SameEpochFailoverTests(SynchronousTestCase):
         over to Q; the second, whose primary timeout has not run out yet, still waits on P, which resumes
         and runs its command on the record it holds. The failover waits for the second command's leases
         (it read Q before the failover could lease Q): it then reads that result and increments on top of
-        it. Both acknowledged, two answers, 3 in the end on every replica."""
+        it. Both acknowledged, two answers, 3 in the end on every replica. The failover's wait ends with the
+        second command (its copy taken at Q ended its lease there): it reads again within a poll (5 ms), not
+        when that lease would have run out (2.5 s after it was granted)."""
         c, second, links, (p, q, third) = self.two()
         self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
         c.links[p].mode = links[p].mode = "hang"  # P paused: both gateways' connections to it
@@ -1220,9 +1268,10 @@ class SameEpochFailoverTests(SynchronousTestCase):
         links[p].resume()  # P runs on before the second gateway's timeout: its read (1), then its command
         assert self.successResultOf(second_incr) == Number(2)
         c.links[p].resume()
-        c.advance(5)
+        c.advance(0.01)
         assert self.successResultOf(first_incr) == Number(3)
         assert self.values(c) == [b"3", b"3", b"3"]
+        c.advance(0.1)  # the hedging timers of the reads
         assert c.clock.getDelayedCalls() == []
 
     def test_a_gateway_waiting_on_the_primary_after_the_failover_leased_the_key(self) -> None:
@@ -1341,6 +1390,98 @@ class SameEpochFailoverTests(SynchronousTestCase):
         assert not any(type(cmd) is XApply for link in c.links.values() for cmd in link.sent)
         c.advance(9)
         assert self.successResultOf(c.router.execute(Arith(b"r", 1))) == Number(101)
+
+
+class LeaseEndTests(SynchronousTestCase):
+    """Leases end when their command ends (``XRelease``, ``_ReadModifyWrite._end_leases``), and a command
+    refused for another's lease reads again within a poll; a command whose map moved the key's primary
+    (``Router._prior_primaries``) is exclusive."""
+
+    def leases(self, c: Cluster) -> int:
+        return sum(len(link.backend.leases) for link in c.links.values())
+
+    def test_commands_that_changed_nothing_leave_no_lease(self) -> None:
+        """incr of a missing key (NOT_FOUND), add over a stored one (NOT_STORED), delete of a missing one: the
+        primary's command ended its lease there, the release the other replica's."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        assert self.successResultOf(c.router.execute(Arith(b"missing", 1))) is Status.NOT_FOUND
+        assert self.successResultOf(c.router.execute(Store("add", b"n", 0, 0, b"2"))) is Status.NOT_STORED
+        assert self.successResultOf(c.router.execute(Delete(b"missing"))) is Status.NOT_FOUND
+        assert self.leases(c) == 0
+        assert c.router.stats()["rmw_leases_released_total"] == 3
+        assert sum(link.backend.stats()["cmd_xrelease"] for link in c.links.values()) == 3
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
+        assert self.leases(c) == 0 and c.router.stats()["rmw_leases_released_total"] == 3  # ended by stores
+
+    def test_a_failed_command_releases_its_leases(self) -> None:
+        """A command that fails before anything is applied (W = 3: its read needs the third replica, whose
+        connection fails) releases the leases its read took, with no floor: the next command is not held up."""
+        c = Cluster(w=3)
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        first, second, third = c.replicas(b"n")
+        c.links[third].mode = "down"
+        self.failureResultOf(c.router.execute(Arith(b"n", 1)), QuorumNotReached)
+        assert self.leases(c) == 0
+        assert [cmd for cmd in c.links[first].sent if type(cmd) is XRelease][0].floor == 0
+        c.links[third].mode = "up"
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
+        assert c.router.stats()["rmw_lease_waits_total"] == 0
+
+    def test_two_commands_that_each_got_part_of_their_leases(self) -> None:
+        """Two gateways' exclusive commands (the key's primary marked down: its map moved the primary) each
+        get one of the two leases: the one refused gives up the one it got, so the other completes, and it
+        reads again after a poll and completes too, instead of both waiting for the other's lease to run out."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        x, y, z = c.replicas(b"n")
+        links = {name: Link(link.backend) for name, link in c.links.items()}
+        second = Router("gw2", c.clock, links.__getitem__)
+        second.update(c.router.placement)
+        c.mark(**{x: "down"})
+        second.update(c.router.placement)
+        hold(links[y], XLease)
+        b = second.execute(Arith(b"n", 1))  # Y held, Z granted
+        a = c.router.execute(Arith(b"n", 1))  # Y granted, Z refused: gives Y up, polls
+        self.assertNoResult(a)
+        links[y].resume()  # the second command's read at Y is granted now
+        assert self.successResultOf(b) == Number(2)
+        c.advance(0.01)
+        assert self.successResultOf(a) == Number(3)
+        assert [c.record(n, b"n").value for n in (y, z)] == [b"3", b"3"]  # type: ignore[union-attr]
+        assert c.router.stats()["rmw_exclusive_primary_changed_total"] == 1
+        assert second.stats()["rmw_exclusive_primary_changed_total"] == 1
+        assert c.router.stats()["rmw_lease_polls_total"] == 1
+        assert self.leases(c) == 0
+        c.advance(0.1)  # the hedging timers of the reads
+        assert c.clock.getDelayedCalls() == []
+
+    def test_exclusive_while_the_primary_differs_from_the_one_before(self) -> None:
+        """Commands are shared while nothing changed, exclusive once the key's primary is marked down (and
+        once it is back: a gateway that still sees it down applies at the next one), shared again after a
+        change that leaves the primary as the one before it; the primaries of states replaced within
+        ``prior_for`` seconds count as well (a gateway two maps behind), older ones not."""
+        c = Cluster(count=4)
+        x, y, _ = c.replicas(b"n")
+        other = next(n for n in c.links if n not in c.replicas(b"n"))
+
+        def exclusive() -> int:
+            before = c.router.counters["rmw_exclusive_primary_changed_total"]
+            self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+            self.successResultOf(c.router.execute(Arith(b"n", 1)))
+            return c.router.counters["rmw_exclusive_primary_changed_total"] - before
+
+        assert exclusive() == 0
+        c.mark(**{x: "down"})
+        assert exclusive() == 1
+        c.mark(**{x: "down", other: "down"})  # the primary stays Y, but X's up two maps ago, 0 s ago
+        assert c.router._prior_primaries(c.replicas(b"n")) == [x]
+        assert exclusive() == 1
+        c.advance(c.router.prior_for + 1)
+        assert exclusive() == 0  # the states just before the last change name Y too
+        c.mark(**{other: "down"})  # X back: the map moved the primary back
+        assert c.router._prior_primaries(c.replicas(b"n")) == [y]
+        assert exclusive() == 1
 
 
 class FastPathTests(SynchronousTestCase):
