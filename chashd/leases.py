@@ -9,6 +9,13 @@ epoch fence does not see it (the map did not change); both results are acknowled
 lost, and a result refused everywhere but P stays there with a newer version than the acknowledged one and
 wins later comparisons (read repair, anti-entropy).
 
+And this one (W2). A map ``e + 1`` marks the key's primary X down (node states only). A gateway still on ``e``
+reads X and Y (shared: X is its map's primary) and applies at X, which has not learnt ``e + 1`` (only gateways
+on ``e`` reach it); a gateway on ``e + 1`` applies at Y (shared: the map's primary now) and is acknowledged.
+The late copies are refused by the replicas that know ``e + 1`` (the epoch fence), so the late command fails,
+but X keeps its result, computed without the acknowledged one and with a version that may be newer: a fork
+that wins later comparisons. Shared leases of two primaries do not conflict, so nothing ordered the two.
+
 The rule.
 
 - Each round of a command (its reads, then its command and the copies of its result) has a *deadline*
@@ -19,10 +26,13 @@ The rule.
   its result) name ``d``, the holder and the mode (``xdeadline``): a kvstore refuses a store once its clock
   is past ``d``, and an ``xapply`` whose version's milliseconds are past ``d`` (``DeadlinePassed``).
 - A command whose primary is the map's (the first up replica: every gateway on the epoch agrees on it)
-  is *shared*. Any other (a failover: the map's primary was timed out, failed, or is stalled for this
-  gateway) is *exclusive*: it takes its leases on ``max(W, N - W + 1)`` replicas of the key, its primary
-  among them, all in the round whose result it applies (a failover during the read or the command starts
-  one more round for it: the failover path pays a round trip, the common path none).
+  is *shared*, unless the gateway's map moved the key's primary: its primary by the node states the gateway
+  routed by before its last change of node states, or by states it replaced within ``prior_for`` (10 s)
+  before that, differs from the primary now (``Router._prior_primaries``; a gateway a map or two behind may
+  still apply there). Any other (that one, and a failover: the map's primary was timed out, failed, or is
+  stalled for this gateway) is *exclusive*: it takes its leases on ``max(W, N - W + 1)`` replicas of the
+  key, its primary among them, all in the round whose result it applies (a failover during the read or the
+  command starts one more round for it: the failover path pays a round trip, the common path none).
 - *Conflict*: another holder's unexpired exclusive lease on the key, or, for an exclusive request or store,
   another holder's unexpired lease of either mode. A kvstore refuses a lease request or a store that meets a
   conflict (``KeyLeased``, with the time the conflicting lease ends); the command waits until then and
@@ -33,39 +43,59 @@ The rule.
   changed``) when that round reads a version as new as the one it sent: the first attempt may have been
   applied and built upon.
 - A kvstore that takes a command's store (runs its ``xapply``, or takes or already holds newer than its copy)
-  ends that command's lease on the key there: a command that completes leaves no lease behind, and a
-  failover waits only for commands that still have a store to make there.
+  ends that command's lease on the key there. A command that is over (acknowledged, failed, or changed
+  nothing) ends its leases everywhere else with ``xrelease`` (``LeaseTable.release``), and so does a round
+  refused for another's lease, before it reads again (two commands that each got some of their leases do
+  not hold each other up). Unless its result was acknowledged, a release names a *floor* ``f``: the newest
+  version (milliseconds) the command may have left without acknowledgement (an ``xapply`` sent and not
+  answered, a result whose copies were refused; none when every ``xapply`` it sent was answered, refused
+  or changing nothing): its lease there then lasts until ``min(d, f) + 2e``. A release names the deadline
+  of the last round it covers: a later round's lease (its request overtook the release on another
+  connection) stays. A command refused for a lease reads again after 5 ms, doubling, or when that lease's
+  end comes, if sooner (``Router.lease_poll``): it learns of an early end within a poll.
 - A kvstore that starts has forgotten its leases: until ``MAX_LEASE + 2e`` after it starts (it refuses
   deadlines more than ``MAX_LEASE`` ahead, so every command that read it before is dead by then) every
   request and store meets a conflict. A full lease table forgets its oldest keys the same way.
 
 Why it holds (clocks within ``e`` of each other; every command reads ``N - W + 1`` replicas):
 
-1. *Dead commands store nothing.* Once a lease of command C at replica X has run out by X's clock
-   (``d + 2e``), every clock is past ``d + e``, so every kvstore refuses C's stores. A lease that ended
-   early did so because X took C's store: C had applied its command then (a copy follows the command), and
-   X holds C's result or a newer record.
+1. *How a lease ends.* Once a lease of command C at replica X has run out by X's clock (``d + 2e``), every
+   clock is past ``d + e``, so every kvstore refuses C's stores: C is *dead*. A lease that ended earlier did
+   so (a) because X took C's store: C had applied its command then (a copy follows the command), and X
+   holds C's result or a newer record; or (b) C released it, acknowledged: its result was on ``W`` replicas
+   before the release left (C answers only then), and every version it sent before is older (its gateway's
+   clock picked them earlier); or (c) released without a floor, not acknowledged: every ``xapply`` C sent
+   was answered without storing a new version (a catch-up or a repair stores a record read, no new one),
+   and C sends no more in that round; or (d) released with the floor ``f`` once X's clock passed
+   ``f + 2e``: every version C may have stored, or may still store (an ``xapply`` or a copy on the way),
+   is at most ``f``, and every clock is past ``f + e``. In (c) and (d) a refused round of C stores nothing,
+   and C applies only in a round that gets all its leases again.
 2. *Exclusion.* Let F be exclusive, its applied round granted leases on a set LF of at least
    ``max(W, N - W + 1)`` replicas, and C any other command (round) that stores. C's leases were granted at
-   some Y in LF (its reads meet every ``W`` replicas). (a) If Y granted C before F, F's grant at Y waited for
-   C's lease there to end: C is dead (1) before F's last grant, or Y took C's store first and F reads C's
-   result at Y (so F computes on it, and its version is newer than C's: the gateway's clock observes the
-   versions it reads). C's stores at a Z in LF came before Z granted F (after it they meet F's exclusive
-   lease, which lasts past C's death, as F's grants come before its deadline): F's read of Z sees them; a
-   late one elsewhere meets F's newer record. (b) If Y granted F before C, C's grant waited for F's lease to
-   end (F is dead before C's read at Y, or Y took F's store and C reads F's result there), and each of F's
-   stores at a replica C reads came before C's read there (after it they meet C's lease). Two shared
-   commands apply at the same primary P, which runs each on the record it holds: the later on the
-   earlier's result.
+   some Y in LF (its reads meet every ``W`` replicas, and LF meets every ``N - W + 1``: the two commands'
+   maps differ by node states at most, 7, so both sets are in the same preference list). (a) If Y granted C
+   before F, F's grant at Y waited for C's lease there to end (1): C is dead, or Y took C's store first and
+   F reads C's result at Y (so F computes on it, and its version is newer than C's: the gateway's clock
+   observes the versions it reads), or C was acknowledged (F reads its result on one of its ``W``
+   replicas: those stores were taken before Z granted F, see next), or C stored nothing, or all C left is
+   at most ``f`` and F's version is newer (4). C's stores at a Z in LF came before Z granted F (after it they
+   meet F's exclusive lease, which lasts past C's death, as F's grants come before its deadline): F's read
+   of Z sees them; a late one elsewhere meets F's newer record. (b) If Y granted F before C, C's grant
+   waited for F's lease to end (F is dead before C's read at Y, or Y took F's store and C reads F's result
+   there, or F was acknowledged and C reads its result, or F stored nothing, or F's leftovers are older
+   than C's version), and each of F's stores at a replica C reads came before C's read there (after it
+   they meet C's lease). Two shared commands apply at the same primary P (7), which runs each on the record
+   it holds: the later on the earlier's result.
 3. *The second sees the first.* An acknowledged result is on ``W`` replicas; the other command reads
    ``N - W + 1`` (or LF), so by 2 it reads that result or a newer one, catches its primary up to the newest
    (``XPut``) and computes on it. The acknowledged results form one chain, each computed on the one before:
    at most one of two results computed on the same record is acknowledged.
 4. *Forks lose.* A result stored but not acknowledged and not built upon (a fork) belongs to the command
    that came first in 2, so its version is at most that command's deadline ``d1`` (a kvstore refuses an
-   ``xapply`` past it). The second picks its version after a replica's clock passed ``d1 + 2e``, so with its
-   own clock past ``d1 + e``, and a version is at least the clock that picks it: newer than the fork, and
-   so is everything later computed on it. Last writer wins by version in read repair, the primary's
+   ``xapply`` past it), and at most its floor ``f1`` when its lease ended by a release (1 d). The second
+   picks its version after a replica's clock passed ``min(d1, f1) + 2e``, so with its own clock past
+   ``min(d1, f1) + e``, and a version is at least the clock that picks it: newer than the fork, and so is
+   everything later computed on it. Last writer wins by version in read repair, the primary's
    catch-up, anti-entropy, the handoff and copies: the fork loses every comparison.
 5. *Copies that meet a newer record.* A copy answered ``EXISTS`` (the replica holds a newer record) counts
    as stored: while its command can store, no command that excludes it has stored anything at that
@@ -78,6 +108,22 @@ Why it holds (clocks within ``e`` of each other; every command reads ``N - W + 1
    is among the leased replicas), both newer than the attempt, and fails; a fork elsewhere loses (4). If
    C came second, it reads the new round's result and builds on that. The attempt itself, applied late,
    is a fork older than the new round's result (the same gateway's clock picked both).
+7. *Shared commands of two maps.* Let C and F be shared, by maps ``e < e'`` that differ by node states (a
+   ring change is the epoch fence's and the previous owners' reads' matter, as before), at primaries
+   ``P_C != P_F``. If F reads ``P_C`` (it is up in ``e'`` and among the replicas F reads), that read comes
+   after F's gateway's ``xmap e'`` on the same connection: C's ``xapply`` at ``P_C`` before it is read
+   by F, after it refused (``StaleMap``). Otherwise ``P_C`` is the key's primary by ``e`` (C is shared),
+   and F's gateway, being shared, names ``P_F`` by every node states in its window (1 change back, and
+   ``prior_for`` before that): so it did not route by ``e``'s states within it. One map behind (``e' = e +
+   1``): a gateway that routed by ``e`` has them in its window at ``e + 1`` (the states before its last
+   change), so F is exclusive, a contradiction. Two or more behind (``e`` older than the states before F's
+   gateway's last change): covered while F's gateway replaced ``e``'s states within ``prior_for``; a gateway
+   that runs read-modify-writes heard from the Raft leader within its election timeout (1.4 s), so it is
+   that far behind for a moment only. Not covered: a gateway that skipped ``e`` (it went from a map before
+   to one after without routing by it) while C's gateway came to ``e`` from states that named ``P_C`` too
+   (else C is exclusive), and a follower (``--follow``) cut off from its gateway for longer than
+   ``prior_for`` across two changes of node states; gateways or kvstores of earlier versions (no leases,
+   no releases: leases run out by their deadline there).
 
 Pure: time comes in as an argument (seconds, the kvstore's clock).
 """

@@ -195,6 +195,7 @@ class LineAuthTests:
             b"xfence 5\r\n",
             b"xlease k gw1:7 1700000002000 x\r\n",
             b"xdeadline gw1:7 1700000002000 x\r\n",
+            b"xrelease k gw1:7 1700000002000\r\n",
             b"flush_all\r\n",
             b"set k 0 0 4\r\npin!\r\n",
             b"add z 0 0 4\r\npin!\r\n",
