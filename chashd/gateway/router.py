@@ -256,6 +256,10 @@ class Router:
         #: from no leader within the election timeout): read-modify-writes are refused (``MapNotCurrent``),
         #: since another gateway may route them to another primary; plain reads and sets still run.
         self.map_current = True
+        #: Exclusive read-modify-writes of this gateway take turns per key (``_ReadModifyWrite.start``): the
+        #: keys one holds the turn of, each with the ones waiting for it. Without it they would refuse each
+        #: other's leases at the kvstores and poll; with it the next one starts as the one before ends.
+        self._turns: dict[bytes, deque[_ReadModifyWrite]] = {}
         # Read-modify-writes a kvstore refused for a newer map (StaleMap): (epoch, callback, timer), each
         # called with True once the placement reaches the epoch, with False after ``map_wait``.
         self._epoch_waiters: list[tuple[int, Callable[[bool], None], IDelayedCall]] = []
@@ -305,6 +309,7 @@ class Router:
             "rmw_exclusive_primary_changed_total": 0,
             "rmw_lease_polls_total": 0,
             "rmw_leases_released_total": 0,
+            "rmw_turns_waited_total": 0,
         }
 
     # -- placement ------------------------------------------------------------------------------
@@ -511,7 +516,7 @@ class Router:
 
     def stop(self) -> None:
         """Cancel the hedging timer (the gateway stops); reads still pending are not hedged any more, and
-        read-modify-writes waiting for a newer map fail."""
+        read-modify-writes waiting for a newer map or for their turn fail."""
         if self._hedge_call is not None and self._hedge_call.active():
             self._hedge_call.cancel()
         self._hedge_call = None
@@ -521,6 +526,11 @@ class Router:
             if timer.active():
                 timer.cancel()
             callback(False)
+        for waiting in list(self._turns.values()):
+            queued = list(waiting)
+            waiting.clear()
+            for op in queued:
+                op._fail(Failure(ServiceUnavailable("the gateway stopped: the read-modify-write was not applied")))
 
     def _rmw_quorums(self, n: int) -> tuple[int, int]:
         """A read-modify-write's ``(W, replicas it reads first)`` for a preference list of ``n``: the read,
@@ -1383,7 +1393,7 @@ class _KeyRead:
 
 # _REFENCE_WAIT: the copies were refused by replicas that know a newer map; waiting for this router's map to
 # reach it. _REFENCING: the copies go again, fenced by that map (``_ReadModifyWrite._refence``).
-_READING, _APPLYING, _REPLICATING, _WAITING, _REFENCE_WAIT, _REFENCING, _OVER, _LEASE_WAIT = range(8)
+_READING, _APPLYING, _REPLICATING, _WAITING, _REFENCE_WAIT, _REFENCING, _OVER, _LEASE_WAIT, _QUEUED = range(9)
 
 
 class _MapMoved(Exception):
@@ -1449,6 +1459,7 @@ class _ReadModifyWrite:
         "extra",
         "exclusive",
         "failed",
+        "has_turn",
         "holder",
         "in_flight",
         "key",
@@ -1531,6 +1542,8 @@ class _ReadModifyWrite:
         #: answered, or a result whose copies were refused): the floor of its releases.
         self.unacknowledged: Version | None = None
         self.lease_polls = 0
+        #: Holds its key's turn among this gateway's exclusive commands (``Router._turns``).
+        self.has_turn = False
 
     def start(self) -> None:
         router = self.router
@@ -1545,6 +1558,15 @@ class _ReadModifyWrite:
         # does one whose map changed the key's primary (a gateway a map behind still applies at the old one).
         priors = router._prior_primaries(replicas)
         self.exclusive = bool(self.candidates) and (self.candidates[0] != self.map_primary or bool(priors))
+        if self.exclusive and not self.has_turn:
+            waiting = router._turns.get(self.key)
+            if waiting is not None:  # another exclusive command of this gateway on the key: after it
+                router.counters["rmw_turns_waited_total"] += 1
+                self.phase = _QUEUED
+                waiting.append(self)
+                return
+            router._turns[self.key] = deque()
+            self.has_turn = True
         if priors and self.exclusive:
             router.counters["rmw_exclusive_primary_changed_total"] += 1
         self.reread = self.sent_version is not None
@@ -2155,6 +2177,7 @@ class _ReadModifyWrite:
         self.phase = _OVER
         self._disarm()
         self._end_leases(self.record is not None)
+        self._pass_turn()
         if not self.done.called:
             self.done.callback(answer)
 
@@ -2162,8 +2185,24 @@ class _ReadModifyWrite:
         self.phase = _OVER
         self._disarm()
         self._end_leases(False)
+        self._pass_turn()
         if not self.done.called:
             self.done.errback(failure)
+
+    def _pass_turn(self) -> None:
+        """The command is over: the next exclusive command of this gateway on the key starts, if any."""
+        if not self.has_turn:
+            return
+        self.has_turn = False
+        turns = self.router._turns
+        waiting = turns.pop(self.key, None)
+        while waiting:
+            nxt = waiting.popleft()
+            if nxt.phase is _QUEUED:
+                turns[self.key] = waiting
+                nxt.has_turn = True
+                nxt.start()
+                return
 
     def _end_leases(self, acknowledged: bool, nodes: Sequence[str] | None = None) -> None:
         """The command is over (or, with ``nodes``, this round's leases there are given up): its leases end

@@ -1456,6 +1456,36 @@ class LeaseEndTests(SynchronousTestCase):
         c.advance(0.1)  # the hedging timers of the reads
         assert c.clock.getDelayedCalls() == []
 
+    def test_exclusive_commands_of_one_gateway_take_turns(self) -> None:
+        """Two exclusive commands of one gateway on one key: the second sends nothing until the first is over,
+        then starts (no lease refused, no poll); a command of another key does not wait; a gateway that stops
+        fails the commands still waiting for their turn."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        x, y, _ = c.replicas(b"n")
+        c.mark(**{x: "down"})
+        hold(c.links[y], XApply)
+        first = c.router.execute(Arith(b"n", 1))
+        sent = c.sends()
+        second = c.router.execute(Arith(b"n", 1))
+        assert c.sends() == sent and c.router.stats()["rmw_turns_waited_total"] == 1
+        other = next(k for k in (b"o%d" % i for i in range(100)) if [n for n in c.replicas(k) if n != x][0] != y)
+        assert self.successResultOf(c.router.execute(Arith(other, 1))) is Status.NOT_FOUND
+        c.links[y].resume()
+        assert self.successResultOf(first) == Number(2)
+        self.assertNoResult(second)  # started: its command held at Y in turn
+        c.links[y].resume()
+        assert self.successResultOf(second) == Number(3)
+        stats = c.router.stats()
+        assert (stats["rmw_lease_waits_total"], stats["rmw_lease_polls_total"]) == (0, 0)
+        assert c.router._turns == {}
+        third = c.router.execute(Arith(b"n", 1))
+        fourth = c.router.execute(Arith(b"n", 1))
+        c.router.stop()
+        self.failureResultOf(fourth, ServiceUnavailable)
+        c.links[y].resume()
+        assert self.successResultOf(third) == Number(4)
+
     def test_exclusive_while_the_primary_differs_from_the_one_before(self) -> None:
         """Commands are shared while nothing changed, exclusive once the key's primary is marked down (and
         once it is back: a gateway that still sees it down applies at the next one), shared again after a
