@@ -1452,6 +1452,7 @@ class _ReadModifyWrite:
         "candidates",
         "command",
         "copies_out",
+        "copying",
         "copy_error",
         "copy_ok",
         "done",
@@ -1519,6 +1520,8 @@ class _ReadModifyWrite:
         self.record: Record | None = None
         self.copy_ok: set[str] = set()
         self.copies_out = 0
+        #: The nodes a copy of the result is on its way to (a copy taken ends the command's lease there).
+        self.copying: set[str] = set()
         self.copy_error: Failure | None = None
         #: After a re-fence: the new map's preference list of the key, the only replicas whose copies count.
         self.replicas: tuple[str, ...] = ()
@@ -1931,6 +1934,7 @@ class _ReadModifyWrite:
         router = self.router
         put = XPut(self.key, cast(Record, self.record), epoch=epoch, lease=self.lease)
         self.copies_out += len(nodes)  # before any answer: one that comes at once sees the others pending
+        self.copying.update(nodes)
         for node in nodes:
             router._send(node, put).addCallbacks(
                 self._copy_taken, self._copy_not_taken, callbackArgs=(node,), errbackArgs=(node,)
@@ -1938,6 +1942,7 @@ class _ReadModifyWrite:
 
     def _copy_taken(self, _: object, node: str) -> None:
         self.copies_out -= 1
+        self.copying.discard(node)
         self.unreleased.pop(node, None)  # the copy taken ended its lease there
         if not self.replicas or node in self.replicas:
             self.copy_ok.add(node)
@@ -1945,6 +1950,9 @@ class _ReadModifyWrite:
 
     def _copy_not_taken(self, failure: Failure, node: str) -> None:
         self.copies_out -= 1
+        self.copying.discard(node)
+        if self.phase is _OVER and node in self.unreleased:  # acknowledged without it: release it now
+            self._end_leases(True, (node,))
         self._copy_refused(failure)
         self.copy_error = failure
         self._copies_progress()
@@ -2222,7 +2230,11 @@ class _ReadModifyWrite:
                     top = version
             floor = top.millis if top is not None else 0
         router = self.router
+        # Acknowledged: a copy still on its way ends the lease where it is taken (else _copy_not_taken).
+        skip = self.copying if acknowledged and nodes is None else ()
         for node in list(unreleased) if nodes is None else [n for n in nodes if n in unreleased]:
+            if node in skip:
+                continue
             deadline = unreleased.pop(node)
             router.counters["rmw_leases_released_total"] += 1
             router._send(node, XRelease(self.key, self.holder, deadline, floor)).addErrback(self._release_failed, node)

@@ -1414,6 +1414,23 @@ class LeaseEndTests(SynchronousTestCase):
         assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
         assert self.leases(c) == 0 and c.router.stats()["rmw_leases_released_total"] == 3  # ended by stores
 
+    def test_a_copy_still_on_its_way_ends_the_lease_itself(self) -> None:
+        """A command acknowledged before its copy reached a replica it leased sends that replica no release:
+        the copy ends the lease when it is taken; a copy that is not taken gets the release then."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        _, q, _ = c.replicas(b"n")
+        hold(c.links[q], XPut)
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(2)
+        assert not any(type(cmd) is XRelease for cmd in c.links[q].sent)
+        assert len(c.links[q].backend.leases) == 1
+        c.links[q].resume()
+        assert self.leases(c) == 0 and c.router.stats()["rmw_leases_released_total"] == 0
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1))) == Number(3)
+        c.links[q].held.pop().errback(ConnectionLost("gone"))
+        assert [type(cmd) for cmd in c.links[q].sent][-1] is XRelease
+        assert self.leases(c) == 0 and c.router.stats()["rmw_leases_released_total"] == 1
+
     def test_a_failed_command_releases_its_leases(self) -> None:
         """A command that fails before anything is applied (W = 3: its read needs the third replica, whose
         connection fails) releases the leases its read took, with no floor: the next command is not held up."""
