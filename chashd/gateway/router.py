@@ -1434,13 +1434,17 @@ class _ReadModifyWrite:
       gateway a map behind applies.
     - Leases (``chashd.leases``, where the argument is): each round (a read, then the command and its copies)
       has a deadline, ``lease_for`` after it starts; its reads are ``XLease`` (shared while the primary is
-      the map's, ``map_primary``; exclusive on ``max(W, N - W + 1)`` candidates otherwise), its command and
-      copies carry the round's ``Lease``. A primary that is not the map's (a failover, or a stalled map
+      the map's, ``map_primary``, and this router's map did not move the key's primary,
+      ``Router._prior_primaries``; exclusive on ``max(W, N - W + 1)`` candidates otherwise), its command
+      and copies carry the round's ``Lease``. A primary that is not the map's (a failover, or a stalled map
       primary) applies only after an exclusive round (``_go_exclusive``: one more read). A read refused
-      for another command's lease (``KeyLeased``) waits until that lease ends and reads again
-      (``_LEASE_WAIT``). A command whose primary may have applied it (its command unanswered: the timeout,
-      a lost connection) remembers that version (``sent_version``), reads again exclusively, and fails if
-      that read finds a record as new (``_maybe_applied``).
+      for another command's lease (``KeyLeased``) gives up the leases its round got and reads again after
+      ``lease_poll`` seconds, doubled each time, or when that lease ends if sooner (``_LEASE_WAIT``).
+      Exclusive commands of this router take turns per key (``Router._turns``, ``_QUEUED``). A command
+      whose primary may have applied it (its command unanswered: the timeout, a lost connection) remembers
+      that version (``sent_version``), reads again exclusively, and fails if that read finds a record as
+      new (``_maybe_applied``). Over, it ends its leases where no store of it did (``_end_leases``:
+      ``XRelease``, with the newest version it may have left unacknowledged as floor).
     """
 
     __slots__ = (
@@ -1927,6 +1931,9 @@ class _ReadModifyWrite:
             self._succeed(answer)
             return
         self._copy_to(others, self.epoch)
+        # The next command of this gateway on the key may read now: its reads follow this one's command and
+        # copies (a read that overtakes a copy on another connection is refused, and polls).
+        self._pass_turn()
         self._copies_progress()
 
     def _copy_to(self, nodes: Sequence[str], epoch: int) -> None:
