@@ -35,9 +35,11 @@ The rule.
   command starts one more round for it: the failover path pays a round trip, the common path none).
 - *Conflict*: another holder's unexpired exclusive lease on the key, or, for an exclusive request or store,
   another holder's unexpired lease of either mode. A kvstore refuses a lease request or a store that meets a
-  conflict (``KeyLeased``, with the time the conflicting lease ends); the command waits until then and
-  starts its round over (a new deadline), up to its retry bound. A refusal anywhere in a round starts it
-  over, so the round whose result is applied got every lease it asked for.
+  conflict (``KeyLeased``, with the time the conflicting lease ends); the command gives up what its round
+  got, waits (a poll, below, or until then) and starts its round over (a new deadline), up to its retry
+  bound. A refusal anywhere in a round starts it over, so the round whose result is applied got every lease
+  it asked for. (A gateway also lets its own exclusive commands of one key take turns before they ask:
+  fewer refusals, nothing the argument relies on.)
 - A command whose primary may have applied it (the command was sent and not answered) runs it at another
   node only after a new round, exclusive whatever its primary, and fails (``the value may or may not have
   changed``) when that round reads a version as new as the one it sent: the first attempt may have been
