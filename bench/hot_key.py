@@ -9,13 +9,11 @@ gateway for ``--seconds`` in each phase:
 
 - ``up, hot``: every kvstore up, every client on the same key;
 - ``down, hot``: the hot key's primary stopped (SIGSTOP) and marked down (the phase starts once the gateway
-  says so), every client on the same key: a gateway whose map moved the key's primary runs its commands
-  with exclusive leases (USAGE.md, "Failures and consistency"), so the overlapping ones take turns;
-- ``down, spread``: the same, each client on keys of its own whose primary is the stopped node (nothing
-  overlaps: what an exclusive command costs by itself).
+  says so), every client on the same key (the map moved its primary: USAGE.md, "Failures and consistency");
+- ``down, spread``: the same, each client on keys of its own whose primary is the stopped node.
 
 Prints, per phase, incr/s, errors, p50/p99/max latency, and how much the gateway's counters
-``rmw_lease_waits_total``, ``rmw_lease_polls_total`` and ``rmw_exclusive_primary_changed_total`` grew (absent
+``rmw_lease_waits_total``, ``rmw_lease_polls_total`` and ``rmw_turns_waited_total`` grew (absent
 counters, on a version without them, print as -). Every process is stopped by its pid at the end (after
 SIGCONT), also on failure. Run it twice with ``PYTHONPATH`` naming two trees to compare versions.
 """
@@ -37,7 +35,7 @@ from handoff import LineClient
 
 from chashd.launcher import LocalCluster, http_json, wait_for
 
-COUNTERS = ("rmw_lease_waits_total", "rmw_lease_polls_total", "rmw_exclusive_primary_changed_total")
+COUNTERS = ("rmw_lease_waits_total", "rmw_lease_polls_total", "rmw_turns_waited_total")
 
 
 def stats(port: int) -> dict[str, str]:
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             victim.signal(signal.SIGCONT)
     print(f"{args.clients} clients, {args.seconds:g} s per phase, the hot key's primary {victim_name}")
-    print("| phase | incr/s | errors | p50 / p99 / max (ms) | lease waits | polls | exclusive (map moved) |")
+    print("| phase | incr/s | errors | p50 / p99 / max (ms) | lease waits | polls | turns waited |")
     print("|---|---|---|---|---|---|---|")
     for name, f in figures.items():
         times = " / ".join(f"{1000 * f[k]:.1f}" for k in ("p50", "p99", "max"))

@@ -301,6 +301,9 @@ class XLease:
 
     key: bytes
     lease: Lease
+    #: The map epoch its connection named (``xmap``, stamped by the parser; 0: none): leases of commands run
+    #: by two maps conflict (``chashd.leases``).
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,15 +26,15 @@ The rule.
   its result) name ``d``, the holder and the mode (``xdeadline``): a kvstore refuses a store once its clock
   is past ``d``, and an ``xapply`` whose version's milliseconds are past ``d`` (``DeadlinePassed``).
 - A command whose primary is the map's (the first up replica: every gateway on the epoch agrees on it)
-  is *shared*, unless the gateway's map moved the key's primary: its primary by the node states the gateway
-  routed by before its last change of node states, or by states it replaced within ``prior_for`` (10 s)
-  before that, differs from the primary now (``Router._prior_primaries``; a gateway a map or two behind may
-  still apply there). Any other (that one, and a failover: the map's primary was timed out, failed, or is
-  stalled for this gateway) is *exclusive*: it takes its leases on ``max(W, N - W + 1)`` replicas of the
-  key, its primary among them, all in the round whose result it applies (a failover during the read or the
-  command starts one more round for it: the failover path pays a round trip, the common path none).
-- *Conflict*: another holder's unexpired exclusive lease on the key, or, for an exclusive request or store,
-  another holder's unexpired lease of either mode. A kvstore refuses a lease request or a store that meets a
+  is *shared*. Any other (a failover: the map's primary was timed out, failed, or is stalled for this
+  gateway) is *exclusive*: it takes its leases on ``max(W, N - W + 1)`` replicas of the key, its primary
+  among them, all in the round whose result it applies (a failover during the read or the command starts
+  one more round for it: the failover path pays a round trip, the common path none). Every lease and store
+  carries the map epoch its command runs by: the epoch its connection named (``xmap``) for an ``xlease``
+  and an ``xapply``, the ``xfence`` of a copy (0: none named, a gateway of an earlier version).
+- *Conflict*: another holder's unexpired exclusive lease on the key; for an exclusive request or store,
+  another holder's unexpired lease of either mode; and another holder's unexpired lease of another map
+  epoch (both known). A kvstore refuses a lease request or a store that meets a
   conflict (``KeyLeased``, with the time the conflicting lease ends); the command gives up what its round
   got, waits (a poll, below, or until then) and starts its round over (a new deadline), up to its retry
   bound. A refusal anywhere in a round starts it over, so the round whose result is applied got every lease
@@ -72,8 +72,10 @@ Why it holds (clocks within ``e`` of each other; every command reads ``N - W + 1
    ``f + 2e``: every version C may have stored, or may still store (an ``xapply`` or a copy on the way),
    is at most ``f``, and every clock is past ``f + e``. In (c) and (d) a refused round of C stores nothing,
    and C applies only in a round that gets all its leases again.
-2. *Exclusion.* Let F be exclusive, its applied round granted leases on a set LF of at least
-   ``max(W, N - W + 1)`` replicas, and C any other command (round) that stores. C's leases were granted at
+2. *Exclusion.* Let F be exclusive (or shared, and C of another map epoch: every lease and store of the one
+   conflicts with the other's, as with an exclusive one), its applied round granted leases on a set LF of at
+   least ``max(W, N - W + 1)`` replicas (a shared command reads ``max(N - W + 1, R, W)``), and C any other
+   command (round) that stores. C's leases were granted at
    some Y in LF (its reads meet every ``W`` replicas, and LF meets every ``N - W + 1``: the two commands'
    maps differ by node states at most, 7, so both sets are in the same preference list). (a) If Y granted C
    before F, F's grant at Y waited for C's lease there to end (1): C is dead, or Y took C's store first and
@@ -86,8 +88,8 @@ Why it holds (clocks within ``e`` of each other; every command reads ``N - W + 1
    waited for F's lease to end (F is dead before C's read at Y, or Y took F's store and C reads F's result
    there, or F was acknowledged and C reads its result, or F stored nothing, or F's leftovers are older
    than C's version), and each of F's stores at a replica C reads came before C's read there (after it
-   they meet C's lease). Two shared commands apply at the same primary P (7), which runs each on the record
-   it holds: the later on the earlier's result.
+   they meet C's lease). Two shared commands of one map epoch apply at the same primary P, which runs each
+   on the record it holds: the later on the earlier's result.
 3. *The second sees the first.* An acknowledged result is on ``W`` replicas; the other command reads
    ``N - W + 1`` (or LF), so by 2 it reads that result or a newer one, catches its primary up to the newest
    (``XPut``) and computes on it. The acknowledged results form one chain, each computed on the one before:
@@ -110,22 +112,16 @@ Why it holds (clocks within ``e`` of each other; every command reads ``N - W + 1
    is among the leased replicas), both newer than the attempt, and fails; a fork elsewhere loses (4). If
    C came second, it reads the new round's result and builds on that. The attempt itself, applied late,
    is a fork older than the new round's result (the same gateway's clock picked both).
-7. *Shared commands of two maps.* Let C and F be shared, by maps ``e < e'`` that differ by node states (a
-   ring change is the epoch fence's and the previous owners' reads' matter, as before), at primaries
-   ``P_C != P_F``. If F reads ``P_C`` (it is up in ``e'`` and among the replicas F reads), that read comes
-   after F's gateway's ``xmap e'`` on the same connection: C's ``xapply`` at ``P_C`` before it is read
-   by F, after it refused (``StaleMap``). Otherwise ``P_C`` is the key's primary by ``e`` (C is shared),
-   and F's gateway, being shared, names ``P_F`` by every node states in its window (1 change back, and
-   ``prior_for`` before that): so it did not route by ``e``'s states within it. One map behind (``e' = e +
-   1``): a gateway that routed by ``e`` has them in its window at ``e + 1`` (the states before its last
-   change), so F is exclusive, a contradiction. Two or more behind (``e`` older than the states before F's
-   gateway's last change): covered while F's gateway replaced ``e``'s states within ``prior_for``; a gateway
-   that runs read-modify-writes heard from the Raft leader within its election timeout (1.4 s), so it is
-   that far behind for a moment only. Not covered: a gateway that skipped ``e`` (it went from a map before
-   to one after without routing by it) while C's gateway came to ``e`` from states that named ``P_C`` too
-   (else C is exclusive), and a follower (``--follow``) cut off from its gateway for longer than
-   ``prior_for`` across two changes of node states; gateways or kvstores of earlier versions (no leases,
-   no releases: leases run out by their deadline there).
+7. *Two maps.* A command runs by one map: its ``xapply`` and its reads are sent only while its gateway
+   routes by that map (a placement that changes before the command is sent starts it over, its reads
+   included), after that map's ``xmap`` on the connection, and its copies name it (``xfence``). So each
+   round's leases and stores carry one epoch, and two shared commands with two primaries, whose maps name
+   two primaries, carry two epochs: they conflict as in 2, however many maps apart (a gateway a map behind,
+   two behind, one that skipped a map, a follower cut off from its gateway). Their lease sets meet when
+   the two maps differ by node states (both in the key's preference list); across a ring change the epoch
+   fence and the previous owners' reads order them, as before. A command that started over by a newer map
+   takes its leases again with that epoch (a holder's lease keeps its newest). Not covered: gateways that
+   name no epoch and kvstores that take no leases (earlier versions), where the window is as open as before.
 
 Pure: time comes in as an argument (seconds, the kvstore's clock).
 """
@@ -145,12 +141,13 @@ MAX_LEASED_KEYS = 65536
 
 
 class LeaseTable:
-    """One kvstore's leases: key -> {holder: (until, exclusive)}, in seconds of the kvstore's clock.
+    """One kvstore's leases: key -> {holder: (until, exclusive, epoch)}, in seconds of the kvstore's clock.
 
     ``request`` grants a lease or refuses it, ``conflict`` says whether a store may go on; a refusal is the
-    time the conflicting lease ends. Bounded: past ``max_keys`` keys, expired entries are purged, then the
-    oldest keys forgotten, and until the latest forgotten lease would have ended every request and store
-    conflicts (``blocked_until``), as after a start.
+    time the conflicting lease ends. ``epoch`` is the cluster map epoch the command runs by (the ``xmap`` of
+    its connection, the ``xfence`` of a copy; 0: unknown, conflicting by epoch with nothing). Bounded: past
+    ``max_keys`` keys, expired entries are purged, then the oldest keys forgotten, and until the latest
+    forgotten lease would have ended every request and store conflicts (``blocked_until``), as after a start.
     """
 
     __slots__ = ("_leases", "blocked_until", "max_keys", "skew")
@@ -158,35 +155,42 @@ class LeaseTable:
     def __init__(self, started: float, skew: float = CLOCK_BOUND, max_keys: int = MAX_LEASED_KEYS) -> None:
         self.skew = skew
         self.max_keys = max_keys
-        self._leases: dict[bytes, dict[str, tuple[float, bool]]] = {}
+        self._leases: dict[bytes, dict[str, tuple[float, bool, int]]] = {}
         #: Nothing is granted before this time: leases held before a start (or forgotten) may still run.
         self.blocked_until = started + MAX_LEASE + 2 * skew
 
     def __len__(self) -> int:
         return len(self._leases)
 
-    def conflict(self, key: bytes, holder: str, exclusive: bool, now: float) -> float | None:
+    def conflict(self, key: bytes, holder: str, exclusive: bool, now: float, epoch: int = 0) -> float | None:
         """When the lease that ``holder``'s request or store of ``key`` conflicts with ends (another holder's
-        exclusive lease, or with ``exclusive`` any other holder's), or None: no conflict."""
+        exclusive lease, with ``exclusive`` any other holder's, and any other holder's of another known map
+        epoch), or None: no conflict."""
         if now < self.blocked_until:
             return self.blocked_until
         held = self._leases.get(key)
         if held is None:
             return None
         end = 0.0
-        for other, (until, other_exclusive) in list(held.items()):
+        for other, (until, other_exclusive, other_epoch) in list(held.items()):
             if until <= now:
                 del held[other]
-            elif other != holder and (exclusive or other_exclusive) and until > end:
+            elif (
+                other != holder
+                and (exclusive or other_exclusive or epoch != other_epoch and epoch and other_epoch)
+                and until > end
+            ):
                 end = until
         if not held:
             del self._leases[key]
         return end or None
 
-    def request(self, key: bytes, holder: str, deadline: float, exclusive: bool, now: float) -> float | None:
+    def request(
+        self, key: bytes, holder: str, deadline: float, exclusive: bool, now: float, epoch: int = 0
+    ) -> float | None:
         """Lease ``key`` to ``holder`` until ``deadline`` plus twice the clock bound (None), or refuse: the
         time the conflicting lease ends."""
-        refused = self.conflict(key, holder, exclusive, now)
+        refused = self.conflict(key, holder, exclusive, now, epoch)
         if refused is not None:
             return refused
         held = self._leases.get(key)
@@ -198,10 +202,10 @@ class LeaseTable:
             held = self._leases[key] = {}
         until = deadline + 2 * self.skew
         mine = held.get(holder)
-        if mine is not None:  # the holder's next round: the later end, exclusive if either is
+        if mine is not None:  # the holder's next round: the later end, exclusive if either is, its epoch
             until = max(until, mine[0])
             exclusive = exclusive or mine[1]
-        held[holder] = (until, exclusive)
+        held[holder] = (until, exclusive, epoch)
         return None
 
     def release(self, key: bytes, holder: str, floor: float | None = None, deadline: float | None = None) -> None:
@@ -219,7 +223,7 @@ class LeaseTable:
         if floor is not None:
             until = floor + 2 * self.skew
             if until < mine[0]:
-                held[holder] = (until, mine[1])
+                held[holder] = (until, mine[1], mine[2])
             return
         del held[holder]
         if not held:
@@ -229,10 +233,10 @@ class LeaseTable:
         """Purge expired leases; if the table is still full, forget its oldest half and block until the last
         of them would have ended."""
         leases = self._leases
-        for key in [k for k, held in leases.items() if all(until <= now for until, _ in held.values())]:
+        for key in [k for k, held in leases.items() if all(entry[0] <= now for entry in held.values())]:
             del leases[key]
         if len(leases) < self.max_keys:
             return
         for key in list(leases)[: max(1, self.max_keys // 2)]:
-            for until, _ in leases.pop(key).values():
-                self.blocked_until = max(self.blocked_until, until)
+            for entry in leases.pop(key).values():
+                self.blocked_until = max(self.blocked_until, entry[0])

@@ -306,7 +306,6 @@ class Router:
             "rmw_copies_refused_deadline_total": 0,
             "rmw_copies_refused_leased_total": 0,
             "rmw_refused_maybe_applied_total": 0,
-            "rmw_exclusive_primary_changed_total": 0,
             "rmw_lease_polls_total": 0,
             "rmw_leases_released_total": 0,
             "rmw_turns_waited_total": 0,
@@ -424,7 +423,7 @@ class Router:
     def _prior_primaries(self, replicas: tuple[str, ...]) -> list[str]:
         """The primaries of ``replicas`` by the node states before the last change, and by those replaced
         within ``prior_for`` seconds before it, that differ from the primary now: where a gateway a map or
-        two behind sends its read-modify-writes (``_ReadModifyWrite.start``: the command is exclusive)."""
+        two behind sends its read-modify-writes (``_ReadModifyWrite.start`` reads the ones up)."""
         down = self._down
         earlier = self._earlier_down
         if not earlier and self._prior_down == down:
@@ -1434,8 +1433,8 @@ class _ReadModifyWrite:
       gateway a map behind applies.
     - Leases (``chashd.leases``, where the argument is): each round (a read, then the command and its copies)
       has a deadline, ``lease_for`` after it starts; its reads are ``XLease`` (shared while the primary is
-      the map's, ``map_primary``, and this router's map did not move the key's primary,
-      ``Router._prior_primaries``; exclusive on ``max(W, N - W + 1)`` candidates otherwise), its command
+      the map's, ``map_primary``; the kvstores keep shared leases of two map epochs apart; exclusive on
+      ``max(W, N - W + 1)`` candidates otherwise), its command
       and copies carry the round's ``Lease``. A primary that is not the map's (a failover, or a stalled map
       primary) applies only after an exclusive round (``_go_exclusive``: one more read). A read refused
       for another command's lease (``KeyLeased``) gives up the leases its round got and reads again after
@@ -1561,10 +1560,11 @@ class _ReadModifyWrite:
         self.candidates = router._primaries(replicas)
         down = router._down
         self.map_primary = next((n for n in replicas if n not in down), None)
-        # A primary that is not the map's (a stalled one moved last) applies only after exclusive leases; so
-        # does one whose map changed the key's primary (a gateway a map behind still applies at the old one).
+        # A primary that is not the map's (a stalled one moved last) applies only after exclusive leases. (A
+        # gateway on another map may name another primary: the kvstores keep shared leases of two maps apart,
+        # by the epoch of the connection, chashd.leases.)
         priors = router._prior_primaries(replicas)
-        self.exclusive = bool(self.candidates) and (self.candidates[0] != self.map_primary or bool(priors))
+        self.exclusive = bool(self.candidates) and self.candidates[0] != self.map_primary
         if self.exclusive and not self.has_turn:
             waiting = router._turns.get(self.key)
             if waiting is not None:  # another exclusive command of this gateway on the key: after it
@@ -1574,8 +1574,6 @@ class _ReadModifyWrite:
                 return
             router._turns[self.key] = deque()
             self.has_turn = True
-        if priors and self.exclusive:
-            router.counters["rmw_exclusive_primary_changed_total"] += 1
         self.reread = self.sent_version is not None
         self.extra = router._previous_owners(self.key, replicas)
         for prior in priors:

@@ -565,7 +565,7 @@ class LocalBackend:
                     results.append(stale)
                     continue
             if command.lease is not None:
-                stop = self._store_stop(command.key, command.lease, now_ms / 1000)
+                stop = self._store_stop(command.key, command.lease, now_ms / 1000, command.epoch)
                 if stop is not None:
                     results.append(stop)
                     continue
@@ -623,7 +623,7 @@ class LocalBackend:
             if stale is not None:
                 raise stale
         if command.lease is not None:
-            stop = self._store_stop(command.key, command.lease, self._seconds())
+            stop = self._store_stop(command.key, command.lease, self._seconds(), command.epoch)
             if stop is not None:
                 raise stop
         record = command.record
@@ -710,7 +710,9 @@ class LocalBackend:
         now = self._seconds()
         if lease.deadline > (now + MAX_LEASE + CLOCK_BOUND) * 1000:
             raise BadCommand(f"a deadline is at most {MAX_LEASE:g}s ahead")
-        refused = self.leases.request(command.key, lease.holder, lease.deadline / 1000, lease.exclusive, now)
+        refused = self.leases.request(
+            command.key, lease.holder, lease.deadline / 1000, lease.exclusive, now, command.epoch
+        )
         if refused is not None:
             counts["xlease_refused_total"] += 1
             raise KeyLeased(_ms(refused))
@@ -729,13 +731,13 @@ class LocalBackend:
         self.leases.release(command.key, command.holder, floor, command.deadline / 1000)
         return Status.OK
 
-    def _store_stop(self, key: bytes, lease: Lease, now: float) -> DomainError | None:
-        """Why a store of ``lease``'s round may not go on (past its deadline, or a conflicting lease), else
-        None; counted."""
+    def _store_stop(self, key: bytes, lease: Lease, now: float, epoch: int) -> DomainError | None:
+        """Why a store of ``lease``'s round, run by the map of ``epoch``, may not go on (past its deadline, or
+        a conflicting lease), else None; counted."""
         if now * 1000 > lease.deadline:
             self._counts["rmw_deadline_refused_total"] += 1
             return DeadlinePassed(lease.deadline)
-        refused = self.leases.conflict(key, lease.holder, lease.exclusive, now)
+        refused = self.leases.conflict(key, lease.holder, lease.exclusive, now, epoch)
         if refused is not None:
             self._counts["xlease_refused_total"] += 1
             return KeyLeased(_ms(refused))
@@ -781,7 +783,7 @@ class LocalBackend:
             if version.millis > lease.deadline:  # a version the command that comes next may not pass
                 self._counts["rmw_deadline_refused_total"] += 1
                 raise DeadlinePassed(lease.deadline, f": the version {version} is past it (clocks too far apart)")
-            stop = self._store_stop(write.key, lease, now)
+            stop = self._store_stop(write.key, lease, now, command.epoch)
             if stop is not None:
                 raise stop
         current = self.engine.get(write.key)

@@ -993,7 +993,7 @@ class RequestParser:
         if len(tokens) != 5 or len(tokens[1]) > MAX_KEY_LENGTH:
             return FailedRequest(BadCommand())
         lease = _lease_tokens(tokens[2:])
-        return lease if isinstance(lease, FailedRequest) else XLease(tokens[1], lease)
+        return lease if isinstance(lease, FailedRequest) else XLease(tokens[1], lease, self.map_epoch)
 
     def _xdeadline(self, tokens: list[bytes], ntokens: int) -> _Parsed:
         """``xdeadline <holder> <deadline> <s|x>``: the next ``xapply`` or ``xput`` parsed carries that lease

@@ -115,3 +115,16 @@ class LeaseTableTests(SynchronousTestCase):
         assert t.conflict(b"k", "gw2:1", False, T + 0.2) == T + 2.1 + 2 * CLOCK_BOUND
         t.release(b"k", "gw1:1", None, T + 2.1)
         assert t.conflict(b"k", "gw2:1", False, T + 0.2) is None
+
+    def test_shared_leases_of_two_map_epochs_conflict(self) -> None:
+        """Shared leases of commands run by one map epoch coexist; a shared request or store of another epoch
+        meets them (a gateway a map behind may name another primary); epoch 0 (unknown) meets none by epoch."""
+        t = table()
+        assert t.request(b"k", "gw1:1", T + 2, False, T, 5) is None
+        assert t.request(b"k", "gw2:1", T + 2, False, T, 5) is None
+        assert t.request(b"k", "gw3:1", T + 2, False, T, 6) == T + 2 + 2 * CLOCK_BOUND
+        assert t.conflict(b"k", "gw3:1", False, T, 4) == T + 2 + 2 * CLOCK_BOUND
+        assert t.conflict(b"k", "gw3:1", False, T, 5) is None
+        assert t.request(b"k", "gw4:1", T + 2, False, T, 0) is None
+        assert t.request(b"j", "gw1:1", T + 2, False, T, 5) is None
+        assert t.conflict(b"j", "gw1:1", False, T, 6) is None  # the holder's own lease

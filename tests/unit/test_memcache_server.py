@@ -21,7 +21,21 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import chashd.memcache
-from chashd.commands import Arith, Command, Delete, Get, Result, Status, Store, XApply, XFence, XMap, XPut
+from chashd.commands import (
+    Arith,
+    Command,
+    Delete,
+    Get,
+    Lease,
+    Result,
+    Status,
+    Store,
+    XApply,
+    XFence,
+    XLease,
+    XMap,
+    XPut,
+)
 from chashd.errors import DomainError, NodeLeaving, QuorumNotReached, RequestError
 from chashd.interfaces import IForwardedGet, IForwardedSet, IGroupedPuts, IKeyValue, IPlainGet
 from chashd.kvstore.backend import LocalBackend
@@ -1153,6 +1167,28 @@ class MapFenceTests:
         assert self.xapply(new, new_t, 600).startswith(b"XAPPLIED 4\r\n")
         stats = backend.stats()
         assert stats["xapply_stale_map"] == 2 and stats["cmd_xmap"] == 3 and backend.map_epoch == 7
+
+    def test_leases_of_two_maps_conflict(self) -> None:
+        """An ``xlease`` carries the epoch its connection named: connections on epoch 5 lease a key together,
+        one on epoch 6 is refused while their leases last (shared leases of two maps conflict); a
+        connection that named no epoch conflicts with none by epoch."""
+        factory, _ = make_factory()
+        backend = factory.backend
+        assert isinstance(backend, LocalBackend)
+        backend.execute(XPut(b"n", Record(b"1", 0, 0, Version(100, "gw"))))
+        (a, a_t), (b, b_t), (c, c_t), (plain, plain_t) = [connect(factory) for _ in range(4)]
+        a.dataReceived(b"xmap 5\r\n")
+        b.dataReceived(b"xmap 5\r\n")
+        c.dataReceived(b"xmap 6\r\n")
+        deadline = int(backend._seconds() * 1000) + 2000
+        for protocol, transport, holder in ((a, a_t, "gw1:1"), (b, b_t, "gw2:1"), (c, c_t, "gw3:1")):
+            transport.clear()
+            protocol.dataReceived(serialize_command(XLease(b"n", Lease(holder, deadline))))
+        assert a_t.value().startswith(b"XVALUE n ") and b_t.value().startswith(b"XVALUE n ")
+        assert c_t.value().startswith(b"SERVER_ERROR key leased by another read-modify-write until ")
+        plain_t.clear()
+        plain.dataReceived(serialize_command(XLease(b"n", Lease("gw4:1", deadline))))
+        assert plain_t.value().startswith(b"XVALUE n ")
 
     def test_fenced_copy(self) -> None:
         """``xfence <epoch>`` before an ``xput`` (a read-modify-write's copy): refused, nothing stored, when the

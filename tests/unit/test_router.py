@@ -56,11 +56,12 @@ class Link:
         self.sent: list[Any] = []
         self.held: list[Deferred[Any]] = []
         self.held_commands: list[Any] = []
-        #: The map epoch this connection named (``xmap``): its xapply commands carry it, as on the wire.
+        #: The map epoch this connection named (``xmap``): its xapply and xlease commands carry it, as on the
+        #: wire.
         self.epoch = 0
 
     def send(self, command: Any) -> Deferred[Any]:
-        if type(command) is XApply and self.epoch:
+        if (type(command) is XApply or type(command) is XLease) and self.epoch:
             command = replace(command, epoch=self.epoch)
         self.sent.append(command)
         if self.mode == "down":
@@ -460,10 +461,10 @@ class TwoGatewayFenceTests(SynchronousTestCase):
     command's epoch (``XPut.epoch``), which replicas that know the newer map refuse: two primaries never both
     answer the same read-modify-write."""
 
-    def late_and_new(self) -> tuple[Cluster, Router, dict[str, Link], str]:
-        """Routers ``gw1`` (the cluster's, epoch 1, every node up: one heartbeat behind) and ``gw2`` (epoch 2,
-        the key's primary down and unreachable: the leader's side); ``n`` = 1 on every replica. The second
-        router, its links, and the primary."""
+    def late_and_new(self, epoch: int = 2) -> tuple[Cluster, Router, dict[str, Link], str]:
+        """Routers ``gw1`` (the cluster's, epoch 1, every node up: one heartbeat behind) and ``gw2`` (``epoch``,
+        2 by default, the key's primary down and unreachable: the leader's side); ``n`` = 1 on every replica.
+        The second router, its links, and the primary."""
         c = Cluster()
         for link in c.links.values():
             link.epoch = 1
@@ -473,21 +474,21 @@ class TwoGatewayFenceTests(SynchronousTestCase):
         links = {name: Link(link.backend) for name, link in c.links.items()}
         newer = Router("gw2", c.clock, links.__getitem__)
         links[primary].mode = "down"
-        for name, link in links.items():  # as DataPlane.follow does: its connections name epoch 2 (xmap)
-            link.epoch = 2
+        for name, link in links.items():  # as DataPlane.follow does: its connections name the epoch (xmap)
+            link.epoch = epoch
             if name != primary:
-                link.backend.know_epoch(2)
-        newer.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=2), {primary: NodeState.DOWN}))
+                link.backend.know_epoch(epoch)
+        newer.update(Placement(HashRing(dict.fromkeys(c.links, 1), epoch=epoch), {primary: NodeState.DOWN}))
         return c, newer, links, primary
 
     def test_late_primary_result_is_not_acknowledged(self) -> None:
         """The late gateway reads the key (1) at the primary (held) and the next replica, shared; the new map's
-        gateway, whose map moved the key's primary, takes exclusive leases, and the next replica refuses it
-        while the late command's lease lasts. The old primary then applies the late increment on its own 1
-        (2): the replicas that know epoch 2 refuse its copies, so the late gateway fails the command (not
-        acknowledged) and releases its lease with the version it left as floor; the new map's command
-        increments once that floor is half a second behind, so its result (2, acknowledged) is newer than the
-        one the old primary kept, and the next command builds on it (3)."""
+        gateway's shared lease there is refused while the late command's lease, of another map epoch, lasts.
+        The old primary then applies the late increment on its own 1 (2): the replicas that know epoch 2
+        refuse its copies, so the late gateway fails the command (not acknowledged) and releases its lease
+        with the version it left as floor; the new map's command increments once that floor is half a second
+        behind, so its result (2, acknowledged) is newer than the one the old primary kept, and the next
+        command builds on it (3)."""
         c, newer, _, primary = self.late_and_new()
         c.links[primary].mode = "hang"
         late = c.router.execute(Arith(b"n", 1))  # reads the primary (held) and the next replica (1)
@@ -509,7 +510,6 @@ class TwoGatewayFenceTests(SynchronousTestCase):
         assert all(fork.version < c.record(n, b"n").version for n in others)  # type: ignore[union-attr]
         assert sum(c.links[n].backend.stats()["xput_stale_map"] for n in others) == 2
         assert c.router.stats()["rmw_copies_refused_stale_map_total"] == 2
-        assert newer.stats()["rmw_exclusive_primary_changed_total"] == 1
         assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(3)
         assert c.clock.getDelayedCalls() == []
 
@@ -566,8 +566,13 @@ class TwoGatewayFenceTests(SynchronousTestCase):
         copies are refused (Y and the third know epoch 2) and it fails, but X keeps that result. It must never
         win a comparison over the acknowledged one (read repair, anti-entropy, the handoff would spread it and
         lose the acknowledged append): the new map's command is ordered with the late one at the replica both
-        read, and ends up newer than whatever the late one left, or built on it."""
-        c, newer, _, x = self.late_and_new()
+        read, and ends up newer than whatever the late one left, or built on it. The same with the new gateway
+        two maps ahead (epoch 3)."""
+        for epoch in (2, 3):
+            self.w2(epoch)
+
+    def w2(self, epoch: int) -> None:
+        c, newer, _, x = self.late_and_new(epoch)
         self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"x")))  # every node on epoch 1 knows it
         y, third = [n for n in c.replicas(b"n") if n != x]
         c.links[x].mode = "hang"
@@ -1446,17 +1451,18 @@ class LeaseEndTests(SynchronousTestCase):
         assert c.router.stats()["rmw_lease_waits_total"] == 0
 
     def test_two_commands_that_each_got_part_of_their_leases(self) -> None:
-        """Two gateways' exclusive commands (the key's primary marked down: its map moved the primary) each
-        get one of the two leases: the one refused gives up the one it got, so the other completes, and it
-        reads again after a poll and completes too, instead of both waiting for the other's lease to run out."""
+        """Two gateways' exclusive commands (both hold the key's primary stalled) each get one of the two
+        leases: the one refused gives up the one it got, so the other completes, and it reads again after a
+        poll and completes too, instead of both waiting for the other's lease to run out."""
         c = Cluster()
         self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
         x, y, z = c.replicas(b"n")
         links = {name: Link(link.backend) for name, link in c.links.items()}
         second = Router("gw2", c.clock, links.__getitem__)
         second.update(c.router.placement)
-        c.mark(**{x: "down"})
-        second.update(c.router.placement)
+        for router in (c.router, second):
+            router.suspect_for = 60
+            router._mark_stalled(x)
         hold(links[y], XLease)
         b = second.execute(Arith(b"n", 1))  # Y held, Z granted
         a = c.router.execute(Arith(b"n", 1))  # Y granted, Z refused: gives Y up, polls
@@ -1466,8 +1472,6 @@ class LeaseEndTests(SynchronousTestCase):
         c.advance(0.01)
         assert self.successResultOf(a) == Number(3)
         assert [c.record(n, b"n").value for n in (y, z)] == [b"3", b"3"]  # type: ignore[union-attr]
-        assert c.router.stats()["rmw_exclusive_primary_changed_total"] == 1
-        assert second.stats()["rmw_exclusive_primary_changed_total"] == 1
         assert c.router.stats()["rmw_lease_polls_total"] == 1
         assert self.leases(c) == 0
         c.advance(0.1)  # the hedging timers of the reads
@@ -1480,7 +1484,8 @@ class LeaseEndTests(SynchronousTestCase):
         c = Cluster()
         self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
         x, y, _ = c.replicas(b"n")
-        c.mark(**{x: "down"})
+        c.router.suspect_for = 60
+        c.router._mark_stalled(x)  # as its primary timeout does: the next replica is primary, exclusively
         hold(c.links[y], XApply)
         first = c.router.execute(Arith(b"n", 1))
         sent = c.sends()
@@ -1496,6 +1501,7 @@ class LeaseEndTests(SynchronousTestCase):
         stats = c.router.stats()
         assert (stats["rmw_lease_waits_total"], stats["rmw_lease_polls_total"]) == (0, 0)
         assert c.router._turns == {}
+        c.router._mark_stalled(x)  # again: the other key's read heard from it
         third = c.router.execute(Arith(b"n", 1))
         fourth = c.router.execute(Arith(b"n", 1))
         c.router.stop()
@@ -1503,32 +1509,38 @@ class LeaseEndTests(SynchronousTestCase):
         c.links[y].resume()
         assert self.successResultOf(third) == Number(4)
 
-    def test_exclusive_while_the_primary_differs_from_the_one_before(self) -> None:
-        """Commands are shared while nothing changed, exclusive once the key's primary is marked down (and
-        once it is back: a gateway that still sees it down applies at the next one), shared again after a
-        change that leaves the primary as the one before it; the primaries of states replaced within
-        ``prior_for`` seconds count as well (a gateway two maps behind), older ones not."""
-        c = Cluster(count=4)
-        x, y, _ = c.replicas(b"n")
-        other = next(n for n in c.links if n not in c.replicas(b"n"))
-
-        def exclusive() -> int:
-            before = c.router.counters["rmw_exclusive_primary_changed_total"]
-            self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
-            self.successResultOf(c.router.execute(Arith(b"n", 1)))
-            return c.router.counters["rmw_exclusive_primary_changed_total"] - before
-
-        assert exclusive() == 0
-        c.mark(**{x: "down"})
-        assert exclusive() == 1
-        c.mark(**{x: "down", other: "down"})  # the primary stays Y, but X's up two maps ago, 0 s ago
-        assert c.router._prior_primaries(c.replicas(b"n")) == [x]
-        assert exclusive() == 1
-        c.advance(c.router.prior_for + 1)
-        assert exclusive() == 0  # the states just before the last change name Y too
-        c.mark(**{other: "down"})  # X back: the map moved the primary back
-        assert c.router._prior_primaries(c.replicas(b"n")) == [y]
-        assert exclusive() == 1
+    def test_shared_leases_of_two_map_epochs_conflict(self) -> None:
+        """Shared commands of gateways on one map epoch lease a key together; a shared command of another
+        epoch (its connection named another map) is refused while they last, and reads again once they
+        ended."""
+        c = Cluster()
+        self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+        p, q, _ = c.replicas(b"n")
+        for link in c.links.values():
+            link.epoch = 1
+        same = {name: Link(link.backend) for name, link in c.links.items()}
+        other = {name: Link(link.backend) for name, link in c.links.items()}
+        for link in same.values():
+            link.epoch = 1
+        for link in other.values():
+            link.epoch = 2
+        routers = []
+        for name, links in (("gw2", same), ("gw3", other)):
+            router = Router(name, c.clock, links.__getitem__)
+            router.update(c.router.placement)
+            routers.append(router)
+        hold(c.links[p], XApply)
+        first = c.router.execute(Arith(b"n", 1))  # leases P and Q (epoch 1), its command held
+        hold(same[p], XApply)
+        second = routers[0].execute(Arith(b"n", 1))  # epoch 1 too: leased as well, its command held
+        third = routers[1].execute(Arith(b"n", 1))  # epoch 2: refused, polls
+        assert routers[1].stats()["rmw_lease_waits_total"] == 1
+        c.links[p].resume()
+        same[p].resume()
+        assert (self.successResultOf(first), self.successResultOf(second)) == (Number(2), Number(3))
+        c.advance(0.05)
+        assert self.successResultOf(third) == Number(4)
+        assert self.leases(c) == 0
 
 
 class FastPathTests(SynchronousTestCase):
