@@ -268,11 +268,8 @@ class Router:
         self._memo_replicas = 0
         self._prefs_memo: dict[bytes, tuple[str, ...]] = {}
         self._down: frozenset[str] = frozenset()
-        # The nodes down in the placement before the last change of node states (``_prior_primaries``), when
-        # that one was replaced, and the ones before it replaced within ``prior_for`` seconds before that.
+        # The nodes down in the placement before the last change of node states (``_prior_primary``).
         self._prior_down: frozenset[str] = frozenset()
-        self._prior_replaced = 0.0
-        self._earlier_down: deque[tuple[float, frozenset[str]]] = deque()
         #: Nodes that answered XVer with ERROR (a kvstore of an earlier version): asked with XGet only, until
         #: the placement changes.
         self._no_xver: set[str] = set()
@@ -319,13 +316,7 @@ class Router:
         if placement != self.placement:
             old = self.placement
             if old.states != placement.states:
-                now = self._now()
-                earlier = self._earlier_down
-                earlier.append((self._prior_replaced, self._prior_down))
-                while earlier and earlier[0][0] < now - self.prior_for:
-                    earlier.popleft()
                 self._prior_down = frozenset(n for n in old.ring.nodes if not old.is_up(n))
-                self._prior_replaced = now
             self.placement = placement
             if self._epoch_waiters:
                 self._wake_epoch_waiters()
@@ -414,31 +405,15 @@ class Router:
             return self._suspects_last(up, self._stalled)
         return up
 
-    #: Seconds after a change of node states that the primaries by the states before it still count
-    #: (``_prior_primaries``), besides those by the states just before the last change, which always do: a
-    #: gateway that runs read-modify-writes heard from the Raft leader within its election timeout (1.4 s at
-    #: most), so it routes by no map older than this.
-    prior_for = 10.0
-
-    def _prior_primaries(self, replicas: tuple[str, ...]) -> list[str]:
-        """The primaries of ``replicas`` by the node states before the last change, and by those replaced
-        within ``prior_for`` seconds before it, that differ from the primary now: where a gateway a map or
-        two behind sends its read-modify-writes (``_ReadModifyWrite.start`` reads the ones up)."""
-        down = self._down
-        earlier = self._earlier_down
-        if not earlier and self._prior_down == down:
-            return []
-        while earlier and earlier[0][0] < self._now() - self.prior_for:
-            earlier.popleft()
-        now = next((n for n in replicas if n not in down), None)
-        found: list[str] = []
-        for _, before in (*earlier, (0.0, self._prior_down)):
-            if before == down:
-                continue
-            primary = next((n for n in replicas if n not in before), None)
-            if primary is not None and primary != now and primary not in found:
-                found.append(primary)
-        return found
+    def _prior_primary(self, replicas: tuple[str, ...]) -> str | None:
+        """The primary of ``replicas`` by the node states before the last change, when it differs from the
+        primary now (a gateway a map behind sends its read-modify-writes there); else None."""
+        prior = self._prior_down
+        if prior == self._down:
+            return None
+        before = next((n for n in replicas if n not in prior), None)
+        now = next((n for n in replicas if n not in self._down), None)
+        return before if before != now else None
 
     def _suspects_last(self, nodes: Sequence[str], suspects: dict[str, float]) -> list[str]:
         """``nodes`` with those still suspect moved to the end (suspicions that ran out are forgotten)."""
@@ -1563,7 +1538,6 @@ class _ReadModifyWrite:
         # A primary that is not the map's (a stalled one moved last) applies only after exclusive leases. (A
         # gateway on another map may name another primary: the kvstores keep shared leases of two maps apart,
         # by the epoch of the connection, chashd.leases.)
-        priors = router._prior_primaries(replicas)
         self.exclusive = bool(self.candidates) and self.candidates[0] != self.map_primary
         if self.exclusive and not self.has_turn:
             waiting = router._turns.get(self.key)
@@ -1576,12 +1550,12 @@ class _ReadModifyWrite:
             self.has_turn = True
         self.reread = self.sent_version is not None
         self.extra = router._previous_owners(self.key, replicas)
-        for prior in priors:
-            if prior in self.candidates[self.reads_needed :] and prior not in self.extra:
-                # The primary by the map before: a gateway a map behind applies there. Reading it (after this
-                # gateway's xmap on the same connection) orders it: what it applied before is read, what comes
-                # after is refused. Only a node up now (a down one would hold the command up).
-                self.extra = [*self.extra, prior]
+        prior = router._prior_primary(replicas)
+        if prior is not None and prior in self.candidates[self.reads_needed :]:
+            # The primary by the map before: a gateway a map behind applies there. Reading it (after this
+            # gateway's xmap on the same connection) orders it: what it applied before is read, what comes
+            # after is refused. Only a node up now (a down one would hold the command up).
+            self.extra = [*self.extra, prior]
         up = len(self.candidates)
         if up < self.needed_w or up < self.needed_r or not up:
             router.counters["quorum_failures"] += 1

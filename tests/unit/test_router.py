@@ -1399,8 +1399,7 @@ class SameEpochFailoverTests(SynchronousTestCase):
 
 class LeaseEndTests(SynchronousTestCase):
     """Leases end when their command ends (``XRelease``, ``_ReadModifyWrite._end_leases``), and a command
-    refused for another's lease reads again within a poll; a command whose map moved the key's primary
-    (``Router._prior_primaries``) is exclusive."""
+    refused for another's lease reads again within a poll; shared leases of two map epochs conflict."""
 
     def leases(self, c: Cluster) -> int:
         return sum(len(link.backend.leases) for link in c.links.values())
