@@ -7,6 +7,7 @@ process started here is tracked by its pid and stopped by it: SIGTERM first, SIG
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,8 +33,10 @@ __all__ = [
     "Daemon",
     "DaemonError",
     "LocalCluster",
+    "RESERVED_FOR",
     "SEED_VARIABLES",
     "clean_environ",
+    "default_ledger",
     "ephemeral_ports",
     "free_ports",
     "twistd_command",
@@ -72,27 +76,99 @@ def ephemeral_ports() -> tuple[int, int]:
     return low, high
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+def free_ports(count: int, host: str = "127.0.0.1", ledger: Path | None = None) -> list[int]:
     """``count`` distinct TCP ports that were free on ``host`` a moment ago.
 
     They are drawn at random below the kernel's ephemeral range: a port the kernel hands out (a bind to port
     0) is one that any outgoing connection of the machine may take before the daemon listens on it, which
-    happens on a busy machine.
+    happens on a busy machine. Nor are they ports handed out in the last ``RESERVED_FOR`` seconds by another
+    call, of this process or another one of the same user (test suites running side by side, each in two
+    pytest processes): those are written in ``ledger`` (``default_ledger()``; ``None`` there: not shared),
+    since a daemon listens on its ports only seconds after they were chosen.
     """
     low = ephemeral_ports()[0]
     if low - LOWEST_FREE_PORT < 4 * count:  # no room below it: let the kernel choose
         return _kernel_ports(count, host)
-    rng = random.SystemRandom()
+    with _PortLedger(ledger or default_ledger()) as reserved:
+        unreserved = [p for p in range(LOWEST_FREE_PORT, low) if p not in reserved.ports]
+        candidates = random.SystemRandom().sample(unreserved, min(len(unreserved), 100 * count))
+        ports = _bindable(candidates, count, host)
+        if len(ports) < count:
+            raise OSError(f"no {count} free ports on {host} below {low}")
+        reserved.add(ports)
+        return ports
+
+
+#: How long a port ``free_ports`` handed out stays out of its later answers (seconds).
+RESERVED_FOR = 120.0
+
+
+def default_ledger() -> Path | None:
+    """The file where this user's ``free_ports`` calls note the ports they handed out."""
+    getuid = getattr(os, "getuid", None)
+    return Path(tempfile.gettempdir(), f"chashd-free-ports-{getuid()}") if getuid else None
+
+
+class _PortLedger:
+    """The ports handed out in the last ``RESERVED_FOR`` seconds, as lines ``<port> <time>`` in a file only
+    its owner may write, locked (``flock``) from reading to writing. Without a usable file, none."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.ports: dict[int, float] = {}
+
+    def __enter__(self) -> _PortLedger:
+        if self.path is None:
+            return self
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            with os.fdopen(os.dup(self.fd), "r") as f:
+                text = f.read()
+        except OSError:  # another user's file, a read-only /tmp: not shared
+            self._close()
+            return self
+        since = time.time() - RESERVED_FOR
+        for line in text.splitlines():
+            words = line.split()
+            try:
+                port, at = int(words[0]), float(words[1])
+            except (IndexError, ValueError):
+                continue
+            if at >= since:
+                self.ports[port] = at
+        return self
+
+    def add(self, ports: Sequence[int]) -> None:
+        """Note ``ports`` as handed out now."""
+        now = time.time()
+        self.ports.update((p, now) for p in ports)
+        if self.fd is None:
+            return
+        text = "".join(f"{p} {at:.3f}\n" for p, at in self.ports.items()).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text, 0)
+
+    def __exit__(self, *_: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # also lets go of the lock
+            self.fd = None
+
+
+def _bindable(candidates: Sequence[int], count: int, host: str) -> list[int]:
+    """The first ``count`` of ``candidates`` that ``host`` lets us bind (fewer when too few are)."""
     sockets: list[socket.socket] = []
     try:
-        attempts = 100 * count
-        while len(sockets) < count:
-            if not attempts:
-                raise OSError(f"no {count} free ports on {host} below {low}")
-            attempts -= 1
+        for port in candidates:
+            if len(sockets) == count:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                s.bind((host, rng.randrange(LOWEST_FREE_PORT, low)))
+                s.bind((host, port))
             except OSError:  # taken (or in TIME_WAIT): another one
                 s.close()
                 continue

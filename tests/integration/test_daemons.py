@@ -13,6 +13,7 @@ import pytest
 
 from chashd.launcher import (
     LOWEST_FREE_PORT,
+    RESERVED_FOR,
     ClusterSecrets,
     Daemon,
     clean_environ,
@@ -85,6 +86,25 @@ class FreePortsTests:
         for port in ports[:20]:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port))
+
+    def test_not_handed_out_twice(self, tmp_path: Path) -> None:
+        """Ports handed out a moment ago (by this process or another: the ledger file they share) are not
+        handed out again until ``RESERVED_FOR`` has passed, so suites side by side do not start two daemons
+        on one port; a ledger line older than that, or one that is not a port and a time, reserves nothing."""
+        ledger = tmp_path / "ledger"
+        first = free_ports(100, ledger=ledger)
+        second = free_ports(100, ledger=ledger)
+        assert not set(first) & set(second)
+        assert {int(line.split()[0]) for line in ledger.read_text().splitlines()} == {*first, *second}
+
+        low = ephemeral_ports()[0]
+        left = [p for p in range(LOWEST_FREE_PORT + 7, low, 997)][:5]
+        stale = time.time() - RESERVED_FOR - 5
+        lines = [f"{p} {time.time():.3f}" for p in range(LOWEST_FREE_PORT, low) if p not in left]
+        ledger.write_text("\n".join([*lines, f"{left[0]} {stale:.3f}", "garbage", "12 x"]) + "\n")
+        assert set(free_ports(3, ledger=ledger)) <= set(left)
+        with pytest.raises(OSError, match="no 6 free ports"):
+            free_ports(6, ledger=ledger)
 
 
 class BadConfigTests:
