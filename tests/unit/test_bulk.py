@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from chashd.bulk import ROW_HEAD_SIZE, BulkError, BulkRow, decode_rows, encode_rows, split_rows
 from chashd.commands import Bulked, BulkFormat, BulkProbe, XBulk
 from chashd.config import KVStoreConfig, load_config
-from chashd.errors import BadCommand, BulkUnsupported, ConfigError, UnknownCommand
+from chashd.errors import BadCommand, BadDataChunk, BulkUnsupported, ConfigError, UnknownCommand
 from chashd.gcwatch import GCWatch
 from chashd.interfaces import IStorageEngine
 from chashd.kvstore.backend import LocalBackend
@@ -107,6 +107,52 @@ class WireTests:
         assert parser.next() == XBulk(count, block)
         assert parser.next() == BulkProbe()
         assert parser.next() is None
+
+    def test_pages_split_anywhere(self) -> None:
+        """Pages split in two or three reads at any bytes (inside the line and its length prefix, inside the
+        block, inside its CRLF, between two pages), parsed between the reads or only after the last one, come
+        out whole and exact, and the next command after them."""
+        first = serialize_command(XBulk(*encode_rows(rows(3))))
+        second = serialize_command(XBulk(*encode_rows(rows(2, prefix=b"n"))))
+        data = first + second + b"xbulk\r\n"
+        expected = [XBulk(*encode_rows(rows(3))), XBulk(*encode_rows(rows(2, prefix=b"n"))), BulkProbe()]
+
+        def parsed(pieces: list[bytes], drain_between: bool) -> list[object]:
+            parser = RequestParser(1 << 20)
+            got: list[object] = []
+            for piece in pieces:
+                parser.feed(piece)
+                while drain_between and (event := parser.next()) is not None:
+                    got.append(event)
+            while (event := parser.next()) is not None:
+                got.append(event)
+            assert parser.buffered == 0 and not parser.in_request
+            return got
+
+        for i in range(1, len(data)):
+            for drain in (True, False):
+                assert parsed([data[:i], data[i:]], drain) == expected, (i, drain)
+        for i in range(1, len(first) + 3):
+            for j in range(i + 1, len(first) + 4):
+                for drain in (True, False):
+                    assert parsed([data[:i], data[i:j], data[j:]], drain) == expected, (i, j, drain)
+        assert parsed([data[i : i + 1] for i in range(len(data))], True) == expected
+
+    def test_a_page_without_its_crlf(self) -> None:
+        """A page whose block is not followed by CRLF is a bad data chunk, however it was split; the bytes after
+        its announced size are read as the next command."""
+        count, block = encode_rows(rows(3))
+        data = b"xbulk %d %d\r\n%sXYxbulk\r\n" % (count, len(block), block)
+        for i in range(1, len(data)):
+            parser = RequestParser(1 << 20)
+            parser.feed(data[:i])
+            got = [parser.next()]
+            parser.feed(data[i:])
+            got += [parser.next(), parser.next(), parser.next()]
+            got = [event for event in got if event is not None]
+            assert len(got) == 2, i
+            assert isinstance(got[0], FailedRequest) and isinstance(got[0].error, BadDataChunk), i
+            assert got[1] == BulkProbe(), i
 
     def test_bad_lines(self) -> None:
         """A bad count or size is a CLIENT_ERROR; a page over the limit is skipped unread and refused."""
