@@ -350,8 +350,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--convergence",
         type=float,
-        default=0.0,
-        help="seconds after the heal within which every key must be on N replicas (default 0: once settled)",
+        default=90.0,
+        help="seconds after the heal within which every key must be on N replicas (default 90: USAGE.md's bound, "
+        "one anti-entropy interval of the kvstores, 60 s by default, plus a pass)",
     )
     p.add_argument(
         "--report",
