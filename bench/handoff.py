@@ -18,6 +18,8 @@ Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite 
   of the gateway's latency from the gateway's own;
 - takes the CPU time (user + system, ``/proc/<pid>/stat``) each daemon used during the move, per record
   moved, and the part of it spent in the kernel: on a loaded machine the rate follows the CPU the move needs;
+  and each kvstore's main thread's (its reactor's, ``/proc/<pid>/task/<pid>/stat``) against its other threads'
+  (the thread pool's: scans, encoding, drops, checkpoints);
 - samples both kvstores' RSS (``/proc/<pid>/status`` VmRSS, every 50 ms) before and during the move, and
   keeps reading through the gateway meanwhile (the p99 during the move; a read that misses is counted);
 - reads each kvstore's full garbage collections (``gc_full_*`` in ``/stats``, timed with ``gc.callbacks``)
@@ -71,6 +73,15 @@ def cpu_split(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def main_thread_cpu(pid: int) -> float:
+    """User plus system CPU time the main thread of a process (a daemon's reactor thread) has used, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -324,6 +335,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         assert gateway_pid is not None
         pids = {first.name: first.pid, second.name: second.pid, "gateway-1": gateway_pid}
         cpu_before = {name: cpu_split(pid) for name, pid in pids.items()}
+        reactor_before = {name: main_thread_cpu(pid) for name, pid in pids.items()}
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -331,6 +343,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             if start is None and (state["running"] or state["records_sent"]):
                 start = now
                 cpu_before = {name: cpu_split(pid) for name, pid in pids.items()}
+                reactor_before = {name: main_thread_cpu(pid) for name, pid in pids.items()}
             if start is not None and not state["running"]:
                 epoch = http_json(cluster.gateways[0].url + "/ring/status")[1]["epoch"]
                 if state["synced_epoch"] == epoch and handoff(second)["synced_epoch"] == epoch:
@@ -339,6 +352,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                         name: tuple(a - b for a, b in zip(cpu_split(pid), cpu_before[name]))
                         for name, pid in pids.items()
                     }
+                    reactor_used = {name: main_thread_cpu(pid) - reactor_before[name] for name, pid in pids.items()}
                     break
             time.sleep(0.05)
         if start is None or end is None:
@@ -410,6 +424,14 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 f"{name} {user + system:.1f} s ({1e6 * (user + system) / max(1, moved):.0f} us/record, "
                 f"{1e6 * system / max(1, moved):.0f} of them system)"
                 for name, (user, system) in cpu_used.items()
+            )
+        )
+        print(
+            "reactor threads    "
+            + ", ".join(
+                f"{name} {reactor_used[name]:.2f} s ({1e6 * reactor_used[name] / max(1, moved):.1f} us/record; "
+                f"its other threads {1e6 * (sum(cpu_used[name]) - reactor_used[name]) / max(1, moved):.1f})"
+                for name in (first.name, second.name)
             )
         )
         for name, figures in gc_after.items():
