@@ -23,9 +23,11 @@ Pure: no Twisted, no clock.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import TypeAlias
 
 from chashd.record import MAX_KEY_LENGTH
@@ -39,6 +41,8 @@ __all__ = [
     "decode_rows",
     "encode_rows",
     "page_size",
+    "run_digest",
+    "run_digest_of",
     "split_rows",
 ]
 
@@ -130,3 +134,29 @@ def split_rows(rows: Sequence[BulkRow], max_rows: int, max_bytes: int) -> list[S
     if start < len(rows):
         pages.append(rows[start:])
     return pages
+
+
+_KEY_OF = itemgetter(0)
+_CLOCK_OF = itemgetter(4)
+_WRITER_OF = itemgetter(5)
+
+
+def run_digest(rows: Sequence[BulkRow]) -> bytes:
+    """A digest of the keys and versions of ``rows``, in their order (not their values): equal for two runs
+    of rows exactly when they hold the same keys with the same versions in the same order (but for a collision
+    of BLAKE2b-128). The handoff keeps it of each run it pushed and drops later
+    (``IStorageEngine.remove_run_if``), instead of the rows."""
+    writers = {writer: writer.encode().hex() for writer in set(map(_WRITER_OF, rows))}
+    return run_digest_of(
+        len(rows),
+        ",".join(map(bytes.hex, map(_KEY_OF, rows))).upper(),
+        ",".join(map(str, map(_CLOCK_OF, rows))),
+        ",".join(map(writers.__getitem__, map(_WRITER_OF, rows))).upper(),
+    )
+
+
+def run_digest_of(count: int, keys: str, clocks: str, writers: str) -> bytes:
+    """``run_digest`` of ``count`` rows from their keys and writers in upper-case hex and their clocks in
+    decimal, each joined with commas (what SQLite's ``group_concat(hex(key))`` and the like give): each part
+    reads back one way, so the text, and the digest, tell the rows apart."""
+    return hashlib.blake2b(f"{count}|{keys}|{clocks}|{writers}".encode("ascii"), digest_size=16).digest()

@@ -74,6 +74,12 @@ class IStorageEngine(Interface):
         """``remove_many_if`` of the records of ``chashd.bulk.BulkRow`` tuples (a page the handoff pushed),
         as one group; the number forgotten."""
 
+    def remove_run_if(first: bytes, last: bytes, digest: bytes) -> int:
+        """Forget the run of records from ``first`` to ``last`` (both included, in (hash, key) order) if it
+        still holds exactly the rows whose ``chashd.bulk.run_digest`` is ``digest`` (no record rewritten, added
+        or removed since), as one group; the number forgotten: all of the run's records, or 0. The handoff's
+        drop of a run it pushed earlier and kept only the digest of."""
+
     def scan(first_hash: int, last_hash: int, after: Any = None, limit: int = 1000) -> list[Any]:
         """Up to ``limit`` ``(key, Record)`` pairs with ``first_hash <= key_hash(key) <= last_hash``,
         in (hash, key) order, starting after the ``(hash, key)`` position ``after`` (None: from the start).

@@ -50,7 +50,7 @@ from contextlib import contextmanager, suppress
 
 from zope.interface import implementer
 
-from chashd.bulk import BulkRow
+from chashd.bulk import BulkRow, run_digest
 from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
@@ -454,6 +454,26 @@ class MemoryEngine:
     def remove_rows_if(self, rows: Sequence[BulkRow]) -> int:
         """``remove_many_if`` of the records of ``rows`` (a page the handoff pushed); the number forgotten."""
         return sum(self.remove_many_if([(row[0], Version(row[4], row[5])) for row in rows]))
+
+    def remove_run_if(self, first: bytes, last: bytes, digest: bytes) -> int:
+        """Forget the run from ``first`` to ``last`` if ``run_digest`` of its rows is ``digest``; the number
+        forgotten (all of the run or 0)."""
+        low, high = (key_hash(first), first), (key_hash(last), last)
+        if low > high:
+            return 0
+        with self.batch():
+            found = self._rows(low[0], high[0], None, len(self._records) + 1)
+            run = [(key, row) for hash_value, key, row in found if low <= (hash_value, key) <= high]
+            rows: list[BulkRow] = []
+            for key, row in run:
+                _h, flags, expires_at, clock, tombstone, writer_size = _unpack(row)
+                end = _HEADER_SIZE + writer_size
+                rows.append((key, b"", flags, expires_at, clock, row[_HEADER_SIZE:end].decode(), int(tombstone)))
+            if not rows or run_digest(rows) != digest:
+                return 0
+            for key, row in run:
+                self._forget(key, row)
+        return len(run)
 
     def remove_many_if(self, items: Sequence[tuple[bytes, Version]]) -> list[bool]:
         """Compare-and-remove: forget each ``key`` of the ``(key, version)`` pairs whose stored version is

@@ -36,7 +36,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from chashd.bulk import BulkRow
+from chashd.bulk import BulkRow, run_digest_of
 from chashd.errors import StorageError, StorageFull
 from chashd.interfaces import IStorageEngine
 from chashd.record import Record, purgeable
@@ -97,6 +97,13 @@ _SCAN_ROWS_AFTER = (
 _RUN = "(hash, key) >= (?, ?) AND (hash, key) <= (?, ?)"
 _RUN_VERSIONS = f"SELECT key, (clock + 9223372036854775807) + 1, writer FROM records WHERE {_RUN} ORDER BY hash, key"
 _DELETE_RUN = f"DELETE FROM records WHERE {_RUN}"
+#: The run's keys and versions as ``run_digest_of`` reads them, and its value bytes, in one row
+#: (``remove_run_if``): the keys and writers in hex, the clocks in decimal, each joined with commas, all three
+#: in the same order of the run's rows (whatever order SQLite aggregates them in).
+_RUN_DIGEST = (
+    "SELECT count(*), group_concat(hex(key)), group_concat((clock + 9223372036854775807) + 1),"
+    f" group_concat(hex(writer)), total(length(value)) FROM records WHERE {_RUN}"
+)
 #: Whether the table holds a record in the run (``apply_rows``: a page of new keys).
 _RUN_HOLDS = f"SELECT EXISTS (SELECT 1 FROM records WHERE {_RUN})"
 #: The fewest rows ``apply_rows`` looks at as a run: a handoff's pages have hundreds, in scan order; a group of
@@ -735,6 +742,34 @@ class SQLiteEngine:
                     self._removed(rows)
                     return removed
             return self._remove_rows_each(rows)
+
+    def remove_run_if(self, first: bytes, last: bytes, digest: bytes) -> int:
+        """Forget the run of the table from ``first`` to ``last`` (both included) if ``run_digest`` of its rows
+        is ``digest``, in one transaction; the number forgotten (all of the run or 0). Two statements under the
+        write lock, as ``remove_rows_if``'s for a page still as scanned: the run's keys, versions and value
+        bytes as one row (``_RUN_DIGEST``: one step of SQLite, where a row per record gave up the GIL and took
+        it back at each), then one ``DELETE`` of the run."""
+        low, high = (key_hash(first), first), (key_hash(last), last)
+        if low > high:
+            return 0
+        with self.batch():
+            db = self._db
+            try:
+                count, keys, clocks, writers, freed = db.execute(_RUN_DIGEST, (*low, *high)).fetchone()
+                if not count or run_digest_of(count, keys, clocks, writers) != digest:
+                    return 0
+                removed = db.execute(_DELETE_RUN, (*low, *high)).rowcount
+            except sqlite3.Error as e:
+                raise self._failed(e) from e
+            if removed != count:  # cannot be: the run was read in this transaction
+                raise StorageError(f"removed {removed} records of a run of {count}")
+            self._keys -= removed
+            self._bytes -= int(freed)
+            self._generation += 1
+            if self._records:  # the cache holds few of a handoff's records, if any
+                for key in self._records.keys() & set(map(bytes.fromhex, keys.split(","))):
+                    self._forget(key)
+        return removed
 
     def _remove_rows_each(self, rows: Sequence[BulkRow]) -> int:
         """``remove_rows_if`` row by row: one statement for the group when nothing raced (``DELETE ... AND

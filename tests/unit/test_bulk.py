@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from chashd.bulk import ROW_HEAD_SIZE, BulkError, BulkRow, decode_rows, encode_rows, split_rows
+from chashd.bulk import ROW_HEAD_SIZE, BulkError, BulkRow, decode_rows, encode_rows, run_digest, split_rows
 from chashd.commands import Bulked, BulkFormat, BulkProbe, XBulk
 from chashd.config import KVStoreConfig, load_config
 from chashd.errors import BadCommand, BadDataChunk, BulkUnsupported, ConfigError, UnknownCommand
@@ -323,6 +323,51 @@ class EngineTests:
         assert engine.get(found[7][0]).value == b"rewritten"
         assert engine.stats()["keys"] == len(left)
         assert engine.stats()["bytes"] == sum(len(row[1]) for row in left)
+
+    def test_remove_run_if_drops_an_unchanged_run(self, engine: Any) -> None:
+        """A run as scanned (clocks 0 and 2**63 - 1, a tombstone, keys of one hash) goes whole, and nothing
+        before or after it; counts and the record cache follow."""
+        found = self.scanned(engine)
+        engine.get(found[6][0])  # in the record cache, if the engine has one
+        assert engine.remove_run_if(found[0][0], found[24][0], run_digest(found[:25])) == 25
+        assert engine.scan_rows(0, 2**32 - 1, None, 1000) == found[25:]
+        assert engine.get(found[6][0]) is None
+        assert engine.stats()["keys"] == 5 and engine.stats()["bytes"] == sum(len(row[1]) for row in found[25:])
+        assert engine.remove_run_if(found[25][0], found[29][0], run_digest(found[25:])) == 5
+        assert engine.stats()["keys"] == 0 and engine.stats()["bytes"] == 0
+
+    def test_remove_run_if_keeps_a_run_that_changed(self, engine: Any) -> None:
+        """A run where, since its digest, a record was rewritten (a newer clock; the same clock by another
+        writer; writers whose names joined with commas read the same: "a,b" and "c" against "a" and "b,c"), a
+        record was written among its records or one was removed, stays whole; a run whose first key comes
+        after its last is no run."""
+        found = self.scanned(engine)
+        engine.put(found[12][0], Record(b"twelve", 0, 0, Version(CLOCK + 500, "a,b")))
+        engine.put(found[13][0], Record(b"thirteen", 0, 0, Version(CLOCK + 501, "c")))
+        found = engine.scan_rows(0, 2**32 - 1, None, 1000)
+        runs = [found[i : i + 5] for i in range(0, 30, 5)]
+        digests = [run_digest(run) for run in runs]
+        engine.put(found[1][0], Record(b"newer", 0, 0, Version(found[1][4] + 1, "w")))
+        engine.put(found[7][0], Record(b"other writer", 0, 0, Version(found[7][4], "x")))
+        engine.put(found[12][0], Record(b"twelve again", 0, 0, Version(CLOCK + 500, "a")))
+        engine.put(found[13][0], Record(b"thirteen again", 0, 0, Version(CLOCK + 501, "b,c")))
+        engine.remove(found[17][0])
+        between = next(b"new-%d" % i for i in range(100_000) if self.between(b"new-%d" % i, found, 21))
+        engine.put(between, Record(b"added", 0, 0, Version(CLOCK, "w")))
+        keys, size = engine.stats()["keys"], engine.stats()["bytes"]
+        for run, digest in zip(runs[:5], digests[:5]):
+            assert engine.remove_run_if(run[0][0], run[-1][0], digest) == 0
+        assert engine.stats()["keys"] == keys and engine.stats()["bytes"] == size
+        assert engine.remove_run_if(runs[5][-1][0], runs[5][0][0], digests[5]) == 0
+        assert engine.remove_run_if(runs[5][0][0], runs[5][-1][0], digests[5]) == 5
+        assert engine.stats()["keys"] == keys - 5
+
+    @staticmethod
+    def between(key: bytes, found: list[BulkRow], index: int) -> bool:
+        """Whether ``key`` sorts (by ring hash, then key) between ``found[index]`` and the row after it."""
+        position = (key_hash(key), key)
+        after = found[index + 1][0]
+        return (key_hash(found[index][0]), found[index][0]) < position < (key_hash(after), after)
 
     def test_remove_rows_if_rows_out_of_order(self, engine: Any) -> None:
         """Rows not in scan order go too (record by record)."""
