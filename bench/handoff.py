@@ -12,8 +12,12 @@ Starts one real gateway (``--replicas 1``) and one real kvstore with the SQLite 
   gets of random keys a second, one in flight, from a process of its own: the p99 without a move);
 - starts a second, empty SQLite kvstore; it registers, the ring changes, the first kvstore pushes about
   half its records to it. The move runs from the first ``/health`` (polled every 50 ms) showing the first
-  kvstore's handoff under way to the one showing it over and both kvstores synced with the gateway's epoch;
-  the records moved are the first kvstore's ``records_sent``, MB/s counts their value bytes;
+  kvstore's handoff under way to the one showing every page of its main pass acknowledged (``phase``
+  ``drop`` or ``sweep``: the second kvstore has every record), or, when none shows that (code that drops
+  each page as it goes, or deferred drops over within a poll), to the one showing it over and both kvstores
+  synced with the gateway's epoch; the records moved are the first kvstore's ``records_sent``, MB/s counts
+  their value bytes. The deferred drops (from the end of the move to both kvstores synced) are printed
+  apart: their time, each daemon's CPU over them and the reads' p99 during them;
 - also reads each kvstore directly on its line port (one connection each), to tell the kvstores' share
   of the gateway's latency from the gateway's own;
 - takes the CPU time (user + system, ``/proc/<pid>/stat``) each daemon used during the move, per record
@@ -330,7 +334,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         second_base = rss_mb(second.pid) or 0.0
         gc_before[second.name] = gc_figures(second)  # after its start-up collection (the freeze's)
         first_base = statistics.median(sampler.series(first.pid, quiet_end - args.read_seconds, quiet_end))
-        start = end = None
+        start = end = delivered = None
         gateway_pid = cluster.gateways[0].pid
         assert gateway_pid is not None
         pids = {first.name: first.pid, second.name: second.pid, "gateway-1": gateway_pid}
@@ -344,18 +348,30 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 start = now
                 cpu_before = {name: cpu_split(pid) for name, pid in pids.items()}
                 reactor_before = {name: main_thread_cpu(pid) for name, pid in pids.items()}
+            if start is not None and delivered is None and state.get("phase") in ("drop", "sweep"):
+                delivered = now  # every page of the main pass acknowledged: its drops were deferred to now
+                cpu_delivered = {name: cpu_split(pid) for name, pid in pids.items()}
+                reactor_delivered = {name: main_thread_cpu(pid) for name, pid in pids.items()}
             if start is not None and not state["running"]:
                 epoch = http_json(cluster.gateways[0].url + "/ring/status")[1]["epoch"]
                 if state["synced_epoch"] == epoch and handoff(second)["synced_epoch"] == epoch:
                     end = now
+                    cpu_end = {name: cpu_split(pid) for name, pid in pids.items()}
+                    if delivered is None:  # no deferred drops (or over within a poll): the move is the whole handoff
+                        delivered, cpu_delivered = end, cpu_end
+                        reactor_delivered = {name: main_thread_cpu(pid) for name, pid in pids.items()}
                     cpu_used = {
-                        name: tuple(a - b for a, b in zip(cpu_split(pid), cpu_before[name]))
+                        name: tuple(a - b for a, b in zip(cpu_delivered[name], cpu_before[name]))
                         for name, pid in pids.items()
                     }
-                    reactor_used = {name: main_thread_cpu(pid) - reactor_before[name] for name, pid in pids.items()}
+                    cpu_drops = {
+                        name: tuple(a - b for a, b in zip(cpu_end[name], cpu_delivered[name]))
+                        for name, pid in pids.items()
+                    }
+                    reactor_used = {name: reactor_delivered[name] - reactor_before[name] for name in pids}
                     break
             time.sleep(0.05)
-        if start is None or end is None:
+        if start is None or end is None or delivered is None:
             print("the move did not finish in time", file=sys.stderr)
             return 1
         moved_state = handoff(first)
@@ -364,17 +380,18 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         for one in [reader, *direct.values()]:
             one.finish()
         quiet = reader.window(quiet_end - args.read_seconds, quiet_end)
-        during = reader.window(start, end)
+        during = reader.window(start, delivered)
+        dropping = reader.window(delivered, end)
         sampler.stop.set()
         sampler.join(5)
 
         moved = moved_state["records_sent"]
-        elapsed = end - start
+        elapsed = delivered - start
         first_peak = max(sampler.series(first.pid, start, end) or [first_base])
         second_peak = max(sampler.series(second.pid, start, end) or [second_base])
         p99_quiet = p99([latency for latency, _ in quiet])
         p99_move = p99([latency for latency, _ in during]) if during else float("nan")
-        misses = sum(1 for _, hit in during if not hit) + sum(1 for _, hit in quiet if not hit)
+        misses = sum(1 for _, hit in [*during, *dropping, *quiet] if not hit)
         growth = max(first_peak - first_base, second_peak - second_base)
         ratio = p99_move / p99_quiet
 
@@ -382,8 +399,13 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             return "met" if ok else "missed"
 
         print()
-        window = f"monotonic {start:.1f}-{end:.1f}"
+        window = f"monotonic {start:.1f}-{delivered:.1f}"
         print(f"records moved      {moved:,} (received {received:,}) in {elapsed:.2f} s ({window})")
+        if end > delivered:
+            print(
+                f"deferred drops     {moved_state['records_dropped']:,} records dropped in {end - delivered:.2f} s "
+                f"more (to {end:.1f}); the whole handoff {moved / (end - start):,.0f} records/s"
+            )
         print(
             f"rate               {moved / elapsed:,.0f} records/s, "
             f"{moved * args.value_size / elapsed / 1e6:.1f} MB/s of values   "
@@ -409,14 +431,23 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f"{p99_move * 1000:.2f} ms during it ({len(during):,} reads): {ratio:.2f}x   "
             f"target <= {TARGET_P99_RATIO:g}x: {verdict(ratio <= TARGET_P99_RATIO)}"
         )
+        if end > delivered and dropping:
+            p99_drops = p99([latency for latency, _ in dropping])
+            print(
+                f"gateway reads p99  {p99_drops * 1000:.2f} ms during the deferred drops ({len(dropping):,} reads): "
+                f"{p99_drops / p99_quiet:.2f}x"
+            )
         for name, one in direct.items():
             before = [latency for latency, _ in one.window(quiet_end - args.read_seconds, quiet_end)]
-            moving = [latency for latency, _ in one.window(start, end)]
+            moving = [latency for latency, _ in one.window(start, delivered)]
             line = f"direct reads {name:10s} p99 "
             if before:
                 line += f"{p99(before) * 1000:.2f} ms without a move, "
             if moving:
                 line += f"{p99(moving) * 1000:.2f} ms during it (p50 {statistics.median(moving) * 1000:.2f} ms)"
+            later = [latency for latency, _ in one.window(delivered, end)] if end > delivered else []
+            if later:
+                line += f", {p99(later) * 1000:.2f} ms during the deferred drops"
             print(line)
         print(
             "CPU during the move "
@@ -434,6 +465,15 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 for name in (first.name, second.name)
             )
         )
+        if end > delivered:
+            print(
+                "CPU during the deferred drops "
+                + ", ".join(
+                    f"{name} {user + system:.1f} s ({1e6 * (user + system) / max(1, moved):.0f} us/record moved, "
+                    f"{1e6 * system / max(1, moved):.0f} of them system)"
+                    for name, (user, system) in cpu_drops.items()
+                )
+            )
         for name, figures in gc_after.items():
             base = gc_before[name]
             count = figures.get("gc_full_collections_total", 0) - base.get("gc_full_collections_total", 0)

@@ -7,19 +7,19 @@
   between ``synced`` and ``T``, each with the nodes that entered its list (the targets) and whether this
   node drops it afterwards;
 - for each arc, page by page (``engine.scan_rows`` in the thread pool, ``page_size`` records as the engine's
-  rows, and their encoding into bulk pages of at most ``bulk_rows`` records and ``bulk_bytes`` bytes, the
-  next page read while the others are pushed): push the page to each target that has an address in the
-  newest ring, over one persistent connection per target (``connect(host, line_port)``, a ``KVClientPool``
-  that probes whether the target reads bulk pages): as ``xbulk`` pages (``chashd.bulk``; the target applies
-  each in one grouped write and answers once it is committed) in one ``send_bulk``; to a target of an
-  earlier version (the probe answered ``ERROR``; ``BulkUnsupported``), or for a page a target refused whole
-  (``CLIENT_ERROR``), as pipelined ``XPut(handoff=True)`` (wire verb ``xmove``), a slice of records per
-  ``send_many`` (one write and one Deferred per slice). Every bulk page and every slice follows an ``XEpoch``
-  naming the epoch of the ring it is pushed for. Back-pressure: at most ``window`` pages pushed and not
-  yet wholly acknowledged and dropped per target, so that the receiver always has the next page at hand
-  and no arc is ever held in memory whole. A record counts as delivered once the target answered it, which
-  a kvstore does once the record is committed to its engine (a bulk page in one transaction; the SQLite
-  engine's WAL survives a kill -9 of the receiver). A target that fails is retried with backoff (``0.5 s`` doubling to
+  rows, and their encoding into bulk pages of at most ``bulk_rows`` records and ``bulk_bytes`` bytes, the next
+  page read while the others are pushed): push the page to each target that has an address in the newest ring,
+  over one persistent connection per target (``connect(host, line_port)``, a ``KVClientPool`` that probes
+  whether the target reads bulk pages): as ``xbulk`` pages (``chashd.bulk``; the target applies each in one
+  grouped write and answers once it is committed) in one ``send_bulk``; to a target of an earlier version (the
+  probe answered ``ERROR``; ``BulkUnsupported``), or for a page a target refused whole (``CLIENT_ERROR``), as
+  pipelined ``XPut(handoff=True)`` (wire verb ``xmove``), a slice of records per ``send_many`` (one write and
+  one Deferred per slice). Every bulk page and every slice follows an ``XEpoch`` naming the epoch of the ring
+  it is pushed for. Back-pressure: at most ``window`` pages pushed and not yet wholly acknowledged (and,
+  outside the main pass, dropped) per target, so that the receiver always has the next page at hand and no arc
+  is ever held in memory whole. A record counts as delivered once the target answered it, which a kvstore does
+  once the record is committed to its engine (a bulk page in one transaction; the SQLite engine's WAL survives
+  a kill -9 of the receiver). A target that fails is retried with backoff (``0.5 s`` doubling to
   ``max_backoff``, with jitter); a record a target refuses for good (``CLIENT_ERROR`` to its ``xmove``) is
   logged and kept;
 - a target marked down in the newest ring, or that failed ``attempts`` times in a row, is *owed* the arc
@@ -30,13 +30,22 @@
 - the throttle (``rate``, ``--handoff-rate``: records and value bytes a second over every target, default
   unlimited): each push waits for its turn (``chashd.kvstore.pacing.RateBucket``), and under a records-a-second
   limit a page holds a tenth of a second's records;
-- when the arc is dropped, each record every target acknowledged is removed if the stored version is still
-  the pushed one (compare-and-remove, ``engine.remove_rows_if``, in the thread pool, a transaction of
-  ``drop_chunk`` records each), in page order: a write that raced in keeps its record, and sweeps of the
-  dropped arcs (at most ``max_sweeps``) push and drop what remains until a sweep finds nothing;
-- then, once nothing is owed, ``synced = T``, saved (``chashd.kvstore.placement.save_synced``, at
-  ``state_path``, in the thread pool) so that a restart knows it; ``when_synced(predicate)`` fires once
-  ``synced`` satisfies it.
+- when the arc is dropped, each record every target acknowledged is removed if the stored version is still the
+  pushed one, in page order: a write that raced in keeps its record, and sweeps of the dropped arcs (at most
+  ``max_sweeps``) push and drop what remains until a sweep finds nothing. The main pass of a plan
+  (``defer_drops``) drops nothing until every arc is pushed (``phase`` "push", then "drop"): it keeps, of each
+  page acknowledged whole by every target, the first and last keys and ``chashd.bulk.run_digest`` of each run
+  of ``drop_chunk`` records (made by the scan, in the thread pool; a few hundred bytes a run, not the
+  records), then removes each run that still holds exactly those keys and versions (``engine.remove_run_if``,
+  a transaction each, in the thread pool); a run where anything changed stays whole, for the sweeps. So the
+  move's CPU goes to the pushes (and the clients' reads) until the receivers have everything, and the drops
+  come after (bench/README.md: they were half the sender's CPU a record). The sweeps, owed arcs and a page a
+  target refused records of drop each page once acknowledged (compare-and-remove of its rows,
+  ``engine.remove_rows_if``, a transaction of ``drop_chunk`` records each). ``dropping`` counts the records
+  waiting for their drop;
+- then, once nothing is owed and every drop is done, ``synced = T``, saved
+  (``chashd.kvstore.placement.save_synced``, at ``state_path``, in the thread pool) so that a restart knows
+  it; ``when_synced(predicate)`` fires once ``synced`` satisfies it.
 
 Records pushed for a newer ring are never dropped by a plan for an older one: a peer names the epoch it
 pushes for (``XEpoch``, ``newer_ring_seen``); when that is newer than every ring this node knows, the node's
@@ -47,7 +56,8 @@ runs, nothing is dropped and ``synced`` does not move, until the ring watch brin
 plans from its synced ring to that one, in which it keeps what it was sent.
 
 The SQLite work of a move runs in the thread pool: the scans (a page read and encoded into bulk pages in
-one job) and the drops (one job per page, ``drop_chunk`` records per transaction). The reactor thread only
+one job) and the drops (one job per page, ``drop_chunk`` records per transaction; the main pass's once every
+arc is pushed). The reactor thread only
 sends the encoded pages (one write each) and reads the answers, so that it stays free for clients' requests
 (bench/README.md, bench/handoff.py: with the drops on the reactor thread, they took a third of it and the
 sender's own reads waited behind them; in the pool, each row's return from SQLite waits for the GIL only
@@ -86,7 +96,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from chashd.bulk import BulkRow, encode_rows, split_rows
+from chashd.bulk import BulkRow, encode_rows, run_digest, split_rows
 from chashd.commands import Command, Result, XBulk, XEpoch, XPut
 from chashd.errors import BulkUnsupported, RequestError
 from chashd.interfaces import IStorageEngine
@@ -142,10 +152,12 @@ class Handoff(MultiService):
     _log = Logger()
     #: Records read per scan (a trip to the thread pool).
     page_size = 500
-    #: Pages pushed and not yet acknowledged or dropped, per target. Three, so that the receiver still has a
-    #: page at hand while the sender drops the one it acknowledged last and pushes the next: with two, a
-    #: traced move (bench/README.md) found the receiver with no page of the move for 8-12% of the time, the
-    #: oldest page's drop holding the window (5-20 ms a page on a loaded machine); with three, 5-8%.
+    #: Pages pushed and not yet acknowledged (outside the main pass: or dropped), per target. Three, so that the
+    #: receiver still has a page at hand while the sender drops the one it acknowledged last and pushes the
+    #: next: with two, a traced move (bench/README.md) found the receiver with no page of the move for 8-12% of
+    #: the time, the oldest page's drop holding the window (5-20 ms a page on a loaded machine); with three,
+    #: 5-8%. The main pass drops after every arc is pushed (``defer_drops``), so its pages leave the window
+    #: once acknowledged.
     window = 3
     #: The work the handoff does on the reactor thread per reactor iteration, in seconds: the records
     #: serialized (``push_slice``) for ``xmove`` in a unit start at this size and follow the time they take,
@@ -156,8 +168,14 @@ class Handoff(MultiService):
     #: Records dropped per transaction, in the thread pool (a client's write waits for one at most: ~1-2 ms;
     #: a 16 KiB page holds ~14 records of 1 KiB, so smaller ones would rewrite the same pages more often).
     drop_chunk = 250
+    #: Records the deferred drops remove per job of the thread pool (a transaction of ``drop_chunk`` each): a
+    #: job a page took a round trip through the pool and the reactor per 500 records, most of the drops' time
+    #: on a loaded machine (bench/README.md).
+    drop_job = 5000
     max_backoff = 10.0
     max_sweeps = 5
+    #: The main pass of a plan drops nothing until every arc is pushed (see the module docstring).
+    defer_drops = True
     #: A page goes to a target as bulk pages of at most these many rows and bytes (or one row).
     bulk_rows = 250
     bulk_bytes = 256 * 1024
@@ -212,7 +230,14 @@ class Handoff(MultiService):
         #: Targets that failed ``attempts`` times in a row in this plan: the main pass owes them their pages
         #: at once instead of waiting for them page after page.
         self._unreachable: set[str] = set()
+        #: The runs the main pass pushed to every target, a list per page, in page order: dropped once every
+        #: arc is pushed (``defer_drops``); ``_dropping`` counts their records.
+        self._deferred: list[list[_Run]] = []
+        self._dropping = 0
         # Progress.
+        #: What the plan under way does: "push" (the main pass), "drop" (its deferred drops), "sweep" (the
+        #: sweeps and the owed arcs); None when no plan runs.
+        self.phase: str | None = None
         self.records_sent = 0
         self.records_dropped = 0
         self.arcs_total = 0
@@ -371,6 +396,9 @@ class Handoff(MultiService):
             self._goal = None
             self.arcs_total = self.arcs_done = 0
             self._estimates = []
+            self._deferred = []
+            self._dropping = 0
+            self.phase = None
             for node_id in list(self._targets):
                 self._targets.pop(node_id).service.disownServiceParent()
 
@@ -429,7 +457,15 @@ class Handoff(MultiService):
         sent, dropped = self.records_sent, self.records_dropped
         self._owed = {}
         self._unreachable = set()
-        await self._arcs(work, new)
+        try:
+            self.phase = "push"
+            await self._arcs(work, new)
+            self.phase = "drop"
+            await self._drop_deferred(new)
+            self.phase = "sweep"
+        finally:  # a plan that stops drops nothing more: the next one pushes (and drops) what is left
+            self._deferred = []
+            self._dropping = 0
         for sweep in range(1, self.max_sweeps + 1):
             await self._pay_owed(new)
             if not await self._arcs([w for w in work if w.drop], new, sweep) and not self._owed:
@@ -480,7 +516,9 @@ class Handoff(MultiService):
         At most ``window`` + 1 pages in memory."""
         found = 0
         index = 0
-        scanning: Deferred[_Page] | None = self._scan(work[0].arc, None) if work else None
+        defer = self.defer_drops and sweep == 0 and not retry
+        scan = partial(self._scan, defer=defer)
+        scanning: Deferred[_Page] | None = scan(work[0], None) if work else None
         flying: deque[Deferred[None]] = deque()  # the pages pushed (and being dropped), oldest first
         gate: Deferred[None] = succeed(None)  # fires once the page before may be dropped no more
         arc = _ArcProgress(self._clock.seconds())
@@ -495,9 +533,9 @@ class Handoff(MultiService):
                 last_page = len(page.rows) < self._page_rows
                 if not last_page:
                     key = page.rows[-1][0]
-                    scanning = self._scan(w.arc, (key_hash(key), key))
+                    scanning = scan(w, (key_hash(key), key))
                 elif index + 1 < len(work):
-                    scanning = self._scan(work[index + 1].arc, None)
+                    scanning = scan(work[index + 1], None)
                 while len(flying) >= self.window:
                     await flying.popleft()
                 self._check()
@@ -556,7 +594,11 @@ class Handoff(MultiService):
             await gate
             self._check()
             acknowledged = [row for row in page.rows if row[0] not in refused] if w.drop and not owed else []
-            if acknowledged:
+            if acknowledged and page.runs and not refused:  # dropped once every page is pushed
+                self._deferred.append(page.runs)
+                self._dropping += len(acknowledged)
+                arc.deferred += len(acknowledged)
+            elif acknowledged:
                 removed = await self._run_in_pool(self._drop_rows, acknowledged)
                 self.records_dropped += removed
                 arc.dropped += removed
@@ -571,7 +613,7 @@ class Handoff(MultiService):
         """One line per arc."""
         self._log.info(
             "handoff to epoch {epoch}{sweep}: arc {start:08x}-{end:08x} ({found} records) pushed to {targets}, "
-            "{dropped} dropped, {kept} kept, in {seconds:.2f}s",
+            "{dropped} dropped, {kept} kept{deferred}, in {seconds:.2f}s",
             epoch=new.epoch,
             sweep=f" (sweep {sweep})" if sweep > 0 else " (owed)" if sweep < 0 else "",
             start=work.arc.start,
@@ -580,11 +622,14 @@ class Handoff(MultiService):
             targets=",".join(work.targets) or "nobody",
             dropped=arc.dropped,
             kept=arc.kept,
+            deferred=f", {arc.deferred} to drop once every arc is pushed" if arc.deferred else "",
             seconds=self._clock.seconds() - arc.started,
         )
 
-    def _scan(self, arc: Arc, after: tuple[int, bytes] | None) -> Deferred[_Page]:
-        return self._run_in_pool(self._read_page, arc, after)
+    def _scan(self, work: ArcWork, after: tuple[int, bytes] | None, defer: bool = False) -> Deferred[_Page]:
+        """Read the next page of ``work``'s arc in the thread pool; with the digests of its runs when the arc is
+        dropped and ``defer`` (the main pass of a plan: its drops wait until every arc is pushed)."""
+        return self._run_in_pool(self._read_page, work.arc, after, defer and work.drop)
 
     @property
     def _page_rows(self) -> int:
@@ -594,10 +639,17 @@ class Handoff(MultiService):
             return max(1, min(self.page_size, int(self.rate.records / 10)))
         return self.page_size
 
-    def _read_page(self, arc: Arc, after: tuple[int, bytes] | None) -> _Page:
-        """A page of ``arc`` after ``after``: the engine's rows and their bulk pages; in the thread pool."""
+    def _read_page(self, arc: Arc, after: tuple[int, bytes] | None, runs: bool = False) -> _Page:
+        """A page of ``arc`` after ``after``: the engine's rows and their bulk pages, and with ``runs`` the
+        first and last keys, size and ``run_digest`` of each run of ``drop_chunk`` rows; in the thread pool."""
         rows = self._engine.scan_rows(arc.start, arc.end, after, self._page_rows)
-        return _Page(rows, self._frames(rows))
+        found = []
+        if runs:
+            chunk = self.drop_chunk
+            for start in range(0, len(rows), chunk):
+                part = rows[start : start + chunk]
+                found.append(_Run(part[0][0], part[-1][0], len(part), run_digest(part)))
+        return _Page(rows, self._frames(rows), found)
 
     def _frames(self, rows: Sequence[BulkRow]) -> list[_Frame]:
         """``rows`` as bulk pages of at most ``bulk_rows`` rows and ``bulk_bytes`` bytes each."""
@@ -625,6 +677,50 @@ class Handoff(MultiService):
                     break
                 removed += engine.remove_rows_if(rows[start : start + self.drop_chunk])
         return removed
+
+    def _drop_runs(self, runs: Sequence[_Run]) -> int:
+        """Remove each run of ``runs`` that still holds exactly the records pushed (``engine.remove_run_if``:
+        a run where a record was rewritten, added or removed since stays whole, for the sweeps), a transaction
+        each, with ``_drop_rows``' check of the plan under the engine's write lock; the number removed. In the
+        thread pool."""
+        removed = 0
+        engine = self._engine
+        for run in runs:
+            with engine.batch():
+                if self._restart or not self.running:
+                    break
+                removed += engine.remove_run_if(run.first, run.last, run.digest)
+        return removed
+
+    async def _drop_deferred(self, new: RingUpdate) -> None:
+        """Drop the runs the main pass pushed to every target of their arcs, in page order, a job of the thread
+        pool per ``drop_job`` records or so (see the module docstring)."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return
+        started = self._clock.seconds()
+        dropped = kept = 0
+        jobs: list[list[_Run]] = [[]]
+        for runs in deferred:
+            if sum(run.count for run in jobs[-1]) >= self.drop_job:
+                jobs.append([])
+            jobs[-1].extend(runs)
+        for runs in jobs:
+            removed = await self._run_in_pool(self._drop_runs, runs)
+            self._check()
+            count = sum(run.count for run in runs)
+            self.records_dropped += removed
+            self._dropping -= count
+            dropped += removed
+            kept += count - removed
+        self._log.info(
+            "handoff to epoch {epoch}: {dropped} records pushed dropped, {kept} kept (changed since: the sweeps "
+            "push and drop them again), in {seconds:.2f}s",
+            epoch=new.epoch,
+            dropped=dropped,
+            kept=kept,
+            seconds=self._clock.seconds() - started,
+        )
 
     def _send_slice(
         self,
@@ -822,6 +918,8 @@ class Handoff(MultiService):
             "records_sent": self.records_sent,
             "records_dropped": self.records_dropped,
             "pending": self.pending,
+            "dropping": self._dropping,
+            "phase": self.phase,
             "rate_limit": str(self.rate),
         }
 
@@ -831,6 +929,7 @@ class Handoff(MultiService):
             "handoff_records_sent_total": self.records_sent,
             "handoff_records_dropped_total": self.records_dropped,
             "handoff_records_pending": self.pending,
+            "handoff_records_dropping": self._dropping,
             "handoff_running": int(self._busy),
             "handoff_arcs_total": self.arcs_total,
             "handoff_arcs_done": self.arcs_done,
@@ -849,6 +948,7 @@ class _ArcProgress:
     found: int = 0
     dropped: int = 0
     kept: int = 0
+    deferred: int = 0
 
 
 @dataclass
@@ -871,11 +971,23 @@ class _Frame:
 
 
 @dataclass(frozen=True)
+class _Run:
+    """A run of a page kept for its deferred drop: its first and last keys, its size and ``run_digest``."""
+
+    first: bytes
+    last: bytes
+    count: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
 class _Page:
-    """A page read from an arc: the engine's rows, and the bulk pages they go in."""
+    """A page read from an arc: the engine's rows, the bulk pages they go in, and the runs of ``drop_chunk``
+    rows its drop waits with (none when dropped at once)."""
 
     rows: list[BulkRow]
     frames: list[_Frame]
+    runs: list[_Run]
 
 
 def _after_the_epoch(results: list[Result | Failure]) -> list[Result | Failure]:

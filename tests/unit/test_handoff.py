@@ -745,15 +745,17 @@ class PacingTests:
 
     def test_a_page_is_pushed_in_slices_and_dropped_in_chunks_in_the_pool(self) -> None:
         """A page leaves in slices of ``push_slice`` records (one send_many each) and is dropped in the thread
-        pool, in one job of transactions of ``drop_chunk`` records (one engine call each)."""
+        pool, once every arc is pushed, in one job of transactions of ``drop_chunk`` records (one engine call
+        each, for a run of the page kept as its digest)."""
         chunks: list[int] = []
         in_pool: list[bool] = [False]
 
         class Recording(MemoryEngine):
-            def remove_many_if(self, items: Any) -> list[bool]:
+            def remove_run_if(self, first: bytes, last: bytes, digest: bytes) -> int:
                 assert in_pool[0], "a drop outside the thread pool"
-                chunks.append(len(items))
-                return super().remove_many_if(items)
+                removed = super().remove_run_if(first, last, digest)
+                chunks.append(removed)
+                return removed
 
         jobs: list[str] = []
 
@@ -776,7 +778,7 @@ class PacingTests:
             d.callback(Status.STORED)
         cluster.reactor.advance(0)
         assert chunks == [2] * 5 and a.records() == {} and a.handoff.records_dropped == 10
-        assert jobs.count("_drop_rows") == 1
+        assert jobs.count("_drop_runs") == 1 and jobs.count("_drop_rows") == 0
 
     def test_one_unit_per_reactor_iteration_whatever_the_targets(self) -> None:
         """A node hands every page to two targets and drops it: each iteration of the reactor runs one unit
@@ -834,6 +836,104 @@ class PacingTests:
         assert a.handoff._drop_rows(rows) == 0
         assert len(a.records()) == 10
 
+    def test_drops_wait_until_every_arc_is_pushed(self) -> None:
+        """The main pass drops nothing while pages are still to push: the records every target acknowledged
+        stay, counted in ``dropping``, until the last page is acknowledged; then they go, in the pool."""
+        cluster, a, target, two = BackPressureTests().setup_handoff(4, 10, self.small_units)
+        cluster.reactor.advance(0)
+        assert len(target.sent) == 10
+        for _, d in target.sent[:-1]:
+            d.callback(Status.STORED)
+        cluster.reactor.advance(0)
+        assert len(a.records()) == 10 and a.handoff.records_dropped == 0
+        dropping = a.handoff.status()["dropping"]  # the records of the pages wholly acknowledged
+        assert 0 < dropping < 10 and a.handoff.stats()["handoff_records_dropping"] == dropping
+        assert a.handoff.running_handoff and a.handoff.synced is not None and a.handoff.synced.epoch == 1
+        target.sent[-1][1].callback(Status.STORED)
+        cluster.reactor.advance(0)
+        assert a.records() == {} and a.handoff.records_dropped == 10 and a.handoff.status()["dropping"] == 0
+        assert not a.handoff.running_handoff and a.handoff.synced == two
+
+    def test_deferred_drops_go_in_jobs_of_drop_job_records(self) -> None:
+        """The deferred drops run in jobs of whole pages, a new job once one holds ``drop_job`` records."""
+        jobs: list[int] = []
+
+        def prepare(handoff: Handoff) -> None:
+            self.small_units(handoff)
+            handoff.drop_job = 5
+
+            def pool(f: Any, *args: Any) -> Deferred[Any]:
+                if f.__name__ == "_drop_runs":
+                    jobs.append(sum(run.count for run in args[0]))
+                return maybeDeferred(f, *args)
+
+            handoff._run_in_pool = pool
+
+        cluster, a, target, two = BackPressureTests().setup_handoff(3, 20, prepare)
+        for _ in range(20):
+            cluster.reactor.advance(0)
+            for _, d in target.sent:
+                if not d.called:
+                    d.callback(Status.STORED)
+        assert a.records() == {} and sum(jobs) == 20 and len(jobs) >= 2
+        assert all(5 <= count <= 7 for count in jobs[:-1])  # whole pages of 3 or fewer, up to 5 and past it
+
+    def test_a_record_rewritten_before_the_deferred_drop_goes_to_the_target(self) -> None:
+        """A record rewritten on the sender after its push keeps its whole run from the deferred drop; the sweep
+        pushes the run again (the rewritten version) and drops it record by record."""
+        cluster = Cluster(page_size=4)
+        a = cluster.add("A")
+        b = cluster.add("B")
+        cluster.announce(cluster.ring(1, "A"))
+        written = cluster.populate(cluster.ring(1, "A"), 12)
+        a.handoff.drop_chunk = 2
+        rewritten: dict[bytes, Record] = {}
+        drop_deferred = a.handoff._drop_deferred
+
+        async def rewrite_first(new: RingUpdate) -> None:
+            key = next(iter(written))
+            rewritten[key] = cluster.record(b"rewritten")
+            a.engine.put(key, rewritten[key])
+            await drop_deferred(new)
+
+        a.handoff._drop_deferred = rewrite_first  # type: ignore[method-assign]
+        with capturedLogs() as logs:
+            cluster.announce(cluster.ring(2, "B"))
+            cluster.settle()
+        assert a.records() == {} and b.records() == {**written, **rewritten}
+        assert a.handoff.records_dropped == 12 and a.handoff.records_sent == 14  # the run of two again
+        assert any("10 records pushed dropped, 2 kept" in str(e.get("log_format", "")).format(**e) for e in logs)
+
+    def test_a_newer_ring_during_the_deferred_drops_drops_nothing_more(self) -> None:
+        """A peer's ``XEpoch`` for a newer ring while the deferred drops run: the runs not dropped yet stay (the
+        plan stops; ``synced`` does not move), as a restart with drops pending keeps them for the next plan."""
+        cluster, a, target, two = BackPressureTests().setup_handoff(4, 10, self.small_units)
+        jobs: list[Deferred[Any]] = []
+
+        def pool(f: Any, *args: Any) -> Deferred[Any]:
+            if f.__name__ != "_drop_runs":
+                return maybeDeferred(f, *args)
+            d: Deferred[Any] = Deferred()
+            jobs.append(d)
+            d.addCallback(lambda _: f(*args))
+            return d
+
+        a.handoff._run_in_pool = pool
+        a.handoff.drop_job = 1  # a job per page
+        cluster.reactor.advance(0)
+        for _, d in target.sent:
+            d.callback(Status.STORED)
+        cluster.reactor.advance(0)
+        assert len(jobs) == 1 and a.handoff.status()["dropping"] == 10
+        jobs[0].callback(None)  # the first page's runs
+        assert len(a.records()) == 6 and len(jobs) == 2
+        a.handoff.newer_ring_seen(99)
+        jobs[1].callback(None)
+        cluster.reactor.advance(0)
+        assert len(a.records()) == 6 and a.handoff.records_dropped == 4
+        assert a.handoff.synced is not None and a.handoff.synced.epoch == 1
+        assert a.handoff.status()["dropping"] == 0
+
     @staticmethod
     def small_units(handoff: Handoff) -> None:
         """Slices of 3 records, drop transactions of 2, whatever the time they take."""
@@ -872,6 +972,47 @@ class PersistenceTests:
         saved = load_synced(state)
         assert saved is not None and saved.epoch == 5
         assert json.loads(Path(state).read_text())["replicas"] == 1
+        cluster.stop()
+        a.engine.close()
+
+    def test_a_restart_with_drops_pending(self, tmp_path: Path) -> None:
+        """A node stopped while the drops of its main pass wait (every page acknowledged) has saved no newer ring
+        and still holds every record; restarted, it hands off again from the saved ring: it pushes again what
+        it holds (the target keeps each record once) and drops it, and nothing is lost or left behind."""
+        state = str(tmp_path / "handoff-ring.json")
+        cluster = Cluster()
+        a = cluster.add("A", SQLiteEngine(tmp_path / "a.db"), state)
+        b = cluster.add("B")
+        one = cluster.ring(1, "A")
+        cluster.announce(one)
+        written = cluster.populate(one, 40)
+        held: list[Deferred[Any]] = []
+
+        def pool(f: Any, *args: Any) -> Deferred[Any]:
+            if f.__name__ == "_drop_runs":  # the drops wait, as a slow pool would make them
+                held.append(Deferred())
+                return held[-1]
+            return maybeDeferred(f, *args)
+
+        a.handoff._run_in_pool = pool
+        two = cluster.ring(2, "B")
+        cluster.announce(two)
+        for _ in range(100):
+            cluster.pump()
+        assert held and a.handoff.phase == "drop" and a.handoff.status()["dropping"] == 40
+        assert b.records() == written and a.records() == written
+        a.handoff.stopService()
+        a.engine.close()
+        saved = load_synced(state)
+        assert saved is not None and saved.epoch == 1
+
+        cluster.nodes["A"] = a = Node(cluster, "A", 20100, SQLiteEngine(tmp_path / "a.db"), state)
+        assert a.handoff.synced is not None and a.handoff.synced.epoch == 1 and len(a.records()) == 40
+        cluster.announce(two, ["A"])
+        cluster.settle()
+        assert a.records() == {} and b.records() == written and a.handoff.records_dropped == 40
+        saved = load_synced(state)
+        assert saved is not None and saved.epoch == 2
         cluster.stop()
         a.engine.close()
 
