@@ -228,7 +228,8 @@ answer exactly as the general path (``execute``) would:
 
 A bulk page (``xbulk``: up to a few hundred records applied in one write, a few ms) is the most a connection
 runs in one turn of the reactor: after one, while more is buffered, the connection reads and parses nothing
-until the next turn, so that the requests of other connections (clients' reads) are served between two pages.
+until the reactor has polled once more, so that the requests of other connections (clients' reads) that came
+during a page are served before the next one.
 """
 
 from __future__ import annotations
@@ -1580,11 +1581,14 @@ class MemcacheServerProtocol(Protocol):
         self._closing = True
 
     def _take_turn(self) -> None:
-        """After a bulk page (up to a few ms of work), read and parse no more until the reactor's next turn,
-        so that the other connections' requests are served between two pages."""
+        """After a bulk page (up to a few ms of work), read and parse no more until the reactor has polled
+        once more, so that the other connections' requests that came meanwhile are served before the next
+        page. A call the reactor runs before its next poll would parse a page already read before them (the
+        reactor runs its due calls, then polls): hence two calls, the second scheduled by the first, which
+        runs after that poll."""
         self._turn_taken = True
         self._update_reading()
-        self.callLater(0, self._next_turn)
+        self.callLater(0, self.callLater, 0, self._next_turn)
 
     def _next_turn(self) -> None:
         self._turn_taken = False
