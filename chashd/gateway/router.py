@@ -302,6 +302,7 @@ class Router:
             "rmw_lease_waits_total": 0,
             "rmw_copies_refused_deadline_total": 0,
             "rmw_copies_refused_leased_total": 0,
+            "rmw_copies_resent_total": 0,
             "rmw_refused_maybe_applied_total": 0,
             "rmw_lease_polls_total": 0,
             "rmw_leases_released_total": 0,
@@ -1422,6 +1423,7 @@ class _ReadModifyWrite:
     """
 
     __slots__ = (
+        "acknowledged",
         "answer",
         "answers",
         "applied_at",
@@ -1455,6 +1457,7 @@ class _ReadModifyWrite:
         "refused_by",
         "replicas",
         "reread",
+        "resend",
         "retries",
         "round",
         "router",
@@ -1501,6 +1504,10 @@ class _ReadModifyWrite:
         #: The nodes a copy of the result is on its way to (a copy taken ends the command's lease there).
         self.copying: set[str] = set()
         self.copy_error: Failure | None = None
+        #: Replicas that refused the copy for its deadline or a lease (it came late; a kvstore that started
+        #: 3.5 s ago or less leases nothing), sent it again once the result is acknowledged (``_resend``).
+        self.resend: list[str] = []
+        self.acknowledged = False
         #: After a re-fence: the new map's preference list of the key, the only replicas whose copies count.
         self.replicas: tuple[str, ...] = ()
         # Leases: this command's holder id, its round's lease, whether the round is exclusive, the map's
@@ -1899,7 +1906,7 @@ class _ReadModifyWrite:
         if self.needed_w <= 1:
             put = XPut(self.key, record, epoch=self.epoch, lease=self.lease)
             for node in others:
-                self.router._send(node, put).addErrback(self._copy_refused).addErrback(self._copy_failed)
+                self.router._send(node, put).addErrback(self._copy_refused, node).addErrback(self._copy_failed)
             self._succeed(answer)
             return
         self._copy_to(others, self.epoch)
@@ -1932,7 +1939,7 @@ class _ReadModifyWrite:
         self.copying.discard(node)
         if self.phase is _OVER and node in self.unreleased:  # acknowledged without it: release it now
             self._end_leases(True, (node,))
-        self._copy_refused(failure)
+        self._copy_refused(failure, node)
         self.copy_error = failure
         self._copies_progress()
 
@@ -2116,17 +2123,34 @@ class _ReadModifyWrite:
                 router.counters["read_repairs"] += 1
                 router._send(node, XPut(self.key, newest)).addErrback(self._copy_failed)
 
-    def _copy_refused(self, failure: Failure) -> Failure:
+    def _copy_refused(self, failure: Failure, node: str) -> Failure:
         """A replica refused the copy for a newer map (``StaleMap``): counted, and the newest map it knows
-        kept (for the re-fence and the error, should too few copies be taken)."""
+        kept (for the re-fence and the error, should too few copies be taken); for its deadline or a lease:
+        counted, and sent again once the result is acknowledged."""
         if failure.check(StaleMap):
             self.router.counters["rmw_copies_refused_stale_map_total"] += 1
             self.refused_by = max(self.refused_by, cast(StaleMap, failure.value).known)
-        elif failure.check(DeadlinePassed):
-            self.router.counters["rmw_copies_refused_deadline_total"] += 1
-        elif failure.check(KeyLeased):
-            self.router.counters["rmw_copies_refused_leased_total"] += 1
+        elif failure.check(DeadlinePassed, KeyLeased):
+            kind = "deadline" if failure.check(DeadlinePassed) else "leased"
+            self.router.counters[f"rmw_copies_refused_{kind}_total"] += 1
+            if node not in self.resend:
+                self.resend.append(node)
+            if self.acknowledged:
+                self._resend()
         return failure
+
+    def _resend(self) -> None:
+        """The result is acknowledged (``W`` replicas hold it): the replicas of the key that refused its copy
+        for its deadline or a lease get it as a read repair would, with no lease (their versions decide: a
+        newer record stays). Else they would miss it until anti-entropy's next pass."""
+        router = self.router
+        replicas = self.replicas or self.candidates
+        put = XPut(self.key, cast(Record, self.record))
+        for node in self.resend:
+            if node in replicas:
+                router.counters["rmw_copies_resent_total"] += 1
+                router._send(node, put).addErrback(self._copy_failed)
+        self.resend.clear()
 
     def _copy_failed(self, failure: Failure) -> None:
         self.router._log.info(
@@ -2165,6 +2189,9 @@ class _ReadModifyWrite:
         self._disarm()
         self._end_leases(self.record is not None)
         self._pass_turn()
+        if self.record is not None:
+            self.acknowledged = True
+            self._resend()
         if not self.done.called:
             self.done.callback(answer)
 

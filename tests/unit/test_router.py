@@ -322,6 +322,48 @@ class ReadModifyWriteTests(SynchronousTestCase):
         assert run(Store("prepend", b"a", 0, 0, b"<")) is Status.STORED
         assert run(Get((b"a",))).items[0][1].value == b"<x>"
 
+    def test_a_copy_refused_late_is_sent_again_once_acknowledged(self) -> None:
+        """The third replica's copy of an incr comes after the command's deadline and is refused; the result
+        was acknowledged by the primary and Q (W=2), so the third gets it again without a lease, as a read
+        repair: every replica holds it, not only after anti-entropy's next pass. When Q's copy is late too,
+        the result is not acknowledged, and neither gets it again."""
+        for acknowledged in (True, False):
+            c = Cluster()
+            self.successResultOf(c.router.execute(Store("set", b"n", 0, 0, b"1")))
+            p, q, third = c.replicas(b"n")
+            late = (third,) if acknowledged else (q, third)
+            for node in late:
+                hold(c.links[node], XPut)
+            incr = c.router.execute(Arith(b"n", 1))
+            if acknowledged:
+                assert self.successResultOf(incr) == Number(2)
+            c.advance(2.1)  # past the command's deadline
+            for node in late:
+                c.links[node].resume()  # the copy, refused (and held again if sent again)
+            stats = c.router.stats()
+            assert stats["rmw_copies_refused_deadline_total"] == len(late)
+            assert stats["rmw_copies_resent_total"] == (1 if acknowledged else 0)
+            for node in late:
+                c.links[node].resume()
+            if acknowledged:
+                assert [c.record(n, b"n").value for n in (p, q, third)] == [b"2", b"2", b"2"]  # type: ignore[union-attr]
+            else:
+                self.failureResultOf(incr, ServiceUnavailable)
+                assert [c.record(n, b"n").value for n in (p, q, third)] == [b"2", b"1", b"1"]  # type: ignore[union-attr]
+
+    def test_a_kvstore_that_just_started_gets_the_copies_of_results(self) -> None:
+        """A kvstore that started 3.5 s ago or less grants no lease and refuses the copies of results (it
+        may have forgotten a lease that conflicts). Once a result is acknowledged by the other two, it gets
+        a copy without a lease: the first increments after a cluster starts reach every replica."""
+        c = Cluster()
+        third = c.replicas(b"n")[2]
+        c.links[third].backend = LocalBackend(MemoryEngine(), third, c.clock, 1024 * 1024, restarted=True)
+        assert self.successResultOf(c.router.execute(Arith(b"n", 1, vivify=0, initial=5))) == Number(5)
+        assert self.successResultOf(c.router.execute(Arith(b"n", 10))) == Number(15)
+        stats = c.router.stats()
+        assert (stats["rmw_copies_refused_leased_total"], stats["rmw_copies_resent_total"]) == (2, 2)
+        assert [c.record(n, b"n").value for n in c.replicas(b"n")] == [b"15", b"15", b"15"]  # type: ignore[union-attr]
+
     def test_rmw_primary_down_uses_next(self) -> None:
         """With the first replica down, the next up one acts as primary."""
         c = Cluster()
@@ -731,13 +773,15 @@ class RefenceTests(SynchronousTestCase):
         late = c.router.execute(Arith(b"n", 1))
         self.assertNoResult(late)
         assert self.values(c) == [b"1", b"42", b"41"]  # V holds what it had before it went down
-        assert self.successResultOf(self.newer(c).execute(Arith(b"n", 1))) == Number(43)
+        newer = self.newer(c)
+        assert self.successResultOf(newer.execute(Arith(b"n", 1))) == Number(43)
         self.route(c, 3)
         assert self.successResultOf(late) == Number(42)
-        # The third replica took the late copy (42); the newer command's copy met the late command's
-        # exclusive lease there (its map moved the primary from V to B) and was refused: W = 2 held 43.
-        assert self.values(c) == [b"43", b"43", b"42"]
-        assert c.record(v, b"n").version > c.record(third, b"n").version  # type: ignore[union-attr]
+        # The newer command's copy met the late command's exclusive lease at the third replica (its map moved
+        # the primary from V to B) and was refused: W = 2 held 43, then the third got it without a lease; the
+        # late copy (42) met it there (EXISTS).
+        assert self.values(c) == [b"43", b"43", b"43"]
+        assert newer.stats()["rmw_copies_resent_total"] == 1
 
     def test_fails_when_the_map_does_not_catch_up(self) -> None:
         """The gateway's map does not reach epoch 3 within ``map_wait``: the command fails as before the
@@ -1106,13 +1150,13 @@ class SlowReplicaTests(SynchronousTestCase):
         assert deleted is not None and deleted.tombstone
         if reverse:
             # The newer copies came first, while the abandoned command's lease lasted there (it may still
-            # store there): refused. Its own copy (11) was taken, so the abandoned incr was refused after it.
+            # store there): refused, then sent again without a lease (both were acknowledged): the first holds
+            # the delete's tombstone, and the abandoned incr was refused after it.
             assert link.backend.stats()["xlease_refused_total"] == 2
-            late = c.record(first, b"n")
-            assert late is not None and late.value == b"11" and late.version < deleted.version
-        assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n") if n != first or not reverse)  # type: ignore[union-attr]
+            assert c.router.stats()["rmw_copies_resent_total"] == 2
+        assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n"))  # type: ignore[union-attr]
         assert self.successResultOf(c.router.execute(Get((b"n",)))) == Values(())
-        c.advance(5)  # the first is asked again: read repair gives it the newest record
+        c.advance(5)  # the first is asked again
         assert self.successResultOf(c.router.execute(Get((b"n",)))) == Values(())
         assert all(c.record(n, b"n").tombstone for n in c.replicas(b"n"))  # type: ignore[union-attr]
 
