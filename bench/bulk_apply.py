@@ -22,11 +22,14 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from alternate import alternate
 
 from chashd.bulk import decode_rows, encode_rows
 from chashd.record import Record
@@ -82,19 +85,9 @@ def main() -> None:
     if args.one_round:
         print(json.dumps(measure(*sizes)))
         return
-    runs: dict[str, list[dict[str, float]]] = {"this code": []}
-    if args.baseline is not None:
-        runs["baseline"] = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(args.baseline), env.get("PYTHONPATH", "")])
-    for _ in range(args.rounds):
-        runs["this code"].append(measure(*sizes))
-        if args.baseline is not None:
-            command = [sys.executable, __file__, "--one-round", "--records", str(args.records)]
-            command += ["--rows", str(args.rows), "--value-size", str(args.value_size)]
-            command += ["--repaired", str(args.repaired)]
-            out = subprocess.run(command, env=env, cwd=args.baseline, check=True, capture_output=True, text=True)
-            runs["baseline"].append(json.loads(out.stdout))
+    one_round = ["--one-round", "--records", str(args.records), "--rows", str(args.rows)]
+    one_round += ["--value-size", str(args.value_size), "--repaired", str(args.repaired)]
+    runs = alternate(args.rounds, lambda: measure(*sizes), args.baseline, __file__, one_round)
     print(
         f"{args.records:,} records of {args.value_size} B in pages of {args.rows}, {args.repaired:.0%} of the pages"
         f" with a key written first; {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}:"

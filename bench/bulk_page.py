@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from alternate import alternate
 
 from chashd.bulk import decode_rows, encode_rows
 from chashd.commands import XBulk
@@ -70,21 +73,9 @@ def main() -> None:
     if args.one_round:
         print(json.dumps(measure(*sizes)))
         return
-    runs: dict[str, list[dict[str, float]]] = {"this code": []}
-    if args.baseline is not None:
-        runs["baseline"] = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(args.baseline), env.get("PYTHONPATH", "")])
-    for _ in range(args.rounds):
-        runs["this code"].append(measure(*sizes))
-        if args.baseline is not None:
-            command = [sys.executable, str(args.baseline / "bench" / "bulk_page.py"), "--one-round"]
-            if not (args.baseline / "bench" / "bulk_page.py").exists():
-                command = [sys.executable, __file__, "--one-round"]
-            command += ["--rows", str(args.rows), "--value-size", str(args.value_size)]
-            command += ["--read", str(args.read), "--pages", str(args.pages)]
-            out = subprocess.run(command, env=env, cwd=args.baseline, check=True, capture_output=True, text=True)
-            runs["baseline"].append(json.loads(out.stdout))
+    one_round = ["--one-round", "--rows", str(args.rows), "--value-size", str(args.value_size)]
+    one_round += ["--read", str(args.read), "--pages", str(args.pages)]
+    runs = alternate(args.rounds, lambda: measure(*sizes), args.baseline, __file__, one_round)
     print(f"a page of {args.rows} rows of {args.value_size} B in reads of {args.read} B, lowest of {args.rounds}")
     print(f"rounds of {args.pages} pages, load average {os.getloadavg()[0]:.2f}:")
     best = {name: {part: min(r[part] for r in rounds) for part in ("parse", "decode")} for name, rounds in runs.items()}

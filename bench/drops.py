@@ -31,12 +31,15 @@ import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from alternate import alternate
 
 from chashd.bulk import encode_rows, split_rows
 from chashd.ring import HASH_SPACE, key_hash
@@ -178,20 +181,9 @@ def main() -> None:
             f"load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-        runs: dict[str, list[dict[str, float]]] = {"this code": []}
-        env = dict(os.environ)
-        if args.baseline is not None:
-            runs["baseline"] = []
-            if not (args.baseline / "bench" / "drops.py").exists():
-                shutil.copy(__file__, args.baseline / "bench" / "drops.py")  # the same measurement
-            env["PYTHONPATH"] = os.pathsep.join([str(args.baseline), env.get("PYTHONPATH", "")])
-        for _ in range(args.rounds):
-            runs["this code"].append(one_round(template, args.cached, args.busy))
-            if args.baseline is not None:
-                command = [sys.executable, str(args.baseline / "bench" / "drops.py"), "--one-round", str(template)]
-                command += ["--cached"] * args.cached + ["--busy"] * args.busy
-                out = subprocess.run(command, env=env, cwd=args.baseline, check=True, capture_output=True, text=True)
-                runs["baseline"].append(json.loads(out.stdout))
+        flags = ["--one-round", str(template)] + ["--cached"] * args.cached + ["--busy"] * args.busy
+        measure = lambda: one_round(template, args.cached, args.busy)  # noqa: E731
+        runs = alternate(args.rounds, measure, args.baseline, __file__, flags)
         best: dict[str, dict[str, float]] = {}
         for name, results in runs.items():
             best[name] = {part: min(r[part] for r in results) for part in results[0]}
